@@ -1,0 +1,1 @@
+"""The data owner's side: the ClientApp that trains under DP-SGD."""

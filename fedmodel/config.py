@@ -1,0 +1,106 @@
+"""The one definition of every run-config key, its default and its validation.
+
+The CLI builds a `RunConfig`, the simulation runner writes it into the Flower App's run
+config (keys are the field names with `-` for `_`), and the ServerApp and ClientApp read
+it back with `RunConfig.from_run_config`. pyproject.toml repeats the defaults because
+Flower requires them there; a test keeps both equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from fedmodel.errors import ConfigError
+
+PARTITION_SCHEMES = ("iid", "dirichlet")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Resolved settings of one federated run (simulation or deployment)."""
+
+    scenario: str = "medical"
+    dataset: str = "flchain"
+    clients: int = 8
+    rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.5
+    dp: bool = True
+    epsilon: float = 1.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    partition: str = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    model: str = "mlp"
+    output_dir: str = "runs/flwr-run"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the option and the fix for the first bad value."""
+        _require(self.clients >= 1, "--clients must be at least 1", self.clients)
+        _require(self.rounds >= 1, "--rounds must be at least 1", self.rounds)
+        _require(self.local_epochs >= 1, "--local-epochs must be at least 1", self.local_epochs)
+        _require(self.batch_size >= 1, "--batch-size must be at least 1", self.batch_size)
+        _require(_finite_positive(self.lr), "--lr must be a positive number", self.lr)
+        _require(
+            _finite_positive(self.epsilon),
+            "--epsilon must be a positive number (the privacy budget per client)",
+            self.epsilon,
+        )
+        _require(
+            0.0 < self.delta < 1.0,
+            "--delta must be between 0 and 1 (typically below 1/number-of-records)",
+            self.delta,
+        )
+        _require(
+            _finite_positive(self.max_grad_norm),
+            "--max-grad-norm must be a positive number",
+            self.max_grad_norm,
+        )
+        _require(
+            self.partition in PARTITION_SCHEMES,
+            f"--partition must be one of {', '.join(PARTITION_SCHEMES)}",
+            self.partition,
+        )
+        _require(_finite_positive(self.alpha), "--alpha must be a positive number", self.alpha)
+
+    def to_run_config(self) -> dict[str, int | float | bool | str]:
+        """Flower run-config form: hyphenated keys, scalar values."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Read back what `to_run_config` wrote; unknown keys are ignored, missing ones default."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key in run_config:
+                values[f.name] = _coerce(f, run_config[key])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(field: dataclasses.Field[Any], value: Any) -> Any:
+    kind = {"int": int, "float": float, "bool": bool, "str": str}[str(field.type)]
+    if kind is bool and isinstance(value, str):
+        return value.lower() in ("1", "true", "yes")
+    return kind(value)
+
+
+def _finite_positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _require(ok: bool, message: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"{message} (got {value!r})")

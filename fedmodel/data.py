@@ -1,0 +1,93 @@
+"""Tabular data as tensors, and partitioning of one table across simulated clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedmodel.errors import DataError
+
+
+@dataclass(frozen=True)
+class TabularData:
+    """Standardised float features and binary labels of one client or one test set."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    feature_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.features) != len(self.labels):
+            raise ValueError("features and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_features(self) -> int:
+        return int(self.features.shape[1])
+
+    def subset(self, indices: np.ndarray) -> TabularData:
+        return TabularData(self.features[indices], self.labels[indices], self.feature_names)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            torch.as_tensor(self.features, dtype=torch.float32),
+            torch.as_tensor(self.labels, dtype=torch.float32),
+        )
+
+
+def make_loader(data: TabularData, batch_size: int, seed: int) -> DataLoader:
+    """A shuffling loader; Opacus replaces its sampler with Poisson sampling under DP."""
+    features, labels = data.tensors()
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        TensorDataset(features, labels), batch_size=batch_size, shuffle=True, generator=generator
+    )
+
+
+def partition_indices(
+    labels: np.ndarray, num_partitions: int, scheme: str, alpha: float, seed: int
+) -> list[np.ndarray]:
+    """Row indices of each partition, from flwr-datasets partitioners on a local table.
+
+    Rows are shuffled first: the IID partitioner shards contiguously, and some tables
+    ship sorted by label.
+    """
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+
+    if num_partitions > len(labels):
+        raise DataError(
+            f"cannot split {len(labels)} training rows across {num_partitions} clients; "
+            f"use --clients {len(labels)} or fewer"
+        )
+    order = np.random.default_rng(seed).permutation(len(labels))
+    table = Dataset.from_dict({"row": order, "label": labels[order].astype(int)})
+    partitioner: Partitioner
+    if scheme == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    elif scheme == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=2,
+            seed=seed,
+        )
+    else:
+        raise DataError(f"unknown partition scheme '{scheme}'; use iid or dirichlet")
+    partitioner.dataset = table
+    try:
+        return [
+            np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
+            for i in range(num_partitions)
+        ]
+    except ValueError as error:
+        raise DataError(
+            f"{scheme} partitioning into {num_partitions} clients failed ({error}); "
+            "use fewer --clients or a larger --alpha"
+        ) from None

@@ -1,0 +1,1 @@
+"""Privacy accounting for DP-SGD clients."""

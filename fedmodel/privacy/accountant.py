@@ -1,0 +1,91 @@
+"""Noise calibration and epsilon accounting for a client's DP-SGD training.
+
+Guarantee: sample-level (epsilon, delta)-DP for the records of one client's dataset,
+add/remove-one neighbouring relation, composed over every DP-SGD step the client has
+taken on it (Abadi et al. 2016, "Deep Learning with Differential Privacy"; RDP
+accounting of the subsampled Gaussian, Mironov et al. 2019). No amplification from
+client sampling is claimed.
+
+A history is the list of (noise multiplier, sample rate, steps) segments Opacus's
+accountant records; it is the whole mechanism, so epsilon can be recomputed from it by
+anyone. Sample rates are exactly what Opacus uses (1 / len(data_loader)).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+ACCOUNTANT = "rdp"
+
+Segment = tuple[float, float, int]
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int
+) -> float:
+    """Smallest noise multiplier whose epsilon after `steps` stays within the target.
+
+    Calibrated once for the client's whole planned participation (rounds x local epochs
+    x batches), not per round: per-round calibration would spend the budget every round.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        # The search probes tiny noise levels whose best RDP order is the largest one;
+        # the bound is still valid there, only loose.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=ACCOUNTANT,
+            )
+        )
+
+
+def epsilon_of(history: Sequence[Segment], delta: float) -> float:
+    """Epsilon at `delta` after every segment in `history` (0 when nothing was spent)."""
+    if not history:
+        return 0.0
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.load_state_dict({"history": list(history), "mechanism": ACCOUNTANT})
+    return float(accountant.get_epsilon(delta))
+
+
+def merge_segments(history: Sequence[Segment]) -> list[Segment]:
+    """Join consecutive segments with the same mechanism, so histories stay short."""
+    merged: list[Segment] = []
+    for noise, rate, steps in history:
+        if merged and merged[-1][0] == noise and merged[-1][1] == rate:
+            merged[-1] = (noise, rate, merged[-1][2] + int(steps))
+        else:
+            merged.append((float(noise), float(rate), int(steps)))
+    return merged
+
+
+def history_fields(history: Sequence[Segment]) -> dict[str, list[float] | list[int]]:
+    """The history as three parallel lists, the shape Flower records can carry."""
+    return {
+        "history-noise-multiplier": [float(segment[0]) for segment in history],
+        "history-sample-rate": [float(segment[1]) for segment in history],
+        "history-steps": [int(segment[2]) for segment in history],
+    }
+
+
+def history_from_fields(fields: Mapping[str, Any]) -> list[Segment]:
+    """Inverse of `history_fields`."""
+    return [
+        (float(noise), float(rate), int(steps))
+        for noise, rate, steps in zip(
+            fields["history-noise-multiplier"],
+            fields["history-sample-rate"],
+            fields["history-steps"],
+            strict=True,
+        )
+    ]

@@ -1,0 +1,1 @@
+"""The coordinator's side: the ServerApp, its strategy, checkpoints and run records."""

@@ -1,0 +1,52 @@
+"""ServerApp: FedAvg over the clients, central evaluation and a checkpoint every round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedmodel.config import RunConfig
+from fedmodel.models import build_model
+from fedmodel.training import evaluate
+from server.checkpoint import save_checkpoint
+from server.run_record import RunRecorder
+from server.strategy import RecordingFedAvg
+from simulations.scenarios import test_set
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run `rounds` rounds of FedAvg and leave summary, metrics and checkpoints in the run dir."""
+    config = RunConfig.from_run_config(context.run_config)
+    run_dir = Path(config.output_dir).absolute()
+    test = test_set(config)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, test.num_features)
+    recorder = RunRecorder(run_dir, config)
+
+    def evaluate_global_model(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        metrics = evaluate(model, test)
+        save_checkpoint(run_dir / "checkpoints", server_round, model.state_dict())
+        recorder.record_evaluation(server_round, metrics)
+        return MetricRecord(metrics)
+
+    strategy = RecordingFedAvg(
+        recorder,
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=config.clients,
+        min_available_nodes=config.clients,
+    )
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=config.rounds,
+        evaluate_fn=evaluate_global_model,
+    )
+    recorder.write_summary(completed=True)

@@ -1,0 +1,1 @@
+"""Simulated federations: scenario data, the engine runner and run reports."""

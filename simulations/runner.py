@@ -1,0 +1,266 @@
+"""Run one simulated federation on Flower's Simulation Engine (Ray), end to end.
+
+We start our own local SuperLink (simulation mode, 127.0.0.1, a free port) from a
+neutral directory inside the run directory, so Ray's actors import FedModel from the
+installed package and never from whatever directory the user is in. The Flower App
+handed to `flwr run` is a generated pyproject.toml naming our ServerApp and ClientApp
+with the resolved run config; the code itself comes from the installed package, so
+this works the same from a checkout and from a wheel. Every process we start carries a
+private token in its environment; on exit we stop exactly those, and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fedmodel.config import RunConfig
+from fedmodel.errors import SimulationError
+from server.run_record import PROGRESS_MARKER
+
+RUN_TOKEN_VARIABLE = "FEDMODEL_RUN_TOKEN"
+SUPERLINK_START_TIMEOUT_S = 60.0
+
+QUIET_ENVIRONMENT = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # Ray binds its services to the node IP; this makes that 127.0.0.1 on Linux.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "GRPC_VERBOSITY": "ERROR",
+    "PYTHONWARNINGS": "ignore",
+}
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+def run_federation(
+    config: RunConfig,
+    run_dir: Path,
+    on_progress: ProgressCallback,
+    on_log_line: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the federation described by `config`; return the run's summary.json content.
+
+    `on_progress` receives one dict per completed round; `on_log_line`, when given,
+    receives every raw engine log line (the CLI's --verbose).
+    """
+    engine_dir = run_dir / "engine"
+    app_dir = engine_dir / "app"
+    app_dir.mkdir(parents=True, exist_ok=True)
+    write_flower_app(app_dir, config.replace(output_dir=str(run_dir.absolute())))
+    environment = _engine_environment(engine_dir)
+    with _local_superlink(engine_dir, environment) as port:
+        environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
+        _stream_flower_run(app_dir, config, engine_dir, environment, on_progress, on_log_line)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    if summary is None or not summary.get("completed"):
+        raise SimulationError(
+            f"the simulation did not complete; engine logs are in {engine_dir} "
+            "(rerun with --verbose to see them live)"
+        )
+    return summary
+
+
+def write_flower_app(app_dir: Path, config: RunConfig) -> None:
+    """A Flower App definition whose components are the installed ServerApp and ClientApp."""
+    lines = [
+        "[build-system]",
+        'requires = ["hatchling"]',
+        'build-backend = "hatchling.build"',
+        "",
+        "[project]",
+        'name = "fedmodel-simulation"',
+        'version = "1.0.0"',
+        'description = "FedModel simulation run"',
+        'license = "Apache-2.0"',
+        "dependencies = []",
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedmodel"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "server.app:app"',
+        'clientapp = "client.app:app"',
+        "",
+        "[tool.flwr.app.config]",
+    ]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in config.to_run_config().items()]
+    (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n")
+
+
+def _toml_value(value: int | float | bool | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def _engine_environment(engine_dir: Path) -> dict[str, str]:
+    environment = {**os.environ, **QUIET_ENVIRONMENT}
+    # Flower's processes spawn each other by name: put this environment's scripts first.
+    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
+    environment["FLWR_HOME"] = str(engine_dir / "flwr-home")
+    environment[RUN_TOKEN_VARIABLE] = uuid.uuid4().hex
+    (engine_dir / "flwr-home").mkdir(exist_ok=True)
+    return environment
+
+
+def _executable(name: str) -> str:
+    """A console script of this interpreter's environment (the one FedModel runs in)."""
+    candidate = Path(sys.executable).parent / name
+    if not candidate.exists():
+        raise SimulationError(f"'{name}' is not installed beside {sys.executable}; reinstall fedmodel")
+    return str(candidate)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def _local_superlink(engine_dir: Path, environment: dict[str, str]) -> Iterator[int]:
+    """A simulation SuperLink on 127.0.0.1, stopped with all its descendants on exit."""
+    port = _free_port()
+    log_path = engine_dir / "superlink.log"
+    command = [
+        _executable("flower-superlink"),
+        "--insecure",  # loopback-only simulation control plane; no Fleet API is opened
+        "--simulation",
+        "--isolation", "subprocess",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--database", ":flwr-in-memory:",
+        "--disable-runtime-dependency-installation",
+    ]
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            command,
+            cwd=engine_dir,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_until_healthy(process, port, log_path)
+        yield port
+    finally:
+        stop_processes(environment[RUN_TOKEN_VARIABLE], process)
+
+
+def _wait_until_healthy(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    deadline = time.monotonic() + SUPERLINK_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SimulationError(f"the local SuperLink exited at start; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise SimulationError(f"the local SuperLink did not answer within 60 s; see {log_path}")
+
+
+def _stream_flower_run(
+    app_dir: Path,
+    config: RunConfig,
+    engine_dir: Path,
+    environment: dict[str, str],
+    on_progress: ProgressCallback,
+    on_log_line: Callable[[str], None] | None,
+) -> None:
+    federation = f"num-supernodes={config.clients} client-resources-num-cpus=1"
+    command = [
+        _executable("flwr"), "run", str(app_dir), "local", "--stream",
+        "--federation-config", federation,
+    ]
+    with (engine_dir / "flwr-run.log").open("w") as log_file:
+        process = subprocess.Popen(
+            command,
+            cwd=engine_dir,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        assert process.stdout is not None
+        try:
+            for line in process.stdout:
+                log_file.write(line)
+                log_file.flush()
+                if on_log_line is not None:
+                    on_log_line(line.rstrip("\n"))
+                if PROGRESS_MARKER in line:
+                    payload = line.split(PROGRESS_MARKER, 1)[1]
+                    on_progress(json.loads(payload))
+            process.wait()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def stop_processes(token: str, leader: subprocess.Popen[bytes]) -> None:
+    """Stop every process whose environment carries `token`, the SuperLink's tree first."""
+    try:
+        os.killpg(leader.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        leader.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        leader.kill()
+        leader.wait()
+    deadline = time.monotonic() + 10
+    while (remaining := processes_with_token(token)) and time.monotonic() < deadline:
+        for pid in remaining:
+            _signal(pid, signal.SIGTERM if time.monotonic() < deadline - 5 else signal.SIGKILL)
+        time.sleep(0.2)
+    for pid in processes_with_token(token):
+        _signal(pid, signal.SIGKILL)
+
+
+def processes_with_token(token: str) -> list[int]:
+    """PIDs of live processes started for this run (found by the token in their environ)."""
+    needle = f"{RUN_TOKEN_VARIABLE}={token}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                status = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if status != "Z":
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
