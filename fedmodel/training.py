@@ -64,6 +64,8 @@ def train_dp(
     with warnings.catch_warnings():
         # Opacus's secure_mode needs torchcsprng, which does not exist for torch 2.x.
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        # Opacus's hooks fire on the first layer, whose input needs no gradient: harmless.
+        warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
         engine = PrivacyEngine(accountant=ACCOUNTANT)
         if history:
             engine.accountant.load_state_dict({"history": list(history), "mechanism": ACCOUNTANT})

@@ -14,7 +14,7 @@ from fedmodel.training import evaluate
 from server.checkpoint import save_checkpoint
 from server.run_record import RunRecorder
 from server.strategy import RecordingFedAvg
-from simulations.scenarios import test_set
+from simulations.scenarios import global_test_set
 
 app = ServerApp()
 
@@ -24,7 +24,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run `rounds` rounds of FedAvg and leave summary, metrics and checkpoints in the run dir."""
     config = RunConfig.from_run_config(context.run_config)
     run_dir = Path(config.output_dir).absolute()
-    test = test_set(config)
+    test = global_test_set(config)
     torch.manual_seed(config.seed)
     model = build_model(config.model, test.num_features)
     recorder = RunRecorder(run_dir, config)

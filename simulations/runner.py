@@ -32,7 +32,8 @@ from server.run_record import PROGRESS_MARKER
 RUN_TOKEN_VARIABLE = "FEDMODEL_RUN_TOKEN"
 SUPERLINK_START_TIMEOUT_S = 60.0
 
-QUIET_ENVIRONMENT = {
+ENGINE_ENVIRONMENT = {
+    "PYTHONUNBUFFERED": "1",  # so progress lines arrive as rounds finish, not at the end
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -113,7 +114,7 @@ def _toml_value(value: int | float | bool | str) -> str:
 
 
 def _engine_environment(engine_dir: Path) -> dict[str, str]:
-    environment = {**os.environ, **QUIET_ENVIRONMENT}
+    environment = {**os.environ, **ENGINE_ENVIRONMENT}
     # Flower's processes spawn each other by name: put this environment's scripts first.
     environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
     environment["FLWR_HOME"] = str(engine_dir / "flwr-home")

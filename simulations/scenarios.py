@@ -53,6 +53,6 @@ def client_partitions(config: RunConfig) -> tuple[TabularData, ...]:
     )
 
 
-def test_set(config: RunConfig) -> TabularData:
+def global_test_set(config: RunConfig) -> TabularData:
     """The fixed, held-out global test set the server evaluates on."""
     return load_scenario(config.scenario, config.dataset)[1]

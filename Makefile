@@ -1,0 +1,33 @@
+# Two set-up commands: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: the CPU build on this machine's disk (anything else downloads GBs)
+	$(BIN)/pip install --quiet torch==2.13.0
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedmodel simulate medical
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check fedmodel server client simulations tests benchmarks
+	$(BIN)/ruff format --check fedmodel server client simulations tests benchmarks
+	$(BIN)/mypy fedmodel server client simulations
+
+clean:
+	rm -rf $(VENV) runs dist build

@@ -1,0 +1,50 @@
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from fedmodel.config import RunConfig
+from fedmodel.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_run_config_defaults_equal_the_config_dataclass() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == RunConfig().to_run_config()
+
+
+def test_pyproject_is_a_flower_app_without_federations() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "server.app:app",
+        "clientapp": "client.app:app",
+    }
+    assert "federations" not in pyproject["tool"]["flwr"]
+    assert "_" not in pyproject["project"]["name"]
+
+
+def test_run_config_round_trips_through_flower_form() -> None:
+    config = RunConfig(clients=3, rounds=7, dp=False, epsilon=2.5, partition="dirichlet")
+    assert RunConfig.from_run_config(config.to_run_config()) == config
+    assert set(config.to_run_config()) == {f.name.replace("_", "-") for f in fields(RunConfig)}
+
+
+@pytest.mark.parametrize(
+    ("change", "flag"),
+    [
+        ({"epsilon": 0.0}, "--epsilon"),
+        ({"epsilon": -1.0}, "--epsilon"),
+        ({"epsilon": float("nan")}, "--epsilon"),
+        ({"delta": 0.0}, "--delta"),
+        ({"delta": 1.0}, "--delta"),
+        ({"clients": 0}, "--clients"),
+        ({"rounds": 0}, "--rounds"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"partition": "random"}, "--partition"),
+    ],
+)
+def test_invalid_values_name_the_option(change: dict[str, object], flag: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        RunConfig(**change)  # type: ignore[arg-type]
