@@ -35,14 +35,14 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's partition and reply with it."""
     torch.set_num_threads(1)  # one core per simulated client; more oversubscribes the box
     config = RunConfig.from_run_config(context.run_config)
-    partition_id = int(context.node_config["partition-id"])
+    partition_id = int(str(context.node_config["partition-id"]))
     data = client_partitions(config)[partition_id]
-    server_round = int(msg.content["config"]["server-round"])
+    server_round = int(str(msg.content.config_records["config"]["server-round"]))
     seed = config.seed * 1_000_003 + partition_id * 1_009 + server_round
     torch.manual_seed(seed)
 
     model = build_model(config.model, data.num_features)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     loader = make_loader(data, config.batch_size, seed)
     metrics: dict[str, int | float | list[int] | list[float]] = {
         "num-examples": len(data),
@@ -56,7 +56,9 @@ def train(msg: Message, context: Context) -> Message:
         result = train_plain(model, loader, config.local_epochs, config.lr, select_device())
     metrics["train-loss"] = result.loss
     model.to("cpu")
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
+    )
     return Message(content=content, reply_to=msg)
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import click
 import typer
@@ -87,14 +88,16 @@ def simulate_medical(
 
 def _simulate(config: RunConfig, output: Path | None, verbose: bool) -> None:
     from fedmodel.models import build_model
-    from simulations.report import write_report
     from server.run_record import write_json_atomic
+    from simulations.report import write_report
     from simulations.runner import run_federation
     from simulations.scenarios import client_partitions
 
     run_dir = output or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.scenario}"
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists and is not empty; pass another --output")
+        raise ConfigError(
+            f"run directory {run_dir} already exists and is not empty; pass another --output"
+        )
     with console.status("Loading data and partitioning it across clients..."):
         partitions = client_partitions(config)  # fails fast, before any engine starts
         build_model(config.model, partitions[0].num_features)
@@ -103,7 +106,11 @@ def _simulate(config: RunConfig, output: Path | None, verbose: bool) -> None:
     write_json_atomic(run_dir / "config.json", {**config.to_run_config()})
     console.print(
         f"Simulating {config.clients} {config.scenario} clients for {config.rounds} rounds "
-        + (f"under DP-SGD (epsilon {config.epsilon}, delta {config.delta:g})" if config.dp else "without DP")
+        + (
+            f"under DP-SGD (epsilon {config.epsilon}, delta {config.delta:g})"
+            if config.dp
+            else "without DP"
+        )
         + f"; run directory {run_dir}"
     )
     started = time.monotonic()
@@ -153,14 +160,24 @@ def _print_summary(summary: dict[str, Any], run_dir: Path, report: Path) -> None
 
 def main() -> None:
     """Console entry point: turn user mistakes into one line and an exit code."""
+    signal.signal(signal.SIGTERM, _interrupt)  # clean up engine processes on SIGTERM too
     try:
-        app(standalone_mode=False)
+        # Typer turns KeyboardInterrupt into exit code 130 and returns exit codes here.
+        code = app(standalone_mode=False)
     except click.UsageError as error:
         _fail(_usage_message(error), 2)
     except FedModelError as error:
         _fail(str(error), error.exit_code)
     except (KeyboardInterrupt, click.exceptions.Abort):
+        code = 130
+    if code == 130:
         _fail("interrupted; processes started for this run were stopped", 130)
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _usage_message(error: click.UsageError) -> str:
@@ -178,7 +195,7 @@ def _usage_message(error: click.UsageError) -> str:
     return f"{error.format_message()}{hint}"
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     Console(stderr=True, highlight=False).print(f"[red]error:[/red] {message}", soft_wrap=True)
     sys.exit(code)
 

@@ -34,7 +34,8 @@ def main(grid: Grid, context: Context) -> None:
         metrics = evaluate(model, test)
         save_checkpoint(run_dir / "checkpoints", server_round, model.state_dict())
         recorder.record_evaluation(server_round, metrics)
-        return MetricRecord(metrics)
+        record: dict[str, int | float | list[int] | list[float]] = {**metrics}
+        return MetricRecord(record)
 
     strategy = RecordingFedAvg(
         recorder,

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 
-def save_checkpoint(directory: Path, server_round: int, state_dict: dict[str, torch.Tensor]) -> Path:
+def save_checkpoint(
+    directory: Path, server_round: int, state_dict: dict[str, torch.Tensor]
+) -> Path:
     """Write `round-NNNN.pt` and refresh `latest.pt`; returns the round's file."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"round-{server_round:04d}.pt"

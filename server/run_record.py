@@ -108,9 +108,20 @@ class RunRecorder:
             "per_round": self.rounds,
             "clients": sorted(self.clients.values(), key=lambda c: int(c["client"])),
             "config": asdict(self.config),
+            "software": software_versions(),
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of what produced the run, and where its code was imported from."""
+    from importlib.metadata import version
+
+    return {
+        **{name: version(name) for name in ("fedmodel", "flwr", "opacus", "torch")},
+        "code_path": str(Path(__file__).resolve().parents[1]),
+    }
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -17,19 +17,26 @@ from server.run_record import RunRecorder
 
 def aggregate_train_metrics(replies: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Example-weighted mean training loss; maximum epsilon over the replying clients."""
-    metrics = [reply["metrics"] for reply in replies]
-    weights = [float(m[weighted_by_key]) for m in metrics]  # type: ignore[arg-type]
-    total = sum(weights) or 1.0
+    metrics = [reply.metric_records["metrics"] for reply in replies]
+    weights = [_scalar(m[weighted_by_key]) for m in metrics]
+    losses = [_scalar(m["train-loss"]) for m in metrics]
     aggregated = MetricRecord(
         {
-            "train-loss": sum(w * float(m["train-loss"]) for w, m in zip(weights, metrics)) / total,  # type: ignore[arg-type]
+            "train-loss": sum(w * x for w, x in zip(weights, losses, strict=True))
+            / (sum(weights) or 1.0),
             "clients": len(metrics),
         }
     )
-    epsilons = [float(m["epsilon"]) for m in metrics if "epsilon" in m]  # type: ignore[arg-type]
+    epsilons = [_scalar(m["epsilon"]) for m in metrics if "epsilon" in m]
     if epsilons:
         aggregated["max-epsilon"] = max(epsilons)
     return aggregated
+
+
+def _scalar(value: object) -> float:
+    if not isinstance(value, int | float):
+        raise TypeError(f"expected a number in the reply's metrics, got {type(value).__name__}")
+    return float(value)
 
 
 class RecordingFedAvg(FedAvg):

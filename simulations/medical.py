@@ -49,6 +49,8 @@ def load_flchain() -> tuple[TabularData, TabularData]:
     def standardised(part: pd.DataFrame) -> np.ndarray:
         return ((part - mean) / std).to_numpy(dtype=np.float32)
 
-    train = TabularData(standardised(train_frame)[train_order], labels[~test_rows][train_order], names)
+    train = TabularData(
+        standardised(train_frame)[train_order], labels[~test_rows][train_order], names
+    )
     test = TabularData(standardised(test_frame), labels[test_rows], names)
     return train, test

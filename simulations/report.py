@@ -5,12 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-PRIVACY_COLUMNS = ("client", "records", "epsilon", "delta", "noise multiplier", "sample rate", "steps")
+PRIVACY_COLUMNS = (
+    "client",
+    "records",
+    "epsilon",
+    "delta",
+    "noise multiplier",
+    "sample rate",
+    "steps",
+)
 
 
 def privacy_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
     """One row per client: what it trained on and the privacy it spent (formatted)."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for client in summary["clients"]:
         history = client.get("history") or []
         noise = ", ".join(f"{segment[0]:.3f}" for segment in history) or "-"
@@ -18,7 +26,9 @@ def privacy_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
         steps = str(sum(int(segment[2]) for segment in history)) if history else "-"
         epsilon = "no DP" if client.get("epsilon") is None else f"{client['epsilon']:.3f}"
         delta = "-" if client.get("delta") is None else f"{client['delta']:.0e}"
-        rows.append((client["client"], str(client["num_examples"]), epsilon, delta, noise, rate, steps))
+        rows.append(
+            (client["client"], str(client["num_examples"]), epsilon, delta, noise, rate, steps)
+        )
     return rows
 
 
@@ -89,7 +99,9 @@ def _write_plots(run_dir: Path, summary: dict[str, Any]) -> list[str]:
         figure, axis = plt.subplots(figsize=(6, 4))
         for client in summary["clients"]:
             points = client["epsilon_by_round"]
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=client["client"])
+            axis.plot(
+                [p[0] for p in points], [p[1] for p in points], marker=".", label=client["client"]
+            )
         axis.axhline(summary["target_epsilon"], color="red", linestyle="--", label="target")
         axis.set(xlabel="round", ylabel="epsilon", title="Epsilon spent per client")
         axis.grid(alpha=0.3)

@@ -11,6 +11,7 @@ private token in its environment; on exit we stop exactly those, and nothing els
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -116,7 +117,9 @@ def _toml_value(value: int | float | bool | str) -> str:
 def _engine_environment(engine_dir: Path) -> dict[str, str]:
     environment = {**os.environ, **ENGINE_ENVIRONMENT}
     # Flower's processes spawn each other by name: put this environment's scripts first.
-    environment["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environment.get("PATH", "")])
+    environment["PATH"] = os.pathsep.join(
+        [str(Path(sys.executable).parent), environment.get("PATH", "")]
+    )
     environment["FLWR_HOME"] = str(engine_dir / "flwr-home")
     environment[RUN_TOKEN_VARIABLE] = uuid.uuid4().hex
     (engine_dir / "flwr-home").mkdir(exist_ok=True)
@@ -127,7 +130,9 @@ def _executable(name: str) -> str:
     """A console script of this interpreter's environment (the one FedModel runs in)."""
     candidate = Path(sys.executable).parent / name
     if not candidate.exists():
-        raise SimulationError(f"'{name}' is not installed beside {sys.executable}; reinstall fedmodel")
+        raise SimulationError(
+            f"'{name}' is not installed beside {sys.executable}; reinstall fedmodel"
+        )
     return str(candidate)
 
 
@@ -146,10 +151,14 @@ def _local_superlink(engine_dir: Path, environment: dict[str, str]) -> Iterator[
         _executable("flower-superlink"),
         "--insecure",  # loopback-only simulation control plane; no Fleet API is opened
         "--simulation",
-        "--isolation", "subprocess",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--database", ":flwr-in-memory:",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database",
+        ":flwr-in-memory:",
         "--disable-runtime-dependency-installation",
     ]
     with log_path.open("ab") as log_file:
@@ -192,8 +201,13 @@ def _stream_flower_run(
 ) -> None:
     federation = f"num-supernodes={config.clients} client-resources-num-cpus=1"
     command = [
-        _executable("flwr"), "run", str(app_dir), "local", "--stream",
-        "--federation-config", federation,
+        _executable("flwr"),
+        "run",
+        str(app_dir),
+        "local",
+        "--stream",
+        "--federation-config",
+        federation,
     ]
     with (engine_dir / "flwr-run.log").open("w") as log_file:
         process = subprocess.Popen(
@@ -225,10 +239,8 @@ def _stream_flower_run(
 
 def stop_processes(token: str, leader: subprocess.Popen[bytes]) -> None:
     """Stop every process whose environment carries `token`, the SuperLink's tree first."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(leader.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
     try:
         leader.wait(timeout=10)
     except subprocess.TimeoutExpired:
@@ -261,7 +273,5 @@ def processes_with_token(token: str) -> list[int]:
 
 
 def _signal(pid: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
-    except ProcessLookupError:
-        pass

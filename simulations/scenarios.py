@@ -48,7 +48,11 @@ def _partitions(
 def client_partitions(config: RunConfig) -> tuple[TabularData, ...]:
     """Every client's training rows under `config`'s partitioning (deterministic in seed)."""
     return _partitions(
-        config.scenario, config.dataset, config.clients, config.partition, config.alpha,
+        config.scenario,
+        config.dataset,
+        config.clients,
+        config.partition,
+        config.alpha,
         config.seed,
     )
 

@@ -16,7 +16,9 @@ def flchain() -> tuple[TabularData, TabularData]:
     return load_flchain()
 
 
-def dp_accounting_epsilon(history: list[tuple[float, float, int]], delta: float, pld: bool = False) -> float:
+def dp_accounting_epsilon(
+    history: list[tuple[float, float, int]], delta: float, pld: bool = False
+) -> float:
     """Epsilon from Google's dp-accounting: code that shares nothing with ours or Opacus's."""
     import dp_accounting
 

@@ -4,7 +4,7 @@ import pytest
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, make_loader, partition_indices
 from fedmodel.errors import DataError
-from simulations.scenarios import client_partitions, scenario_loader, global_test_set
+from simulations.scenarios import client_partitions, global_test_set, scenario_loader
 
 
 def test_flchain_is_the_full_cohort_without_leaky_columns(

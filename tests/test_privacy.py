@@ -36,7 +36,9 @@ def test_calibrated_noise_meets_the_target_over_the_whole_plan(
 def test_epsilon_of_history_matches_dp_accounting() -> None:
     history = [(1.0, 0.25, 12)]
     assert epsilon_of(history, DELTA) == pytest.approx(7.328, abs=0.01)  # measured in notes
-    assert epsilon_of(history, DELTA) == pytest.approx(dp_accounting_epsilon(history, DELTA), rel=0.01)
+    assert epsilon_of(history, DELTA) == pytest.approx(
+        dp_accounting_epsilon(history, DELTA), rel=0.01
+    )
     # RDP is an upper bound: never below the tight PLD number
     assert epsilon_of(history, DELTA) >= dp_accounting_epsilon(history, DELTA, pld=True)
     assert epsilon_of([], DELTA) == 0.0

@@ -1,0 +1,221 @@
+"""End to end: real simulations through Flower's engine, checked from the files they leave."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fedmodel.config import RunConfig
+from fedmodel.models import build_model
+from fedmodel.training import evaluate
+from server.checkpoint import load_checkpoint
+from simulations.scenarios import global_test_set
+from tests.conftest import dp_accounting_epsilon
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def engine_processes(run_dir: Path) -> list[int]:
+    """Live processes whose FLWR_HOME is this run's: anything the run left behind."""
+    needle = f"FLWR_HOME={run_dir.absolute() / 'engine' / 'flwr-home'}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if needle in environ and state != "Z":
+                pids.append(int(entry.name))
+    return pids
+
+
+def simulate(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, command: list[str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            *(command or [str(BIN / "fedmodel")]),
+            "simulate",
+            "medical",
+            *args,
+            "--output",
+            str(run_dir),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert engine_processes(run_dir) == []
+    return result, run_dir
+
+
+def assert_epsilons_are_honest(summary: dict[str, Any]) -> None:
+    for client in summary["clients"]:
+        history = [tuple(segment) for segment in client["history"]]
+        fresh = RDPAccountant()
+        fresh.load_state_dict({"history": history, "mechanism": "rdp"})
+        assert client["epsilon"] == pytest.approx(fresh.get_epsilon(summary["delta"]), rel=1e-9)
+        assert client["epsilon"] == pytest.approx(
+            dp_accounting_epsilon(history, summary["delta"]), rel=0.01
+        )
+        by_round = [epsilon for _, epsilon in client["epsilon_by_round"]]
+        assert all(a < b for a, b in zip(by_round, by_round[1:], strict=False))
+        assert client["epsilon"] == by_round[-1] <= summary["target_epsilon"]
+
+
+def test_three_hospitals_two_rounds_leave_a_complete_honest_run(tmp_path: Path) -> None:
+    result, run_dir = simulate(tmp_path, "--clients", "3", "--rounds", "2")
+    assert "round 1/2" in result.stdout and "round 2/2" in result.stdout
+    assert "Final test AUROC" in result.stdout
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["scenario"] == "medical" and summary["completed"] is True
+    assert (summary["rounds"], summary["num_clients"], summary["dp"]) == (2, 3, True)
+    assert summary["delta"] == 1e-5
+    assert set(summary["final"]) == {"auroc", "accuracy", "loss"}
+    assert [row["round"] for row in summary["per_round"]] == [1, 2]
+    assert summary["per_round"][0]["max_epsilon"] < summary["per_round"][1]["max_epsilon"]
+    assert [c["client"] for c in summary["clients"]] == ["0", "1", "2"]
+    assert sum(c["num_examples"] for c in summary["clients"]) == 6299
+    for client in summary["clients"]:
+        assert client["accountant"] == "rdp" and client["delta"] == 1e-5
+        ((noise, rate, steps),) = client["history"]
+        assert rate == pytest.approx(1 / -(-client["num_examples"] // 64))  # 1/len(loader)
+        assert steps == 2 * -(-client["num_examples"] // 64)
+    assert_epsilons_are_honest(summary)
+
+    # the last checkpoint is the final model: re-evaluating it reproduces the summary
+    round_number, state_dict = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert round_number == 2
+    model = build_model("mlp", len(state_dict["0.weight"][0]))
+    model.load_state_dict(state_dict)
+    metrics = evaluate(model, global_test_set(RunConfig()))
+    assert metrics["auroc"] == pytest.approx(summary["final"]["auroc"], abs=1e-6)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "latest.pt",
+        "round-0000.pt",
+        "round-0001.pt",
+        "round-0002.pt",
+    ]
+
+    with (run_dir / "metrics.csv").open() as handle:
+        assert [row["round"] for row in csv.DictReader(handle)] == ["1", "2"]
+    with (run_dir / "clients.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 6
+    assert json.loads((run_dir / "config.json").read_text())["clients"] == 3
+    report = (run_dir / "report.md").read_text()
+    assert "Privacy spent per client" in report and "epsilon.png" in report
+    for plot in ("auroc.png", "epsilon.png"):
+        assert (run_dir / plot).read_bytes().startswith(b"\x89PNG")
+
+
+def test_acceptance_eight_hospitals_at_epsilon_one(tmp_path: Path) -> None:
+    _, run_dir = simulate(tmp_path, "--clients", "8", "--rounds", "5", "--epsilon", "1")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["clients"]) == 8
+    assert all(client["epsilon"] <= 1.0 for client in summary["clients"])
+    assert_epsilons_are_honest(summary)
+    assert summary["final"]["auroc"] >= 0.82
+
+
+def test_installed_wheel_runs_from_any_directory_without_dp(tmp_path: Path) -> None:
+    """A user who pip-installed the wheel: code comes from the wheel, not the checkout."""
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(wheels),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = wheels.glob("fedmodel-*.whl")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        timeout=300,
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    result, run_dir = simulate(
+        tmp_path,
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--no-dp",
+        env=env,
+        command=[sys.executable, "-m", "fedmodel.cli"],
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["software"]["code_path"] == str(target)
+    assert summary["dp"] is False and summary["clients"][0]["epsilon"] is None
+    assert summary["final"]["auroc"] > 0.75
+    assert "no DP" in result.stdout
+
+
+def test_interrupted_simulation_stops_every_process_it_started(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [
+            str(BIN / "fedmodel"),
+            "simulate",
+            "medical",
+            "--clients",
+            "2",
+            "--rounds",
+            "50",
+            "--output",
+            str(run_dir),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.csv").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert engine_processes(run_dir), "the engine should be running by now"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert engine_processes(run_dir) == []
