@@ -1,14 +1,19 @@
-"""Tabular data as tensors, and partitioning of one table across simulated clients."""
+"""Tabular data as tensors: local CSV/Parquet tables, and partitioning across simulated clients."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedmodel.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -91,3 +96,209 @@ def partition_indices(
             f"{scheme} partitioning into {num_partitions} clients failed ({error}); "
             "use fewer --clients or a larger --alpha"
         ) from None
+
+
+# --- local tables (CSV / Parquet): deployment clients and `simulate csv` -------------
+
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+MAX_CATEGORIES = 50  # more distinct values than this is an identifier or free text
+_TRUE_LABELS = frozenset({"1", "1.0", "true", "yes", "y", "t"})
+_FALSE_LABELS = frozenset({"0", "0.0", "false", "no", "n", "f"})
+
+
+@dataclass(frozen=True)
+class FeatureStatistics:
+    """Sufficient statistics of a table's features: what encoding needs, and mergeable.
+
+    Numeric columns keep (count of present values, sum, sum of squares), so the
+    statistics of several clients add up to those of their union: that is how a
+    federation standardises with global means and deviations without pooling rows.
+    Categorical columns keep their sorted vocabulary (union on merge). These are
+    aggregates of raw data and are NOT covered by the DP guarantee of training.
+    """
+
+    numeric: dict[str, tuple[int, float, float]]
+    categories: dict[str, tuple[str, ...]]
+    rows: int
+
+    def merge(self, other: FeatureStatistics) -> FeatureStatistics:
+        """Statistics of both tables together; columns must agree in kind."""
+        for name in set(self.numeric) & set(other.categories) | (
+            set(self.categories) & set(other.numeric)
+        ):
+            raise DataError(f"column '{name}' is numeric in one table and categorical in another")
+        numeric = dict(self.numeric)
+        for name, (count, total, squares) in other.numeric.items():
+            mine = numeric.get(name, (0, 0.0, 0.0))
+            numeric[name] = (mine[0] + count, mine[1] + total, mine[2] + squares)
+        categories = dict(self.categories)
+        for name, values in other.categories.items():
+            categories[name] = tuple(sorted(set(categories.get(name, ())) | set(values)))
+        return FeatureStatistics(numeric, categories, self.rows + other.rows)
+
+    def mean_and_std(self, column: str) -> tuple[float, float]:
+        count, total, squares = self.numeric[column]
+        if count == 0:
+            return 0.0, 1.0
+        mean = total / count
+        variance = max(squares / count - mean * mean, 0.0) * count / max(count - 1, 1)
+        std = float(np.sqrt(variance))
+        return mean, std if std > 1e-12 else 1.0
+
+    def feature_names(self) -> tuple[str, ...]:
+        """Encoded column order: numeric columns, then one column per category value."""
+        names = sorted(self.numeric)
+        for column in sorted(self.categories):
+            names += [f"{column}={value}" for value in self.categories[column]]
+        return tuple(names)
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(
+            {
+                "numeric": {k: list(v) for k, v in self.numeric.items()},
+                "categories": {k: list(v) for k, v in self.categories.items()},
+                "rows": self.rows,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> FeatureStatistics:
+        import json
+
+        raw = json.loads(text)
+        return cls(
+            numeric={k: (int(v[0]), float(v[1]), float(v[2])) for k, v in raw["numeric"].items()},
+            categories={k: tuple(str(x) for x in v) for k, v in raw["categories"].items()},
+            rows=int(raw["rows"]),
+        )
+
+
+def load_table(
+    path: str | Path, label: str, statistics: FeatureStatistics | None = None
+) -> TabularData:
+    """Load a CSV or Parquet file as standardised features and a binary label.
+
+    Numeric and boolean columns become features; text columns are one-hot encoded
+    (missing = all zeros); missing numbers are imputed with the mean, i.e. 0 after
+    standardisation. With `statistics` (e.g. merged across a federation) the table is
+    encoded with those means, deviations and vocabularies, so every client produces
+    the same columns; without, with its own. Problems raise one-line DataErrors.
+    """
+    frame, labels = read_table(path, label)
+    if statistics is None:
+        statistics = describe_table(frame)
+    return encode_table(frame, labels, statistics)
+
+
+def table_statistics(path: str | Path, label: str) -> FeatureStatistics:
+    """The FeatureStatistics of a file's features (the label is checked, not described)."""
+    frame, _ = read_table(path, label)
+    return describe_table(frame)
+
+
+def read_table(path: str | Path, label: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The feature columns and the 0/1 labels of a file, validated."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(f"data file {path} must be .csv or .parquet (got '{suffix or path.name}')")
+    try:
+        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+    except Exception as error:  # pandas raises many kinds; all mean "unreadable"
+        raise DataError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+    if label not in frame.columns:
+        shown = ", ".join(str(c) for c in list(frame.columns)[:12])
+        raise DataError(f"label column '{label}' is not in {path} (columns: {shown})")
+    if len(frame) == 0:
+        raise DataError(f"data file {path} has no rows")
+    labels = _binary_labels(frame[label], label, path)
+    features = frame.drop(columns=[label])
+    if features.shape[1] == 0:
+        raise DataError(f"data file {path} has no feature columns besides '{label}'")
+    return features, labels
+
+
+def describe_table(frame: pd.DataFrame) -> FeatureStatistics:
+    """Local FeatureStatistics of validated feature columns."""
+    numeric: dict[str, tuple[int, float, float]] = {}
+    categories: dict[str, tuple[str, ...]] = {}
+    for name in frame.columns:
+        column = frame[name]
+        if _is_numeric(column):
+            values = _numeric_values(column)
+            present = values[np.isfinite(values)]
+            numeric[str(name)] = (
+                int(present.size),
+                float(present.sum()),
+                float(np.square(present).sum()),
+            )
+        else:
+            vocabulary = sorted({str(v) for v in column.dropna().unique()})
+            if len(vocabulary) > MAX_CATEGORIES:
+                raise DataError(
+                    f"column '{name}' has {len(vocabulary)} distinct text values (more than "
+                    f"{MAX_CATEGORIES}): drop it if it is an identifier, or encode it as numbers"
+                )
+            categories[str(name)] = tuple(vocabulary)
+    return FeatureStatistics(numeric, categories, len(frame))
+
+
+def encode_table(
+    frame: pd.DataFrame, labels: np.ndarray, statistics: FeatureStatistics
+) -> TabularData:
+    """Features in `statistics`' column order: standardised numbers, one-hot categories."""
+    missing = [c for c in [*statistics.numeric, *statistics.categories] if c not in frame.columns]
+    if missing:
+        raise DataError(f"data file lacks column(s) the federation uses: {', '.join(missing)}")
+    blocks = []
+    for name in sorted(statistics.numeric):
+        if not _is_numeric(frame[name]):
+            raise DataError(f"column '{name}' must be numeric (it holds text here)")
+        mean, std = statistics.mean_and_std(name)
+        values = _numeric_values(frame[name])
+        values = np.where(np.isfinite(values), values, mean)
+        blocks.append(((values - mean) / std)[:, None])
+    for name in sorted(statistics.categories):
+        column = frame[name].astype("string")
+        vocabulary = statistics.categories[name]
+        blocks.append(
+            np.stack([(column == v).fillna(False).to_numpy(dtype=bool) for v in vocabulary], 1)
+            if vocabulary
+            else np.zeros((len(frame), 0))
+        )
+    features = np.concatenate(blocks, axis=1).astype(np.float32)
+    return TabularData(features, labels, statistics.feature_names())
+
+
+def _is_numeric(column: pd.Series) -> bool:
+    import pandas as pd
+
+    return bool(pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column))
+
+
+def _numeric_values(column: pd.Series) -> np.ndarray:
+    return column.astype("float64").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _binary_labels(column: pd.Series, label: str, path: Path) -> np.ndarray:
+    if column.isna().any():
+        raise DataError(
+            f"label column '{label}' in {path} has {int(column.isna().sum())} missing value(s); "
+            "drop or fill those rows"
+        )
+    text = column.astype(str).str.strip().str.lower()
+    ones, zeros = text.isin(_TRUE_LABELS), text.isin(_FALSE_LABELS)
+    if not (ones | zeros).all():
+        found = ", ".join(sorted(set(column.astype(str)))[:6])
+        raise DataError(
+            f"label column '{label}' in {path} must be binary (0/1, true/false, yes/no); "
+            f"found: {found}"
+        )
+    return ones.to_numpy().astype(np.float32)
