@@ -1,0 +1,243 @@
+"""Keys and certificates of a federation: a CA, the SuperLink's TLS certificate, node keys.
+
+Everything is EC P-384 (`cryptography`). TLS in Flower 1.39 authenticates the server
+only; a node proves who it is by signing every Fleet request with its own key, which
+Flower reads in OpenSSH format only (it rejects PEM private keys and Ed25519). Private
+keys are created with mode 0600 from the first byte (never chmod-ed afterwards) and
+reach their final name by an atomic rename, so no reader ever sees a partial or
+world-readable key.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedmodel.errors import FedModelError
+
+CURVE = ec.SECP384R1()
+CA_LIFETIME = datetime.timedelta(days=3650)
+SERVER_LIFETIME = datetime.timedelta(days=397)  # the CA/Browser Forum's cap for TLS certs
+LOOPBACK_NAMES = ("localhost", "127.0.0.1")
+
+
+class KeyExistsError(FedModelError):
+    """A key file exists and the user did not ask to replace it."""
+
+    exit_code = 5
+
+
+class CertificateError(FedModelError):
+    """A certificate or key file is missing, unreadable or of the wrong kind."""
+
+    exit_code = 5
+
+
+@dataclass(frozen=True)
+class ServerPki:
+    """Where `create_server_pki` put the federation's TLS files."""
+
+    ca_certificate: Path
+    ca_key: Path
+    server_certificate: Path
+    server_key: Path
+    ca_fingerprint: str
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """A node's key pair on disk and the fingerprint an operator checks at enrollment."""
+
+    private_key: Path
+    public_key: Path
+    fingerprint: str
+
+
+def create_server_pki(directory: Path, addresses: list[str], force: bool = False) -> ServerPki:
+    """A CA and a server certificate for `addresses` (plus localhost and 127.0.0.1)."""
+    paths = ServerPki(
+        directory / "ca.crt", directory / "ca.key", directory / "server.pem",
+        directory / "server.key", "",
+    )  # fmt: skip
+    if not force:
+        for key in (paths.ca_key, paths.server_key):
+            if key.exists():
+                raise KeyExistsError(f"{key} already exists; pass --force to replace the keys")
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(CURVE)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FedModel federation CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + CA_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    server_key = ec.generate_private_key(CURVE)
+    names = list(dict.fromkeys([*addresses, *LOOPBACK_NAMES]))
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + SERVER_LIFETIME)
+        .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]), False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    write_private_file(paths.ca_key, _pem_private(ca_key), force)
+    write_private_file(paths.server_key, _pem_private(server_key), force)
+    write_public_file(paths.ca_certificate, ca_cert.public_bytes(serialization.Encoding.PEM))
+    write_public_file(
+        paths.server_certificate, server_cert.public_bytes(serialization.Encoding.PEM)
+    )
+    return ServerPki(
+        paths.ca_certificate, paths.ca_key, paths.server_certificate, paths.server_key,
+        certificate_fingerprint(ca_cert),
+    )  # fmt: skip
+
+
+def create_node_identity(directory: Path, force: bool = False) -> NodeIdentity:
+    """An OpenSSH EC P-384 key pair `node.key` / `node.pub`, the form Flower accepts."""
+    private_path, public_path = directory / "node.key", directory / "node.pub"
+    if private_path.exists() and not force:
+        raise KeyExistsError(
+            f"{private_path} already exists; this node already has an identity "
+            "(pass --force to replace it, which requires enrolling again)"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(CURVE)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    write_private_file(private_path, private, force)
+    write_public_file(public_path, public + b" fedmodel-node\n")
+    return NodeIdentity(private_path, public_path, public_key_fingerprint(public))
+
+
+def load_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
+    """A node's OpenSSH public key, refused unless it is EC on a NIST curve (Flower's rule)."""
+    try:
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise CertificateError(f"public key file {path} does not exist") from None
+    except (ValueError, UnsupportedAlgorithm) as error:
+        raise CertificateError(f"{path} is not an OpenSSH public key ({error})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise CertificateError(
+            f"{path} is a {type(key).__name__.removeprefix('_')}, but Flower needs an EC "
+            "(P-384) key; create one with 'fedmodel client init'"
+        )
+    return key
+
+
+def public_key_fingerprint(public_key: bytes | ec.EllipticCurvePublicKey) -> str:
+    """OpenSSH-style fingerprint (`SHA256:` + unpadded base64), as `ssh-keygen -l` prints."""
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        public_key = public_key.public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    blob = base64.b64decode(public_key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def certificate_fingerprint(certificate: x509.Certificate | bytes) -> str:
+    """SHA-256 of the DER certificate as colon-separated hex (what `openssl x509` shows)."""
+    if isinstance(certificate, bytes):
+        certificate = load_certificate_bytes(certificate)
+    digest = certificate.fingerprint(hashes.SHA256()).hex().upper()
+    return "sha256:" + ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def load_certificate_bytes(data: bytes) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise CertificateError("not a PEM X.509 certificate") from None
+
+
+def certificate_names(certificate: x509.Certificate) -> list[str]:
+    """DNS names and IP addresses the certificate is valid for."""
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(v) for v in names.get_values_for_type(x509.DNSName)] + [
+        str(v) for v in names.get_values_for_type(x509.IPAddress)
+    ]
+
+
+def write_private_file(path: Path, data: bytes, force: bool = False) -> None:
+    """Write a secret: created 0600 (O_EXCL, so never through a pre-existing file), renamed."""
+    if path.exists() and not force:
+        raise KeyExistsError(f"{path} already exists; pass --force to replace it")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def write_public_file(path: Path, data: bytes) -> None:
+    """Write a non-secret file atomically (temp file, then rename)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
