@@ -34,7 +34,10 @@ def reply_rejection(
     arrays = content.array_records[ARRAYS_KEY]
     missing, unexpected = set(reference) - set(arrays), set(arrays) - set(reference)
     if missing or unexpected:
-        return f"array names differ from the global model: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        return (
+            "array names differ from the global model: "
+            f"missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )
     squared_norm = 0.0
     for name, expected in reference.items():
         received = arrays[name]
