@@ -1,0 +1,74 @@
+"""Aggregation rules by name, with each rule's precondition checked before a run starts.
+
+Robust rules tolerate up to `byzantine` arbitrary (malicious or broken) updates per round:
+- median: coordinate-wise median (Yin et al. 2018, "Byzantine-Robust Distributed Learning").
+- trimmed-mean: coordinate-wise mean after dropping the `beta` fraction at each end (ibid.).
+- krum / multikrum: the update(s) closest to their n-f-2 nearest neighbours
+  (Blanchard et al. 2017, "Machine Learning with Adversaries"); needs n >= 2f+3.
+- bulyan: Krum selection then trimmed mean (El Mhamdi et al. 2018); needs n >= 4f+3.
+- fedadam: adaptive server optimiser (Reddi et al. 2021, "Adaptive Federated Optimization").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+)
+
+from fedmodel.errors import ConfigError
+
+TRIMMED_MEAN_BETA = 0.2
+
+AGGREGATORS = ("fedavg", "fedadam", "median", "trimmed-mean", "krum", "multikrum", "bulyan")
+
+
+def check_aggregator(name: str, replies_per_round: int, byzantine: int) -> None:
+    """Raise ConfigError, in one line, when `name` cannot work with these numbers."""
+    if name not in AGGREGATORS:
+        raise ConfigError(f"unknown aggregator '{name}'; choose one of: {', '.join(AGGREGATORS)}")
+    if byzantine < 0:
+        raise ConfigError(f"--byzantine must be 0 or more (got {byzantine})")
+    needed = {
+        "krum": 2 * byzantine + 3,
+        "multikrum": 2 * byzantine + 3,
+        "bulyan": 4 * byzantine + 3,
+    }.get(name)
+    if needed is not None and replies_per_round < needed:
+        raise ConfigError(
+            f"{name} tolerating {byzantine} Byzantine clients needs at least {needed} replies per "
+            f"round, but only {replies_per_round} clients train per round; add clients or lower "
+            "--byzantine"
+        )
+    if name == "trimmed-mean" and int(TRIMMED_MEAN_BETA * replies_per_round) < byzantine:
+        raise ConfigError(
+            f"trimmed-mean trims {int(TRIMMED_MEAN_BETA * replies_per_round)} updates at each end "
+            f"with {replies_per_round} replies, fewer than --byzantine {byzantine}; add clients"
+        )
+
+
+def build_aggregator(name: str, replies_per_round: int, byzantine: int, **common: Any) -> FedAvg:
+    """The Flower Message-API strategy for `name`; `common` are FedAvg's sampling arguments."""
+    check_aggregator(name, replies_per_round, byzantine)
+    builders: dict[str, Callable[[], FedAvg]] = {
+        "fedavg": lambda: FedAvg(**common),
+        "fedadam": lambda: FedAdam(**common),
+        "median": lambda: FedMedian(**common),
+        "trimmed-mean": lambda: FedTrimmedAvg(beta=TRIMMED_MEAN_BETA, **common),
+        "krum": lambda: Krum(num_malicious_nodes=byzantine, **common),
+        "multikrum": lambda: MultiKrum(
+            num_malicious_nodes=byzantine,
+            num_nodes_to_select=replies_per_round - byzantine,
+            **common,
+        ),
+        "bulyan": lambda: Bulyan(num_malicious_nodes=byzantine, **common),
+    }
+    return builders[name]()

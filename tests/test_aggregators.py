@@ -1,0 +1,67 @@
+"""Aggregation rules: real Flower strategies on real Messages, with one hostile reply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmodel.errors import ConfigError
+from server.aggregators import AGGREGATORS, build_aggregator, check_aggregator
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    """Flower refuses to build Messages outside a running app without an identity."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def replies(vectors: list[np.ndarray]) -> list[Message]:
+    out = []
+    for node, vector in enumerate(vectors, start=10):
+        instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({"w": torch.tensor(vector, dtype=torch.float32)}),
+                "metrics": MetricRecord({"num-examples": 10}),
+            }
+        )
+        out.append(Message(content=content, reply_to=instruction))
+    return out
+
+
+HONEST = [np.array([1.0, 2.0]) + 0.01 * i for i in range(6)]
+ATTACK = np.array([1000.0, -1000.0])
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed-mean", "krum", "multikrum"])
+def test_robust_rules_ignore_one_hostile_update(name: str) -> None:
+    strategy = build_aggregator(name, replies_per_round=7, byzantine=1)
+    arrays, _ = strategy.aggregate_train(1, replies([*HONEST, ATTACK]))
+    assert arrays is not None
+    result = arrays["w"].numpy()
+    assert np.all(np.abs(result - np.array([1.025, 2.025])) < 0.05), result
+
+
+def test_fedavg_is_dragged_by_the_hostile_update() -> None:
+    arrays, _ = build_aggregator("fedavg", 7, 0).aggregate_train(1, replies([*HONEST, ATTACK]))
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), (sum(HONEST) + ATTACK) / 7, rtol=1e-5)
+
+
+def test_bulyan_needs_four_f_plus_three_replies() -> None:
+    with pytest.raises(ConfigError, match="bulyan tolerating 1 Byzantine clients needs at least 7"):
+        check_aggregator("bulyan", replies_per_round=6, byzantine=1)
+    check_aggregator("bulyan", replies_per_round=7, byzantine=1)
+
+
+def test_krum_needs_two_f_plus_three_replies() -> None:
+    with pytest.raises(ConfigError, match="at least 7 replies"):
+        check_aggregator("krum", replies_per_round=6, byzantine=2)
+
+
+def test_unknown_aggregator_lists_the_choices() -> None:
+    with pytest.raises(ConfigError, match=", ".join(AGGREGATORS)):
+        check_aggregator("average", 5, 0)
