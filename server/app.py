@@ -39,9 +39,9 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy = RecordingFedAvg(
         recorder,
-        fraction_train=1.0,
+        fraction_train=config.fraction,
         fraction_evaluate=0.0,
-        min_train_nodes=config.clients,
+        min_train_nodes=max(1, int(config.clients * config.fraction)),
         min_available_nodes=config.clients,
     )
     strategy.start(

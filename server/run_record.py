@@ -23,7 +23,18 @@ from fedmodel.config import RunConfig
 from fedmodel.privacy.accountant import ACCOUNTANT, history_from_fields
 
 PROGRESS_MARKER = "fedmodel-progress "
-ROUND_COLUMNS = ("round", "auroc", "accuracy", "loss", "train_loss", "max_epsilon", "clients")
+ROUND_COLUMNS = (
+    "round",
+    "auroc",
+    "accuracy",
+    "loss",
+    "train_loss",
+    "max_epsilon",
+    "clients",
+    "auprc",
+    "recall_at_1pct_fpr",
+)
+FINAL_METRICS = ("auroc", "accuracy", "loss", "auprc", "recall_at_1pct_fpr")
 CLIENT_COLUMNS = ("round", "client", "num_examples", "train_loss", "epsilon")
 
 
@@ -83,6 +94,9 @@ class RunRecorder:
             "train_loss": self._round_train_loss.get(server_round, math.nan),
             "max_epsilon": max(epsilons) if epsilons else None,
             "clients": len(self._round_clients.get(server_round, [])),
+            # imbalanced tasks (issue 3); None where undefined (a test set of one class)
+            "auprc": _finite_or_none(metrics.get("auprc")),
+            "recall_at_1pct_fpr": _finite_or_none(metrics.get("recall_at_1pct_fpr")),
         }
         self.rounds.append(row)
         _append_csv(self.run_dir / "metrics.csv", [[row[c] for c in ROUND_COLUMNS]])
@@ -101,7 +115,7 @@ class RunRecorder:
             "delta": self.config.delta if self.config.dp else None,
             "target_epsilon": self.config.epsilon if self.config.dp else None,
             "accountant": ACCOUNTANT if self.config.dp else None,
-            "final": {k: self.rounds[-1][k] for k in ("auroc", "accuracy", "loss")}
+            "final": {k: self.rounds[-1][k] for k in FINAL_METRICS}
             if self.rounds
             else None,
             "initial": self.initial,
@@ -112,6 +126,10 @@ class RunRecorder:
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def software_versions() -> dict[str, str]:

@@ -92,7 +92,7 @@ def test_three_hospitals_two_rounds_leave_a_complete_honest_run(tmp_path: Path) 
     assert summary["scenario"] == "medical" and summary["completed"] is True
     assert (summary["rounds"], summary["num_clients"], summary["dp"]) == (2, 3, True)
     assert summary["delta"] == 1e-5
-    assert set(summary["final"]) == {"auroc", "accuracy", "loss"}
+    assert set(summary["final"]) == {"auroc", "accuracy", "loss", "auprc", "recall_at_1pct_fpr"}
     assert [row["round"] for row in summary["per_round"]] == [1, 2]
     assert summary["per_round"][0]["max_epsilon"] < summary["per_round"][1]["max_epsilon"]
     assert [c["client"] for c in summary["clients"]] == ["0", "1", "2"]
