@@ -39,6 +39,11 @@ class RunConfig:
     seed: int = 0
     model: str = "mlp"
     output_dir: str = "runs/flwr-run"
+    # scenarios (issue 3)
+    fraction: float = 1.0
+    data: str = ""
+    label: str = ""
+    partition_by: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,6 +76,11 @@ class RunConfig:
             self.partition,
         )
         _require(_finite_positive(self.alpha), "--alpha must be a positive number", self.alpha)
+        _require(
+            0.0 < self.fraction <= 1.0,
+            "--fraction must be in (0, 1]: the share of clients sampled each round",
+            self.fraction,
+        )
 
     def to_run_config(self) -> dict[str, int | float | bool | str]:
         """Flower run-config form: hyphenated keys, scalar values."""

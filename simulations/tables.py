@@ -1,0 +1,62 @@
+"""One real table becomes a scenario: a fixed train/test split, encoded like a node's file.
+
+Every bundled table (and `simulate csv`) goes through `split_table`, which encodes with
+the same code a deployed node uses for its local file (`fedmodel.data.describe_table` /
+`encode_table`): standardised numbers with mean imputation, one-hot categories. The
+encoding statistics come from the training rows only, so nothing about the test set
+leaks into training. A natural site column (clinic, state) is kept beside the features,
+never inside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from fedmodel.data import TabularData, describe_table, encode_table
+
+TEST_FRACTION = 0.2
+SPLIT_SEED = 0  # fixed: the global test set must not move with --seed
+
+
+@dataclass(frozen=True)
+class Split:
+    """A scenario's training rows, its global test set and, if any, each training row's site."""
+
+    train: TabularData
+    test: TabularData
+    train_sites: np.ndarray | None = None
+    site_names: tuple[str, ...] = ()  # every site in the table, test-only ones included
+
+
+def split_table(
+    features: pd.DataFrame,
+    labels: np.ndarray,
+    site_column: str | None = None,
+    test_fraction: float = TEST_FRACTION,
+) -> Split:
+    """Stratified, shuffled train/test split of `features` (label already removed)."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    test_rows = np.zeros(len(labels), dtype=bool)
+    for value in np.unique(labels):  # stratified: both parts keep the base rate
+        rows = np.flatnonzero(labels == value)
+        test_rows[rng.choice(rows, size=round(len(rows) * test_fraction), replace=False)] = True
+    # shuffled: some tables ship sorted by label, and partitioners shard contiguously
+    train_order = rng.permutation(np.flatnonzero(~test_rows))
+    test_order = np.flatnonzero(test_rows)
+    sites, site_names = None, ()
+    if site_column is not None:
+        all_sites = features[site_column].astype(str).to_numpy()
+        sites, site_names = all_sites[train_order], tuple(sorted(set(all_sites)))
+        features = features.drop(columns=[site_column])
+    train_frame = features.iloc[train_order].reset_index(drop=True)
+    test_frame = features.iloc[test_order].reset_index(drop=True)
+    statistics = describe_table(train_frame)
+    return Split(
+        encode_table(train_frame, labels[train_order].astype(np.float32), statistics),
+        encode_table(test_frame, labels[test_order].astype(np.float32), statistics),
+        sites,
+        site_names,
+    )
