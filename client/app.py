@@ -1,31 +1,34 @@
-"""ClientApp: local DP-SGD training on this client's data, with cross-round accounting.
+"""ClientApp: local DP-SGD training on this client's data, within its owner's budget.
 
-The noise multiplier is calibrated once for the client's whole planned participation
-(rounds x local epochs), and the accountant's history is restored every round so that
-epsilon composes across rounds. For now the history lives in `context.state`, which
-Flower keeps in SuperNode memory for the length of one run.
+The noise multiplier is calibrated once per run for the client's whole planned
+participation (rounds x local epochs). What the client has spent lives in its owner's
+privacy ledger (fedmodel.privacy.ledger), keyed by the dataset's fingerprint, so epsilon
+composes across rounds, runs and restarts; before training, the client refuses any
+round that would take it past the owner's budget (fedmodel.privacy.budget).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmodel.config import RunConfig
-from fedmodel.data import make_loader
+from fedmodel.data import TabularData, make_loader
+from fedmodel.errors import ConfigError
 from fedmodel.models import build_model
-from fedmodel.privacy.accountant import (
-    Segment,
-    calibrate_noise_multiplier,
-    epsilon_of,
-    history_fields,
-    history_from_fields,
+from fedmodel.privacy.accountant import calibrate_noise_multiplier, epsilon_of, history_fields
+from fedmodel.privacy.budget import (
+    BUDGET_EXHAUSTED_CODE,
+    BudgetExhausted,
+    OwnerBudget,
+    new_segments,
 )
+from fedmodel.privacy.ledger import PrivacyLedger, dataset_fingerprint, spent_history
 from fedmodel.training import TrainResult, select_device, train_dp, train_plain
 from simulations.scenarios import client_partitions
-
-PRIVACY_STATE_KEY = "privacy"
 
 app = ClientApp()
 
@@ -49,9 +52,14 @@ def train(msg: Message, context: Context) -> Message:
         "partition-id": partition_id,
     }
     if config.dp:
-        result = _train_private(model, loader, config, context)
+        try:
+            result, budget = _train_private(model, loader, data, config, context, server_round)
+        except BudgetExhausted as refusal:
+            return Message(error=Error(BUDGET_EXHAUSTED_CODE, str(refusal)), reply_to=msg)
+        epsilon = epsilon_of(result.history, config.delta)
         metrics |= history_fields(result.history)
-        metrics |= {"epsilon": epsilon_of(result.history, config.delta), "delta": config.delta}
+        metrics |= {"epsilon": epsilon, "delta": config.delta}
+        metrics |= _budget_metrics(result, budget)
     else:
         result = train_plain(model, loader, config.local_epochs, config.lr, select_device())
     metrics["train-loss"] = result.loss
@@ -65,20 +73,33 @@ def train(msg: Message, context: Context) -> Message:
 def _train_private(
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
+    data: TabularData,
     config: RunConfig,
     context: Context,
-) -> TrainResult:
+    server_round: int,
+) -> tuple[TrainResult, OwnerBudget]:
+    """Project, write ahead, train, commit: the ledger protocol of one round.
+
+    Raises BudgetExhausted (before any training) when the round would overspend; the
+    returned history is everything ever spent on this dataset, this round included.
+    """
+    ledger = PrivacyLedger(ledger_path(config, context))
+    fingerprint = dataset_fingerprint(*(tensor.numpy() for tensor in data.tensors()))
+    budget = owner_budget(config, context)
+    run_id = str(context.run_id)
     sample_rate = 1.0 / len(loader)  # exactly the rate Opacus's Poisson sampler uses
-    state = context.state.config_records.get(PRIVACY_STATE_KEY)
-    if state is None:
-        planned_steps = config.rounds * config.local_epochs * len(loader)
+    steps = config.local_epochs * len(loader)
+    noise_multiplier = ledger.run_noise_multiplier(fingerprint, run_id)
+    if noise_multiplier is None:
         noise_multiplier = calibrate_noise_multiplier(
-            config.epsilon, config.delta, sample_rate, planned_steps
+            config.epsilon, config.delta, sample_rate, config.rounds * steps
         )
-        history: list[Segment] = []
-    else:
-        noise_multiplier = float(state["noise-multiplier"])  # type: ignore[arg-type]
-        history = history_from_fields(state)
+    planned = (noise_multiplier, sample_rate, steps)
+    pending = ledger.append_pending(
+        fingerprint, run_id, server_round, planned, config.max_grad_norm,
+        budget.delta, budget.epsilon, budget.projector(planned),
+    )  # fmt: skip
+    before = spent_history([e for e in ledger.entries(fingerprint) if e.seq != pending.seq])
     result = train_dp(
         model,
         loader,
@@ -86,10 +107,41 @@ def _train_private(
         config.lr,
         noise_multiplier,
         config.max_grad_norm,
-        history,
+        before,
         select_device(),
     )
-    context.state[PRIVACY_STATE_KEY] = ConfigRecord(
-        {"noise-multiplier": noise_multiplier, **history_fields(result.history)}
-    )
-    return result
+    (used,) = new_segments(before, result.history)
+    ledger.commit(pending, used, epsilon_of(result.history, budget.delta))
+    return result, budget
+
+
+def ledger_path(config: RunConfig, context: Context) -> Path:
+    """Node config `ledger-path` (a deployed owner), else one file per simulated client."""
+    if "ledger-path" in context.node_config:
+        return Path(str(context.node_config["ledger-path"])).expanduser()
+    if "partition-id" not in context.node_config:
+        raise ConfigError("this node has no privacy ledger: set node config 'ledger-path'")
+    directory = Path(config.ledger_dir or Path(config.output_dir) / "ledgers")
+    return directory / f"client-{int(str(context.node_config['partition-id']))}.sqlite"
+
+
+def owner_budget(config: RunConfig, context: Context) -> OwnerBudget:
+    """The data owner's budget: node config `budget-epsilon`/`budget-delta` when set.
+
+    In simulation the run config stands in for every owner: `budget-epsilon`, or the
+    run's `epsilon` when that is 0.
+    """
+    node = context.node_config
+    epsilon = float(str(node.get("budget-epsilon", config.budget_epsilon or config.epsilon)))
+    delta = float(str(node.get("budget-delta", config.delta)))
+    return OwnerBudget(epsilon=epsilon, delta=delta)
+
+
+def _budget_metrics(result: TrainResult, budget: OwnerBudget) -> dict[str, float]:
+    assert budget.epsilon is not None
+    spent = epsilon_of(result.history, budget.delta)
+    return {
+        "budget-epsilon": budget.epsilon,
+        "budget-delta": budget.delta,
+        "budget-left": max(budget.epsilon - spent, 0.0),
+    }

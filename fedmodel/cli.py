@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from fedmodel.errors import FedModelError
+from fedmodel.privacy.cli import audit_app
 from simulations.cli import simulate_app
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(simulate_app, name="simulate")
+app.add_typer(audit_app, name="audit")
 
 
 def main() -> None:

@@ -44,6 +44,10 @@ class RunConfig:
     data: str = ""
     label: str = ""
     partition_by: str = ""
+    # privacy budgets (issue 5)
+    budget_epsilon: float = 0.0  # each data owner's lifetime budget; 0 means "= epsilon"
+    ledger_dir: str = ""  # simulated owners' ledgers; "" means <output_dir>/ledgers
+    min_clients: int = 1  # stop cleanly when fewer clients have budget left
 
     def __post_init__(self) -> None:
         self.validate()
@@ -81,6 +85,12 @@ class RunConfig:
             "--fraction must be in (0, 1]: the share of clients sampled each round",
             self.fraction,
         )
+        _require(
+            math.isfinite(self.budget_epsilon) and self.budget_epsilon >= 0,
+            "--budget-epsilon must be 0 (use --epsilon) or a positive number",
+            self.budget_epsilon,
+        )
+        _require(self.min_clients >= 1, "--min-clients must be at least 1", self.min_clients)
 
     def to_run_config(self) -> dict[str, int | float | bool | str]:
         """Flower run-config form: hyphenated keys, scalar values."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from logging import WARNING
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmodel.config import RunConfig
@@ -13,7 +15,7 @@ from fedmodel.models import build_model
 from fedmodel.training import evaluate
 from server.checkpoint import save_checkpoint
 from server.run_record import RunRecorder
-from server.strategy import RecordingFedAvg
+from server.strategy import FederationStopped, RecordingFedAvg
 from simulations.scenarios import global_test_set
 
 app = ServerApp()
@@ -43,11 +45,18 @@ def main(grid: Grid, context: Context) -> None:
         fraction_evaluate=0.0,
         min_train_nodes=max(1, int(config.clients * config.fraction)),
         min_available_nodes=config.clients,
+        min_clients=config.min_clients,
     )
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=config.rounds,
-        evaluate_fn=evaluate_global_model,
-    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=config.rounds,
+            evaluate_fn=evaluate_global_model,
+        )
+    except FederationStopped as stop:
+        # The last evaluated round's checkpoint is the final model; the run ends cleanly.
+        log(WARNING, "stopping the run early: %s", stop)
+        recorder.write_summary(completed=True, stopped_early=str(stop))
+        return
     recorder.write_summary(completed=True)

@@ -49,6 +49,7 @@ class RunRecorder:
         self._round_clients: dict[int, list[str]] = {}
         self._round_train_loss: dict[int, float] = {}
         self.initial: dict[str, float] | None = None
+        self.dropouts: list[dict[str, Any]] = []
         run_dir.mkdir(parents=True, exist_ok=True)
         _start_csv(run_dir / "metrics.csv", ROUND_COLUMNS)
         _start_csv(run_dir / "clients.csv", CLIENT_COLUMNS)
@@ -80,6 +81,17 @@ class RunRecorder:
         self._round_train_loss[server_round] = sum(losses) / max(sum(weights), 1)
         _append_csv(self.run_dir / "clients.csv", rows)
 
+    def record_dropout(
+        self, server_round: int, node_id: int, client: str | None, reason: str
+    ) -> None:
+        """A client that refused to train (its owner's budget is spent) and left the run."""
+        self.dropouts.append(
+            {"round": server_round, "node_id": node_id, "client": client, "reason": reason}
+        )
+        if client is not None and client in self.clients:
+            self.clients[client]["dropped_out_round"] = server_round
+        self.write_summary(completed=False)
+
     def record_evaluation(self, server_round: int, metrics: Mapping[str, float]) -> None:
         """Store the central evaluation after a round, refresh files, log one progress line."""
         if server_round == 0:
@@ -103,7 +115,12 @@ class RunRecorder:
         self.write_summary(completed=False)
         log(INFO, "%s%s", PROGRESS_MARKER, json.dumps({**row, "rounds": self.config.rounds}))
 
-    def write_summary(self, completed: bool) -> dict[str, Any]:
+    def write_summary(self, completed: bool, stopped_early: str | None = None) -> dict[str, Any]:
+        """Rewrite summary.json; `stopped_early` says why a run ended before its last round.
+
+        `final` is the last evaluated global model (the initial one when no round trained).
+        """
+        final = self.rounds[-1] if self.rounds else self.initial
         summary = {
             "scenario": self.config.scenario,
             "dataset": self.config.dataset,
@@ -115,12 +132,12 @@ class RunRecorder:
             "delta": self.config.delta if self.config.dp else None,
             "target_epsilon": self.config.epsilon if self.config.dp else None,
             "accountant": ACCOUNTANT if self.config.dp else None,
-            "final": {k: self.rounds[-1][k] for k in FINAL_METRICS}
-            if self.rounds
-            else None,
+            "final": {k: final[k] for k in FINAL_METRICS} if final else None,
             "initial": self.initial,
             "per_round": self.rounds,
             "clients": sorted(self.clients.values(), key=lambda c: int(c["client"])),
+            "stopped_early": stopped_early,
+            "dropouts": self.dropouts,
             "config": asdict(self.config),
             "software": software_versions(),
         }

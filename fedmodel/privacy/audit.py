@@ -1,0 +1,282 @@
+"""`fedmodel audit`: verify privacy ledgers and recompute every epsilon independently.
+
+What is checked, per ledger file:
+1. the hash chain (and that every commit answers a pending entry): the first bad entry
+   is named;
+2. every entry's epsilon against the mechanisms recorded before it, recomputed with a
+   fresh Opacus RDP accountant (the live accountant): a number that does not follow
+   from the recorded mechanisms is flagged;
+3. each dataset's epsilon at the end of every run against Google's dp-accounting PLD
+   accountant (Doroshenko et al. 2022, "Connect the Dots"), code that shares nothing with
+   Opacus: a reported epsilon below the PLD value beyond `PLD_TOLERANCE` is flagged as
+   under-reporting. RDP is a valid upper bound, so it is normally 10-80% above PLD.
+
+On a run directory the ledgers are also checked against the server's summary.json:
+a ledger holding less epsilon than the server saw reported (a truncated or replaced
+ledger, which the chain alone cannot reveal) is flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmodel.errors import FedModelError
+from fedmodel.privacy.accountant import Segment, epsilon_of
+from fedmodel.privacy.ledger import (
+    COMMITTED,
+    PENDING,
+    LedgerEntry,
+    LedgerError,
+    PrivacyLedger,
+    spent_history,
+    verify_chain,
+)
+
+# Absolute slack on epsilon: Opacus's PRV accountant's documented eps_error (0.01); our
+# notes measured the tight accountants (PRV, PLD) within that of each other.
+PLD_TOLERANCE = 0.01
+RDP_CONSISTENCY = 1e-6  # relative: the same accountant on the same mechanisms
+
+
+@dataclass
+class OwnerAudit:
+    """One dataset (fingerprint) in one ledger: what was spent, and how it checks out."""
+
+    ledger: str
+    owner: str
+    fingerprint: str
+    delta: float
+    budget_epsilon: float | None
+    spent_epsilon: float
+    pld_epsilon: float
+    remaining: float | None
+    rounds: int
+    runs: int
+    uncommitted: int
+    history: list[Segment]
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LedgerAudit:
+    path: str
+    entries: int
+    chain_ok: bool
+    first_bad_entry: int | None
+    problems: list[str] = field(default_factory=list)
+    owners: list[OwnerAudit] = field(default_factory=list)
+
+
+@dataclass
+class AuditReport:
+    target: str
+    ledgers: list[LedgerAudit]
+    problems: list[str] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(
+            ledger.chain_ok and not ledger.problems and not any(o.problems for o in ledger.owners)
+            for ledger in self.ledgers
+        )
+
+    def all_problems(self) -> list[str]:
+        found = list(self.problems)
+        for ledger in self.ledgers:
+            found += ledger.problems
+            for owner in ledger.owners:
+                found += [f"{owner.owner}: {problem}" for problem in owner.problems]
+        return found
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"ok": self.ok, "problems": self.all_problems(), **asdict(self)}
+
+
+def pld_epsilon(history: Sequence[Segment], delta: float) -> float:
+    """Epsilon of the Poisson-subsampled Gaussian mechanisms in `history`, by dp-accounting PLD."""
+    if not history:
+        return 0.0
+    import dp_accounting
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    accountant = dp_accounting.pld.PLDAccountant()
+    for noise, rate, steps in history:
+        event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(event, int(steps)))
+    return float(accountant.get_epsilon(delta))
+
+
+def find_ledgers(target: Path) -> tuple[list[Path], dict[str, Any] | None]:
+    """Ledger files under `target` (a file, a directory of ledgers or a run directory)."""
+    if not target.exists():
+        raise FedModelError(f"nothing to audit at {target}: no such file or directory")
+    if target.is_file():
+        return [target], None
+    summary_path = target / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    directories = [target, target / "ledgers"]
+    if summary and summary.get("config", {}).get("ledger_dir"):
+        directories.append(Path(summary["config"]["ledger_dir"]))
+    paths = sorted({p for d in directories if d.is_dir() for p in d.glob("*.sqlite")})
+    if not paths:
+        raise FedModelError(f"no ledgers (*.sqlite) in {target} or {target / 'ledgers'}")
+    return paths, summary
+
+
+def audit(target: Path, delta: float | None = None, plot_dir: Path | None = None) -> AuditReport:
+    """Audit every ledger under `target`; write plots to `plot_dir` when given."""
+    paths, summary = find_ledgers(target)
+    report = AuditReport(str(target), [audit_ledger(path, delta) for path in paths])
+    if summary is not None:
+        report.problems += check_against_summary(report, summary)
+    if plot_dir is not None:
+        report.plots = write_plots(report, plot_dir)
+    return report
+
+
+def audit_ledger(path: Path, delta: float | None = None) -> LedgerAudit:
+    try:
+        entries = PrivacyLedger.open_existing(path).entries()
+    except LedgerError as error:
+        return LedgerAudit(str(path), 0, False, None, [str(error)])
+    problem = verify_chain(entries)
+    result = LedgerAudit(
+        str(path), len(entries), problem is None, None if problem is None else problem.seq
+    )
+    if problem is not None:
+        result.problems.append(f"{path.name}: entry #{problem.seq} {problem.reason}")
+    fingerprints = list(dict.fromkeys(entry.fingerprint for entry in entries))
+    for fingerprint in fingerprints:
+        owner = path.stem if len(fingerprints) == 1 else f"{path.stem}/{fingerprint[:12]}"
+        mine = [entry for entry in entries if entry.fingerprint == fingerprint]
+        result.owners.append(audit_owner(str(path), owner, mine, delta))
+    return result
+
+
+def audit_owner(
+    ledger: str, owner: str, entries: list[LedgerEntry], delta: float | None
+) -> OwnerAudit:
+    """Recompute every epsilon of one dataset from its recorded mechanisms."""
+    problems: list[str] = []
+    timeline: list[dict[str, Any]] = []
+    for index, entry in enumerate(entries):
+        recomputed = epsilon_of(spent_history(entries[: index + 1]), entry.delta)
+        if not math.isclose(entry.epsilon, recomputed, rel_tol=RDP_CONSISTENCY, abs_tol=1e-12):
+            problems.append(
+                f"entry #{entry.seq} reports epsilon {entry.epsilon:.6g}, but its recorded "
+                f"mechanisms give {recomputed:.6g} ({entry.accountant.upper()})"
+            )
+        last_of_run = index + 1 == len(entries) or entries[index + 1].run_id != entry.run_id
+        if entry.status == COMMITTED or (entry.status == PENDING and last_of_run):
+            timeline.append(
+                {"seq": entry.seq, "run_id": entry.run_id, "round": entry.server_round,
+                 "status": entry.status, "epsilon": recomputed, "pld_epsilon": None}
+            )  # fmt: skip
+        if last_of_run:
+            history = spent_history(entries[: index + 1])
+            pld = pld_epsilon(history, entry.delta)
+            if timeline:
+                timeline[-1]["pld_epsilon"] = pld
+            if recomputed < pld - max(PLD_TOLERANCE, PLD_TOLERANCE * pld):
+                problems.append(
+                    f"run {entry.run_id}: epsilon {recomputed:.4f} is below the independent "
+                    f"PLD recompute {pld:.4f}: under-reported"
+                )
+    last = entries[-1]
+    at = last.delta if delta is None else delta
+    history = spent_history(entries)
+    spent = epsilon_of(history, at)
+    budget = last.budget_epsilon
+    committed = {e.refers_to for e in entries if e.status == COMMITTED}
+    uncommitted = sum(1 for e in entries if e.status == PENDING and e.seq not in committed)
+    if budget is not None and spent > budget * (1 + RDP_CONSISTENCY) and delta is None:
+        problems.append(f"spent epsilon {spent:.4f} is over the budget {budget:g}")
+    return OwnerAudit(
+        ledger=ledger,
+        owner=owner,
+        fingerprint=last.fingerprint,
+        delta=at,
+        budget_epsilon=budget,
+        spent_epsilon=spent,
+        pld_epsilon=pld_epsilon(history, at),
+        remaining=None if budget is None else max(budget - spent, 0.0),
+        rounds=sum(1 for e in entries if e.status == PENDING),
+        runs=len({e.run_id for e in entries}),
+        uncommitted=uncommitted,
+        history=history,
+        timeline=timeline,
+        problems=problems,
+    )
+
+
+def check_against_summary(report: AuditReport, summary: dict[str, Any]) -> list[str]:
+    """The server's record of each client's reported epsilon must be covered by its ledger."""
+    if not summary.get("dp"):
+        return []
+    by_name = {Path(o.ledger).stem: o for ledger in report.ledgers for o in ledger.owners}
+    problems = []
+    for client in summary.get("clients", []):
+        name = f"client-{client['client']}"
+        owner = by_name.get(name)
+        if owner is None:
+            problems.append(f"client {client['client']} reported epsilon but has no ledger")
+            continue
+        reported = epsilon_of([tuple(s) for s in client["history"]], summary["delta"])
+        held = epsilon_of(owner.history, summary["delta"])
+        if held < reported * (1 - RDP_CONSISTENCY):
+            problems.append(
+                f"{name}: ledger holds epsilon {held:.4f}, less than the {reported:.4f} the "
+                "server recorded (entries removed or ledger replaced)"
+            )
+    return problems
+
+
+def write_plots(report: AuditReport, plot_dir: Path) -> list[str]:
+    """One PNG per owner: epsilon after every round (RDP, and PLD at run ends) and budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ledger in report.ledgers:
+        for owner in ledger.owners:
+            if not owner.timeline:
+                continue
+            figure, axis = plt.subplots(figsize=(6, 4))
+            xs = list(range(1, len(owner.timeline) + 1))
+            axis.plot(xs, [p["epsilon"] for p in owner.timeline], marker=".", label="RDP")
+            pld = [(x, p["pld_epsilon"]) for x, p in zip(xs, owner.timeline, strict=True)]
+            pld = [(x, y) for x, y in pld if y is not None]
+            axis.plot([x for x, _ in pld], [y for _, y in pld], "s", label="PLD (run end)")
+            for x, (a, b) in enumerate(
+                zip(owner.timeline, owner.timeline[1:], strict=False), start=1
+            ):
+                if a["run_id"] != b["run_id"]:
+                    axis.axvline(x + 0.5, color="grey", linestyle=":")
+            if owner.budget_epsilon is not None:
+                axis.axhline(owner.budget_epsilon, color="red", linestyle="--", label="budget")
+            axis.set(
+                xlabel="round (all runs on this data; dotted: a new run)",
+                ylabel=f"epsilon at delta {owner.delta:g}",
+                title=f"Privacy spent: {owner.owner}",
+            )
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize="small")
+            figure.tight_layout()
+            path = plot_dir / f"epsilon-{owner.owner.replace('/', '-')}.png"
+            figure.savefig(path, dpi=100)
+            plt.close(figure)
+            written.append(str(path))
+    return written

@@ -1,0 +1,103 @@
+"""`fedmodel audit PATH` (verify ledgers) and `fedmodel audit empirical` (canary audit)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+console = Console(highlight=False)
+
+VERIFY_COMMAND = "ledgers"
+
+
+class _PathOrSubcommand(TyperGroup):
+    """`fedmodel audit PATH` means `fedmodel audit ledgers PATH`; subcommands still work."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [VERIFY_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+
+audit_app = typer.Typer(
+    cls=_PathOrSubcommand,
+    help="Verify privacy ledgers (fedmodel audit PATH) or run an empirical canary audit.",
+    no_args_is_help=True,
+)
+
+
+@audit_app.command(VERIFY_COMMAND)
+def audit_ledgers(
+    path: Annotated[
+        Path, typer.Argument(help="A run directory, a directory of ledgers or one ledger file.")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    delta: Annotated[
+        float | None,
+        typer.Option(help="Report epsilon at this delta (default: the delta each owner used)."),
+    ] = None,
+    plots: Annotated[
+        Path | None, typer.Option(help="Where to write the PNG plots (default PATH/audit).")
+    ] = None,
+) -> None:
+    """Verify hash chains, recompute every epsilon (Opacus RDP and dp-accounting PLD).
+
+    Exits with code 1 when any check fails.
+    """
+    from fedmodel.errors import ConfigError
+    from fedmodel.privacy.audit import audit
+
+    if delta is not None and not 0 < delta < 1:
+        raise ConfigError(f"--delta must be between 0 and 1 (got {delta})")
+    plot_dir = plots or (path if path.is_dir() else path.parent) / "audit"
+    report = audit(path, delta, plot_dir)
+    if as_json:
+        console.out(json.dumps(report.to_json(), indent=2, allow_nan=False))
+    else:
+        _print_report(report)
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+def _print_report(report: Any) -> None:
+    table = Table(title=f"Privacy ledgers in {report.target}", title_justify="left")
+    columns = ("owner", "budget", "spent (RDP)", "PLD", "remaining", "delta", "rounds", "runs")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "owner" else "right")
+    for ledger in report.ledgers:
+        for owner in ledger.owners:
+            budget = "-" if owner.budget_epsilon is None else f"{owner.budget_epsilon:g}"
+            remaining = "-" if owner.remaining is None else f"{owner.remaining:.4f}"
+            rounds = str(owner.rounds) + (
+                f" ({owner.uncommitted} uncommitted)" if owner.uncommitted else ""
+            )
+            table.add_row(
+                owner.owner,
+                budget,
+                f"{owner.spent_epsilon:.4f}",
+                f"{owner.pld_epsilon:.4f}",
+                remaining,
+                f"{owner.delta:g}",
+                rounds,
+                str(owner.runs),
+            )
+    console.print(table)
+    entries = sum(ledger.entries for ledger in report.ledgers)
+    if report.ok:
+        console.print(
+            f"[green]verified[/green]: {len(report.ledgers)} ledgers, {entries} entries; hash "
+            "chains intact, every epsilon follows from its recorded mechanisms, none below "
+            "the independent PLD recompute"
+        )
+    else:
+        for problem in report.all_problems():
+            console.print(f"[red]FAILED[/red] {problem}")
+    for plot in report.plots:
+        console.print(f"plot: {plot}")

@@ -1,0 +1,337 @@
+"""The data owner's privacy ledger: an append-only, hash-chained SQLite log of DP spending.
+
+Why a ledger and not Flower's `context.state`: that state lives in SuperNode memory for
+one run, so a budget kept there resets with every run and every restart. A privacy
+budget belongs to the data, so entries are keyed by a fingerprint of the dataset's
+content and the ledger file lives with the owner (deployed node: its node directory;
+simulation: one file per virtual client in the run's `ledgers/`).
+
+Write-ahead: a *pending* entry (the mechanism about to run) is appended before training
+and a *committed* entry (the mechanism exactly as Opacus ran it) after. Nothing is ever
+updated or deleted. A pending entry without a commit - a crash, a killed SuperNode -
+counts as spent, because the noisy update may have left the machine.
+
+Tamper evidence: each entry stores the previous entry's hash and its own SHA-256 over a
+canonical encoding of every field (a hash chain), so editing, removing or reordering
+entries is detected by `verify`. Truncating the tail is not detectable from the chain
+alone; signatures with the node key (deployment) and the server's federation record are
+the cross-checks for that. Signing is not implemented yet: no node key exists in this
+code base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from fedmodel.errors import FedModelError
+from fedmodel.privacy.accountant import ACCOUNTANT, Segment, epsilon_of, merge_segments
+
+GENESIS_HASH = "0" * 64
+PENDING, COMMITTED = "pending", "committed"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    seq INTEGER PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    server_round INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    refers_to INTEGER,
+    noise_multiplier REAL NOT NULL,
+    sample_rate REAL NOT NULL,
+    steps INTEGER NOT NULL,
+    max_grad_norm REAL NOT NULL,
+    delta REAL NOT NULL,
+    accountant TEXT NOT NULL,
+    epsilon REAL NOT NULL,
+    budget_epsilon REAL,
+    created_at REAL NOT NULL,
+    prev_hash TEXT NOT NULL,
+    entry_hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_by_fingerprint ON entries (fingerprint, seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class LedgerError(FedModelError):
+    """A ledger that cannot be opened or read (not a FedModel ledger, corrupt file)."""
+
+    exit_code = 5
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One appended row. `epsilon` is cumulative for `fingerprint` at `delta`, by `accountant`.
+
+    Pending entries carry the planned mechanism and the projected epsilon; committed
+    entries carry the mechanism Opacus's accountant recorded and the epsilon it reported.
+    """
+
+    seq: int
+    fingerprint: str
+    run_id: str
+    server_round: int
+    status: str
+    refers_to: int | None
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+    accountant: str
+    epsilon: float
+    budget_epsilon: float | None
+    created_at: float
+    prev_hash: str
+    entry_hash: str
+
+    @property
+    def segment(self) -> Segment:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+    def computed_hash(self) -> str:
+        """SHA-256 over every field but the hash itself, in a canonical JSON encoding."""
+        content = {k: v for k, v in asdict(self).items() if k != "entry_hash"}
+        encoded = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+_COLUMNS = tuple(f.name for f in fields(LedgerEntry))
+
+
+@dataclass(frozen=True)
+class ChainProblem:
+    """The first entry at which a ledger's hash chain breaks, and why."""
+
+    seq: int
+    reason: str
+
+
+def dataset_fingerprint(features: np.ndarray, labels: np.ndarray) -> str:
+    """SHA-256 of the training tensors' content (dtype, shape and bytes).
+
+    Any change to the rows (one value, their order, one row more) gives another
+    fingerprint, i.e. another dataset with its own budget; the same rows give the same
+    fingerprint in every run, so their spending composes.
+    """
+    digest = hashlib.sha256()
+    for array in (features, labels):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+class PrivacyLedger:
+    """Append-only ledger file of one data owner; safe with concurrent writers.
+
+    Every append runs in an IMMEDIATE transaction (one writer at a time, others wait up
+    to 30 s) in WAL mode, so the chain stays linear when several processes - Ray actors
+    of a simulation, a restarted SuperNode - write the same file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as connection:
+            connection.executescript(_SCHEMA)
+            connection.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+
+    @classmethod
+    def open_existing(cls, path: Path) -> PrivacyLedger:
+        """Open a ledger for reading; a missing or foreign file is a user mistake."""
+        path = Path(path)
+        if not path.is_file():
+            raise LedgerError(f"no ledger at {path}")
+        try:
+            with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+                connection.execute("SELECT seq FROM entries LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as error:
+            raise LedgerError(f"{path} is not a readable FedModel ledger ({error})") from error
+        ledger = cls.__new__(cls)
+        ledger.path = path
+        return ledger
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
+        # An edited byte inside a text value must surface as a hash mismatch on that entry.
+        connection.text_factory = lambda raw: raw.decode("utf-8", errors="replace")
+        try:
+            connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = FULL")  # a commit survives power loss
+            with connection:
+                yield connection
+        finally:
+            connection.close()
+
+    def entries(self, fingerprint: str | None = None) -> list[LedgerEntry]:
+        """Every entry in append order (optionally only those of one dataset)."""
+        query = f"SELECT {', '.join(_COLUMNS)} FROM entries"
+        parameters: tuple[str, ...] = ()
+        if fingerprint is not None:
+            query += " WHERE fingerprint = ?"
+            parameters = (fingerprint,)
+        try:
+            with self._connect() as connection:
+                rows = connection.execute(query + " ORDER BY seq", parameters).fetchall()
+        except sqlite3.DatabaseError as error:
+            raise LedgerError(f"{self.path} cannot be read ({error})") from error
+        return [LedgerEntry(*row) for row in rows]
+
+    def append_pending(
+        self,
+        fingerprint: str,
+        run_id: str,
+        server_round: int,
+        planned: Segment,
+        max_grad_norm: float,
+        delta: float,
+        budget_epsilon: float | None,
+        project: Callable[[list[Segment]], float],
+    ) -> LedgerEntry:
+        """Write-ahead record of a round about to train; returns it (its seq commits it).
+
+        `project` gets the dataset's spent history inside the writing transaction and
+        returns the epsilon after `planned`, or raises to refuse (nothing is written):
+        check and append are atomic, so two concurrent writers cannot both pass a check
+        that only one of them fits in.
+        """
+        return self._append(
+            fingerprint, run_id, server_round, PENDING, None, planned,
+            max_grad_norm, delta, project, budget_epsilon,
+        )  # fmt: skip
+
+    def commit(self, pending: LedgerEntry, used: Segment, epsilon: float) -> LedgerEntry:
+        """Record what the round actually spent (`used`: the mechanism as Opacus ran it)."""
+        return self._append(
+            pending.fingerprint, pending.run_id, pending.server_round, COMMITTED, pending.seq,
+            used, pending.max_grad_norm, pending.delta, lambda _: epsilon, pending.budget_epsilon,
+        )  # fmt: skip
+
+    def _append(
+        self,
+        fingerprint: str,
+        run_id: str,
+        server_round: int,
+        status: str,
+        refers_to: int | None,
+        segment: Segment,
+        max_grad_norm: float,
+        delta: float,
+        epsilon_after: Callable[[list[Segment]], float],
+        budget_epsilon: float | None,
+    ) -> LedgerEntry:
+        with self._connect() as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            rows = connection.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM entries WHERE fingerprint = ? ORDER BY seq",
+                (fingerprint,),
+            ).fetchall()
+            epsilon = epsilon_after(spent_history([LedgerEntry(*row) for row in rows]))
+            last = connection.execute(
+                "SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+            seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
+            entry = LedgerEntry(
+                seq=seq,
+                fingerprint=fingerprint,
+                run_id=str(run_id),
+                server_round=int(server_round),
+                status=status,
+                refers_to=refers_to,
+                noise_multiplier=float(segment[0]),
+                sample_rate=float(segment[1]),
+                steps=int(segment[2]),
+                max_grad_norm=float(max_grad_norm),
+                delta=float(delta),
+                accountant=ACCOUNTANT,
+                epsilon=float(epsilon),
+                budget_epsilon=None if budget_epsilon is None else float(budget_epsilon),
+                created_at=time.time(),
+                prev_hash=prev_hash,
+                entry_hash="",
+            )
+            entry = replace(entry, entry_hash=entry.computed_hash())
+            connection.execute(
+                f"INSERT INTO entries ({', '.join(_COLUMNS)}) "
+                f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
+                tuple(getattr(entry, c) for c in _COLUMNS),
+            )
+        return entry
+
+    def spent_history(self, fingerprint: str) -> list[Segment]:
+        """Every mechanism that counts as spent on this dataset, merged into segments."""
+        return spent_history(self.entries(fingerprint))
+
+    def spent_epsilon(self, fingerprint: str, delta: float) -> float:
+        return epsilon_of(self.spent_history(fingerprint), delta)
+
+    def run_noise_multiplier(self, fingerprint: str, run_id: str) -> float | None:
+        """The noise multiplier this run chose in its first round on this data, if any.
+
+        Kept in the ledger (not in SuperNode memory) so a restarted client continues the
+        run with the same calibration.
+        """
+        for entry in self.entries(fingerprint):
+            if entry.run_id == str(run_id):
+                return entry.noise_multiplier
+        return None
+
+
+def spent_history(entries: Sequence[LedgerEntry]) -> list[Segment]:
+    """Committed mechanisms plus every pending one never committed (a crash counts as spent).
+
+    Consecutive identical mechanisms are merged, so the accountant sees one segment per
+    run rather than one per round: epsilon stays fast to compute after thousands of rounds.
+    """
+    committed = {e.refers_to for e in entries if e.status == COMMITTED}
+    spent = [
+        e.segment
+        for e in entries
+        if e.status == COMMITTED or (e.status == PENDING and e.seq not in committed)
+    ]
+    return merge_segments(spent)
+
+
+def verify_chain(entries: Sequence[LedgerEntry]) -> ChainProblem | None:
+    """The first entry whose hash, link or content is wrong; None when the chain holds."""
+    prev_hash = GENESIS_HASH
+    pending: set[int] = set()
+    for position, entry in enumerate(entries, start=1):
+        if entry.seq != position:
+            return ChainProblem(entry.seq, f"expected entry #{position}, found #{entry.seq}")
+        if entry.prev_hash != prev_hash:
+            return ChainProblem(entry.seq, "does not link to the entry before it")
+        try:
+            computed = entry.computed_hash()
+        except (TypeError, ValueError) as error:
+            return ChainProblem(entry.seq, f"content cannot be encoded ({error})")
+        if computed != entry.entry_hash:
+            return ChainProblem(entry.seq, "content does not match its SHA-256")
+        if entry.status == PENDING:
+            pending.add(entry.seq)
+        elif entry.status == COMMITTED:
+            if entry.refers_to not in pending:
+                return ChainProblem(entry.seq, "commits no pending entry before it")
+            pending.discard(entry.refers_to)
+        else:
+            return ChainProblem(entry.seq, f"unknown status {entry.status!r}")
+        prev_hash = entry.entry_hash
+    return None

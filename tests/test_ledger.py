@@ -1,0 +1,147 @@
+"""The privacy ledger: durable, append-only, hash-chained, safe with concurrent writers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fedmodel.privacy.accountant import epsilon_of
+from fedmodel.privacy.budget import OwnerBudget
+from fedmodel.privacy.ledger import (
+    COMMITTED,
+    PENDING,
+    PrivacyLedger,
+    dataset_fingerprint,
+    verify_chain,
+)
+from tests.conftest import dp_accounting_epsilon
+
+DELTA = 1e-5
+ROUND = (1.1, 0.02, 50)  # (noise multiplier, sample rate, steps) of one round
+
+
+def spend_round(
+    ledger: PrivacyLedger,
+    fingerprint: str,
+    run_id: str,
+    server_round: int,
+    segment: tuple[float, float, int] = ROUND,
+    commit: bool = True,
+) -> None:
+    """One round of the client protocol, without the training itself."""
+    pending = ledger.append_pending(
+        fingerprint, run_id, server_round, segment, 1.0, DELTA, None,
+        OwnerBudget(None, DELTA).projector(segment),
+    )  # fmt: skip
+    if commit:
+        history = ledger.spent_history(fingerprint)
+        ledger.commit(pending, segment, epsilon_of(history, DELTA))
+
+
+def fresh_opacus_epsilon(segments: list[tuple[float, float, int]]) -> float:
+    accountant = RDPAccountant()
+    for noise, rate, steps in segments:
+        for _ in range(steps):
+            accountant.step(noise_multiplier=noise, sample_rate=rate)
+    return float(accountant.get_epsilon(DELTA))
+
+
+def test_fingerprint_is_the_content_not_the_object() -> None:
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(size=(50, 4)).astype(np.float32), rng.integers(0, 2, 50)
+    same = dataset_fingerprint(features.copy(), labels.copy())
+    assert dataset_fingerprint(features, labels) == same
+    changed = features.copy()
+    changed[3, 2] += 1e-3
+    assert dataset_fingerprint(changed, labels) != same
+    assert dataset_fingerprint(features[::-1], labels[::-1]) != same
+    assert dataset_fingerprint(features[:-1], labels[:-1]) != same
+
+
+def test_spending_composes_across_runs_and_reopenings(tmp_path: Path) -> None:
+    path = tmp_path / "owner.sqlite"
+    second = (0.9, 0.04, 25)
+    for server_round in (1, 2, 3):
+        spend_round(PrivacyLedger(path), "data", "run-a", server_round)
+    for server_round in (1, 2):  # another run, another coordinator, same data
+        spend_round(PrivacyLedger(path), "data", "run-b", server_round, second)
+    spend_round(PrivacyLedger(path), "other-data", "run-b", 1)
+
+    ledger = PrivacyLedger(path)
+    assert ledger.spent_history("data") == [(1.1, 0.02, 150), (0.9, 0.04, 50)]
+    expected = fresh_opacus_epsilon([ROUND] * 3 + [second] * 2)
+    assert ledger.spent_epsilon("data", DELTA) == pytest.approx(expected, rel=1e-12)
+    assert ledger.entries("data")[-1].epsilon == pytest.approx(expected, rel=1e-12)
+    assert ledger.spent_history("other-data") == [ROUND]
+    assert [e.status for e in ledger.entries("data")] == [PENDING, COMMITTED] * 5
+    assert ledger.run_noise_multiplier("data", "run-b") == 0.9
+
+
+def test_a_pending_entry_left_by_a_crash_counts_as_spent(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "owner.sqlite")
+    spend_round(ledger, "data", "run-a", 1)
+    spend_round(ledger, "data", "run-a", 2, commit=False)  # the process died while training
+    spend_round(ledger, "data", "run-a", 2)  # the restarted client retries the round
+    assert ledger.spent_history("data") == [(1.1, 0.02, 150)]
+    assert verify_chain(ledger.entries()) is None
+
+
+def test_many_rounds_merge_into_one_segment_so_checks_stay_fast(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "owner.sqlite")
+    for server_round in range(1, 301):
+        spend_round(ledger, "data", "run-a", server_round, (3.0, 0.01, 10), commit=False)
+    started = time.perf_counter()
+    assert ledger.spent_history("data") == [(3.0, 0.01, 3_000)]
+    epsilon = ledger.spent_epsilon("data", DELTA)
+    assert time.perf_counter() - started < 1.0  # Flower's replaying accountant: 5 s at 100
+    assert epsilon == pytest.approx(dp_accounting_epsilon([(3.0, 0.01, 3_000)], DELTA), rel=0.01)
+
+
+def _writer(path: str, worker: int) -> None:
+    ledger = PrivacyLedger(Path(path))
+    for server_round in range(1, 11):
+        spend_round(ledger, "data", f"worker-{worker}", server_round)
+
+
+def test_concurrent_writers_keep_one_linear_chain(tmp_path: Path) -> None:
+    path = tmp_path / "owner.sqlite"
+    PrivacyLedger(path)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_writer, args=(str(path), w)) for w in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    entries = PrivacyLedger(path).entries()
+    assert len(entries) == 3 * 10 * 2
+    assert verify_chain(entries) is None
+    assert PrivacyLedger(path).spent_history("data") == [(1.1, 0.02, 30 * 50)]
+
+
+def test_editing_an_entry_breaks_the_chain_at_that_entry(tmp_path: Path) -> None:
+    path = tmp_path / "owner.sqlite"
+    ledger = PrivacyLedger(path)
+    for server_round in (1, 2, 3):
+        spend_round(ledger, "data", f"run-{server_round}", server_round)
+    with sqlite3.connect(path) as connection:  # an editor that knows SQL, not the chain
+        connection.execute("UPDATE entries SET steps = 1 WHERE seq = 4")
+    problem = verify_chain(ledger.entries())
+    assert problem is not None and problem.seq == 4 and "SHA-256" in problem.reason
+
+
+def test_deleting_an_entry_breaks_the_chain_after_it(tmp_path: Path) -> None:
+    path = tmp_path / "owner.sqlite"
+    ledger = PrivacyLedger(path)
+    for server_round in (1, 2, 3):
+        spend_round(ledger, "data", "run-a", server_round)
+    with sqlite3.connect(path) as connection:
+        connection.execute("DELETE FROM entries WHERE seq = 3")
+    problem = verify_chain(ledger.entries())
+    assert problem is not None and problem.seq == 4
