@@ -12,8 +12,10 @@ from rich.table import Table
 
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
+from simulations.scenarios import MIN_DP_ROWS
 
 DEFAULTS = RunConfig()
+MAX_PRINTED_CLIENTS = 20
 console = Console(highlight=False)
 
 simulate_app = typer.Typer(
@@ -22,65 +24,152 @@ simulate_app = typer.Typer(
 )
 
 
+Clients = Annotated[
+    int | None,
+    typer.Option(
+        help="Number of clients (default 8). Datasets split by natural sites "
+        "(covid-clinics, lending-club, csv --partition-by) fix it themselves."
+    ),
+]
+Rounds = Annotated[int, typer.Option(help="Federated rounds.")]
+Fraction = Annotated[
+    float, typer.Option(help="Share of clients sampled to train each round (FedAvg).")
+]
+Epsilon = Annotated[float, typer.Option(help="Privacy budget per client for the whole run.")]
+Delta = Annotated[float, typer.Option(help="DP delta per client.")]
+LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
+BatchSize = Annotated[int, typer.Option(help="Expected batch size (Poisson sampling).")]
+Lr = Annotated[float, typer.Option(help="Local SGD learning rate.")]
+MaxGradNorm = Annotated[float, typer.Option(help="Per-sample gradient clipping norm.")]
+NoDp = Annotated[bool, typer.Option("--no-dp", help="Train without DP (baseline).")]
+Partition = Annotated[str, typer.Option(help="How rows are split: iid or dirichlet.")]
+Alpha = Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more skewed).")]
+Model = Annotated[str, typer.Option(help="Model: mlp or logreg.")]
+Seed = Annotated[int, typer.Option(help="Seed for partitioning, generation and training.")]
+Output = Annotated[
+    Path | None, typer.Option(help="Run directory (default runs/<timestamp>-<scenario>).")
+]
+Verbose = Annotated[bool, typer.Option(help="Show every Flower and Ray log line.")]
+BaselineSites = Annotated[
+    int,
+    typer.Option(help="Sites trained alone for the local-only baseline (a fixed sample)."),
+]
+NoBaselines = Annotated[
+    bool, typer.Option("--no-baselines", help="Skip the central and local-only baselines.")
+]
+
+
 @simulate_app.command("medical")
 def simulate_medical(
-    clients: Annotated[int, typer.Option(help="Number of hospitals.")] = DEFAULTS.clients,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = DEFAULTS.rounds,
-    epsilon: Annotated[
-        float, typer.Option(help="Privacy budget per hospital for the whole run.")
-    ] = DEFAULTS.epsilon,
-    delta: Annotated[float, typer.Option(help="DP delta per hospital.")] = DEFAULTS.delta,
-    local_epochs: Annotated[
-        int, typer.Option(help="Local epochs per round.")
-    ] = DEFAULTS.local_epochs,
-    batch_size: Annotated[
-        int, typer.Option(help="Expected batch size (Poisson sampling).")
-    ] = DEFAULTS.batch_size,
-    lr: Annotated[float, typer.Option(help="Local SGD learning rate.")] = DEFAULTS.lr,
-    max_grad_norm: Annotated[
-        float, typer.Option(help="Per-sample gradient clipping norm.")
-    ] = DEFAULTS.max_grad_norm,
-    no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without DP (baseline).")] = False,
-    partition: Annotated[
-        str, typer.Option(help="How rows are split: iid or dirichlet.")
-    ] = DEFAULTS.partition,
-    alpha: Annotated[
-        float, typer.Option(help="Dirichlet concentration (smaller = more skewed).")
-    ] = DEFAULTS.alpha,
-    model: Annotated[str, typer.Option(help="Model: mlp or logreg.")] = DEFAULTS.model,
-    seed: Annotated[int, typer.Option(help="Seed for partitioning and training.")] = DEFAULTS.seed,
-    output: Annotated[
-        Path | None, typer.Option(help="Run directory (default runs/<timestamp>-medical).")
-    ] = None,
-    verbose: Annotated[bool, typer.Option(help="Show every Flower and Ray log line.")] = False,
+    dataset: Annotated[
+        str, typer.Option(help="flchain, covid-clinics, breast-cancer or synthetic-ehr.")
+    ] = "flchain",
+    clients: Clients = None,
+    rounds: Rounds = DEFAULTS.rounds,
+    fraction: Fraction = DEFAULTS.fraction,
+    epsilon: Epsilon = DEFAULTS.epsilon,
+    delta: Delta = DEFAULTS.delta,
+    local_epochs: LocalEpochs = DEFAULTS.local_epochs,
+    batch_size: BatchSize = DEFAULTS.batch_size,
+    lr: Lr = DEFAULTS.lr,
+    max_grad_norm: MaxGradNorm = DEFAULTS.max_grad_norm,
+    no_dp: NoDp = False,
+    partition: Partition = DEFAULTS.partition,
+    alpha: Alpha = DEFAULTS.alpha,
+    model: Model = DEFAULTS.model,
+    seed: Seed = DEFAULTS.seed,
+    output: Output = None,
+    verbose: Verbose = False,
+    baseline_sites: BaselineSites = 10,
+    no_baselines: NoBaselines = False,
 ) -> None:
-    """Hospitals train a mortality model on the flchain cohort under DP-SGD."""
-    config = RunConfig(
-        scenario="medical",
-        dataset="flchain",
-        clients=clients,
-        rounds=rounds,
-        local_epochs=local_epochs,
-        batch_size=batch_size,
-        lr=lr,
-        dp=not no_dp,
-        epsilon=epsilon,
-        delta=delta,
-        max_grad_norm=max_grad_norm,
-        partition=partition,
-        alpha=alpha,
-        seed=seed,
-        model=model,
-    )
-    _simulate(config, output, verbose)
+    """Hospitals train a risk model under DP-SGD (default: flchain mortality)."""
+    _run("medical", locals())
 
 
-def _simulate(config: RunConfig, output: Path | None, verbose: bool) -> None:
+@simulate_app.command("financial")
+def simulate_financial(
+    dataset: Annotated[
+        str, typer.Option(help="lending-club, credit-default or synthetic-fraud.")
+    ] = "lending-club",
+    clients: Clients = None,
+    rounds: Rounds = DEFAULTS.rounds,
+    fraction: Fraction = DEFAULTS.fraction,
+    epsilon: Epsilon = DEFAULTS.epsilon,
+    delta: Delta = DEFAULTS.delta,
+    local_epochs: LocalEpochs = DEFAULTS.local_epochs,
+    batch_size: BatchSize = DEFAULTS.batch_size,
+    lr: Lr = DEFAULTS.lr,
+    max_grad_norm: MaxGradNorm = DEFAULTS.max_grad_norm,
+    no_dp: NoDp = False,
+    partition: Partition = DEFAULTS.partition,
+    alpha: Alpha = DEFAULTS.alpha,
+    model: Model = DEFAULTS.model,
+    seed: Seed = DEFAULTS.seed,
+    output: Output = None,
+    verbose: Verbose = False,
+    baseline_sites: BaselineSites = 10,
+    no_baselines: NoBaselines = False,
+) -> None:
+    """Banks train a credit-risk or fraud model under DP-SGD (default: lending-club)."""
+    _run("financial", locals())
+
+
+@simulate_app.command("csv")
+def simulate_csv(
+    data: Annotated[Path, typer.Option(help="Your table: a .csv or .parquet file.")],
+    label: Annotated[str, typer.Option(help="The binary label column (0/1, yes/no...).")],
+    partition_by: Annotated[
+        str | None, typer.Option(help="Column naming each row's site: one client per value.")
+    ] = None,
+    clients: Clients = None,
+    rounds: Rounds = DEFAULTS.rounds,
+    fraction: Fraction = DEFAULTS.fraction,
+    epsilon: Epsilon = DEFAULTS.epsilon,
+    delta: Delta = DEFAULTS.delta,
+    local_epochs: LocalEpochs = DEFAULTS.local_epochs,
+    batch_size: BatchSize = DEFAULTS.batch_size,
+    lr: Lr = DEFAULTS.lr,
+    max_grad_norm: MaxGradNorm = DEFAULTS.max_grad_norm,
+    no_dp: NoDp = False,
+    partition: Partition = DEFAULTS.partition,
+    alpha: Alpha = DEFAULTS.alpha,
+    model: Model = DEFAULTS.model,
+    seed: Seed = DEFAULTS.seed,
+    output: Output = None,
+    verbose: Verbose = False,
+    baseline_sites: BaselineSites = 10,
+    no_baselines: NoBaselines = False,
+) -> None:
+    """Simulate a federation on your own table (one client per --partition-by value)."""
+    options = locals() | {"data": str(data.absolute()), "partition_by": partition_by or ""}
+    _run("csv", options | {"dataset": data.name})
+
+
+def _run(scenario: str, options: dict[str, Any]) -> None:
+    """Build the RunConfig from a command's options (named like its fields) and simulate."""
+    options = dict(options)
+    output, verbose = options.pop("output"), options.pop("verbose")
+    baseline_sites, no_baselines = options.pop("baseline_sites"), options.pop("no_baselines")
+    clients_given = options["clients"] is not None
+    options["clients"] = options["clients"] or DEFAULTS.clients
+    config = RunConfig(scenario=scenario, dp=not options.pop("no_dp"), **options)
+    _simulate(config, clients_given, output, verbose, None if no_baselines else baseline_sites)
+
+
+def _simulate(
+    config: RunConfig,
+    clients_given: bool,
+    output: Path | None,
+    verbose: bool,
+    baseline_sites: int | None,
+) -> None:
     from fedmodel.models import build_model
     from server.run_record import write_json_atomic
+    from simulations.baselines import run_baselines
     from simulations.report import write_report
     from simulations.runner import run_federation
-    from simulations.scenarios import client_partitions
+    from simulations.scenarios import federation, resolve_clients
 
     run_dir = output or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.scenario}"
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -88,18 +177,27 @@ def _simulate(config: RunConfig, output: Path | None, verbose: bool) -> None:
             f"run directory {run_dir} already exists and is not empty; pass another --output"
         )
     with console.status("Loading data and partitioning it across clients..."):
-        partitions = client_partitions(config)  # fails fast, before any engine starts
-        build_model(config.model, partitions[0].num_features)
+        config = resolve_clients(config, clients_given)  # fails fast, before any engine starts
+        clients = federation(config)
+        build_model(config.model, clients.test.num_features)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = config.replace(output_dir=str(run_dir.absolute()))
     write_json_atomic(run_dir / "config.json", {**config.to_run_config()})
+    if clients.natural_sites is not None:
+        console.print(
+            f"{config.dataset}: {clients.natural_sites} natural sites; {len(clients.too_small)} "
+            f"have fewer than {MIN_DP_ROWS} training rows, too few to train under DP, and sit "
+            f"out; {config.clients} train"
+        )
     console.print(
-        f"Simulating {config.clients} {config.scenario} clients for {config.rounds} rounds "
+        f"Simulating {config.clients} {config.scenario} clients ({config.dataset}) for "
+        f"{config.rounds} rounds "
         + (
             f"under DP-SGD (epsilon {config.epsilon}, delta {config.delta:g})"
             if config.dp
             else "without DP"
         )
+        + (f", {config.fraction:g} of clients per round" if config.fraction < 1 else "")
         + f"; run directory {run_dir}"
     )
     started = time.monotonic()
@@ -110,8 +208,9 @@ def _simulate(config: RunConfig, output: Path | None, verbose: bool) -> None:
         status.update(f"Training round {row['round'] + 1}/{row['rounds']}...")
         epsilon = "" if row["max_epsilon"] is None else f"  max epsilon {row['max_epsilon']:.3f}"
         console.print(
-            f"round {row['round']}/{row['rounds']}  AUROC {row['auroc']:.4f}  "
-            f"accuracy {row['accuracy']:.4f}{epsilon}  ({time.monotonic() - started:.0f} s)"
+            f"round {row['round']}/{row['rounds']}  AUROC {_number(row['auroc'])}  "
+            f"AUPRC {_number(row.get('auprc'))}  accuracy {row['accuracy']:.4f}{epsilon}  "
+            f"({time.monotonic() - started:.0f} s)"
         )
 
     try:
@@ -120,28 +219,65 @@ def _simulate(config: RunConfig, output: Path | None, verbose: bool) -> None:
         )
     finally:
         status.stop()
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    summary["federation"] = {
+        "natural_sites": clients.natural_sites,
+        "too_small_to_train": list(clients.too_small),
+        "min_dp_rows": MIN_DP_ROWS,
+        "site_names": list(clients.site_names),
+        "achievable_auroc": clients.achievable_auroc,
+        "fraction": config.fraction,
+    }
+    if baseline_sites is not None:
+        with console.status("Training baselines (central, central DP, each site alone)..."):
+            summary["baselines"] = run_baselines(
+                config, clients.clients, clients.test, summary["final"], baseline_sites
+            )
+    write_json_atomic(run_dir / "summary.json", summary)
     report = write_report(run_dir, summary)
     _print_summary(summary, run_dir, report)
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _print_summary(summary: dict[str, Any], run_dir: Path, report: Path) -> None:
-    from simulations.report import PRIVACY_COLUMNS, privacy_rows
+    from simulations.report import (
+        BASELINE_COLUMNS,
+        PRIVACY_COLUMNS,
+        baseline_rows,
+        baseline_verdict,
+        privacy_rows,
+    )
 
     final = summary["final"]
     console.print(
-        f"\n[bold]Final test AUROC {final['auroc']:.4f}[/bold]  accuracy {final['accuracy']:.4f}  "
-        f"loss {final['loss']:.4f}  after {summary['rounds']} rounds"
+        f"\n[bold]Final test AUROC {_number(final['auroc'])}[/bold]  "
+        f"AUPRC {_number(final.get('auprc'))}  "
+        f"recall at 1% FPR {_number(final.get('recall_at_1pct_fpr'))}  "
+        f"accuracy {final['accuracy']:.4f}  loss {final['loss']:.4f}  "
+        f"after {summary['rounds']} rounds"
     )
-    table = Table(title="Privacy spent per hospital", title_justify="left")
-    for column in PRIVACY_COLUMNS:
-        table.add_column(column, justify="left" if column == "client" else "right")
-    for row in privacy_rows(summary):
-        table.add_row(*row)
-    console.print(table)
-    if summary["dp"]:
+    if len(summary["clients"]) <= MAX_PRINTED_CLIENTS:
+        table = Table(title="Privacy spent per client", title_justify="left")
+        for column in PRIVACY_COLUMNS:
+            table.add_column(column, justify="left" if column == "client" else "right")
+        for row in privacy_rows(summary):
+            table.add_row(*row)
+        console.print(table)
+    if summary.get("baselines"):
+        table = Table(title="Federated model beside its baselines", title_justify="left")
+        for index, column in enumerate(BASELINE_COLUMNS):
+            table.add_column(column, justify="left" if index == 0 else "right")
+        for row in baseline_rows(summary):
+            table.add_row(*row)
+        console.print(table)
+        console.print(baseline_verdict(summary))
+    if summary["dp"] and summary["clients"]:
         worst = max(client["epsilon"] for client in summary["clients"])
         console.print(
-            f"Max epsilon over hospitals: {worst:.3f} at delta {summary['delta']:g} "
+            f"Max epsilon over clients: {worst:.3f} at delta {summary['delta']:g} "
             f"(target {summary['target_epsilon']}, {summary['accountant'].upper()} accountant)"
         )
     console.print(f"Report: {report}  Summary: {run_dir / 'summary.json'}")

@@ -167,7 +167,10 @@ def _federation(
         from simulations.csv_scenario import load_csv_split
 
         split = load_csv_split(data, label, partition_by or None)
-        return _table_federation(split, clients, scheme, alpha, seed)
+        try:
+            return _table_federation(split, clients, scheme, alpha, seed)
+        except DataError as error:  # the user's file: a bad input, exit code 2
+            raise ConfigError(str(error)) from None
     if dataset in GENERATED.get(scenario, {}):
         generator = GENERATED[scenario][dataset](seed)
         return Federation(

@@ -180,6 +180,7 @@ FRAUD_DAYS = 120.0
 FRAUD_SPLIT_DAY = 96.0  # train on days [0, 96), test on [96, 120): split by time
 FRAUD_SIZES = SiteSizes(median=300, sigma=1.0, floor=80, cap=20_000)
 FRAUD_RATE_RANGE = (0.001, 0.005)  # each bank's share of fraudulent transactions
+FRAUD_MIN_TEST_BANKS = 200
 FRAUD_MEAN_BURST = 4.0  # transactions per fraud episode (bursty)
 TRANSACTIONS_PER_CUSTOMER = 25
 MERCHANT_CATEGORIES = (
@@ -223,8 +224,10 @@ class FraudGenerator:
         return TabularData(features[early], labels[early], self.feature_names)
 
     def test_set(self, num_sites: int) -> TabularData:
-        """The last 20% of the period at every bank of the federation."""
-        parts = [self.bank(site) for site in range(num_sites)]
+        """The last 20% of the period at every bank of the federation, topped up with more
+        banks of the same population to FRAUD_MIN_TEST_BANKS, so that a small federation's
+        test set still holds ~100 frauds."""
+        parts = [self.bank(site) for site in range(max(num_sites, FRAUD_MIN_TEST_BANKS))]
         late = [p[2] >= FRAUD_SPLIT_DAY for p in parts]
         features = np.concatenate([p[0][m] for p, m in zip(parts, late, strict=True)])
         labels = np.concatenate([p[1][m] for p, m in zip(parts, late, strict=True)])

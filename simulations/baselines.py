@@ -1,0 +1,142 @@
+"""Baselines for every simulated federation, trained in-process after the federated run.
+
+The question a federation answers is "does pooling knowledge under DP beat each site
+alone, and what does privacy cost?", so every report sets the federated model beside
+the same model trained
+
+- centrally without DP (all training rows pooled: the ceiling),
+- centrally with DP-SGD at the same (epsilon, delta) (the cost of privacy alone),
+- at each site alone with DP at the same budget (what a site gets without the
+  federation; mean and worst site).
+
+Every model sees each training row `rounds x local_epochs` times, like a client that
+takes part in every round, with the same learning rate and batch size, and is scored on
+the same global test set. With many sites the local baseline runs on a fixed random
+sample of them (`max_sites`), because each needs its own noise calibration.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedmodel.config import RunConfig
+from fedmodel.data import TabularData, make_loader
+from fedmodel.models import build_model
+from fedmodel.privacy.accountant import calibrate_noise_multiplier, epsilon_of
+from fedmodel.training import evaluate, select_device, train_dp, train_plain
+
+METRICS = ("auroc", "auprc", "recall_at_1pct_fpr", "accuracy", "loss")
+
+
+def train_and_score(
+    config: RunConfig, train: TabularData, test: TabularData, private: bool, seed: int
+) -> dict[str, Any]:
+    """One model trained on `train` (DP-SGD at the run's budget if `private`), scored on
+    `test`; includes the epsilon actually spent when private."""
+    torch.manual_seed(seed)
+    model = build_model(config.model, train.num_features)
+    loader = make_loader(train, config.batch_size, seed)
+    epochs = config.rounds * config.local_epochs
+    device = select_device("cpu")
+    result: dict[str, Any] = {"rows": len(train)}
+    if private:
+        sample_rate = 1.0 / len(loader)
+        noise = _noise_multiplier(config.epsilon, config.delta, sample_rate, epochs * len(loader))
+        trained = train_dp(
+            model, loader, epochs, config.lr, noise, config.max_grad_norm, [], device
+        )
+        result |= {"epsilon": epsilon_of(trained.history, config.delta), "noise_multiplier": noise}
+    else:
+        train_plain(model, loader, epochs, config.lr, device)
+    metrics = evaluate(model.to("cpu"), test)
+    return result | {name: _finite_or_none(metrics[name]) for name in METRICS}
+
+
+@lru_cache(maxsize=256)
+def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Calibration is the slow part (a search over RDP epsilons); small sites share
+    (sample rate, steps), so each distinct mechanism is calibrated once."""
+    return calibrate_noise_multiplier(epsilon, delta, sample_rate, steps)
+
+
+def run_baselines(
+    config: RunConfig,
+    clients: Sequence[TabularData],
+    test: TabularData,
+    federated: dict[str, Any],
+    max_sites: int = 10,
+) -> dict[str, Any]:
+    """The `baselines` block of summary.json: central, central-DP, local-only, and gains."""
+    started = time.monotonic()
+    pooled = _concatenate(clients)
+    central = train_and_score(config, pooled, test, private=False, seed=config.seed)
+    central_dp = (
+        train_and_score(config, pooled, test, private=True, seed=config.seed) if config.dp else None
+    )
+    chosen = np.sort(
+        np.random.default_rng(config.seed).choice(
+            len(clients), size=min(max_sites, len(clients)), replace=False
+        )
+    )
+    local = [
+        {"client": str(site)}
+        | train_and_score(config, clients[site], test, config.dp, config.seed + int(site))
+        for site in chosen
+    ]
+    scored = [row for row in local if row["auroc"] is not None]
+    worst = min(scored, key=lambda row: row["auroc"]) if scored else None
+    mean = {name: _mean([row[name] for row in scored]) for name in METRICS} if scored else None
+    baselines: dict[str, Any] = {
+        "epochs": config.rounds * config.local_epochs,
+        "central": central,
+        "central_dp": central_dp,
+        "local_mean": mean,
+        "local_worst": worst,
+        "local_sites": len(local),
+        "local_sites_total": len(clients),
+        "local": local,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    baselines["comparison"] = _comparison(federated, baselines)
+    return baselines
+
+
+def _comparison(federated: dict[str, Any], baselines: dict[str, Any]) -> dict[str, Any]:
+    """AUROC differences the report states in words: gain over local, cost of privacy."""
+
+    def difference(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+        if not a or not b or a.get("auroc") is None or b.get("auroc") is None:
+            return None
+        return float(a["auroc"] - b["auroc"])
+
+    return {
+        "federated_minus_local_mean_auroc": difference(federated, baselines["local_mean"]),
+        "federated_minus_local_worst_auroc": difference(federated, baselines["local_worst"]),
+        "central_minus_central_dp_auroc": difference(baselines["central"], baselines["central_dp"]),
+        "central_dp_minus_federated_auroc": difference(baselines["central_dp"], federated),
+        "central_minus_federated_auroc": difference(baselines["central"], federated),
+    }
+
+
+def _concatenate(parts: Sequence[TabularData]) -> TabularData:
+    first = parts[0]
+    return TabularData(
+        np.concatenate([p.features for p in parts]),
+        np.concatenate([p.labels for p in parts]),
+        first.feature_names,
+    )
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
