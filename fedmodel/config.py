@@ -48,6 +48,8 @@ class RunConfig:
     budget_epsilon: float = 0.0  # each data owner's lifetime budget; 0 means "= epsilon"
     ledger_dir: str = ""  # simulated owners' ledgers; "" means <output_dir>/ledgers
     min_clients: int = 1  # stop cleanly when fewer clients have budget left
+    # deployment (issue 4)
+    round_timeout: float = 600.0  # seconds the server waits for one round's replies
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,6 +93,11 @@ class RunConfig:
             self.budget_epsilon,
         )
         _require(self.min_clients >= 1, "--min-clients must be at least 1", self.min_clients)
+        _require(
+            _finite_positive(self.round_timeout),
+            "--round-timeout must be a positive number of seconds",
+            self.round_timeout,
+        )
 
     def to_run_config(self) -> dict[str, int | float | bool | str]:
         """Flower run-config form: hyphenated keys, scalar values."""

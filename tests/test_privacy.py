@@ -8,6 +8,7 @@ from opacus.accountants import RDPAccountant
 from fedmodel.data import TabularData, make_loader
 from fedmodel.models import build_model
 from fedmodel.privacy.accountant import (
+    RDP_ORDERS,
     calibrate_noise_multiplier,
     epsilon_of,
     history_fields,
@@ -97,3 +98,20 @@ def test_dp_training_returns_plain_weight_names_and_learns() -> None:
     assert not any(name.startswith("_module.") for name in model.state_dict())
     assert later.loss < first.loss
     assert later.history == [(0.8, 1 / 16, 64)]
+
+
+def test_cached_epsilon_equals_opacus_exactly_on_varied_histories() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        history = [
+            (
+                float(rng.uniform(0.5, 3.0)),
+                float(1 / rng.integers(2, 200)),
+                int(rng.integers(1, 5000)),
+            )
+            for _ in range(int(rng.integers(1, 4)))
+        ]
+        reference = RDPAccountant()
+        reference.load_state_dict({"history": history, "mechanism": "rdp"})
+        assert epsilon_of(history, DELTA) == reference.get_epsilon(DELTA)
+    assert list(RDP_ORDERS) == RDPAccountant.DEFAULT_ALPHAS

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any
+
+import numpy as np
 
 ACCOUNTANT = "rdp"
 
@@ -48,14 +51,36 @@ def calibrate_noise_multiplier(
 
 
 def epsilon_of(history: Sequence[Segment], delta: float) -> float:
-    """Epsilon at `delta` after every segment in `history` (0 when nothing was spent)."""
+    """Epsilon at `delta` after every segment in `history` (0 when nothing was spent).
+
+    The same arithmetic as Opacus's RDPAccountant (same orders, same conversion), with
+    the per-step RDP curve of each (noise multiplier, sample rate) computed once and
+    scaled by the step count: a check costs microseconds instead of ~15-130 ms, however
+    long the history, and gives Opacus's number exactly.
+    """
     if not history:
         return 0.0
-    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import get_privacy_spent
 
-    accountant = RDPAccountant()
-    accountant.load_state_dict({"history": list(history), "mechanism": ACCOUNTANT})
-    return float(accountant.get_epsilon(delta))
+    rdp = sum(
+        _rdp_per_step(float(noise), float(rate)) * int(steps) for noise, rate, steps in history
+    )
+    epsilon, _ = get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
+    return float(epsilon)
+
+
+RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))  # Opacus's
+
+
+@lru_cache(maxsize=4096)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    curve = compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
+    )
+    curve.setflags(write=False)
+    return curve
 
 
 def merge_segments(history: Sequence[Segment]) -> list[Segment]:
