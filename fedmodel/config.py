@@ -16,7 +16,7 @@ from typing import Any
 
 from fedmodel.errors import ConfigError
 
-PARTITION_SCHEMES = ("iid", "dirichlet")
+PARTITION_SCHEMES = ("iid", "dirichlet", "shard", "pathological")
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,13 @@ def partition_indices(
     ship sorted by label.
     """
     from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        Partitioner,
+        PathologicalPartitioner,
+        ShardPartitioner,
+    )
 
     if num_partitions > len(labels):
         raise DataError(
@@ -83,8 +89,24 @@ def partition_indices(
             min_partition_size=2,
             seed=seed,
         )
+    elif scheme == "shard":  # McMahan et al. 2017: label-sorted shards, two per client
+        partitioner = ShardPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_shards_per_partition=2,
+            seed=seed,
+        )
+    elif scheme == "pathological":  # every client holds exactly two classes
+        partitioner = PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=2,
+            seed=seed,
+        )
     else:
-        raise DataError(f"unknown partition scheme '{scheme}'; use iid or dirichlet")
+        raise DataError(
+            f"unknown partition scheme '{scheme}'; use iid, dirichlet, shard or pathological"
+        )
     partitioner.dataset = table
     try:
         return [
