@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.local_data import client_data, describe_local_data, evaluate_local_data
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, make_loader
 from fedmodel.errors import ConfigError
@@ -28,9 +29,11 @@ from fedmodel.privacy.budget import (
 )
 from fedmodel.privacy.ledger import PrivacyLedger, dataset_fingerprint, spent_history
 from fedmodel.training import TrainResult, select_device, train_dp, train_plain
-from simulations.scenarios import client_partitions
 
 app = ClientApp()
+# Deployed nodes describe their own file (query) and score global models on it (evaluate).
+app.query()(describe_local_data)
+app.evaluate()(evaluate_local_data)
 
 
 @app.train()
@@ -38,8 +41,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's partition and reply with it."""
     torch.set_num_threads(1)  # one core per simulated client; more oversubscribes the box
     config = RunConfig.from_run_config(context.run_config)
-    partition_id = int(str(context.node_config["partition-id"]))
-    data = client_partitions(config)[partition_id]
+    partition_id, data = client_data(config, context, msg)  # partition or local file
     server_round = int(str(msg.content.config_records["config"]["server-round"]))
     seed = config.seed * 1_000_003 + partition_id * 1_009 + server_round
     torch.manual_seed(seed)

@@ -10,8 +10,10 @@ import click
 import typer
 from rich.console import Console
 
+from client.cli import client_app
 from fedmodel.errors import FedModelError
 from fedmodel.privacy.cli import audit_app
+from server.cli import run_command, server_app
 from simulations.cli import simulate_app
 
 app = typer.Typer(
@@ -22,6 +24,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(simulate_app, name="simulate")
+app.add_typer(server_app, name="server")  # issue 4: federation server
+app.add_typer(client_app, name="client")  # issue 4: data owner's node
+app.command("run")(run_command)  # issue 4: train on enrolled nodes
 app.add_typer(audit_app, name="audit")
 
 

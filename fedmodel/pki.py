@@ -241,3 +241,87 @@ def _general_name(name: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
         return x509.DNSName(name)
+
+
+BUNDLE_FORMAT = "fedmodel-join/1"
+
+
+class BundleError(FedModelError):
+    """A join bundle that is unreadable, inconsistent or issued for another node."""
+
+    exit_code = 5
+
+
+@dataclass(frozen=True)
+class JoinBundle:
+    """What an operator hands a data owner to join: where to dial and which CA to trust.
+
+    The CA fingerprint is stored beside the certificate so the owner can compare it,
+    out of band, with what the operator reads to them; `load` refuses a bundle whose
+    certificate does not match its own fingerprint. Contains no secret.
+    """
+
+    node_name: str
+    fleet_address: str
+    ca_certificate: str
+    node_fingerprint: str
+
+    @property
+    def ca_fingerprint(self) -> str:
+        return certificate_fingerprint(self.ca_certificate.encode())
+
+    def to_json(self) -> str:
+        import json
+
+        return (
+            json.dumps(
+                {
+                    "format": BUNDLE_FORMAT,
+                    "node-name": self.node_name,
+                    "fleet-address": self.fleet_address,
+                    "ca-fingerprint": self.ca_fingerprint,
+                    "node-key-fingerprint": self.node_fingerprint,
+                    "ca-certificate": self.ca_certificate,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> JoinBundle:
+        """Read and check a bundle; every problem is one BundleError line."""
+        import json
+
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise BundleError(f"join bundle {path} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise BundleError(
+                f"join bundle {path} is not a FedModel join bundle (unreadable JSON)"
+            ) from None
+        if not isinstance(raw, dict) or raw.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"join bundle {path} is not a {BUNDLE_FORMAT} bundle")
+        try:
+            bundle = cls(
+                node_name=str(raw["node-name"]),
+                fleet_address=str(raw["fleet-address"]),
+                ca_certificate=str(raw["ca-certificate"]),
+                node_fingerprint=str(raw["node-key-fingerprint"]),
+            )
+            expected = str(raw["ca-fingerprint"])
+        except KeyError as missing:
+            raise BundleError(f"join bundle {path} lacks {missing}") from None
+        try:
+            actual = bundle.ca_fingerprint
+        except CertificateError:
+            raise BundleError(f"join bundle {path} holds no valid CA certificate") from None
+        if actual != expected:
+            raise BundleError(
+                f"join bundle {path}: the CA certificate does not match its fingerprint "
+                "(the file was altered); ask the operator for a new bundle"
+            )
+        if bundle.fleet_address.rpartition(":")[2].isdigit() is False:
+            raise BundleError(f"join bundle {path}: fleet address lacks a port")
+        return bundle

@@ -14,6 +14,7 @@ from fedmodel.config import RunConfig
 from fedmodel.models import build_model
 from fedmodel.training import evaluate
 from server.checkpoint import save_checkpoint
+from server.deployment import DEPLOYMENT_SCENARIO, run_deployment
 from server.run_record import RunRecorder
 from server.strategy import FederationStopped, RecordingFedAvg
 from simulations.scenarios import global_test_set
@@ -25,6 +26,9 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run `rounds` rounds of FedAvg and leave summary, metrics and checkpoints in the run dir."""
     config = RunConfig.from_run_config(context.run_config)
+    if config.scenario == DEPLOYMENT_SCENARIO:  # nodes hold all the data; no test set here
+        run_deployment(grid, config)
+        return
     run_dir = Path(config.output_dir).absolute()
     test = global_test_set(config)
     torch.manual_seed(config.seed)

@@ -79,17 +79,21 @@ def run_federation(
     return summary
 
 
-def write_flower_app(app_dir: Path, config: RunConfig) -> None:
-    """A Flower App definition whose components are the installed ServerApp and ClientApp."""
+def write_flower_app(app_dir: Path, config: RunConfig, name: str = "simulation") -> None:
+    """A Flower App definition whose components are the installed ServerApp and ClientApp.
+
+    `name` (letters, digits, hyphens) tells simulation and deployment runs apart in
+    Flower's run list: the app is `fedmodel/fedmodel-<name>`.
+    """
     lines = [
         "[build-system]",
         'requires = ["hatchling"]',
         'build-backend = "hatchling.build"',
         "",
         "[project]",
-        'name = "fedmodel-simulation"',
+        f'name = "fedmodel-{name}"',
         'version = "1.0.0"',
-        'description = "FedModel simulation run"',
+        f'description = "FedModel {name} run"',
         'license = "Apache-2.0"',
         "dependencies = []",
         "",
@@ -209,6 +213,20 @@ def _stream_flower_run(
         "--federation-config",
         federation,
     ]
+    stream_run_output(command, engine_dir, environment, on_progress, on_log_line)
+
+
+def stream_run_output(
+    command: list[str],
+    engine_dir: Path,
+    environment: dict[str, str],
+    on_progress: ProgressCallback,
+    on_log_line: Callable[[str], None] | None,
+) -> int:
+    """Run a `flwr run --stream` command; log it to engine_dir/flwr-run.log; parse progress.
+
+    Returns the command's exit code. Shared by simulation and deployment runs.
+    """
     with (engine_dir / "flwr-run.log").open("w") as log_file:
         process = subprocess.Popen(
             command,
@@ -235,6 +253,7 @@ def _stream_flower_run(
             if process.poll() is None:
                 process.kill()
                 process.wait()
+    return int(process.returncode)
 
 
 def stop_processes(token: str, leader: subprocess.Popen[bytes]) -> None:

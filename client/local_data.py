@@ -1,0 +1,101 @@
+"""Which rows a ClientApp trains on: a simulated partition, or a deployed node's own file.
+
+A deployed node's SuperNode carries `data-path` and `label` in its node config (set by
+`fedmodel client start`); the file never leaves the node. Its rows are split once, with
+a fixed seed, into training rows and a held-out 20% on which the node scores the global
+model (federated evaluation: the server has no test set). The encoding (means,
+deviations, category vocabularies) is the federation's, sent by the server after the
+query round, so every node produces the same feature columns.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedmodel.config import RunConfig
+from fedmodel.data import FeatureStatistics, TabularData, load_table, table_statistics
+from fedmodel.models import build_model
+from fedmodel.training import evaluate
+
+DATA_PATH_KEY = "data-path"
+LABEL_KEY = "label"
+NODE_NAME_KEY = "node-name"
+STATISTICS_KEY = "feature-statistics"  # server/deployment.py sends it under this key
+CLIENT_INDEX_KEY = "client-index"  # JSON {node id: client index}, from the server
+HOLDOUT_FRACTION = 0.2
+HOLDOUT_SEED = 20_240_401  # fixed: the held-out rows must not move between rounds
+
+
+def is_deployed(context: Context) -> bool:
+    return DATA_PATH_KEY in context.node_config
+
+
+def client_data(config: RunConfig, context: Context, msg: Message) -> tuple[int, TabularData]:
+    """(client index, training rows) for this round, in simulation or deployment."""
+    if not is_deployed(context):
+        from simulations.scenarios import client_partitions
+
+        partition_id = int(str(context.node_config["partition-id"]))
+        return partition_id, client_partitions(config)[partition_id]
+    shared = msg.content.config_records["config"]
+    indices = json.loads(str(shared[CLIENT_INDEX_KEY]))
+    train, _ = _split_node_table(context, str(shared[STATISTICS_KEY]))
+    return int(indices[str(context.node_id)]), train
+
+
+def describe_local_data(msg: Message, context: Context) -> Message:
+    """Query handler: this node's FeatureStatistics and name, for the federation's encoding."""
+    path, label = _data_file(context)
+    statistics = table_statistics(path, label)
+    answer = ConfigRecord(
+        {
+            STATISTICS_KEY: statistics.to_json(),
+            NODE_NAME_KEY: str(context.node_config.get(NODE_NAME_KEY, "")),
+        }
+    )
+    return Message(RecordDict({"statistics": answer}), reply_to=msg)
+
+
+def evaluate_local_data(msg: Message, context: Context) -> Message:
+    """Evaluate handler: score the global model on this node's held-out rows."""
+    torch.set_num_threads(1)
+    config = RunConfig.from_run_config(context.run_config)
+    shared = msg.content.config_records["config"]
+    _, holdout = _split_node_table(context, str(shared[STATISTICS_KEY]))
+    model = build_model(config.model, holdout.num_features)
+    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+    metrics = evaluate(model, holdout) if len(holdout) else {}
+    auroc = metrics.get("auroc", float("nan"))
+    record = MetricRecord(
+        {
+            "num-examples": len(holdout),
+            "loss": metrics.get("loss", 0.0),
+            "accuracy": metrics.get("accuracy", 0.0),
+            # AUROC is undefined on a one-class holdout: report it with weight 0
+            "auroc": auroc if np.isfinite(auroc) else 0.0,
+            "auroc-weight": len(holdout) if np.isfinite(auroc) else 0,
+        }
+    )
+    return Message(RecordDict({"metrics": record}), reply_to=msg)
+
+
+def _data_file(context: Context) -> tuple[str, str]:
+    return str(context.node_config[DATA_PATH_KEY]), str(context.node_config.get(LABEL_KEY, ""))
+
+
+def _split_node_table(context: Context, statistics: str) -> tuple[TabularData, TabularData]:
+    path, label = _data_file(context)
+    return _split(path, label, statistics)
+
+
+@lru_cache(maxsize=2)
+def _split(path: str, label: str, statistics: str) -> tuple[TabularData, TabularData]:
+    data = load_table(path, label, FeatureStatistics.from_json(statistics))
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(len(data))
+    held = int(len(data) * HOLDOUT_FRACTION)
+    return data.subset(np.sort(order[held:])), data.subset(np.sort(order[:held]))

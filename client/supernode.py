@@ -1,0 +1,148 @@
+"""Run a Flower SuperNode for an enrolled node, on its own local data file.
+
+The SuperNode dials the Fleet address from the join bundle over TLS, trusting only
+the CA in that bundle, and signs every request with the node key. Its node config
+(a TOML file, so paths need no shell quoting) tells the ClientApp which file and label
+to train on, where the owner's privacy ledger is, the owner's budget and the device.
+Its local runtime API listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmodel.errors import FedModelError
+from fedmodel.pki import JoinBundle, NodeIdentity, write_public_file
+from fedmodel.processes import executable, free_port, tool_environment
+
+# Flower's SuperNode exit lines, in words a data owner can act on
+_REFUSALS = {
+    "2004": "the federation refused this node: its key is not enrolled, or was revoked",
+    "2001": "the federation requires an enrolled node key",
+    "CERTIFICATE_VERIFY_FAILED": "the server's certificate is not signed by the bundle's CA",
+    "BAD_SIGNATURE": "the server's certificate is not signed by the bundle's CA",
+    "Socket closed": "the server closed the connection (it requires TLS?)",
+}
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class SuperNodeError(FedModelError):
+    """The SuperNode could not join or stopped with an error."""
+
+    exit_code = 7
+
+
+@dataclass(frozen=True)
+class NodeLaunch:
+    """Everything `flower-supernode` needs for one node."""
+
+    directory: Path
+    identity: NodeIdentity
+    bundle: JoinBundle
+    data_path: Path
+    label: str
+    device: str
+    budget_epsilon: float | None
+    port: int = 0  # local runtime API; 0 picks a free port
+    insecure: bool = False  # only to demonstrate that a TLS federation refuses it
+    max_wait_time: float | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "supernode.log"
+
+
+def node_config(launch: NodeLaunch) -> dict[str, str | float]:
+    """What the ClientApp reads from `context.node_config` on this node."""
+    config: dict[str, str | float] = {
+        "data-path": str(launch.data_path.absolute()),
+        "label": launch.label,
+        "node-name": launch.bundle.node_name,
+        "ledger-path": str((launch.directory / "privacy-ledger.sqlite").absolute()),
+        "device": launch.device,
+    }
+    if launch.budget_epsilon is not None:
+        config["budget-epsilon"] = float(launch.budget_epsilon)
+    return config
+
+
+def supernode_command(launch: NodeLaunch) -> list[str]:
+    ca_path = launch.directory / "federation-ca.crt"
+    config_path = launch.directory / "node-config.toml"
+    write_public_file(ca_path, launch.bundle.ca_certificate.encode())
+    lines = [f"{key} = {json.dumps(value)}" for key, value in node_config(launch).items()]
+    write_public_file(config_path, ("\n".join(lines) + "\n").encode())
+    command = [executable("flower-supernode")]
+    command += ["--insecure"] if launch.insecure else ["--root-certificates", str(ca_path)]
+    if not launch.insecure:  # Flower refuses a node key on a plaintext channel
+        command += ["--auth-supernode-private-key", str(launch.identity.private_key)]
+    command += [
+        "--superlink", launch.bundle.fleet_address,
+        "--node-config", str(config_path),
+        "--host", "127.0.0.1",
+        "--port", str(launch.port or free_port()),
+    ]  # fmt: skip
+    if launch.max_wait_time is not None:
+        command += ["--max-wait-time", str(launch.max_wait_time)]
+    return command
+
+
+def supernode_environment(device: str) -> dict[str, str]:
+    """The device choice is enforced by what CUDA devices the ClientApp can see."""
+    environment = tool_environment()
+    if device == "cpu":
+        environment["CUDA_VISIBLE_DEVICES"] = ""
+    elif device.startswith("cuda:"):
+        environment["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+    return environment
+
+
+def start_supernode(launch: NodeLaunch) -> subprocess.Popen[bytes]:
+    """Start the SuperNode in its own session, logging to NODE/supernode.log."""
+    command = supernode_command(launch)
+    with launch.log_path.open("ab") as log_file:
+        return subprocess.Popen(
+            command,
+            cwd=launch.directory,
+            env=supernode_environment(launch.device),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def explain_exit(log_text: str) -> str:
+    """One line saying why the SuperNode stopped, from its log."""
+    for marker, meaning in _REFUSALS.items():
+        if marker in log_text:
+            return meaning
+    lines = [_ANSI.sub("", line).strip() for line in log_text.splitlines()]
+    lines = [line for line in lines if line]
+    for number, line in enumerate(lines[:-1]):
+        if "Exit Code:" in line:  # Flower prints the reason on the next line
+            return f"{line.split('Exit Code:')[1].strip()}: {lines[number + 1]}"
+    if any("terminated gracefully" in line for line in lines):
+        return "the federation disconnected this node (revoked, or the server stopped)"
+    return lines[-1] if lines else "no output"
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before connecting."""
+    if device in ("auto", "cpu"):
+        return
+    if not device.startswith("cuda:") or not device[5:].isdigit():
+        raise SuperNodeError(f"--device must be auto, cpu or cuda:N (got '{device}')")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(device[5:]) >= count:
+        raise SuperNodeError(
+            f"--device {device}: this machine has {count} CUDA device(s); use auto or cpu"
+        )

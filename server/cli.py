@@ -1,0 +1,290 @@
+"""`fedmodel server ...` (the operator's commands) and `fedmodel run`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedmodel.config import RunConfig
+from fedmodel.errors import ConfigError
+
+DEFAULTS = RunConfig()
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+server_app = typer.Typer(
+    help="Run a federation server: certificates, SuperLink, node enrollment and revocation.",
+    no_args_is_help=True,
+)
+
+DirOption = Annotated[Path, typer.Option("--dir", help="Federation directory.")]
+
+
+@server_app.command("init")
+def init(
+    directory: DirOption,
+    address: Annotated[
+        str, typer.Option(help="Host name(s)/IP(s) nodes dial, comma-separated; first is used.")
+    ],
+    fleet_port: Annotated[int, typer.Option(help="Fleet API port (open it to nodes).")] = 9092,
+    control_port: Annotated[int, typer.Option(help="Control API port (127.0.0.1 only).")] = 9093,
+    bind: Annotated[
+        str | None,
+        typer.Option(help="Address the Fleet API listens on (default: the first --address)."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace existing keys and certificates.")] = False,
+) -> None:
+    """Create the federation's CA, server certificate and federation.toml."""
+    from server.superlink import init_federation
+
+    federation, fingerprint = init_federation(
+        directory, address.split(","), fleet_port, control_port, bind, force
+    )
+    console.print(f"Federation directory {federation.directory}")
+    console.print(f"  nodes dial      {federation.fleet_address} (open this TCP port to them)")
+    console.print(f"  Fleet API binds {federation.fleet_bind}")
+    console.print(f"  Control API     {federation.control_address} (local only)")
+    console.print(f"  CA fingerprint  {fingerprint}")
+    console.print(f"Next: fedmodel server start --dir {directory}")
+
+
+@server_app.command("start")
+def start(
+    directory: DirOption,
+    insecure: Annotated[
+        bool, typer.Option(help="Run WITHOUT TLS and node authentication (testing only).")
+    ] = False,
+    detach: Annotated[bool, typer.Option(help="Start in the background and return.")] = False,
+) -> None:
+    """Run the SuperLink: TLS, node authentication, Fleet API on the configured address."""
+    from server.enrollment import parse_refusal, record_refusals
+    from server.superlink import Federation, follow_log, start_superlink, stop_superlink
+
+    federation = Federation.load(directory)
+    if insecure:
+        err_console.print(
+            "[bold red]WARNING: --insecure: no TLS and NO node authentication. Traffic is "
+            "plaintext and ANY machine that reaches the Fleet port can join and receive the "
+            "model. Never use this outside a test.[/bold red]"
+        )
+    log_path = federation.path("superlink.log")
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    process = start_superlink(federation, insecure)
+    console.print(
+        f"SuperLink running (pid {process.pid}): Fleet API {federation.fleet_bind}"
+        + ("" if insecure else " over TLS with node authentication")
+        + f", Control API {federation.control_address}; log {federation.path('superlink.log')}"
+    )
+    if detach:
+        console.print(f"Stop it with: fedmodel server stop --dir {directory}")
+        return
+
+    def on_line(line: str) -> None:
+        console.out(line)
+        if parse_refusal(line) is not None:
+            record_refusals(federation)
+
+    try:
+        console.print("Press Ctrl-C to stop.")
+        code = follow_log(federation, process, on_line, offset)
+    except KeyboardInterrupt:
+        stop_superlink(federation, process.pid)
+        record_refusals(federation)
+        console.print("SuperLink stopped.")
+        return
+    record_refusals(federation)
+    if code != 0:
+        raise typer.Exit(code)
+
+
+@server_app.command("stop")
+def stop(directory: DirOption) -> None:
+    """Stop a SuperLink started with --detach."""
+    from server.enrollment import record_refusals
+    from server.superlink import Federation, stop_superlink
+
+    federation = Federation.load(directory)
+    stopped = stop_superlink(federation)
+    record_refusals(federation)
+    console.print("SuperLink stopped." if stopped else "No SuperLink was running.")
+
+
+@server_app.command("status")
+def status(directory: DirOption) -> None:
+    """Whether the SuperLink runs and answers, and how many nodes are online."""
+    from server.enrollment import list_nodes, record_refusals
+    from server.superlink import Federation, is_healthy, superlink_pid
+
+    federation = Federation.load(directory)
+    pid = superlink_pid(federation)
+    healthy = is_healthy(federation)
+    record_refusals(federation)
+    console.print(
+        f"SuperLink: {f'running (pid {pid})' if pid else 'not running'}, "
+        f"Control API {'answering' if healthy else 'not answering'}; "
+        f"nodes dial {federation.fleet_address}"
+    )
+    if healthy:
+        nodes = list_nodes(federation)
+        online = sum(node["status"] == "online" for node in nodes)
+        console.print(f"Nodes: {len(nodes)} enrolled, {online} online")
+    if not pid and not healthy:
+        raise typer.Exit(1)
+
+
+@server_app.command("enroll")
+def enroll(
+    public_key: Annotated[Path, typer.Argument(help="The node's node.pub (from client init).")],
+    name: Annotated[str, typer.Option(help="Name of the node, e.g. hospital-a.")],
+    directory: DirOption = Path("."),
+    output: Annotated[
+        Path | None, typer.Option(help="Join bundle path (default DIR/bundles/NAME.join).")
+    ] = None,
+) -> None:
+    """Admit a node's public key and write the join bundle to send back to its owner."""
+    from server.enrollment import enroll_node, record_refusals
+    from server.superlink import Federation
+
+    federation = Federation.load(directory)
+    record_refusals(federation)
+    entry, bundle = enroll_node(federation, public_key, name, output)
+    console.print(f"Enrolled '{name}' as node {entry['node_id']}, key {entry['fingerprint']}")
+    console.print(f"Join bundle: {bundle} (send it to the node's owner; it holds no secret)")
+
+
+@server_app.command("nodes")
+def nodes(directory: DirOption) -> None:
+    """Enrolled nodes and their status (online, offline, registered, revoked)."""
+    from server.enrollment import list_nodes, record_refusals
+    from server.superlink import Federation
+
+    federation = Federation.load(directory)
+    record_refusals(federation)
+    table = Table(title="Nodes", title_justify="left")
+    for column in ("name", "node id", "status", "key fingerprint", "enrolled"):
+        table.add_column(column)
+    for node in list_nodes(federation):
+        table.add_row(
+            node["name"], node["node_id"], node["status"], node["fingerprint"], node["enrolled_at"]
+        )
+    console.print(table)
+
+
+@server_app.command("revoke")
+def revoke(
+    name: Annotated[str, typer.Argument(help="Name given at enrollment.")],
+    directory: DirOption = Path("."),
+) -> None:
+    """Cut a node off now; its key can never join again."""
+    from server.enrollment import record_refusals, revoke_node
+    from server.superlink import Federation
+
+    federation = Federation.load(directory)
+    record_refusals(federation)
+    entry = revoke_node(federation, name)
+    console.print(f"Revoked '{name}' (node {entry['node_id']}); it is disconnected now.")
+
+
+@server_app.command("audit")
+def audit(directory: DirOption) -> None:
+    """Print the audit log (enrollments, revocations, refused connections), chain checked."""
+    from server.enrollment import record_refusals, verify_audit
+    from server.superlink import Federation
+
+    federation = Federation.load(directory)
+    record_refusals(federation)
+    for event in verify_audit(federation):
+        details = {k: v for k, v in event.items() if k not in ("time", "event", "previous")}
+        console.print(f"{event['time']}  {event['event']:<9} {details}")
+
+
+def run_command(
+    directory: DirOption,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = DEFAULTS.rounds,
+    epsilon: Annotated[
+        float, typer.Option(help="Privacy budget per node for this run.")
+    ] = DEFAULTS.epsilon,
+    min_clients: Annotated[
+        int, typer.Option(help="Nodes that must be online to start, and to go on.")
+    ] = 2,
+    delta: Annotated[float, typer.Option(help="DP delta per node.")] = DEFAULTS.delta,
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = DEFAULTS.batch_size,
+    lr: Annotated[float, typer.Option(help="Local SGD learning rate.")] = DEFAULTS.lr,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="Per-sample clipping norm.")
+    ] = DEFAULTS.max_grad_norm,
+    model: Annotated[str, typer.Option(help="Model: mlp or logreg.")] = DEFAULTS.model,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without DP (baseline).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for model initialisation.")] = DEFAULTS.seed,
+    round_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for a round's replies.")
+    ] = 600.0,
+    output: Annotated[
+        Path | None, typer.Option(help="Run directory (default DIR/runs/<timestamp>).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option(help="Show every ServerApp log line.")] = False,
+) -> None:
+    """Train on the federation's enrolled nodes (the SuperLink must be running)."""
+    from server.launch import launch_run
+    from server.superlink import Federation
+
+    federation = Federation.load(directory)
+    config = RunConfig(
+        scenario="deployment",
+        dataset="local",
+        clients=min_clients,
+        min_clients=min_clients,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        dp=not no_dp,
+        epsilon=epsilon,
+        delta=delta,
+        max_grad_norm=max_grad_norm,
+        model=model,
+        seed=seed,
+        round_timeout=round_timeout,
+    )
+    run_dir = (output or federation.path("runs") / time.strftime("%Y%m%d-%H%M%S")).absolute()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run directory {run_dir} already exists and is not empty")
+    console.print(
+        f"Training on at least {min_clients} enrolled nodes for {rounds} rounds "
+        + (f"under DP-SGD (epsilon {epsilon} per node)" if not no_dp else "without DP")
+        + f"; run directory {run_dir}"
+    )
+    started = time.monotonic()
+
+    def show_progress(row: dict[str, Any]) -> None:
+        epsilon_text = (
+            "" if row["max_epsilon"] is None else f"  max epsilon {row['max_epsilon']:.3f}"
+        )
+        console.print(
+            f"round {row['round']}/{row['rounds']}  nodes {row['clients']}  "
+            f"AUROC {row['auroc']:.4f} (mean over nodes' hold-outs)  "
+            f"accuracy {row['accuracy']:.4f}{epsilon_text}  ({time.monotonic() - started:.0f} s)"
+        )
+
+    summary = launch_run(
+        federation, config, run_dir, show_progress, console.out if verbose else None
+    )
+    table = Table(title="Privacy spent per node", title_justify="left")
+    for column in ("node", "rows", "epsilon", "delta"):
+        table.add_column(column)
+    for client in summary["clients"]:
+        eps = client.get("epsilon")
+        table.add_row(
+            str(client.get("node", client["client"])),
+            str(client.get("num_examples", "")),
+            "-" if eps is None else f"{eps:.3f}",
+            "-" if client.get("delta") is None else f"{client['delta']:g}",
+        )
+    console.print(table)
+    console.print(f"Summary: {run_dir / 'summary.json'}")

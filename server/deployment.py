@@ -1,0 +1,154 @@
+"""ServerApp side of a deployed federation: nodes hold the only data there is.
+
+There is no server-side test set, and the server does not know the data's columns.
+So before training, a query round asks every node for its table's FeatureStatistics
+(column sums, sums of squares, counts, category vocabularies) and its node name; the
+merge gives every node the same encoding (global means and deviations, union of
+categories) and gives the server the model's input width. These statistics are
+aggregates of raw data released WITHOUT differential privacy. Evaluation is
+federated: each node scores the global model on a held-out part of its own file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from logging import INFO, WARN
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedmodel.config import RunConfig
+from fedmodel.data import FeatureStatistics
+from fedmodel.models import build_model
+from server.checkpoint import save_checkpoint
+from server.run_record import RunRecorder
+from server.strategy import FederationStopped, RecordingFedAvg
+
+DEPLOYMENT_SCENARIO = "deployment"  # RunConfig.scenario of a run on enrolled nodes
+STATISTICS_KEY = "feature-statistics"  # client/local_data.py reads these two keys
+CLIENT_INDEX_KEY = "client-index"
+NODE_WAIT_S = 300.0
+
+
+def run_deployment(grid: Grid, config: RunConfig) -> None:
+    """Query round, then FedAvg with federated evaluation; files land in output-dir."""
+    run_dir = Path(config.output_dir).absolute()
+    statistics, names = query_feature_statistics(grid, config)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, len(statistics.feature_names()))
+    recorder = RunRecorder(run_dir, config)
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        save_checkpoint(run_dir / "checkpoints", server_round, model.state_dict())
+        return None
+
+    strategy = DeploymentFedAvg(
+        recorder,
+        evaluate_metrics_aggr_fn=aggregate_evaluation,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=config.clients,
+        min_evaluate_nodes=config.clients,
+        min_available_nodes=config.clients,
+    )
+    # client ids in the run record: 0, 1, ... in node-name order
+    ordered = sorted(names, key=lambda node: (names[node], node))
+    index = {str(node): position for position, node in enumerate(ordered)}
+    shared = ConfigRecord(
+        {STATISTICS_KEY: statistics.to_json(), CLIENT_INDEX_KEY: json.dumps(index)}
+    )
+    stopped: str | None = None
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=config.rounds,
+            timeout=config.round_timeout,
+            train_config=shared,
+            evaluate_config=shared,
+            evaluate_fn=checkpoint,
+        )
+    except FederationStopped as stop:
+        log(WARN, "stopping the run early: %s", stop)
+        stopped = str(stop)
+    for node, position in index.items():
+        entry = recorder.clients.get(str(position))
+        if entry is not None:
+            entry |= {"node": names[int(node)], "node_id": node}
+    recorder.write_summary(completed=True, stopped_early=stopped)
+
+
+def query_feature_statistics(
+    grid: Grid, config: RunConfig
+) -> tuple[FeatureStatistics, dict[int, str]]:
+    """Wait for `clients` nodes, ask each for its statistics; merge them."""
+    deadline = time.monotonic() + NODE_WAIT_S
+    while len(node_ids := list(grid.get_node_ids())) < config.clients:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(node_ids)} of {config.clients} nodes connected within {NODE_WAIT_S} s"
+            )
+        log(INFO, "Waiting for nodes: %d of %d connected", len(node_ids), config.clients)
+        time.sleep(2)
+    question = RecordDict({"config": ConfigRecord({"ask": STATISTICS_KEY})})
+    messages = [Message(question, node, MessageType.QUERY) for node in node_ids]
+    merged: FeatureStatistics | None = None
+    names: dict[int, str] = {}
+    for reply in grid.send_and_receive(messages, timeout=config.round_timeout):
+        if reply.has_error():
+            log(WARN, "Node %s did not describe its data: %s", reply.metadata.src_node_id,
+                reply.error.reason)  # fmt: skip
+            continue
+        answer = reply.content.config_records["statistics"]
+        local = FeatureStatistics.from_json(str(answer[STATISTICS_KEY]))
+        merged = local if merged is None else merged.merge(local)
+        names[reply.metadata.src_node_id] = str(answer.get("node-name", ""))
+    if merged is None or len(names) < config.clients:
+        raise RuntimeError(f"only {len(names)} of {config.clients} nodes described their data")
+    log(INFO, "Feature statistics of %d rows from %d nodes: %d features", merged.rows,
+        len(names), len(merged.feature_names()))  # fmt: skip
+    return merged, names
+
+
+class DeploymentFedAvg(RecordingFedAvg):
+    """RecordingFedAvg whose progress comes from federated evaluation on the nodes."""
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            values = {key: float(metrics[key]) for key in ("auroc", "accuracy", "loss")}  # type: ignore[arg-type]
+            self.recorder.record_evaluation(server_round, values)
+        return metrics
+
+
+def aggregate_evaluation(replies: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Example-weighted means over nodes; AUROC only over nodes where it is defined.
+
+    This is the mean of the nodes' local AUROCs, not the AUROC of the pooled hold-outs
+    (which would need every score on the server).
+    """
+    metrics = [reply.metric_records["metrics"] for reply in replies]
+    weights = [float(m[weighted_by_key]) for m in metrics]  # type: ignore[arg-type]
+    auroc_weights = [float(m["auroc-weight"]) for m in metrics]  # type: ignore[arg-type]
+
+    def mean(key: str, by: list[float]) -> float:
+        total = sum(by)
+        values = [float(m[key]) for m in metrics]  # type: ignore[arg-type]
+        return sum(w * v for w, v in zip(by, values, strict=True)) / total if total else 0.0
+
+    return MetricRecord(
+        {
+            "loss": mean("loss", weights),
+            "accuracy": mean("accuracy", weights),
+            "auroc": mean("auroc", auroc_weights),
+            "num-examples": sum(weights),
+        }
+    )

@@ -1,0 +1,285 @@
+"""Enrollment and revocation of nodes, join bundles, and the server's audit log.
+
+Flower's SuperNode registry (in the SuperLink's state.db) is the enforcement point:
+`flwr supernode register` admits a public key, `unregister` cuts the node off at once
+and blocks that key for good. We drive it through Flower's own CLI against the
+federation's private connection, and keep beside it what Flower does not: a name per
+node (nodes.json) and an append-only audit log (audit.jsonl) whose every entry carries
+the SHA-256 of the line before it, so an edited or deleted line breaks the chain.
+
+Refused connections are read from the SuperLink's log (Flower emits no event for
+them). What the log shows: `ApiError:2004` (a key that is unknown or revoked; the key
+is printed, so we can name the node), `ApiError:2001` (no key at all), and gRPC's
+`Handshake failed` lines (plaintext or wrong-CA clients; gRPC gives no peer address).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedmodel.pki import (
+    JoinBundle,
+    load_node_public_key,
+    public_key_fingerprint,
+    write_public_file,
+)
+from server.superlink import CONNECTION, Federation, ServerError, _executable, server_environment
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PEM_KEY = re.compile(r"-----BEGIN PUBLIC KEY-----(?:\\n|\s)+(.+?)(?:\\n|\s)+-----END PUBLIC KEY")
+
+
+def enroll_node(
+    federation: Federation, public_key: Path, name: str, bundle_path: Path | None = None
+) -> tuple[dict[str, Any], Path]:
+    """Register `public_key` as node `name`; write and return its join bundle."""
+    if not NAME_PATTERN.match(name):
+        raise ServerError(
+            f"node name '{name}' is not allowed; use letters, digits, '.', '_' or '-' "
+            "(at most 63 characters, starting with a letter or digit)"
+        )
+    key = load_node_public_key(public_key)
+    fingerprint = public_key_fingerprint(key)
+    registry = load_registry(federation)
+    if name in registry:
+        raise ServerError(f"a node named '{name}' is already enrolled; choose another --name")
+    for other, entry in registry.items():
+        if entry["fingerprint"] == fingerprint:
+            raise ServerError(
+                f"this key is already enrolled as '{other}'"
+                + (" (revoked keys cannot be enrolled again; make a new one with "
+                   "'fedmodel client init --force')" if entry["status"] == "revoked" else "")
+            )  # fmt: skip
+    result = flwr_cli(federation, "supernode", "register", str(public_key), "--name", name)
+    node_id = str(result["node-id"])
+    entry = {
+        "name": name,
+        "node_id": node_id,
+        "fingerprint": fingerprint,
+        "status": "enrolled",
+        "enrolled_at": _now(),
+    }
+    registry[name] = entry
+    save_registry(federation, registry)
+    bundle = JoinBundle(
+        node_name=name,
+        fleet_address=federation.fleet_address,
+        ca_certificate=federation.path("ca.crt").read_text(),
+        node_fingerprint=fingerprint,
+    )
+    path = bundle_path or federation.path("bundles") / f"{name}.join"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_public_file(path, bundle.to_json().encode())
+    append_audit(federation, "enrolled", node=name, node_id=node_id, fingerprint=fingerprint)
+    return entry, path
+
+
+def revoke_node(federation: Federation, name: str) -> dict[str, Any]:
+    """Unregister node `name`: Flower disconnects it and never accepts its key again."""
+    registry = load_registry(federation)
+    if name not in registry:
+        known = ", ".join(sorted(registry)) or "none enrolled"
+        raise ServerError(f"no node named '{name}' (known: {known})")
+    entry = registry[name]
+    if entry["status"] == "revoked":
+        raise ServerError(f"node '{name}' was already revoked at {entry['revoked_at']}")
+    flwr_cli(federation, "supernode", "unregister", entry["node_id"])
+    entry |= {"status": "revoked", "revoked_at": _now()}
+    save_registry(federation, registry)
+    append_audit(
+        federation, "revoked", node=name, node_id=entry["node_id"], fingerprint=entry["fingerprint"]
+    )
+    return entry
+
+
+def list_nodes(federation: Federation) -> list[dict[str, Any]]:
+    """Our registry joined with Flower's live status (online/offline/registered)."""
+    live = {
+        str(node["node-id"]): node
+        for node in flwr_cli(federation, "supernode", "list", verbose=True)["nodes"]
+    }
+    rows = []
+    for entry in load_registry(federation).values():
+        node = live.get(entry["node_id"], {})
+        status = "revoked" if entry["status"] == "revoked" else node.get("status", "unknown")
+        rows.append({**entry, "status": status, "online_at": node.get("online-at")})
+    return rows
+
+
+def flwr_cli(federation: Federation, *arguments: str, verbose: bool = False) -> dict[str, Any]:
+    """Run `flwr <arguments> fedmodel --format json` in the federation's FLWR_HOME."""
+    command = [_executable("flwr"), *arguments, CONNECTION, "--format", "json"]
+    if verbose:
+        command.append("--verbose")
+    done = subprocess.run(
+        command,
+        env=server_environment(federation),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    payload = _json_object(done.stdout)
+    if done.returncode != 0 or not payload.get("success", False):
+        reason = payload.get("error-message") or _last(done.stderr) or _last(done.stdout)
+        if "Connection refused" in reason or "ConnectError" in reason:
+            reason = (
+                f"the SuperLink is not running; start it with "
+                f"'fedmodel server start --dir {federation.directory}'"
+            )
+        raise ServerError(f"flwr {' '.join(arguments[:2])} failed: {reason}")
+    return payload
+
+
+# --- registry and audit log ------------------------------------------------------------
+
+
+def load_registry(federation: Federation) -> dict[str, dict[str, Any]]:
+    path = federation.path("nodes.json")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_registry(federation: Federation, registry: dict[str, dict[str, Any]]) -> None:
+    write_public_file(
+        federation.path("nodes.json"), (json.dumps(registry, indent=2) + "\n").encode()
+    )
+
+
+def append_audit(federation: Federation, event: str, **details: Any) -> dict[str, Any]:
+    """Append one event; `previous` is the SHA-256 of the preceding line (chain)."""
+    path = federation.path("audit.jsonl")
+    previous = _sha256(read_audit_lines(path)[-1]) if path.exists() and path.stat().st_size else ""
+    record = {"time": _now(), "event": event, **details, "previous": previous}
+    line = json.dumps(record, sort_keys=True) + "\n"
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(descriptor, "a") as handle:
+        handle.write(line)
+    return record
+
+
+def read_audit_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def verify_audit(federation: Federation) -> list[dict[str, Any]]:
+    """The audit events, after checking the hash chain; a break raises ServerError."""
+    path = federation.path("audit.jsonl")
+    if not path.exists():
+        return []
+    events, previous = [], ""
+    for number, line in enumerate(read_audit_lines(path), start=1):
+        record = json.loads(line)
+        if record.get("previous") != previous:
+            raise ServerError(f"audit log {path} was altered at line {number}")
+        events.append(record)
+        previous = _sha256(line)
+    return events
+
+
+def record_refusals(federation: Federation) -> int:
+    """Append audit events for refusals the SuperLink logged since the last scan."""
+    log_path, offset_path = federation.path("superlink.log"), federation.path("audit.offset")
+    if not log_path.exists():
+        return 0
+    offset = int(offset_path.read_text()) if offset_path.exists() else 0
+    if offset > log_path.stat().st_size:  # the log was replaced
+        offset = 0
+    with log_path.open("rb") as log:
+        log.seek(offset)
+        data = log.read()
+    complete = data.rsplit(b"\n", 1)[0] + b"\n" if b"\n" in data else b""
+    refusals: dict[str, dict[str, Any]] = {}  # a retrying node repeats itself: count it
+    for line in complete.decode(errors="replace").splitlines():
+        refusal = parse_refusal(line, federation)
+        if refusal is not None:
+            key = json.dumps(refusal, sort_keys=True)
+            refusals.setdefault(key, {**refusal, "count": 0})["count"] += 1
+    for refusal in refusals.values():
+        append_audit(federation, "refused", **refusal)
+    found = len(refusals)
+    write_public_file(offset_path, str(offset + len(complete)).encode())
+    return found
+
+
+def parse_refusal(line: str, federation: Federation | None = None) -> dict[str, Any] | None:
+    """The refusal a SuperLink log line reports, if any, without key material."""
+    line = _ANSI.sub("", line)
+    if "ApiError:2004" in line:
+        refusal: dict[str, Any] = {"reason": "unknown or revoked node key (ApiError 2004)"}
+        fingerprint = _fingerprint_in(line)
+        if fingerprint:
+            refusal["fingerprint"] = fingerprint
+            if federation is not None:
+                for entry in load_registry(federation).values():
+                    if entry["fingerprint"] == fingerprint:
+                        refusal |= {"node": entry["name"], "node_status": entry["status"]}
+        return refusal
+    if "ApiError:2001" in line:
+        return {"reason": "node presented no authentication key (ApiError 2001)"}
+    if "Handshake failed" in line or "handshake failed" in line:
+        detail = re.search(r"(WRONG_VERSION_NUMBER|HTTP_REQUEST|[A-Z_]{6,})", line)
+        reason = "TLS handshake failed"
+        if detail and detail.group(1) in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST"):
+            reason += " (client did not speak TLS: plaintext/--insecure node)"
+        elif detail:
+            reason += f" ({detail.group(1)}: client does not trust this server's CA?)"
+        return {"reason": reason}
+    return None
+
+
+def _fingerprint_in(line: str) -> str | None:
+    match = _PEM_KEY.search(line)
+    if not match:
+        return None
+    body = re.sub(r"\\n|\s", "", match.group(1))
+    try:
+        key = serialization.load_der_public_key(base64.b64decode(body))
+    except ValueError:
+        return None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return None
+    return public_key_fingerprint(key)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                return value
+    start = text.find("{")
+    if start >= 0:
+        try:
+            value = json.loads(text[start:])
+            return value if isinstance(value, dict) else {}
+        except json.JSONDecodeError:
+            pass
+    return {}
+
+
+def _last(text: str) -> str:
+    lines = [_ANSI.sub("", line).strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,51 @@
+"""`fedmodel run`: submit the FedModel app to a running federation and follow it.
+
+The Flower App handed to `flwr run` is the same generated pyproject that simulation
+uses (simulations.runner.write_flower_app), with scenario "deployment": the ServerApp
+then asks the nodes to describe their data, trains on them and evaluates on them.
+The run directory is written by the ServerApp, on this (the SuperLink's) host.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedmodel.config import RunConfig
+from fedmodel.processes import executable
+from server.superlink import CONNECTION, Federation, ServerError, is_healthy, server_environment
+from simulations.runner import ProgressCallback, stream_run_output, write_flower_app
+
+
+def launch_run(
+    federation: Federation,
+    config: RunConfig,
+    run_dir: Path,
+    on_progress: ProgressCallback,
+    on_log_line: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run `config` on the federation's enrolled nodes; return summary.json's content."""
+    if not is_healthy(federation):
+        raise ServerError(
+            f"no SuperLink is answering for {federation.directory}; start it with "
+            f"'fedmodel server start --dir {federation.directory}'"
+        )
+    engine_dir = run_dir / "engine"
+    app_dir = engine_dir / "app"
+    app_dir.mkdir(parents=True, exist_ok=True)
+    config = config.replace(output_dir=str(run_dir.absolute()))
+    write_flower_app(app_dir, config, name="deployment")
+    command = [executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+    code = stream_run_output(
+        command, engine_dir, server_environment(federation), on_progress, on_log_line
+    )
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    if code != 0 or summary is None or not summary.get("completed"):
+        raise ServerError(
+            f"the run did not complete (flwr exit code {code}); its log is "
+            f"{engine_dir / 'flwr-run.log'} and the server's is {federation.path('superlink.log')}"
+        )
+    return dict(summary)

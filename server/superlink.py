@@ -1,0 +1,293 @@
+"""The federation server: its directory, and the Flower SuperLink run from it.
+
+A federation directory holds everything the operator's side needs:
+
+    federation.toml   addresses and ports (what `server init` was told)
+    ca.crt ca.key     the federation's CA (ca.key 0600; keep it offline if you can)
+    server.pem/.key   the SuperLink's TLS certificate and key
+    state.db          Flower's state: runs, and the registry of enrolled node keys
+    flwr-home/        a private FLWR_HOME whose config.toml names this SuperLink
+    nodes.json        our names for enrolled nodes; audit.jsonl: the audit log
+    superlink.log     everything the SuperLink prints
+
+The Fleet API (what nodes connect to) binds the configured address only; the
+Control and Runtime APIs bind 127.0.0.1, because open-source Flower does not
+authenticate them: whoever reaches them can start runs and enroll or revoke nodes.
+"""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import time
+import tomllib
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmodel.errors import FedModelError
+from fedmodel.pki import create_server_pki, write_public_file
+from fedmodel.processes import executable, stop_group, tool_environment
+from fedmodel.processes import follow_log as follow_process_log
+
+CONNECTION = "fedmodel"  # the SuperLink connection name inside DIR/flwr-home
+DEFAULT_FLEET_PORT = 9092
+DEFAULT_CONTROL_PORT = 9093
+START_TIMEOUT_S = 60.0
+
+
+# gRPC logs failed TLS handshakes (plaintext or wrong-CA nodes) only at INFO; the audit
+# log is built from them. It also prints one line saying INFO is verbose: expected.
+SUPERLINK_ONLY_ENVIRONMENT = {"GRPC_VERBOSITY": "INFO"}
+
+
+class ServerError(FedModelError):
+    """The federation directory or its SuperLink is not in the state a command needs."""
+
+    exit_code = 6
+
+
+@dataclass(frozen=True)
+class Federation:
+    """A federation directory as `server init` wrote it."""
+
+    directory: Path
+    addresses: tuple[str, ...]
+    bind_address: str
+    fleet_port: int
+    control_port: int
+
+    @property
+    def fleet_address(self) -> str:
+        """What nodes dial: the first configured address."""
+        return _host_port(self.addresses[0], self.fleet_port)
+
+    @property
+    def fleet_bind(self) -> str:
+        return _host_port(self.bind_address, self.fleet_port)
+
+    @property
+    def control_address(self) -> str:
+        return f"127.0.0.1:{self.control_port}"
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.directory / "flwr-home"
+
+    @classmethod
+    def load(cls, directory: Path) -> Federation:
+        config_path = directory / "federation.toml"
+        if not config_path.is_file():
+            raise ServerError(
+                f"{directory} is not a federation directory (no federation.toml); "
+                f"run 'fedmodel server init --dir {directory} --address HOST' first"
+            )
+        raw = tomllib.loads(config_path.read_text())["federation"]
+        return cls(
+            directory=directory.absolute(),
+            addresses=tuple(raw["addresses"]),
+            bind_address=str(raw["bind-address"]),
+            fleet_port=int(raw["fleet-port"]),
+            control_port=int(raw["control-port"]),
+        )
+
+
+def init_federation(
+    directory: Path,
+    addresses: list[str],
+    fleet_port: int = DEFAULT_FLEET_PORT,
+    control_port: int = DEFAULT_CONTROL_PORT,
+    bind_address: str | None = None,
+    force: bool = False,
+) -> tuple[Federation, str]:
+    """Create the CA, server certificate, federation.toml and CLI connection; (fed, CA fp)."""
+    addresses = [a.strip() for a in addresses if a.strip()]
+    if not addresses:
+        raise ServerError("--address needs at least one host name or IP address")
+    for port, option in ((fleet_port, "--fleet-port"), (control_port, "--control-port")):
+        if not 0 < port < 65536:
+            raise ServerError(f"{option} must be between 1 and 65535 (got {port})")
+    if fleet_port == control_port:
+        raise ServerError("--fleet-port and --control-port must differ")
+    directory = directory.absolute()
+    pki = create_server_pki(directory, addresses, force=force)
+    federation = Federation(
+        directory, tuple(addresses), bind_address or addresses[0], fleet_port, control_port
+    )
+    toml = "\n".join(
+        [
+            "# Written by `fedmodel server init`. Nodes dial addresses[0]:fleet-port.",
+            "[federation]",
+            f"addresses = [{', '.join(_quote(a) for a in addresses)}]",
+            f"bind-address = {_quote(federation.bind_address)}  # Fleet API listens here only",
+            f"fleet-port = {fleet_port}",
+            f"control-port = {control_port}  # Control/Runtime API, always on 127.0.0.1",
+            f"ca-fingerprint = {_quote(pki.ca_fingerprint)}",
+            "",
+        ]
+    )
+    write_public_file(directory / "federation.toml", toml.encode())
+    write_connection(federation)
+    return federation, pki.ca_fingerprint
+
+
+def write_connection(federation: Federation) -> None:
+    """A Flower CLI connection to this SuperLink's Control API, trusting only our CA."""
+    federation.flwr_home.mkdir(exist_ok=True)
+    text = "\n".join(
+        [
+            "[superlink]",
+            f'default = "{CONNECTION}"',
+            "",
+            f"[superlink.{CONNECTION}]",
+            f"address = {_quote(federation.control_address)}",
+            f"root-certificates = {_quote(str(federation.path('ca.crt')))}",
+            "",
+        ]
+    )
+    write_public_file(federation.flwr_home / "config.toml", text.encode())
+
+
+def superlink_command(federation: Federation, insecure: bool = False) -> list[str]:
+    """flower-superlink with TLS, node authentication and every listener pinned."""
+    command = [_executable("flower-superlink")]
+    if insecure:
+        command += ["--insecure"]
+    else:
+        command += [
+            "--ssl-ca-certfile", str(federation.path("ca.crt")),
+            "--ssl-certfile", str(federation.path("server.pem")),
+            "--ssl-keyfile", str(federation.path("server.key")),
+            "--enable-supernode-auth",
+        ]  # fmt: skip
+    command += [
+        "--database", str(federation.path("state.db")),
+        "--disable-runtime-dependency-installation",
+        "--fleet-api-type", "grpc-rere",
+        "--fleet-api-address", federation.fleet_bind,
+        "--host", "127.0.0.1",
+        "--port", str(federation.control_port),
+    ]  # fmt: skip
+    return command
+
+
+def server_environment(federation: Federation) -> dict[str, str]:
+    """Flower tools' environment with this federation's private FLWR_HOME."""
+    return tool_environment(federation.flwr_home)
+
+
+def start_superlink(federation: Federation, insecure: bool = False) -> subprocess.Popen[bytes]:
+    """Start the SuperLink in its own session, logging to DIR/superlink.log; wait for health."""
+    running = superlink_pid(federation)
+    if running is not None:
+        raise ServerError(
+            f"a SuperLink for {federation.directory} is already running (pid {running}); "
+            f"stop it with 'fedmodel server stop --dir {federation.directory}'"
+        )
+    for name in ("ca.crt", "server.pem", "server.key"):
+        if not insecure and not federation.path(name).is_file():
+            raise ServerError(f"{federation.path(name)} is missing; rerun 'fedmodel server init'")
+    log_path = federation.path("superlink.log")
+    log_path.touch(mode=0o600)
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            superlink_command(federation, insecure),
+            cwd=federation.directory,  # ServerApp outputs with relative paths land here
+            env={**server_environment(federation), **SUPERLINK_ONLY_ENVIRONMENT},
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    write_public_file(federation.path("superlink.pid"), f"{process.pid}\n".encode())
+    try:
+        wait_until_healthy(federation, process, insecure)
+    except BaseException:
+        stop_superlink(federation, process.pid)
+        raise
+    return process
+
+
+def wait_until_healthy(
+    federation: Federation, process: subprocess.Popen[bytes] | None, insecure: bool = False
+) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ServerError(
+                f"the SuperLink exited at start (code {process.returncode}): "
+                f"{_last_line(federation.path('superlink.log'))}"
+            )
+        if is_healthy(federation, insecure):
+            return
+        time.sleep(0.3)
+    raise ServerError(f"the SuperLink did not answer within {START_TIMEOUT_S:.0f} s")
+
+
+def is_healthy(federation: Federation, insecure: bool = False) -> bool:
+    """Whether the Control API answers /health (over TLS verified against our CA)."""
+    scheme = "http" if insecure else "https"
+    context = None if insecure else ssl.create_default_context(cafile=federation.path("ca.crt"))
+    try:
+        with urllib.request.urlopen(
+            f"{scheme}://{federation.control_address}/health", timeout=1, context=context
+        ):
+            return True
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def superlink_pid(federation: Federation) -> int | None:
+    """The PID in DIR/superlink.pid if that process is alive and is a flower-superlink."""
+    try:
+        pid = int(federation.path("superlink.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if b"flower-superlink" not in cmdline or str(federation.directory).encode() not in cmdline:
+        return None
+    return pid
+
+
+def stop_superlink(federation: Federation, pid: int | None = None, timeout: float = 15) -> bool:
+    """SIGTERM the SuperLink's process group (it, SuperExec, ServerApps), then SIGKILL."""
+    pid = pid if pid is not None else superlink_pid(federation)
+    if pid is None:
+        return False
+    stop_group(pid, timeout)
+    federation.path("superlink.pid").unlink(missing_ok=True)
+    return True
+
+
+def follow_log(
+    federation: Federation,
+    process: subprocess.Popen[bytes],
+    on_line: Callable[[str], None],
+    offset: int | None = None,
+) -> int:
+    """Hand every new SuperLink log line to `on_line` until the process exits."""
+    return follow_process_log(federation.path("superlink.log"), process, on_line, offset)
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else f"no output; see {path}"
+
+
+def _executable(name: str) -> str:
+    try:
+        return executable(name)
+    except FedModelError as error:
+        raise ServerError(str(error)) from None
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
