@@ -101,6 +101,7 @@ def partition_indices(
             num_partitions=num_partitions,
             partition_by="label",
             num_classes_per_partition=2,
+            class_assignment_mode="first-deterministic",  # every class is used
             seed=seed,
         )
     else:
