@@ -23,6 +23,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,11 @@ class AuditReport:
 
 def pld_epsilon(history: Sequence[Segment], delta: float) -> float:
     """Epsilon of the Poisson-subsampled Gaussian mechanisms in `history`, by dp-accounting PLD."""
+    return _pld_epsilon(tuple(history), delta)
+
+
+@lru_cache(maxsize=256)
+def _pld_epsilon(history: tuple[Segment, ...], delta: float) -> float:
     if not history:
         return 0.0
     import dp_accounting
