@@ -1,7 +1,8 @@
 """Model registry: one name per architecture, each compatible with Opacus DP-SGD.
 
-Every model maps a float feature tensor to one logit per row (binary tasks) and uses
-only layers Opacus has per-sample gradient samplers for (Linear, ReLU; no BatchNorm).
+Every model maps a float feature tensor to one logit per row (binary tasks) or one per
+class (`small_cnn`, 10 digits) and uses only layers Opacus has per-sample gradient
+samplers for (Linear, Conv2d, ReLU, pooling; no BatchNorm).
 """
 
 from collections.abc import Callable
@@ -27,9 +28,42 @@ def logistic_regression(num_features: int) -> nn.Module:
     return nn.Sequential(nn.Linear(num_features, 1))
 
 
+IMAGE_SIDE = 28
+NUM_DIGITS = 10
+
+
+def small_cnn(num_features: int) -> nn.Module:
+    """Conv 32-64-64 + Dense 64 over 28x28 grey images (flattened rows), 10 class logits.
+
+    The classic small MNIST network (the TensorFlow CNN tutorial's layout); no BatchNorm,
+    so Opacus can compute per-sample gradients.
+    """
+    if num_features != IMAGE_SIDE * IMAGE_SIDE:
+        raise ConfigError(
+            f"model 'cnn' needs 28x28 images ({IMAGE_SIDE * IMAGE_SIDE} features), "
+            f"got {num_features} features; use mlp or logreg for tables"
+        )
+    return nn.Sequential(
+        nn.Unflatten(1, (1, IMAGE_SIDE, IMAGE_SIDE)),
+        nn.Conv2d(1, 32, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * 3 * 3, 64),
+        nn.ReLU(),
+        nn.Linear(64, NUM_DIGITS),
+    )
+
+
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "mlp": tabular_mlp,
     "logreg": logistic_regression,
+    "cnn": small_cnn,
 }
 
 

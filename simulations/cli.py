@@ -115,6 +115,33 @@ def simulate_financial(
     _run("financial", locals())
 
 
+@simulate_app.command("digits")
+def simulate_digits(
+    clients: Clients = None,
+    rounds: Rounds = DEFAULTS.rounds,
+    fraction: Fraction = DEFAULTS.fraction,
+    epsilon: Epsilon = DEFAULTS.epsilon,
+    delta: Delta = DEFAULTS.delta,
+    local_epochs: LocalEpochs = DEFAULTS.local_epochs,
+    batch_size: BatchSize = DEFAULTS.batch_size,
+    lr: Lr = 0.1,
+    max_grad_norm: MaxGradNorm = DEFAULTS.max_grad_norm,
+    no_dp: NoDp = False,
+    partition: Annotated[
+        str, typer.Option(help="iid, dirichlet, shard (2 label shards each) or pathological.")
+    ] = "shard",
+    alpha: Alpha = DEFAULTS.alpha,
+    model: Annotated[str, typer.Option(help="Model (cnn: Conv 32-64-64 + Dense 64).")] = "cnn",
+    seed: Seed = DEFAULTS.seed,
+    output: Output = None,
+    verbose: Verbose = False,
+    baseline_sites: BaselineSites = 10,
+    no_baselines: NoBaselines = False,
+) -> None:
+    """Devices train a small CNN on 5,000 real MNIST digits (10 classes) under DP-SGD."""
+    _run("digits", locals() | {"dataset": "mnist-5k"})
+
+
 @simulate_app.command("csv")
 def simulate_csv(
     data: Annotated[Path, typer.Option(help="Your table: a .csv or .parquet file.")],

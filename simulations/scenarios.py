@@ -26,6 +26,7 @@ import numpy as np
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, partition_indices
 from fedmodel.errors import ConfigError, DataError
+from simulations.digits import load_mnist_5k
 from simulations.financial import load_credit_default, load_lending_club
 from simulations.medical import load_breast_cancer, load_covid_clinics, load_flchain
 from simulations.synthetic import EhrGenerator, FraudGenerator, SiteGenerator
@@ -52,6 +53,7 @@ TABLES: dict[str, dict[str, TableLoader]] = {
         "lending-club": load_lending_club,
         "credit-default": load_credit_default,
     },
+    "digits": {"mnist-5k": load_mnist_5k},
 }
 GENERATED: dict[str, dict[str, GeneratorFactory]] = {
     "medical": {"synthetic-ehr": EhrGenerator},

@@ -31,6 +31,19 @@ class Split:
     site_names: tuple[str, ...] = ()  # every site in the table, test-only ones included
 
 
+def stratified_rows(
+    labels: np.ndarray, test_fraction: float = TEST_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows shuffled, test rows) with every class in both parts at its own rate."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    test_rows = np.zeros(len(labels), dtype=bool)
+    for value in np.unique(labels):
+        rows = np.flatnonzero(labels == value)
+        test_rows[rng.choice(rows, size=round(len(rows) * test_fraction), replace=False)] = True
+    # shuffled: some tables ship sorted by label, and partitioners shard contiguously
+    return rng.permutation(np.flatnonzero(~test_rows)), np.flatnonzero(test_rows)
+
+
 def split_table(
     features: pd.DataFrame,
     labels: np.ndarray,
@@ -38,14 +51,7 @@ def split_table(
     test_fraction: float = TEST_FRACTION,
 ) -> Split:
     """Stratified, shuffled train/test split of `features` (label already removed)."""
-    rng = np.random.default_rng(SPLIT_SEED)
-    test_rows = np.zeros(len(labels), dtype=bool)
-    for value in np.unique(labels):  # stratified: both parts keep the base rate
-        rows = np.flatnonzero(labels == value)
-        test_rows[rng.choice(rows, size=round(len(rows) * test_fraction), replace=False)] = True
-    # shuffled: some tables ship sorted by label, and partitioners shard contiguously
-    train_order = rng.permutation(np.flatnonzero(~test_rows))
-    test_order = np.flatnonzero(test_rows)
+    train_order, test_order = stratified_rows(labels, test_fraction)
     sites, site_names = None, ()
     if site_column is not None:
         all_sites = features[site_column].astype(str).to_numpy()

@@ -1,0 +1,53 @@
+"""Baselines beside every federation: central, central under DP, each site alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from fedmodel.config import RunConfig
+from simulations.baselines import run_baselines
+from simulations.scenarios import federation
+
+
+def test_baselines_on_breast_cancer_are_consistent_and_honest() -> None:
+    config = RunConfig(dataset="breast-cancer", clients=4, rounds=2, epsilon=1.0, lr=0.1)
+    clients = federation(config)
+    federated = {"auroc": 0.97}
+    baselines = run_baselines(config, clients.clients, clients.test, federated, max_sites=2)
+
+    pooled_features = np.concatenate([c.features for c in clients.clients])
+    pooled_labels = np.concatenate([c.labels for c in clients.clients])
+    reference = LogisticRegression(max_iter=1000).fit(pooled_features, pooled_labels)
+    sklearn_auroc = roc_auc_score(
+        clients.test.labels, reference.predict_proba(clients.test.features)[:, 1]
+    )
+    central, central_dp = baselines["central"], baselines["central_dp"]
+    assert central["rows"] == len(pooled_labels) == 456
+    assert central["auroc"] > sklearn_auroc - 0.03  # the same task, an independent fit
+    assert 0.9 < central_dp["epsilon"] <= 1.0  # calibrated to the run's budget, not over
+    assert central_dp["auroc"] <= central["auroc"] + 0.01
+
+    local = baselines["local"]
+    assert len(local) == baselines["local_sites"] == 2 and baselines["local_sites_total"] == 4
+    assert all(0.9 < row["epsilon"] <= 1.0 for row in local)
+    assert baselines["local_worst"]["auroc"] == min(row["auroc"] for row in local)
+    assert baselines["local_mean"]["auroc"] == pytest.approx(np.mean([r["auroc"] for r in local]))
+    comparison = baselines["comparison"]
+    assert comparison["federated_minus_local_worst_auroc"] == pytest.approx(
+        0.97 - baselines["local_worst"]["auroc"]
+    )
+    assert comparison["central_minus_central_dp_auroc"] == pytest.approx(
+        central["auroc"] - central_dp["auroc"]
+    )
+
+
+def test_without_dp_there_is_no_central_dp_baseline() -> None:
+    config = RunConfig(dataset="breast-cancer", clients=2, rounds=1, dp=False)
+    clients = federation(config)
+    baselines = run_baselines(config, clients.clients, clients.test, {"auroc": 0.9}, 1)
+    assert baselines["central_dp"] is None
+    assert "epsilon" not in baselines["local"][0]
+    assert baselines["comparison"]["central_minus_central_dp_auroc"] is None
