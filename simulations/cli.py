@@ -194,6 +194,7 @@ def _simulate(
     from fedmodel.models import build_model
     from server.run_record import write_json_atomic
     from simulations.baselines import run_baselines
+    from simulations.heterogeneity import heterogeneity
     from simulations.report import write_report
     from simulations.runner import run_federation
     from simulations.scenarios import federation, resolve_clients
@@ -207,6 +208,7 @@ def _simulate(
         config = resolve_clients(config, clients_given)  # fails fast, before any engine starts
         clients = federation(config)
         build_model(config.model, clients.test.num_features)
+        non_iid = heterogeneity(clients.clients)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = config.replace(output_dir=str(run_dir.absolute()))
     write_json_atomic(run_dir / "config.json", {**config.to_run_config()})
@@ -255,6 +257,7 @@ def _simulate(
         "achievable_auroc": clients.achievable_auroc,
         "fraction": config.fraction,
     }
+    summary["heterogeneity"] = non_iid
     if baseline_sites is not None:
         with console.status("Training baselines (central, central DP, each site alone)..."):
             summary["baselines"] = run_baselines(

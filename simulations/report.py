@@ -102,6 +102,10 @@ def _max_epsilon(summary: dict[str, Any]) -> float | None:
 def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     """Write report.md and its plots into `run_dir`; returns the report's path."""
     plots = _write_plots(run_dir, summary)
+    if summary.get("heterogeneity"):
+        from simulations.heterogeneity import write_heterogeneity_plot
+
+        plots.append(write_heterogeneity_plot(run_dir, summary["heterogeneity"]))
     final = summary["final"]
     lines = [
         f"# FedModel run: {summary['scenario']} / {summary['dataset']}",
@@ -121,6 +125,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
         "",
         *_federation_lines(summary),
         *_baseline_lines(summary),
+        *_heterogeneity_lines(summary),
         "## Rounds",
         "",
         "| round | AUROC | AUPRC | recall at 1% FPR | accuracy | loss | train loss "
@@ -185,6 +190,23 @@ def _baseline_lines(summary: dict[str, Any]) -> list[str]:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in baseline_rows(summary)]
     return [*lines, "", baseline_verdict(summary), ""]
+
+
+def _heterogeneity_lines(summary: dict[str, Any]) -> list[str]:
+    statistics = summary.get("heterogeneity")
+    if not statistics:
+        return []
+    return [
+        "## Heterogeneity",
+        "",
+        f"Client sizes: Gini {statistics['size_gini']:.2f}, largest/median "
+        f"{statistics['size_max_over_median']:.1f}. Label rate "
+        f"({statistics['label_rate_is']}) sd across clients {statistics['label_rate_sd']:.3f}. "
+        f"Mean covariate drift {statistics['mean_drift']:.3f} (RMS standardised difference "
+        "between a client's feature means and the federation's; 0.2 small, 0.5 medium). "
+        "Per-client values are in summary.json; see heterogeneity.png.",
+        "",
+    ]
 
 
 def _write_plots(run_dir: Path, summary: dict[str, Any]) -> list[str]:

@@ -87,3 +87,5 @@ def test_a_users_csv_runs_one_client_per_site(tmp_path: Path) -> None:
     assert summary["final"]["auroc"] > 0.6
     assert summary["baselines"]["local_sites"] == 3
     assert "site alone (DP)" in report
+    assert len(summary["heterogeneity"]["clients"]) == 3 and "## Heterogeneity" in report
+    assert (tmp_path / "run" / "heterogeneity.png").read_bytes().startswith(b"\x89PNG")
