@@ -16,6 +16,8 @@ The ClientApp and ServerApp call `client_partitions` and `global_test_set`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -237,9 +239,10 @@ def natural_partitions(site_ids: np.ndarray) -> dict[str, np.ndarray]:
     partitioner.dataset = Dataset.from_dict(
         {"row": np.arange(len(site_ids)), "site": [str(s) for s in site_ids]}
     )
-    rows = [
-        np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
-        for i in range(partitioner.num_partitions)
-    ]
+    with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar is not our output
+        rows = [
+            np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
+            for i in range(partitioner.num_partitions)
+        ]
     names = partitioner.partition_id_to_natural_id
     return {str(names[i]): part for i, part in enumerate(rows)}
