@@ -103,11 +103,33 @@ def supernode_environment(device: str) -> dict[str, str]:
     return environment
 
 
+def running_supernode(directory: Path) -> int | None:
+    """PID of the SuperNode already running for this node directory, if any."""
+    try:
+        pid = int((directory / "supernode.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if b"flower-supernode" in cmdline and str(directory.absolute()).encode() in cmdline:
+        return pid
+    return None
+
+
 def start_supernode(launch: NodeLaunch) -> subprocess.Popen[bytes]:
-    """Start the SuperNode in its own session, logging to NODE/supernode.log."""
+    """Start the SuperNode in its own session, logging to NODE/supernode.log.
+
+    One SuperNode per node directory: a second one would share its key (Flower refuses
+    a key that is already online) and its files.
+    """
+    running = running_supernode(launch.directory)
+    if running is not None:
+        raise SuperNodeError(
+            f"a SuperNode for {launch.directory} is already running (pid {running}); "
+            "one node directory, one SuperNode"
+        )
     command = supernode_command(launch)
     with launch.log_path.open("ab") as log_file:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             command,
             cwd=launch.directory,
             env=supernode_environment(launch.device),
@@ -116,6 +138,8 @@ def start_supernode(launch: NodeLaunch) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    write_public_file(launch.directory / "supernode.pid", f"{process.pid}\n".encode())
+    return process
 
 
 def explain_exit(log_text: str) -> str:

@@ -229,13 +229,11 @@ def parse_refusal(line: str, federation: Federation | None = None) -> dict[str, 
     if "ApiError:2001" in line:
         return {"reason": "node presented no authentication key (ApiError 2001)"}
     if "Handshake failed" in line or "handshake failed" in line:
-        detail = re.search(r"(WRONG_VERSION_NUMBER|HTTP_REQUEST|[A-Z_]{6,})", line)
-        reason = "TLS handshake failed"
-        if detail and detail.group(1) in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST"):
-            reason += " (client did not speak TLS: plaintext/--insecure node)"
-        elif detail:
-            reason += f" ({detail.group(1)}: client does not trust this server's CA?)"
-        return {"reason": reason}
+        if "WRONG_VERSION_NUMBER" in line or "HTTP_REQUEST" in line:
+            return {"reason": "TLS handshake failed (client did not speak TLS: plaintext node)"}
+        detail = re.search(r"OPENSSL_internal:([A-Z0-9_]+)", line)
+        cause = detail.group(1) if detail else "unknown cause"
+        return {"reason": f"TLS handshake failed ({cause}; a node that does not trust our CA?)"}
     return None
 
 

@@ -1,0 +1,275 @@
+"""Deployment, end to end on 127.0.0.1: real TLS SuperLink, real enrolled SuperNodes.
+
+Every process is started through the `fedmodel` CLI exactly as an operator and data
+owners would, in a fresh temporary directory; cleanup stops them by PID, and as a
+last resort kills any process whose command line names that directory (nothing else).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedmodel.pki import JoinBundle, create_node_identity, create_server_pki
+from fedmodel.processes import free_port
+
+pytestmark = pytest.mark.slow  # every test here runs the CLI in subprocesses
+
+FEDMODEL = [sys.executable, "-m", "fedmodel.cli"]
+ROWS_PER_SITE = 120
+
+
+def fedmodel(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FEDMODEL, *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def background(*args: str | Path, log: Path) -> subprocess.Popen[str]:
+    with log.open("w") as handle:
+        return subprocess.Popen(
+            [*FEDMODEL, *map(str, args)], stdout=handle, stderr=subprocess.STDOUT, text=True
+        )
+
+
+def _processes_naming(directory: Path) -> list[int]:
+    needle = str(directory).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if needle in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+@dataclasses.dataclass
+class Workspace:
+    """A directory for one federation, and the CLI processes started in it."""
+
+    path: Path
+    started: list[subprocess.Popen[str]]
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Iterator[Workspace]:
+    """Everything started for the test is stopped afterwards, even when it fails."""
+    space = Workspace(tmp_path, [])
+    try:
+        yield space
+    finally:
+        for process in space.started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)  # the CLI stops its SuperNode on SIGTERM
+        for process in space.started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=20)
+        if (tmp_path / "srv" / "federation.toml").exists():
+            fedmodel("server", "stop", "--dir", tmp_path / "srv", timeout=60)
+        for pid in _processes_naming(tmp_path):  # last resort; only this test's processes
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses of LISTEN sockets on `port`, from /proc/net/tcp and tcp6."""
+    addresses = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, _, state = line.split()[1:4]
+            host, port_hex = local.split(":")
+            if state == "0A" and int(port_hex, 16) == port:
+                addresses.append(host)
+    return addresses
+
+
+LOOPBACK_HEX = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, ::ffff:127.0.0.1
+
+
+def _write_sites(directory: Path, names: list[str]) -> dict[str, Path]:
+    from simulations.medical import load_flchain_frame
+
+    frame = load_flchain_frame().sample(frac=1.0, random_state=0)
+    paths = {}
+    for number, name in enumerate(names):
+        paths[name] = directory / f"{name}.csv"
+        frame.iloc[number * ROWS_PER_SITE : (number + 1) * ROWS_PER_SITE].to_csv(
+            paths[name], index=False
+        )
+    return paths
+
+
+def _wait_for_exit(process: subprocess.Popen[str], timeout: float) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"process {process.args} did not exit within {timeout} s")
+
+
+def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
+    workspace: Workspace,
+) -> None:
+    started, root = workspace.started, workspace.path
+    server = root / "srv"
+    fleet_port, control_port = free_port(), free_port()
+    result = fedmodel(
+        "server", "init", "--dir", server, "--address", "127.0.0.1",
+        "--fleet-port", fleet_port, "--control-port", control_port,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for key in ("ca.key", "server.key"):
+        assert stat.S_IMODE((server / key).stat().st_mode) == 0o600
+
+    result = fedmodel("server", "start", "--dir", server, "--detach", timeout=90)
+    assert result.returncode == 0, result.stderr
+    for port in (fleet_port, control_port):  # nothing listens on 0.0.0.0
+        assert set(_listening(port)) and set(_listening(port)) <= LOOPBACK_HEX
+
+    sites = ["hospital-a", "hospital-b", "hospital-c"]
+    data = _write_sites(root, sites)
+    for site in sites:
+        assert fedmodel("client", "init", "--dir", root / site).returncode == 0
+        assert stat.S_IMODE((root / site / "node.key").stat().st_mode) == 0o600
+        enrolled = fedmodel("server", "enroll", root / site / "node.pub", "--name", site,
+                            "--dir", server)  # fmt: skip
+        assert enrolled.returncode == 0, enrolled.stderr
+    nodes = {}
+    for site in sites:
+        nodes[site] = background(
+            "client", "start", "--dir", root / site,
+            "--join", server / "bundles" / f"{site}.join", "--data", data[site],
+            "--label", "death", "--device", "cpu",
+            log=root / f"{site}.out",
+        )  # fmt: skip
+        started.append(nodes[site])
+
+    # Would-be intruders, while the run goes on: none may join or disturb it. Each has
+    # its own valid P-384 key that was never enrolled, and a bundle forged for it.
+    bundle = JoinBundle.load(server / "bundles" / "hospital-a.join")
+    other_ca = create_server_pki(root / "other-ca", ["127.0.0.1"]).ca_certificate.read_text()
+    strangers = {}
+    refused = {}
+    for name, extra in (("unenrolled", ()), ("wrong-ca", ()), ("plaintext", ("--insecure",))):
+        strangers[name] = create_node_identity(root / name)
+        forged = dataclasses.replace(bundle, node_fingerprint=strangers[name].fingerprint)
+        if name == "wrong-ca":
+            forged = dataclasses.replace(forged, ca_certificate=other_ca)
+        (root / f"{name}.join").write_text(forged.to_json())
+        refused[name] = background(
+            "client", "start", "--dir", root / name, "--join", root / f"{name}.join",
+            "--data", data["hospital-a"], "--label", "death", "--max-wait-time", "10", *extra,
+            log=root / f"{name}.out",
+        )  # fmt: skip
+        started.append(refused[name])
+
+    started_at = time.monotonic()
+    run = fedmodel(
+        "run", "--dir", server, "--rounds", "3", "--epsilon", "2.0", "--min-clients", "3",
+        "--batch-size", "32", "--output", root / "run", timeout=420,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started_at
+    assert run.returncode == 0, run.stdout + run.stderr
+    for number in (1, 2, 3):
+        assert f"round {number}/3" in run.stdout
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    assert summary["completed"] and summary["rounds"] == 3 and summary["scenario"] == "deployment"
+    assert sorted(client["node"] for client in summary["clients"]) == sites
+    for client in summary["clients"]:
+        # 80% of each site's rows train; 20% are its held-out evaluation rows
+        assert client["num_examples"] == ROWS_PER_SITE - ROWS_PER_SITE // 5
+        assert 0 < client["epsilon"] <= 2.0 + 1e-6
+        assert len(client["epsilon_by_round"]) == 3
+    assert all(row["clients"] == 3 for row in summary["per_round"])
+    assert (root / "run" / "checkpoints").is_dir()
+    print(f"3-round deployment run: {elapsed:.0f} s")
+
+    expected = {
+        "unenrolled": "not enrolled, or was revoked",
+        "wrong-ca": "not signed by the bundle's CA",
+        "plaintext": "requires TLS",
+    }
+    for name, process in refused.items():
+        assert _wait_for_exit(process, 60) != 0
+        last = (root / f"{name}.out").read_text().strip().splitlines()[-1]
+        assert last.startswith("error:") and expected[name] in last, last
+
+    # Revocation: the node is cut off at once and cannot come back with its key.
+    revoke = fedmodel("server", "revoke", "hospital-c", "--dir", server)
+    assert revoke.returncode == 0, revoke.stderr
+    assert _wait_for_exit(nodes["hospital-c"], 60) != 0
+    assert "disconnected this node" in (root / "hospital-c.out").read_text()
+    again = fedmodel(
+        "client", "start", "--dir", root / "hospital-c",
+        "--join", server / "bundles" / "hospital-c.join", "--data", data["hospital-c"],
+        "--label", "death", "--max-wait-time", "10", timeout=90,
+    )  # fmt: skip
+    assert again.returncode != 0 and "not enrolled, or was revoked" in again.stderr
+    listing = fedmodel("server", "nodes", "--dir", server).stdout
+    assert "revoked" in listing and listing.count("online") == 2
+
+    audit = [json.loads(line) for line in (server / "audit.jsonl").read_text().splitlines()]
+    fedmodel("server", "audit", "--dir", server)  # catches up with the log; checks the chain
+    audit = [json.loads(line) for line in (server / "audit.jsonl").read_text().splitlines()]
+    events = [event["event"] for event in audit]
+    assert events.count("enrolled") == 3 and events.count("revoked") == 1
+    reasons = [event["reason"] for event in audit if event["event"] == "refused"]
+    assert any("2004" in reason for reason in reasons)
+    assert any("plaintext" in reason for reason in reasons)
+    assert any(
+        event.get("node") == "hospital-c" and event.get("node_status") == "revoked"
+        for event in audit
+        if event["event"] == "refused"
+    )
+    assert any(event.get("fingerprint") == strangers["unenrolled"].fingerprint for event in audit)
+    assert "BEGIN" not in (server / "audit.jsonl").read_text()  # no key material
+
+
+def test_client_start_checks_data_and_bundle_before_connecting(tmp_path: Path) -> None:
+    pki = create_server_pki(tmp_path / "srv", ["127.0.0.1"])
+    identity = create_node_identity(tmp_path / "node")
+    bundle = tmp_path / "site.join"
+    bundle.write_text(
+        JoinBundle(
+            "hospital-a", f"127.0.0.1:{free_port()}", pki.ca_certificate.read_text(),
+            identity.fingerprint,
+        ).to_json()
+    )  # fmt: skip
+    (tmp_path / "site.csv").write_text("age,death\n50,1\n60,0\n")
+    (tmp_path / "junk.join").write_text("not a bundle")
+    cases = {
+        "does not exist": ("--join", bundle, "--data", tmp_path / "none.csv", "--label", "death"),
+        "label column 'outcome'": ("--join", bundle, "--data", tmp_path / "site.csv",
+                                   "--label", "outcome"),
+        "not a FedModel join bundle": ("--join", tmp_path / "junk.join", "--data",
+                                       tmp_path / "site.csv", "--label", "death"),
+    }  # fmt: skip
+    for message, args in cases.items():
+        result = fedmodel("client", "start", "--dir", tmp_path / "node", *args, timeout=60)
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+    assert not (tmp_path / "node" / "supernode.log").exists()  # never tried to connect
+
+
+def test_server_refuses_to_start_without_tls_material(tmp_path: Path) -> None:
+    server = tmp_path / "srv"
+    ports = ("--fleet-port", free_port(), "--control-port", free_port())
+    first = fedmodel("server", "init", "--dir", server, "--address", "127.0.0.1", *ports)
+    assert first.returncode == 0, first.stderr
+    again = fedmodel("server", "init", "--dir", server, "--address", "127.0.0.1")
+    assert again.returncode != 0 and "pass --force" in again.stderr
+    (server / "server.key").unlink()
+    result = fedmodel("server", "start", "--dir", server)
+    assert result.returncode != 0 and "server.key is missing" in result.stderr
+    assert not (server / "superlink.pid").exists()
