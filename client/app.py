@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.attacks import simulated_attack_mod
 from client.local_data import client_data, describe_local_data, evaluate_local_data
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, make_loader
@@ -30,7 +31,7 @@ from fedmodel.privacy.budget import (
 from fedmodel.privacy.ledger import PrivacyLedger, dataset_fingerprint, spent_history
 from fedmodel.training import TrainResult, select_device, train_dp, train_plain
 
-app = ClientApp()
+app = ClientApp(mods=[simulated_attack_mod])
 # Deployed nodes describe their own file (query) and score global models on it (evaluate).
 app.query()(describe_local_data)
 app.evaluate()(evaluate_local_data)

@@ -17,18 +17,9 @@ from flwr.app import ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedmodel.config import RunConfig
-from fedmodel.errors import ConfigError
 
-ATTACKS = ("none", "sign-flip", "scaled", "gaussian", "nan")
 GAUSSIAN_ATTACK_STD = 100.0
 SCALED_ATTACK_FACTOR = 10.0
-
-
-def check_attack(attack: str, attackers: float) -> None:
-    if attack not in ATTACKS:
-        raise ConfigError(f"unknown attack '{attack}'; choose one of: {', '.join(ATTACKS)}")
-    if not 0.0 <= attackers < 1.0:
-        raise ConfigError(f"--attackers must be a fraction in [0, 1) (got {attackers})")
 
 
 def is_attacker(partition_id: int, clients: int, attackers: float) -> bool:

@@ -16,6 +16,8 @@ from typing import Any
 
 from fedmodel.errors import ConfigError
 
+AGGREGATORS = ("fedavg", "fedadam", "median", "trimmed-mean", "krum", "multikrum", "bulyan")
+ATTACKS = ("none", "sign-flip", "scaled", "gaussian", "nan")
 PARTITION_SCHEMES = ("iid", "dirichlet", "shard", "pathological")
 
 
@@ -50,6 +52,12 @@ class RunConfig:
     min_clients: int = 1  # stop cleanly when fewer clients have budget left
     # deployment (issue 4)
     round_timeout: float = 600.0  # seconds the server waits for one round's replies
+    # robustness (issue 6)
+    aggregator: str = "fedavg"
+    byzantine: int = 0  # malicious clients per round the robust rule must tolerate
+    attack: str = "none"  # simulation only: what the attacking clients send
+    attackers: float = 0.0  # simulation only: fraction of clients that attack
+    max_update_norm: float = 0.0  # reject updates farther than this from the global model (0: off)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,6 +105,23 @@ class RunConfig:
             _finite_positive(self.round_timeout),
             "--round-timeout must be a positive number of seconds",
             self.round_timeout,
+        )
+        _require(
+            self.aggregator in AGGREGATORS,
+            f"--aggregator must be one of {', '.join(AGGREGATORS)}",
+            self.aggregator,
+        )
+        _require(self.byzantine >= 0, "--byzantine must be 0 or more", self.byzantine)
+        _require(
+            self.attack in ATTACKS, f"--attack must be one of {', '.join(ATTACKS)}", self.attack
+        )
+        _require(
+            0.0 <= self.attackers < 1.0, "--attackers must be a fraction in [0, 1)", self.attackers
+        )
+        _require(
+            math.isfinite(self.max_update_norm) and self.max_update_norm >= 0.0,
+            "--max-update-norm must be 0 (off) or a positive number",
+            self.max_update_norm,
         )
 
     def to_run_config(self) -> dict[str, int | float | bool | str]:

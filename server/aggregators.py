@@ -24,11 +24,10 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
+from fedmodel.config import AGGREGATORS
 from fedmodel.errors import ConfigError
 
 TRIMMED_MEAN_BETA = 0.2
-
-AGGREGATORS = ("fedavg", "fedadam", "median", "trimmed-mean", "krum", "multikrum", "bulyan")
 
 
 def check_aggregator(name: str, replies_per_round: int, byzantine: int) -> None:

@@ -1,4 +1,4 @@
-"""ServerApp: FedAvg over the clients, central evaluation and a checkpoint every round."""
+"""ServerApp: the configured aggregation rule, central evaluation and a checkpoint every round."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedmodel.config import RunConfig
 from fedmodel.models import build_model
 from fedmodel.training import evaluate
+from server.aggregators import build_aggregator
 from server.checkpoint import save_checkpoint
 from server.deployment import DEPLOYMENT_SCENARIO, run_deployment
 from server.run_record import RunRecorder
-from server.strategy import FederationStopped, RecordingFedAvg
+from server.strategy import FederationStopped, GuardedStrategy, aggregate_train_metrics
 from simulations.scenarios import global_test_set
 
 app = ServerApp()
@@ -43,13 +44,22 @@ def main(grid: Grid, context: Context) -> None:
         record: dict[str, int | float | list[int] | list[float]] = {**metrics}
         return MetricRecord(record)
 
-    strategy = RecordingFedAvg(
-        recorder,
+    replies_per_round = max(1, int(config.clients * config.fraction))
+    inner = build_aggregator(
+        config.aggregator,
+        replies_per_round,
+        config.byzantine,
         fraction_train=config.fraction,
         fraction_evaluate=0.0,
-        min_train_nodes=max(1, int(config.clients * config.fraction)),
+        min_train_nodes=replies_per_round,
         min_available_nodes=config.clients,
+        train_metrics_aggr_fn=aggregate_train_metrics,
+    )
+    strategy = GuardedStrategy(
+        inner,
+        recorder,
         min_clients=config.min_clients,
+        max_update_norm=config.max_update_norm or None,
     )
     try:
         strategy.start(

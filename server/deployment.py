@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
 from logging import INFO, WARN
 from pathlib import Path
 
@@ -25,9 +24,10 @@ from flwr.serverapp import Grid
 from fedmodel.config import RunConfig
 from fedmodel.data import FeatureStatistics
 from fedmodel.models import build_model
+from server.aggregators import build_aggregator
 from server.checkpoint import save_checkpoint
 from server.run_record import RunRecorder
-from server.strategy import FederationStopped, RecordingFedAvg
+from server.strategy import FederationStopped, GuardedStrategy, aggregate_train_metrics
 
 DEPLOYMENT_SCENARIO = "deployment"  # RunConfig.scenario of a run on enrolled nodes
 STATISTICS_KEY = "feature-statistics"  # client/local_data.py reads these two keys
@@ -48,14 +48,24 @@ def run_deployment(grid: Grid, config: RunConfig) -> None:
         save_checkpoint(run_dir / "checkpoints", server_round, model.state_dict())
         return None
 
-    strategy = DeploymentFedAvg(
-        recorder,
+    inner = build_aggregator(
+        config.aggregator,
+        config.clients,
+        config.byzantine,
         evaluate_metrics_aggr_fn=aggregate_evaluation,
+        train_metrics_aggr_fn=aggregate_train_metrics,
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=config.clients,
         min_evaluate_nodes=config.clients,
         min_available_nodes=config.clients,
+    )
+    strategy = GuardedStrategy(
+        inner,
+        recorder,
+        min_clients=config.min_clients,
+        max_update_norm=config.max_update_norm or None,
+        records_federated_evaluation=True,
     )
     # client ids in the run record: 0, 1, ... in node-name order
     ordered = sorted(names, key=lambda node: (names[node], node))
@@ -114,19 +124,6 @@ def query_feature_statistics(
     log(INFO, "Feature statistics of %d rows from %d nodes: %d features", merged.rows,
         len(names), len(merged.feature_names()))  # fmt: skip
     return merged, names
-
-
-class DeploymentFedAvg(RecordingFedAvg):
-    """RecordingFedAvg whose progress comes from federated evaluation on the nodes."""
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, replies)
-        if metrics is not None:
-            values = {key: float(metrics[key]) for key in ("auroc", "accuracy", "loss")}  # type: ignore[arg-type]
-            self.recorder.record_evaluation(server_round, values)
-        return metrics
 
 
 def aggregate_evaluation(replies: list[RecordDict], weighted_by_key: str) -> MetricRecord:

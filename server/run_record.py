@@ -31,6 +31,7 @@ ROUND_COLUMNS = (
     "train_loss",
     "max_epsilon",
     "clients",
+    "rejected",
     "auprc",
     "recall_at_1pct_fpr",
 )
@@ -50,6 +51,7 @@ class RunRecorder:
         self._round_train_loss: dict[int, float] = {}
         self.initial: dict[str, float] | None = None
         self.dropouts: list[dict[str, Any]] = []
+        self.rejections: list[dict[str, Any]] = []
         run_dir.mkdir(parents=True, exist_ok=True)
         _start_csv(run_dir / "metrics.csv", ROUND_COLUMNS)
         _start_csv(run_dir / "clients.csv", CLIENT_COLUMNS)
@@ -92,6 +94,14 @@ class RunRecorder:
             self.clients[client]["dropped_out_round"] = server_round
         self.write_summary(completed=False)
 
+    def record_rejection(
+        self, server_round: int, node_id: int, client: str | None, reason: str
+    ) -> None:
+        """An update dropped before aggregation (malformed, non-finite or too large)."""
+        self.rejections.append(
+            {"round": server_round, "node_id": node_id, "client": client, "reason": reason}
+        )
+
     def record_evaluation(self, server_round: int, metrics: Mapping[str, float]) -> None:
         """Store the central evaluation after a round, refresh files, log one progress line."""
         if server_round == 0:
@@ -106,6 +116,7 @@ class RunRecorder:
             "train_loss": self._round_train_loss.get(server_round, math.nan),
             "max_epsilon": max(epsilons) if epsilons else None,
             "clients": len(self._round_clients.get(server_round, [])),
+            "rejected": sum(1 for r in self.rejections if r["round"] == server_round),
             # imbalanced tasks (issue 3); None where undefined (a test set of one class)
             "auprc": _finite_or_none(metrics.get("auprc")),
             "recall_at_1pct_fpr": _finite_or_none(metrics.get("recall_at_1pct_fpr")),
@@ -138,6 +149,7 @@ class RunRecorder:
             "clients": sorted(self.clients.values(), key=lambda c: int(c["client"])),
             "stopped_early": stopped_early,
             "dropouts": self.dropouts,
+            "rejected_updates": self.rejections,
             "config": asdict(self.config),
             "software": software_versions(),
         }

@@ -1,13 +1,16 @@
-"""FedAvg that hands every client's training metrics to the run recorder.
+"""The coordinator's strategy: any aggregation rule, behind checks and a run record.
 
-Federated Averaging: McMahan et al. 2017, "Communication-Efficient Learning of Deep
-Networks from Decentralized Data". Aggregated epsilon is the maximum over clients, never
-a mean: a mean would hide the client whose data is least protected.
-
-A client that refuses a round because its owner's privacy budget is spent (error code
-`BUDGET_EXHAUSTED_CODE`) is a normal dropout: it is logged and recorded, not asked again
-in this run, and the run stops cleanly (`FederationStopped`) once fewer than
-`min_clients` clients train in a round.
+`GuardedStrategy` wraps a Flower Message-API strategy (FedAvg, FedMedian, Krum, ...) and
+adds what every FedModel run needs around aggregation:
+- each training reply is validated (`fedmodel.records.reply_rejection`); an invalid one
+  is dropped with a logged, recorded reason instead of crashing the round or the run;
+- every client's metrics (examples, loss, epsilon, mechanism history) are recorded;
+- a client that refuses a round because its owner's privacy budget is spent (error code
+  `BUDGET_EXHAUSTED_CODE`) is a normal dropout: logged, recorded, not asked again in this
+  run, and the run stops cleanly (`FederationStopped`) once fewer than `min_clients`
+  clients train in a round.
+Aggregated epsilon is the maximum over clients, never a mean: a mean would hide the
+client whose data is least protected.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from logging import WARNING
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedmodel.privacy.budget import BUDGET_EXHAUSTED_CODE
+from fedmodel.records import reply_rejection
 from server.run_record import RunRecorder
 
 
@@ -52,23 +56,37 @@ def _scalar(value: object) -> float:
     return float(value)
 
 
-class RecordingFedAvg(FedAvg):
-    """FedAvg whose training replies, and budget dropouts, are also recorded per client."""
+class GuardedStrategy(Strategy):
+    """Validates, records and budget-checks around an inner aggregation strategy."""
 
-    def __init__(self, recorder: RunRecorder, min_clients: int = 1, **kwargs: object) -> None:
-        super().__init__(train_metrics_aggr_fn=aggregate_train_metrics, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        inner: FedAvg,
+        recorder: RunRecorder,
+        min_clients: int = 1,
+        max_update_norm: float | None = None,
+        records_federated_evaluation: bool = False,
+    ) -> None:
+        self.inner = inner
         self.recorder = recorder
         self.min_clients = min_clients
+        self.max_update_norm = max_update_norm
+        self.records_federated_evaluation = records_federated_evaluation
         self.exhausted: set[int] = set()
         self.client_of_node: dict[int, str] = {}
+        self._global_arrays: ArrayRecord | None = None
+
+    def summary(self) -> None:
+        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's sampling, minus the nodes whose owners have no budget left."""
+        """The inner rule's sampling, minus the nodes whose owners have no budget left."""
+        self._global_arrays = arrays
         messages = [
             message
-            for message in super().configure_train(server_round, arrays, config, grid)
+            for message in self.inner.configure_train(server_round, arrays, config, grid)
             if message.metadata.dst_node_id not in self.exhausted
         ]
         if len(messages) < self.min_clients:
@@ -82,20 +100,27 @@ class RecordingFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        trained = [reply for reply in replies if not reply.has_error()]
-        for reply in trained:
-            reported = reply.content.metric_records["metrics"]
-            if "partition-id" in reported:
-                client = str(int(reported["partition-id"]))  # type: ignore[arg-type]
-                self.client_of_node[reply.metadata.src_node_id] = client
-        for reply in replies:
-            if reply.has_error() and reply.error.code == BUDGET_EXHAUSTED_CODE:
+        failed = [reply for reply in replies if reply.has_error()]
+        for reply in failed:
+            if reply.error.code == BUDGET_EXHAUSTED_CODE:
                 node = reply.metadata.src_node_id
                 self.exhausted.add(node)
                 log(WARNING, "node %d leaves the run: %s", node, reply.error.reason)
                 self.recorder.record_dropout(
                     server_round, node, self.client_of_node.get(node), str(reply.error.reason)
                 )
+        trained = []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            node = reply.metadata.src_node_id
+            reason = reply_rejection(reply.content, self._reference(), self.max_update_norm)
+            if reason is not None:
+                log(WARNING, "rejected the update of node %d: %s", node, reason)
+                self.recorder.record_rejection(server_round, node, self._client_of(reply), reason)
+                continue
+            self.client_of_node[node] = self._client_of(reply) or str(node)
+            trained.append(reply)
         # What the clients spent is recorded even when their updates are not aggregated.
         self.recorder.record_replies(server_round, [reply.content["metrics"] for reply in trained])
         if len(trained) < self.min_clients:
@@ -103,4 +128,31 @@ class RecordingFedAvg(FedAvg):
                 f"only {len(trained)} clients trained in round {server_round}; "
                 f"at least {self.min_clients} needed"
             )
-        return super().aggregate_train(server_round, replies)
+        return self.inner.aggregate_train(server_round, trained + failed)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        metrics = self.inner.aggregate_evaluate(server_round, replies)
+        if metrics is not None and self.records_federated_evaluation:
+            self.recorder.record_evaluation(
+                server_round, {key: _scalar(metrics[key]) for key in ("auroc", "accuracy", "loss")}
+            )
+        return metrics
+
+    def _reference(self) -> ArrayRecord:
+        if self._global_arrays is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        return self._global_arrays
+
+    @staticmethod
+    def _client_of(reply: Message) -> str | None:
+        reported = reply.content.metric_records.get("metrics")
+        if reported is None or "partition-id" not in reported:
+            return None
+        return str(int(_scalar(reported["partition-id"])))

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from client.attacks import check_attack, is_attacker, poison
+from client.attacks import is_attacker, poison
+from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
 
 GLOBAL = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5])}
@@ -36,7 +37,7 @@ def test_attackers_are_the_first_fraction_of_partitions() -> None:
 
 
 def test_bad_attack_settings_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="unknown attack 'flood'"):
-        check_attack("flood", 0.2)
+    with pytest.raises(ConfigError, match="--attack must be one of"):
+        RunConfig(attack="flood")
     with pytest.raises(ConfigError, match="--attackers"):
-        check_attack("nan", 1.5)
+        RunConfig(attack="nan", attackers=1.5)
