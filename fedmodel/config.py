@@ -124,6 +124,11 @@ class RunConfig:
             self.max_update_norm,
         )
 
+    @property
+    def clients_per_round(self) -> int:
+        """How many clients train each round (Flower samples int(N * fraction), at least 1)."""
+        return max(1, int(self.clients * self.fraction))
+
     def to_run_config(self) -> dict[str, int | float | bool | str]:
         """Flower run-config form: hyphenated keys, scalar values."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

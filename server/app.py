@@ -44,14 +44,13 @@ def main(grid: Grid, context: Context) -> None:
         record: dict[str, int | float | list[int] | list[float]] = {**metrics}
         return MetricRecord(record)
 
-    replies_per_round = max(1, int(config.clients * config.fraction))
     inner = build_aggregator(
         config.aggregator,
-        replies_per_round,
+        config.clients_per_round,
         config.byzantine,
         fraction_train=config.fraction,
         fraction_evaluate=0.0,
-        min_train_nodes=replies_per_round,
+        min_train_nodes=config.clients_per_round,
         min_available_nodes=config.clients,
         train_metrics_aggr_fn=aggregate_train_metrics,
     )

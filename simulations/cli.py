@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedmodel.config import RunConfig
+from fedmodel.config import AGGREGATORS, ATTACKS, RunConfig
 from fedmodel.errors import ConfigError
 from simulations.scenarios import MIN_DP_ROWS
 
@@ -57,6 +57,13 @@ BaselineSites = Annotated[
 NoBaselines = Annotated[
     bool, typer.Option("--no-baselines", help="Skip the central and local-only baselines.")
 ]
+Aggregator = Annotated[str, typer.Option(help=f"Aggregation rule: {', '.join(AGGREGATORS)}.")]
+Byzantine = Annotated[int, typer.Option(help="Malicious clients per round to tolerate.")]
+Attack = Annotated[str, typer.Option(help=f"Simulated attack: {', '.join(ATTACKS)}.")]
+Attackers = Annotated[float, typer.Option(help="Fraction of clients that attack.")]
+MaxUpdateNorm = Annotated[
+    float, typer.Option(help="Reject updates farther than this from the global model (0: off).")
+]
 
 
 @simulate_app.command("medical")
@@ -82,6 +89,11 @@ def simulate_medical(
     verbose: Verbose = False,
     baseline_sites: BaselineSites = 10,
     no_baselines: NoBaselines = False,
+    aggregator: Aggregator = DEFAULTS.aggregator,
+    byzantine: Byzantine = DEFAULTS.byzantine,
+    attack: Attack = DEFAULTS.attack,
+    attackers: Attackers = DEFAULTS.attackers,
+    max_update_norm: MaxUpdateNorm = DEFAULTS.max_update_norm,
 ) -> None:
     """Hospitals train a risk model under DP-SGD (default: flchain mortality)."""
     _run("medical", locals())
@@ -110,6 +122,11 @@ def simulate_financial(
     verbose: Verbose = False,
     baseline_sites: BaselineSites = 10,
     no_baselines: NoBaselines = False,
+    aggregator: Aggregator = DEFAULTS.aggregator,
+    byzantine: Byzantine = DEFAULTS.byzantine,
+    attack: Attack = DEFAULTS.attack,
+    attackers: Attackers = DEFAULTS.attackers,
+    max_update_norm: MaxUpdateNorm = DEFAULTS.max_update_norm,
 ) -> None:
     """Banks train a credit-risk or fraud model under DP-SGD (default: lending-club)."""
     _run("financial", locals())
@@ -137,6 +154,11 @@ def simulate_digits(
     verbose: Verbose = False,
     baseline_sites: BaselineSites = 10,
     no_baselines: NoBaselines = False,
+    aggregator: Aggregator = DEFAULTS.aggregator,
+    byzantine: Byzantine = DEFAULTS.byzantine,
+    attack: Attack = DEFAULTS.attack,
+    attackers: Attackers = DEFAULTS.attackers,
+    max_update_norm: MaxUpdateNorm = DEFAULTS.max_update_norm,
 ) -> None:
     """Devices train a small CNN on 5,000 real MNIST digits (10 classes) under DP-SGD."""
     _run("digits", locals() | {"dataset": "mnist-5k"})
@@ -167,6 +189,11 @@ def simulate_csv(
     verbose: Verbose = False,
     baseline_sites: BaselineSites = 10,
     no_baselines: NoBaselines = False,
+    aggregator: Aggregator = DEFAULTS.aggregator,
+    byzantine: Byzantine = DEFAULTS.byzantine,
+    attack: Attack = DEFAULTS.attack,
+    attackers: Attackers = DEFAULTS.attackers,
+    max_update_norm: MaxUpdateNorm = DEFAULTS.max_update_norm,
 ) -> None:
     """Simulate a federation on your own table (one client per --partition-by value)."""
     options = locals() | {"data": str(data.absolute()), "partition_by": partition_by or ""}
@@ -192,6 +219,7 @@ def _simulate(
     baseline_sites: int | None,
 ) -> None:
     from fedmodel.models import build_model
+    from server.aggregators import check_aggregator
     from server.run_record import write_json_atomic
     from simulations.baselines import run_baselines
     from simulations.heterogeneity import heterogeneity
@@ -208,6 +236,7 @@ def _simulate(
         config = resolve_clients(config, clients_given)  # fails fast, before any engine starts
         clients = federation(config)
         build_model(config.model, clients.test.num_features)
+        check_aggregator(config.aggregator, config.clients_per_round, config.byzantine)
         non_iid = heterogeneity(clients.clients)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = config.replace(output_dir=str(run_dir.absolute()))
@@ -227,6 +256,12 @@ def _simulate(
             else "without DP"
         )
         + (f", {config.fraction:g} of clients per round" if config.fraction < 1 else "")
+        + (f", aggregator {config.aggregator}" if config.aggregator != "fedavg" else "")
+        + (
+            f", {config.attackers:g} of clients attacking ({config.attack})"
+            if config.attack != "none" and config.attackers > 0
+            else ""
+        )
         + f"; run directory {run_dir}"
     )
     started = time.monotonic()
