@@ -101,3 +101,76 @@ def _print_report(report: Any) -> None:
             console.print(f"[red]FAILED[/red] {problem}")
     for plot in report.plots:
         console.print(f"plot: {plot}")
+
+
+@audit_app.command("empirical")
+def audit_empirical(
+    scenario: Annotated[str, typer.Option(help="Scenario whose training rows are audited.")] = (
+        "medical"
+    ),
+    dataset: Annotated[str, typer.Option(help="Dataset of the scenario.")] = "flchain",
+    canaries: Annotated[int, typer.Option(help="Canary records (each in with p = 1/2).")] = 1000,
+    guesses: Annotated[
+        int, typer.Option(help="Guesses per side: IN for the k best-fitted, OUT for the k worst.")
+    ] = 50,
+    epochs: Annotated[int, typer.Option(help="Training epochs of the audited run.")] = 30,
+    epsilon: Annotated[float, typer.Option(help="Target epsilon of the DP-SGD run.")] = 1.0,
+    delta: Annotated[float, typer.Option(help="DP delta (also the bound's delta).")] = 1e-5,
+    no_dp: Annotated[
+        bool, typer.Option("--no-dp", help="Non-private control: shows the audit has teeth.")
+    ] = False,
+    model: Annotated[
+        str, typer.Option(help="wide-mlp (memorises: a stronger audit) or a registry model.")
+    ] = "wide-mlp",
+    seed: Annotated[
+        int | None, typer.Option(help="Secret inclusion seed (default: drawn from the OS).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """One-run empirical audit (Steinke, Nasr, Jagielski 2023): a lower bound on epsilon.
+
+    Exits with code 1 when the lower bound exceeds the accountant's epsilon (a bug).
+    """
+    import torch
+
+    from fedmodel.config import RunConfig
+    from fedmodel.errors import ConfigError
+    from fedmodel.privacy.canaries import run_empirical_audit
+    from simulations.scenarios import client_partitions
+
+    if canaries < 2 or not 0 < 2 * guesses <= canaries:
+        raise ConfigError(f"--guesses must be between 1 and canaries/2 (got {guesses})")
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1 (got {epochs})")
+    config = RunConfig(
+        scenario=scenario,
+        dataset=dataset,
+        clients=1,
+        dp=not no_dp,
+        epsilon=epsilon,
+        delta=delta,
+        model=model,
+    )
+    torch.set_num_threads(1)
+    data = client_partitions(config)[0]
+    with console.status(f"Training once with {canaries} canaries ({epochs} epochs)..."):
+        result = run_empirical_audit(config, data, canaries, guesses, epochs, seed)
+    if as_json:
+        console.out(json.dumps(result.to_json(), indent=2))
+    else:
+        accountant = (
+            "no DP: no accountant"
+            if result.accountant_epsilon is None
+            else f"accountant epsilon {result.accountant_epsilon:.3f} (RDP), "
+            f"{result.pld_epsilon:.3f} (PLD)"
+        )
+        console.print(
+            f"epsilon lower bound {result.epsilon_lower_bound:.3f} at {1 - result.beta:.0%} "
+            f"confidence (m={result.canaries}, guesses={result.guesses}, "
+            f"correct={result.correct}, delta={result.delta:g}); ceiling with these guesses "
+            f"{result.ceiling:.2f}; {accountant}"
+        )
+        console.print(f"threat model: {result.threat_model}")
+    if result.accounting_bug:
+        console.print("[red]FAILED[/red] the lower bound exceeds the accountant's epsilon")
+        raise typer.Exit(code=1)
