@@ -39,8 +39,28 @@ def fedmodel(*args: str | Path, timeout: float = 120) -> subprocess.CompletedPro
 def background(*args: str | Path, log: Path) -> subprocess.Popen[str]:
     with log.open("w") as handle:
         return subprocess.Popen(
-            [*FEDMODEL, *map(str, args)], stdout=handle, stderr=subprocess.STDOUT, text=True
+            [*FEDMODEL, *map(str, args)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},  # lines reach the log as printed
         )
+
+
+def _wait_for_text(path: Path, text: str, process: subprocess.Popen[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"'{text}' never appeared in {path}:\n{path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _wait_until_online(server: Path, count: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while (listing := fedmodel("server", "nodes", "--dir", server).stdout).count("online") < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"fewer than {count} nodes came online:\n{listing}")
+        time.sleep(1)
 
 
 def _processes_naming(directory: Path) -> list[int]:
@@ -173,15 +193,24 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
         )  # fmt: skip
         started.append(refused[name])
 
+    # Train with all three; hospital-c is revoked as soon as round 1 is reported, and the
+    # run goes on with the other two (--min-clients 2).
+    _wait_until_online(server, 3)
     started_at = time.monotonic()
-    run = fedmodel(
-        "run", "--dir", server, "--rounds", "3", "--epsilon", "2.0", "--min-clients", "3",
-        "--batch-size", "32", "--output", root / "run", timeout=420,
+    run = background(
+        "run", "--dir", server, "--rounds", "3", "--epsilon", "2.0", "--min-clients", "2",
+        "--batch-size", "32", "--round-timeout", "120", "--output", root / "run",
+        log=root / "run.out",
     )  # fmt: skip
+    started.append(run)
+    _wait_for_text(root / "run.out", "round 1/3", run, 400)
+    revoke = fedmodel("server", "revoke", "hospital-c", "--dir", server)
+    assert revoke.returncode == 0, revoke.stderr
+    assert _wait_for_exit(run, 400) == 0, (root / "run.out").read_text()
     elapsed = time.monotonic() - started_at
-    assert run.returncode == 0, run.stdout + run.stderr
+    output = (root / "run.out").read_text()
     for number in (1, 2, 3):
-        assert f"round {number}/3" in run.stdout
+        assert f"round {number}/3" in output
     summary = json.loads((root / "run" / "summary.json").read_text())
     assert summary["completed"] and summary["rounds"] == 3 and summary["scenario"] == "deployment"
     assert sorted(client["node"] for client in summary["clients"]) == sites
@@ -189,10 +218,11 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
         # 80% of each site's rows train; 20% are its held-out evaluation rows
         assert client["num_examples"] == ROWS_PER_SITE - ROWS_PER_SITE // 5
         assert 0 < client["epsilon"] <= 2.0 + 1e-6
-        assert len(client["epsilon_by_round"]) == 3
-    assert all(row["clients"] == 3 for row in summary["per_round"])
+        rounds_trained = len(client["epsilon_by_round"])
+        assert rounds_trained == 3 if client["node"] != "hospital-c" else rounds_trained < 3
+    assert summary["per_round"][0]["clients"] == 3 and summary["per_round"][-1]["clients"] == 2
     assert (root / "run" / "checkpoints").is_dir()
-    print(f"3-round deployment run: {elapsed:.0f} s")
+    print(f"3-round deployment run (revocation included): {elapsed:.0f} s")
 
     expected = {
         "unenrolled": "not enrolled, or was revoked",
@@ -204,9 +234,7 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
         last = (root / f"{name}.out").read_text().strip().splitlines()[-1]
         assert last.startswith("error:") and expected[name] in last, last
 
-    # Revocation: the node is cut off at once and cannot come back with its key.
-    revoke = fedmodel("server", "revoke", "hospital-c", "--dir", server)
-    assert revoke.returncode == 0, revoke.stderr
+    # The revoked node was cut off, and cannot come back with its key.
     assert _wait_for_exit(nodes["hospital-c"], 60) != 0
     assert "disconnected this node" in (root / "hospital-c.out").read_text()
     again = fedmodel(
@@ -218,8 +246,8 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
     listing = fedmodel("server", "nodes", "--dir", server).stdout
     assert "revoked" in listing and listing.count("online") == 2
 
-    audit = [json.loads(line) for line in (server / "audit.jsonl").read_text().splitlines()]
-    fedmodel("server", "audit", "--dir", server)  # catches up with the log; checks the chain
+    shown = fedmodel("server", "audit", "--dir", server)  # catches up with the log; checks chain
+    assert shown.returncode == 0, shown.stderr
     audit = [json.loads(line) for line in (server / "audit.jsonl").read_text().splitlines()]
     events = [event["event"] for event in audit]
     assert events.count("enrolled") == 3 and events.count("revoked") == 1
