@@ -29,6 +29,7 @@ from fedmodel.privacy.budget import (
     new_segments,
 )
 from fedmodel.privacy.ledger import PrivacyLedger, dataset_fingerprint, spent_history
+from fedmodel.privacy.signing import LedgerSigner
 from fedmodel.training import TrainResult, select_device, train_dp, train_plain
 
 app = ClientApp(mods=[simulated_attack_mod])
@@ -86,7 +87,7 @@ def _train_private(
     Raises BudgetExhausted (before any training) when the round would overspend; the
     returned history is everything ever spent on this dataset, this round included.
     """
-    ledger = PrivacyLedger(ledger_path(config, context))
+    ledger = PrivacyLedger(ledger_path(config, context), ledger_signer(context))
     fingerprint = dataset_fingerprint(*(tensor.numpy() for tensor in data.tensors()))
     budget = owner_budget(config, context)
     run_id = str(context.run_id)
@@ -126,6 +127,20 @@ def ledger_path(config: RunConfig, context: Context) -> Path:
         raise ConfigError("this node has no privacy ledger: set node config 'ledger-path'")
     directory = Path(config.ledger_dir or Path(config.output_dir) / "ledgers")
     return directory / f"client-{int(str(context.node_config['partition-id']))}.sqlite"
+
+
+def ledger_signer(context: Context) -> LedgerSigner | None:
+    """The node key that signs ledger entries: node config `node-key-path`, else a
+    `node.key` beside the ledger (where `fedmodel client init` puts it); none in simulation.
+    """
+    node = context.node_config
+    if "node-key-path" in node:
+        return LedgerSigner(Path(str(node["node-key-path"])).expanduser())
+    if "ledger-path" in node:
+        beside = Path(str(node["ledger-path"])).expanduser().parent / "node.key"
+        if beside.is_file():
+            return LedgerSigner(beside)
+    return None
 
 
 def owner_budget(config: RunConfig, context: Context) -> OwnerBudget:

@@ -140,3 +140,39 @@ def test_audit_of_nothing_is_one_clear_line(tmp_path: Path) -> None:
     result = audit_cli(str(tmp_path / "missing"))
     assert result.returncode != 0
     assert result.stderr.strip().startswith("error: nothing to audit at")
+
+
+def test_entries_signed_with_the_node_key_verify_and_a_forged_ledger_does_not(
+    tmp_path: Path,
+) -> None:
+    from flwr.app import Context, RecordDict
+
+    from client.app import ledger_signer
+    from fedmodel.pki import create_node_identity
+
+    node = create_node_identity(tmp_path / "node")
+    other = create_node_identity(tmp_path / "someone-else")
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"ledger-path": str(tmp_path / "node" / "privacy-ledger.sqlite")},
+        state=RecordDict(),
+        run_config={},
+    )
+    signer = ledger_signer(context)
+    assert signer is not None  # the node.key beside the ledger
+    genuine = PrivacyLedger(tmp_path / "node" / "privacy-ledger.sqlite", signer)
+    spend(genuine, "d" * 64, "run-a", 2, RUN_A, budget=5.0)
+    report = audit(genuine.path, public_key=node.public_key)
+    assert report.ok and report.ledgers[0].signed == 4
+
+    # Someone rebuilds a plausible ledger with a key that is not the node's.
+    forged = PrivacyLedger(tmp_path / "forged" / "privacy-ledger.sqlite", ledger_signer(
+        Context(run_id=1, node_id=1, node_config={"node-key-path": str(other.private_key)},
+                state=RecordDict(), run_config={})
+    ))  # fmt: skip
+    spend(forged, "d" * 64, "run-a", 1, RUN_A, budget=5.0)
+    assert audit(forged.path).ok  # the chain alone cannot tell
+    result = audit_cli(str(forged.path), "--public-key", str(node.public_key))
+    assert result.returncode == 1
+    assert "entry #1 has no valid signature by node.pub" in result.stdout

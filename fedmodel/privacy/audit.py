@@ -32,6 +32,7 @@ from fedmodel.privacy.accountant import Segment, epsilon_of
 from fedmodel.privacy.ledger import (
     COMMITTED,
     PENDING,
+    ChainProblem,
     LedgerEntry,
     LedgerError,
     PrivacyLedger,
@@ -73,6 +74,7 @@ class LedgerAudit:
     first_bad_entry: int | None
     problems: list[str] = field(default_factory=list)
     owners: list[OwnerAudit] = field(default_factory=list)
+    signed: int = 0
 
 
 @dataclass
@@ -139,10 +141,18 @@ def find_ledgers(target: Path) -> tuple[list[Path], dict[str, Any] | None]:
     return paths, summary
 
 
-def audit(target: Path, delta: float | None = None, plot_dir: Path | None = None) -> AuditReport:
-    """Audit every ledger under `target`; write plots to `plot_dir` when given."""
+def audit(
+    target: Path,
+    delta: float | None = None,
+    plot_dir: Path | None = None,
+    public_key: Path | None = None,
+) -> AuditReport:
+    """Audit every ledger under `target`; write plots to `plot_dir` when given.
+
+    With `public_key` (a node's `node.pub`) every entry must carry a valid signature.
+    """
     paths, summary = find_ledgers(target)
-    report = AuditReport(str(target), [audit_ledger(path, delta) for path in paths])
+    report = AuditReport(str(target), [audit_ledger(path, delta, public_key) for path in paths])
     if summary is not None:
         report.problems += check_against_summary(report, summary)
     if plot_dir is not None:
@@ -150,15 +160,27 @@ def audit(target: Path, delta: float | None = None, plot_dir: Path | None = None
     return report
 
 
-def audit_ledger(path: Path, delta: float | None = None) -> LedgerAudit:
+def audit_ledger(
+    path: Path, delta: float | None = None, public_key: Path | None = None
+) -> LedgerAudit:
     try:
         entries = PrivacyLedger.open_existing(path).entries()
     except LedgerError as error:
         return LedgerAudit(str(path), 0, False, None, [str(error)])
     problem = verify_chain(entries)
+    if problem is None and public_key is not None:
+        from fedmodel.privacy.signing import load_public_key, signature_is_valid
+
+        key = load_public_key(public_key)
+        unsigned = next(
+            (e for e in entries if not signature_is_valid(key, e.entry_hash, e.signature)), None
+        )
+        if unsigned is not None:
+            problem = ChainProblem(unsigned.seq, f"has no valid signature by {public_key.name}")
     result = LedgerAudit(
         str(path), len(entries), problem is None, None if problem is None else problem.seq
     )
+    result.signed = sum(1 for e in entries if e.signature)
     if problem is not None:
         result.problems.append(f"{path.name}: entry #{problem.seq} {problem.reason}")
     fingerprints = list(dict.fromkeys(entry.fingerprint for entry in entries))

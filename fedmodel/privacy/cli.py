@@ -46,6 +46,10 @@ def audit_ledgers(
     plots: Annotated[
         Path | None, typer.Option(help="Where to write the PNG plots (default PATH/audit).")
     ] = None,
+    public_key: Annotated[
+        Path | None,
+        typer.Option(help="The node's node.pub: every entry must carry its valid signature."),
+    ] = None,
 ) -> None:
     """Verify hash chains, recompute every epsilon (Opacus RDP and dp-accounting PLD).
 
@@ -57,7 +61,7 @@ def audit_ledgers(
     if delta is not None and not 0 < delta < 1:
         raise ConfigError(f"--delta must be between 0 and 1 (got {delta})")
     plot_dir = plots or (path if path.is_dir() else path.parent) / "audit"
-    report = audit(path, delta, plot_dir)
+    report = audit(path, delta, plot_dir, public_key)
     if as_json:
         console.out(json.dumps(report.to_json(), indent=2, allow_nan=False))
     else:
@@ -90,9 +94,11 @@ def _print_report(report: Any) -> None:
             )
     console.print(table)
     entries = sum(ledger.entries for ledger in report.ledgers)
+    signed = sum(ledger.signed for ledger in report.ledgers)
     if report.ok:
         console.print(
-            f"[green]verified[/green]: {len(report.ledgers)} ledgers, {entries} entries; hash "
+            f"[green]verified[/green]: {len(report.ledgers)} ledgers, {entries} entries "
+            f"({signed} signed); hash "
             "chains intact, every epsilon follows from its recorded mechanisms, none below "
             "the independent PLD recompute"
         )

@@ -13,10 +13,10 @@ counts as spent, because the noisy update may have left the machine.
 
 Tamper evidence: each entry stores the previous entry's hash and its own SHA-256 over a
 canonical encoding of every field (a hash chain), so editing, removing or reordering
-entries is detected by `verify`. Truncating the tail is not detectable from the chain
-alone; signatures with the node key (deployment) and the server's federation record are
-the cross-checks for that. Signing is not implemented yet: no node key exists in this
-code base.
+entries is detected by `verify_chain`. On deployed nodes each hash is also signed with
+the node's key (fedmodel.privacy.signing), so only that node can have written the
+chain. Truncating the tail is not detectable from the chain alone; the server's run
+record is the cross-check for that.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS entries (
     budget_epsilon REAL,
     created_at REAL NOT NULL,
     prev_hash TEXT NOT NULL,
-    entry_hash TEXT NOT NULL
+    entry_hash TEXT NOT NULL,
+    signature TEXT
 );
 CREATE INDEX IF NOT EXISTS entries_by_fingerprint ON entries (fingerprint, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -96,14 +97,15 @@ class LedgerEntry:
     created_at: float
     prev_hash: str
     entry_hash: str
+    signature: str | None = None
 
     @property
     def segment(self) -> Segment:
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
     def computed_hash(self) -> str:
-        """SHA-256 over every field but the hash itself, in a canonical JSON encoding."""
-        content = {k: v for k, v in asdict(self).items() if k != "entry_hash"}
+        """SHA-256 over every field but the hash and its signature, in canonical JSON."""
+        content = {k: v for k, v in asdict(self).items() if k not in ("entry_hash", "signature")}
         encoded = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(encoded.encode()).hexdigest()
 
@@ -142,8 +144,10 @@ class PrivacyLedger:
     of a simulation, a restarted SuperNode - write the same file.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, signer: Callable[[str], str] | None = None) -> None:
+        """`signer` (deployed nodes: the node key, fedmodel.privacy.signing) signs each hash."""
         self.path = Path(path)
+        self.signer = signer
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as connection:
             connection.executescript(_SCHEMA)
@@ -164,7 +168,7 @@ class PrivacyLedger:
         except sqlite3.DatabaseError as error:
             raise LedgerError(f"{path} is not a readable FedModel ledger ({error})") from error
         ledger = cls.__new__(cls)
-        ledger.path = path
+        ledger.path, ledger.signer = path, None
         return ledger
 
     @contextmanager
@@ -269,6 +273,8 @@ class PrivacyLedger:
                 entry_hash="",
             )
             entry = replace(entry, entry_hash=entry.computed_hash())
+            if self.signer is not None:
+                entry = replace(entry, signature=self.signer(entry.entry_hash))
             connection.execute(
                 f"INSERT INTO entries ({', '.join(_COLUMNS)}) "
                 f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
