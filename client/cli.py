@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # long paths stay greppable
 
 client_app = typer.Typer(
     help="Join a federation as a data owner: node identity and SuperNode.",

@@ -14,8 +14,8 @@ from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
 
 DEFAULTS = RunConfig()
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # long paths stay greppable
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 server_app = typer.Typer(
     help="Run a federation server: certificates, SuperLink, node enrollment and revocation.",

@@ -290,8 +290,8 @@ def test_client_start_checks_data_and_bundle_before_connecting(tmp_path: Path) -
     assert not (tmp_path / "node" / "supernode.log").exists()  # never tried to connect
 
 
-def test_server_refuses_to_start_without_tls_material(tmp_path: Path) -> None:
-    server = tmp_path / "srv"
+def test_server_needs_tls_unless_explicitly_insecure(workspace: Workspace) -> None:
+    server = workspace.path / "srv"
     ports = ("--fleet-port", free_port(), "--control-port", free_port())
     first = fedmodel("server", "init", "--dir", server, "--address", "127.0.0.1", *ports)
     assert first.returncode == 0, first.stderr
@@ -301,3 +301,7 @@ def test_server_refuses_to_start_without_tls_material(tmp_path: Path) -> None:
     result = fedmodel("server", "start", "--dir", server)
     assert result.returncode != 0 and "server.key is missing" in result.stderr
     assert not (server / "superlink.pid").exists()
+    insecure = fedmodel("server", "start", "--dir", server, "--insecure", "--detach", timeout=90)
+    assert insecure.returncode == 0, insecure.stderr
+    assert "WARNING: --insecure" in insecure.stderr and "NO node authentication" in insecure.stderr
+    assert fedmodel("server", "stop", "--dir", server).stdout.startswith("SuperLink stopped")
