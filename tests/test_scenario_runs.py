@@ -63,7 +63,7 @@ def test_covid_clinics_federate_the_clinics_big_enough_for_dp(tmp_path: Path) ->
 
 def test_a_users_csv_runs_one_client_per_site(tmp_path: Path) -> None:
     data = tmp_path / "clinics.csv"
-    clinic_table(rows=900).to_csv(data, index=False)
+    clinic_table(rows=3000).to_csv(data, index=False)
     summary, report, _ = simulate(
         tmp_path,
         "csv",
@@ -75,6 +75,8 @@ def test_a_users_csv_runs_one_client_per_site(tmp_path: Path) -> None:
         "site",
         "--rounds",
         "2",
+        "--local-epochs",
+        "2",
         "--epsilon",
         "3",
         "--baseline-sites",
@@ -83,8 +85,8 @@ def test_a_users_csv_runs_one_client_per_site(tmp_path: Path) -> None:
     assert (summary["scenario"], summary["dataset"]) == ("csv", "clinics.csv")
     assert summary["num_clients"] == 3
     assert summary["federation"]["site_names"] == ["east", "north", "south"]
-    assert sum(client["num_examples"] for client in summary["clients"]) == 720
-    assert summary["final"]["auroc"] > 0.6
+    assert sum(client["num_examples"] for client in summary["clients"]) == 2400
+    assert summary["final"]["auroc"] > 0.65  # each site alone under DP reaches ~0.68-0.71
     assert summary["baselines"]["local_sites"] == 3
     assert "site alone (DP)" in report
     assert len(summary["heterogeneity"]["clients"]) == 3 and "## Heterogeneity" in report
