@@ -12,7 +12,6 @@ from rich.table import Table
 
 from fedmodel.config import AGGREGATORS, ATTACKS, RunConfig
 from fedmodel.errors import ConfigError
-from simulations.scenarios import MIN_DP_ROWS
 
 DEFAULTS = RunConfig()
 MAX_PRINTED_CLIENTS = 20
@@ -61,6 +60,20 @@ Aggregator = Annotated[str, typer.Option(help=f"Aggregation rule: {', '.join(AGG
 Byzantine = Annotated[int, typer.Option(help="Malicious clients per round to tolerate.")]
 Attack = Annotated[str, typer.Option(help=f"Simulated attack: {', '.join(ATTACKS)}.")]
 Attackers = Annotated[float, typer.Option(help="Fraction of clients that attack.")]
+BudgetEpsilon = Annotated[
+    float,
+    typer.Option(help="Each owner's lifetime budget across runs (0: same as --epsilon)."),
+]
+LedgerDir = Annotated[
+    str,
+    typer.Option(
+        help="Owners' privacy ledgers; reuse across runs to compose budgets "
+        "(default <run dir>/ledgers)."
+    ),
+]
+MinClients = Annotated[
+    int, typer.Option(help="End the run cleanly when fewer clients can still train.")
+]
 MaxUpdateNorm = Annotated[
     float, typer.Option(help="Reject updates farther than this from the global model (0: off).")
 ]
@@ -94,6 +107,9 @@ def simulate_medical(
     attack: Attack = DEFAULTS.attack,
     attackers: Attackers = DEFAULTS.attackers,
     max_update_norm: MaxUpdateNorm = DEFAULTS.max_update_norm,
+    budget_epsilon: BudgetEpsilon = DEFAULTS.budget_epsilon,
+    ledger_dir: LedgerDir = DEFAULTS.ledger_dir,
+    min_clients: MinClients = DEFAULTS.min_clients,
 ) -> None:
     """Hospitals train a risk model under DP-SGD (default: flchain mortality)."""
     _run("medical", locals())
@@ -127,6 +143,9 @@ def simulate_financial(
     attack: Attack = DEFAULTS.attack,
     attackers: Attackers = DEFAULTS.attackers,
     max_update_norm: MaxUpdateNorm = DEFAULTS.max_update_norm,
+    budget_epsilon: BudgetEpsilon = DEFAULTS.budget_epsilon,
+    ledger_dir: LedgerDir = DEFAULTS.ledger_dir,
+    min_clients: MinClients = DEFAULTS.min_clients,
 ) -> None:
     """Banks train a credit-risk or fraud model under DP-SGD (default: lending-club)."""
     _run("financial", locals())
@@ -159,6 +178,9 @@ def simulate_digits(
     attack: Attack = DEFAULTS.attack,
     attackers: Attackers = DEFAULTS.attackers,
     max_update_norm: MaxUpdateNorm = DEFAULTS.max_update_norm,
+    budget_epsilon: BudgetEpsilon = DEFAULTS.budget_epsilon,
+    ledger_dir: LedgerDir = DEFAULTS.ledger_dir,
+    min_clients: MinClients = DEFAULTS.min_clients,
 ) -> None:
     """Devices train a small CNN on 5,000 real MNIST digits (10 classes) under DP-SGD."""
     _run("digits", locals() | {"dataset": "mnist-5k"})
@@ -194,6 +216,9 @@ def simulate_csv(
     attack: Attack = DEFAULTS.attack,
     attackers: Attackers = DEFAULTS.attackers,
     max_update_norm: MaxUpdateNorm = DEFAULTS.max_update_norm,
+    budget_epsilon: BudgetEpsilon = DEFAULTS.budget_epsilon,
+    ledger_dir: LedgerDir = DEFAULTS.ledger_dir,
+    min_clients: MinClients = DEFAULTS.min_clients,
 ) -> None:
     """Simulate a federation on your own table (one client per --partition-by value)."""
     options = locals() | {"data": str(data.absolute()), "partition_by": partition_by or ""}
@@ -225,7 +250,7 @@ def _simulate(
     from simulations.heterogeneity import heterogeneity
     from simulations.report import write_report
     from simulations.runner import run_federation
-    from simulations.scenarios import federation, resolve_clients
+    from simulations.scenarios import MIN_DP_ROWS, federation, resolve_clients
 
     run_dir = output or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.scenario}"
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -239,7 +264,10 @@ def _simulate(
         check_aggregator(config.aggregator, config.clients_per_round, config.byzantine)
         non_iid = heterogeneity(clients.clients)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = config.replace(output_dir=str(run_dir.absolute()))
+    config = config.replace(  # the engine runs elsewhere: paths must be absolute
+        output_dir=str(run_dir.absolute()),
+        ledger_dir=str(Path(config.ledger_dir).absolute()) if config.ledger_dir else "",
+    )
     write_json_atomic(run_dir / "config.json", {**config.to_run_config()})
     if clients.natural_sites is not None:
         console.print(

@@ -61,10 +61,11 @@ def run_federation(
     `on_progress` receives one dict per completed round; `on_log_line`, when given,
     receives every raw engine log line (the CLI's --verbose).
     """
+    run_dir = run_dir.absolute()  # Flower's processes run in engine_dir, not in our cwd
     engine_dir = run_dir / "engine"
     app_dir = engine_dir / "app"
     app_dir.mkdir(parents=True, exist_ok=True)
-    write_flower_app(app_dir, config.replace(output_dir=str(run_dir.absolute())))
+    write_flower_app(app_dir, config.replace(output_dir=str(run_dir)))
     environment = _engine_environment(engine_dir)
     with _local_superlink(engine_dir, environment) as port:
         environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)

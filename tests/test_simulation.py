@@ -55,7 +55,7 @@ def simulate(
             "medical",
             *args,
             "--output",
-            str(run_dir),
+            "run",  # relative, as a user types it: resolved against cwd=tmp_path
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -203,7 +203,7 @@ def test_interrupted_simulation_stops_every_process_it_started(tmp_path: Path) -
             "--rounds",
             "50",
             "--output",
-            str(run_dir),
+            "run",  # relative, as a user types it: resolved against cwd=tmp_path
         ],
         cwd=tmp_path,
         stdout=subprocess.PIPE,

@@ -25,6 +25,7 @@ ACCOUNTANT = "rdp"
 Segment = tuple[float, float, int]
 
 
+@lru_cache(maxsize=1024)
 def calibrate_noise_multiplier(
     target_epsilon: float, delta: float, sample_rate: float, steps: int
 ) -> float:
@@ -32,6 +33,7 @@ def calibrate_noise_multiplier(
 
     Calibrated once for the client's whole planned participation (rounds x local epochs
     x batches), not per round: per-round calibration would spend the budget every round.
+    Memoised: simulated clients of equal size share one binary search per worker.
     """
     from opacus.accountants.utils import get_noise_multiplier
 
