@@ -15,9 +15,7 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -28,23 +26,19 @@ from typing import Any
 
 from fedmodel.config import RunConfig
 from fedmodel.errors import SimulationError
+from fedmodel.processes import executable, free_port, tool_environment
 from server.run_record import PROGRESS_MARKER
 
 RUN_TOKEN_VARIABLE = "FEDMODEL_RUN_TOKEN"
 SUPERLINK_START_TIMEOUT_S = 60.0
 
-ENGINE_ENVIRONMENT = {
-    "PYTHONUNBUFFERED": "1",  # so progress lines arrive as rounds finish, not at the end
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+ENGINE_ENVIRONMENT = {  # on top of fedmodel.processes.tool_environment
     # Ray binds its services to the node IP; this makes that 127.0.0.1 on Linux.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "RAY_DEDUP_LOGS": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "GRPC_VERBOSITY": "ERROR",
-    "PYTHONWARNINGS": "ignore",
 }
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -120,40 +114,19 @@ def _toml_value(value: int | float | bool | str) -> str:
 
 
 def _engine_environment(engine_dir: Path) -> dict[str, str]:
-    environment = {**os.environ, **ENGINE_ENVIRONMENT}
-    # Flower's processes spawn each other by name: put this environment's scripts first.
-    environment["PATH"] = os.pathsep.join(
-        [str(Path(sys.executable).parent), environment.get("PATH", "")]
-    )
-    environment["FLWR_HOME"] = str(engine_dir / "flwr-home")
+    environment = {**tool_environment(engine_dir / "flwr-home"), **ENGINE_ENVIRONMENT}
     environment[RUN_TOKEN_VARIABLE] = uuid.uuid4().hex
     (engine_dir / "flwr-home").mkdir(exist_ok=True)
     return environment
 
 
-def _executable(name: str) -> str:
-    """A console script of this interpreter's environment (the one FedModel runs in)."""
-    candidate = Path(sys.executable).parent / name
-    if not candidate.exists():
-        raise SimulationError(
-            f"'{name}' is not installed beside {sys.executable}; reinstall fedmodel"
-        )
-    return str(candidate)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextmanager
 def _local_superlink(engine_dir: Path, environment: dict[str, str]) -> Iterator[int]:
     """A simulation SuperLink on 127.0.0.1, stopped with all its descendants on exit."""
-    port = _free_port()
+    port = free_port()
     log_path = engine_dir / "superlink.log"
     command = [
-        _executable("flower-superlink"),
+        executable("flower-superlink"),
         "--insecure",  # loopback-only simulation control plane; no Fleet API is opened
         "--simulation",
         "--isolation",
@@ -206,7 +179,7 @@ def _stream_flower_run(
 ) -> None:
     federation = f"num-supernodes={config.clients} client-resources-num-cpus=1"
     command = [
-        _executable("flwr"),
+        executable("flwr"),
         "run",
         str(app_dir),
         "local",
