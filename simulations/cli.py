@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -79,150 +81,145 @@ MaxUpdateNorm = Annotated[
 ]
 
 
-@simulate_app.command("medical")
-def simulate_medical(
-    dataset: Annotated[
-        str, typer.Option(help="flchain, covid-clinics, breast-cancer or synthetic-ehr.")
-    ] = "flchain",
-    clients: Clients = None,
-    rounds: Rounds = DEFAULTS.rounds,
-    fraction: Fraction = DEFAULTS.fraction,
-    epsilon: Epsilon = DEFAULTS.epsilon,
-    delta: Delta = DEFAULTS.delta,
-    local_epochs: LocalEpochs = DEFAULTS.local_epochs,
-    batch_size: BatchSize = DEFAULTS.batch_size,
-    lr: Lr = DEFAULTS.lr,
-    max_grad_norm: MaxGradNorm = DEFAULTS.max_grad_norm,
-    no_dp: NoDp = False,
-    partition: Partition = DEFAULTS.partition,
-    alpha: Alpha = DEFAULTS.alpha,
-    model: Model = DEFAULTS.model,
-    seed: Seed = DEFAULTS.seed,
-    output: Output = None,
-    verbose: Verbose = False,
-    baseline_sites: BaselineSites = 10,
-    no_baselines: NoBaselines = False,
-    aggregator: Aggregator = DEFAULTS.aggregator,
-    byzantine: Byzantine = DEFAULTS.byzantine,
-    attack: Attack = DEFAULTS.attack,
-    attackers: Attackers = DEFAULTS.attackers,
-    max_update_norm: MaxUpdateNorm = DEFAULTS.max_update_norm,
-    budget_epsilon: BudgetEpsilon = DEFAULTS.budget_epsilon,
-    ledger_dir: LedgerDir = DEFAULTS.ledger_dir,
-    min_clients: MinClients = DEFAULTS.min_clients,
+def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default
+    )
+
+
+# Every scenario command takes these, in this order; a command may override a default.
+COMMON_OPTIONS: tuple[inspect.Parameter, ...] = (
+    _option("clients", Clients, None),
+    _option("rounds", Rounds, DEFAULTS.rounds),
+    _option("fraction", Fraction, DEFAULTS.fraction),
+    _option("epsilon", Epsilon, DEFAULTS.epsilon),
+    _option("delta", Delta, DEFAULTS.delta),
+    _option("local_epochs", LocalEpochs, DEFAULTS.local_epochs),
+    _option("batch_size", BatchSize, DEFAULTS.batch_size),
+    _option("lr", Lr, DEFAULTS.lr),
+    _option("max_grad_norm", MaxGradNorm, DEFAULTS.max_grad_norm),
+    _option("no_dp", NoDp, False),
+    _option("partition", Partition, DEFAULTS.partition),
+    _option("alpha", Alpha, DEFAULTS.alpha),
+    _option("model", Model, DEFAULTS.model),
+    _option("seed", Seed, DEFAULTS.seed),
+    _option("output", Output, None),
+    _option("verbose", Verbose, False),
+    _option("baseline_sites", BaselineSites, 10),
+    _option("no_baselines", NoBaselines, False),
+    _option("aggregator", Aggregator, DEFAULTS.aggregator),
+    _option("byzantine", Byzantine, DEFAULTS.byzantine),
+    _option("attack", Attack, DEFAULTS.attack),
+    _option("attackers", Attackers, DEFAULTS.attackers),
+    _option("max_update_norm", MaxUpdateNorm, DEFAULTS.max_update_norm),
+    _option("budget_epsilon", BudgetEpsilon, DEFAULTS.budget_epsilon),
+    _option("ledger_dir", LedgerDir, DEFAULTS.ledger_dir),
+    _option("min_clients", MinClients, DEFAULTS.min_clients),
+)
+
+OptionsHook = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _scenario_command(
+    scenario: str,
+    summary: str,
+    own_options: Sequence[inspect.Parameter] = (),
+    prepare: OptionsHook = lambda options: options,
 ) -> None:
-    """Hospitals train a risk model under DP-SGD (default: flchain mortality)."""
-    _run("medical", locals())
+    """Register `fedmodel simulate <scenario>`: its own options first, then the common ones.
+
+    An own option named like a common one replaces it (another default or help text).
+    `prepare` turns the parsed options into RunConfig fields (e.g. a path made absolute).
+    """
+    own = {parameter.name for parameter in own_options}
+    parameters = [*own_options, *(p for p in COMMON_OPTIONS if p.name not in own)]
+
+    def command(**options: Any) -> None:
+        _run(scenario, prepare(options))
+
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__doc__ = summary
+    command.__name__ = f"simulate_{scenario}"
+    simulate_app.command(scenario)(command)
 
 
-@simulate_app.command("financial")
-def simulate_financial(
-    dataset: Annotated[
-        str, typer.Option(help="lending-club, credit-default or synthetic-fraud.")
-    ] = "lending-club",
-    clients: Clients = None,
-    rounds: Rounds = DEFAULTS.rounds,
-    fraction: Fraction = DEFAULTS.fraction,
-    epsilon: Epsilon = DEFAULTS.epsilon,
-    delta: Delta = DEFAULTS.delta,
-    local_epochs: LocalEpochs = DEFAULTS.local_epochs,
-    batch_size: BatchSize = DEFAULTS.batch_size,
-    lr: Lr = DEFAULTS.lr,
-    max_grad_norm: MaxGradNorm = DEFAULTS.max_grad_norm,
-    no_dp: NoDp = False,
-    partition: Partition = DEFAULTS.partition,
-    alpha: Alpha = DEFAULTS.alpha,
-    model: Model = DEFAULTS.model,
-    seed: Seed = DEFAULTS.seed,
-    output: Output = None,
-    verbose: Verbose = False,
-    baseline_sites: BaselineSites = 10,
-    no_baselines: NoBaselines = False,
-    aggregator: Aggregator = DEFAULTS.aggregator,
-    byzantine: Byzantine = DEFAULTS.byzantine,
-    attack: Attack = DEFAULTS.attack,
-    attackers: Attackers = DEFAULTS.attackers,
-    max_update_norm: MaxUpdateNorm = DEFAULTS.max_update_norm,
-    budget_epsilon: BudgetEpsilon = DEFAULTS.budget_epsilon,
-    ledger_dir: LedgerDir = DEFAULTS.ledger_dir,
-    min_clients: MinClients = DEFAULTS.min_clients,
-) -> None:
-    """Banks train a credit-risk or fraud model under DP-SGD (default: lending-club)."""
-    _run("financial", locals())
+def _prepare_csv(options: dict[str, Any]) -> dict[str, Any]:
+    data: Path = options["data"]
+    return options | {
+        "data": str(data.absolute()),
+        "dataset": data.name,
+        "partition_by": options["partition_by"] or "",
+    }
 
 
-@simulate_app.command("digits")
-def simulate_digits(
-    clients: Clients = None,
-    rounds: Rounds = DEFAULTS.rounds,
-    fraction: Fraction = DEFAULTS.fraction,
-    epsilon: Epsilon = DEFAULTS.epsilon,
-    delta: Delta = DEFAULTS.delta,
-    local_epochs: LocalEpochs = DEFAULTS.local_epochs,
-    batch_size: BatchSize = DEFAULTS.batch_size,
-    lr: Lr = 0.1,
-    max_grad_norm: MaxGradNorm = DEFAULTS.max_grad_norm,
-    no_dp: NoDp = False,
-    partition: Annotated[
-        str, typer.Option(help="iid, dirichlet, shard (2 label shards each) or pathological.")
-    ] = "shard",
-    alpha: Alpha = DEFAULTS.alpha,
-    model: Annotated[str, typer.Option(help="Model (cnn: Conv 32-64-64 + Dense 64).")] = "cnn",
-    seed: Seed = DEFAULTS.seed,
-    output: Output = None,
-    verbose: Verbose = False,
-    baseline_sites: BaselineSites = 10,
-    no_baselines: NoBaselines = False,
-    aggregator: Aggregator = DEFAULTS.aggregator,
-    byzantine: Byzantine = DEFAULTS.byzantine,
-    attack: Attack = DEFAULTS.attack,
-    attackers: Attackers = DEFAULTS.attackers,
-    max_update_norm: MaxUpdateNorm = DEFAULTS.max_update_norm,
-    budget_epsilon: BudgetEpsilon = DEFAULTS.budget_epsilon,
-    ledger_dir: LedgerDir = DEFAULTS.ledger_dir,
-    min_clients: MinClients = DEFAULTS.min_clients,
-) -> None:
-    """Devices train a small CNN on 5,000 real MNIST digits (10 classes) under DP-SGD."""
-    _run("digits", locals() | {"dataset": "mnist-5k"})
-
-
-@simulate_app.command("csv")
-def simulate_csv(
-    data: Annotated[Path, typer.Option(help="Your table: a .csv or .parquet file.")],
-    label: Annotated[str, typer.Option(help="The binary label column (0/1, yes/no...).")],
-    partition_by: Annotated[
-        str | None, typer.Option(help="Column naming each row's site: one client per value.")
-    ] = None,
-    clients: Clients = None,
-    rounds: Rounds = DEFAULTS.rounds,
-    fraction: Fraction = DEFAULTS.fraction,
-    epsilon: Epsilon = DEFAULTS.epsilon,
-    delta: Delta = DEFAULTS.delta,
-    local_epochs: LocalEpochs = DEFAULTS.local_epochs,
-    batch_size: BatchSize = DEFAULTS.batch_size,
-    lr: Lr = DEFAULTS.lr,
-    max_grad_norm: MaxGradNorm = DEFAULTS.max_grad_norm,
-    no_dp: NoDp = False,
-    partition: Partition = DEFAULTS.partition,
-    alpha: Alpha = DEFAULTS.alpha,
-    model: Model = DEFAULTS.model,
-    seed: Seed = DEFAULTS.seed,
-    output: Output = None,
-    verbose: Verbose = False,
-    baseline_sites: BaselineSites = 10,
-    no_baselines: NoBaselines = False,
-    aggregator: Aggregator = DEFAULTS.aggregator,
-    byzantine: Byzantine = DEFAULTS.byzantine,
-    attack: Attack = DEFAULTS.attack,
-    attackers: Attackers = DEFAULTS.attackers,
-    max_update_norm: MaxUpdateNorm = DEFAULTS.max_update_norm,
-    budget_epsilon: BudgetEpsilon = DEFAULTS.budget_epsilon,
-    ledger_dir: LedgerDir = DEFAULTS.ledger_dir,
-    min_clients: MinClients = DEFAULTS.min_clients,
-) -> None:
-    """Simulate a federation on your own table (one client per --partition-by value)."""
-    options = locals() | {"data": str(data.absolute()), "partition_by": partition_by or ""}
-    _run("csv", options | {"dataset": data.name})
+_scenario_command(
+    "medical",
+    "Hospitals train a risk model under DP-SGD (default: flchain mortality).",
+    [
+        _option(
+            "dataset",
+            Annotated[
+                str, typer.Option(help="flchain, covid-clinics, breast-cancer or synthetic-ehr.")
+            ],
+            "flchain",
+        )
+    ],
+)
+_scenario_command(
+    "financial",
+    "Banks train a credit-risk or fraud model under DP-SGD (default: lending-club).",
+    [
+        _option(
+            "dataset",
+            Annotated[str, typer.Option(help="lending-club, credit-default or synthetic-fraud.")],
+            "lending-club",
+        )
+    ],
+)
+_scenario_command(
+    "digits",
+    "Devices train a small CNN on 5,000 real MNIST digits (10 classes) under DP-SGD.",
+    [
+        _option("lr", Lr, 0.1),
+        _option(
+            "partition",
+            Annotated[
+                str,
+                typer.Option(help="iid, dirichlet, shard (2 label shards each) or pathological."),
+            ],
+            "shard",
+        ),
+        _option(
+            "model",
+            Annotated[str, typer.Option(help="Model (cnn: Conv 32-64-64 + Dense 64).")],
+            "cnn",
+        ),
+    ],
+    lambda options: options | {"dataset": "mnist-5k"},
+)
+_scenario_command(
+    "csv",
+    "Simulate a federation on your own table (one client per --partition-by value).",
+    [
+        _option(
+            "data", Annotated[Path, typer.Option(help="Your table: a .csv or .parquet file.")], ...
+        ),
+        _option(
+            "label",
+            Annotated[str, typer.Option(help="The binary label column (0/1, yes/no...).")],
+            ...,
+        ),
+        _option(
+            "partition_by",
+            Annotated[
+                str | None,
+                typer.Option(help="Column naming each row's site: one client per value."),
+            ],
+            None,
+        ),
+    ],
+    _prepare_csv,
+)
 
 
 def _run(scenario: str, options: dict[str, Any]) -> None:
