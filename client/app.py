@@ -48,7 +48,7 @@ def train(msg: Message, context: Context) -> Message:
     seed = config.seed * 1_000_003 + partition_id * 1_009 + server_round
     torch.manual_seed(seed)
 
-    model = build_model(config.model, data.num_features)
+    model = build_model(config.model, data.num_features, data.num_classes)
     model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
     loader = make_loader(data, config.batch_size, seed)
     metrics: dict[str, int | float | list[int] | list[float]] = {

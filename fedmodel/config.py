@@ -19,6 +19,7 @@ from fedmodel.errors import ConfigError
 AGGREGATORS = ("fedavg", "fedadam", "median", "trimmed-mean", "krum", "multikrum", "bulyan")
 ATTACKS = ("none", "sign-flip", "scaled", "gaussian", "nan")
 PARTITION_SCHEMES = ("iid", "dirichlet", "shard", "pathological")
+TASKS = ("binary", "multiclass")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class RunConfig:
     data: str = ""
     label: str = ""
     partition_by: str = ""
+    task: str = "binary"  # simulate csv: how the label column is read
     # privacy budgets (issue 5)
     budget_epsilon: float = 0.0  # each data owner's lifetime budget; 0 means "= epsilon"
     ledger_dir: str = ""  # simulated owners' ledgers; "" means <output_dir>/ledgers
@@ -95,6 +97,7 @@ class RunConfig:
             "--fraction must be in (0, 1]: the share of clients sampled each round",
             self.fraction,
         )
+        _require(self.task in TASKS, f"--task must be one of {', '.join(TASKS)}", self.task)
         _require(
             math.isfinite(self.budget_epsilon) and self.budget_epsilon >= 0,
             "--budget-epsilon must be 0 (use --epsilon) or a positive number",

@@ -18,11 +18,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TabularData:
-    """Standardised float features and binary labels of one client or one test set."""
+    """Standardised float features and class labels of one client or one test set.
+
+    Labels are 0/1 for a binary task and class indices for a multiclass one;
+    `num_classes` is the task's, not this part's: a client may hold only some classes.
+    """
 
     features: np.ndarray
     labels: np.ndarray
     feature_names: tuple[str, ...]
+    num_classes: int = 2
 
     def __post_init__(self) -> None:
         if len(self.features) != len(self.labels):
@@ -36,7 +41,9 @@ class TabularData:
         return int(self.features.shape[1])
 
     def subset(self, indices: np.ndarray) -> TabularData:
-        return TabularData(self.features[indices], self.labels[indices], self.feature_names)
+        return TabularData(
+            self.features[indices], self.labels[indices], self.feature_names, self.num_classes
+        )
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -125,6 +132,7 @@ def partition_indices(
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 MAX_CATEGORIES = 50  # more distinct values than this is an identifier or free text
+MAX_CLASSES = 100  # a multiclass label with more values is an identifier or a number
 _TRUE_LABELS = frozenset({"1", "1.0", "true", "yes", "y", "t"})
 _FALSE_LABELS = frozenset({"0", "0.0", "false", "no", "n", "f"})
 
@@ -222,8 +230,11 @@ def table_statistics(path: str | Path, label: str) -> FeatureStatistics:
     return describe_table(frame)
 
 
-def read_table(path: str | Path, label: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """The feature columns and the 0/1 labels of a file, validated."""
+def read_table(
+    path: str | Path, label: str, multiclass: bool = False
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """The feature columns and the labels of a file, validated: 0/1 for a binary task,
+    class indices (in sorted order of the label's values) for a multiclass one."""
     import pandas as pd
 
     path = Path(path)
@@ -241,7 +252,8 @@ def read_table(path: str | Path, label: str) -> tuple[pd.DataFrame, np.ndarray]:
         raise DataError(f"label column '{label}' is not in {path} (columns: {shown})")
     if len(frame) == 0:
         raise DataError(f"data file {path} has no rows")
-    labels = _binary_labels(frame[label], label, path)
+    _reject_missing_labels(frame[label], label, path)
+    labels = (_class_labels if multiclass else _binary_labels)(frame[label], label, path)
     features = frame.drop(columns=[label])
     if features.shape[1] == 0:
         raise DataError(f"data file {path} has no feature columns besides '{label}'")
@@ -274,7 +286,7 @@ def describe_table(frame: pd.DataFrame) -> FeatureStatistics:
 
 
 def encode_table(
-    frame: pd.DataFrame, labels: np.ndarray, statistics: FeatureStatistics
+    frame: pd.DataFrame, labels: np.ndarray, statistics: FeatureStatistics, num_classes: int = 2
 ) -> TabularData:
     """Features in `statistics`' column order: standardised numbers, one-hot categories."""
     missing = [c for c in [*statistics.numeric, *statistics.categories] if c not in frame.columns]
@@ -297,7 +309,7 @@ def encode_table(
             else np.zeros((len(frame), 0))
         )
     features = np.concatenate(blocks, axis=1).astype(np.float32)
-    return TabularData(features, labels, statistics.feature_names())
+    return TabularData(features, labels, statistics.feature_names(), num_classes)
 
 
 def _is_numeric(column: pd.Series) -> bool:
@@ -310,18 +322,31 @@ def _numeric_values(column: pd.Series) -> np.ndarray:
     return column.astype("float64").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def _binary_labels(column: pd.Series, label: str, path: Path) -> np.ndarray:
+def _reject_missing_labels(column: pd.Series, label: str, path: Path) -> None:
     if column.isna().any():
         raise DataError(
             f"label column '{label}' in {path} has {int(column.isna().sum())} missing value(s); "
             "drop or fill those rows"
         )
+
+
+def _class_labels(column: pd.Series, label: str, path: Path) -> np.ndarray:
+    names, indices = np.unique(column.astype(str).str.strip().to_numpy(), return_inverse=True)
+    if len(names) > MAX_CLASSES:
+        raise DataError(
+            f"label column '{label}' in {path} has {len(names)} distinct values (more than "
+            f"{MAX_CLASSES}): is it an identifier or a number to regress rather than a class?"
+        )
+    return indices.astype(np.float32)
+
+
+def _binary_labels(column: pd.Series, label: str, path: Path) -> np.ndarray:
     text = column.astype(str).str.strip().str.lower()
     ones, zeros = text.isin(_TRUE_LABELS), text.isin(_FALSE_LABELS)
     if not (ones | zeros).all():
         found = ", ".join(sorted(set(column.astype(str)))[:6])
         raise DataError(
             f"label column '{label}' in {path} must be binary (0/1, true/false, yes/no); "
-            f"found: {found}"
+            f"found: {found} (for more than two classes use --task multiclass)"
         )
     return ones.to_numpy().astype(np.float32)

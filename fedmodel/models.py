@@ -1,7 +1,7 @@
 """Model registry: one name per architecture, each compatible with Opacus DP-SGD.
 
 Every model maps a float feature tensor to one logit per row (binary tasks) or one per
-class (`small_cnn`, 10 digits) and uses only layers Opacus has per-sample gradient
+class (multiclass tasks, e.g. 10 digits) and uses only layers Opacus has per-sample gradient
 samplers for (Linear, Conv2d, ReLU, pooling; no BatchNorm).
 """
 
@@ -12,28 +12,28 @@ from torch import nn
 from fedmodel.errors import ConfigError
 
 
-def tabular_mlp(num_features: int) -> nn.Module:
+def tabular_mlp(num_features: int, num_outputs: int) -> nn.Module:
     """Two hidden layers: enough for tabular risk scores, small enough for DP noise."""
     return nn.Sequential(
         nn.Linear(num_features, 32),
         nn.ReLU(),
         nn.Linear(32, 16),
         nn.ReLU(),
-        nn.Linear(16, 1),
+        nn.Linear(16, num_outputs),
     )
 
 
-def logistic_regression(num_features: int) -> nn.Module:
-    """The classical clinical baseline: a single linear layer on standardised features."""
-    return nn.Sequential(nn.Linear(num_features, 1))
+def logistic_regression(num_features: int, num_outputs: int) -> nn.Module:
+    """The classical clinical baseline: a single linear layer on standardised features
+    (multinomial logistic regression with more than one output)."""
+    return nn.Sequential(nn.Linear(num_features, num_outputs))
 
 
 IMAGE_SIDE = 28
-NUM_DIGITS = 10
 
 
-def small_cnn(num_features: int) -> nn.Module:
-    """Conv 32-64-64 + Dense 64 over 28x28 grey images (flattened rows), 10 class logits.
+def small_cnn(num_features: int, num_outputs: int) -> nn.Module:
+    """Conv 32-64-64 + Dense 64 over 28x28 grey images (flattened rows).
 
     The classic small MNIST network (the TensorFlow CNN tutorial's layout); no BatchNorm,
     so Opacus can compute per-sample gradients.
@@ -56,23 +56,24 @@ def small_cnn(num_features: int) -> nn.Module:
         nn.Flatten(),
         nn.Linear(64 * 3 * 3, 64),
         nn.ReLU(),
-        nn.Linear(64, NUM_DIGITS),
+        nn.Linear(64, num_outputs),
     )
 
 
-MODELS: dict[str, Callable[[int], nn.Module]] = {
+MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "mlp": tabular_mlp,
     "logreg": logistic_regression,
     "cnn": small_cnn,
 }
 
 
-def build_model(name: str, num_features: int) -> nn.Module:
-    """Instantiate a registered model for `num_features` inputs."""
+def build_model(name: str, num_features: int, num_classes: int = 2) -> nn.Module:
+    """Instantiate a registered model for `num_features` inputs and `num_classes` classes
+    (one logit for two classes, one per class for more)."""
     try:
         factory = MODELS[name]
     except KeyError:
         raise ConfigError(
             f"unknown model '{name}'; choose one of: {', '.join(sorted(MODELS))}"
         ) from None
-    return factory(num_features)
+    return factory(num_features, 1 if num_classes == 2 else num_classes)

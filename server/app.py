@@ -33,7 +33,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(config.output_dir).absolute()
     test = global_test_set(config)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, test.num_features)
+    model = build_model(config.model, test.num_features, test.num_classes)
     recorder = RunRecorder(run_dir, config)
 
     def evaluate_global_model(server_round: int, arrays: ArrayRecord) -> MetricRecord:

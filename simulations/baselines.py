@@ -40,7 +40,7 @@ def train_and_score(
     """One model trained on `train` (DP-SGD at the run's budget if `private`), scored on
     `test`; includes the epsilon actually spent when private."""
     torch.manual_seed(seed)
-    model = build_model(config.model, train.num_features)
+    model = build_model(config.model, train.num_features, train.num_classes)
     loader = make_loader(train, config.batch_size, seed)
     epochs = config.rounds * config.local_epochs
     device = select_device("cpu")
@@ -130,6 +130,7 @@ def _concatenate(parts: Sequence[TabularData]) -> TabularData:
         np.concatenate([p.features for p in parts]),
         np.concatenate([p.labels for p in parts]),
         first.feature_names,
+        first.num_classes,
     )
 
 

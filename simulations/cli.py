@@ -206,8 +206,19 @@ _scenario_command(
         ),
         _option(
             "label",
-            Annotated[str, typer.Option(help="The binary label column (0/1, yes/no...).")],
+            Annotated[
+                str,
+                typer.Option(help="The label column: 0/1, yes/no... or classes (--task)."),
+            ],
             ...,
+        ),
+        _option(
+            "task",
+            Annotated[
+                str,
+                typer.Option(help="binary (one logit) or multiclass (one per label value)."),
+            ],
+            DEFAULTS.task,
         ),
         _option(
             "partition_by",
@@ -257,7 +268,7 @@ def _simulate(
     with console.status("Loading data and partitioning it across clients..."):
         config = resolve_clients(config, clients_given)  # fails fast, before any engine starts
         clients = federation(config)
-        build_model(config.model, clients.test.num_features)
+        build_model(config.model, clients.test.num_features, clients.test.num_classes)
         check_aggregator(config.aggregator, config.clients_per_round, config.byzantine)
         non_iid = heterogeneity(clients.clients)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -19,19 +19,22 @@ from simulations.tables import Split, split_table
 NUMERIC_SHARE = 0.9  # a text column this numeric is a numeric column with bad cells
 
 
-def load_csv_split(path: str, label: str, partition_by: str | None) -> Split:
-    """The file's train/test split; with `partition_by`, each training row's client."""
+def load_csv_split(path: str, label: str, partition_by: str | None, task: str = "binary") -> Split:
+    """The file's train/test split; with `partition_by`, each training row's client.
+
+    `task` "multiclass" reads the label's distinct values as classes (in sorted order).
+    """
     if not path or not label:
         raise ConfigError("simulate csv needs --data FILE and --label COLUMN")
     try:
-        features, labels = read_table(Path(path), label)
+        features, labels = read_table(Path(path), label, multiclass=task == "multiclass")
     except DataError as error:
         raise ConfigError(str(error)) from None
     classes = np.unique(labels)
     if len(classes) < 2:
         raise ConfigError(
-            f"label column '{label}' in {path} has only one class ({int(classes[0])}); "
-            "a classifier needs rows of both classes"
+            f"label column '{label}' in {path} has only one class; "
+            "a classifier needs rows of at least two classes"
         )
     _reject_garbage_in_numeric_columns(features, path)
     if partition_by is not None:

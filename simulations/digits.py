@@ -18,6 +18,7 @@ from fedmodel.errors import DataError
 from simulations.tables import Split, stratified_rows
 
 PIXELS = 28 * 28
+DIGITS = 10
 
 
 def mnist_5k_path() -> Path:
@@ -35,6 +36,6 @@ def load_mnist_5k() -> Split:
     names = tuple(f"pixel{i}" for i in range(PIXELS))
     labels = labels.astype(np.float32)
     return Split(
-        TabularData(images[train_rows], labels[train_rows], names),
-        TabularData(images[test_rows], labels[test_rows], names),
+        TabularData(images[train_rows], labels[train_rows], names, DIGITS),
+        TabularData(images[test_rows], labels[test_rows], names, DIGITS),
     )

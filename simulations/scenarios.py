@@ -117,6 +117,7 @@ def federation(config: RunConfig) -> Federation:
         config.data,
         config.label,
         config.partition_by,
+        config.task,
     )
 
 
@@ -166,11 +167,12 @@ def _federation(
     data: str,
     label: str,
     partition_by: str,
+    task: str,
 ) -> Federation:
     if scenario == CSV_SCENARIO:
         from simulations.csv_scenario import load_csv_split
 
-        split = load_csv_split(data, label, partition_by or None)
+        split = load_csv_split(data, label, partition_by or None, task)
         try:
             return _table_federation(split, clients, scheme, alpha, seed)
         except DataError as error:  # the user's file: a bad input, exit code 2

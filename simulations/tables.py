@@ -71,9 +71,10 @@ def split_table(
     train_frame = features.iloc[train_order].reset_index(drop=True)
     test_frame = features.iloc[test_order].reset_index(drop=True)
     statistics = describe_table(train_frame)
+    num_classes = max(2, int(labels.max()) + 1)  # labels are 0/1 or class indices
     return Split(
-        encode_table(train_frame, labels[train_order].astype(np.float32), statistics),
-        encode_table(test_frame, labels[test_order].astype(np.float32), statistics),
+        encode_table(train_frame, labels[train_order].astype(np.float32), statistics, num_classes),
+        encode_table(test_frame, labels[test_order].astype(np.float32), statistics, num_classes),
         sites,
         site_names,
     )

@@ -9,9 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fedmodel.cli import main
 from fedmodel.config import RunConfig
+from fedmodel.data import make_loader
+from fedmodel.errors import ConfigError
+from fedmodel.models import build_model
+from fedmodel.training import evaluate, select_device, train_dp
 from simulations.csv_scenario import load_csv_split
 from simulations.scenarios import federation, resolve_clients
 
@@ -57,6 +62,35 @@ def test_parquet_and_iid_clients(tmp_path: Path) -> None:
     config = RunConfig(scenario="csv", dataset=path.name, data=str(path), label="outcome")
     assert [len(c) for c in federation(config.replace(clients=4)).clients] == [120] * 4
     assert len(load_csv_split(str(path), "outcome", None).test) == 120
+
+
+def test_multiclass_label_trains_one_logit_per_class(tmp_path: Path) -> None:
+    table = clinic_table(rows=1500)
+    table["ward"] = np.where(
+        table["age"] > 66, "icu", np.where(table["age"] < 54, "day", "general")
+    )
+    path = tmp_path / "wards.csv"
+    table.to_csv(path, index=False)
+    config = RunConfig(
+        scenario="csv", dataset=path.name, data=str(path), label="ward", task="multiclass"
+    )
+    clients = federation(config.replace(clients=3))
+    assert clients.test.num_classes == 3 and clients.clients[0].num_classes == 3
+    assert set(np.unique(clients.test.labels)) == {0.0, 1.0, 2.0}  # day, general, icu
+    torch.manual_seed(0)
+    model = build_model("logreg", clients.test.num_features, clients.test.num_classes)
+    loader = make_loader(clients.clients[0], 32, seed=0)
+    result = train_dp(model, loader, 3, 0.5, 0.8, 1.0, [], select_device("cpu"))
+    assert result.history  # DP-SGD ran with cross-entropy over three logits
+    metrics = evaluate(model, clients.test)
+    assert metrics["accuracy"] > 0.6 and metrics["auroc"] > 0.8  # chance: ~0.33 and 0.5
+
+
+def test_binary_task_points_a_many_valued_label_to_multiclass(tmp_path: Path) -> None:
+    path = tmp_path / "wards.csv"
+    clinic_table().to_csv(path, index=False)
+    with pytest.raises(ConfigError, match="use --task multiclass"):
+        load_csv_split(str(path), "ward", None)
 
 
 def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:

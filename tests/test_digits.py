@@ -32,13 +32,13 @@ def test_shard_and_pathological_partitions_give_each_device_two_digits() -> None
 def test_cnn_learns_digits_and_trains_under_dp() -> None:
     split = load_mnist_5k()
     torch.manual_seed(0)
-    model = build_model("cnn", 784)
+    model = build_model("cnn", 784, split.train.num_classes)
     few = split.train.subset(np.arange(1500))
     train_plain(model, make_loader(few, 32, seed=0), 1, 0.1, select_device("cpu"))
     metrics = evaluate(model, split.test.subset(np.arange(0, 1000, 2)))
     assert metrics["accuracy"] > 0.25 and metrics["auroc"] > 0.75  # chance: 0.1 and 0.5
 
-    private = build_model("cnn", 784)
+    private = build_model("cnn", 784, 10)
     result = train_dp(
         private,
         make_loader(split.train.subset(np.arange(128)), 32, seed=0),

@@ -4,15 +4,18 @@ import torch
 from fedmodel.errors import ConfigError
 from fedmodel.models import MODELS, build_model
 
-SHAPES = {"cnn": (784, 10)}  # (features, outputs) of models that are not 9 -> 1 tabular
+FEATURES = {"cnn": 784}  # models that do not take a 9-column table
 
 
+@pytest.mark.parametrize("num_classes, outputs", [(2, 1), (3, 3), (10, 10)])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_registered_model_is_opacus_compatible(name: str) -> None:
+def test_every_registered_model_is_opacus_compatible(
+    name: str, num_classes: int, outputs: int
+) -> None:
     from opacus.validators import ModuleValidator
 
-    features, outputs = SHAPES.get(name, (9, 1))
-    model = build_model(name, num_features=features)
+    features = FEATURES.get(name, 9)
+    model = build_model(name, num_features=features, num_classes=num_classes)
     assert ModuleValidator.validate(model, strict=False) == []
     assert model(torch.zeros(5, features)).shape == (5, outputs)
 
