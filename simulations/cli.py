@@ -51,6 +51,13 @@ Output = Annotated[
     Path | None, typer.Option(help="Run directory (default runs/<timestamp>-<scenario>).")
 ]
 Verbose = Annotated[bool, typer.Option(help="Show every Flower and Ray log line.")]
+Engine = Annotated[
+    str,
+    typer.Option(
+        help="local: a warm worker pool on this machine (fast); "
+        "ray: Flower's Simulation Engine (for Ray clusters)."
+    ),
+]
 BaselineSites = Annotated[
     int,
     typer.Option(help="Sites trained alone for the local-only baseline (a fixed sample)."),
@@ -105,6 +112,7 @@ COMMON_OPTIONS: tuple[inspect.Parameter, ...] = (
     _option("seed", Seed, DEFAULTS.seed),
     _option("output", Output, None),
     _option("verbose", Verbose, False),
+    _option("engine", Engine, "ray"),
     _option("baseline_sites", BaselineSites, 10),
     _option("no_baselines", NoBaselines, False),
     _option("aggregator", Aggregator, DEFAULTS.aggregator),
@@ -237,11 +245,14 @@ def _run(scenario: str, options: dict[str, Any]) -> None:
     """Build the RunConfig from a command's options (named like its fields) and simulate."""
     options = dict(options)
     output, verbose = options.pop("output"), options.pop("verbose")
+    engine = options.pop("engine")
     baseline_sites, no_baselines = options.pop("baseline_sites"), options.pop("no_baselines")
     clients_given = options["clients"] is not None
     options["clients"] = options["clients"] or DEFAULTS.clients
     config = RunConfig(scenario=scenario, dp=not options.pop("no_dp"), **options)
-    _simulate(config, clients_given, output, verbose, None if no_baselines else baseline_sites)
+    _simulate(
+        config, clients_given, output, verbose, None if no_baselines else baseline_sites, engine
+    )
 
 
 def _simulate(
@@ -250,6 +261,7 @@ def _simulate(
     output: Path | None,
     verbose: bool,
     baseline_sites: int | None,
+    engine: str = "ray",
 ) -> None:
     from fedmodel.models import build_model
     from server.aggregators import check_aggregator
@@ -257,9 +269,11 @@ def _simulate(
     from simulations.baselines import run_baselines
     from simulations.heterogeneity import heterogeneity
     from simulations.report import write_report
-    from simulations.runner import run_federation
+    from simulations.runner import ENGINES, run_federation
     from simulations.scenarios import MIN_DP_ROWS, federation, resolve_clients
 
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)} (got {engine!r})")
     run_dir = output or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.scenario}"
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(
@@ -301,7 +315,11 @@ def _simulate(
         + f"; run directory {run_dir}"
     )
     started = time.monotonic()
-    status = console.status("Starting Flower's simulation engine (takes ~20 s)...")
+    status = console.status(
+        "Starting Flower's simulation engine (takes ~20 s)..."
+        if engine == "ray"
+        else "Starting the simulation workers (takes a few seconds)..."
+    )
     status.start()
 
     def show_progress(row: dict[str, Any]) -> None:
@@ -315,7 +333,11 @@ def _simulate(
 
     try:
         summary = run_federation(
-            config, run_dir, show_progress, (lambda line: console.out(line)) if verbose else None
+            config,
+            run_dir,
+            show_progress,
+            (lambda line: console.out(line)) if verbose else None,
+            engine,
         )
     finally:
         status.stop()

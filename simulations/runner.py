@@ -42,6 +42,7 @@ ENGINE_ENVIRONMENT = {  # on top of fedmodel.processes.tool_environment
 }
 
 ProgressCallback = Callable[[dict[str, Any]], None]
+ENGINES = ("local", "ray")
 
 
 def run_federation(
@@ -49,21 +50,31 @@ def run_federation(
     run_dir: Path,
     on_progress: ProgressCallback,
     on_log_line: Callable[[str], None] | None = None,
+    engine: str = "ray",
 ) -> dict[str, Any]:
     """Run the federation described by `config`; return the run's summary.json content.
 
     `on_progress` receives one dict per completed round; `on_log_line`, when given,
-    receives every raw engine log line (the CLI's --verbose).
+    receives every raw engine log line (the CLI's --verbose). `engine` is `local`
+    (simulations/local_engine.py: this machine, warm worker pool) or `ray` (Flower's
+    Simulation Engine, which also runs on a Ray cluster).
     """
     run_dir = run_dir.absolute()  # Flower's processes run in engine_dir, not in our cwd
     engine_dir = run_dir / "engine"
-    app_dir = engine_dir / "app"
-    app_dir.mkdir(parents=True, exist_ok=True)
-    write_flower_app(app_dir, config.replace(output_dir=str(run_dir)))
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    config = config.replace(output_dir=str(run_dir))
     environment = _engine_environment(engine_dir)
-    with _local_superlink(engine_dir, environment) as port:
-        environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
-        _stream_flower_run(app_dir, config, engine_dir, environment, on_progress, on_log_line)
+    if engine == "local" and not config.secagg:  # SecAgg+ needs its own ClientApp (Ray)
+        from simulations.local_engine import run_local
+
+        run_local(config, engine_dir, environment, on_progress, on_log_line)
+    else:
+        app_dir = engine_dir / "app"
+        app_dir.mkdir(exist_ok=True)
+        write_flower_app(app_dir, config)
+        with _local_superlink(engine_dir, environment) as port:
+            environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
+            _stream_flower_run(app_dir, config, engine_dir, environment, on_progress, on_log_line)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     if summary is None or not summary.get("completed"):
@@ -97,12 +108,17 @@ def write_flower_app(app_dir: Path, config: RunConfig, name: str = "simulation")
         "",
         "[tool.flwr.app.components]",
         'serverapp = "server.app:app"',
-        'clientapp = "client.app:app"',
+        f'clientapp = "{client_app_reference(config)}"',
         "",
         "[tool.flwr.app.config]",
     ]
     lines += [f"{key} = {_toml_value(value)}" for key, value in config.to_run_config().items()]
     (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n")
+
+
+def client_app_reference(config: RunConfig) -> str:
+    """The ClientApp for `config`: SecAgg+ needs Flower's legacy client (client/secagg_app.py)."""
+    return "client.secagg_app:app" if config.secagg else "client.app:app"
 
 
 def _toml_value(value: int | float | bool | str) -> str:
