@@ -52,9 +52,15 @@ class TabularData:
         )
 
 
-def make_loader(data: TabularData, batch_size: int, seed: int) -> DataLoader:
-    """A shuffling loader; Opacus replaces its sampler with Poisson sampling under DP."""
-    features, labels = data.tensors()
+def make_loader(
+    data: TabularData, batch_size: int, seed: int, device: torch.device | None = None
+) -> DataLoader:
+    """A shuffling loader; Opacus replaces its sampler with Poisson sampling under DP.
+
+    With `device`, the rows are moved there once, so batches are cut on the device
+    (no copy per batch); the shuffling generator stays on the CPU, as samplers need.
+    """
+    features, labels = (tensor.to(device) for tensor in data.tensors())
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         TensorDataset(features, labels), batch_size=batch_size, shuffle=True, generator=generator

@@ -8,8 +8,9 @@ macro-averaged one-vs-rest.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedmodel.data import TabularData
+from fedmodel.errors import ConfigError
 from fedmodel.privacy.accountant import ACCOUNTANT, Segment, merge_segments
 
 
@@ -30,19 +32,39 @@ class TrainResult:
 
 
 def select_device(preference: str = "auto") -> torch.device:
-    """`auto` picks the first CUDA device when there is one, else the CPU."""
+    """`auto` picks the first CUDA device when there is one, else the CPU.
+
+    Raises ConfigError when `cuda[:N]` is asked for and that device does not exist here.
+    """
     if preference == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(preference)
+    device = torch.device(preference)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            found = f"only {count} CUDA device(s)" if count else "no CUDA device"
+            raise ConfigError(
+                f"--device {preference}: this machine has {found}; use --device auto or cpu"
+            )
+    return device
 
 
 def train_plain(
-    model: nn.Module, loader: DataLoader, epochs: int, lr: float, device: torch.device
+    model: nn.Module,
+    loader: DataLoader,
+    epochs: int,
+    lr: float,
+    device: torch.device,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """Non-private SGD: the baseline DP-SGD is measured against."""
+    """Non-private SGD: the baseline DP-SGD is measured against.
+
+    `proximal_mu` > 0 adds FedProx's proximal term (see `_ProximalTerm`).
+    """
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    return TrainResult(loss=_run_epochs(model, optimizer, loader, epochs, device))
+    proximal = _ProximalTerm(model, proximal_mu, lr)
+    return TrainResult(loss=_run_epochs(model, optimizer, loader, epochs, device, proximal))
 
 
 def train_dp(
@@ -54,37 +76,128 @@ def train_dp(
     max_grad_norm: float,
     history: Sequence[Segment],
     device: torch.device,
+    proximal_mu: float = 0.0,
+    grad_sample_mode: str = "hooks",
 ) -> TrainResult:
     """DP-SGD (Abadi et al. 2016) through Opacus, continuing the accountant's `history`.
 
     The accountant is restored from `history` before training, so the returned history
     (and any epsilon computed from it) composes across rounds; a fresh accountant per
     round would silently under-report. `model` is trained in place and keeps its plain
-    parameter names (Opacus's wrapper is removed afterwards).
+    parameter names (Opacus's wrapper is removed afterwards). `proximal_mu` > 0 adds
+    FedProx's proximal term outside the clipping and noise (see `_ProximalTerm`).
+    `grad_sample_mode` only changes how Opacus computes per-sample gradient norms
+    (fedmodel.dp_modes picks the fastest per model), never the clipping, the noise or
+    the accounting.
     """
-    from opacus import PrivacyEngine
-
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    proximal = _ProximalTerm(model, proximal_mu, lr)
+    engine = privacy_engine(history)
+    private = make_private(
+        engine, model, optimizer, loader, noise_multiplier, max_grad_norm, grad_sample_mode
+    )
+    with warnings.catch_warnings():
+        # Opacus's hooks fire on the first layer, whose input needs no gradient: harmless.
+        warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+        loss = _run_epochs(
+            private.model,
+            private.optimizer,
+            private.loader,
+            epochs,
+            device,
+            proximal,
+            private.criterion,
+        )
+    private.model._close()
+    return TrainResult(loss=loss, history=merge_segments(engine.accountant.history))
+
+
+def privacy_engine(history: Sequence[Segment] = ()) -> Any:
+    """An Opacus PrivacyEngine whose accountant continues from `history`."""
+    from opacus import PrivacyEngine
+
     with warnings.catch_warnings():
         # Opacus's secure_mode needs torchcsprng, which does not exist for torch 2.x.
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-        # Opacus's hooks fire on the first layer, whose input needs no gradient: harmless.
-        warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
         engine = PrivacyEngine(accountant=ACCOUNTANT)
-        if history:
-            engine.accountant.load_state_dict({"history": list(history), "mechanism": ACCOUNTANT})
-        private_model, private_optimizer, private_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            poisson_sampling=True,
-        )
-        loss = _run_epochs(private_model, private_optimizer, private_loader, epochs, device)
-    private_model._close()
-    return TrainResult(loss=loss, history=merge_segments(engine.accountant.history))
+    if history:
+        engine.accountant.load_state_dict({"history": list(history), "mechanism": ACCOUNTANT})
+    return engine
+
+
+@dataclass(frozen=True)
+class PrivateTraining:
+    """What Opacus's make_private hands back, in the same shape for every grad-sample mode."""
+
+    model: Any  # an Opacus GradSampleModule wrapping the caller's model
+    optimizer: torch.optim.Optimizer
+    criterion: Callable[[torch.Tensor, torch.Tensor], Any]
+    loader: DataLoader
+
+
+def make_private(
+    engine: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    grad_sample_mode: str,
+    poisson_sampling: bool = True,
+) -> PrivateTraining:
+    """Opacus's `engine.make_private` for any grad-sample mode (hooks, ghost, functorch, ew).
+
+    Ghost clipping (Li et al. 2022, "Large Language Models Can Be Strong Differentially
+    Private Learners") clips without materialising per-sample gradients: its criterion
+    runs two backward passes inside `loss.backward()`, so in that mode Opacus also
+    returns a wrapped criterion, which the training loop must use.
+    """
+    made = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        criterion=ClassifierLoss(),
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=poisson_sampling,
+        grad_sample_mode=grad_sample_mode,
+    )
+    if grad_sample_mode == "ghost":
+        private_model, private_optimizer, criterion, private_loader = made
+        return PrivateTraining(private_model, private_optimizer, criterion, private_loader)
+    private_model, private_optimizer, private_loader = made
+    return PrivateTraining(private_model, private_optimizer, ClassifierLoss(), private_loader)
+
+
+class _ProximalTerm:
+    """FedProx's proximal term mu/2 * ||w - w_global||^2 (Li et al. 2020, "Federated
+    Optimization in Heterogeneous Networks"), as a decoupled gradient step.
+
+    Each SGD step also moves every weight by -lr * mu * (w - w_global), with w taken
+    before the step: for plain SGD that is exactly SGD on loss + mu/2 * ||w - w_global||^2.
+    Under DP-SGD it must be done this way: Opacus rebuilds each gradient from per-sample
+    gradients (clipped, noised), so a term added to the loss would be silently dropped.
+    The term does not touch the data, so applying it unclipped and noiseless costs no
+    privacy (post-processing).
+    """
+
+    def __init__(self, model: nn.Module, mu: float, lr: float) -> None:
+        self.scale = lr * mu
+        self.parameters = [p for p in model.parameters() if p.requires_grad] if mu > 0 else []
+        self.anchor = [p.detach().clone() for p in self.parameters]
+
+    def pull(self) -> list[torch.Tensor]:
+        """The step's proximal displacement, read before the optimiser moves the weights."""
+        if not self.anchor:
+            return []
+        with torch.no_grad():
+            return [self.scale * (p - a) for p, a in zip(self.parameters, self.anchor, strict=True)]
+
+    @torch.no_grad()
+    def apply(self, displacement: list[torch.Tensor]) -> None:
+        for parameter, step in zip(self.parameters, displacement, strict=True):
+            parameter.sub_(step)
 
 
 def _run_epochs(
@@ -93,7 +206,10 @@ def _run_epochs(
     loader: DataLoader,
     epochs: int,
     device: torch.device,
+    proximal: _ProximalTerm,
+    criterion: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
 ) -> float:
+    criterion = criterion or ClassifierLoss()
     model.train()
     total_loss, total_rows = 0.0, 0
     for _ in range(epochs):
@@ -102,19 +218,33 @@ def _run_epochs(
                 continue
             features, labels = features.to(device), labels.to(device)
             optimizer.zero_grad()
-            loss = _loss(model(features), labels)
+            loss = criterion(model(features), labels)
             loss.backward()
+            displacement = proximal.pull()
             optimizer.step()
+            proximal.apply(displacement)
             total_loss += loss.item() * len(labels)
             total_rows += len(labels)
     return total_loss / max(total_rows, 1)
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """BCE on one logit per row, cross-entropy on k > 1 logits (labels are class indices)."""
-    if logits.shape[-1] == 1:
-        return nn.functional.binary_cross_entropy_with_logits(logits.squeeze(-1), labels)
-    return nn.functional.cross_entropy(logits, labels.long())
+class ClassifierLoss(nn.Module):
+    """BCE on one logit per row, cross-entropy on k > 1 logits (labels are class indices).
+
+    A module with torch's `reduction` attribute because ghost clipping re-runs the
+    criterion with reduction "none" to get each sample's loss.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if logits.shape[-1] == 1:
+            return nn.functional.binary_cross_entropy_with_logits(
+                logits.squeeze(-1), labels, reduction=self.reduction
+            )
+        return nn.functional.cross_entropy(logits, labels.long(), reduction=self.reduction)
 
 
 @torch.no_grad()
@@ -129,7 +259,7 @@ def evaluate(model: nn.Module, data: TabularData) -> dict[str, float]:
     model.eval()
     features, labels = data.tensors()
     logits = model(features)
-    loss = float(_loss(logits, labels))
+    loss = float(ClassifierLoss()(logits, labels))
     if logits.shape[-1] == 1:
         scores = logits.squeeze(-1).numpy()
         accuracy = float(np.mean((scores > 0) == (data.labels > 0.5)))
