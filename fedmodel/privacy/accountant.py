@@ -33,8 +33,20 @@ def calibrate_noise_multiplier(
 
     Calibrated once for the client's whole planned participation (rounds x local epochs
     x batches), not per round: per-round calibration would spend the budget every round.
-    Memoised: simulated clients of equal size share one binary search per worker.
+    Memoised in this process and on this machine (fedmodel.privacy.calibration_cache):
+    Opacus's binary search runs once per distinct input, whichever worker or run asks.
     """
+    from fedmodel.privacy.calibration_cache import remembered
+
+    inputs = (target_epsilon, delta, sample_rate, steps, ACCOUNTANT)
+    return remembered(
+        inputs, lambda: _opacus_noise_multiplier(target_epsilon, delta, sample_rate, steps)
+    )
+
+
+def _opacus_noise_multiplier(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int
+) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():

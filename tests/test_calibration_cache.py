@@ -1,0 +1,60 @@
+"""Noise calibrations are Opacus's own answers, computed once per machine."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedmodel.privacy import accountant
+from fedmodel.privacy.calibration_cache import CACHE_DIR_VARIABLE, cache_path
+
+INPUTS = (4.0, 1e-5, 1 / 3, 9)  # epsilon, delta, sample rate, steps
+
+
+@pytest.fixture(scope="module")
+def opacus_answer() -> float:
+    """Opacus's calibration, computed directly: the independent reference."""
+    epsilon, delta, rate, steps = INPUTS
+    return float(
+        get_noise_multiplier(
+            target_epsilon=epsilon,
+            target_delta=delta,
+            sample_rate=rate,
+            steps=steps,
+            accountant="rdp",
+        )
+    )
+
+
+def _never(*_: object) -> float:
+    raise AssertionError("the calibration should have come from the cache")
+
+
+def test_a_calibration_is_opacus_answer_and_later_calls_read_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opacus_answer: float
+) -> None:
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path))
+    accountant.calibrate_noise_multiplier.cache_clear()
+    first = accountant.calibrate_noise_multiplier(*INPUTS)
+    assert first == opacus_answer  # bit for bit
+    with sqlite3.connect(cache_path()) as connection:
+        assert connection.execute("SELECT count(*) FROM calibration").fetchone() == (1,)
+
+    accountant.calibrate_noise_multiplier.cache_clear()  # as a fresh worker would start
+    monkeypatch.setattr(accountant, "_opacus_noise_multiplier", _never)
+    assert accountant.calibrate_noise_multiplier(*INPUTS) == first
+    accountant.calibrate_noise_multiplier.cache_clear()
+
+
+def test_an_unusable_cache_only_costs_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opacus_answer: float
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(blocker))
+    accountant.calibrate_noise_multiplier.cache_clear()
+    assert accountant.calibrate_noise_multiplier(*INPUTS) == opacus_answer
+    accountant.calibrate_noise_multiplier.cache_clear()
