@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -42,7 +43,40 @@ LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
 BatchSize = Annotated[int, typer.Option(help="Expected batch size (Poisson sampling).")]
 Lr = Annotated[float, typer.Option(help="Local SGD learning rate.")]
 MaxGradNorm = Annotated[float, typer.Option(help="Per-sample gradient clipping norm.")]
-NoDp = Annotated[bool, typer.Option("--no-dp", help="Train without DP (baseline).")]
+NoDp = Annotated[bool, typer.Option("--no-dp", help="Train without DP (baseline): --dp off.")]
+Dp = Annotated[
+    str,
+    typer.Option(
+        help="sample: DP-SGD on each client (protects records); client: the server clips and "
+        "noises client updates (protects whole clients); both; off."
+    ),
+]
+CentralNoise = Annotated[
+    float, typer.Option(help="--dp client/both: noise multiplier of each round's release.")
+]
+CentralClippingNorm = Annotated[
+    float,
+    typer.Option(help="--dp client/both: clip each update to this L2 norm (adaptive: first)."),
+]
+CentralAdaptive = Annotated[
+    bool,
+    typer.Option(
+        "--central-adaptive/--central-fixed",
+        help="--dp client/both: adapt the clipping norm to a quantile of update norms.",
+    ),
+]
+CentralTargetQuantile = Annotated[
+    float, typer.Option(help="Adaptive clipping: share of updates to leave unclipped.")
+]
+CentralClipLr = Annotated[float, typer.Option(help="Adaptive clipping: learning rate of the norm.")]
+CentralCountStddev = Annotated[
+    float,
+    typer.Option(help="Adaptive clipping: noise on the unclipped count (0: clients per round/20)."),
+]
+CentralEpsilon = Annotated[
+    float,
+    typer.Option(help="--dp client/both: client-level budget; stop before exceeding it (0: none)."),
+]
 Partition = Annotated[str, typer.Option(help="How rows are split: iid or dirichlet.")]
 Alpha = Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more skewed).")]
 Model = Annotated[str, typer.Option(help="Model: mlp or logreg.")]
@@ -56,6 +90,16 @@ Engine = Annotated[
     typer.Option(
         help="local: a warm worker pool on this machine (fast); "
         "ray: Flower's Simulation Engine (for Ray clusters)."
+    ),
+]
+Device = Annotated[
+    str,
+    typer.Option(help="Where clients train: auto (CUDA when present), cpu, cuda or cuda:N."),
+]
+GpusPerClient = Annotated[
+    float,
+    typer.Option(
+        help="--engine ray: share of a GPU reserved for each client (0.25: four per GPU)."
     ),
 ]
 BaselineSites = Annotated[
@@ -88,6 +132,42 @@ MaxUpdateNorm = Annotated[
 ]
 
 
+ProximalMu = Annotated[
+    float,
+    typer.Option(help="--aggregator fedprox: weight mu of the proximal term in local training."),
+]
+RoundTimeout = Annotated[
+    float, typer.Option(help="Seconds to wait for a round's replies; later ones count as failed.")
+]
+StopAfterRound = Annotated[
+    int, typer.Option(help="End the run cleanly after this round; continue it with --resume.")
+]
+Resume = Annotated[
+    Path | None,
+    typer.Option(
+        help="Continue this run directory from its last checkpoint, with its own config "
+        "(other options are ignored)."
+    ),
+]
+
+Secagg = Annotated[
+    bool,
+    typer.Option(
+        "--secagg", help="Secure aggregation (SecAgg+): the server sees only the sum of updates."
+    ),
+]
+SecaggShares = Annotated[
+    int, typer.Option(help="--secagg: key shares per client, itself included (odd, >= 3).")
+]
+SecaggThreshold = Annotated[
+    int,
+    typer.Option(help="--secagg: shares that rebuild a key; shares - threshold may drop out."),
+]
+SecaggDropouts = Annotated[
+    int, typer.Option(help="--secagg: simulated clients that fail after sharing their keys.")
+]
+
+
 def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(
         name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default
@@ -105,6 +185,7 @@ COMMON_OPTIONS: tuple[inspect.Parameter, ...] = (
     _option("batch_size", BatchSize, DEFAULTS.batch_size),
     _option("lr", Lr, DEFAULTS.lr),
     _option("max_grad_norm", MaxGradNorm, DEFAULTS.max_grad_norm),
+    _option("dp", Dp, DEFAULTS.dp),
     _option("no_dp", NoDp, False),
     _option("partition", Partition, DEFAULTS.partition),
     _option("alpha", Alpha, DEFAULTS.alpha),
@@ -112,7 +193,9 @@ COMMON_OPTIONS: tuple[inspect.Parameter, ...] = (
     _option("seed", Seed, DEFAULTS.seed),
     _option("output", Output, None),
     _option("verbose", Verbose, False),
-    _option("engine", Engine, "ray"),
+    _option("engine", Engine, "local"),
+    _option("device", Device, DEFAULTS.device),
+    _option("gpus_per_client", GpusPerClient, DEFAULTS.gpus_per_client),
     _option("baseline_sites", BaselineSites, 10),
     _option("no_baselines", NoBaselines, False),
     _option("aggregator", Aggregator, DEFAULTS.aggregator),
@@ -120,9 +203,24 @@ COMMON_OPTIONS: tuple[inspect.Parameter, ...] = (
     _option("attack", Attack, DEFAULTS.attack),
     _option("attackers", Attackers, DEFAULTS.attackers),
     _option("max_update_norm", MaxUpdateNorm, DEFAULTS.max_update_norm),
+    _option("secagg", Secagg, DEFAULTS.secagg),
+    _option("secagg_shares", SecaggShares, DEFAULTS.secagg_shares),
+    _option("secagg_threshold", SecaggThreshold, DEFAULTS.secagg_threshold),
+    _option("secagg_dropouts", SecaggDropouts, DEFAULTS.secagg_dropouts),
     _option("budget_epsilon", BudgetEpsilon, DEFAULTS.budget_epsilon),
     _option("ledger_dir", LedgerDir, DEFAULTS.ledger_dir),
     _option("min_clients", MinClients, DEFAULTS.min_clients),
+    _option("central_noise", CentralNoise, DEFAULTS.central_noise),
+    _option("central_clipping_norm", CentralClippingNorm, DEFAULTS.central_clipping_norm),
+    _option("central_adaptive", CentralAdaptive, DEFAULTS.central_adaptive),
+    _option("central_target_quantile", CentralTargetQuantile, DEFAULTS.central_target_quantile),
+    _option("central_clip_lr", CentralClipLr, DEFAULTS.central_clip_lr),
+    _option("central_count_stddev", CentralCountStddev, DEFAULTS.central_count_stddev),
+    _option("central_epsilon", CentralEpsilon, DEFAULTS.central_epsilon),
+    _option("proximal_mu", ProximalMu, DEFAULTS.proximal_mu),
+    _option("round_timeout", RoundTimeout, DEFAULTS.round_timeout),
+    _option("stop_after_round", StopAfterRound, DEFAULTS.stop_after_round),
+    _option("resume", Resume, None),
 )
 
 OptionsHook = Callable[[dict[str, Any]], dict[str, Any]]
@@ -249,7 +347,20 @@ def _run(scenario: str, options: dict[str, Any]) -> None:
     baseline_sites, no_baselines = options.pop("baseline_sites"), options.pop("no_baselines")
     clients_given = options["clients"] is not None
     options["clients"] = options["clients"] or DEFAULTS.clients
-    config = RunConfig(scenario=scenario, dp=not options.pop("no_dp"), **options)
+    if options.pop("no_dp"):
+        if options["dp"] not in (DEFAULTS.dp, "off"):
+            raise ConfigError(
+                f"--no-dp means --dp off; drop one of --no-dp and --dp {options['dp']}"
+            )
+        options["dp"] = "off"
+    resume = options.pop("resume")
+    if resume is not None:
+        from server.resume import resume_config
+
+        config = resume_config(resume, scenario)
+        output, clients_given = resume, True
+    else:
+        config = RunConfig(scenario=scenario, run_uid=uuid.uuid4().hex, **options)
     _simulate(
         config, clients_given, output, verbose, None if no_baselines else baseline_sites, engine
     )
@@ -261,7 +372,7 @@ def _simulate(
     output: Path | None,
     verbose: bool,
     baseline_sites: int | None,
-    engine: str = "ray",
+    engine: str = "local",
 ) -> None:
     from fedmodel.models import build_model
     from server.aggregators import check_aggregator
@@ -269,13 +380,13 @@ def _simulate(
     from simulations.baselines import run_baselines
     from simulations.heterogeneity import heterogeneity
     from simulations.report import write_report
-    from simulations.runner import ENGINES, run_federation
+    from simulations.runner import ENGINES, check_device, run_federation
     from simulations.scenarios import MIN_DP_ROWS, federation, resolve_clients
 
     if engine not in ENGINES:
         raise ConfigError(f"--engine must be one of {', '.join(ENGINES)} (got {engine!r})")
     run_dir = output or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.scenario}"
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if not config.resume and run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(
             f"run directory {run_dir} already exists and is not empty; pass another --output"
         )
@@ -283,6 +394,7 @@ def _simulate(
         config = resolve_clients(config, clients_given)  # fails fast, before any engine starts
         clients = federation(config)
         build_model(config.model, clients.test.num_features, clients.test.num_classes)
+        check_device(config)
         check_aggregator(config.aggregator, config.clients_per_round, config.byzantine)
         non_iid = heterogeneity(clients.clients)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -290,7 +402,8 @@ def _simulate(
         output_dir=str(run_dir.absolute()),
         ledger_dir=str(Path(config.ledger_dir).absolute()) if config.ledger_dir else "",
     )
-    write_json_atomic(run_dir / "config.json", {**config.to_run_config()})
+    if not config.resume:  # a resumed run keeps the config.json it started with
+        write_json_atomic(run_dir / "config.json", {**config.to_run_config()})
     if clients.natural_sites is not None:
         console.print(
             f"{config.dataset}: {clients.natural_sites} natural sites; {len(clients.too_small)} "
@@ -302,8 +415,15 @@ def _simulate(
         f"{config.rounds} rounds "
         + (
             f"under DP-SGD (epsilon {config.epsilon}, delta {config.delta:g})"
-            if config.dp
-            else "without DP"
+            if config.sample_dp
+            else "without DP-SGD"
+        )
+        + (
+            f", client-level DP on the server (noise {config.central_noise:g}, "
+            + ("adaptive" if config.central_adaptive else "fixed")
+            + f" clipping from {config.central_clipping_norm:g})"
+            if config.client_dp
+            else ""
         )
         + (f", {config.fraction:g} of clients per round" if config.fraction < 1 else "")
         + (f", aggregator {config.aggregator}" if config.aggregator != "fedavg" else "")
@@ -359,6 +479,8 @@ def _simulate(
     write_json_atomic(run_dir / "summary.json", summary)
     report = write_report(run_dir, summary)
     _print_summary(summary, run_dir, report)
+    if summary.get("stopped_early"):
+        console.print(f"Stopped early: {summary['stopped_early']}")
 
 
 def _number(value: float | None) -> str:
@@ -402,5 +524,12 @@ def _print_summary(summary: dict[str, Any], run_dir: Path, report: Path) -> None
         console.print(
             f"Max epsilon over clients: {worst:.3f} at delta {summary['delta']:g} "
             f"(target {summary['target_epsilon']}, {summary['accountant'].upper()} accountant)"
+        )
+    if summary.get("client_level_dp"):
+        central = summary["client_level_dp"]
+        console.print(
+            f"Client-level epsilon (whole clients, server-side DP): {central['epsilon']:.3f} at "
+            f"delta {central['delta']:g} ({central['accountant'].upper()} accountant, "
+            f"{len(central['releases'])} releases)"
         )
     console.print(f"Report: {report}  Summary: {run_dir / 'summary.json'}")

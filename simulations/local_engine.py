@@ -43,12 +43,14 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedmodel.config import RunConfig
 from fedmodel.errors import FedModelError, SimulationError
+from fedmodel.processes import group_alive, stop_group
 from server.run_record import PROGRESS_MARKER
 from simulations.local_worker import READY
 
 RUN_ID = 1
 FIRST_NODE_ID = 1_000  # node ids are FIRST_NODE_ID + partition id (the SuperLink is 1)
 WORKER_START_TIMEOUT_S = 300.0
+STOP_GRACE_S = 5.0  # a worker finishes the call it is in, then sees end of input
 
 Task = tuple[Message, Context]
 Reply = tuple[Message, Context]
@@ -62,8 +64,10 @@ def worker_count(clients_per_round: int) -> int:
 class WorkerPool:
     """Warm worker processes (simulations/local_worker.py) fed (message, context) tasks.
 
-    Workers start at once, so their imports overlap the ServerApp's set-up; each talks
-    over its own socket pair, and exits by itself if this process dies.
+    Workers start at once, so their imports overlap the ServerApp's set-up. They share
+    one process group (a session of their own, away from the terminal's Ctrl-C), which
+    `close` stops whatever state they are in; each talks over its own socket pair and
+    exits by itself if this process dies.
     """
 
     def __init__(self, size: int, log_path: Path, environment: dict[str, str]) -> None:
@@ -71,27 +75,27 @@ class WorkerPool:
         self._idle: list[Connection] = []
         self._busy: dict[Connection, str] = {}
         self._done: dict[str, Reply] = {}
-        self._processes: list[subprocess.Popen[bytes]] = []
         self._starting: list[Connection] = []
+        pairs = [socket.socketpair() for _ in range(size)]
+        theirs = [pair[1].fileno() for pair in pairs]
         with log_path.open("ab") as log_file:
-            for _ in range(size):
-                ours, theirs = socket.socketpair()
-                self._processes.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "simulations.local_worker", str(theirs.fileno())],
-                        pass_fds=(theirs.fileno(),),
-                        env=environment,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log_file,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-                theirs.close()
-                self._starting.append(Connection(ours.detach()))
+            self._leader = subprocess.Popen(
+                [sys.executable, "-m", "simulations.local_worker", *map(str, theirs)],
+                pass_fds=theirs,
+                env=environment,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        for ours, their_end in pairs:
+            their_end.close()
+            self._starting.append(Connection(ours.detach()))
 
     @property
-    def pids(self) -> list[int]:
-        return [process.pid for process in self._processes]
+    def process_group(self) -> int:
+        """The workers' process group (the first worker's pid)."""
+        return self._leader.pid
 
     def submit(self, message_id: str, task: Task) -> None:
         self._queue.append((message_id, task))
@@ -120,20 +124,15 @@ class WorkerPool:
         return len(self._queue) + len(self._busy)
 
     def close(self) -> None:
-        """Stop every worker: end of input first, then SIGTERM, then SIGKILL."""
+        """Stop every worker: end of input first, then SIGTERM and SIGKILL to the group."""
         for connection in [*self._idle, *self._busy, *self._starting]:
             connection.close()
-        deadline = time.monotonic() + 5
-        for process in self._processes:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.terminate()
-                try:
-                    process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        deadline = time.monotonic() + STOP_GRACE_S
+        while group_alive(self._leader.pid) and time.monotonic() < deadline:
+            self._leader.poll()  # reaps the first worker; the others are init's to reap
+            time.sleep(0.05)
+        stop_group(self._leader.pid, timeout=STOP_GRACE_S)
+        self._leader.wait()
 
     def _await_workers(self) -> None:
         """Block until every worker has imported the ClientApp (first call only)."""
@@ -203,7 +202,7 @@ class LocalGrid(Grid):
                 raise ValueError(f"message for unknown node {node_id}")
             message_id = str(uuid4())
             message.metadata.__dict__["_message_id"] = message_id
-            self._pool.submit(message_id, (message, self._context(node_id)))
+            self._pool.submit(message_id, (message, self.node_context(node_id)))
             ids.append(message_id)
         return ids
 
@@ -239,7 +238,8 @@ class LocalGrid(Grid):
         reply.metadata.__dict__["_message_id"] = str(uuid4())
         return reply
 
-    def _context(self, node_id: int) -> Context:
+    def node_context(self, node_id: int) -> Context:
+        """The persistent Context of a virtual node (made on its first message)."""
         if node_id not in self._contexts:
             self._contexts[node_id] = Context(
                 run_id=RUN_ID,

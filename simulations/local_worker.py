@@ -1,13 +1,18 @@
-"""A worker process of the local simulation engine: runs the ClientApp on tasks it is sent.
+"""Worker processes of the local simulation engine: run the ClientApp on tasks they are sent.
 
-Started by simulations/local_engine.py as `python -m simulations.local_worker FD` with
-one end of a socket pair as FD. It imports the ClientApp once, keeps torch at one
-thread, answers each (message, context) task with (reply, context), and exits when the
-engine closes its end or dies. Ctrl-C is ignored: the engine decides when workers stop.
+Started by simulations/local_engine.py as `python -m simulations.local_worker FD...`,
+one socket (the worker's end of a socket pair) per worker. The first process imports
+the ClientApp (torch, Opacus, Flower: seconds of CPU) once and then forks one worker
+per further socket, so every worker starts warm and shares those pages; no torch
+operation has run before the fork. Each worker keeps torch at one thread, answers each
+(message, context) task with (reply, context), and exits when the engine closes its
+end or dies. Ctrl-C is ignored: the engine decides when workers stop.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import signal
 import sys
 import traceback
@@ -20,6 +25,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import FLOWER_LOGGER as flower_logger
 
 READY = "ready"
+CLIENT_APP_VARIABLE = "FEDMODEL_CLIENT_APP"  # module:attribute; the runner sets it
 
 
 def run_client_app(
@@ -40,13 +46,8 @@ def run_client_app(
         return Message(failure, reply_to=message)
 
 
-def serve(connection: Connection) -> None:
-    """Import the ClientApp, say so, then answer tasks until the engine hangs up."""
-    import torch
-
-    torch.set_num_threads(1)
-    from client.app import app
-
+def serve(app: Callable[[Message, Context], Message], connection: Connection) -> None:
+    """Say we are ready, then answer tasks until the engine hangs up."""
     connection.send(READY)
     while True:
         try:
@@ -56,6 +57,26 @@ def serve(connection: Connection) -> None:
         connection.send((run_client_app(app, message, context), context))
 
 
-if __name__ == "__main__":
+def main(sockets: list[int]) -> None:
+    """Import once, fork a worker per further socket, serve the first socket here."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    serve(Connection(int(sys.argv[1])))
+    import torch
+
+    torch.set_num_threads(1)
+    module, _, name = os.environ.get(CLIENT_APP_VARIABLE, "client.app:app").partition(":")
+    app = getattr(importlib.import_module(module), name)
+
+    for index, mine in enumerate(sockets[1:], start=1):
+        if os.fork() == 0:
+            for other, fd in enumerate(sockets):
+                if other != index:
+                    os.close(fd)  # so the engine sees EOF when a sibling dies
+            serve(app, Connection(mine))
+            os._exit(0)
+    for fd in sockets[1:]:
+        os.close(fd)
+    serve(app, Connection(sockets[0]))
+
+
+if __name__ == "__main__":
+    main([int(fd) for fd in sys.argv[1:]])

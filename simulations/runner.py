@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmodel.config import RunConfig
-from fedmodel.errors import SimulationError
+from fedmodel.errors import ConfigError, SimulationError
 from fedmodel.processes import executable, free_port, tool_environment
 from server.run_record import PROGRESS_MARKER
 
@@ -50,7 +50,7 @@ def run_federation(
     run_dir: Path,
     on_progress: ProgressCallback,
     on_log_line: Callable[[str], None] | None = None,
-    engine: str = "ray",
+    engine: str = "local",
 ) -> dict[str, Any]:
     """Run the federation described by `config`; return the run's summary.json content.
 
@@ -63,16 +63,18 @@ def run_federation(
     engine_dir = run_dir / "engine"
     engine_dir.mkdir(parents=True, exist_ok=True)
     config = config.replace(output_dir=str(run_dir))
-    environment = _engine_environment(engine_dir)
-    if engine == "local" and not config.secagg:  # SecAgg+ needs its own ClientApp (Ray)
+    environment = engine_environment(engine_dir)
+    if engine == "local":
         from simulations.local_engine import run_local
+        from simulations.local_worker import CLIENT_APP_VARIABLE
 
+        environment[CLIENT_APP_VARIABLE] = client_app_reference(config)
         run_local(config, engine_dir, environment, on_progress, on_log_line)
     else:
         app_dir = engine_dir / "app"
         app_dir.mkdir(exist_ok=True)
         write_flower_app(app_dir, config)
-        with _local_superlink(engine_dir, environment) as port:
+        with local_superlink(engine_dir, environment) as port:
             environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
             _stream_flower_run(app_dir, config, engine_dir, environment, on_progress, on_log_line)
     summary_path = run_dir / "summary.json"
@@ -83,6 +85,28 @@ def run_federation(
             "(rerun with --verbose to see them live)"
         )
     return summary
+
+
+def federation_config(config: RunConfig) -> str:
+    """Ray engine resources: one CPU per client (Flower's default of 2 halves the
+    parallelism) and, with --gpus-per-client, that share of a GPU."""
+    federation = f"num-supernodes={config.clients} client-resources-num-cpus=1"
+    if config.gpus_per_client > 0:
+        federation += f" client-resources-num-gpus={config.gpus_per_client}"
+    return federation
+
+
+def check_device(config: RunConfig) -> None:
+    """Fail before any engine starts when the run asks for a GPU this machine lacks
+    (Ray would otherwise wait forever for GPU resources)."""
+    from fedmodel.training import select_device
+
+    device = select_device(config.device)
+    if config.gpus_per_client > 0 and device.type != "cuda":
+        raise ConfigError(
+            f"--gpus-per-client {config.gpus_per_client:g} needs a CUDA device, but clients "
+            f"would train on the CPU here (--device {config.device}); drop --gpus-per-client"
+        )
 
 
 def write_flower_app(app_dir: Path, config: RunConfig, name: str = "simulation") -> None:
@@ -129,7 +153,9 @@ def _toml_value(value: int | float | bool | str) -> str:
     return repr(value)
 
 
-def _engine_environment(engine_dir: Path) -> dict[str, str]:
+def engine_environment(engine_dir: Path) -> dict[str, str]:
+    """What every engine process gets: our tools first, a private FLWR_HOME, loopback Ray,
+    and the run token by which we find and stop exactly what we started."""
     environment = {**tool_environment(engine_dir / "flwr-home"), **ENGINE_ENVIRONMENT}
     environment[RUN_TOKEN_VARIABLE] = uuid.uuid4().hex
     (engine_dir / "flwr-home").mkdir(exist_ok=True)
@@ -137,7 +163,7 @@ def _engine_environment(engine_dir: Path) -> dict[str, str]:
 
 
 @contextmanager
-def _local_superlink(engine_dir: Path, environment: dict[str, str]) -> Iterator[int]:
+def local_superlink(engine_dir: Path, environment: dict[str, str]) -> Iterator[int]:
     """A simulation SuperLink on 127.0.0.1, stopped with all its descendants on exit."""
     port = free_port()
     log_path = engine_dir / "superlink.log"
@@ -193,7 +219,7 @@ def _stream_flower_run(
     on_progress: ProgressCallback,
     on_log_line: Callable[[str], None] | None,
 ) -> None:
-    federation = f"num-supernodes={config.clients} client-resources-num-cpus=1"
+    federation = federation_config(config)
     command = [
         executable("flwr"),
         "run",

@@ -1,0 +1,1 @@
+"""Stock Flower baseline: plain FedAvg with client-side Opacus DP-SGD."""
