@@ -19,6 +19,7 @@ from client.attacks import simulated_attack_mod
 from client.local_data import client_data, describe_local_data, evaluate_local_data
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, make_loader
+from fedmodel.dp_modes import grad_sample_mode
 from fedmodel.errors import ConfigError
 from fedmodel.models import build_model
 from fedmodel.privacy.accountant import calibrate_noise_multiplier, epsilon_of, history_fields
@@ -32,6 +33,8 @@ from fedmodel.privacy.ledger import PrivacyLedger, dataset_fingerprint, spent_hi
 from fedmodel.privacy.signing import LedgerSigner
 from fedmodel.training import TrainResult, select_device, train_dp, train_plain
 
+TrainMetrics = dict[str, int | float | list[int] | list[float]]
+
 app = ClientApp(mods=[simulated_attack_mod])
 # Deployed nodes describe their own file (query) and score global models on it (evaluate).
 app.query()(describe_local_data)
@@ -41,37 +44,59 @@ app.evaluate()(evaluate_local_data)
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's partition and reply with it."""
-    torch.set_num_threads(1)  # one core per simulated client; more oversubscribes the box
     config = RunConfig.from_run_config(context.run_config)
     partition_id, data = client_data(config, context, msg)  # partition or local file
-    server_round = int(str(msg.content.config_records["config"]["server-round"]))
+    round_config = msg.content.config_records["config"]
+    server_round = int(str(round_config["server-round"]))
+    proximal_mu = float(str(round_config.get("proximal-mu", 0.0)))  # sent by FedProx
+    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    try:
+        state, metrics = train_local_model(
+            config, context, partition_id, data, global_state, server_round, proximal_mu
+        )
+    except BudgetExhausted as refusal:
+        return Message(error=Error(BUDGET_EXHAUSTED_CODE, str(refusal)), reply_to=msg)
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+def train_local_model(
+    config: RunConfig,
+    context: Context,
+    partition_id: int,
+    data: TabularData,
+    global_state: dict[str, torch.Tensor],
+    server_round: int,
+    proximal_mu: float = 0.0,
+) -> tuple[dict[str, torch.Tensor], TrainMetrics]:
+    """One round of local training: DP-SGD within the owner's budget (unless --no-dp).
+
+    Shared by this ClientApp and the SecAgg+ one (client/secagg_app.py). Raises
+    BudgetExhausted, before any training, when the round would overspend.
+    """
+    torch.set_num_threads(1)  # one core per simulated client; more oversubscribes the box
     seed = config.seed * 1_000_003 + partition_id * 1_009 + server_round
     torch.manual_seed(seed)
 
+    device = select_device(config.device)
     model = build_model(config.model, data.num_features, data.num_classes)
-    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
-    loader = make_loader(data, config.batch_size, seed)
-    metrics: dict[str, int | float | list[int] | list[float]] = {
-        "num-examples": len(data),
-        "partition-id": partition_id,
-    }
-    if config.dp:
-        try:
-            result, budget = _train_private(model, loader, data, config, context, server_round)
-        except BudgetExhausted as refusal:
-            return Message(error=Error(BUDGET_EXHAUSTED_CODE, str(refusal)), reply_to=msg)
+    model.load_state_dict(global_state)
+    model.to(device)  # model and data move to the device once per call
+    loader = make_loader(data, config.batch_size, seed, device)
+    metrics: TrainMetrics = {"num-examples": len(data), "partition-id": partition_id}
+    if config.sample_dp:
+        result, budget = _train_private(
+            model, loader, data, config, context, server_round, proximal_mu, device
+        )
         epsilon = epsilon_of(result.history, config.delta)
         metrics |= history_fields(result.history)
         metrics |= {"epsilon": epsilon, "delta": config.delta}
         metrics |= _budget_metrics(result, budget)
     else:
-        result = train_plain(model, loader, config.local_epochs, config.lr, select_device())
+        result = train_plain(model, loader, config.local_epochs, config.lr, device, proximal_mu)
     metrics["train-loss"] = result.loss
     model.to("cpu")
-    content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
-    )
-    return Message(content=content, reply_to=msg)
+    return model.state_dict(), metrics
 
 
 def _train_private(
@@ -81,6 +106,8 @@ def _train_private(
     config: RunConfig,
     context: Context,
     server_round: int,
+    proximal_mu: float,
+    device: torch.device,
 ) -> tuple[TrainResult, OwnerBudget]:
     """Project, write ahead, train, commit: the ledger protocol of one round.
 
@@ -90,7 +117,7 @@ def _train_private(
     ledger = PrivacyLedger(ledger_path(config, context), ledger_signer(context))
     fingerprint = dataset_fingerprint(*(tensor.numpy() for tensor in data.tensors()))
     budget = owner_budget(config, context)
-    run_id = str(context.run_id)
+    run_id = config.run_uid or str(context.run_id)  # run-uid survives --resume
     sample_rate = 1.0 / len(loader)  # exactly the rate Opacus's Poisson sampler uses
     steps = config.local_epochs * len(loader)
     noise_multiplier = ledger.run_noise_multiplier(fingerprint, run_id)
@@ -112,7 +139,9 @@ def _train_private(
         noise_multiplier,
         config.max_grad_norm,
         before,
-        select_device(),
+        device,
+        proximal_mu,
+        grad_sample_mode(config.model),
     )
     (used,) = new_segments(before, result.history)
     ledger.commit(pending, used, epsilon_of(result.history, budget.delta))

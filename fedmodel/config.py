@@ -10,16 +10,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from fedmodel.errors import ConfigError
 
-AGGREGATORS = ("fedavg", "fedadam", "median", "trimmed-mean", "krum", "multikrum", "bulyan")
+AGGREGATORS = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "median",
+    "trimmed-mean",
+    "krum",
+    "multikrum",
+    "bulyan",
+)
 ATTACKS = ("none", "sign-flip", "scaled", "gaussian", "nan")
 PARTITION_SCHEMES = ("iid", "dirichlet", "shard", "pathological")
+# SecAgg+ sums modulo 2**32 and each client adds up to 2**22 (Flower's defaults).
+SECAGG_MAX_CLIENTS_PER_ROUND = 2**32 // 2**22
 TASKS = ("binary", "multiclass")
+# off | sample-level DP-SGD on clients | client-level DP on the server | both
+DP_MODES = ("off", "sample", "client", "both")
 
 
 @dataclass(frozen=True)
@@ -33,7 +47,7 @@ class RunConfig:
     local_epochs: int = 1
     batch_size: int = 64
     lr: float = 0.5
-    dp: bool = True
+    dp: str = "sample"  # one of DP_MODES
     epsilon: float = 1.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
@@ -52,6 +66,14 @@ class RunConfig:
     budget_epsilon: float = 0.0  # each data owner's lifetime budget; 0 means "= epsilon"
     ledger_dir: str = ""  # simulated owners' ledgers; "" means <output_dir>/ledgers
     min_clients: int = 1  # stop cleanly when fewer clients have budget left
+    # client-level (central) DP on the server (issue 5): --dp client or both
+    central_noise: float = 1.0  # effective noise multiplier of each round's release
+    central_clipping_norm: float = 1.0  # L2 norm of a client's update (adaptive: the first)
+    central_adaptive: bool = False  # adapt the norm to a quantile of update norms (Andrew et al.)
+    central_target_quantile: float = 0.5  # adaptive: share of updates left unclipped
+    central_clip_lr: float = 0.2  # adaptive: geometric learning rate of the norm
+    central_count_stddev: float = 0.0  # adaptive: noise on the unclipped count; 0: cohort/20
+    central_epsilon: float = 0.0  # client-level budget of the run; 0: no budget
     # deployment (issue 4)
     round_timeout: float = 600.0  # seconds the server waits for one round's replies
     # robustness (issue 6)
@@ -60,6 +82,20 @@ class RunConfig:
     attack: str = "none"  # simulation only: what the attacking clients send
     attackers: float = 0.0  # simulation only: fraction of clients that attack
     max_update_norm: float = 0.0  # reject updates farther than this from the global model (0: off)
+    proximal_mu: float = 0.0  # fedprox: weight of the proximal term in each client's local loss
+    # checkpoint and resume (issue 6)
+    run_uid: str = ""  # stable FedModel run id (ledger key), the same across resumes
+    resume: bool = False  # continue from output_dir's last checkpoint
+    stop_after_round: int = 0  # end the run cleanly after this round, to resume later (0: off)
+
+    # secure aggregation (issue 6): Flower's SecAgg+; see server/secagg.py
+    secagg: bool = False
+    secagg_shares: int = 5  # each client's key shares, itself included: odd, at least 3
+    secagg_threshold: int = 3  # shares that rebuild a key; shares - threshold may drop out
+    secagg_dropouts: int = 0  # simulation only: clients that fail after sharing their keys
+    # GPU path (issue 7)
+    device: str = "auto"  # where clients train: auto (CUDA when present), cpu, cuda or cuda:N
+    gpus_per_client: float = 0.0  # Ray engine: share of a GPU reserved for each client
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,6 +107,9 @@ class RunConfig:
         _require(self.local_epochs >= 1, "--local-epochs must be at least 1", self.local_epochs)
         _require(self.batch_size >= 1, "--batch-size must be at least 1", self.batch_size)
         _require(_finite_positive(self.lr), "--lr must be a positive number", self.lr)
+        _require(self.dp in DP_MODES, f"--dp must be one of {', '.join(DP_MODES)}", self.dp)
+        if self.client_dp:
+            self._validate_central_dp()
         _require(
             _finite_positive(self.epsilon),
             "--epsilon must be a positive number (the privacy budget per client)",
@@ -126,6 +165,130 @@ class RunConfig:
             "--max-update-norm must be 0 (off) or a positive number",
             self.max_update_norm,
         )
+        _require(
+            math.isfinite(self.proximal_mu) and self.proximal_mu >= 0.0,
+            "--proximal-mu must be 0 or a positive number",
+            self.proximal_mu,
+        )
+        _require(
+            self.stop_after_round >= 0,
+            "--stop-after-round must be 0 (off) or a round number",
+            self.stop_after_round,
+        )
+
+        if self.secagg:
+            self._validate_secagg()
+        _require(
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+            "--device must be auto, cpu, cuda or cuda:N",
+            self.device,
+        )
+        _require(
+            math.isfinite(self.gpus_per_client) and self.gpus_per_client >= 0.0,
+            "--gpus-per-client must be 0 (CPU only) or a positive share of a GPU, e.g. 0.25",
+            self.gpus_per_client,
+        )
+
+    def _validate_secagg(self) -> None:
+        """SecAgg+ preconditions (Flower's clients crash on an even number of shares)."""
+        per_round = self.clients_per_round
+        _require(
+            self.aggregator == "fedavg" and self.max_update_norm == 0.0 and self.attack == "none",
+            "--secagg hides individual updates, so it works only with --aggregator fedavg, "
+            "no --max-update-norm and no --attack",
+            (self.aggregator, self.max_update_norm, self.attack),
+        )
+        _require(not self.resume, "--resume is not available with --secagg yet", self.resume)
+        _require(
+            self.dp in ("sample", "off"),
+            "--dp client/both clips each update on the server, which --secagg hides; "
+            "use --dp sample with --secagg",
+            self.dp,
+        )
+        _require(
+            3 <= self.secagg_shares <= per_round and self.secagg_shares % 2 == 1,
+            f"--secagg-shares must be odd, at least 3 and at most the {per_round} clients per "
+            "round (Flower's SecAgg+ clients crash on an even number)",
+            self.secagg_shares,
+        )
+        _require(
+            2 <= self.secagg_threshold < self.secagg_shares,
+            "--secagg-threshold must be at least 2 and below --secagg-shares",
+            self.secagg_threshold,
+        )
+        _require(
+            per_round < SECAGG_MAX_CLIENTS_PER_ROUND,
+            f"--secagg sums at most {SECAGG_MAX_CLIENTS_PER_ROUND - 1} clients per round "
+            "(Flower's 32-bit modulus); lower --clients or --fraction",
+            per_round,
+        )
+        tolerated = self.secagg_shares - self.secagg_threshold
+        _require(
+            0 <= self.secagg_dropouts <= tolerated,
+            f"--secagg-dropouts must be between 0 and shares - threshold = {tolerated}, "
+            "the dropouts SecAgg+ survives",
+            self.secagg_dropouts,
+        )
+
+    def _validate_central_dp(self) -> None:
+        _require(
+            self.aggregator == "fedavg",
+            f"--dp {self.dp} needs --aggregator fedavg (the noise is calibrated to a mean)",
+            self.aggregator,
+        )
+        _require(
+            _finite_positive(self.central_noise),
+            "--central-noise must be a positive number",
+            self.central_noise,
+        )
+        _require(
+            _finite_positive(self.central_clipping_norm),
+            "--central-clipping-norm must be a positive number",
+            self.central_clipping_norm,
+        )
+        _require(
+            math.isfinite(self.central_epsilon) and self.central_epsilon >= 0,
+            "--central-epsilon must be 0 (no budget) or a positive number",
+            self.central_epsilon,
+        )
+        if not self.central_adaptive:
+            return
+        _require(
+            0.0 < self.central_target_quantile < 1.0,
+            "--central-target-quantile must be in (0, 1)",
+            self.central_target_quantile,
+        )
+        _require(
+            _finite_positive(self.central_clip_lr),
+            "--central-clip-lr must be a positive number",
+            self.central_clip_lr,
+        )
+        _require(
+            math.isfinite(self.central_count_stddev) and self.central_count_stddev >= 0,
+            "--central-count-stddev must be 0 (clients per round / 20) or a positive number",
+            self.central_count_stddev,
+        )
+        _require(
+            self.central_noise < 2 * self.central_count_stddev_or_default,
+            f"--central-noise with adaptive clipping must stay below twice the clipped-count "
+            f"noise {self.central_count_stddev_or_default:g}; raise --central-count-stddev",
+            self.central_noise,
+        )
+
+    @property
+    def sample_dp(self) -> bool:
+        """Clients train with DP-SGD (sample-level DP for each owner's records)."""
+        return self.dp in ("sample", "both")
+
+    @property
+    def client_dp(self) -> bool:
+        """The server clips and noises client updates (client-level DP)."""
+        return self.dp in ("client", "both")
+
+    @property
+    def central_count_stddev_or_default(self) -> float:
+        """Andrew et al.'s suggestion: expected clients per round / 20."""
+        return self.central_count_stddev or self.clients_per_round / 20
 
     @property
     def clients_per_round(self) -> int:

@@ -7,6 +7,9 @@ Robust rules tolerate up to `byzantine` arbitrary (malicious or broken) updates 
   (Blanchard et al. 2017, "Machine Learning with Adversaries"); needs n >= 2f+3.
 - bulyan: Krum selection then trimmed mean (El Mhamdi et al. 2018); needs n >= 4f+3.
 - fedadam: adaptive server optimiser (Reddi et al. 2021, "Adaptive Federated Optimization").
+- fedprox: FedAvg on the server; each client adds mu/2 * ||w - w_global||^2 to its local
+  loss (Li et al. 2020, "Federated Optimization in Heterogeneous Networks"; the client's
+  side is fedmodel.training._ProximalTerm).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
     FedMedian,
+    FedProx,
     FedTrimmedAvg,
     Krum,
     MultiKrum,
@@ -54,11 +58,17 @@ def check_aggregator(name: str, replies_per_round: int, byzantine: int) -> None:
         )
 
 
-def build_aggregator(name: str, replies_per_round: int, byzantine: int, **common: Any) -> FedAvg:
-    """The Flower Message-API strategy for `name`; `common` are FedAvg's sampling arguments."""
+def build_aggregator(
+    name: str, replies_per_round: int, byzantine: int, proximal_mu: float = 0.0, **common: Any
+) -> FedAvg:
+    """The Flower Message-API strategy for `name`; `common` are FedAvg's sampling arguments.
+
+    `proximal_mu` is FedProx's mu (sent to the clients in each round's config).
+    """
     check_aggregator(name, replies_per_round, byzantine)
     builders: dict[str, Callable[[], FedAvg]] = {
         "fedavg": lambda: FedAvg(**common),
+        "fedprox": lambda: FedProx(proximal_mu=proximal_mu, **common),
         "fedadam": lambda: FedAdam(**common),
         "median": lambda: FedMedian(**common),
         "trimmed-mean": lambda: FedTrimmedAvg(beta=TRIMMED_MEAN_BETA, **common),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -221,6 +222,18 @@ def run_command(
     ] = DEFAULTS.max_grad_norm,
     model: Annotated[str, typer.Option(help="Model: mlp or logreg.")] = DEFAULTS.model,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without DP (baseline).")] = False,
+    dp: Annotated[
+        str, typer.Option(help="sample (DP-SGD on nodes), client (server-side), both, off.")
+    ] = DEFAULTS.dp,
+    central_noise: Annotated[
+        float, typer.Option(help="--dp client/both: noise multiplier per round.")
+    ] = DEFAULTS.central_noise,
+    central_clipping_norm: Annotated[
+        float, typer.Option(help="--dp client/both: clip each node's update to this norm.")
+    ] = DEFAULTS.central_clipping_norm,
+    central_epsilon: Annotated[
+        float, typer.Option(help="--dp client/both: client-level budget (0: none).")
+    ] = DEFAULTS.central_epsilon,
     seed: Annotated[int, typer.Option(help="Seed for model initialisation.")] = DEFAULTS.seed,
     round_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for a round's replies.")
@@ -229,9 +242,20 @@ def run_command(
         Path | None, typer.Option(help="Run directory (default DIR/runs/<timestamp>).")
     ] = None,
     verbose: Annotated[bool, typer.Option(help="Show every ServerApp log line.")] = False,
+    stop_after_round: Annotated[
+        int, typer.Option(help="End the run cleanly after this round; continue with --resume.")
+    ] = 0,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue this run directory from its last checkpoint, with its own config "
+            "(other training options are ignored)."
+        ),
+    ] = None,
 ) -> None:
     """Train on the federation's enrolled nodes (the SuperLink must be running)."""
     from server.launch import launch_run
+    from server.resume import resume_config
     from server.superlink import Federation
 
     federation = Federation.load(directory)
@@ -244,20 +268,34 @@ def run_command(
         local_epochs=local_epochs,
         batch_size=batch_size,
         lr=lr,
-        dp=not no_dp,
+        dp="off" if no_dp else dp,
+        central_noise=central_noise,
+        central_clipping_norm=central_clipping_norm,
+        central_epsilon=central_epsilon,
         epsilon=epsilon,
         delta=delta,
         max_grad_norm=max_grad_norm,
         model=model,
         seed=seed,
         round_timeout=round_timeout,
+        stop_after_round=stop_after_round,
+        run_uid=uuid.uuid4().hex,
     )
+    if resume is not None:
+        config = resume_config(resume, "deployment")
+        output = resume
     run_dir = (output or federation.path("runs") / time.strftime("%Y%m%d-%H%M%S")).absolute()
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if not config.resume and run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run directory {run_dir} already exists and is not empty")
     console.print(
-        f"Training on at least {min_clients} enrolled nodes for {rounds} rounds "
-        + (f"under DP-SGD (epsilon {epsilon} per node)" if not no_dp else "without DP")
+        ("Resuming" if config.resume else "Training")
+        + f" on at least {config.min_clients} enrolled nodes for {config.rounds} rounds "
+        + (
+            f"under DP-SGD (epsilon {config.epsilon} per node)"
+            if config.sample_dp
+            else "without DP-SGD"
+        )
+        + (f", client-level DP (noise {config.central_noise:g})" if config.client_dp else "")
         + f"; run directory {run_dir}"
     )
     started = time.monotonic()
@@ -287,4 +325,6 @@ def run_command(
             "-" if client.get("delta") is None else f"{client['delta']:g}",
         )
     console.print(table)
+    if summary.get("stopped_early"):
+        console.print(f"Stopped early: {summary['stopped_early']}")
     console.print(f"Summary: {run_dir / 'summary.json'}")

@@ -15,6 +15,7 @@ from typing import Any
 
 from fedmodel.config import RunConfig
 from fedmodel.processes import executable
+from server.run_record import write_json_atomic
 from server.superlink import CONNECTION, Federation, ServerError, is_healthy, server_environment
 from simulations.runner import ProgressCallback, stream_run_output, write_flower_app
 
@@ -36,6 +37,8 @@ def launch_run(
     app_dir = engine_dir / "app"
     app_dir.mkdir(parents=True, exist_ok=True)
     config = config.replace(output_dir=str(run_dir.absolute()))
+    if not config.resume:  # what `fedmodel run --resume` starts again from
+        write_json_atomic(run_dir / "config.json", config.to_run_config())
     write_flower_app(app_dir, config, name="deployment")
     command = [executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
     code = stream_run_output(

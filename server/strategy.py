@@ -21,7 +21,7 @@ from logging import WARNING
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from fedmodel.privacy.budget import BUDGET_EXHAUSTED_CODE
 from fedmodel.records import reply_rejection
@@ -61,7 +61,7 @@ class GuardedStrategy(Strategy):
 
     def __init__(
         self,
-        inner: FedAvg,
+        inner: Strategy,
         recorder: RunRecorder,
         min_clients: int = 1,
         max_update_norm: float | None = None,
@@ -75,6 +75,7 @@ class GuardedStrategy(Strategy):
         self.exhausted: set[int] = set()
         self.client_of_node: dict[int, str] = {}
         self._global_arrays: ArrayRecord | None = None
+        self._sent = 0
 
     def summary(self) -> None:
         self.inner.summary()
@@ -94,6 +95,7 @@ class GuardedStrategy(Strategy):
                 f"only {len(messages)} clients have privacy budget left for round "
                 f"{server_round}; at least {self.min_clients} needed"
             )
+        self._sent = len(messages)
         return messages
 
     def aggregate_train(
@@ -101,6 +103,13 @@ class GuardedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         failed = [reply for reply in replies if reply.has_error()]
+        dropouts = sum(reply.error.code == BUDGET_EXHAUSTED_CODE for reply in failed)
+        self.recorder.record_failures(
+            server_round,
+            errors=len(failed) - dropouts,
+            timeouts=self._sent - len(replies),
+            dropouts=dropouts,
+        )
         for reply in failed:
             if reply.error.code == BUDGET_EXHAUSTED_CODE:
                 node = reply.metadata.src_node_id
@@ -128,7 +137,8 @@ class GuardedStrategy(Strategy):
                 f"only {len(trained)} clients trained in round {server_round}; "
                 f"at least {self.min_clients} needed"
             )
-        return self.inner.aggregate_train(server_round, trained + failed)
+        # Only valid replies reach the rule: a central-DP wrapper skips a round with errors.
+        return self.inner.aggregate_train(server_round, trained)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
