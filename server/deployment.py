@@ -25,8 +25,8 @@ from fedmodel.config import RunConfig
 from fedmodel.data import FeatureStatistics
 from fedmodel.models import build_model
 from server.aggregators import build_aggregator
-from server.checkpoint import save_checkpoint
-from server.run_record import RunRecorder
+from server.central_dp import with_central_dp
+from server.resume import open_run_record, run_rounds
 from server.strategy import FederationStopped, GuardedStrategy, aggregate_train_metrics
 
 DEPLOYMENT_SCENARIO = "deployment"  # RunConfig.scenario of a run on enrolled nodes
@@ -41,17 +41,13 @@ def run_deployment(grid: Grid, config: RunConfig) -> None:
     statistics, names = query_feature_statistics(grid, config)
     torch.manual_seed(config.seed)
     model = build_model(config.model, len(statistics.feature_names()))
-    recorder = RunRecorder(run_dir, config)
-
-    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        save_checkpoint(run_dir / "checkpoints", server_round, model.state_dict())
-        return None
+    recorder, resume = open_run_record(config, run_dir)
 
     inner = build_aggregator(
         config.aggregator,
         config.clients,
         config.byzantine,
+        config.proximal_mu,
         evaluate_metrics_aggr_fn=aggregate_evaluation,
         train_metrics_aggr_fn=aggregate_train_metrics,
         fraction_train=1.0,
@@ -61,7 +57,7 @@ def run_deployment(grid: Grid, config: RunConfig) -> None:
         min_available_nodes=config.clients,
     )
     strategy = GuardedStrategy(
-        inner,
+        with_central_dp(inner, config, recorder),
         recorder,
         min_clients=config.min_clients,
         max_update_norm=config.max_update_norm or None,
@@ -75,14 +71,15 @@ def run_deployment(grid: Grid, config: RunConfig) -> None:
     )
     stopped: str | None = None
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=config.rounds,
-            timeout=config.round_timeout,
+        run_rounds(
+            grid,
+            strategy,
+            recorder,
+            ArrayRecord(model.state_dict()),
+            resume,
+            lambda server_round, arrays: None,  # evaluation is federated (the nodes')
             train_config=shared,
             evaluate_config=shared,
-            evaluate_fn=checkpoint,
         )
     except FederationStopped as stop:
         log(WARN, "stopping the run early: %s", stop)

@@ -21,6 +21,7 @@ from flwr.common.logger import log
 
 from fedmodel.config import RunConfig
 from fedmodel.privacy.accountant import ACCOUNTANT, history_from_fields
+from fedmodel.privacy.central import FEDERATION_LEDGER, CentralRelease
 
 PROGRESS_MARKER = "fedmodel-progress "
 ROUND_COLUMNS = (
@@ -34,6 +35,10 @@ ROUND_COLUMNS = (
     "rejected",
     "auprc",
     "recall_at_1pct_fpr",
+    # failures per round (issue 6): budget dropouts, error replies, no reply before the timeout
+    "dropouts",
+    "errors",
+    "timeouts",
 )
 FINAL_METRICS = ("auroc", "accuracy", "loss", "auprc", "recall_at_1pct_fpr")
 CLIENT_COLUMNS = ("round", "client", "num_examples", "train_loss", "epsilon")
@@ -42,7 +47,10 @@ CLIENT_COLUMNS = ("round", "client", "num_examples", "train_loss", "epsilon")
 class RunRecorder:
     """Collects per-client replies and per-round evaluations of one run into its directory."""
 
-    def __init__(self, run_dir: Path, config: RunConfig) -> None:
+    def __init__(
+        self, run_dir: Path, config: RunConfig, resume_from: Mapping[str, Any] | None = None
+    ) -> None:
+        """A fresh record, or (`resume_from`: a `state()`) the record of a resumed run."""
         self.run_dir = run_dir
         self.config = config
         self.rounds: list[dict[str, Any]] = []
@@ -52,9 +60,41 @@ class RunRecorder:
         self.initial: dict[str, float] | None = None
         self.dropouts: list[dict[str, Any]] = []
         self.rejections: list[dict[str, Any]] = []
+        self.central_releases: list[dict[str, Any]] = []
+        self.failures: dict[int, dict[str, int]] = {}
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None:
+            self._restore(resume_from)
+            return
         _start_csv(run_dir / "metrics.csv", ROUND_COLUMNS)
         _start_csv(run_dir / "clients.csv", CLIENT_COLUMNS)
+
+    _STATE = ("rounds", "clients", "initial", "dropouts", "rejections", "central_releases")
+
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs to go on recording as if it had never stopped."""
+        return {
+            **{name: getattr(self, name) for name in self._STATE},
+            "round_clients": self._round_clients,
+            "round_train_loss": self._round_train_loss,
+            "failures": self.failures,
+        }
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        """Take back `state()`; drop CSV rows of rounds after it (in flight at the crash)."""
+        for name in self._STATE:
+            setattr(self, name, state[name])
+        self._round_clients = dict(state["round_clients"])
+        self._round_train_loss = dict(state["round_train_loss"])
+        self.failures = dict(state["failures"])
+        last = self.rounds[-1]["round"] if self.rounds else 0
+        for name in ("metrics.csv", "clients.csv"):
+            _keep_rows_up_to(self.run_dir / name, last)
+
+    def record_failures(self, server_round: int, errors: int, timeouts: int, dropouts: int) -> None:
+        """Sampled clients whose update never arrived: error replies (a crashed or killed
+        node included), no reply within the round timeout, budget dropouts."""
+        self.failures[server_round] = {"errors": errors, "timeouts": timeouts, "dropouts": dropouts}
 
     def record_replies(self, server_round: int, replies: Iterable[Mapping[str, Any]]) -> None:
         """Store each client's training metrics (num-examples, loss, epsilon, history)."""
@@ -64,7 +104,7 @@ class RunRecorder:
             entry = self.clients.setdefault(client, {"client": client, "epsilon_by_round": []})
             entry["num_examples"] = int(metrics["num-examples"])
             epsilon = None
-            if self.config.dp:
+            if self.config.sample_dp:
                 epsilon = float(metrics["epsilon"])
                 entry |= {
                     "epsilon": epsilon,
@@ -102,6 +142,35 @@ class RunRecorder:
             {"round": server_round, "node_id": node_id, "client": client, "reason": reason}
         )
 
+    def record_central_release(self, release: CentralRelease, epsilon: float) -> None:
+        """A round's client-level DP release, as the federation ledger committed it."""
+        self.central_releases.append(
+            {
+                "round": release.server_round,
+                "noise_multiplier": release.noise_multiplier,
+                "clipped_count_stddev": release.count_stddev,
+                "effective_noise_multiplier": release.effective_noise_multiplier,
+                "clipping_norm": release.clipping_norm,
+                "sample_rate": release.sample_rate,
+                "epsilon": epsilon,
+            }
+        )
+
+    def _client_level_dp(self) -> dict[str, Any] | None:
+        """Client-level epsilon (cumulative, RDP) and every release; None without it."""
+        if not self.config.client_dp:
+            return None
+        releases = self.central_releases
+        return {
+            "epsilon": releases[-1]["epsilon"] if releases else 0.0,
+            "delta": self.config.delta,
+            "budget_epsilon": self.config.central_epsilon or None,
+            "accountant": ACCOUNTANT,
+            "adaptive_clipping": self.config.central_adaptive,
+            "ledger": FEDERATION_LEDGER,
+            "releases": releases,
+        }
+
     def record_evaluation(self, server_round: int, metrics: Mapping[str, float]) -> None:
         """Store the central evaluation after a round, refresh files, log one progress line."""
         if server_round == 0:
@@ -120,6 +189,7 @@ class RunRecorder:
             # imbalanced tasks (issue 3); None where undefined (a test set of one class)
             "auprc": _finite_or_none(metrics.get("auprc")),
             "recall_at_1pct_fpr": _finite_or_none(metrics.get("recall_at_1pct_fpr")),
+            **self.failures.get(server_round, {"dropouts": 0, "errors": 0, "timeouts": 0}),
         }
         self.rounds.append(row)
         _append_csv(self.run_dir / "metrics.csv", [[row[c] for c in ROUND_COLUMNS]])
@@ -139,10 +209,13 @@ class RunRecorder:
             "planned_rounds": self.config.rounds,
             "completed": completed,
             "num_clients": self.config.clients,
-            "dp": self.config.dp,
-            "delta": self.config.delta if self.config.dp else None,
-            "target_epsilon": self.config.epsilon if self.config.dp else None,
-            "accountant": ACCOUNTANT if self.config.dp else None,
+            "dp_mode": self.config.dp,
+            # sample-level DP-SGD on the clients (client-level DP: "client_level_dp")
+            "dp": self.config.sample_dp,
+            "delta": self.config.delta if self.config.sample_dp else None,
+            "target_epsilon": self.config.epsilon if self.config.sample_dp else None,
+            "accountant": ACCOUNTANT if self.config.sample_dp else None,
+            "client_level_dp": self._client_level_dp(),
             "final": {k: final[k] for k in FINAL_METRICS} if final else None,
             "initial": self.initial,
             "per_round": self.rounds,
@@ -180,6 +253,16 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 def _start_csv(path: Path, columns: Iterable[str]) -> None:
     with path.open("w", newline="") as handle:
         csv.writer(handle).writerow(columns)
+
+
+def _keep_rows_up_to(path: Path, last_round: int) -> None:
+    """Rewrite a per-round CSV (atomically) without the rows of rounds after `last_round`."""
+    with path.open(newline="") as handle:
+        header, *rows = list(csv.reader(handle))
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", newline="") as handle:
+        csv.writer(handle).writerows([header, *(r for r in rows if int(r[0]) <= last_round)])
+    os.replace(partial, path)
 
 
 def _append_csv(path: Path, rows: Iterable[Iterable[Any]]) -> None:

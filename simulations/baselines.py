@@ -77,7 +77,9 @@ def run_baselines(
     pooled = _concatenate(clients)
     central = train_and_score(config, pooled, test, private=False, seed=config.seed)
     central_dp = (
-        train_and_score(config, pooled, test, private=True, seed=config.seed) if config.dp else None
+        train_and_score(config, pooled, test, private=True, seed=config.seed)
+        if config.sample_dp
+        else None
     )
     chosen = np.sort(
         np.random.default_rng(config.seed).choice(
@@ -86,7 +88,7 @@ def run_baselines(
     )
     local = [
         {"client": str(site)}
-        | train_and_score(config, clients[site], test, config.dp, config.seed + int(site))
+        | train_and_score(config, clients[site], test, config.sample_dp, config.seed + int(site))
         for site in chosen
     ]
     scored = [row for row in local if row["auroc"] is not None]

@@ -45,7 +45,7 @@ def test_baselines_on_breast_cancer_are_consistent_and_honest() -> None:
 
 
 def test_without_dp_there_is_no_central_dp_baseline() -> None:
-    config = RunConfig(dataset="breast-cancer", clients=2, rounds=1, dp=False)
+    config = RunConfig(dataset="breast-cancer", clients=2, rounds=1, dp="off")
     clients = federation(config)
     baselines = run_baselines(config, clients.clients, clients.test, {"auroc": 0.9}, 1)
     assert baselines["central_dp"] is None

@@ -26,7 +26,7 @@ def test_pyproject_is_a_flower_app_without_federations() -> None:
 
 
 def test_run_config_round_trips_through_flower_form() -> None:
-    config = RunConfig(clients=3, rounds=7, dp=False, epsilon=2.5, partition="dirichlet")
+    config = RunConfig(clients=3, rounds=7, dp="off", epsilon=2.5, partition="dirichlet")
     assert RunConfig.from_run_config(config.to_run_config()) == config
     assert set(config.to_run_config()) == {f.name.replace("_", "-") for f in fields(RunConfig)}
 

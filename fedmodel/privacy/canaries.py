@@ -143,7 +143,7 @@ def run_empirical_audit(
     steps, sample_rate = epochs * len(loader), 1.0 / len(loader)
     device = torch.device("cpu")
     noise_multiplier = accountant_epsilon = pld = None
-    if config.dp:
+    if config.sample_dp:
         noise_multiplier = calibrate_noise_multiplier(
             config.epsilon, config.delta, sample_rate, steps
         )
@@ -171,7 +171,7 @@ def run_empirical_audit(
         delta=config.delta,
         epsilon_lower_bound=one_run_epsilon_lower_bound(canaries, r, correct, config.delta),
         ceiling=one_run_epsilon_lower_bound(canaries, r, r, config.delta),
-        dp=config.dp,
+        dp=config.sample_dp,
         accountant_epsilon=accountant_epsilon,
         pld_epsilon=pld,
         noise_multiplier=noise_multiplier,

@@ -152,7 +152,7 @@ def audit_empirical(
         scenario=scenario,
         dataset=dataset,
         clients=1,
-        dp=not no_dp,
+        dp="off" if no_dp else "sample",
         epsilon=epsilon,
         delta=delta,
         model=model,

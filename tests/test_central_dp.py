@@ -1,0 +1,220 @@
+"""Client-level (central) DP: the accountant against dp-accounting, wrappers on real Messages."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmodel.config import RunConfig
+from fedmodel.errors import ConfigError
+from fedmodel.privacy.accountant import epsilon_of
+from fedmodel.privacy.central import (
+    CLIENT_LEVEL_FINGERPRINT,
+    CentralBudgetStop,
+    CentralRelease,
+    FederationLedger,
+    effective_noise_multiplier,
+    update_noise_multiplier,
+)
+from fedmodel.privacy.ledger import COMMITTED, PENDING, verify_chain
+from server.central_dp import with_central_dp
+from server.run_record import RunRecorder
+from server.strategy import FederationStopped
+from tests.conftest import dp_accounting_epsilon
+
+DELTA = 1e-5
+DIMENSIONS = 20_000  # enough coordinates to measure the noise's standard deviation to ~1%
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    """Flower refuses to build Messages outside a running app without an identity."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+
+
+class NodesGrid:
+    """The one thing FedAvg's sampling asks a Grid for: which nodes are connected."""
+
+    def __init__(self, nodes: int) -> None:
+        self.nodes = list(range(10, 10 + nodes))
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.nodes
+
+
+def replies(global_model: np.ndarray, updates: list[np.ndarray]) -> list[Message]:
+    out = []
+    for node, update in enumerate(updates, start=10):
+        instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
+        weights = torch.tensor(global_model + update, dtype=torch.float64)
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({"w": weights}),
+                "metrics": MetricRecord({"num-examples": 100 * node, "train-loss": 0.5}),
+            }
+        )
+        out.append(Message(content=content, reply_to=instruction))
+    return out
+
+
+def central_strategy(tmp_path: Path, clients: int, **settings: object) -> Strategy:
+    config = RunConfig(clients=clients, dp="client", output_dir=str(tmp_path), **settings)  # type: ignore[arg-type]
+    recorder = RunRecorder(tmp_path, config)
+    inner = FedAvg(min_train_nodes=clients, min_available_nodes=clients, fraction_evaluate=0.0)
+    return with_central_dp(inner, config, recorder)
+
+
+def one_round(
+    strategy: Strategy, server_round: int, global_model: np.ndarray, updates: list[np.ndarray]
+) -> np.ndarray:
+    arrays = ArrayRecord({"w": torch.tensor(global_model, dtype=torch.float64)})
+    list(strategy.configure_train(server_round, arrays, ConfigRecord(), cast(Grid, NodesGrid(3))))
+    aggregated, _ = strategy.aggregate_train(server_round, replies(global_model, updates))
+    assert aggregated is not None
+    return cast(np.ndarray, aggregated["w"].numpy())
+
+
+def test_effective_noise_is_andrew_et_al_theorem_1_as_flower_computes_it() -> None:
+    for effective, count_stddev in [(0.5, 0.4), (1.0, 1.0), (2.0, 5.0)]:
+        flower_count, flower_update = compute_adaptive_noise_params(effective, 8, count_stddev)
+        assert flower_count == count_stddev
+        assert update_noise_multiplier(effective, count_stddev) == pytest.approx(flower_update)
+        assert effective_noise_multiplier(flower_update, count_stddev) == pytest.approx(effective)
+    assert effective_noise_multiplier(1.3, 0.0) == 1.3  # fixed clipping: no count released
+    with pytest.raises(ValueError, match="stddev above 0.5"):
+        update_noise_multiplier(1.0, 0.5)
+
+
+def test_client_level_epsilon_matches_dp_accounting(tmp_path: Path) -> None:
+    """20 releases at q = 2/8: our live RDP number, dp-accounting's RDP and PLD."""
+    ledger = FederationLedger(tmp_path, "run-1", DELTA, budget=None)
+    for server_round in range(1, 21):
+        release = CentralRelease(server_round, 1.1, 0.0, 0.7, 2 / 8)
+        epsilon = ledger.commit(ledger.begin(release))
+    history = [(1.1, 0.25, 20)]
+    assert epsilon == pytest.approx(dp_accounting_epsilon(history, DELTA), rel=0.01)
+    assert epsilon >= dp_accounting_epsilon(history, DELTA, pld=True)
+    entries = ledger.ledger.entries()
+    assert verify_chain(entries) is None
+    assert [e.status for e in entries[:2]] == [PENDING, COMMITTED]
+    assert {e.fingerprint for e in entries} == {CLIENT_LEVEL_FINGERPRINT}
+    assert entries[-1].max_grad_norm == 0.7 and entries[-1].sample_rate == 0.25
+
+
+def test_budget_stop_refuses_the_round_that_would_exceed_it(tmp_path: Path) -> None:
+    ledger = FederationLedger(tmp_path, "run-1", DELTA, budget=8.0)
+    committed = 0
+    with pytest.raises(CentralBudgetStop, match="round 3 would take epsilon from 7.07"):
+        for server_round in range(1, 10):
+            ledger.commit(ledger.begin(CentralRelease(server_round, 1.0, 0.0, 1.0, 1.0)))
+            committed += 1
+    # one unsubsampled Gaussian with sigma 1 per round: 7.08 after two rounds, 9.01 after three
+    assert committed == 2
+    assert dp_accounting_epsilon([(1.0, 1.0, 2)], DELTA) <= 8.0 * 1.01
+    assert dp_accounting_epsilon([(1.0, 1.0, 3)], DELTA, pld=True) > 8.0
+    assert ledger.spent_epsilon() <= 8.0
+    assert len(ledger.ledger.entries()) == 4  # the refused round wrote nothing
+
+
+def test_fixed_clipping_clips_noises_the_cohort_mean_and_records(tmp_path: Path) -> None:
+    np.random.seed(0)
+    strategy = central_strategy(tmp_path, 3, central_noise=2.0, central_clipping_norm=1.0)
+    global_model = np.zeros(DIMENSIONS)
+    big = np.zeros(DIMENSIONS)
+    big[0] = 50.0  # clipped to norm 1
+    small = np.zeros(DIMENSIONS)
+    small[1] = 0.3  # left alone
+    result = one_round(strategy, 1, global_model, [big, small])  # the third client dropped out
+    # (1 + 0.3) / 3, not a mean over the 2 replies nor weighted by their example counts
+    noise = result.copy()
+    noise[:2] -= [1 / 3, 0.3 / 3]
+    assert np.std(noise) == pytest.approx(2.0 * 1.0 / 3, rel=0.02)
+    assert abs(result[0] - 1 / 3) < 4 * 2.0 / 3
+    [release] = strategy_recorder(strategy).central_releases
+    assert release["clipping_norm"] == 1.0 and release["noise_multiplier"] == 2.0
+    assert release["epsilon"] == pytest.approx(epsilon_of([(2.0, 1.0, 1)], DELTA))
+
+
+def strategy_recorder(strategy: object) -> RunRecorder:
+    return cast(RunRecorder, strategy.accounting.recorder)  # type: ignore[attr-defined]
+
+
+def test_adaptive_clipping_noise_follows_the_norm_it_clipped_to(tmp_path: Path) -> None:
+    """Andrew et al.: round t's norm clips and scales round t's noise; the norm rises while
+    most updates are clipped (Flower 1.39's wrapper would lower it)."""
+    np.random.seed(1)
+    strategy = central_strategy(
+        tmp_path,
+        3,
+        central_noise=0.5,
+        central_adaptive=True,
+        central_clipping_norm=0.1,
+        central_count_stddev=0.3,
+        central_clip_lr=0.5,
+    )
+    global_model = np.zeros(DIMENSIONS)
+    updates = [np.full(DIMENSIONS, 10.0 / math.sqrt(DIMENSIONS)) for _ in range(3)]  # norm 10
+    update_noise = update_noise_multiplier(0.5, 0.3)
+    norms = []
+    for server_round in (1, 2, 3):
+        norm = strategy.clipping_norm  # type: ignore[attr-defined]
+        norms.append(norm)
+        result = one_round(strategy, server_round, global_model, updates)
+        clipped_mean = norm / math.sqrt(DIMENSIONS)  # each coordinate of the clipped update
+        assert np.std(result - clipped_mean) == pytest.approx(update_noise * norm / 3, rel=0.02)
+    assert norms[0] < norms[1] < norms[2]
+    releases = strategy_recorder(strategy).central_releases
+    assert [r["clipping_norm"] for r in releases] == norms
+    assert releases[-1]["effective_noise_multiplier"] == pytest.approx(0.5)
+    assert releases[-1]["epsilon"] == pytest.approx(epsilon_of([(0.5, 1.0, 3)], DELTA))
+
+
+def test_central_budget_stop_ends_the_federation_cleanly(tmp_path: Path) -> None:
+    strategy = central_strategy(tmp_path, 3, central_noise=1.0, central_epsilon=8.0)
+    model = np.zeros(10)
+    one_round(strategy, 1, model, [np.ones(10)] * 3)
+    one_round(strategy, 2, model, [np.ones(10)] * 3)
+    with pytest.raises(FederationStopped, match="client-level DP budget: round 3"):
+        one_round(strategy, 3, model, [np.ones(10)] * 3)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"dp": "central"}, "--dp must be one of off, sample, client, both"),
+        ({"dp": "client", "aggregator": "median"}, "--dp client needs --aggregator fedavg"),
+        ({"dp": "both", "central_noise": 0.0}, "--central-noise must be a positive number"),
+        ({"dp": "client", "central_clipping_norm": -1.0}, "--central-clipping-norm must be"),
+        ({"dp": "client", "central_epsilon": math.inf}, "--central-epsilon must be 0"),
+        (
+            {"dp": "client", "central_adaptive": True, "central_noise": 1.0},
+            "below twice the clipped-count noise 0.4; raise --central-count-stddev",
+        ),
+        (
+            {"dp": "client", "central_adaptive": True, "central_target_quantile": 1.0},
+            "--central-target-quantile must be in",
+        ),
+    ],
+)
+def test_invalid_dp_settings_name_the_option(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_dp_mode_round_trips_through_the_run_config() -> None:
+    config = RunConfig(dp="both", central_adaptive=True, central_count_stddev=2.0)
+    back = RunConfig.from_run_config(config.to_run_config())
+    assert back == config and back.sample_dp and back.client_dp
+    assert not RunConfig(dp="client").sample_dp and not RunConfig(dp="sample").client_dp
+    assert not RunConfig(dp="off").sample_dp and not RunConfig(dp="off").client_dp
