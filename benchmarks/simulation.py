@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from fedmodel.config import RunConfig
-from fedmodel.privacy.calibration_cache import CACHE_DIR_VARIABLE
+from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
 from fedmodel.processes import executable
 from simulations.runner import engine_environment, local_superlink, stream_run_output
 
@@ -156,7 +156,7 @@ def measure(system: str, case: Case, run_dir: Path) -> Measurement:
 def run_fedmodel(case: Case, engine: str, run_dir: Path, cache: Path) -> tuple[bool, list[float]]:
     """FedModel's CLI; rounds end when their checkpoint is written (round 0: initial model).
 
-    `cache` holds the noise calibrations (fedmodel.privacy.calibration_cache): a new one
+    `cache` holds the noise calibrations (fedmodel.privacy.accounting_cache): a new one
     per case and engine, so every run starts cold except the `-warm` rerun.
     """
     scenario, dataset = SCENARIO

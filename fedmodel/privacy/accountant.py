@@ -33,15 +33,18 @@ def calibrate_noise_multiplier(
 
     Calibrated once for the client's whole planned participation (rounds x local epochs
     x batches), not per round: per-round calibration would spend the budget every round.
-    Memoised in this process and on this machine (fedmodel.privacy.calibration_cache):
+    Memoised in this process and on this machine (fedmodel.privacy.accounting_cache):
     Opacus's binary search runs once per distinct input, whichever worker or run asks.
     """
-    from fedmodel.privacy.calibration_cache import remembered
+    from fedmodel.privacy.accounting_cache import remembered
 
     inputs = (target_epsilon, delta, sample_rate, steps, ACCOUNTANT)
-    return remembered(
-        inputs, lambda: _opacus_noise_multiplier(target_epsilon, delta, sample_rate, steps)
+    (noise,) = remembered(
+        "noise-multiplier",
+        inputs,
+        lambda: np.array([_opacus_noise_multiplier(target_epsilon, delta, sample_rate, steps)]),
     )
+    return float(noise)
 
 
 def _opacus_noise_multiplier(
@@ -88,10 +91,17 @@ RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))) 
 
 @lru_cache(maxsize=4096)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """Opacus's RDP of one step at every order; memoised per process and per machine."""
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    curve = compute_rdp(
-        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
+    from fedmodel.privacy.accounting_cache import remembered
+
+    curve = remembered(
+        "rdp-per-step",
+        (noise_multiplier, sample_rate, *RDP_ORDERS),
+        lambda: compute_rdp(
+            q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
+        ),
     )
     curve.setflags(write=False)
     return curve

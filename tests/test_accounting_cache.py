@@ -1,4 +1,4 @@
-"""Noise calibrations are Opacus's own answers, computed once per machine."""
+"""Noise calibrations and RDP curves are Opacus's own answers, computed once per machine."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedmodel.privacy import accountant
-from fedmodel.privacy.calibration_cache import CACHE_DIR_VARIABLE, cache_path
+from fedmodel.privacy.accountant import RDP_ORDERS
+from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE, cache_path
 
 INPUTS = (4.0, 1e-5, 1 / 3, 9)  # epsilon, delta, sample rate, steps
 
@@ -41,7 +44,7 @@ def test_a_calibration_is_opacus_answer_and_later_calls_read_it_back(
     first = accountant.calibrate_noise_multiplier(*INPUTS)
     assert first == opacus_answer  # bit for bit
     with sqlite3.connect(cache_path()) as connection:
-        assert connection.execute("SELECT count(*) FROM calibration").fetchone() == (1,)
+        assert connection.execute("SELECT count(*) FROM memo").fetchone() == (1,)
 
     accountant.calibrate_noise_multiplier.cache_clear()  # as a fresh worker would start
     monkeypatch.setattr(accountant, "_opacus_noise_multiplier", _never)
@@ -58,3 +61,20 @@ def test_an_unusable_cache_only_costs_time(
     accountant.calibrate_noise_multiplier.cache_clear()
     assert accountant.calibrate_noise_multiplier(*INPUTS) == opacus_answer
     accountant.calibrate_noise_multiplier.cache_clear()
+
+
+def test_an_rdp_curve_read_back_is_bit_identical_to_opacus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path))
+    noise, rate, steps = 1.1, 0.25, 40
+    accountant._rdp_per_step.cache_clear()
+    computed = accountant._rdp_per_step(noise, rate)
+    accountant._rdp_per_step.cache_clear()  # as a fresh worker would start
+    stored = accountant._rdp_per_step(noise, rate)
+    accountant._rdp_per_step.cache_clear()
+    opacus = compute_rdp(q=rate, noise_multiplier=noise, steps=1, orders=list(RDP_ORDERS))
+    assert computed.tobytes() == stored.tobytes() == opacus.tobytes()
+    reference = RDPAccountant()
+    reference.history = [(noise, rate, steps)]
+    assert accountant.epsilon_of([(noise, rate, steps)], 1e-5) == reference.get_epsilon(1e-5)
