@@ -34,7 +34,6 @@ from flwr.supercore.differential_privacy import adaptive_clip_inputs_inplace
 
 from fedmodel.config import RunConfig
 from fedmodel.privacy.central import CentralBudgetStop, CentralRelease, FederationLedger
-from fedmodel.privacy.ledger import LedgerEntry
 from server.run_record import RunRecorder
 from server.strategy import FederationStopped
 
@@ -93,13 +92,13 @@ class FixedCohortMean(Strategy):
 
 
 class CentralAccounting:
-    """Ledger entry before each release, commit and record after it."""
+    """Budget check before each round; ledger entry and run record at each release."""
 
     def __init__(self, ledger: FederationLedger, recorder: RunRecorder, sample_rate: float):
         self.ledger = ledger
         self.recorder = recorder
         self.sample_rate = sample_rate
-        self._pending: tuple[CentralRelease, LedgerEntry] | None = None
+        self._planned: CentralRelease | None = None
 
     def begin(
         self, server_round: int, noise_multiplier: float, count_stddev: float, clip: float
@@ -109,17 +108,21 @@ class CentralAccounting:
             server_round, noise_multiplier, count_stddev, clip, self.sample_rate
         )
         try:
-            self._pending = (release, self.ledger.begin(release))
+            self.ledger.check(release)
         except CentralBudgetStop as stop:
             raise FederationStopped(str(stop)) from None
+        self._planned = release
 
-    def released(self) -> None:
-        """The noisy aggregate left the server: commit the entry and record epsilon."""
-        if self._pending is None:
-            raise RuntimeError("a central-DP release without a ledger entry")
-        release, entry = self._pending
-        self._pending = None
-        self.recorder.record_central_release(release, self.ledger.commit(entry))
+    def release(self) -> None:
+        """The noisy aggregate is about to leave the server: ledger it and record epsilon."""
+        if self._planned is None:
+            raise RuntimeError("a central-DP release without a budget check")
+        release, self._planned = self._planned, None
+        try:
+            epsilon = self.ledger.record(release)
+        except CentralBudgetStop as stop:  # only if the ledger changed since the check
+            raise FederationStopped(str(stop)) from None
+        self.recorder.record_central_release(release, epsilon)
 
 
 class CentralFixedClipping(DifferentialPrivacyServerSideFixedClipping):
@@ -146,7 +149,7 @@ class CentralFixedClipping(DifferentialPrivacyServerSideFixedClipping):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
-            self.accounting.released()
+            self.accounting.release()
         return arrays, metrics
 
 
@@ -220,7 +223,7 @@ class CentralAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
         if arrays is None:
             return None, metrics
         arrays = self._add_noise_to_aggregated_arrays(arrays)  # z_update * this round's C / n
-        self.accounting.released()
+        self.accounting.release()
         centred = unclipped - len(replies) / 2 + np.random.normal(0.0, self.clipped_count_stddev)
         fraction = float(centred) / self.num_sampled_clients + 0.5
         self.clipping_norm *= math.exp(-self.clip_norm_lr * (fraction - self.target_quantile))

@@ -101,7 +101,8 @@ def test_client_level_epsilon_matches_dp_accounting(tmp_path: Path) -> None:
     ledger = FederationLedger(tmp_path, "run-1", DELTA, budget=None)
     for server_round in range(1, 21):
         release = CentralRelease(server_round, 1.1, 0.0, 0.7, 2 / 8)
-        epsilon = ledger.commit(ledger.begin(release))
+        ledger.check(release)
+        epsilon = ledger.record(release)
     history = [(1.1, 0.25, 20)]
     assert epsilon == pytest.approx(dp_accounting_epsilon(history, DELTA), rel=0.01)
     assert epsilon >= dp_accounting_epsilon(history, DELTA, pld=True)
@@ -117,7 +118,9 @@ def test_budget_stop_refuses_the_round_that_would_exceed_it(tmp_path: Path) -> N
     committed = 0
     with pytest.raises(CentralBudgetStop, match="round 3 would take epsilon from 7.07"):
         for server_round in range(1, 10):
-            ledger.commit(ledger.begin(CentralRelease(server_round, 1.0, 0.0, 1.0, 1.0)))
+            release = CentralRelease(server_round, 1.0, 0.0, 1.0, 1.0)
+            ledger.check(release)
+            ledger.record(release)
             committed += 1
     # one unsubsampled Gaussian with sigma 1 per round: 7.08 after two rounds, 9.01 after three
     assert committed == 2
@@ -125,6 +128,8 @@ def test_budget_stop_refuses_the_round_that_would_exceed_it(tmp_path: Path) -> N
     assert dp_accounting_epsilon([(1.0, 1.0, 3)], DELTA, pld=True) > 8.0
     assert ledger.spent_epsilon() <= 8.0
     assert len(ledger.ledger.entries()) == 4  # the refused round wrote nothing
+    with pytest.raises(CentralBudgetStop):  # nor can it be written past the check
+        ledger.record(CentralRelease(3, 1.0, 0.0, 1.0, 1.0))
 
 
 def test_fixed_clipping_clips_noises_the_cohort_mean_and_records(tmp_path: Path) -> None:

@@ -17,23 +17,28 @@ Gaussian mechanism with the effective noise multiplier
     z = (z_update**-2 + (2 * sigma_count)**-2) ** -0.5,
 which is what is accounted; z_update is what the server adds to the updates.
 
-The record is the federation ledger: a `PrivacyLedger` file in the run directory with
-one pending entry before each round's release (the budget check runs inside it) and a
-committed entry after, so `fedmodel audit RUN_DIR` verifies its chain and recomputes its
+The record is the federation ledger: a `PrivacyLedger` file in the run directory. The
+budget is checked before each round (a round that would overspend is not started), and
+a pending entry (budget re-checked in its transaction) and its commit are written as the
+noisy aggregate is about to leave the server; a round that releases nothing (no valid
+replies) records nothing. `fedmodel audit RUN_DIR` verifies the chain and recomputes its
 epsilon with dp-accounting like every owner's ledger.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from fedmodel.privacy.accountant import Segment
 from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget
-from fedmodel.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedmodel.privacy.ledger import PrivacyLedger
 
 FEDERATION_LEDGER = "central-dp.sqlite"  # in the run directory; audit lists it as "central-dp"
 CLIENT_LEVEL_FINGERPRINT = "client-level"
+T = TypeVar("T")
 
 
 def effective_noise_multiplier(update_noise: float, count_stddev: float) -> float:
@@ -90,10 +95,18 @@ class FederationLedger:
     def delta(self) -> float:
         return self.budget.delta
 
-    def begin(self, release: CentralRelease) -> LedgerEntry:
-        """Write-ahead entry for a release; raises CentralBudgetStop when it would overspend."""
-        try:
-            return self.ledger.append_pending(
+    def check(self, release: CentralRelease) -> None:
+        """Before a round: raise CentralBudgetStop if its release would overspend."""
+        self._stop_if_over(
+            release, lambda: self.budget.projector(release.segment)(self.spent_history())
+        )
+
+    def record(self, release: CentralRelease) -> float:
+        """Pending entry (budget re-checked in the same transaction), then its commit, for
+        a release about to leave the server; returns the cumulative client-level epsilon."""
+        pending = self._stop_if_over(
+            release,
+            lambda: self.ledger.append_pending(
                 CLIENT_LEVEL_FINGERPRINT,
                 self.run_id,
                 release.server_round,
@@ -102,17 +115,22 @@ class FederationLedger:
                 self.delta,
                 self.budget.epsilon,
                 self.budget.projector(release.segment),
-            )
+            ),
+        )
+        return self.ledger.commit(pending, pending.segment, pending.epsilon).epsilon
+
+    def _stop_if_over(self, release: CentralRelease, step: Callable[[], T]) -> T:
+        try:
+            return step()
         except BudgetExhausted as stop:
             raise CentralBudgetStop(
-                f"client-level DP budget: round {release.server_round} would take epsilon "
-                f"from {stop.spent:.4f} to {stop.projected:.4f} at delta {stop.delta:g}, over "
+                f"client-level DP budget: round {release.server_round} would take epsilon from "
+                f"{stop.spent:.4f} to {stop.projected:.4f} at delta {stop.delta:g}, over "
                 f"--central-epsilon {stop.budget:g}"
             ) from None
 
-    def commit(self, pending: LedgerEntry) -> float:
-        """Record the release as made; returns the cumulative client-level epsilon."""
-        return self.ledger.commit(pending, pending.segment, pending.epsilon).epsilon
+    def spent_history(self) -> list[Segment]:
+        return self.ledger.spent_history(CLIENT_LEVEL_FINGERPRINT)
 
     def spent_epsilon(self) -> float:
         return self.ledger.spent_epsilon(CLIENT_LEVEL_FINGERPRINT, self.delta)
