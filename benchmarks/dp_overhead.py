@@ -33,6 +33,7 @@ from fedmodel.training import ClassifierLoss, make_private, privacy_engine
 PLAIN = "plain"
 NOISE_MULTIPLIER = 1.0
 MAX_GRAD_NORM = 1.0
+MAX_STEPS = 50  # per timing
 
 
 @dataclass(frozen=True)
@@ -122,19 +123,26 @@ def peak_step_memory(step: Step, device: torch.device) -> float:
     return (_status_kib("VmHWM") - resting) / 1024
 
 
-def measure(case: Case, device: torch.device, warmup: int, repeats: int, steps: int) -> list[dict]:
-    """Rows of one case: every variant's median step time, ratio to plain, peak memory."""
+def measure(
+    case: Case, device: torch.device, warmup: int, repeats: int, seconds: float
+) -> list[dict]:
+    """Rows of one case: every variant's median step time, ratio to plain, peak memory.
+
+    Each timing runs as many consecutive steps as fit in about `seconds` (at least one).
+    """
     variants = [PLAIN, *GRAD_SAMPLE_MODES]
     step_of = {variant: make_step(case, variant, device) for variant in variants}
-    for step in step_of.values():
+    steps_of = {}
+    for variant, step in step_of.items():
         for _ in range(warmup):
             step()
+        steps_of[variant] = max(1, min(MAX_STEPS, round(seconds / time_steps(step, 1, device))))
     timings: dict[str, list[float]] = {variant: [] for variant in variants}
     for _ in range(repeats):
         for variant, step in step_of.items():
-            timings[variant].append(time_steps(step, steps, device))
+            timings[variant].append(time_steps(step, steps_of[variant], device))
     plain = statistics.median(timings[PLAIN])
-    chosen = grad_sample_mode(case.model)
+    chosen = grad_sample_mode(case.model, device.type)
     return [
         {
             "device": str(device),
@@ -207,15 +215,15 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     _map_large_allocations_separately()
-    warmup, repeats, steps = (3, 5, 5) if args.quick else (5, 9, 10)
+    warmup, repeats, seconds = (3, 5, 0.03) if args.quick else (5, 9, 0.1)
     print(
         f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-        f"torch {torch.__version__}, {args.threads} CPU thread(s); median of {repeats} x "
-        f"{steps} steps after {warmup} warm-up steps"
+        f"torch {torch.__version__}, {args.threads} CPU thread(s); median of {repeats} "
+        f"timings of ~{seconds * 1000:.0f} ms of steps each, after {warmup} warm-up steps"
     )
     rows: list[dict] = []
     for case in cases(device, args.quick):
-        rows += measure(case, device, warmup, repeats, steps)
+        rows += measure(case, device, warmup, repeats, seconds)
     print_table(rows)
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with args.csv.open("w", newline="") as file:

@@ -141,7 +141,7 @@ def _train_private(
         before,
         device,
         proximal_mu,
-        grad_sample_mode(config.model),
+        grad_sample_mode(config.model, device.type),
     )
     (used,) = new_segments(before, result.history)
     ledger.commit(pending, used, epsilon_of(result.history, budget.delta))

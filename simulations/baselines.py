@@ -27,6 +27,7 @@ import torch
 
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, make_loader
+from fedmodel.dp_modes import grad_sample_mode
 from fedmodel.models import build_model
 from fedmodel.privacy.accountant import calibrate_noise_multiplier, epsilon_of
 from fedmodel.training import evaluate, select_device, train_dp, train_plain
@@ -49,8 +50,9 @@ def train_and_score(
         sample_rate = 1.0 / len(loader)
         noise = _noise_multiplier(config.epsilon, config.delta, sample_rate, epochs * len(loader))
         trained = train_dp(
-            model, loader, epochs, config.lr, noise, config.max_grad_norm, [], device
-        )
+            model, loader, epochs, config.lr, noise, config.max_grad_norm, [], device,
+            grad_sample_mode=grad_sample_mode(config.model, device.type),
+        )  # fmt: skip
         result |= {"epsilon": epsilon_of(trained.history, config.delta), "noise_multiplier": noise}
     else:
         train_plain(model, loader, epochs, config.lr, device)

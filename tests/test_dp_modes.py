@@ -4,6 +4,8 @@ time, for every registered model, with the accounting unchanged."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -53,8 +55,19 @@ def _norms(gradients: list[list[torch.Tensor]]) -> torch.Tensor:
 
 
 def test_every_registered_model_has_a_measured_mode() -> None:
-    assert set(FASTEST_MODE) == set(MODELS)
-    assert all(grad_sample_mode(name) in GRAD_SAMPLE_MODES for name in MODELS)
+    assert {model for model, _ in FASTEST_MODE} == set(MODELS)
+    assert set(FASTEST_MODE.values()) <= set(GRAD_SAMPLE_MODES)
+    assert grad_sample_mode("mlp") == FASTEST_MODE[("mlp", "cpu")]
+
+
+@pytest.fixture(autouse=True)
+def exact_float32_convolutions() -> Iterator[None]:
+    """cuDNN runs float32 convolutions in TF32 by default (10-bit mantissa): fine for
+    training, too coarse to compare two ways of computing the same gradient."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -80,15 +93,20 @@ def test_each_mode_gives_the_clipped_per_sample_update(name: str, mode: str, dev
     assert result.history == [(0.0, 1.0, 1)]
 
 
-def test_accounting_is_the_same_in_every_mode() -> None:
+def test_modes_agree_under_poisson_sampling_and_account_alike() -> None:
+    """Same seed, same Poisson batches (of varying size), same noise: every mode must
+    end with the same weights and record the same (noise, sample rate, steps)."""
     generator = torch.Generator().manual_seed(2)
-    x, y = torch.randn(200, 8, generator=generator), torch.randint(0, 2, (200,)).float()
-    histories = set()
+    x = torch.randn(200, 8, generator=generator)
+    y = torch.randint(0, 2, (200,), generator=generator).float()
+    histories, weights = set(), []
     for mode in GRAD_SAMPLE_MODES:
         torch.manual_seed(0)
+        model = build_model("mlp", 8)
         loader = DataLoader(TensorDataset(x, y), batch_size=32)  # 7 batches: q = 1/7
-        result = train_dp(
-            build_model("mlp", 8), loader, 2, 0.5, 1.1, 1.0, [], torch.device("cpu"), 0.0, mode
-        )
+        result = train_dp(model, loader, 2, 0.5, 1.1, 1.0, [], torch.device("cpu"), 0.0, mode)
         histories.add(tuple(result.history))
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert histories == {((1.1, 1 / 7, 14),)}
+    for other in weights[1:]:
+        torch.testing.assert_close(other, weights[0], rtol=1e-4, atol=1e-5)
