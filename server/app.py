@@ -14,9 +14,10 @@ from fedmodel.config import RunConfig
 from fedmodel.models import build_model
 from fedmodel.training import evaluate
 from server.aggregators import build_aggregator
-from server.checkpoint import save_checkpoint
+from server.central_dp import with_central_dp
 from server.deployment import DEPLOYMENT_SCENARIO, run_deployment
-from server.run_record import RunRecorder
+from server.resume import open_run_record, run_rounds
+from server.secagg import run_secagg
 from server.strategy import FederationStopped, GuardedStrategy, aggregate_train_metrics
 from simulations.scenarios import global_test_set
 
@@ -34,20 +35,24 @@ def main(grid: Grid, context: Context) -> None:
     test = global_test_set(config)
     torch.manual_seed(config.seed)
     model = build_model(config.model, test.num_features, test.num_classes)
-    recorder = RunRecorder(run_dir, config)
+    recorder, resume = open_run_record(config, run_dir)
 
     def evaluate_global_model(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = evaluate(model, test)
-        save_checkpoint(run_dir / "checkpoints", server_round, model.state_dict())
         recorder.record_evaluation(server_round, metrics)
         record: dict[str, int | float | list[int] | list[float]] = {**metrics}
         return MetricRecord(record)
+
+    if config.secagg:  # the coordinator sees only sums: Flower's legacy SecAgg+ path
+        run_secagg(grid, context, config, model, evaluate_global_model, recorder)
+        return
 
     inner = build_aggregator(
         config.aggregator,
         config.clients_per_round,
         config.byzantine,
+        config.proximal_mu,
         fraction_train=config.fraction,
         fraction_evaluate=0.0,
         min_train_nodes=config.clients_per_round,
@@ -55,17 +60,14 @@ def main(grid: Grid, context: Context) -> None:
         train_metrics_aggr_fn=aggregate_train_metrics,
     )
     strategy = GuardedStrategy(
-        inner,
+        with_central_dp(inner, config, recorder),
         recorder,
         min_clients=config.min_clients,
         max_update_norm=config.max_update_norm or None,
     )
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=config.rounds,
-            evaluate_fn=evaluate_global_model,
+        run_rounds(
+            grid, strategy, recorder, ArrayRecord(model.state_dict()), resume, evaluate_global_model
         )
     except FederationStopped as stop:
         # The last evaluated round's checkpoint is the final model; the run ends cleanly.

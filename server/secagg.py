@@ -1,0 +1,184 @@
+"""The SecAgg+ server workflow: FedAvg in which the coordinator only ever sees the sum.
+
+Flower 1.39 offers SecAgg+ (Bell et al. 2020) only on its legacy path: a `LegacyContext`,
+a legacy `FedAvg` and `SecAggPlusWorkflow` inside `DefaultWorkflow`, talking to clients
+wrapped in `secaggplus_mod` (client/secagg_app.py). The workflow sums masked, quantized
+vectors and unmasks only the total; clients that drop out after sharing their keys have
+their masks rebuilt from `threshold` of their neighbours' shares. `aggregate_fit` here
+receives that one mean in place of every client's parameters and refuses anything else.
+
+Same model, central evaluation, checkpoints and run record as the Message-API path;
+per-client metrics (epsilon, mechanism history) arrive in plaintext, because they are not
+secret. Robust aggregation and update validation need individual updates, so the run
+config refuses them with `--secagg`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import WARNING
+from typing import Any, cast
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common import FitRes, NDArrays, Parameters, Scalar, ndarrays_to_parameters
+from flwr.common.logger import log
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from fedmodel.config import RunConfig
+from fedmodel.secagg import CLIPPING_RANGE, MODULUS_RANGE, QUANTIZATION_RANGE, metrics_from_legacy
+from server.checkpoint import save_checkpoint
+from server.run_record import RunRecorder, write_json_atomic
+from server.strategy import FederationStopped
+
+EvaluateGlobalModel = Callable[[int, ArrayRecord], MetricRecord]
+REPORT_FILE = "secagg.json"
+
+
+class SecureFedAvg(LegacyFedAvg):
+    """Legacy FedAvg over what SecAgg+ reveals: one weighted mean, never a single update."""
+
+    def __init__(
+        self, recorder: RunRecorder, protocol: dict[str, Any], min_clients: int, **fedavg: Any
+    ) -> None:
+        super().__init__(**fedavg)
+        self.recorder = recorder
+        self.protocol = protocol
+        self.min_clients = min_clients
+        self.rounds: list[dict[str, Any]] = []
+        self._sampled = 0
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, Any]]:
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        self._sampled = len(instructions)
+        return instructions
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Record the survivors' metrics and pass on the unmasked mean, the only update."""
+        parameter_sets = {tuple(fitres.parameters.tensors) for _, fitres in results}
+        if len(parameter_sets) > 1:
+            raise RuntimeError("SecAgg+ is not in effect: the strategy got individual updates")
+        self.recorder.record_replies(
+            server_round, [metrics_from_legacy(fitres.metrics) for _, fitres in results]
+        )
+        reasons = sorted({_reason(failure) for failure in failures})
+        for reason in reasons:
+            log(WARNING, "secure aggregation round %d: %s", server_round, reason)
+        self._record_round(
+            server_round,
+            aggregated=bool(results),
+            survivors=len(results),
+            parameter_sets_received=len(parameter_sets),
+            failures=reasons,
+        )
+        if len(results) < self.min_clients:
+            raise FederationStopped(
+                f"only {len(results)} clients trained in round {server_round}; "
+                f"at least {self.min_clients} needed"
+            )
+        if not results:
+            return None, {}
+        return results[0][1].parameters, {"clients": len(results)}
+
+    def note_round_without_aggregate(self, server_round: int) -> None:
+        """SecAgg+ halts a round (too few survivors) without calling aggregate_fit."""
+        if server_round > 0 and all(r["round"] != server_round for r in self.rounds):
+            log(WARNING, "secure aggregation round %d halted: the model is unchanged", server_round)
+            self._record_round(server_round, aggregated=False, survivors=0)
+
+    def _record_round(self, server_round: int, **facts: Any) -> None:
+        self.rounds.append({"round": server_round, "sampled": self._sampled, **facts})
+        write_json_atomic(
+            self.recorder.run_dir / REPORT_FILE, {"protocol": self.protocol, "rounds": self.rounds}
+        )
+
+
+def run_secagg(
+    grid: Grid,
+    context: Context,
+    config: RunConfig,
+    model: torch.nn.Module,
+    evaluate_global_model: EvaluateGlobalModel,
+    recorder: RunRecorder,
+) -> None:
+    """Run `config.rounds` rounds of SecAgg+ FedAvg; leave the usual run record behind."""
+    from simulations.scenarios import client_partitions
+
+    reference = model.state_dict()
+    protocol: dict[str, Any] = {
+        "shares": config.secagg_shares,
+        "threshold": config.secagg_threshold,
+        # every client's weight n/max_weight is at most 1, so nothing overflows
+        "max_weight": max(len(partition) for partition in client_partitions(config)),
+        "clipping_range": CLIPPING_RANGE,
+        "quantization_range": QUANTIZATION_RANGE,
+        "modulus_range": MODULUS_RANGE,
+    }
+
+    def evaluate_fn(
+        server_round: int, arrays: NDArrays, _: dict[str, Scalar]
+    ) -> tuple[float, dict[str, Scalar]]:
+        strategy.note_round_without_aggregate(server_round)
+        state = {
+            name: torch.from_numpy(np.asarray(array)).to(reference[name].dtype)
+            for name, array in zip(reference, arrays, strict=True)
+        }
+        metrics = evaluate_global_model(server_round, ArrayRecord(state))
+        save_checkpoint(recorder.run_dir / "checkpoints", server_round, state)
+        scores: dict[str, Scalar] = {
+            key: cast(float, metrics[key]) for key in ("auroc", "accuracy")
+        }
+        return cast(float, metrics["loss"]), scores
+
+    strategy = SecureFedAvg(
+        recorder,
+        protocol,
+        config.min_clients,
+        fraction_fit=config.fraction,
+        fraction_evaluate=0.0,
+        min_fit_clients=config.clients_per_round,
+        min_available_clients=config.clients,
+        evaluate_fn=evaluate_fn,
+        on_fit_config_fn=lambda server_round: {"server-round": server_round},
+        initial_parameters=ndarrays_to_parameters([t.cpu().numpy() for t in reference.values()]),
+    )
+    workflow = SecAggPlusWorkflow(
+        num_shares=config.secagg_shares,
+        reconstruction_threshold=config.secagg_threshold,
+        max_weight=float(protocol["max_weight"]),
+        clipping_range=CLIPPING_RANGE,
+        quantization_range=QUANTIZATION_RANGE,
+        modulus_range=MODULUS_RANGE,
+        timeout=config.round_timeout,
+    )
+    legacy = LegacyContext(
+        context, config=ServerConfig(num_rounds=config.rounds), strategy=strategy
+    )
+    try:
+        DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
+    except FederationStopped as stop:
+        log(WARNING, "stopping the run early: %s", stop)
+        recorder.write_summary(completed=True, stopped_early=str(stop))
+        return
+    recorder.write_summary(completed=True)
+
+
+def _reason(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:
+    """The error a dropped client replied with (Flower wraps it in an Exception)."""
+    if isinstance(failure, BaseException) and failure.args:
+        error = failure.args[0]
+        return str(getattr(error, "reason", error))
+    return str(failure)
