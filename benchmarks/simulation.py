@@ -93,6 +93,7 @@ class Measurement:
     client_rounds_per_s: float
     steady_client_rounds_per_s: float
     peak_memory_gib: float
+    load_average: float  # 1-minute load when the run ended: other jobs share the box
     completed: bool
 
 
@@ -149,6 +150,7 @@ def measure(system: str, case: Case, run_dir: Path) -> Measurement:
         client_rounds_per_s=case.per_round * case.rounds / wall,
         steady_client_rounds_per_s=case.per_round / later,
         peak_memory_gib=peak[0] / GIB,
+        load_average=os.getloadavg()[0],
         completed=completed and len(marks) == case.rounds + 1,
     )
 
@@ -181,11 +183,15 @@ def run_fedmodel(case: Case, engine: str, run_dir: Path, cache: Path) -> tuple[b
     ]
     environment = {**os.environ, CACHE_DIR_VARIABLE: str(cache)}
     with (run_dir / "cli.log").open("w") as log:
-        code = subprocess.run(
-            command, stdout=log, stderr=subprocess.STDOUT, env=environment, check=False
-        )
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+        try:
+            process.wait()
+        finally:  # interrupted: SIGTERM lets the CLI stop every engine process it started
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
     checkpoints = sorted((output / "checkpoints").glob("round-*.pt"))
-    return code.returncode == 0, [path.stat().st_mtime for path in checkpoints]
+    return process.returncode == 0, [path.stat().st_mtime for path in checkpoints]
 
 
 def run_stock(case: Case, run_dir: Path) -> tuple[bool, list[float]]:
@@ -195,11 +201,12 @@ def run_stock(case: Case, run_dir: Path) -> tuple[bool, list[float]]:
     engine_dir = run_dir / "engine"
     engine_dir.mkdir()
     environment = engine_environment(engine_dir)
-    marks: list[float] = []
+    marks: dict[int, float] = {}  # Flower streams each server log line in two formats
 
     def record(line: str) -> None:
         if ROUND_MARKER in line:
-            marks.append(float(line.split(ROUND_MARKER, 1)[1].split()[1]))
+            server_round, stamp = line.split(ROUND_MARKER, 1)[1].split()[:2]
+            marks[int(server_round)] = float(stamp)
 
     with local_superlink(engine_dir, environment) as port:
         environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
@@ -215,7 +222,7 @@ def run_stock(case: Case, run_dir: Path) -> tuple[bool, list[float]]:
             " ".join(f"{key}={value}" for key, value in stock_run_config(case).items()),
         ]
         code = stream_run_output(command, engine_dir, environment, lambda _: None, record)
-    return code == 0, marks
+    return code == 0, [marks[r] for r in sorted(marks)]
 
 
 def stock_run_config(case: Case) -> dict[str, float | int]:
@@ -290,7 +297,7 @@ def write_csv(path: Path, results: list[Measurement]) -> None:
 
 HEADER = (
     f"{'system':<17} {'clients':>7} {'frac':>5} {'rds':>3} {'wall s':>7} {'start s':>7} "
-    f"{'round1 s':>8} {'later s':>8} {'cr/s':>7} {'steady':>7} {'GiB':>5} ok"
+    f"{'round1 s':>8} {'later s':>8} {'cr/s':>7} {'steady':>7} {'GiB':>5} {'load':>5} ok"
 )
 
 
@@ -299,7 +306,7 @@ def _row(r: Measurement) -> str:
         f"{r.system:<17} {r.clients:>7} {r.fraction:>5g} {r.rounds:>3} {r.wall_s:>7.1f} "
         f"{r.startup_s:>7.1f} {r.first_round_s:>8.2f} {r.later_round_s:>8.2f} "
         f"{r.client_rounds_per_s:>7.1f} {r.steady_client_rounds_per_s:>7.1f} "
-        f"{r.peak_memory_gib:>5.2f} {'yes' if r.completed else 'NO'}"
+        f"{r.peak_memory_gib:>5.2f} {r.load_average:>5.1f} {'yes' if r.completed else 'NO'}"
     )
 
 
