@@ -40,7 +40,12 @@ from pathlib import Path
 from fedmodel.config import RunConfig
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
 from fedmodel.processes import executable
-from simulations.runner import engine_environment, local_superlink, stream_run_output
+from simulations.runner import (
+    engine_environment,
+    flwr_run_command,
+    local_superlink,
+    stream_run_output,
+)
 
 STOCK_APP = Path(__file__).resolve().parent / "stock_flower"
 ROUND_MARKER = "stock-round-done "  # benchmarks/stock_flower/stockapp/server.py
@@ -210,17 +215,12 @@ def run_stock(case: Case, run_dir: Path) -> tuple[bool, list[float]]:
 
     with local_superlink(engine_dir, environment) as port:
         environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
-        command = [
-            executable("flwr"),
-            "run",
-            str(app_dir),
-            "local",
-            "--stream",
-            "--federation-config",
+        command = flwr_run_command(
+            app_dir,
             f"num-supernodes={case.clients} client-resources-num-cpus=1",
             "--run-config",
             " ".join(f"{key}={value}" for key, value in stock_run_config(case).items()),
-        ]
+        )
         code = stream_run_output(command, engine_dir, environment, lambda _: None, record)
     return code == 0, [marks[r] for r in sorted(marks)]
 

@@ -219,8 +219,13 @@ def _stream_flower_run(
     on_progress: ProgressCallback,
     on_log_line: Callable[[str], None] | None,
 ) -> None:
-    federation = federation_config(config)
-    command = [
+    command = flwr_run_command(app_dir, federation_config(config))
+    stream_run_output(command, engine_dir, environment, on_progress, on_log_line)
+
+
+def flwr_run_command(app_dir: Path, federation: str, *options: str) -> list[str]:
+    """`flwr run` of the App in `app_dir` on our local SuperLink, logs streamed."""
+    return [
         executable("flwr"),
         "run",
         str(app_dir),
@@ -228,8 +233,8 @@ def _stream_flower_run(
         "--stream",
         "--federation-config",
         federation,
+        *options,
     ]
-    stream_run_output(command, engine_dir, environment, on_progress, on_log_line)
 
 
 def stream_run_output(
