@@ -16,7 +16,12 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from client.attacks import simulated_attack_mod
-from client.local_data import client_data, describe_local_data, evaluate_local_data
+from client.local_data import (
+    client_data,
+    describe_local_data,
+    evaluate_local_data,
+    records_fingerprint,
+)
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, make_loader
 from fedmodel.dp_modes import grad_sample_mode
@@ -115,7 +120,9 @@ def _train_private(
     returned history is everything ever spent on this dataset, this round included.
     """
     ledger = PrivacyLedger(ledger_path(config, context), ledger_signer(context))
-    fingerprint = dataset_fingerprint(*(tensor.numpy() for tensor in data.tensors()))
+    fingerprint = records_fingerprint(context) or dataset_fingerprint(
+        *(tensor.numpy() for tensor in data.tensors())
+    )
     budget = owner_budget(config, context)
     run_id = config.run_uid or str(context.run_id)  # run-uid survives --resume
     sample_rate = 1.0 / len(loader)  # exactly the rate Opacus's Poisson sampler uses
