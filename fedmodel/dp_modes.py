@@ -1,24 +1,27 @@
-"""Which Opacus grad-sample mode each registered model trains with under DP-SGD.
+"""Which DP-SGD mode each registered model trains with.
 
-Every mode computes the same clipped, noised update (tests/test_dp_modes.py checks each
-against per-sample gradients computed one sample at a time); they differ only in speed
-and memory. The table holds the fastest per model and device type as measured by
-benchmarks/dp_overhead.py (README, "DP overhead"): ExpandedWeights (`ew`, per-sample
-gradients from PyTorch's own autograd) wins everywhere except the CNN on a GPU at
-batches of 256 and more, where `hooks` wins and ew's convolution path falls behind
-(3.3x vs 4.6x plain SGD at 256, 3.4x vs 11.4x at 1024 on an H200). Ghost clipping and
-functorch were never the fastest for these small models. ew cannot process an empty
-batch; the training loop skips those before the forward pass.
+The modes are Opacus 1.6's grad-sample modes (hooks, ghost, functorch, ew) and our
+`fused` step for Linear-only models (fedmodel/fused_dp.py). Every mode computes the same
+clipped, noised update (tests/test_dp_modes.py checks each against per-sample gradients
+computed one sample at a time, and all of them against each other under Poisson
+sampling); they differ only in speed and memory. The table holds the fastest per model
+and device type as measured by benchmarks/dp_overhead.py (README, "DP overhead"):
+`fused` for the tabular models on the CPU (about 2x plain SGD where the best Opacus
+mode, ExpandedWeights, costs 4x); `ew` for them on a GPU, where `fused` was not
+measured; `ew` for the CNN on the CPU and `hooks` on a GPU, where ew's convolution path
+falls behind at batches of 256 and more (4.6x vs 3.3x plain SGD at 256, 11.4x vs 3.4x
+at 1024 on an H200). Ghost clipping and functorch were never the fastest for these
+small models. ew cannot process an empty batch; the training loop skips those.
 """
 
 from __future__ import annotations
 
-GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
+GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew", "fused")
 
 FASTEST_MODE = {  # (model, device type) -> mode
-    ("mlp", "cpu"): "ew",
+    ("mlp", "cpu"): "fused",
     ("mlp", "cuda"): "ew",
-    ("logreg", "cpu"): "ew",
+    ("logreg", "cpu"): "fused",
     ("logreg", "cuda"): "ew",
     ("cnn", "cpu"): "ew",
     ("cnn", "cuda"): "hooks",

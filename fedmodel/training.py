@@ -109,7 +109,7 @@ def train_dp(
             proximal,
             private.criterion,
         )
-    private.model._close()
+    private.close()
     return TrainResult(loss=loss, history=merge_segments(engine.accountant.history))
 
 
@@ -130,10 +130,11 @@ def privacy_engine(history: Sequence[Segment] = ()) -> Any:
 class PrivateTraining:
     """What Opacus's make_private hands back, in the same shape for every grad-sample mode."""
 
-    model: Any  # an Opacus GradSampleModule wrapping the caller's model
-    optimizer: torch.optim.Optimizer
+    model: Any  # an Opacus GradSampleModule wrapping the caller's model, or the model
+    optimizer: Any  # a DPOptimizer, or fedmodel.fused_dp.FusedLinearDPSGD
     criterion: Callable[[torch.Tensor, torch.Tensor], Any]
     loader: DataLoader
+    close: Callable[[], None]  # removes the hooks: the model keeps its plain parameter names
 
 
 def make_private(
@@ -146,13 +147,18 @@ def make_private(
     grad_sample_mode: str,
     poisson_sampling: bool = True,
 ) -> PrivateTraining:
-    """Opacus's `engine.make_private` for any grad-sample mode (hooks, ghost, functorch, ew).
+    """Opacus's `engine.make_private` for any grad-sample mode (hooks, ghost, functorch, ew),
+    or our fused DP-SGD step for Linear-only models (`fused`, fedmodel/fused_dp.py) on
+    Opacus's Poisson loader and accountant.
 
     Ghost clipping (Li et al. 2022, "Large Language Models Can Be Strong Differentially
     Private Learners") clips without materialising per-sample gradients: its criterion
     runs two backward passes inside `loss.backward()`, so in that mode Opacus also
     returns a wrapped criterion, which the training loop must use.
     """
+    if grad_sample_mode == "fused":
+        return _fused_private(engine, model, optimizer, loader, noise_multiplier, max_grad_norm,
+                              poisson_sampling)  # fmt: skip
     made = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -165,9 +171,35 @@ def make_private(
     )
     if grad_sample_mode == "ghost":
         private_model, private_optimizer, criterion, private_loader = made
-        return PrivateTraining(private_model, private_optimizer, criterion, private_loader)
-    private_model, private_optimizer, private_loader = made
-    return PrivateTraining(private_model, private_optimizer, ClassifierLoss(), private_loader)
+    else:
+        (private_model, private_optimizer, private_loader), criterion = made, ClassifierLoss()
+    return PrivateTraining(
+        private_model, private_optimizer, criterion, private_loader, private_model._close
+    )
+
+
+def _fused_private(
+    engine: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    poisson_sampling: bool,
+) -> PrivateTraining:
+    from fedmodel.fused_dp import FusedLinearDPSGD, poisson_loader
+
+    (group,) = optimizer.param_groups
+    if type(optimizer) is not torch.optim.SGD or group["momentum"] or group["weight_decay"]:
+        raise ValueError("grad-sample mode 'fused' implements plain SGD only")
+    private_loader = poisson_loader(loader) if poisson_sampling else loader
+    sample_rate = 1 / len(private_loader)  # as Opacus: expected batch = rows * rate
+    fused = FusedLinearDPSGD(
+        model, group["lr"], noise_multiplier, max_grad_norm,
+        int(len(private_loader.dataset) * sample_rate),  # type: ignore[arg-type]
+        engine.accountant, sample_rate,
+    )  # fmt: skip
+    return PrivateTraining(model, fused, ClassifierLoss(), private_loader, fused.close)
 
 
 class _ProximalTerm:
