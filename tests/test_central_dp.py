@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import cast
@@ -11,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.serverapp import GaussianPrivacyEvent, Grid, PrivacyConfig, RdpAccountant
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmodel.config import RunConfig
@@ -223,3 +226,32 @@ def test_dp_mode_round_trips_through_the_run_config() -> None:
     assert back == config and back.sample_dp and back.client_dp
     assert not RunConfig(dp="client").sample_dp and not RunConfig(dp="sample").client_dp
     assert not RunConfig(dp="off").sample_dp and not RunConfig(dp="off").client_dp
+
+
+def test_fixed_clipping_epsilon_equals_flowers_own_accountant(tmp_path: Path) -> None:
+    """Every client every round (q = 1) is Flower's no-amplification setting, where its
+    fixed-clipping accountant applies: the same number after 5 releases."""
+    flower = RdpAccountant(
+        PrivacyConfig(
+            target_delta=DELTA,
+            population_size=8,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    ledger = FederationLedger(tmp_path, "run-1", DELTA, budget=None)
+    for server_round in range(1, 6):
+        flower.compose(GaussianPrivacyEvent(noise_multiplier=2.0, sample_size=8, population_size=8))
+        ours = ledger.record(CentralRelease(server_round, 2.0, 0.0, 1.0, 1.0))
+    assert ours == pytest.approx(flower.get_privacy_spent().epsilon, rel=0.01)
+
+
+def test_no_dp_is_dp_off_and_conflicts_with_another_mode(tmp_path: Path) -> None:
+    fedmodel = str(Path(sys.executable).parent / "fedmodel")
+    result = subprocess.run(
+        [fedmodel, "simulate", "medical", "--no-dp", "--dp", "client", "--output", "run"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == "error: --no-dp means --dp off; drop one of --no-dp and --dp client\n"
+    assert not (tmp_path / "run").exists()
