@@ -212,8 +212,9 @@ class RunConfig:
             self.secagg_shares,
         )
         _require(
-            2 <= self.secagg_threshold < self.secagg_shares,
-            "--secagg-threshold must be at least 2 and below --secagg-shares",
+            self.secagg_shares / 2 < self.secagg_threshold < self.secagg_shares,
+            "--secagg-threshold must be below --secagg-shares and above half of it (else a "
+            "coordinator could collect both kinds of a client's key shares)",
             self.secagg_threshold,
         )
         _require(

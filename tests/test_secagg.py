@@ -44,8 +44,8 @@ from simulations.runner import write_flower_app
     [
         ({"secagg_shares": 4}, "--secagg-shares must be odd"),
         ({"secagg_shares": 9}, "at most the 8 clients per round"),
-        ({"secagg_threshold": 5}, "--secagg-threshold must be at least 2 and below"),
-        ({"secagg_threshold": 1}, "--secagg-threshold must be at least 2 and below"),
+        ({"secagg_threshold": 5}, "--secagg-threshold must be below --secagg-shares"),
+        ({"secagg_threshold": 2}, "and above half of it"),
         ({"secagg_dropouts": 3}, "between 0 and shares - threshold = 2"),
         ({"aggregator": "median"}, "works only with --aggregator fedavg"),
         ({"max_update_norm": 5.0}, "no --max-update-norm"),
