@@ -15,7 +15,6 @@ Usage: python -m benchmarks.dp_overhead [--device cpu|cuda] [--quick] [--csv PAT
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 import re
 import statistics
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.output import write_csv
 from fedmodel.dp_modes import GRAD_SAMPLE_MODES, grad_sample_mode
 from fedmodel.errors import ConfigError
 from fedmodel.models import MODELS, build_model
@@ -232,12 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     for case in cases(device, args.quick):
         rows += measure(case, device, warmup, repeats, seconds)
     print_table(rows)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with args.csv.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"CSV: {args.csv}")
+    write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ Usage: python -m benchmarks.secagg [--quick] [--engine local|ray] [--csv PATH]
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.output import write_csv
 from fedmodel.config import RunConfig
 from simulations.runner import ENGINES, run_federation
 
@@ -63,12 +63,7 @@ def main() -> None:
     for row in rows:
         times = f"{row['plain_s']:>10.2f} {row['secagg_s']:>12.2f}"
         print(f"{row['clients']:>7} {times} {row['ratio']:>5.2f}x")
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with args.csv.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"CSV: {args.csv}")
+    write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":
