@@ -115,8 +115,9 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
             f"DP-SGD per client at target epsilon {summary['target_epsilon']} "
             f"(delta {summary['delta']}, {summary['accountant'].upper()} accountant)."
             if summary["dp"]
-            else "no differential privacy."
-        ),
+            else "no DP-SGD on the clients."
+        )
+        + (" Client-level DP on the server (below)." if summary.get("client_level_dp") else ""),
         "",
         f"**Final test AUROC {_format(final['auroc'])}**, "
         f"AUPRC {_format(final.get('auprc'))}, "
@@ -151,10 +152,38 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
         "|" + "---|" * len(PRIVACY_COLUMNS),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in privacy_rows(summary)]
+    lines += _client_level_lines(summary)
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _client_level_lines(summary: dict[str, Any]) -> list[str]:
+    """The server's client-level DP releases (--dp client or both), one row per round."""
+    central = summary.get("client_level_dp")
+    if not central:
+        return []
+    lines = [
+        "",
+        "## Client-level DP (server side)",
+        "",
+        f"(epsilon, delta)-DP for each client's whole contribution: epsilon "
+        f"{central['epsilon']:.3f} at delta {central['delta']:g} "
+        f"({central['accountant'].upper()}, ledger {central['ledger']}). It protects a client "
+        "from the other clients and anyone who sees a model, not from the coordinator.",
+        "",
+        "| round | noise multiplier | count noise | effective noise | clipping norm "
+        "| sample rate | epsilon |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['round']} | {r['noise_multiplier']:.4f} | {r['clipped_count_stddev']:g} "
+        f"| {r['effective_noise_multiplier']:.4f} | {r['clipping_norm']:.4f} "
+        f"| {r['sample_rate']:g} | {r['epsilon']:.3f} |"
+        for r in central["releases"]
+    ]
+    return lines
 
 
 def _federation_lines(summary: dict[str, Any]) -> list[str]:
