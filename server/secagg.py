@@ -94,10 +94,15 @@ class SecureFedAvg(LegacyFedAvg):
         return results[0][1].parameters, {"clients": len(results)}
 
     def note_round_without_aggregate(self, server_round: int) -> None:
-        """SecAgg+ halts a round (too few survivors) without calling aggregate_fit."""
+        """SecAgg+ halts a round (too few survivors) without calling aggregate_fit: no
+        client trained, so the run stops cleanly, as with too few clients (`min_clients`).
+        """
         if server_round > 0 and all(r["round"] != server_round for r in self.rounds):
-            log(WARNING, "secure aggregation round %d halted: the model is unchanged", server_round)
             self._record_round(server_round, aggregated=False, survivors=0)
+            raise FederationStopped(
+                f"secure aggregation of round {server_round} halted: some client kept fewer "
+                "than --secagg-threshold live neighbours"
+            )
 
     def _record_round(self, server_round: int, **facts: Any) -> None:
         self.rounds.append({"round": server_round, "sampled": self._sampled, **facts})

@@ -36,6 +36,7 @@ from fedmodel.secagg import (
 )
 from server.run_record import RunRecorder
 from server.secagg import REPORT_FILE, SecureFedAvg
+from server.strategy import FederationStopped
 from simulations.runner import write_flower_app
 
 
@@ -158,6 +159,15 @@ def test_strategy_refuses_individual_updates(tmp_path: Path) -> None:
     ]
     with pytest.raises(RuntimeError, match="SecAgg\\+ is not in effect"):
         _strategy(tmp_path).aggregate_fit(1, results, [])  # type: ignore[arg-type]
+
+
+def test_a_halted_round_stops_the_run_cleanly_and_is_recorded(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path)
+    strategy.note_round_without_aggregate(0)  # the initial evaluation is no round
+    with pytest.raises(FederationStopped, match="round 1 halted"):
+        strategy.note_round_without_aggregate(1)
+    report = json.loads((tmp_path / REPORT_FILE).read_text())
+    assert report["rounds"] == [{"round": 1, "sampled": 0, "aggregated": False, "survivors": 0}]
 
 
 def test_secagg_runs_use_the_secaggplus_client_app(tmp_path: Path) -> None:
