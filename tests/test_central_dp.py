@@ -12,7 +12,7 @@ from typing import cast
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import GaussianPrivacyEvent, Grid, PrivacyConfig, RdpAccountant
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
@@ -33,7 +33,7 @@ from fedmodel.privacy.central import (
 from fedmodel.privacy.ledger import COMMITTED, PENDING, verify_chain
 from server.central_dp import with_central_dp
 from server.run_record import RunRecorder
-from server.strategy import FederationStopped
+from server.strategy import FederationStopped, GuardedStrategy
 from tests.conftest import dp_accounting_epsilon
 
 DELTA = 1e-5
@@ -64,7 +64,9 @@ def replies(global_model: np.ndarray, updates: list[np.ndarray]) -> list[Message
         content = RecordDict(
             {
                 "arrays": ArrayRecord({"w": weights}),
-                "metrics": MetricRecord({"num-examples": 100 * node, "train-loss": 0.5}),
+                "metrics": MetricRecord(
+                    {"num-examples": 100 * node, "train-loss": 0.5, "partition-id": node - 10}
+                ),
             }
         )
         out.append(Message(content=content, reply_to=instruction))
@@ -255,3 +257,27 @@ def test_no_dp_is_dp_off_and_conflicts_with_another_mode(tmp_path: Path) -> None
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr == "error: --no-dp means --dp off; drop one of --no-dp and --dp client\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_inside_the_guard_the_dp_wrapper_sees_only_valid_replies(tmp_path: Path) -> None:
+    """A NaN update is rejected and an error reply dropped before clipping and noise;
+    Flower's wrapper would skip the whole round if it saw the error."""
+    np.random.seed(2)
+    config = RunConfig(clients=3, dp="client", central_noise=1.0, output_dir=str(tmp_path))
+    recorder = RunRecorder(tmp_path, config)
+    inner = FedAvg(min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)
+    guarded = GuardedStrategy(with_central_dp(inner, config, recorder), recorder)
+    global_model = np.zeros(DIMENSIONS)
+    arrays = ArrayRecord({"w": torch.tensor(global_model, dtype=torch.float64)})
+    list(guarded.configure_train(1, arrays, ConfigRecord(), cast(Grid, NodesGrid(3))))
+    update = np.zeros(DIMENSIONS)
+    update[0] = 3.0  # clipped to 1
+    poisoned = np.full(DIMENSIONS, np.nan)
+    valid, nan, _ = replies(global_model, [update, poisoned, update])
+    failed = Message(Error(code=0, reason="node crashed"), reply_to=nan)
+    aggregated, _ = guarded.aggregate_train(1, [valid, nan, failed])
+    assert aggregated is not None
+    result = aggregated["w"].numpy()
+    assert np.std(result[1:]) == pytest.approx(1.0 / 3, rel=0.02)  # z * C / n, n = 3
+    assert [r["round"] for r in recorder.central_releases] == [1]
+    assert len(recorder.rejections) == 1 and "NaN" in recorder.rejections[0]["reason"]
