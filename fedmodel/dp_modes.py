@@ -6,12 +6,12 @@ clipped, noised update (tests/test_dp_modes.py checks each against per-sample gr
 computed one sample at a time, and all of them against each other under Poisson
 sampling); they differ only in speed and memory. The table holds the fastest per model
 and device type as measured by benchmarks/dp_overhead.py (README, "DP overhead"):
-`fused` for the tabular models on the CPU (about 2x plain SGD where the best Opacus
-mode, ExpandedWeights, costs 4x); `ew` for them on a GPU, where `fused` was not
-measured; `ew` for the CNN on the CPU and `hooks` on a GPU, where ew's convolution path
-falls behind at batches of 256 and more (4.6x vs 3.3x plain SGD at 256, 11.4x vs 3.4x
-at 1024 on an H200). Ghost clipping and functorch were never the fastest for these
-small models. ew cannot process an empty batch; the training loop skips those.
+`fused` for the tabular models (about 2x plain SGD or less on a CPU and an H200, where
+the best Opacus mode, ExpandedWeights, costs 2.5-4x); `ew` for the CNN on the CPU and
+`hooks` on a GPU, where ew's convolution path falls behind at batches of 256 and more
+(4.6x vs 3.3x plain SGD at 256, 11.4x vs 3.4x at 1024 on an H200). Ghost clipping and
+functorch were never the fastest for these small models. ew cannot process an empty
+batch; the training loop skips those.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew", "fused")
 
 FASTEST_MODE = {  # (model, device type) -> mode
     ("mlp", "cpu"): "fused",
-    ("mlp", "cuda"): "ew",
+    ("mlp", "cuda"): "fused",
     ("logreg", "cpu"): "fused",
-    ("logreg", "cuda"): "ew",
+    ("logreg", "cuda"): "fused",
     ("cnn", "cpu"): "ew",
     ("cnn", "cuda"): "hooks",
 }

@@ -57,6 +57,11 @@ class FusedLinearDPSGD:
         self.inputs: dict[nn.Linear, torch.Tensor] = {}
         self.output_grads: dict[nn.Linear, torch.Tensor] = {}
         self.handles = [layer.register_forward_hook(self._capture) for layer in self.layers]
+        # Autograd need not compute the (unclipped) parameter gradients, only each layer's
+        # output gradient: the weights stop requiring grad, the input starts to.
+        self.handles.append(model.register_forward_pre_hook(_input_requires_grad))
+        for parameter in self.parameters:
+            parameter.requires_grad_(False)
 
     def _capture(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
         if inputs[0].dim() != 2:
@@ -109,6 +114,14 @@ class FusedLinearDPSGD:
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
+        for parameter in self.parameters:
+            parameter.requires_grad_(True)
+
+
+def _input_requires_grad(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, ...]:
+    return (inputs[0].detach().requires_grad_(), *inputs[1:])
 
 
 def poisson_loader(loader: DataLoader) -> DataLoader:

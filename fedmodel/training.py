@@ -97,19 +97,21 @@ def train_dp(
     private = make_private(
         engine, model, optimizer, loader, noise_multiplier, max_grad_norm, grad_sample_mode
     )
-    with warnings.catch_warnings():
-        # Opacus's hooks fire on the first layer, whose input needs no gradient: harmless.
-        warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-        loss = _run_epochs(
-            private.model,
-            private.optimizer,
-            private.loader,
-            epochs,
-            device,
-            proximal,
-            private.criterion,
-        )
-    private.close()
+    try:
+        with warnings.catch_warnings():
+            # Opacus's hooks fire on the first layer, whose input needs no gradient: harmless.
+            warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+            loss = _run_epochs(
+                private.model,
+                private.optimizer,
+                private.loader,
+                epochs,
+                device,
+                proximal,
+                private.criterion,
+            )
+    finally:
+        private.close()
     return TrainResult(loss=loss, history=merge_segments(engine.accountant.history))
 
 
