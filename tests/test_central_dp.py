@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterable
+from contextlib import closing
 from pathlib import Path
 from typing import cast
 
@@ -22,6 +25,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
 from fedmodel.privacy.accountant import epsilon_of
+from fedmodel.privacy.audit import audit
 from fedmodel.privacy.central import (
     CLIENT_LEVEL_FINGERPRINT,
     CentralBudgetStop,
@@ -30,7 +34,7 @@ from fedmodel.privacy.central import (
     effective_noise_multiplier,
     update_noise_multiplier,
 )
-from fedmodel.privacy.ledger import COMMITTED, PENDING, verify_chain
+from fedmodel.privacy.ledger import COMMITTED, PENDING, PrivacyLedger, verify_chain
 from server.central_dp import with_central_dp
 from server.run_record import RunRecorder
 from server.strategy import FederationStopped, GuardedStrategy
@@ -281,3 +285,45 @@ def test_inside_the_guard_the_dp_wrapper_sees_only_valid_replies(tmp_path: Path)
     assert np.std(result[1:]) == pytest.approx(1.0 / 3, rel=0.02)  # z * C / n, n = 3
     assert [r["round"] for r in recorder.central_releases] == [1]
     assert len(recorder.rejections) == 1 and "NaN" in recorder.rejections[0]["reason"]
+
+
+def test_ledger_carries_the_noise_used_and_audit_checks_it_against_the_accounted(
+    tmp_path: Path,
+) -> None:
+    ledger = FederationLedger(tmp_path, "run-1", DELTA, budget=None)
+    ledger.record(CentralRelease(1, update_noise_multiplier(0.8, 1.0), 1.0, 0.5, 1.0))
+    entry = ledger.ledger.entries()[-1]
+    assert entry.noise_multiplier == pytest.approx(0.8)  # accounted: the effective one
+    assert json.loads(entry.mechanism or "") == {
+        "noise_multiplier": update_noise_multiplier(0.8, 1.0),
+        "clipped_count_stddev": 1.0,
+        "clipping_norm": 0.5,
+    }
+    assert audit(tmp_path).ok
+    # A consistent chain whose accounted noise does not follow from the noise it used:
+    mismatched = json.dumps(
+        {"noise_multiplier": 0.8, "clipped_count_stddev": 1.0, "clipping_norm": 0.5}
+    )
+    ledger.ledger.append_pending(
+        CLIENT_LEVEL_FINGERPRINT, "run-1", 2, (0.8, 1.0, 1), 0.5, DELTA, None,
+        lambda spent: epsilon_of([*spent, (0.8, 1.0, 1)], DELTA), mismatched,
+    )  # fmt: skip
+    report = audit(tmp_path)
+    assert not report.ok
+    assert any("entry #3 accounts noise multiplier 0.8" in p for p in report.all_problems())
+
+
+def test_a_ledger_from_before_the_mechanism_column_still_verifies(tmp_path: Path) -> None:
+    path = tmp_path / "client-0.sqlite"
+    old = PrivacyLedger(path)
+    pending = old.append_pending(
+        "f" * 64, "run", 1, (1.0, 0.1, 10), 1.0, DELTA, None, lambda _: 1.0
+    )
+    old.commit(pending, (1.0, 0.1, 10), 1.0)
+    with closing(sqlite3.connect(path)) as connection:
+        connection.execute("ALTER TABLE entries DROP COLUMN mechanism")
+        connection.commit()
+    entries = PrivacyLedger.open_existing(path).entries()
+    assert verify_chain(entries) is None and entries[0].mechanism is None
+    PrivacyLedger(path)  # a writer adds the column back; the chain still holds
+    assert verify_chain(PrivacyLedger(path).entries()) is None

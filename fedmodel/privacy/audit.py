@@ -29,6 +29,7 @@ from typing import Any
 
 from fedmodel.errors import FedModelError
 from fedmodel.privacy.accountant import Segment, epsilon_of
+from fedmodel.privacy.central import mechanism_problem
 from fedmodel.privacy.ledger import (
     COMMITTED,
     PENDING,
@@ -204,6 +205,8 @@ def audit_owner(
                 f"entry #{entry.seq} reports epsilon {entry.epsilon:.6g}, but its recorded "
                 f"mechanisms give {recomputed:.6g} ({entry.accountant.upper()})"
             )
+        if (reason := mechanism_problem(entry)) is not None:
+            problems.append(f"entry #{entry.seq} {reason}")
         last_of_run = index + 1 == len(entries) or entries[index + 1].run_id != entry.run_id
         if entry.status == COMMITTED or (entry.status == PENDING and last_of_run):
             timeline.append(

@@ -27,6 +27,8 @@ epsilon with dp-accounting like every owner's ledger.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,7 @@ from typing import TypeVar
 
 from fedmodel.privacy.accountant import Segment
 from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget
-from fedmodel.privacy.ledger import PrivacyLedger
+from fedmodel.privacy.ledger import LedgerEntry, PrivacyLedger
 
 FEDERATION_LEDGER = "central-dp.sqlite"  # in the run directory; audit lists it as "central-dp"
 CLIENT_LEVEL_FINGERPRINT = "client-level"
@@ -78,6 +80,33 @@ class CentralRelease:
     def segment(self) -> Segment:
         return (self.effective_noise_multiplier, self.sample_rate, 1)
 
+    def mechanism_json(self) -> str:
+        """What the ledger entry carries beyond the accounted segment (canonical JSON)."""
+        return json.dumps(
+            {
+                "noise_multiplier": self.noise_multiplier,
+                "clipped_count_stddev": self.count_stddev,
+                "clipping_norm": self.clipping_norm,
+            },
+            sort_keys=True,
+        )
+
+
+def mechanism_problem(entry: LedgerEntry) -> str | None:
+    """Why a client-level entry's accounted noise does not follow from the noise it used."""
+    if entry.mechanism is None:
+        return None
+    used = json.loads(entry.mechanism)
+    effective = effective_noise_multiplier(used["noise_multiplier"], used["clipped_count_stddev"])
+    if not math.isclose(entry.noise_multiplier, effective, rel_tol=1e-9):
+        return (
+            f"accounts noise multiplier {entry.noise_multiplier:.6g}, but its update and count "
+            f"noise give {effective:.6g}"
+        )
+    if entry.max_grad_norm != used["clipping_norm"]:
+        return "records two different clipping norms"
+    return None
+
 
 class CentralBudgetStop(Exception):
     """The next release would take client-level epsilon past its budget."""
@@ -115,6 +144,7 @@ class FederationLedger:
                 self.delta,
                 self.budget.epsilon,
                 self.budget.projector(release.segment),
+                release.mechanism_json(),
             ),
         )
         return self.ledger.commit(pending, pending.segment, pending.epsilon).epsilon

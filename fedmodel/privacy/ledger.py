@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS entries (
     created_at REAL NOT NULL,
     prev_hash TEXT NOT NULL,
     entry_hash TEXT NOT NULL,
-    signature TEXT
+    signature TEXT,
+    mechanism TEXT
 );
 CREATE INDEX IF NOT EXISTS entries_by_fingerprint ON entries (fingerprint, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -98,6 +99,10 @@ class LedgerEntry:
     prev_hash: str
     entry_hash: str
     signature: str | None = None
+    # Parameters of a mechanism beyond its accounted segment, as canonical JSON (the
+    # server's client-level releases: update noise, count noise, clipping norm); None
+    # for owners' DP-SGD entries, whose segment is the whole mechanism.
+    mechanism: str | None = None
 
     @property
     def segment(self) -> Segment:
@@ -106,6 +111,8 @@ class LedgerEntry:
     def computed_hash(self) -> str:
         """SHA-256 over every field but the hash and its signature, in canonical JSON."""
         content = {k: v for k, v in asdict(self).items() if k not in ("entry_hash", "signature")}
+        if content["mechanism"] is None:  # entries without it hash as they always have
+            del content["mechanism"]
         encoded = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(encoded.encode()).hexdigest()
 
@@ -151,6 +158,8 @@ class PrivacyLedger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as connection:
             connection.executescript(_SCHEMA)
+            if "mechanism" not in _present_columns(connection):  # a ledger from before it
+                connection.execute("ALTER TABLE entries ADD COLUMN mechanism TEXT")
             connection.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
                 (str(SCHEMA_VERSION),),
@@ -187,14 +196,15 @@ class PrivacyLedger:
 
     def entries(self, fingerprint: str | None = None) -> list[LedgerEntry]:
         """Every entry in append order (optionally only those of one dataset)."""
-        query = f"SELECT {', '.join(_COLUMNS)} FROM entries"
+        query = "FROM entries"
         parameters: tuple[str, ...] = ()
         if fingerprint is not None:
             query += " WHERE fingerprint = ?"
             parameters = (fingerprint,)
         try:
             with self._connect() as connection:
-                rows = connection.execute(query + " ORDER BY seq", parameters).fetchall()
+                select = f"SELECT {_select_list(connection)} {query} ORDER BY seq"
+                rows = connection.execute(select, parameters).fetchall()
         except sqlite3.DatabaseError as error:
             raise LedgerError(f"{self.path} cannot be read ({error})") from error
         return [LedgerEntry(*row) for row in rows]
@@ -209,6 +219,7 @@ class PrivacyLedger:
         delta: float,
         budget_epsilon: float | None,
         project: Callable[[list[Segment]], float],
+        mechanism: str | None = None,
     ) -> LedgerEntry:
         """Write-ahead record of a round about to train; returns it (its seq commits it).
 
@@ -219,7 +230,7 @@ class PrivacyLedger:
         """
         return self._append(
             fingerprint, run_id, server_round, PENDING, None, planned,
-            max_grad_norm, delta, project, budget_epsilon,
+            max_grad_norm, delta, project, budget_epsilon, mechanism,
         )  # fmt: skip
 
     def commit(self, pending: LedgerEntry, used: Segment, epsilon: float) -> LedgerEntry:
@@ -227,6 +238,7 @@ class PrivacyLedger:
         return self._append(
             pending.fingerprint, pending.run_id, pending.server_round, COMMITTED, pending.seq,
             used, pending.max_grad_norm, pending.delta, lambda _: epsilon, pending.budget_epsilon,
+            pending.mechanism,
         )  # fmt: skip
 
     def _append(
@@ -241,6 +253,7 @@ class PrivacyLedger:
         delta: float,
         epsilon_after: Callable[[list[Segment]], float],
         budget_epsilon: float | None,
+        mechanism: str | None = None,
     ) -> LedgerEntry:
         with self._connect() as connection:
             connection.execute("BEGIN IMMEDIATE")
@@ -271,6 +284,7 @@ class PrivacyLedger:
                 created_at=time.time(),
                 prev_hash=prev_hash,
                 entry_hash="",
+                mechanism=mechanism,
             )
             entry = replace(entry, entry_hash=entry.computed_hash())
             if self.signer is not None:
@@ -299,6 +313,16 @@ class PrivacyLedger:
             if entry.run_id == str(run_id):
                 return entry.noise_multiplier
         return None
+
+
+def _present_columns(connection: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in connection.execute("PRAGMA table_info(entries)")}
+
+
+def _select_list(connection: sqlite3.Connection) -> str:
+    """Every entry column; `mechanism` reads as NULL in a ledger written before it existed."""
+    present = _present_columns(connection)
+    return ", ".join(c if c in present else f"NULL AS {c}" for c in _COLUMNS)
 
 
 def spent_history(entries: Sequence[LedgerEntry]) -> list[Segment]:
