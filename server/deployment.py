@@ -27,12 +27,14 @@ from fedmodel.models import build_model
 from server.aggregators import build_aggregator
 from server.central_dp import with_central_dp
 from server.resume import open_run_record, run_rounds
+from server.run_record import write_json_atomic
 from server.strategy import FederationStopped, GuardedStrategy, aggregate_train_metrics
 
 DEPLOYMENT_SCENARIO = "deployment"  # RunConfig.scenario of a run on enrolled nodes
 STATISTICS_KEY = "feature-statistics"  # client/local_data.py reads these two keys
 CLIENT_INDEX_KEY = "client-index"
 NODE_WAIT_S = 300.0
+NODES_FILE = "nodes.json"  # node name -> client number, stable across --resume
 
 
 def run_deployment(grid: Grid, config: RunConfig) -> None:
@@ -63,9 +65,8 @@ def run_deployment(grid: Grid, config: RunConfig) -> None:
         max_update_norm=config.max_update_norm or None,
         records_federated_evaluation=True,
     )
-    # client ids in the run record: 0, 1, ... in node-name order
-    ordered = sorted(names, key=lambda node: (names[node], node))
-    index = {str(node): position for position, node in enumerate(ordered)}
+    positions = client_positions(run_dir, names)
+    index = {str(node): positions[node] for node in names}
     shared = ConfigRecord(
         {STATISTICS_KEY: statistics.to_json(), CLIENT_INDEX_KEY: json.dumps(index)}
     )
@@ -84,11 +85,34 @@ def run_deployment(grid: Grid, config: RunConfig) -> None:
     except FederationStopped as stop:
         log(WARN, "stopping the run early: %s", stop)
         stopped = str(stop)
+    for name, position in positions_by_name(run_dir).items():
+        entry = recorder.clients.get(str(position))
+        if entry is not None:  # node ids only for nodes of this run (not resumed-away ones)
+            entry["node"] = name
     for node, position in index.items():
         entry = recorder.clients.get(str(position))
         if entry is not None:
             entry |= {"node": names[int(node)], "node_id": node}
     recorder.write_summary(completed=True, stopped_early=stopped)
+
+
+def client_positions(run_dir: Path, names: dict[int, str]) -> dict[int, int]:
+    """Each node's client number in the run record: 0, 1, ... in node-name order.
+
+    Kept in the run directory's nodes.json (name -> number), so a resumed run, which
+    may have lost or gained nodes, gives every node the number it had before.
+    """
+    known = positions_by_name(run_dir)
+    key = {node: names[node] or f"node-{node}" for node in names}
+    for node in sorted(names, key=lambda node: (key[node], node)):
+        known.setdefault(key[node], len(known))
+    write_json_atomic(run_dir / NODES_FILE, known)
+    return {node: known[key[node]] for node in names}
+
+
+def positions_by_name(run_dir: Path) -> dict[str, int]:
+    path = run_dir / NODES_FILE
+    return dict(json.loads(path.read_text())) if path.exists() else {}
 
 
 def query_feature_statistics(

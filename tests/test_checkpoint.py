@@ -236,3 +236,15 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_intact(
     round_number, state_dict = load_checkpoint(tmp_path / "latest.pt")
     assert round_number == 1 and torch.equal(state_dict["w"], torch.ones(2))
     assert not (tmp_path / "round-0002.pt").exists()  # never a torn file under the real name
+
+
+def test_deployed_nodes_keep_their_client_numbers_when_a_resumed_run_lost_one(
+    tmp_path: Path,
+) -> None:
+    from server.deployment import client_positions
+
+    first = client_positions(tmp_path, {51: "hospital-b", 37: "hospital-a", 90: "hospital-c"})
+    assert first == {37: 0, 51: 1, 90: 2}
+    # resumed after a restart: hospital-a is gone, a new node joined
+    resumed = client_positions(tmp_path, {51: "hospital-b", 90: "hospital-c", 12: "hospital-d"})
+    assert resumed == {51: 1, 90: 2, 12: 3}
