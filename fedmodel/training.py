@@ -159,8 +159,19 @@ def make_private(
     returns a wrapped criterion, which the training loop must use.
     """
     if grad_sample_mode == "fused":
-        return _fused_private(engine, model, optimizer, loader, noise_multiplier, max_grad_norm,
-                              poisson_sampling)  # fmt: skip
+        from fedmodel.fused_dp import FusedLinearDPSGD, poisson_loader
+
+        (group,) = optimizer.param_groups
+        if type(optimizer) is not torch.optim.SGD or group["momentum"] or group["weight_decay"]:
+            raise ValueError("grad-sample mode 'fused' implements plain SGD only")
+        private_loader = poisson_loader(loader) if poisson_sampling else loader
+        sample_rate = 1 / len(private_loader)  # as Opacus: expected batch = rows * rate
+        fused = FusedLinearDPSGD(
+            model, group["lr"], noise_multiplier, max_grad_norm,
+            int(len(private_loader.dataset) * sample_rate),  # type: ignore[arg-type]
+            engine.accountant, sample_rate,
+        )  # fmt: skip
+        return PrivateTraining(model, fused, ClassifierLoss(), private_loader, fused.close)
     made = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -178,30 +189,6 @@ def make_private(
     return PrivateTraining(
         private_model, private_optimizer, criterion, private_loader, private_model._close
     )
-
-
-def _fused_private(
-    engine: Any,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    poisson_sampling: bool,
-) -> PrivateTraining:
-    from fedmodel.fused_dp import FusedLinearDPSGD, poisson_loader
-
-    (group,) = optimizer.param_groups
-    if type(optimizer) is not torch.optim.SGD or group["momentum"] or group["weight_decay"]:
-        raise ValueError("grad-sample mode 'fused' implements plain SGD only")
-    private_loader = poisson_loader(loader) if poisson_sampling else loader
-    sample_rate = 1 / len(private_loader)  # as Opacus: expected batch = rows * rate
-    fused = FusedLinearDPSGD(
-        model, group["lr"], noise_multiplier, max_grad_norm,
-        int(len(private_loader.dataset) * sample_rate),  # type: ignore[arg-type]
-        engine.accountant, sample_rate,
-    )  # fmt: skip
-    return PrivateTraining(model, fused, ClassifierLoss(), private_loader, fused.close)
 
 
 class _ProximalTerm:
