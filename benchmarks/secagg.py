@@ -8,7 +8,7 @@ everything between two central evaluations: sampling, local DP training, aggrega
 (SecAgg+: four message exchanges, key agreement, masking, unmasking) and evaluation.
 Prints a table with the ratios and writes a CSV.
 
-Usage: python -m benchmarks.secagg [--quick] [--engine local|ray] [--csv PATH]
+Usage: python -m benchmarks.secagg [--quick] [--rounds N] [--engine local|ray] [--csv PATH]
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10 and 20 clients, 1 timed round")
     parser.add_argument("--engine", choices=ENGINES, default="local")
     parser.add_argument("--csv", type=Path, default=Path("secagg.csv"))
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per run (first untimed)")
     args = parser.parse_args()
-    clients, rounds = ((10, 20), 2) if args.quick else (CLIENTS, 4)
+    clients, rounds = ((10, 20), 2) if args.quick else (CLIENTS, max(2, args.rounds))
     with tempfile.TemporaryDirectory() as scratch:
         rows = [measure(n, rounds, args.engine, Path(scratch)) for n in clients]
     print(f"median round time, {args.engine} engine, flchain, logreg, DP-SGD, all clients")
