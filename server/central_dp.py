@@ -236,7 +236,8 @@ def with_central_dp(inner: FedAvg, config: RunConfig, recorder: RunRecorder) -> 
         return inner
     cohort = config.clients_per_round
     run_dir = Path(config.output_dir).absolute()
-    ledger = FederationLedger(run_dir, run_dir.name, config.delta, config.central_epsilon or None)
+    run_id = config.run_uid or run_dir.name  # the owners' ledgers key runs the same way
+    ledger = FederationLedger(run_dir, run_id, config.delta, config.central_epsilon or None)
     accounting = CentralAccounting(ledger, recorder, cohort / config.clients)
     mean = FixedCohortMean(inner, cohort)
     if not config.central_adaptive:
