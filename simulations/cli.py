@@ -390,11 +390,11 @@ def _simulate(
         raise ConfigError(
             f"run directory {run_dir} already exists and is not empty; pass another --output"
         )
+    check_device(config)  # a GPU that is not there: say so before loading any data
     with console.status("Loading data and partitioning it across clients..."):
         config = resolve_clients(config, clients_given)  # fails fast, before any engine starts
         clients = federation(config)
         build_model(config.model, clients.test.num_features, clients.test.num_classes)
-        check_device(config)
         check_aggregator(config.aggregator, config.clients_per_round, config.byzantine)
         non_iid = heterogeneity(clients.clients)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -73,21 +73,13 @@ def test_loader_batches_are_cut_on_the_device(device: str) -> None:
 
 
 @no_gpu
-@pytest.mark.parametrize(
-    ("option", "message"),
-    [
-        (["--device", "cuda"], "error: --device cuda: this machine has no CUDA device"),
-        (["--gpus-per-client", "0.5"], "error: --gpus-per-client 0.5 needs a CUDA device"),
-    ],
-)
-def test_simulate_refuses_a_missing_gpu_in_one_line(
-    option: list[str], message: str, tmp_path: Path
-) -> None:
+def test_simulate_refuses_a_missing_gpu_in_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
-        [FEDMODEL, "simulate", "medical", *option, "--output", "run"],
+        [FEDMODEL, "simulate", "medical", "--device", "cuda", "--output", "run"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: --device cuda: this machine has no CUDA device; use --device auto or cpu"
+    ]
     assert not (tmp_path / "run").exists()  # refused before anything was written
