@@ -146,7 +146,7 @@ Resume = Annotated[
     Path | None,
     typer.Option(
         help="Continue this run directory from its last checkpoint, with its own config "
-        "(other options are ignored)."
+        "(training options are ignored; --engine, --verbose, --no-baselines apply)."
     ),
 ]
 
