@@ -67,13 +67,16 @@ class FusedLinearDPSGD:
         if inputs[0].dim() != 2:
             raise ConfigError("grad-sample mode 'fused' needs (batch, features) inputs")
         assert isinstance(layer, nn.Linear)
+        if layer in self.inputs:  # a shared layer: its per-sample norm would be wrong
+            raise ConfigError("grad-sample mode 'fused' needs each Linear layer used once")
         self.inputs[layer] = inputs[0].detach()
         if output.requires_grad:
             output.register_hook(lambda grad: self.output_grads.__setitem__(layer, grad))
 
     def zero_grad(self) -> None:
-        for parameter in self.parameters:
-            parameter.grad = None
+        """Forget the last forward pass (parameters carry no .grad in this mode)."""
+        self.inputs.clear()
+        self.output_grads.clear()
 
     @torch.no_grad()
     def step(self) -> None:
