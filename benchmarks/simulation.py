@@ -17,7 +17,7 @@ checkpoint files, the stock server's log line), client-rounds per second over th
 run and in steady state, and peak memory (the summed RSS of every process under this
 one, sampled every 0.2 s from /proc).
 
-Usage: python benchmarks/simulation.py [--quick] [--csv simulation.csv] [--keep DIR]
+Usage: python benchmarks/simulation.py [--quick] [--clients N] [--csv simulation.csv] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -107,13 +107,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the small grid (< 10 min)")
     parser.add_argument("--csv", type=Path, default=Path("simulation.csv"))
     parser.add_argument("--keep", type=Path, help="keep run directories here")
+    parser.add_argument("--clients", type=int, help="only the grid's cases with this many")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="fedmodel-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     results: list[Measurement] = []
     started = time.monotonic()
     try:
-        for case in QUICK if args.quick else FULL:
+        grid = QUICK if args.quick else FULL
+        for case in [c for c in grid if args.clients in (None, c.clients)]:
             for system in case.systems:
                 result = measure(system, case, work / f"{system}-{case.clients}-{case.fraction}")
                 results.append(result)
