@@ -144,9 +144,11 @@ class WorkerPool:
             for connection in ready:
                 conn = cast(Connection, connection)
                 try:
-                    assert conn.recv() == READY
+                    greeting = conn.recv()
                 except EOFError as died:
                     raise SimulationError(_worker_died_message(None)) from died
+                if greeting != READY:
+                    raise SimulationError(f"a simulation worker said {greeting!r} at start")
                 self._starting.remove(conn)
                 self._idle.append(conn)
         self._dispatch()
