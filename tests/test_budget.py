@@ -16,7 +16,10 @@ from fedmodel.errors import ConfigError
 from fedmodel.models import build_model
 from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget, new_segments
 from fedmodel.privacy.ledger import COMMITTED, PENDING, PrivacyLedger, verify_chain
+from fedmodel.training import select_device
 from tests.conftest import dp_accounting_epsilon
+
+CPU = select_device("cpu")
 
 DELTA = 1e-5
 
@@ -97,7 +100,7 @@ def test_budget_exhausted_client_refuses_to_train(tmp_path: Path, hospital: Tabu
         before = [p.detach().clone() for p in model.parameters()]
         try:
             result, _ = _train_private(
-                model, loader, hospital, config, context(config), server_round
+                model, loader, hospital, config, context(config), server_round, 0.0, CPU
             )
         except BudgetExhausted:
             assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
@@ -121,9 +124,9 @@ def test_a_restarted_client_resumes_with_the_same_noise_and_history(
     config = RunConfig(rounds=3, epsilon=1.0, output_dir=str(tmp_path))
     loader = make_loader(hospital, config.batch_size, 0)
     model = build_model("mlp", hospital.num_features)
-    _train_private(model, loader, hospital, config, context(config), 1)
+    _train_private(model, loader, hospital, config, context(config), 1, 0.0, CPU)
     # the SuperNode restarts: no memory survives, only the ledger
-    result, _ = _train_private(model, loader, hospital, config, context(config), 2)
+    result, _ = _train_private(model, loader, hospital, config, context(config), 2, 0.0, CPU)
     ((noise, rate, steps),) = result.history
     assert steps == 2 * len(loader) and rate == 1 / len(loader)
     entries = PrivacyLedger(ledger_path(config, context(config))).entries()
