@@ -62,7 +62,9 @@ def run_federation(
     run_dir = run_dir.absolute()  # Flower's processes run in engine_dir, not in our cwd
     engine_dir = run_dir / "engine"
     engine_dir.mkdir(parents=True, exist_ok=True)
-    config = config.replace(output_dir=str(run_dir))
+    # Owners' ledgers key a run's spending by its run-uid: every run needs its own (the local
+    # engine's Flower run id is the same for every run, so it cannot stand in).
+    config = config.replace(output_dir=str(run_dir), run_uid=config.run_uid or uuid.uuid4().hex)
     environment = engine_environment(engine_dir)
     if engine == "local":
         from simulations.local_engine import run_local
