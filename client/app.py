@@ -34,7 +34,7 @@ from fedmodel.privacy.budget import (
     OwnerBudget,
     new_segments,
 )
-from fedmodel.privacy.ledger import PrivacyLedger, dataset_fingerprint, spent_history
+from fedmodel.privacy.ledger import PrivacyLedger, dataset_fingerprint
 from fedmodel.privacy.signing import LedgerSigner
 from fedmodel.training import TrainResult, select_device, train_dp, train_plain
 
@@ -127,31 +127,31 @@ def _train_private(
     run_id = config.run_uid or str(context.run_id)  # run-uid survives --resume
     sample_rate = 1.0 / len(loader)  # exactly the rate Opacus's Poisson sampler uses
     steps = config.local_epochs * len(loader)
-    noise_multiplier = ledger.run_noise_multiplier(fingerprint, run_id)
-    if noise_multiplier is None:
-        noise_multiplier = calibrate_noise_multiplier(
-            config.epsilon, config.delta, sample_rate, config.rounds * steps
+    with ledger:  # one connection for the round's ledger steps
+        noise_multiplier = ledger.run_noise_multiplier(fingerprint, run_id)
+        if noise_multiplier is None:
+            noise_multiplier = calibrate_noise_multiplier(
+                config.epsilon, config.delta, sample_rate, config.rounds * steps
+            )
+        planned = (noise_multiplier, sample_rate, steps)
+        pending, before = ledger.write_ahead(
+            fingerprint, run_id, server_round, planned, config.max_grad_norm,
+            budget.delta, budget.epsilon, budget.projector(planned),
+        )  # fmt: skip
+        result = train_dp(
+            model,
+            loader,
+            config.local_epochs,
+            config.lr,
+            noise_multiplier,
+            config.max_grad_norm,
+            before,
+            device,
+            proximal_mu,
+            grad_sample_mode(config.model, device.type),
         )
-    planned = (noise_multiplier, sample_rate, steps)
-    pending = ledger.append_pending(
-        fingerprint, run_id, server_round, planned, config.max_grad_norm,
-        budget.delta, budget.epsilon, budget.projector(planned),
-    )  # fmt: skip
-    before = spent_history([e for e in ledger.entries(fingerprint) if e.seq != pending.seq])
-    result = train_dp(
-        model,
-        loader,
-        config.local_epochs,
-        config.lr,
-        noise_multiplier,
-        config.max_grad_norm,
-        before,
-        device,
-        proximal_mu,
-        grad_sample_mode(config.model, device.type),
-    )
-    (used,) = new_segments(before, result.history)
-    ledger.commit(pending, used, epsilon_of(result.history, budget.delta))
+        (used,) = new_segments(before, result.history)
+        ledger.commit(pending, used, epsilon_of(result.history, budget.delta))
     return result, budget
 
 

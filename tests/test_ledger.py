@@ -92,6 +92,33 @@ def test_a_pending_entry_left_by_a_crash_counts_as_spent(tmp_path: Path) -> None
     assert verify_chain(ledger.entries()) is None
 
 
+def test_write_ahead_returns_the_history_training_continues_from(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "owner.sqlite")
+    spend_round(ledger, "data", "run-a", 1)
+    spend_round(ledger, "data", "run-a", 2, commit=False)  # a crash: counts as spent
+    spend_round(ledger, "other-data", "run-a", 1)
+    before = ledger.spent_history("data")
+    pending, history = ledger.write_ahead(
+        "data", "run-a", 3, ROUND, 1.0, DELTA, None, OwnerBudget(None, DELTA).projector(ROUND)
+    )
+    assert history == before == [(1.1, 0.02, 100)]
+    assert ledger.entries("data")[-1] == pending
+    assert pending.epsilon == pytest.approx(epsilon_of([*before, ROUND], DELTA))
+
+
+def test_a_ledger_written_before_the_mechanism_column_stays_usable(tmp_path: Path) -> None:
+    path = tmp_path / "owner.sqlite"
+    spend_round(PrivacyLedger(path), "data", "run-a", 1)
+    with sqlite3.connect(path) as connection:
+        connection.execute("ALTER TABLE entries DROP COLUMN mechanism")
+    connection.close()
+    ledger = PrivacyLedger(path)
+    spend_round(ledger, "data", "run-a", 2)
+    assert ledger.spent_history("data") == [(1.1, 0.02, 100)]
+    assert ledger.run_noise_multiplier("data", "run-a") == 1.1
+    assert verify_chain(ledger.entries()) is None
+
+
 def test_many_rounds_merge_into_one_segment_so_checks_stay_fast(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path / "owner.sqlite")
     for server_round in range(1, 301):

@@ -155,8 +155,11 @@ class PrivacyLedger:
         """`signer` (deployed nodes: the node key, fedmodel.privacy.signing) signs each hash."""
         self.path = Path(path)
         self.signer = signer
+        self._shared: sqlite3.Connection | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as connection:
+            if _schema_is_current(connection):  # no write lock taken by every client call
+                return
             connection.executescript(_SCHEMA)
             if "mechanism" not in _present_columns(connection):  # a ledger from before it
                 connection.execute("ALTER TABLE entries ADD COLUMN mechanism TEXT")
@@ -177,11 +180,26 @@ class PrivacyLedger:
         except sqlite3.DatabaseError as error:
             raise LedgerError(f"{path} is not a readable FedModel ledger ({error})") from error
         ledger = cls.__new__(cls)
-        ledger.path, ledger.signer = path, None
+        ledger.path, ledger.signer, ledger._shared = path, None, None
         return ledger
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def __enter__(self) -> PrivacyLedger:
+        """Share one connection among the calls inside `with` (a client's round).
+
+        Closing a file's last connection checkpoints its WAL into the database and
+        deletes it, with fsyncs of its own; one connection per call paid that each time.
+        Every call still runs in its own transaction, so nothing waits for the `with` to end.
+        """
+        if self._shared is None:
+            self._shared = self._open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
+
+    def _open(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
         # An edited byte inside a text value must surface as a hash mismatch on that entry.
         connection.text_factory = lambda raw: raw.decode("utf-8", errors="replace")
@@ -189,10 +207,21 @@ class PrivacyLedger:
             connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             connection.execute("PRAGMA journal_mode = WAL")
             connection.execute("PRAGMA synchronous = FULL")  # a commit survives power loss
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """One transaction: committed on leaving, rolled back on an exception."""
+        connection = self._shared or self._open()
+        try:
             with connection:
                 yield connection
         finally:
-            connection.close()
+            if connection is not self._shared:
+                connection.close()
 
     def entries(self, fingerprint: str | None = None) -> list[LedgerEntry]:
         """Every entry in append order (optionally only those of one dataset)."""
@@ -228,21 +257,58 @@ class PrivacyLedger:
         check and append are atomic, so two concurrent writers cannot both pass a check
         that only one of them fits in.
         """
-        return self._append(
-            fingerprint, run_id, server_round, PENDING, None, planned,
-            max_grad_norm, delta, project, budget_epsilon, mechanism,
+        pending, _ = self.write_ahead(
+            fingerprint, run_id, server_round, planned, max_grad_norm, delta,
+            budget_epsilon, project, mechanism,
         )  # fmt: skip
+        return pending
+
+    def write_ahead(
+        self,
+        fingerprint: str,
+        run_id: str,
+        server_round: int,
+        planned: Segment,
+        max_grad_norm: float,
+        delta: float,
+        budget_epsilon: float | None,
+        project: Callable[[list[Segment]], float],
+        mechanism: str | None = None,
+    ) -> tuple[LedgerEntry, list[Segment]]:
+        """`append_pending`, also returning the spent history the budget was checked on.
+
+        That history is what training continues from, so the caller need not read the
+        ledger again (reads dominate the cost of a round on a long ledger).
+        """
+        with self._connect() as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            rows = connection.execute(
+                "SELECT seq, status, refers_to, noise_multiplier, sample_rate, steps "
+                "FROM entries WHERE fingerprint = ? ORDER BY seq",
+                (fingerprint,),
+            ).fetchall()
+            spent = _spent_segments(
+                [(seq, status, ref, (nm, q, n)) for seq, status, ref, nm, q, n in rows]
+            )
+            entry = self._append(
+                connection, fingerprint, run_id, server_round, PENDING, None, planned,
+                max_grad_norm, delta, project(spent), budget_epsilon, mechanism,
+            )  # fmt: skip
+        return entry, spent
 
     def commit(self, pending: LedgerEntry, used: Segment, epsilon: float) -> LedgerEntry:
         """Record what the round actually spent (`used`: the mechanism as Opacus ran it)."""
-        return self._append(
-            pending.fingerprint, pending.run_id, pending.server_round, COMMITTED, pending.seq,
-            used, pending.max_grad_norm, pending.delta, lambda _: epsilon, pending.budget_epsilon,
-            pending.mechanism,
-        )  # fmt: skip
+        with self._connect() as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            return self._append(
+                connection, pending.fingerprint, pending.run_id, pending.server_round,
+                COMMITTED, pending.seq, used, pending.max_grad_norm, pending.delta, epsilon,
+                pending.budget_epsilon, pending.mechanism,
+            )  # fmt: skip
 
     def _append(
         self,
+        connection: sqlite3.Connection,
         fingerprint: str,
         run_id: str,
         server_round: int,
@@ -251,49 +317,43 @@ class PrivacyLedger:
         segment: Segment,
         max_grad_norm: float,
         delta: float,
-        epsilon_after: Callable[[list[Segment]], float],
+        epsilon: float,
         budget_epsilon: float | None,
-        mechanism: str | None = None,
+        mechanism: str | None,
     ) -> LedgerEntry:
-        with self._connect() as connection:
-            connection.execute("BEGIN IMMEDIATE")
-            rows = connection.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM entries WHERE fingerprint = ? ORDER BY seq",
-                (fingerprint,),
-            ).fetchall()
-            epsilon = epsilon_after(spent_history([LedgerEntry(*row) for row in rows]))
-            last = connection.execute(
-                "SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-            seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
-            entry = LedgerEntry(
-                seq=seq,
-                fingerprint=fingerprint,
-                run_id=str(run_id),
-                server_round=int(server_round),
-                status=status,
-                refers_to=refers_to,
-                noise_multiplier=float(segment[0]),
-                sample_rate=float(segment[1]),
-                steps=int(segment[2]),
-                max_grad_norm=float(max_grad_norm),
-                delta=float(delta),
-                accountant=ACCOUNTANT,
-                epsilon=float(epsilon),
-                budget_epsilon=None if budget_epsilon is None else float(budget_epsilon),
-                created_at=time.time(),
-                prev_hash=prev_hash,
-                entry_hash="",
-                mechanism=mechanism,
-            )
-            entry = replace(entry, entry_hash=entry.computed_hash())
-            if self.signer is not None:
-                entry = replace(entry, signature=self.signer(entry.entry_hash))
-            connection.execute(
-                f"INSERT INTO entries ({', '.join(_COLUMNS)}) "
-                f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
-                tuple(getattr(entry, c) for c in _COLUMNS),
-            )
+        """Chain and insert one entry, inside the caller's IMMEDIATE transaction."""
+        last = connection.execute(
+            "SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
+        entry = LedgerEntry(
+            seq=seq,
+            fingerprint=fingerprint,
+            run_id=str(run_id),
+            server_round=int(server_round),
+            status=status,
+            refers_to=refers_to,
+            noise_multiplier=float(segment[0]),
+            sample_rate=float(segment[1]),
+            steps=int(segment[2]),
+            max_grad_norm=float(max_grad_norm),
+            delta=float(delta),
+            accountant=ACCOUNTANT,
+            epsilon=float(epsilon),
+            budget_epsilon=None if budget_epsilon is None else float(budget_epsilon),
+            created_at=time.time(),
+            prev_hash=prev_hash,
+            entry_hash="",
+            mechanism=mechanism,
+        )
+        entry = replace(entry, entry_hash=entry.computed_hash())
+        if self.signer is not None:
+            entry = replace(entry, signature=self.signer(entry.entry_hash))
+        connection.execute(
+            f"INSERT INTO entries ({', '.join(_COLUMNS)}) "
+            f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
+            tuple(getattr(entry, c) for c in _COLUMNS),
+        )
         return entry
 
     def spent_history(self, fingerprint: str) -> list[Segment]:
@@ -309,10 +369,26 @@ class PrivacyLedger:
         Kept in the ledger (not in SuperNode memory) so a restarted client continues the
         run with the same calibration.
         """
-        for entry in self.entries(fingerprint):
-            if entry.run_id == str(run_id):
-                return entry.noise_multiplier
-        return None
+        try:
+            with self._connect() as connection:
+                row = connection.execute(
+                    "SELECT noise_multiplier FROM entries WHERE fingerprint = ? AND run_id = ? "
+                    "ORDER BY seq LIMIT 1",
+                    (fingerprint, str(run_id)),
+                ).fetchone()
+        except sqlite3.DatabaseError as error:
+            raise LedgerError(f"{self.path} cannot be read ({error})") from error
+        return None if row is None else float(row[0])
+
+
+def _schema_is_current(connection: sqlite3.Connection) -> bool:
+    """Tables, the `mechanism` column and the schema row are all there already."""
+    if "mechanism" not in _present_columns(connection):
+        return False
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    if not {"meta", "entries_by_fingerprint"} <= tables:
+        return False
+    return connection.execute("SELECT 1 FROM meta WHERE key = 'schema'").fetchone() is not None
 
 
 def _present_columns(connection: sqlite3.Connection) -> set[str]:
@@ -331,11 +407,16 @@ def spent_history(entries: Sequence[LedgerEntry]) -> list[Segment]:
     Consecutive identical mechanisms are merged, so the accountant sees one segment per
     run rather than one per round: epsilon stays fast to compute after thousands of rounds.
     """
-    committed = {e.refers_to for e in entries if e.status == COMMITTED}
+    return _spent_segments([(e.seq, e.status, e.refers_to, e.segment) for e in entries])
+
+
+def _spent_segments(entries: Sequence[tuple[int, str, int | None, Segment]]) -> list[Segment]:
+    """`spent_history` over (seq, status, refers_to, segment): all it needs of an entry."""
+    committed = {refers_to for _, status, refers_to, _ in entries if status == COMMITTED}
     spent = [
-        e.segment
-        for e in entries
-        if e.status == COMMITTED or (e.status == PENDING and e.seq not in committed)
+        segment
+        for seq, status, _, segment in entries
+        if status == COMMITTED or (status == PENDING and seq not in committed)
     ]
     return merge_segments(spent)
 
