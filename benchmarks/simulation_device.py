@@ -16,7 +16,6 @@ Usage: python -m benchmarks.simulation_device [--devices cpu,cuda]
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import statistics
@@ -29,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from benchmarks.output import write_csv
 from benchmarks.simulation import GIB, SCENARIO, Case, peak_tree_memory
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
 
@@ -149,13 +149,6 @@ def gpu_peak(interval: float = 0.5) -> Iterator[list[float]]:
     finally:
         stop.set()
         sampler.join()
-
-
-def write_csv(path: Path, rows: list[dict[str, object]]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 if __name__ == "__main__":
