@@ -23,6 +23,7 @@ Usage: python benchmarks/simulation.py [--quick] [--clients N] [--csv simulation
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import shutil
 import statistics
@@ -33,10 +34,9 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from benchmarks.output import write_csv
 from fedmodel.config import RunConfig
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
 from fedmodel.processes import executable
@@ -120,7 +120,7 @@ def main() -> None:
                 result = measure(system, case, work / f"{system}-{case.clients}-{case.fraction}")
                 results.append(result)
                 print(_row(result), flush=True)
-                write_csv(args.csv, [asdict(result) for result in results])
+                write_csv(args.csv, results)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -288,6 +288,13 @@ def _rss(pid: int) -> int:
         return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def write_csv(path: Path, results: list[Measurement]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([f.name for f in fields(Measurement)])
+        writer.writerows([list(asdict(result).values()) for result in results])
 
 
 HEADER = (
