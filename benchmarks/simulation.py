@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -246,23 +246,34 @@ def stock_run_config(case: Case) -> dict[str, float | int]:
 
 
 @contextmanager
-def peak_tree_memory(interval: float = 0.2) -> Iterator[list[int]]:
-    """Yield [peak bytes], the largest summed RSS of this process's descendants seen."""
-    peak = [0]
+def sampled(sample: Callable[[], None], interval: float) -> Iterator[None]:
+    """Call `sample` every `interval` seconds in a thread while the block runs."""
     stop = threading.Event()
 
-    def sample() -> None:
+    def loop() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], sum(_rss(pid) for pid in _descendants(os.getpid())))
+            sample()
             stop.wait(interval)
 
-    sampler = threading.Thread(target=sample, daemon=True)
+    sampler = threading.Thread(target=loop, daemon=True)
     sampler.start()
     try:
-        yield peak
+        yield
     finally:
         stop.set()
         sampler.join()
+
+
+@contextmanager
+def peak_tree_memory(interval: float = 0.2) -> Iterator[list[int]]:
+    """Yield [peak bytes], the largest summed RSS of this process's descendants seen."""
+    peak = [0]
+
+    def sample() -> None:
+        peak[0] = max(peak[0], sum(_rss(pid) for pid in _descendants(os.getpid())))
+
+    with sampled(sample, interval):
+        yield peak
 
 
 def _descendants(root: int) -> list[int]:

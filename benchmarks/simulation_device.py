@@ -22,14 +22,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.output import write_csv
-from benchmarks.simulation import GIB, SCENARIO, Case, peak_tree_memory
+from benchmarks.simulation import GIB, SCENARIO, Case, peak_tree_memory, sampled
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
 
 
@@ -128,27 +127,19 @@ def gpu_peak(interval: float = 0.5) -> Iterator[list[float]]:
     if shutil.which("nvidia-smi") is None:
         yield peak
         return
-    stop = threading.Event()
     query = ["nvidia-smi", "-i", "0", "--query-gpu=memory.used,utilization.gpu"]
     query.append("--format=csv,noheader,nounits")
+    peak[0] = peak[1] = 0.0
 
     def sample() -> None:
-        peak[0] = peak[1] = 0.0
-        while not stop.is_set():
-            try:
-                used, util = subprocess.run(query, capture_output=True, text=True).stdout.split(",")
-                peak[0], peak[1] = max(peak[0], float(used)), max(peak[1], float(util))
-            except (OSError, ValueError):
-                pass
-            stop.wait(interval)
+        try:
+            used, util = subprocess.run(query, capture_output=True, text=True).stdout.split(",")
+            peak[0], peak[1] = max(peak[0], float(used)), max(peak[1], float(util))
+        except (OSError, ValueError):
+            pass
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    with sampled(sample, interval):
         yield peak
-    finally:
-        stop.set()
-        sampler.join()
 
 
 if __name__ == "__main__":
