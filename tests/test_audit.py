@@ -26,7 +26,7 @@ def spend(
     ledger: PrivacyLedger, fingerprint: str, run_id: str, rounds: int, segment: tuple, budget: float
 ) -> None:
     for server_round in range(1, rounds + 1):
-        pending = ledger.append_pending(
+        pending, _ = ledger.write_ahead(
             fingerprint, run_id, server_round, segment, 1.0, DELTA, budget,
             OwnerBudget(budget, DELTA).projector(segment),
         )  # fmt: skip
@@ -116,7 +116,7 @@ def test_an_under_reported_epsilon_is_flagged_even_with_a_valid_chain(tmp_path: 
     """A client that restarts its accountant every round: a valid chain, wrong numbers."""
     ledger = PrivacyLedger(tmp_path / "client-0.sqlite")
     for server_round in (1, 2, 3):
-        pending = ledger.append_pending(
+        pending, _ = ledger.write_ahead(
             "c" * 64, "run", server_round, RUN_A, 1.0, DELTA, None,
             OwnerBudget(None, DELTA).projector(RUN_A),
         )  # fmt: skip

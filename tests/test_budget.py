@@ -71,9 +71,9 @@ def test_a_greedy_coordinator_cannot_make_the_client_overspend(
     ledger = PrivacyLedger(tmp_path / "owner.sqlite")
     budget = OwnerBudget(2.0, DELTA)
     modest = (1.0, 0.02, 50)  # epsilon 1.6
-    ledger.append_pending("data", "run", 1, modest, 1.0, DELTA, 2.0, budget.projector(modest))
+    ledger.write_ahead("data", "run", 1, modest, 1.0, DELTA, 2.0, budget.projector(modest))
     with pytest.raises(BudgetExhausted):
-        ledger.append_pending(
+        ledger.write_ahead(
             "data", "run", 2, greedy_round, 1.0, DELTA, 2.0, budget.projector(greedy_round)
         )
     assert len(ledger.entries()) == 1  # a refused round leaves no trace and spends nothing

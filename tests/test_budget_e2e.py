@@ -95,7 +95,7 @@ def test_an_owner_with_less_budget_left_drops_out_and_the_others_finish(tmp_path
     earlier = PrivacyLedger(run_dir / "ledgers" / "client-0.sqlite")
     fingerprint = dataset_fingerprint(features.numpy(), labels.numpy())
     study = (2.0, 0.03, 60)
-    pending = earlier.append_pending(
+    pending, _ = earlier.write_ahead(
         fingerprint, "earlier-study", 1, study, 1.0, DELTA, 1.0,
         OwnerBudget(1.0, DELTA).projector(study),
     )  # fmt: skip

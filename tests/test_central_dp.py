@@ -304,7 +304,7 @@ def test_ledger_carries_the_noise_used_and_audit_checks_it_against_the_accounted
     mismatched = json.dumps(
         {"noise_multiplier": 0.8, "clipped_count_stddev": 1.0, "clipping_norm": 0.5}
     )
-    ledger.ledger.append_pending(
+    ledger.ledger.write_ahead(
         CLIENT_LEVEL_FINGERPRINT, "run-1", 2, (0.8, 1.0, 1), 0.5, DELTA, None,
         lambda spent: epsilon_of([*spent, (0.8, 1.0, 1)], DELTA), mismatched,
     )  # fmt: skip
@@ -316,7 +316,7 @@ def test_ledger_carries_the_noise_used_and_audit_checks_it_against_the_accounted
 def test_a_ledger_from_before_the_mechanism_column_still_verifies(tmp_path: Path) -> None:
     path = tmp_path / "client-0.sqlite"
     old = PrivacyLedger(path)
-    pending = old.append_pending(
+    pending, _ = old.write_ahead(
         "f" * 64, "run", 1, (1.0, 0.1, 10), 1.0, DELTA, None, lambda _: 1.0
     )
     old.commit(pending, (1.0, 0.1, 10), 1.0)

@@ -35,7 +35,7 @@ def spend_round(
     commit: bool = True,
 ) -> None:
     """One round of the client protocol, without the training itself."""
-    pending = ledger.append_pending(
+    pending, _ = ledger.write_ahead(
         fingerprint, run_id, server_round, segment, 1.0, DELTA, None,
         OwnerBudget(None, DELTA).projector(segment),
     )  # fmt: skip

@@ -133,9 +133,9 @@ class FederationLedger:
     def record(self, release: CentralRelease) -> float:
         """Pending entry (budget re-checked in the same transaction), then its commit, for
         a release about to leave the server; returns the cumulative client-level epsilon."""
-        pending = self._stop_if_over(
+        pending, _ = self._stop_if_over(
             release,
-            lambda: self.ledger.append_pending(
+            lambda: self.ledger.write_ahead(
                 CLIENT_LEVEL_FINGERPRINT,
                 self.run_id,
                 release.server_round,

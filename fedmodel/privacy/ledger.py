@@ -238,31 +238,6 @@ class PrivacyLedger:
             raise LedgerError(f"{self.path} cannot be read ({error})") from error
         return [LedgerEntry(*row) for row in rows]
 
-    def append_pending(
-        self,
-        fingerprint: str,
-        run_id: str,
-        server_round: int,
-        planned: Segment,
-        max_grad_norm: float,
-        delta: float,
-        budget_epsilon: float | None,
-        project: Callable[[list[Segment]], float],
-        mechanism: str | None = None,
-    ) -> LedgerEntry:
-        """Write-ahead record of a round about to train; returns it (its seq commits it).
-
-        `project` gets the dataset's spent history inside the writing transaction and
-        returns the epsilon after `planned`, or raises to refuse (nothing is written):
-        check and append are atomic, so two concurrent writers cannot both pass a check
-        that only one of them fits in.
-        """
-        pending, _ = self.write_ahead(
-            fingerprint, run_id, server_round, planned, max_grad_norm, delta,
-            budget_epsilon, project, mechanism,
-        )  # fmt: skip
-        return pending
-
     def write_ahead(
         self,
         fingerprint: str,
@@ -275,10 +250,14 @@ class PrivacyLedger:
         project: Callable[[list[Segment]], float],
         mechanism: str | None = None,
     ) -> tuple[LedgerEntry, list[Segment]]:
-        """`append_pending`, also returning the spent history the budget was checked on.
+        """Write-ahead record of a round about to train, and the spent history it was
+        checked against; the entry's seq commits it.
 
-        That history is what training continues from, so the caller need not read the
-        ledger again (reads dominate the cost of a round on a long ledger).
+        `project` gets the dataset's spent history inside the writing transaction and
+        returns the epsilon after `planned`, or raises to refuse (nothing is written):
+        check and append are atomic, so two concurrent writers cannot both pass a check
+        that only one of them fits in. The history is what training continues from, so
+        the caller need not read the ledger again (reads dominate a long ledger's cost).
         """
         with self._connect() as connection:
             connection.execute("BEGIN IMMEDIATE")
