@@ -35,10 +35,10 @@ from flwr.supercore.differential_privacy import adaptive_clip_inputs_inplace
 from fedmodel.config import RunConfig
 from fedmodel.privacy.central import CentralBudgetStop, CentralRelease, FederationLedger
 from server.run_record import RunRecorder
-from server.strategy import FederationStopped, WrappingStrategy
+from server.strategy import FederationStopped
 
 
-class FixedCohortMean(WrappingStrategy):
+class FixedCohortMean(Strategy):
     """global + (sum of client updates) / n, with n the planned cohort size.
 
     The fixed-denominator estimator of DP-FedAvg: a missing client counts as a zero
@@ -48,12 +48,13 @@ class FixedCohortMean(WrappingStrategy):
     Sampling, evaluation and metrics are the wrapped FedAvg's.
     """
 
-    inner: FedAvg
-
     def __init__(self, inner: FedAvg, cohort_size: int) -> None:
-        super().__init__(inner)
+        self.inner = inner
         self.cohort_size = cohort_size
         self._global: ArrayRecord | None = None
+
+    def summary(self) -> None:
+        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -78,6 +79,16 @@ class FixedCohortMean(WrappingStrategy):
         )
         contents = [reply.content for reply in valid]
         return mean, self.inner.train_metrics_aggr_fn(contents, self.inner.weighted_by_key)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
 
 
 class CentralAccounting:

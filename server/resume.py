@@ -34,7 +34,7 @@ from server.checkpoint import (
     strategy_state,
 )
 from server.run_record import RunRecorder
-from server.strategy import FederationStopped, GuardedStrategy, WrappingStrategy
+from server.strategy import FederationStopped, GuardedStrategy
 
 RoundEvaluation = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -43,7 +43,7 @@ class RunPaused(FederationStopped):
     """The run stopped cleanly after `stop-after-round`; `--resume` continues it."""
 
 
-class ShiftedRounds(WrappingStrategy):
+class ShiftedRounds(Strategy):
     """Presents Flower's round k to `inner` as round `offset + k`.
 
     The shifted number is what FedAvg sends to clients as `server-round` (their training
@@ -51,8 +51,11 @@ class ShiftedRounds(WrappingStrategy):
     """
 
     def __init__(self, inner: Strategy, offset: int) -> None:
-        super().__init__(inner)
+        self.inner = inner
         self.offset = offset
+
+    def summary(self) -> None:
+        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -56,37 +56,7 @@ def _scalar(value: object) -> float:
     return float(value)
 
 
-class WrappingStrategy(Strategy):
-    """A strategy that hands every step to `inner`; subclasses change only what they add."""
-
-    def __init__(self, inner: Strategy) -> None:
-        self.inner = inner
-
-    def summary(self) -> None:
-        self.inner.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.inner.aggregate_train(server_round, replies)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
-
-
-class GuardedStrategy(WrappingStrategy):
+class GuardedStrategy(Strategy):
     """Validates, records and budget-checks around an inner aggregation strategy."""
 
     def __init__(
@@ -97,7 +67,7 @@ class GuardedStrategy(WrappingStrategy):
         max_update_norm: float | None = None,
         records_federated_evaluation: bool = False,
     ) -> None:
-        super().__init__(inner)
+        self.inner = inner
         self.recorder = recorder
         self.min_clients = min_clients
         self.max_update_norm = max_update_norm
@@ -106,6 +76,9 @@ class GuardedStrategy(WrappingStrategy):
         self.client_of_node: dict[int, str] = {}
         self._global_arrays: ArrayRecord | None = None
         self._sent = 0
+
+    def summary(self) -> None:
+        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -167,10 +140,15 @@ class GuardedStrategy(WrappingStrategy):
         # Only valid replies reach the rule: a central-DP wrapper skips a round with errors.
         return self.inner.aggregate_train(server_round, trained)
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, replies)
+        metrics = self.inner.aggregate_evaluate(server_round, replies)
         if metrics is not None and self.records_federated_evaluation:
             self.recorder.record_evaluation(
                 server_round, {key: _scalar(metrics[key]) for key in ("auroc", "accuracy", "loss")}
