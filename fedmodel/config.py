@@ -32,6 +32,9 @@ PARTITION_SCHEMES = ("iid", "dirichlet", "shard", "pathological")
 # SecAgg+ sums modulo 2**32 and each client adds up to 2**22 (Flower's defaults).
 SECAGG_MAX_CLIENTS_PER_ROUND = 2**32 // 2**22
 TASKS = ("binary", "multiclass")
+CSV_SCENARIO = "csv"
+# datasets split by a column of their own (clinic, state): the data fixes the client count
+NATURAL_DATASETS = frozenset({"covid-clinics", "lending-club"})
 # off | sample-level DP-SGD on clients | client-level DP on the server | both
 DP_MODES = ("off", "sample", "client", "both")
 
@@ -290,6 +293,13 @@ class RunConfig:
     def central_count_stddev_or_default(self) -> float:
         """Andrew et al.'s suggestion: expected clients per round / 20."""
         return self.central_count_stddev or self.clients_per_round / 20
+
+    @property
+    def sites_from_data(self) -> bool:
+        """Whether the data, not --clients, decides how many clients there are."""
+        if self.scenario == CSV_SCENARIO:
+            return bool(self.partition_by)
+        return self.dataset in NATURAL_DATASETS
 
     @property
     def clients_per_round(self) -> int:

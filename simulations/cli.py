@@ -374,14 +374,7 @@ def _simulate(
     baseline_sites: int | None,
     engine: str = "local",
 ) -> None:
-    from fedmodel.models import build_model
-    from server.aggregators import check_aggregator
-    from server.run_record import write_json_atomic
-    from simulations.baselines import run_baselines
-    from simulations.heterogeneity import heterogeneity
-    from simulations.report import write_report
-    from simulations.runner import ENGINES, check_device, run_federation
-    from simulations.scenarios import MIN_DP_ROWS, federation, resolve_clients
+    from simulations.runner import ENGINES, started_engine
 
     if engine not in ENGINES:
         raise ConfigError(f"--engine must be one of {', '.join(ENGINES)} (got {engine!r})")
@@ -390,77 +383,88 @@ def _simulate(
         raise ConfigError(
             f"run directory {run_dir} already exists and is not empty; pass another --output"
         )
-    check_device(config)  # a GPU that is not there: say so before loading any data
-    with console.status("Loading data and partitioning it across clients..."):
-        config = resolve_clients(config, clients_given)  # fails fast, before any engine starts
-        clients = federation(config)
-        build_model(config.model, clients.test.num_features, clients.test.num_classes)
-        check_aggregator(config.aggregator, config.clients_per_round, config.byzantine)
-        non_iid = heterogeneity(clients.clients)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = config.replace(  # the engine runs elsewhere: paths must be absolute
-        output_dir=str(run_dir.absolute()),
-        ledger_dir=str(Path(config.ledger_dir).absolute()) if config.ledger_dir else "",
-    )
-    if not config.resume:  # a resumed run keeps the config.json it started with
-        write_json_atomic(run_dir / "config.json", {**config.to_run_config()})
-    if clients.natural_sites is not None:
-        console.print(
-            f"{config.dataset}: {clients.natural_sites} natural sites; {len(clients.too_small)} "
-            f"have fewer than {MIN_DP_ROWS} training rows, too few to train under DP, and sit "
-            f"out; {config.clients} train"
-        )
-    console.print(
-        f"Simulating {config.clients} {config.scenario} clients ({config.dataset}) for "
-        f"{config.rounds} rounds "
-        + (
-            f"under DP-SGD (epsilon {config.epsilon}, delta {config.delta:g})"
-            if config.sample_dp
-            else "without DP-SGD"
-        )
-        + (
-            f", client-level DP on the server (noise {config.central_noise:g}, "
-            + ("adaptive" if config.central_adaptive else "fixed")
-            + f" clipping from {config.central_clipping_norm:g})"
-            if config.client_dp
-            else ""
-        )
-        + (f", {config.fraction:g} of clients per round" if config.fraction < 1 else "")
-        + (f", aggregator {config.aggregator}" if config.aggregator != "fedavg" else "")
-        + (
-            f", {config.attackers:g} of clients attacking ({config.attack})"
-            if config.attack != "none" and config.attackers > 0
-            else ""
-        )
-        + f"; run directory {run_dir}"
-    )
-    started = time.monotonic()
-    status = console.status(
-        "Starting Flower's simulation engine (takes ~20 s)..."
-        if engine == "ray"
-        else "Starting the simulation workers (takes a few seconds)..."
-    )
-    status.start()
+    # The engine starts first: its workers import torch and Opacus while this process
+    # imports, loads and summarises the data (two cores busy instead of one).
+    per_round = None if config.sites_from_data else config.clients_per_round
+    with started_engine(config, run_dir, engine, per_round) as run_on_engine:
+        from fedmodel.models import build_model
+        from server.aggregators import check_aggregator
+        from server.run_record import write_json_atomic
+        from simulations.heterogeneity import heterogeneity
+        from simulations.runner import check_device
+        from simulations.scenarios import MIN_DP_ROWS, federation, resolve_clients
 
-    def show_progress(row: dict[str, Any]) -> None:
-        status.update(f"Training round {row['round'] + 1}/{row['rounds']}...")
-        epsilon = "" if row["max_epsilon"] is None else f"  max epsilon {row['max_epsilon']:.3f}"
+        check_device(config)  # a GPU that is not there: say so before loading any data
+        with console.status("Loading data and partitioning it across clients..."):
+            config = resolve_clients(config, clients_given)
+            clients = federation(config)
+            build_model(config.model, clients.test.num_features, clients.test.num_classes)
+            check_aggregator(config.aggregator, config.clients_per_round, config.byzantine)
+            non_iid = heterogeneity(clients.clients)
+        config = config.replace(  # the engine runs elsewhere: paths must be absolute
+            output_dir=str(run_dir.absolute()),
+            ledger_dir=str(Path(config.ledger_dir).absolute()) if config.ledger_dir else "",
+        )
+        if not config.resume:  # a resumed run keeps the config.json it started with
+            write_json_atomic(run_dir / "config.json", {**config.to_run_config()})
+        if clients.natural_sites is not None:
+            console.print(
+                f"{config.dataset}: {clients.natural_sites} natural sites; "
+                f"{len(clients.too_small)} have fewer than {MIN_DP_ROWS} training rows, too few "
+                f"to train under DP, and sit out; {config.clients} train"
+            )
         console.print(
-            f"round {row['round']}/{row['rounds']}  AUROC {_number(row['auroc'])}  "
-            f"AUPRC {_number(row.get('auprc'))}  accuracy {row['accuracy']:.4f}{epsilon}  "
-            f"({time.monotonic() - started:.0f} s)"
+            f"Simulating {config.clients} {config.scenario} clients ({config.dataset}) for "
+            f"{config.rounds} rounds "
+            + (
+                f"under DP-SGD (epsilon {config.epsilon}, delta {config.delta:g})"
+                if config.sample_dp
+                else "without DP-SGD"
+            )
+            + (
+                f", client-level DP on the server (noise {config.central_noise:g}, "
+                + ("adaptive" if config.central_adaptive else "fixed")
+                + f" clipping from {config.central_clipping_norm:g})"
+                if config.client_dp
+                else ""
+            )
+            + (f", {config.fraction:g} of clients per round" if config.fraction < 1 else "")
+            + (f", aggregator {config.aggregator}" if config.aggregator != "fedavg" else "")
+            + (
+                f", {config.attackers:g} of clients attacking ({config.attack})"
+                if config.attack != "none" and config.attackers > 0
+                else ""
+            )
+            + f"; run directory {run_dir}"
         )
+        started = time.monotonic()
+        status = console.status(
+            "Starting Flower's simulation engine (takes ~20 s)..."
+            if engine == "ray"
+            else "Starting the simulation workers (takes a few seconds)..."
+        )
+        status.start()
 
-    try:
-        summary = run_federation(
-            config,
-            run_dir,
-            show_progress,
-            (lambda line: console.out(line)) if verbose else None,
-            engine,
-        )
-    finally:
-        status.stop()
+        def show_progress(row: dict[str, Any]) -> None:
+            status.update(f"Training round {row['round'] + 1}/{row['rounds']}...")
+            epsilon = (
+                "" if row["max_epsilon"] is None else f"  max epsilon {row['max_epsilon']:.3f}"
+            )
+            console.print(
+                f"round {row['round']}/{row['rounds']}  AUROC {_number(row['auroc'])}  "
+                f"AUPRC {_number(row.get('auprc'))}  accuracy {row['accuracy']:.4f}{epsilon}  "
+                f"({time.monotonic() - started:.0f} s)"
+            )
+
+        try:
+            summary = run_on_engine(
+                config, show_progress, (lambda line: console.out(line)) if verbose else None
+            )
+        finally:
+            status.stop()
+    from simulations.baselines import run_baselines
+    from simulations.report import write_report
+
     summary["seconds"] = round(time.monotonic() - started, 1)
     summary["federation"] = {
         "natural_sites": clients.natural_sites,

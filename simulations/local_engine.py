@@ -56,9 +56,11 @@ Task = tuple[Message, Context]
 Reply = tuple[Message, Context]
 
 
-def worker_count(clients_per_round: int) -> int:
-    """One worker per core this process may use, never more than a round's clients."""
-    return max(1, min(len(os.sched_getaffinity(0)), clients_per_round))
+def worker_count(clients_per_round: int | None) -> int:
+    """One worker per core this process may use, never more than a round's clients
+    (when that is known yet)."""
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores if clients_per_round is None else min(cores, clients_per_round))
 
 
 class WorkerPool:
@@ -124,10 +126,15 @@ class WorkerPool:
         return len(self._queue) + len(self._busy)
 
     def close(self) -> None:
-        """Stop every worker: end of input first, then SIGTERM and SIGKILL to the group."""
+        """Stop every worker: end of input first, then SIGTERM and SIGKILL to the group.
+
+        Workers still importing (the run failed or ended before its first call) get
+        SIGTERM at once: they would not look at their input for seconds.
+        """
+        importing = bool(self._starting)
         for connection in [*self._idle, *self._busy, *self._starting]:
             connection.close()
-        deadline = time.monotonic() + STOP_GRACE_S
+        deadline = time.monotonic() + (0.0 if importing else STOP_GRACE_S)
         while group_alive(self._leader.pid) and time.monotonic() < deadline:
             self._leader.poll()  # reaps the first worker; the others are init's to reap
             time.sleep(0.05)
@@ -258,12 +265,12 @@ class LocalGrid(Grid):
 
 def run_local(
     config: RunConfig,
+    pool: WorkerPool,
     engine_dir: Path,
-    environment: dict[str, str],
     on_progress: Callable[[dict[str, Any]], None],
     on_log_line: Callable[[str], None] | None,
 ) -> None:
-    """Run the ServerApp here against a LocalGrid; stop every worker however it ends.
+    """Run the ServerApp here against a LocalGrid on `pool` (its owner closes it).
 
     Flower's log lines go to engine_dir/flwr-run.log (and `on_log_line`), progress
     lines to `on_progress`; workers write theirs to engine_dir/workers.log.
@@ -271,30 +278,24 @@ def run_local(
     from server.app import app as server_app
 
     run_config = config.to_run_config()
-    pool = WorkerPool(
-        worker_count(config.clients_per_round), engine_dir / "workers.log", environment
-    )
-    try:
-        with _flower_log(engine_dir / "flwr-run.log", on_progress, on_log_line):
-            TaskIdentity.task_id = 1
-            TaskIdentity.run_id = RUN_ID
-            TaskIdentity.node_id = SUPERLINK_NODE_ID
-            grid = LocalGrid(pool, config.clients, run_config)
-            context = Context(
-                run_id=RUN_ID,
-                node_id=SUPERLINK_NODE_ID,
-                node_config={},
-                state=RecordDict(),
-                run_config=dict(run_config),
-            )
-            try:
-                server_app(grid=grid, context=context)
-            except (FedModelError, KeyboardInterrupt):
-                raise
-            except Exception:  # noqa: BLE001 - reported like the Ray path: see the log
-                flower_logger.error("ServerApp failed:\n%s", traceback.format_exc())
-    finally:
-        pool.close()
+    with _flower_log(engine_dir / "flwr-run.log", on_progress, on_log_line):
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = RUN_ID
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        grid = LocalGrid(pool, config.clients, run_config)
+        context = Context(
+            run_id=RUN_ID,
+            node_id=SUPERLINK_NODE_ID,
+            node_config={},
+            state=RecordDict(),
+            run_config=dict(run_config),
+        )
+        try:
+            server_app(grid=grid, context=context)
+        except (FedModelError, KeyboardInterrupt):
+            raise
+        except Exception:  # noqa: BLE001 - reported like the Ray path: see the log
+            flower_logger.error("ServerApp failed:\n%s", traceback.format_exc())
 
 
 class _ProgressHandler(logging.Handler):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -45,6 +46,9 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 ENGINES = ("local", "ray")
 
 
+EngineRun = Callable[[RunConfig, ProgressCallback, Callable[[str], None] | None], dict[str, Any]]
+
+
 def run_federation(
     config: RunConfig,
     run_dir: Path,
@@ -59,34 +63,72 @@ def run_federation(
     (simulations/local_engine.py: this machine, warm worker pool) or `ray` (Flower's
     Simulation Engine, which also runs on a Ray cluster).
     """
+    with started_engine(config, run_dir, engine, config.clients_per_round) as run:
+        return run(config, on_progress, on_log_line)
+
+
+@contextmanager
+def started_engine(
+    config: RunConfig, run_dir: Path, engine: str, clients_per_round: int | None
+) -> Iterator[EngineRun]:
+    """Start `engine` for `config` now; yield the function that runs the federation on it.
+
+    The local engine's workers begin importing torch and Opacus at once (seconds of CPU),
+    so whatever the caller does inside the block - loading and summarising the data -
+    overlaps them; the yielded function may then be given the same config with `clients`
+    resolved (`clients_per_round`: None while the data has yet to say; it caps the
+    workers). Leaving the block stops every worker. When the block fails before the run
+    started, a run directory this made is removed again: a user's mistake leaves nothing.
+    """
     run_dir = run_dir.absolute()  # Flower's processes run in engine_dir, not in our cwd
+    made = run_dir  # the outermost directory this makes (runs/ on a first run)
+    while not made.parent.exists():
+        made = made.parent
+    created = not run_dir.exists()
     engine_dir = run_dir / "engine"
     engine_dir.mkdir(parents=True, exist_ok=True)
-    # Owners' ledgers key a run's spending by its run-uid: every run needs its own (the local
-    # engine's Flower run id is the same for every run, so it cannot stand in).
-    config = config.replace(output_dir=str(run_dir), run_uid=config.run_uid or uuid.uuid4().hex)
     environment = engine_environment(engine_dir)
+    pool = None
     if engine == "local":
-        from simulations.local_engine import run_local
+        from simulations.local_engine import WorkerPool, worker_count
         from simulations.local_worker import CLIENT_APP_VARIABLE
 
         environment[CLIENT_APP_VARIABLE] = client_app_reference(config)
-        run_local(config, engine_dir, environment, on_progress, on_log_line)
-    else:
-        app_dir = engine_dir / "app"
-        app_dir.mkdir(exist_ok=True)
-        write_flower_app(app_dir, config)
-        with local_superlink(engine_dir, environment) as port:
-            environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
-            _stream_flower_run(app_dir, config, engine_dir, environment, on_progress, on_log_line)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    if summary is None or not summary.get("completed"):
-        raise SimulationError(
-            f"the simulation did not complete; engine logs are in {engine_dir} "
-            "(rerun with --verbose to see them live)"
-        )
-    return summary
+        pool = WorkerPool(worker_count(clients_per_round), engine_dir / "workers.log", environment)
+    started = False
+
+    def run(
+        config: RunConfig,
+        on_progress: ProgressCallback,
+        on_log_line: Callable[[str], None] | None,
+    ) -> dict[str, Any]:
+        nonlocal started
+        started = True
+        # Owners' ledgers key a run's spending by its run-uid: every run needs its own (the
+        # local engine's Flower run id is the same for every run, so it cannot stand in).
+        config = config.replace(output_dir=str(run_dir), run_uid=config.run_uid or uuid.uuid4().hex)
+        if pool is not None:
+            from simulations.local_engine import run_local
+
+            run_local(config, pool, engine_dir, on_progress, on_log_line)
+        else:
+            _run_on_ray(config, engine_dir, environment, on_progress, on_log_line)
+        summary_path = run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        if summary is None or not summary.get("completed"):
+            raise SimulationError(
+                f"the simulation did not complete; engine logs are in {engine_dir} "
+                "(rerun with --verbose to see them live)"
+            )
+        return dict(summary)
+
+    try:
+        yield run
+    finally:
+        if pool is not None:
+            pool.close()
+        if created and not started:
+            shutil.rmtree(made, ignore_errors=True)
 
 
 def federation_config(config: RunConfig) -> str:
@@ -213,16 +255,21 @@ def _wait_until_healthy(process: subprocess.Popen[bytes], port: int, log_path: P
     raise SimulationError(f"the local SuperLink did not answer within 60 s; see {log_path}")
 
 
-def _stream_flower_run(
-    app_dir: Path,
+def _run_on_ray(
     config: RunConfig,
     engine_dir: Path,
     environment: dict[str, str],
     on_progress: ProgressCallback,
     on_log_line: Callable[[str], None] | None,
 ) -> None:
-    command = flwr_run_command(app_dir, federation_config(config))
-    stream_run_output(command, engine_dir, environment, on_progress, on_log_line)
+    """`flwr run` of a generated App on a simulation SuperLink of ours."""
+    app_dir = engine_dir / "app"
+    app_dir.mkdir(exist_ok=True)
+    write_flower_app(app_dir, config)
+    with local_superlink(engine_dir, environment) as port:
+        environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
+        command = flwr_run_command(app_dir, federation_config(config))
+        stream_run_output(command, engine_dir, environment, on_progress, on_log_line)
 
 
 def flwr_run_command(app_dir: Path, federation: str, *options: str) -> list[str]:

@@ -25,7 +25,7 @@ from typing import overload
 
 import numpy as np
 
-from fedmodel.config import RunConfig
+from fedmodel.config import CSV_SCENARIO, RunConfig
 from fedmodel.data import TabularData, partition_indices
 from fedmodel.errors import ConfigError, DataError
 from simulations.digits import load_mnist_5k
@@ -61,8 +61,6 @@ GENERATED: dict[str, dict[str, GeneratorFactory]] = {
     "medical": {"synthetic-ehr": EhrGenerator},
     "financial": {"synthetic-fraud": FraudGenerator},
 }
-CSV_SCENARIO = "csv"
-NATURAL_DATASETS = frozenset({"covid-clinics", "lending-club"})
 
 
 def datasets_of(scenario: str) -> list[str]:
@@ -110,7 +108,7 @@ def federation(config: RunConfig) -> Federation:
     return _federation(
         config.scenario,
         config.dataset,
-        0 if is_natural(config) else config.clients,  # the data fixes it
+        0 if config.sites_from_data else config.clients,  # the data fixes it
         config.partition,
         config.alpha,
         config.seed,
@@ -137,7 +135,7 @@ def resolve_clients(config: RunConfig, clients_given: bool) -> RunConfig:
     With natural sites the data fixes the number of clients, so an explicit --clients
     that disagrees is an error rather than a silent change.
     """
-    if not is_natural(config):
+    if not config.sites_from_data:
         return config
     found = federation(config)
     if clients_given and config.clients != len(found.clients):
@@ -147,13 +145,6 @@ def resolve_clients(config: RunConfig, clients_given: bool) -> RunConfig:
             f"--clients {config.clients} cannot change that: leave --clients out"
         )
     return config.replace(clients=len(found.clients))
-
-
-def is_natural(config: RunConfig) -> bool:
-    """Whether the data, not --clients, decides how many clients there are."""
-    if config.scenario == CSV_SCENARIO:
-        return bool(config.partition_by)
-    return config.dataset in NATURAL_DATASETS
 
 
 @lru_cache(maxsize=4)

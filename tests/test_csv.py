@@ -158,3 +158,18 @@ def test_bad_input_is_one_line_and_exit_code_2(
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     assert re.search(message, stderr), stderr
     assert not output.exists()  # nothing written for a rejected input
+    # The simulation workers had started importing before the data was read: all stopped.
+    assert _processes_started_for(output) == []
+
+
+def _processes_started_for(run_dir: Path) -> list[int]:
+    """Processes whose environment names `run_dir` (the engine's private FLWR_HOME)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(run_dir).encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
