@@ -11,7 +11,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedmodel.privacy import accountant
+from fedmodel.privacy import accountant, calibration
 from fedmodel.privacy.accountant import RDP_ORDERS
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE, cache_path, remembered
 
@@ -48,7 +48,7 @@ def test_a_calibration_is_opacus_answer_and_later_calls_read_it_back(
         assert connection.execute("SELECT count(*) FROM memo").fetchone() == (1,)
 
     accountant.calibrate_noise_multiplier.cache_clear()  # as a fresh worker would start
-    monkeypatch.setattr(accountant, "_opacus_noise_multiplier", _never)
+    monkeypatch.setattr(calibration, "calibrated_noise_multiplier", _never)
     assert accountant.calibrate_noise_multiplier(*INPUTS) == first
     accountant.calibrate_noise_multiplier.cache_clear()
 

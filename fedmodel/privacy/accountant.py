@@ -13,7 +13,6 @@ anyone. Sample rates are exactly what Opacus uses (1 / len(data_loader)).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
@@ -33,38 +32,20 @@ def calibrate_noise_multiplier(
 
     Calibrated once for the client's whole planned participation (rounds x local epochs
     x batches), not per round: per-round calibration would spend the budget every round.
-    Memoised in this process and on this machine (fedmodel.privacy.accounting_cache):
-    Opacus's binary search runs once per distinct input, whichever worker or run asks.
+    Opacus's answer, found along Opacus's search path in milliseconds
+    (fedmodel.privacy.calibration), and memoised in this process and on this machine
+    (fedmodel.privacy.accounting_cache), whichever worker or run asks.
     """
     from fedmodel.privacy.accounting_cache import remembered
+    from fedmodel.privacy.calibration import calibrated_noise_multiplier
 
     inputs = (target_epsilon, delta, sample_rate, steps, ACCOUNTANT)
     (noise,) = remembered(
         "noise-multiplier",
         inputs,
-        lambda: np.array([_opacus_noise_multiplier(target_epsilon, delta, sample_rate, steps)]),
+        lambda: np.array([calibrated_noise_multiplier(target_epsilon, delta, sample_rate, steps)]),
     )
     return float(noise)
-
-
-def _opacus_noise_multiplier(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int
-) -> float:
-    from opacus.accountants.utils import get_noise_multiplier
-
-    with warnings.catch_warnings():
-        # The search probes tiny noise levels whose best RDP order is the largest one;
-        # the bound is still valid there, only loose.
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=ACCOUNTANT,
-            )
-        )
 
 
 def epsilon_of(history: Sequence[Segment], delta: float) -> float:
