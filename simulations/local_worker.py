@@ -65,6 +65,9 @@ def main(sockets: list[int]) -> None:
     torch.set_num_threads(1)
     module, _, name = os.environ.get(CLIENT_APP_VARIABLE, "client.app:app").partition(":")
     app = getattr(importlib.import_module(module), name)
+    # The ClientApp imports the scenarios (its partitions) on its first simulated call:
+    # imported here, before the fork, no worker pays for it again.
+    importlib.import_module("simulations.scenarios")
 
     for index, mine in enumerate(sockets[1:], start=1):
         if os.fork() == 0:
