@@ -59,6 +59,7 @@ def start(
     """Check the data and bundle, then run a SuperNode that trains on the local file."""
     from client.identity import load_join_bundle, node_identity
     from client.supernode import (
+        SUPERNODE_EXITING,
         NodeLaunch,
         SuperNodeError,
         check_device,
@@ -99,7 +100,7 @@ def start(
     offset = launch.log_path.stat().st_size if launch.log_path.exists() else 0
     process = start_supernode(launch)
     try:
-        code = follow_log(launch.log_path, process, console.out, offset)
+        code = follow_log(launch.log_path, process, console.out, offset, SUPERNODE_EXITING)
     except KeyboardInterrupt:
         stop_group(process.pid)
         console.print("SuperNode stopped.")

@@ -30,6 +30,8 @@ _REFUSALS = {
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# What Flower's SuperNode logs once it has decided to exit (a signal, or a refusal)
+SUPERNODE_EXITING = ("terminated gracefully", "Exit Code:")
 
 
 class SuperNodeError(FedModelError):

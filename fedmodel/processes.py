@@ -59,9 +59,17 @@ def follow_log(
     process: subprocess.Popen[bytes],
     on_line: Callable[[str], None],
     offset: int | None = None,
+    exit_markers: tuple[str, ...] = (),
+    exit_grace_s: float = 20.0,
 ) -> int:
     """Give `on_line` each line of `path` from `offset` (default: the end) until `process`
-    exits; return its exit code."""
+    exits; return its exit code.
+
+    Once a line holds one of `exit_markers` (the process said it is exiting), it gets
+    `exit_grace_s` seconds to do so before its process group is stopped: Flower's
+    SuperNode can log its graceful exit and then hang in a shutdown retry loop.
+    """
+    exit_deadline: float | None = None
     with path.open("r", errors="replace") as log:
         log.seek(0, os.SEEK_END if offset is None else os.SEEK_SET)
         if offset is not None:
@@ -70,11 +78,17 @@ def follow_log(
             line = log.readline()
             if line:
                 on_line(line.rstrip("\n"))
+                if exit_deadline is None and any(marker in line for marker in exit_markers):
+                    exit_deadline = time.monotonic() + exit_grace_s
                 continue
             if process.poll() is not None:
                 for rest in log:
                     on_line(rest.rstrip("\n"))
                 return int(process.returncode)
+            if exit_deadline is not None and time.monotonic() > exit_deadline:
+                stop_group(process.pid)
+                process.wait()
+                continue
             time.sleep(0.2)
 
 

@@ -31,7 +31,7 @@ def _opacus_epsilon(sigma: float, rate: float, steps: int, delta: float) -> floa
 
 @pytest.mark.parametrize(
     ("rate", "sigma", "steps"),
-    list(itertools.product([1.0, 0.5, 1 / 3, 0.1, 1 / 37, 1e-3], [0.5, 1.3, 4.0, 25.0], [1, 40])),
+    list(itertools.product([1.0, 0.5, 1 / 3, 0.1, 1 / 37, 1e-3], [0.5, 1.3, 4.0, 25.0], [40])),
 )
 def test_vectorised_epsilon_agrees_with_opacus_far_inside_the_margin(
     rate: float, sigma: float, steps: int
