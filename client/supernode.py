@@ -20,9 +20,9 @@ from fedmodel.pki import JoinBundle, NodeIdentity, write_public_file
 from fedmodel.processes import executable, free_port, tool_environment
 
 # Flower's SuperNode exit lines, in words a data owner can act on
-_REFUSALS = {
-    "2004": "the federation refused this node: its key is not enrolled, or was revoked",
-    "2001": "the federation requires an enrolled node key",
+_REFUSALS = {  # Flower's node-side error lines read "[code: 2004] Failed to activate ..."
+    "[code: 2004]": "the federation refused this node: its key is not enrolled, or was revoked",
+    "[code: 2001]": "the federation requires an enrolled node key",
     "CERTIFICATE_VERIFY_FAILED": "the server's certificate is not signed by the bundle's CA",
     "BAD_SIGNATURE": "the server's certificate is not signed by the bundle's CA",
     "Socket closed": "the server closed the connection (it requires TLS?)",

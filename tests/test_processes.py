@@ -1,4 +1,4 @@
-"""Following a child's log: a process that says it is exiting but hangs is stopped."""
+"""How `client start` follows its SuperNode: a hung exit is stopped, a refusal explained."""
 
 from __future__ import annotations
 
@@ -50,3 +50,21 @@ def test_without_an_exit_line_the_process_runs_to_its_own_end(tmp_path: Path) ->
     started = time.monotonic()
     code = follow_log(log, process, lambda line: None, 0, ("terminated gracefully",), 0.5)
     assert code == 0 and time.monotonic() - started >= 2.5  # not cut short
+
+
+def test_a_revoked_node_is_explained_by_its_exit_not_by_digits_in_a_message_id() -> None:
+    """Refusal codes are matched as Flower prints them: a message ID that happens to
+    contain 2001 once made a revoked node report 'requires an enrolled node key'."""
+    from client.supernode import explain_exit
+
+    log = (
+        "INFO :      Receiving: train message (ID: 1fd76f2001ac62f081f297ccf5c887e9)\n"
+        "INFO :      SuperNode terminated gracefully.\n"
+        "WARNING :   Connection attempt failed, retrying in 1.49 seconds\n"
+    )
+    assert (
+        explain_exit(log)
+        == "the federation disconnected this node (revoked, or the server stopped)"
+    )
+    refused = "ERROR :     [code: 2004] Failed to activate SuperNode.\n"
+    assert "not enrolled, or was revoked" in explain_exit(refused)
