@@ -257,6 +257,7 @@ def run_command(
     from server.launch import launch_run
     from server.resume import resume_config
     from server.superlink import Federation
+    from simulations.runner import progress_line
 
     federation = Federation.load(directory)
     config = RunConfig(
@@ -301,14 +302,11 @@ def run_command(
     started = time.monotonic()
 
     def show_progress(row: dict[str, Any]) -> None:
-        epsilon_text = (
-            "" if row["max_epsilon"] is None else f"  max epsilon {row['max_epsilon']:.3f}"
+        measures = (
+            f"nodes {row['clients']}  AUROC {row['auroc']:.4f} (mean over nodes' hold-outs)  "
+            f"accuracy {row['accuracy']:.4f}"
         )
-        console.print(
-            f"round {row['round']}/{row['rounds']}  nodes {row['clients']}  "
-            f"AUROC {row['auroc']:.4f} (mean over nodes' hold-outs)  "
-            f"accuracy {row['accuracy']:.4f}{epsilon_text}  ({time.monotonic() - started:.0f} s)"
-        )
+        console.print(progress_line(row, measures, time.monotonic() - started))
 
     summary = launch_run(
         federation, config, run_dir, show_progress, console.out if verbose else None

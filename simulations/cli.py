@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.table import Table
 
 from fedmodel.config import AGGREGATORS, ATTACKS, RunConfig
 from fedmodel.errors import ConfigError
+
+if TYPE_CHECKING:  # importing the scenarios loads torch: the CLI imports it when it runs
+    from simulations.scenarios import Federation
 
 DEFAULTS = RunConfig()
 MAX_PRINTED_CLIENTS = 20
@@ -374,7 +377,7 @@ def _simulate(
     baseline_sites: int | None,
     engine: str = "local",
 ) -> None:
-    from simulations.runner import ENGINES, started_engine
+    from simulations.runner import ENGINES, progress_line, started_engine
 
     if engine not in ENGINES:
         raise ConfigError(f"--engine must be one of {', '.join(ENGINES)} (got {engine!r})")
@@ -407,36 +410,7 @@ def _simulate(
         )
         if not config.resume:  # a resumed run keeps the config.json it started with
             write_json_atomic(run_dir / "config.json", {**config.to_run_config()})
-        if clients.natural_sites is not None:
-            console.print(
-                f"{config.dataset}: {clients.natural_sites} natural sites; "
-                f"{len(clients.too_small)} have fewer than {MIN_DP_ROWS} training rows, too few "
-                f"to train under DP, and sit out; {config.clients} train"
-            )
-        console.print(
-            f"Simulating {config.clients} {config.scenario} clients ({config.dataset}) for "
-            f"{config.rounds} rounds "
-            + (
-                f"under DP-SGD (epsilon {config.epsilon}, delta {config.delta:g})"
-                if config.sample_dp
-                else "without DP-SGD"
-            )
-            + (
-                f", client-level DP on the server (noise {config.central_noise:g}, "
-                + ("adaptive" if config.central_adaptive else "fixed")
-                + f" clipping from {config.central_clipping_norm:g})"
-                if config.client_dp
-                else ""
-            )
-            + (f", {config.fraction:g} of clients per round" if config.fraction < 1 else "")
-            + (f", aggregator {config.aggregator}" if config.aggregator != "fedavg" else "")
-            + (
-                f", {config.attackers:g} of clients attacking ({config.attack})"
-                if config.attack != "none" and config.attackers > 0
-                else ""
-            )
-            + f"; run directory {run_dir}"
-        )
+        _announce(config, clients, run_dir)
         started = time.monotonic()
         status = console.status(
             "Starting Flower's simulation engine (takes ~20 s)..."
@@ -447,14 +421,11 @@ def _simulate(
 
         def show_progress(row: dict[str, Any]) -> None:
             status.update(f"Training round {row['round'] + 1}/{row['rounds']}...")
-            epsilon = (
-                "" if row["max_epsilon"] is None else f"  max epsilon {row['max_epsilon']:.3f}"
+            measures = (
+                f"AUROC {_number(row['auroc'])}  AUPRC {_number(row.get('auprc'))}  "
+                f"accuracy {row['accuracy']:.4f}"
             )
-            console.print(
-                f"round {row['round']}/{row['rounds']}  AUROC {_number(row['auroc'])}  "
-                f"AUPRC {_number(row.get('auprc'))}  accuracy {row['accuracy']:.4f}{epsilon}  "
-                f"({time.monotonic() - started:.0f} s)"
-            )
+            console.print(progress_line(row, measures, time.monotonic() - started))
 
         try:
             summary = run_on_engine(
@@ -485,6 +456,42 @@ def _simulate(
     _print_summary(summary, run_dir, report)
     if summary.get("stopped_early"):
         console.print(f"Stopped early: {summary['stopped_early']}")
+
+
+def _announce(config: RunConfig, clients: Federation, run_dir: Path) -> None:
+    """What is about to run: the federation, the privacy settings, where results go."""
+    from simulations.scenarios import MIN_DP_ROWS
+
+    if clients.natural_sites is not None:
+        console.print(
+            f"{config.dataset}: {clients.natural_sites} natural sites; "
+            f"{len(clients.too_small)} have fewer than {MIN_DP_ROWS} training rows, too few "
+            f"to train under DP, and sit out; {config.clients} train"
+        )
+    console.print(
+        f"Simulating {config.clients} {config.scenario} clients ({config.dataset}) for "
+        f"{config.rounds} rounds "
+        + (
+            f"under DP-SGD (epsilon {config.epsilon}, delta {config.delta:g})"
+            if config.sample_dp
+            else "without DP-SGD"
+        )
+        + (
+            f", client-level DP on the server (noise {config.central_noise:g}, "
+            + ("adaptive" if config.central_adaptive else "fixed")
+            + f" clipping from {config.central_clipping_norm:g})"
+            if config.client_dp
+            else ""
+        )
+        + (f", {config.fraction:g} of clients per round" if config.fraction < 1 else "")
+        + (f", aggregator {config.aggregator}" if config.aggregator != "fedavg" else "")
+        + (
+            f", {config.attackers:g} of clients attacking ({config.attack})"
+            if config.attack != "none" and config.attackers > 0
+            else ""
+        )
+        + f"; run directory {run_dir}"
+    )
 
 
 def _number(value: float | None) -> str:

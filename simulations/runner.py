@@ -46,6 +46,12 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 ENGINES = ("local", "ray")
 
 
+def progress_line(row: dict[str, Any], measures: str, elapsed_s: float) -> str:
+    """One completed round as the CLIs print it: round, `measures`, max epsilon, time."""
+    epsilon = "" if row["max_epsilon"] is None else f"  max epsilon {row['max_epsilon']:.3f}"
+    return f"round {row['round']}/{row['rounds']}  {measures}{epsilon}  ({elapsed_s:.0f} s)"
+
+
 EngineRun = Callable[[RunConfig, ProgressCallback, Callable[[str], None] | None], dict[str, Any]]
 
 
