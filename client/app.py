@@ -93,9 +93,10 @@ def train_local_model(
         result, budget = _train_private(
             model, loader, data, config, context, server_round, proximal_mu, device
         )
-        epsilon = epsilon_of(result.history, config.delta)
+        # at the owner's delta: a deployed node never accounts at the coordinator's
+        epsilon = epsilon_of(result.history, budget.delta)
         metrics |= history_fields(result.history)
-        metrics |= {"epsilon": epsilon, "delta": config.delta}
+        metrics |= {"epsilon": epsilon, "delta": budget.delta}
         metrics |= _budget_metrics(result, budget)
     else:
         result = train_plain(model, loader, config.local_epochs, config.lr, device, proximal_mu)

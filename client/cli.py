@@ -1,39 +1,202 @@
-"""`fedmodel client ...`: the data owner's commands (identity, and joining a federation)."""
+"""`fedmodel client ...`: the data owner's commands (identity, policy, approvals, joining)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
+if TYPE_CHECKING:
+    from client.policy import OwnerPolicy
+
 console = Console(highlight=False, soft_wrap=True)  # long paths stay greppable
 
 client_app = typer.Typer(
-    help="Join a federation as a data owner: node identity and SuperNode.",
+    help="Join a federation as a data owner: node identity, policy, approvals and SuperNode.",
     no_args_is_help=True,
 )
 
 NodeDir = Annotated[Path, typer.Option("--dir", help="Node directory (holds the node key).")]
+TaskName = Annotated[str, typer.Argument(help="Installed task, e.g. fedmodel-tabular.")]
+# The owner's policy options; init and start both take them (None: keep what is set)
+BudgetEpsilon = Annotated[
+    float | None, typer.Option(help="Your privacy budget (epsilon) for this dataset.")
+]
+BudgetDelta = Annotated[
+    float | None, typer.Option(help="Your delta; runs asking for more are refused. [1e-5]")
+]
+AllowNoDp = Annotated[
+    bool | None,
+    typer.Option("--allow-no-dp/--require-dp", help="Serve runs without DP-SGD. [require]"),
+]
+MaxEpochs = Annotated[int | None, typer.Option(help="Most local epochs per round. [5]")]
+MaxRounds = Annotated[int | None, typer.Option(help="Most rounds per run. [100]")]
+ReleaseStatistics = Annotated[
+    bool | None,
+    typer.Option(help="Release per-column sums for the query round (not DP). [release]"),
+]
+ReleaseEvaluation = Annotated[
+    bool | None, typer.Option(help="Release metrics of global models on held-out rows. [release]")
+]
+ReleaseTrainLoss = Annotated[
+    bool | None, typer.Option(help="Release each round's training loss. [withhold]")
+]
+
+
+def _updated_policy(
+    directory: Path,
+    budget_epsilon: float | None,
+    budget_delta: float | None,
+    allow_no_dp: bool | None,
+    max_local_epochs: int | None,
+    max_rounds: int | None,
+    release_statistics: bool | None,
+    release_evaluation: bool | None,
+    release_train_loss: bool | None,
+) -> OwnerPolicy | None:
+    """The node's policy with the given options applied and saved; None if there is none."""
+    from client.policy import OwnerPolicy, PolicyError, load_policy, policy_path, save_policy
+
+    changes = {
+        "budget_delta": budget_delta,
+        "require_dp": None if allow_no_dp is None else not allow_no_dp,
+        "max_local_epochs": max_local_epochs,
+        "max_rounds": max_rounds,
+        "release_statistics": release_statistics,
+        "release_evaluation": release_evaluation,
+        "release_train_loss": release_train_loss,
+        "budget_epsilon": budget_epsilon,
+    }
+    changes = {key: value for key, value in changes.items() if value is not None}
+    if policy_path(directory).exists():
+        policy = load_policy(directory).replace(**changes)
+    elif budget_epsilon is not None:
+        policy = OwnerPolicy(**changes)
+    elif changes:
+        raise PolicyError("a new policy needs your budget: add --budget-epsilon E")
+    else:
+        return None
+    save_policy(directory, policy)
+    return policy
+
+
+def _show_policy(policy: OwnerPolicy) -> None:
+    console.print(
+        f"Policy: budget epsilon {policy.budget_epsilon:g} at delta {policy.budget_delta:g}; "
+        f"DP-SGD {'required' if policy.require_dp else 'optional'}; at most "
+        f"{policy.max_local_epochs} local epochs and {policy.max_rounds} rounds per run"
+    )
+    released = [
+        f"counts rounded to {policy.count_rounding}",
+        "training loss" if policy.release_train_loss else "no training loss",
+        "evaluation metrics" if policy.release_evaluation else "no evaluation metrics",
+        "feature statistics (not DP)" if policy.release_statistics else "no feature statistics",
+    ]
+    console.print("Releases: " + ", ".join(released))
 
 
 @client_app.command("init")
 def init(
     directory: NodeDir,
     force: Annotated[bool, typer.Option(help="Replace an existing key (re-enroll after).")] = False,
+    budget_epsilon: BudgetEpsilon = None,
+    budget_delta: BudgetDelta = None,
+    allow_no_dp: AllowNoDp = None,
+    max_local_epochs: MaxEpochs = None,
+    max_rounds: MaxRounds = None,
+    release_statistics: ReleaseStatistics = None,
+    release_evaluation: ReleaseEvaluation = None,
+    release_train_loss: ReleaseTrainLoss = None,
 ) -> None:
-    """Create this node's key pair and print its fingerprint."""
+    """Create this node's key pair, approve FedModel's installed task, set the policy."""
     from client.identity import init_node
+    from client.tasks import BUILTIN_TASK, approve
 
+    if budget_epsilon is None and not (directory / "policy.json").exists():
+        options = (budget_delta, allow_no_dp, max_local_epochs, max_rounds,
+                   release_statistics, release_evaluation, release_train_loss)  # fmt: skip
+        if any(option is not None for option in options):
+            from client.policy import PolicyError
+
+            raise PolicyError("a new policy needs your budget: add --budget-epsilon E")
     identity = init_node(directory, force)
     console.print(f"Node key created: {identity.private_key} (private, mode 0600, keep it here)")
     console.print(f"Public key:       {identity.public_key}")
     console.print(f"Fingerprint:      {identity.fingerprint}")
+    approved = approve(directory, BUILTIN_TASK)
+    console.print(
+        f"Approved task {approved.name} {approved.version} (source SHA-256 "
+        f"{approved.sha256[:16]}...): the only code this node runs"
+    )
+    policy = _updated_policy(
+        directory, budget_epsilon, budget_delta, allow_no_dp, max_local_epochs,
+        max_rounds, release_statistics, release_evaluation, release_train_loss,
+    )  # fmt: skip
+    if policy is not None:
+        _show_policy(policy)
     console.print(
         "Send the public key to the federation operator and confirm the fingerprint with "
         "them by phone or in person; they send back a join bundle."
     )
+
+
+@client_app.command("status")
+def status(directory: NodeDir) -> None:
+    """Show this node's policy, approved tasks, and whether it is running."""
+    from client.identity import node_identity
+    from client.policy import load_policy
+    from client.supernode import running_supernode
+
+    identity = node_identity(directory)
+    console.print(f"Node {directory}: key fingerprint {identity.fingerprint}")
+    pid = running_supernode(directory)
+    console.print("SuperNode: " + (f"running (pid {pid})" if pid else "not running"))
+    _show_policy(load_policy(directory))
+    _show_approvals(directory)
+
+
+def _show_approvals(directory: Path) -> None:
+    from client.tasks import approval_refusal, load_approvals
+
+    approvals = load_approvals(directory)
+    if not approvals:
+        console.print(
+            "No approved tasks: this node runs nothing "
+            f"(fedmodel client approve --dir {directory} TASK)"
+        )
+    for approved in approvals:
+        problem = approval_refusal(approvals, approved.name, approved.version)
+        state = "ok" if problem is None else f"REFUSED: {problem}"
+        console.print(
+            f"Approved: {approved.name} {approved.version}  sha256 {approved.sha256}  "
+            f"since {approved.approved_at}  ({state})"
+        )
+
+
+@client_app.command("approve")
+def approve_task(directory: NodeDir, name: TaskName) -> None:
+    """Approve an installed task as its source is now (after reviewing it)."""
+    from client.tasks import approve
+
+    approved = approve(directory, name)
+    console.print(f"Approved {approved.name} {approved.version}: source SHA-256 {approved.sha256}")
+
+
+@client_app.command("approvals")
+def approvals(directory: NodeDir) -> None:
+    """List the approved tasks, and whether their installed source still matches."""
+    _show_approvals(directory)
+
+
+@client_app.command("revoke-approval")
+def revoke_approval(directory: NodeDir, name: TaskName) -> None:
+    """Withdraw the approval of a task: runs asking for it are refused from now on."""
+    from client.tasks import revoke_approval as withdraw
+
+    for withdrawn in withdraw(directory, name):
+        console.print(f"Withdrawn: {withdrawn.name} {withdrawn.version}")
 
 
 @client_app.command("start")
@@ -42,9 +205,14 @@ def start(
     join: Annotated[Path, typer.Option(help="Join bundle from the operator.")],
     data: Annotated[Path, typer.Option(help="Local CSV or Parquet file (never leaves here).")],
     label: Annotated[str, typer.Option(help="Name of the binary label column.")],
-    budget_epsilon: Annotated[
-        float | None, typer.Option(help="Your privacy budget (epsilon) for this dataset.")
-    ] = None,
+    budget_epsilon: BudgetEpsilon = None,
+    budget_delta: BudgetDelta = None,
+    allow_no_dp: AllowNoDp = None,
+    max_local_epochs: MaxEpochs = None,
+    max_rounds: MaxRounds = None,
+    release_statistics: ReleaseStatistics = None,
+    release_evaluation: ReleaseEvaluation = None,
+    release_train_loss: ReleaseTrainLoss = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda:N.")] = "auto",
     port: Annotated[
         int, typer.Option(help="Local runtime API port on 127.0.0.1 (0: any free port).")
@@ -56,18 +224,19 @@ def start(
         bool, typer.Option(help="Connect WITHOUT TLS (only to test a refusal).", hidden=True)
     ] = False,
 ) -> None:
-    """Check the data and bundle, then run a SuperNode that trains on the local file."""
+    """Check the data, bundle and policy, then serve the federation from the local file."""
     from client.identity import load_join_bundle, node_identity
+    from client.policy import PolicyError
     from client.supernode import (
         SUPERNODE_EXITING,
         NodeLaunch,
         SuperNodeError,
         check_device,
         explain_exit,
-        start_supernode,
+        start_node,
     )
     from fedmodel.data import load_table
-    from fedmodel.processes import follow_log, stop_group
+    from fedmodel.processes import follow_log, free_port, stop_group
 
     if insecure:
         console.print("[bold red]WARNING: --insecure: plaintext, no node key sent.[/bold red]")
@@ -75,12 +244,20 @@ def start(
     bundle = load_join_bundle(join, identity)
     table = load_table(data, label)  # fails here, before any connection, on a bad file
     check_device(device)
-    if budget_epsilon is not None and not budget_epsilon > 0:
-        raise SuperNodeError(f"--budget-epsilon must be positive (got {budget_epsilon})")
+    policy = _updated_policy(
+        directory, budget_epsilon, budget_delta, allow_no_dp, max_local_epochs,
+        max_rounds, release_statistics, release_evaluation, release_train_loss,
+    )  # fmt: skip
+    if policy is None:
+        raise PolicyError(
+            "this node has no privacy budget yet: add --budget-epsilon E (your epsilon for "
+            "this dataset, over every run)"
+        )
     console.print(
         f"{data}: {len(table)} rows, {table.num_features} features, "
         f"{int(table.labels.sum())} positive '{label}'"
     )
+    _show_policy(policy)
     console.print(
         f"Joining {bundle.fleet_address} as '{bundle.node_name}' "
         f"(CA {bundle.ca_fingerprint[:23]}...); device {device}"
@@ -92,19 +269,25 @@ def start(
         data_path=data.absolute(),
         label=label,
         device=device,
-        budget_epsilon=budget_epsilon,
-        port=port,
+        port=port or free_port(),
         insecure=insecure,
         max_wait_time=max_wait_time,
     )
     offset = launch.log_path.stat().st_size if launch.log_path.exists() else 0
-    process = start_supernode(launch)
+    supernode, executor = start_node(launch)
     try:
-        code = follow_log(launch.log_path, process, console.out, offset, SUPERNODE_EXITING)
+        code = follow_log(launch.log_path, supernode, console.out, offset, SUPERNODE_EXITING)
     except KeyboardInterrupt:
-        stop_group(process.pid)
+        stop_group(supernode.pid)
+        stop_group(executor.pid)
         console.print("SuperNode stopped.")
         return
+    if executor.poll() not in (None, 0):
+        raise SuperNodeError(
+            f"the node executor failed (exit {executor.returncode}); its log is "
+            f"{launch.executor_log_path}"
+        )
+    stop_group(executor.pid)
     # Flower exits 0 when the SuperLink unregisters the node: that is not a success here.
     with launch.log_path.open(errors="replace") as log:
         log.seek(offset)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedmodel.errors import FedModelError
-from fedmodel.pki import JoinBundle, NodeIdentity, write_public_file
-from fedmodel.processes import executable, free_port, tool_environment
+from fedmodel.pki import JoinBundle, NodeIdentity, write_private_file, write_public_file
+from fedmodel.processes import executable, tool_environment
 
+SECRET_FILE = "superexec.secret"  # the Runtime API secret shared with the executor
 # Flower's SuperNode exit lines, in words a data owner can act on
 _REFUSALS = {  # Flower's node-side error lines read "[code: 2004] Failed to activate ..."
     "[code: 2004]": "the federation refused this node: its key is not enrolled, or was revoked",
@@ -50,14 +53,17 @@ class NodeLaunch:
     data_path: Path
     label: str
     device: str
-    budget_epsilon: float | None
-    port: int = 0  # local runtime API; 0 picks a free port
+    port: int  # local runtime API, on 127.0.0.1
     insecure: bool = False  # only to demonstrate that a TLS federation refuses it
     max_wait_time: float | None = None
 
     @property
     def log_path(self) -> Path:
         return self.directory / "supernode.log"
+
+    @property
+    def executor_log_path(self) -> Path:
+        return self.directory / "executor.log"
 
 
 def node_config(launch: NodeLaunch) -> dict[str, str | float]:
@@ -68,9 +74,7 @@ def node_config(launch: NodeLaunch) -> dict[str, str | float]:
         "node-name": launch.bundle.node_name,
         "ledger-path": str((launch.directory / "privacy-ledger.sqlite").absolute()),
         "device": launch.device,
-    }
-    if launch.budget_epsilon is not None:
-        config["budget-epsilon"] = float(launch.budget_epsilon)
+    }  # the owner's budget and limits live in the policy file, read by the executor
     return config
 
 
@@ -80,7 +84,7 @@ def supernode_command(launch: NodeLaunch) -> list[str]:
     write_public_file(ca_path, launch.bundle.ca_certificate.encode())
     lines = [f"{key} = {json.dumps(value)}" for key, value in node_config(launch).items()]
     write_public_file(config_path, ("\n".join(lines) + "\n").encode())
-    command = [executable("flower-supernode")]
+    command = [executable("flower-supernode"), "--isolation", "process"]
     command += ["--insecure"] if launch.insecure else ["--root-certificates", str(ca_path)]
     if not launch.insecure:  # Flower refuses a node key on a plaintext channel
         command += ["--auth-supernode-private-key", str(launch.identity.private_key)]
@@ -88,7 +92,9 @@ def supernode_command(launch: NodeLaunch) -> list[str]:
         "--superlink", launch.bundle.fleet_address,
         "--node-config", str(config_path),
         "--host", "127.0.0.1",
-        "--port", str(launch.port or free_port()),
+        "--port", str(launch.port),
+        # only FedModel's executor (client/executor.py) may acquire this node's tasks
+        "--superexec-auth-secret-file", str(launch.directory / SECRET_FILE),
     ]  # fmt: skip
     if launch.max_wait_time is not None:
         command += ["--max-wait-time", str(launch.max_wait_time)]
@@ -117,11 +123,12 @@ def running_supernode(directory: Path) -> int | None:
     return None
 
 
-def start_supernode(launch: NodeLaunch) -> subprocess.Popen[bytes]:
-    """Start the SuperNode in its own session, logging to NODE/supernode.log.
+def start_node(launch: NodeLaunch) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """Start the SuperNode and FedModel's executor, each in its own session.
 
-    One SuperNode per node directory: a second one would share its key (Flower refuses
-    a key that is already online) and its files.
+    They log to NODE/supernode.log and NODE/executor.log. One SuperNode per node
+    directory: a second one would share its key (Flower refuses a key that is already
+    online) and its files. A fresh Runtime API secret (0600) is made for each start.
     """
     running = running_supernode(launch.directory)
     if running is not None:
@@ -129,9 +136,23 @@ def start_supernode(launch: NodeLaunch) -> subprocess.Popen[bytes]:
             f"a SuperNode for {launch.directory} is already running (pid {running}); "
             "one node directory, one SuperNode"
         )
-    command = supernode_command(launch)
-    with launch.log_path.open("ab") as log_file:
-        process = subprocess.Popen(
+    secret = secrets.token_hex(32).encode()
+    write_private_file(launch.directory / SECRET_FILE, secret, force=True)
+    supernode = _start_logged(supernode_command(launch), launch, launch.log_path)
+    write_public_file(launch.directory / "supernode.pid", f"{supernode.pid}\n".encode())
+    executor = [
+        sys.executable, "-m", "client.executor", "--dir", str(launch.directory),
+        "--runtime-api-address", f"127.0.0.1:{launch.port}",
+        "--supernode-pid", str(supernode.pid),
+    ]  # fmt: skip
+    process = _start_logged(executor, launch, launch.executor_log_path)
+    write_public_file(launch.directory / "executor.pid", f"{process.pid}\n".encode())
+    return supernode, process
+
+
+def _start_logged(command: list[str], launch: NodeLaunch, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as log_file:
+        return subprocess.Popen(
             command,
             cwd=launch.directory,
             env=supernode_environment(launch.device),
@@ -140,8 +161,6 @@ def start_supernode(launch: NodeLaunch) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    write_public_file(launch.directory / "supernode.pid", f"{process.pid}\n".encode())
-    return process
 
 
 def explain_exit(log_text: str) -> str:

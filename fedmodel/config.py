@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from fedmodel import __version__
 from fedmodel.errors import ConfigError
 
 AGGREGATORS = (
@@ -99,6 +100,10 @@ class RunConfig:
     # GPU path (issue 7)
     device: str = "auto"  # where clients train: auto (CUDA when present), cpu, cuda or cuda:N
     gpus_per_client: float = 0.0  # Ray engine: share of a GPU reserved for each client
+    # node executor (issue 11): the installed task a node is asked to run; nodes run it
+    # only when their owner approved this name, version and source (client/tasks.py)
+    app_task: str = "fedmodel-tabular"
+    app_task_version: str = __version__
 
     def __post_init__(self) -> None:
         self.validate()

@@ -254,6 +254,8 @@ def run_command(
     ] = None,
 ) -> None:
     """Train on the federation's enrolled nodes (the SuperLink must be running)."""
+    from fedmodel.protocol import REFUSAL_MARKER
+    from server.enrollment import load_registry
     from server.launch import launch_run
     from server.resume import resume_config
     from server.superlink import Federation
@@ -308,9 +310,17 @@ def run_command(
         )
         console.print(progress_line(row, measures, time.monotonic() - started))
 
-    summary = launch_run(
-        federation, config, run_dir, show_progress, console.out if verbose else None
-    )
+    names = {str(entry["node_id"]): name for name, entry in load_registry(federation).items()}
+
+    def show_log_line(line: str) -> None:
+        """Every line with --verbose; otherwise the nodes' refusals, by node name."""
+        if verbose:
+            console.out(line)
+        elif REFUSAL_MARKER in line:
+            node, _, reason = line.split(REFUSAL_MARKER, 1)[1].strip().partition(":")
+            console.print(f"{REFUSAL_MARKER} {names.get(node, node)}:{reason}", markup=False)
+
+    summary = launch_run(federation, config, run_dir, show_progress, show_log_line)
     table = Table(title="Privacy spent per node", title_justify="left")
     for column in ("node", "rows", "epsilon", "delta"):
         table.add_column(column)

@@ -24,8 +24,10 @@ from flwr.serverapp import Grid
 from fedmodel.config import RunConfig
 from fedmodel.data import FeatureStatistics
 from fedmodel.models import build_model
+from fedmodel.protocol import REFUSAL_MARKER
 from server.aggregators import build_aggregator
 from server.central_dp import with_central_dp
+from server.polling_grid import PollingGrid
 from server.resume import open_run_record, run_rounds
 from server.run_record import write_json_atomic
 from server.strategy import FederationStopped, GuardedStrategy, aggregate_train_metrics
@@ -40,6 +42,7 @@ NODES_FILE = "nodes.json"  # node name -> client number, stable across --resume
 def run_deployment(grid: Grid, config: RunConfig) -> None:
     """Query round, then FedAvg with federated evaluation; files land in output-dir."""
     run_dir = Path(config.output_dir).absolute()
+    grid = PollingGrid(grid)  # replies are picked up in 0.1 s, not Flower's 3 s
     statistics, names = query_feature_statistics(grid, config)
     torch.manual_seed(config.seed)
     model = build_model(config.model, len(statistics.feature_names()))
@@ -133,7 +136,7 @@ def query_feature_statistics(
     names: dict[int, str] = {}
     for reply in grid.send_and_receive(messages, timeout=config.round_timeout):
         if reply.has_error():
-            log(WARN, "Node %s did not describe its data: %s", reply.metadata.src_node_id,
+            log(WARN, "%s %d: %s", REFUSAL_MARKER, reply.metadata.src_node_id,
                 reply.error.reason)  # fmt: skip
             continue
         answer = reply.content.config_records["statistics"]

@@ -16,10 +16,7 @@ is printed, so we can name the node), `ApiError:2001` (no key at all), and gRPC'
 from __future__ import annotations
 
 import base64
-import datetime
-import hashlib
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -28,6 +25,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedmodel.audit_log import AuditLogError, append_event, utc_now, verify_chain
 from fedmodel.pki import (
     JoinBundle,
     load_node_public_key,
@@ -69,7 +67,7 @@ def enroll_node(
         "node_id": node_id,
         "fingerprint": fingerprint,
         "status": "enrolled",
-        "enrolled_at": _now(),
+        "enrolled_at": utc_now(),
     }
     registry[name] = entry
     save_registry(federation, registry)
@@ -96,7 +94,7 @@ def revoke_node(federation: Federation, name: str) -> dict[str, Any]:
     if entry["status"] == "revoked":
         raise ServerError(f"node '{name}' was already revoked at {entry['revoked_at']}")
     flwr_cli(federation, "supernode", "unregister", entry["node_id"])
-    entry |= {"status": "revoked", "revoked_at": _now()}
+    entry |= {"status": "revoked", "revoked_at": utc_now()}
     save_registry(federation, registry)
     append_audit(
         federation, "revoked", node=name, node_id=entry["node_id"], fingerprint=entry["fingerprint"]
@@ -158,34 +156,16 @@ def save_registry(federation: Federation, registry: dict[str, dict[str, Any]]) -
 
 
 def append_audit(federation: Federation, event: str, **details: Any) -> dict[str, Any]:
-    """Append one event; `previous` is the SHA-256 of the preceding line (chain)."""
-    path = federation.path("audit.jsonl")
-    previous = _sha256(read_audit_lines(path)[-1]) if path.exists() and path.stat().st_size else ""
-    record = {"time": _now(), "event": event, **details, "previous": previous}
-    line = json.dumps(record, sort_keys=True) + "\n"
-    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    with os.fdopen(descriptor, "a") as handle:
-        handle.write(line)
-    return record
-
-
-def read_audit_lines(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line.strip()]
+    """Append one event to the federation's hash-chained audit log."""
+    return append_event(federation.path("audit.jsonl"), event, **details)
 
 
 def verify_audit(federation: Federation) -> list[dict[str, Any]]:
     """The audit events, after checking the hash chain; a break raises ServerError."""
-    path = federation.path("audit.jsonl")
-    if not path.exists():
-        return []
-    events, previous = [], ""
-    for number, line in enumerate(read_audit_lines(path), start=1):
-        record = json.loads(line)
-        if record.get("previous") != previous:
-            raise ServerError(f"audit log {path} was altered at line {number}")
-        events.append(record)
-        previous = _sha256(line)
-    return events
+    try:
+        return verify_chain(federation.path("audit.jsonl"))
+    except AuditLogError as broken:
+        raise ServerError(str(broken)) from None
 
 
 def record_refusals(federation: Federation) -> int:
@@ -273,11 +253,3 @@ def _json_object(text: str) -> dict[str, Any]:
 def _last(text: str) -> str:
     lines = [_ANSI.sub("", line).strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

@@ -115,12 +115,15 @@ class RunRecorder:
                 entry["epsilon_by_round"].append([server_round, epsilon])
             else:
                 entry |= {"epsilon": None, "delta": None, "accountant": None, "history": []}
-            loss = float(metrics["train-loss"])
-            losses.append(loss * entry["num_examples"])
-            weights.append(entry["num_examples"])
+            loss = None  # deployed owners withhold their training loss by default
+            if "train-loss" in metrics:
+                loss = float(metrics["train-loss"])
+                losses.append(loss * entry["num_examples"])
+                weights.append(entry["num_examples"])
             rows.append([server_round, client, entry["num_examples"], loss, epsilon])
             self._round_clients.setdefault(server_round, []).append(client)
-        self._round_train_loss[server_round] = sum(losses) / max(sum(weights), 1)
+        if weights:
+            self._round_train_loss[server_round] = sum(losses) / max(sum(weights), 1)
         _append_csv(self.run_dir / "clients.csv", rows)
 
     def record_dropout(
@@ -182,7 +185,7 @@ class RunRecorder:
             "auroc": float(metrics["auroc"]),
             "accuracy": float(metrics["accuracy"]),
             "loss": float(metrics["loss"]),
-            "train_loss": self._round_train_loss.get(server_round, math.nan),
+            "train_loss": self._round_train_loss.get(server_round),  # None: withheld
             "max_epsilon": max(epsilons) if epsilons else None,
             "clients": len(self._round_clients.get(server_round, [])),
             "rejected": sum(1 for r in self.rejections if r["round"] == server_round),

@@ -6,9 +6,11 @@ adds what every FedModel run needs around aggregation:
   is dropped with a logged, recorded reason instead of crashing the round or the run;
 - every client's metrics (examples, loss, epsilon, mechanism history) are recorded;
 - a client that refuses a round because its owner's privacy budget is spent (error code
-  `BUDGET_EXHAUSTED_CODE`) is a normal dropout: logged, recorded, not asked again in this
-  run, and the run stops cleanly (`FederationStopped`) once fewer than `min_clients`
-  clients train in a round.
+  `BUDGET_EXHAUSTED_CODE`) or its owner's policy forbids the request
+  (`POLICY_REFUSED_CODE`) is a normal dropout: logged with its reason (which
+  `fedmodel run` shows the operator), recorded, not asked again in this run, and the
+  run stops cleanly (`FederationStopped`) once fewer than `min_clients` clients train
+  in a round.
 Aggregated epsilon is the maximum over clients, never a mean: a mean would hide the
 client whose data is least protected.
 """
@@ -24,8 +26,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedmodel.privacy.budget import BUDGET_EXHAUSTED_CODE
+from fedmodel.protocol import POLICY_REFUSED_CODE, REFUSAL_MARKER
 from fedmodel.records import reply_rejection
 from server.run_record import RunRecorder
+
+# A node's owner said no: its budget is spent, or its policy forbids what the run asks
+REFUSAL_CODES = (BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE)
 
 
 class FederationStopped(Exception):
@@ -35,19 +41,32 @@ class FederationStopped(Exception):
 def aggregate_train_metrics(replies: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Example-weighted mean training loss; maximum epsilon over the replying clients."""
     metrics = [reply.metric_records["metrics"] for reply in replies]
-    weights = [_scalar(m[weighted_by_key]) for m in metrics]
-    losses = [_scalar(m["train-loss"]) for m in metrics]
-    aggregated = MetricRecord(
-        {
-            "train-loss": sum(w * x for w, x in zip(weights, losses, strict=True))
-            / (sum(weights) or 1.0),
-            "clients": len(metrics),
-        }
-    )
+    aggregated = MetricRecord({"clients": len(metrics)})
+    if all("train-loss" in m for m in metrics):  # deployed owners may withhold it
+        weights = [_scalar(m[weighted_by_key]) for m in metrics]
+        losses = [_scalar(m["train-loss"]) for m in metrics]
+        aggregated["train-loss"] = sum(w * x for w, x in zip(weights, losses, strict=True)) / (
+            sum(weights) or 1.0
+        )
     epsilons = [_scalar(m["epsilon"]) for m in metrics if "epsilon" in m]
     if epsilons:
         aggregated["max-epsilon"] = max(epsilons)
     return aggregated
+
+
+def with_common_metrics(replies: list[Message]) -> list[Message]:
+    """Replies whose metrics keep only the keys every reply has.
+
+    Flower's rules abort the round when replies' metric keys differ, and owners choose
+    what they release (one withholds its training loss, another does not).
+    """
+    if not replies:
+        return replies
+    common = set.intersection(*(set(r.content["metrics"].keys()) for r in replies))
+    for reply in replies:
+        metrics = reply.content["metrics"]
+        reply.content["metrics"] = MetricRecord({k: metrics[k] for k in metrics if k in common})
+    return replies
 
 
 def _scalar(value: object) -> float:
@@ -103,7 +122,7 @@ class GuardedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         failed = [reply for reply in replies if reply.has_error()]
-        dropouts = sum(reply.error.code == BUDGET_EXHAUSTED_CODE for reply in failed)
+        dropouts = sum(reply.error.code in REFUSAL_CODES for reply in failed)
         self.recorder.record_failures(
             server_round,
             errors=len(failed) - dropouts,
@@ -111,10 +130,10 @@ class GuardedStrategy(Strategy):
             dropouts=dropouts,
         )
         for reply in failed:
-            if reply.error.code == BUDGET_EXHAUSTED_CODE:
+            if reply.error.code in REFUSAL_CODES:
                 node = reply.metadata.src_node_id
                 self.exhausted.add(node)
-                log(WARNING, "node %d leaves the run: %s", node, reply.error.reason)
+                log(WARNING, "%s %d: %s", REFUSAL_MARKER, node, reply.error.reason)
                 self.recorder.record_dropout(
                     server_round, node, self.client_of_node.get(node), str(reply.error.reason)
                 )
@@ -138,7 +157,7 @@ class GuardedStrategy(Strategy):
                 f"at least {self.min_clients} needed"
             )
         # Only valid replies reach the rule: a central-DP wrapper skips a round with errors.
-        return self.inner.aggregate_train(server_round, trained)
+        return self.inner.aggregate_train(server_round, with_common_metrics(trained))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

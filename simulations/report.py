@@ -138,7 +138,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
         lines.append(
             f"| {row['round']} | {_format(row['auroc'])} | {_format(row.get('auprc'))} "
             f"| {_format(row.get('recall_at_1pct_fpr'))} | {row['accuracy']:.4f} "
-            f"| {row['loss']:.4f} | {row['train_loss']:.4f} | {epsilon} | {row['clients']} |"
+            f"| {row['loss']:.4f} | {_format(row['train_loss'])} | {epsilon} | {row['clients']} |"
         )
     lines += [
         "",

@@ -1,0 +1,238 @@
+"""FedModel's node executor: serves the SuperNode's tasks with installed, approved code.
+
+Flower's default executor starts `flwr-clientapp` for every message, and that process
+installs the run's app bundle (FAB) and imports whatever ClientApp it names: any
+coordinator could run its own code next to the owner's data. Here the SuperNode runs
+with `--isolation process` and this long-lived process is its only executor. For each
+task it pulls the message and context from the SuperNode's Runtime API (127.0.0.1,
+AcquireTask guarded by a shared 0600 secret), reviews the request against the owner's
+policy (client/policy.py), and either runs the *installed* ClientApp in-process - torch,
+Opacus and the model stay imported across messages - or answers with a refusal. The FAB
+is pulled (Flower sends it with the task) but never unpacked, installed or imported.
+
+Every task is answered: a task left without a reply holds the SuperNode forever. Each
+answer is one line in this process's log and one entry in the node's hash-chained
+audit log (node-audit.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from flwr.app import Context, Error, Message, MetricRecord
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SubStatus
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    SendTaskHeartbeatRequest,
+)
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from client.policy import OwnerPolicy, load_policy, review
+from client.supernode import SECRET_FILE
+from client.tasks import installed_task
+from fedmodel.audit_log import append_event
+from fedmodel.config import RunConfig
+from fedmodel.protocol import POLICY_REFUSED_CODE
+
+AUDIT_FILE = "node-audit.jsonl"
+POLL_INTERVAL_S = 0.1  # between AcquireTask calls on the local Runtime API
+# Flower's own code for "the ClientApp raised"; the reason sent is generic on purpose
+CLIENT_APP_FAILED_CODE = 1
+# The methods Flower's Runtime API guards with the SuperExec secret
+_AUTHENTICATED_METHODS = frozenset(
+    {
+        "/flwr.proto.Runtime/AcquireTask",
+        "/flwr.proto.Runtime/PullPendingTasks",
+        "/flwr.proto.Runtime/ClaimTask",
+    }
+)
+# Metric keys that count the owner's rows: they leave the node rounded
+_COUNT_KEYS = ("num-examples", "auroc-weight")
+
+
+class NodeExecutor:
+    """Acquires the SuperNode's tasks one at a time and answers each of them."""
+
+    def __init__(self, directory: Path, runtime_address: str, secret: bytes) -> None:
+        self.directory = directory
+        self.runtime_address = runtime_address
+        self._apps: dict[str, ClientApp] = {}
+        self._tasks = RuntimeHttpClient.from_server_address(
+            server_address=runtime_address,
+            insecure=True,  # 127.0.0.1 only; AcquireTask is guarded by the secret
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                SuperExecAuthHttpInterceptor(
+                    master_secret=secret, protected_methods=_AUTHENTICATED_METHODS
+                ),
+            ],
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+
+    def serve(self, keep_going: Callable[[], bool]) -> None:
+        """Poll for tasks while `keep_going()` (the SuperNode is alive)."""
+        request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+        while keep_going():
+            try:
+                acquired = self._tasks.AcquireTask(request)
+                if acquired.HasField("task") and acquired.token:
+                    self.answer(acquired.token)
+                    continue
+            except httpx.HTTPError as error:  # the SuperNode is starting or stopping
+                print(f"runtime API unavailable: {error}", flush=True)
+            time.sleep(POLL_INTERVAL_S)
+
+    def answer(self, token: str) -> None:
+        """Pull one task, review it, run or refuse it, push the reply and the context."""
+        runtime = RuntimeHttpClient.from_server_address(
+            server_address=self.runtime_address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+        heartbeat = HeartbeatSender(_task_heartbeat(runtime))
+        heartbeat.start()
+        context: Context | None = None
+        status, details = SubStatus.FAILED, "the node could not read the task"
+        try:
+            message, context, run, _bundle = pull_task_input(runtime)  # the FAB stays unused
+            started = time.monotonic()
+            reply, refusal = self._decide(message, context)
+            push_message(runtime, reply, context)
+            status, details = SubStatus.COMPLETED, ""
+            self._record(context, message, refusal, time.monotonic() - started)
+        finally:
+            push_task_output(runtime, context, status, details)
+            heartbeat.stop()
+            runtime.close()
+
+    def _decide(self, message: Message, context: Context) -> tuple[Message, str | None]:
+        """The reply to `message`, and the refusal reason when it is a refusal."""
+        policy = load_policy(self.directory)  # the owner may have changed it meanwhile
+        refusal = review(self.directory, policy, context.run_config, message.metadata.message_type)
+        if refusal is not None:
+            return Message(Error(POLICY_REFUSED_CODE, refusal), reply_to=message), refusal
+        context.node_config["budget-epsilon"] = policy.budget_epsilon
+        context.node_config["budget-delta"] = policy.budget_delta
+        try:
+            reply = self._app(RunConfig.from_run_config(context.run_config))(message, context)
+        except Exception as error:  # the coordinator learns that it failed, not why
+            print(f"the ClientApp raised {type(error).__name__}: {error}", flush=True)
+            failed = Error(CLIENT_APP_FAILED_CODE, "the node failed to run the task")
+            return Message(failed, reply_to=message), None
+        return released(policy, reply), None
+
+    def _app(self, config: RunConfig) -> ClientApp:
+        task = installed_task(config.app_task)
+        reference = task.secagg_client_app if config.secagg else task.client_app
+        if reference not in self._apps:
+            module, attribute = reference.split(":")
+            self._apps[reference] = getattr(importlib.import_module(module), attribute)
+        return self._apps[reference]
+
+    def _record(
+        self, context: Context, message: Message, refusal: str | None, seconds: float
+    ) -> None:
+        kind = message.metadata.message_type
+        if refusal is None:
+            print(f"run {context.run_id} {kind}: answered in {seconds:.2f} s", flush=True)
+        else:
+            print(f"run {context.run_id} {kind}: REFUSED: {refusal}", flush=True)
+        append_event(
+            self.directory / AUDIT_FILE,
+            "served" if refusal is None else "refused",
+            run=context.run_id,
+            message=kind,
+            **({} if refusal is None else {"reason": refusal}),
+        )
+
+
+def released(policy: OwnerPolicy, reply: Message) -> Message:
+    """The reply as the owner's release rules allow: counts rounded, loss withheld."""
+    if reply.has_error() or "metrics" not in reply.content.metric_records:
+        return reply
+    metrics = reply.content.metric_records["metrics"]
+    shaped = MetricRecord()
+    for key, value in metrics.items():
+        if key == "train-loss" and not policy.release_train_loss:
+            continue
+        if key in _COUNT_KEYS and isinstance(value, int | float) and value > 0:
+            step = policy.count_rounding
+            value = max(step, step * round(float(value) / step))
+        shaped[key] = value
+    reply.content["metrics"] = shaped
+    return reply
+
+
+def _task_heartbeat(runtime: RuntimeHttpClient) -> Callable[[], bool]:
+    """Keep the task alive; unlike Flower's, never signals this long-lived process."""
+    request = SendTaskHeartbeatRequest()
+
+    def beat() -> bool:
+        try:
+            runtime.SendTaskHeartbeat(request)
+        except httpx.HTTPError:
+            return False
+        return True
+
+    return beat
+
+
+def _alive(pid: int) -> Callable[[], bool]:
+    def alive() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    return alive
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m client.executor`: started and stopped by `fedmodel client start`."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, required=True, help="node directory")
+    parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--supernode-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    secret = (args.dir / SECRET_FILE).read_bytes()
+    load_policy(args.dir)  # fail at once on a missing or broken policy
+    try:
+        executor = NodeExecutor(args.dir, args.runtime_api_address, secret)
+        print(f"node executor serving {args.runtime_api_address}", flush=True)
+        executor.serve(_alive(args.supernode_pid))
+    except Exception:  # without its executor the SuperNode would hold every task forever
+        traceback.print_exc()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(args.supernode_pid, signal.SIGTERM)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The data owner's policy: what this node agrees to do, whatever the coordinator asks.
+
+Everything a run carries (its run config, its messages, its app bundle) is a request
+from the coordinator. The policy, set by the owner with `fedmodel client init/start`
+and kept in NODE/policy.json (0600), decides which requests the node serves:
+- DP-SGD is required unless the owner allowed otherwise (`--allow-no-dp`);
+- the owner's budget epsilon, at the owner's delta, caps everything ever spent on the
+  data; a run whose delta is above the owner's is refused, and the node accounts at
+  the owner's delta, never at the run's;
+- local epochs and rounds per run are bounded;
+- only installed tasks the owner approved, with the source they had when approved, run
+  (client/tasks.py keeps the approvals, in NODE/approvals.json);
+- what leaves the node besides DP-protected weights is the owner's choice: example
+  counts rounded, training loss withheld, evaluation and feature statistics allowed.
+A refusal is an answer (an error reply with a reason), never a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import MessageType
+
+from client.tasks import approval_refusal, load_approvals
+from fedmodel.config import RunConfig
+from fedmodel.errors import ConfigError, FedModelError
+from fedmodel.pki import write_private_file
+
+POLICY_FILE = "policy.json"
+
+
+class PolicyError(FedModelError):
+    """A missing or invalid owner policy file, or an invalid policy option."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class OwnerPolicy:
+    """What this node agrees to; every field is the owner's, none the coordinator's."""
+
+    budget_epsilon: float
+    budget_delta: float = 1e-5
+    require_dp: bool = True
+    max_local_epochs: int = 5
+    max_rounds: int = 100
+    release_statistics: bool = True  # query round: column sums (not DP-protected)
+    release_evaluation: bool = True  # metrics of global models on held-out rows
+    release_train_loss: bool = False
+    count_rounding: int = 10  # example counts leave the node rounded to this
+
+    def __post_init__(self) -> None:
+        checks = {
+            "budget epsilon must be a positive number (--budget-epsilon)": math.isfinite(
+                self.budget_epsilon
+            )
+            and self.budget_epsilon > 0,
+            "budget delta must be between 0 and 1 (--budget-delta)": 0 < self.budget_delta < 1,
+            "max local epochs must be at least 1 (--max-local-epochs)": self.max_local_epochs >= 1,
+            "max rounds must be at least 1 (--max-rounds)": self.max_rounds >= 1,
+            "count rounding must be at least 1 (--count-rounding)": self.count_rounding >= 1,
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise PolicyError(message)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> OwnerPolicy:
+        return cls(**json.loads(text))
+
+    def replace(self, **changes: Any) -> OwnerPolicy:
+        return dataclasses.replace(self, **changes)
+
+
+def policy_path(directory: Path) -> Path:
+    return directory / POLICY_FILE
+
+
+def load_policy(directory: Path) -> OwnerPolicy:
+    path = policy_path(directory)
+    if not path.exists():
+        raise PolicyError(
+            f"{directory} has no owner policy ({POLICY_FILE}); set one with "
+            f"'fedmodel client init --dir {directory} --budget-epsilon E'"
+        )
+    try:
+        return OwnerPolicy.from_json(path.read_text())
+    except (ValueError, TypeError, KeyError) as error:
+        raise PolicyError(f"{path} is not a valid owner policy ({error}); rewrite it with "
+                          "'fedmodel client init --force-policy ...'") from None  # fmt: skip
+
+
+def save_policy(directory: Path, policy: OwnerPolicy) -> None:
+    write_private_file(policy_path(directory), policy.to_json().encode(), force=True)
+
+
+def review(
+    directory: Path, policy: OwnerPolicy, run_config: Mapping[str, Any], message_type: str
+) -> str | None:
+    """Why this node refuses the request, or None when the owner's policy allows it."""
+    if "app-task" not in run_config:  # a run must name the installed task it asks for
+        return "the run names no task installed on this node (run config 'app-task')"
+    try:
+        config = RunConfig.from_run_config(run_config)
+    except (ConfigError, KeyError, TypeError, ValueError) as error:
+        return f"the run is not a FedModel run this node can serve ({error})"
+    refusal = approval_refusal(load_approvals(directory), config.app_task, config.app_task_version)
+    if refusal is not None:
+        return refusal
+    if policy.require_dp and not config.sample_dp:
+        return (
+            f"the run asks for DP mode '{config.dp}', but the owner requires DP-SGD on this "
+            "node (--allow-no-dp lifts it)"
+        )
+    if config.delta > policy.budget_delta:
+        return (
+            f"the run's delta {config.delta:g} is above the owner's delta {policy.budget_delta:g}"
+        )
+    if config.sample_dp and config.epsilon > policy.budget_epsilon:
+        return (
+            f"the run plans epsilon {config.epsilon:g}, above the owner's whole budget "
+            f"{policy.budget_epsilon:g}"
+        )
+    if config.local_epochs > policy.max_local_epochs:
+        return (
+            f"the run asks for {config.local_epochs} local epochs; the owner allows at most "
+            f"{policy.max_local_epochs}"
+        )
+    if config.rounds > policy.max_rounds:
+        return (
+            f"the run asks for {config.rounds} rounds; the owner allows at most {policy.max_rounds}"
+        )
+    if message_type == MessageType.QUERY and not policy.release_statistics:
+        return "the owner does not release feature statistics (they are not DP-protected)"
+    if message_type == MessageType.EVALUATE and not policy.release_evaluation:
+        return "the owner does not release evaluation metrics"
+    return None
