@@ -107,7 +107,7 @@ def review(
     directory: Path, policy: OwnerPolicy, run_config: Mapping[str, Any], message_type: str
 ) -> str | None:
     """Why this node refuses the request, or None when the owner's policy allows it."""
-    if "app-task" not in run_config:  # a run must name the installed task it asks for
+    if not run_config.get("app-task"):  # a run must name the installed task it asks for
         return "the run names no task installed on this node (run config 'app-task')"
     try:
         config = RunConfig.from_run_config(run_config)

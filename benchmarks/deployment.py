@@ -1,0 +1,598 @@
+"""Rounds of a deployed federation: FedModel's node executor beside Flower's default executor.
+
+One TLS federation on 127.0.0.1, made with the fedmodel CLI as README's "Try it on one
+machine" does it: `fedmodel server init/start/enroll`, `fedmodel client init/start` per
+node (400 flchain rows each, label `death`, owner budget epsilon 100), `fedmodel run`.
+Then the same federation, the same enrolled keys and data, with the nodes' SuperNodes
+started directly as `flower-supernode` in Flower's default subprocess isolation (its
+SuperExec starts one `flwr-clientapp` per message, which installs the run's FAB and
+imports the ClientApp), and the same `fedmodel run` again. With --repeats the two
+variants alternate; every run starts with empty privacy ledgers, so no budget stops one.
+
+Per round (rounds 2..R; round 1 also holds start-up and the query round):
+- round s: time between successive `fedmodel run` progress lines (stamped on arrival);
+- at node s: max over nodes of the SuperNode's "Receiving" -> "Sending" time of the
+  round's train plus evaluate message (its executor's polling, the ClientApp, its reply
+  poll), from the SuperNode's log lines, stamped as they are written;
+- ClientApp s (FedModel only): max over nodes of the executor's "answered in" for train
+  plus evaluate (NODE/executor.log); overhead = round s - ClientApp s.
+Medians over rounds, then over repeats; ratio baseline / FedModel.
+
+Usage: python -m benchmarks.deployment [--rounds 10] [--nodes 2] [--repeats 1] [--csv PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from benchmarks.output import write_csv
+from client.identity import load_join_bundle, node_identity
+from client.supernode import NodeLaunch, node_config, running_supernode, supernode_command
+from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
+from fedmodel.processes import executable, free_port, group_alive, stop_group, tool_environment
+
+OURS = "FedModel executor"
+BASELINE = "Flower default executor"
+ROWS_PER_NODE = 400
+LABEL = "death"
+RUN_EPSILON = 50.0
+BUDGET_EPSILON = 100.0  # the owner's; with empty ledgers per run it never stops one
+BUDGET_DELTA = 1e-5
+SUPERNODE_IDLE_SLEEP_S = 3.0  # flwr/supernode/start_client_internal.py, after an empty pull
+PROGRESS = re.compile(r"round (\d+)/(\d+).*\((\d+) s\)")
+ANSWERED = re.compile(r"run (\d+) ([\w.]+): answered in ([\d.]+) s")
+RECEIVING = re.compile(r"Receiving: ([\w.]+) message")
+SENDING = re.compile(r"Sending: ([\w.]+) message")
+STARTED = time.monotonic()
+
+
+def say(message: str) -> None:
+    """A progress line on stderr: a benchmark run takes minutes."""
+    print(f"[{time.monotonic() - STARTED:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Federation:
+    """The temporary federation: server directory, node directories, started processes."""
+
+    root: Path
+    nodes: list[str]
+    environment: dict[str, str]
+    clients: list[subprocess.Popen[bytes]] = field(default_factory=list)  # fedmodel client start
+    supernodes: list[subprocess.Popen[bytes]] = field(default_factory=list)  # flower-supernode
+
+    @property
+    def server(self) -> Path:
+        return self.root / "server"
+
+    def node_dir(self, node: str) -> Path:
+        return self.root / node
+
+    def data(self, node: str) -> Path:
+        return self.root / f"{node}.csv"
+
+    def bundle(self, node: str) -> Path:
+        return self.server / "bundles" / f"{node}.join"
+
+
+@dataclass(frozen=True)
+class RoundTime:
+    """One round of one run: wall time and where the nodes spent theirs."""
+
+    variant: str
+    repeat: int
+    round: int
+    round_s: float
+    node_s: float  # nan when a SuperNode log lacked the round's messages
+    clientapp_s: float  # nan for the baseline: its ClientApp runs in a process of its own
+
+
+class LogClock:
+    """Follows a log file from its current end and stamps each new line on arrival."""
+
+    def __init__(self, path: Path, interval: float = 0.05) -> None:
+        self.path = path
+        self.lines: list[tuple[float, str]] = []
+        self._interval = interval
+        self._offset = path.stat().st_size if path.exists() else 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> LogClock:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def write(self, path: Path) -> None:
+        """The stamped lines, in seconds since the benchmark started (to merge logs by)."""
+        path.write_text("".join(f"{at - STARTED:9.2f} {line}\n" for at, line in self.lines))
+
+    def _follow(self) -> None:
+        pending = ""
+        while True:
+            stopping = self._stop.is_set()  # one last read after the stop request
+            with contextlib.suppress(FileNotFoundError), self.path.open(errors="replace") as log:
+                log.seek(self._offset)
+                chunk = log.read()
+                self._offset = log.tell()
+            now = time.monotonic()
+            pending += chunk
+            *complete, pending = pending.split("\n")
+            self.lines += [(now, line) for line in complete]
+            if stopping:
+                return
+            time.sleep(self._interval)
+
+
+def fedmodel(*args: str | Path, environment: dict[str, str], timeout: float = 180) -> str:
+    """Run one fedmodel CLI command to completion; its stdout, or an error with its output."""
+    command = [executable("fedmodel"), *map(str, args)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=environment, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(command[1:])} exited {result.returncode}:\n{result.stdout}{result.stderr}"
+        )
+    return result.stdout
+
+
+def make_federation(federation: Federation) -> None:
+    """Server init/start, the nodes' data, client init and enrollment, as README shows."""
+    from simulations.medical import load_flchain_frame
+
+    environment = federation.environment
+    fleet_port, control_port = free_port(), free_port()
+    say(f"server init (Fleet 127.0.0.1:{fleet_port}, Control 127.0.0.1:{control_port})")
+    fedmodel(
+        "server", "init", "--dir", federation.server, "--address", "127.0.0.1",
+        "--fleet-port", fleet_port, "--control-port", control_port, environment=environment,
+    )  # fmt: skip
+    say("server start --detach")
+    fedmodel("server", "start", "--dir", federation.server, "--detach", environment=environment)
+    frame = load_flchain_frame().sample(frac=1, random_state=0)  # shipped sorted by outcome
+    for number, node in enumerate(federation.nodes):
+        rows = frame[number * ROWS_PER_NODE : (number + 1) * ROWS_PER_NODE]
+        rows.to_csv(federation.data(node), index=False)
+        say(f"client init + enroll {node} ({len(rows)} rows)")
+        directory = federation.node_dir(node)
+        fedmodel(
+            "client", "init", "--dir", directory, "--budget-epsilon", BUDGET_EPSILON,
+            environment=environment,
+        )  # fmt: skip
+        fedmodel(
+            "server", "enroll", directory / "node.pub", "--name", node,
+            "--dir", federation.server, environment=environment,
+        )  # fmt: skip
+
+
+def start_fedmodel_nodes(federation: Federation) -> None:
+    """`fedmodel client start ... --device cpu` per node, in the background."""
+    for node in federation.nodes:
+        directory = federation.node_dir(node)
+        command = [
+            executable("fedmodel"), "client", "start", "--dir", str(directory),
+            "--join", str(federation.bundle(node)), "--data", str(federation.data(node)),
+            "--label", LABEL, "--device", "cpu",
+        ]  # fmt: skip
+        with (directory / "client-start.out").open("ab") as out:
+            federation.clients.append(
+                subprocess.Popen(
+                    command,
+                    env=federation.environment,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+
+def stop_fedmodel_nodes(federation: Federation) -> None:
+    """SIGTERM each `fedmodel client start` (it stops its SuperNode and executor)."""
+    for process in federation.clients:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+    for process in federation.clients:
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stop_group(process.pid)
+    federation.clients.clear()
+    for node in federation.nodes:  # what a CLI that did not clean up may have left
+        directory = federation.node_dir(node)
+        pid = running_supernode(directory)
+        if pid is not None:
+            stop_group(pid)
+        executor = _pid_in(directory / "executor.pid", b"client.executor", directory)
+        if executor is not None:
+            stop_group(executor)
+
+
+def _pid_in(path: Path, program: bytes, directory: Path) -> int | None:
+    """The PID in `path` if that process runs `program` for `directory`."""
+    try:
+        pid = int(path.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if program in cmdline and str(directory).encode() in cmdline else None
+
+
+def baseline_command(federation: Federation, node: str) -> list[str]:
+    """FedModel's own `flower-supernode` command, less process isolation and the executor
+    secret, with a node config that also carries the owner's budget (FedModel's executor
+    injects it; without the executor the ClientApp reads it from node config)."""
+    directory = federation.node_dir(node)
+    identity = node_identity(directory)
+    launch = NodeLaunch(
+        directory=directory,
+        identity=identity,
+        bundle=load_join_bundle(federation.bundle(node), identity),
+        data_path=federation.data(node),
+        label=LABEL,
+        device="cpu",
+        port=free_port(),
+    )
+    command = supernode_command(launch)
+    dropped = {"--isolation": 2, "--superexec-auth-secret-file": 2}
+    kept: list[str] = []
+    skip = 0
+    for argument in command:
+        if skip:
+            skip -= 1
+            continue
+        if argument in dropped:
+            skip = dropped[argument] - 1
+            continue
+        kept.append(argument)
+    config = {**node_config(launch), "budget-epsilon": BUDGET_EPSILON, "budget-delta": BUDGET_DELTA}
+    config_path = directory / "baseline-node-config.toml"
+    config_path.write_text(
+        "".join(f"{key} = {json.dumps(value)}\n" for key, value in config.items())
+    )
+    kept[kept.index("--node-config") + 1] = str(config_path)
+    return kept
+
+
+def start_flower_nodes(federation: Federation) -> None:
+    """`flower-supernode` per node in Flower's default isolation, each in its own session."""
+    for node in federation.nodes:
+        directory = federation.node_dir(node)
+        environment = tool_environment(directory / "flwr-home")  # the FAB is installed there
+        environment["CUDA_VISIBLE_DEVICES"] = ""  # as FedModel's `--device cpu` does
+        environment[CACHE_DIR_VARIABLE] = federation.environment[CACHE_DIR_VARIABLE]
+        with (directory / "baseline-supernode.log").open("ab") as log:
+            federation.supernodes.append(
+                subprocess.Popen(
+                    baseline_command(federation, node),
+                    cwd=directory,
+                    env=environment,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+
+def stop_flower_nodes(federation: Federation) -> None:
+    """SIGTERM each SuperNode's process group (its SuperExec and ClientApps with it)."""
+    for process in federation.supernodes:
+        stop_group(process.pid)
+        process.wait()
+    federation.supernodes.clear()
+
+
+def online_nodes(federation: Federation) -> int:
+    listing = fedmodel(
+        "server", "nodes", "--dir", federation.server, environment=federation.environment
+    )
+    return listing.count(" online ")
+
+
+def wait_for_online(federation: Federation, count: int, timeout: float = 180) -> None:
+    """Until `fedmodel server nodes` shows exactly `count` nodes online."""
+    deadline = time.monotonic() + timeout
+    while (online := online_nodes(federation)) != count:
+        for process in [*federation.clients, *federation.supernodes]:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args[:3]} exited {process.returncode}; see its log")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{online} nodes online after {timeout:.0f} s, expected {count}")
+        time.sleep(1)
+
+
+def wait_until_offline(federation: Federation, timeout: float = 120) -> None:
+    """Until no node is online: Flower refuses a key that is still online elsewhere."""
+    try:
+        wait_for_online(federation, 0, timeout)
+    except (RuntimeError, subprocess.TimeoutExpired) as problem:
+        say(f"warning: {problem}")
+
+
+def reset_ledgers(federation: Federation) -> None:
+    """Empty every node's privacy ledger (its nodes stopped), so each run starts alike."""
+    for node in federation.nodes:
+        for path in federation.node_dir(node).glob("privacy-ledger.sqlite*"):
+            path.unlink()
+
+
+def run_federation(federation: Federation, rounds: int, output: Path) -> dict[int, float]:
+    """`fedmodel run` to completion; when each round's progress line arrived (monotonic)."""
+    command = [
+        executable("fedmodel"), "run", "--dir", str(federation.server),
+        "--rounds", str(rounds), "--epsilon", str(RUN_EPSILON),
+        "--min-clients", str(len(federation.nodes)), "--output", str(output),
+    ]  # fmt: skip
+    arrived: dict[int, float] = {}
+    lines: list[str] = []
+    process = subprocess.Popen(
+        command,
+        env=federation.environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    timeout = 300 + 180 * rounds
+    watchdog = threading.Timer(timeout, lambda: _terminate(process))
+    watchdog.start()
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(f"{time.monotonic() - STARTED:9.2f} {line}")
+            if match := PROGRESS.search(line):
+                arrived[int(match[1])] = time.monotonic()
+                say(f"  {line.strip()}")
+        process.wait()
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            stop_group(process.pid)
+    (output.parent / f"{output.name}.stamped.out").write_text("".join(lines))
+    if process.returncode != 0 or len(arrived) < rounds:
+        raise RuntimeError(
+            f"fedmodel run exited {process.returncode} after {len(arrived)} of {rounds} "
+            f"rounds (timeout {timeout} s):\n{''.join(lines[-30:])}"
+        )
+    return arrived
+
+
+def _terminate(process: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)  # fedmodel run stops its flwr run on SIGTERM
+
+
+def message_times(lines: list[tuple[float, str]]) -> dict[str, list[float]]:
+    """Per message type, in order: seconds from the SuperNode's Receiving to its Sending."""
+    received: dict[str, float] = {}
+    durations: dict[str, list[float]] = defaultdict(list)
+    for at, line in lines:
+        if match := RECEIVING.search(line):
+            received[match[1]] = at
+        elif (match := SENDING.search(line)) and match[1] in received:
+            durations[match[1]].append(at - received.pop(match[1]))
+    return durations
+
+
+def executor_times(log: Path, offset: int) -> dict[str, list[float]]:
+    """Per message type, in order: FedModel executor's 'answered in' seconds after `offset`."""
+    with log.open(errors="replace") as file:
+        file.seek(offset)
+        text = file.read()
+    durations: dict[str, list[float]] = defaultdict(list)
+    for match in ANSWERED.finditer(text):
+        durations[match[2]].append(float(match[3]))
+    return durations
+
+
+def per_round(times: list[dict[str, list[float]]], server_round: int) -> float:
+    """Max over nodes of train + evaluate time in `server_round` (nan if not logged)."""
+    index = server_round - 1
+    totals = []
+    for node in times:
+        if len(node["train"]) <= index or len(node["evaluate"]) <= index:
+            return float("nan")
+        totals.append(node["train"][index] + node["evaluate"][index])
+    return max(totals)
+
+
+def measure(federation: Federation, variant: str, repeat: int, rounds: int) -> list[RoundTime]:
+    """Start the variant's nodes, run `rounds`, stop the nodes; the rounds' times."""
+    nodes = federation.nodes
+    reset_ledgers(federation)
+    say(f"{variant}, repeat {repeat}: starting {len(nodes)} nodes")
+    if variant == OURS:
+        start_fedmodel_nodes(federation)
+        log_name = "supernode.log"
+    else:
+        start_flower_nodes(federation)
+        log_name = "baseline-supernode.log"
+    try:
+        wait_for_online(federation, len(nodes))
+        say(
+            f"{variant}, repeat {repeat}: {len(nodes)} nodes online; fedmodel run ({rounds} rounds)"
+        )
+        executor_logs = [federation.node_dir(node) / "executor.log" for node in nodes]
+        offsets = [log.stat().st_size if log.exists() else 0 for log in executor_logs]
+        output = federation.root / "runs" / f"{'ours' if variant == OURS else 'flower'}-{repeat}"
+        output.parent.mkdir(exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            clocks = [
+                stack.enter_context(LogClock(federation.node_dir(node) / log_name))
+                for node in nodes
+            ]
+            others = [stack.enter_context(LogClock(log)) for log in executor_logs]
+            others.append(stack.enter_context(LogClock(federation.server / "superlink.log")))
+            arrived = run_federation(federation, rounds, output)
+        for clock in [*clocks, *others]:  # kept with --keep, to see where a round's time goes
+            name = f"{clock.path.parent.name}-{clock.path.stem}.stamped.log"
+            clock.write(output.parent / f"{output.name}-{name}")
+    finally:
+        say(f"{variant}, repeat {repeat}: stopping the nodes")
+        if variant == OURS:
+            stop_fedmodel_nodes(federation)
+        else:
+            stop_flower_nodes(federation)
+        wait_until_offline(federation)
+    at_node = [message_times(clock.lines) for clock in clocks]
+    in_app = [
+        executor_times(log, offset) for log, offset in zip(executor_logs, offsets, strict=True)
+    ]
+    return [
+        RoundTime(
+            variant=variant,
+            repeat=repeat,
+            round=server_round,
+            round_s=arrived[server_round] - arrived[server_round - 1],
+            node_s=per_round(at_node, server_round),
+            clientapp_s=per_round(in_app, server_round) if variant == OURS else float("nan"),
+        )
+        for server_round in range(2, rounds + 1)
+    ]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One variant: medians over rounds 2..R, then over repeats."""
+
+    variant: str
+    round_s: float
+    node_s: float
+    clientapp_s: float
+
+    @property
+    def overhead_s(self) -> float:
+        return self.round_s - self.clientapp_s
+
+
+def summarize(times: list[RoundTime], variant: str) -> Summary:
+    def median_of(name: str) -> float:
+        per_repeat = defaultdict(list)
+        for row in times:
+            if row.variant == variant:
+                per_repeat[row.repeat].append(getattr(row, name))
+        medians = [statistics.median(values) for values in per_repeat.values()]
+        return statistics.median(medians) if medians else float("nan")
+
+    return Summary(variant, median_of("round_s"), median_of("node_s"), median_of("clientapp_s"))
+
+
+def print_table(times: list[RoundTime], args: argparse.Namespace) -> None:
+    ours, baseline = summarize(times, OURS), summarize(times, BASELINE)
+    print(
+        f"deployment on 127.0.0.1 over TLS: {args.nodes} nodes x {ROWS_PER_NODE} flchain rows, "
+        f"{args.rounds} rounds, epsilon {RUN_EPSILON:g}, CPU; medians over rounds "
+        f"2-{args.rounds}" + (f", then over {args.repeats} repeats" if args.repeats > 1 else "")
+    )
+    header = f"{'variant':<24} {'round s':>8} {'at node s':>10} {'ClientApp s':>12} "
+    print(header + f"{'overhead s':>11} {'x ours':>7}")
+    for summary in (ours, baseline):
+        print(
+            f"{summary.variant:<24} {summary.round_s:>8.2f} {_number(summary.node_s):>10} "
+            f"{_number(summary.clientapp_s):>12} {_number(summary.overhead_s):>11} "
+            f"{summary.round_s / ours.round_s:>7.2f}"
+        )
+    print(
+        f"baseline / ours per round: {baseline.round_s / ours.round_s:.2f}x "
+        f"({baseline.round_s - ours.round_s:+.2f} s)"
+    )
+    print(
+        "round s: between successive `fedmodel run` progress lines; at node s: max over nodes "
+        "of the SuperNode's Receiving->Sending time, train + evaluate; ClientApp s: FedModel's "
+        "executor's 'answered in', train + evaluate; overhead = round - ClientApp."
+    )
+    print(
+        f"Flower's polling floor: a SuperNode sleeps {SUPERNODE_IDLE_SLEEP_S:g} s after an empty "
+        "pull from the SuperLink (flwr/supernode/start_client_internal.py) and a round is 2 "
+        f"messages per node (train, evaluate), so up to ~{2 * SUPERNODE_IDLE_SLEEP_S:g} s per "
+        "round is Flower's polling, which FedModel cannot shorten without patching Flower; "
+        "FedModel's ServerApp already polls replies every 0.1 s (server/polling_grid.py)."
+    )
+
+
+def _number(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}"  # nan: not measured
+
+
+@contextlib.contextmanager
+def federation_on_loopback(nodes: int, keep: bool) -> Iterator[Federation]:
+    """A fresh federation in a temporary directory; everything started is stopped after."""
+    root = Path(tempfile.mkdtemp(prefix="fedmodel-deployment-"))
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", CACHE_DIR_VARIABLE: str(root / "cache")}
+    names = [f"hospital-{letter}" for letter in string.ascii_lowercase[:nodes]]
+    federation = Federation(root, names, environment)
+    try:
+        yield federation
+    finally:
+        say("cleaning up")
+        with contextlib.suppress(Exception):
+            stop_fedmodel_nodes(federation)
+        with contextlib.suppress(Exception):
+            stop_flower_nodes(federation)
+        if (federation.server / "federation.toml").exists():
+            with contextlib.suppress(Exception):
+                fedmodel("server", "stop", "--dir", federation.server, environment=environment)
+        pid_file = federation.server / "superlink.pid"
+        with contextlib.suppress(OSError, ValueError):  # a SuperLink `server stop` missed
+            pid = int(pid_file.read_text().strip())
+            if (
+                group_alive(pid)
+                and str(federation.server).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+            ):
+                stop_group(pid)
+        if keep:
+            say(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10, help="rounds per run (at least 2)")
+    parser.add_argument("--nodes", type=int, default=2, help="enrolled nodes (1-19)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per variant, alternating")
+    parser.add_argument("--csv", type=Path, help="also write every measured round here")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory (logs)")
+    args = parser.parse_args()
+    if args.rounds < 2 or not 1 <= args.nodes <= 19 or args.repeats < 1:
+        parser.error("--rounds must be at least 2, --nodes 1-19, --repeats at least 1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on SIGTERM too
+    times: list[RoundTime] = []
+    with federation_on_loopback(args.nodes, args.keep) as federation:
+        make_federation(federation)
+        for repeat in range(1, args.repeats + 1):
+            for variant in (OURS, BASELINE):
+                times += measure(federation, variant, repeat, args.rounds)
+    print()
+    print_table(times, args)
+    if args.csv is not None:
+        write_csv(args.csv, [asdict(row) for row in times])
+    print(f"{2 * args.repeats} runs in {time.monotonic() - STARTED:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The test plays a hostile coordinator against a real node on 127.0.0.1.
+
+One TLS federation (`fedmodel server init/start`) and one enrolled data owner
+(`fedmodel client init --budget-epsilon 3`, `client start`), whose node runs FedModel
+from a copy of the source tree, so that a test can change the installed code. The
+coordinator submits its own Flower App (tests/adversarial/hostileapp, with a ClientApp
+that would leak a raw row) through `flwr run`, with run configs of its choosing, and
+FedModel's own app through `fedmodel run`. Every request the owner's policy forbids is
+refused with a reason, nothing of the coordinator's code runs on the node, and the node
+goes on serving an honest run within its budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import fedmodel
+from fedmodel.audit_log import verify_chain
+from fedmodel.processes import executable, free_port
+from fedmodel.protocol import POLICY_REFUSED_CODE
+from server.superlink import CONNECTION, Federation, server_environment
+from tests.conftest import dp_accounting_epsilon
+from tests.federation import (
+    background,
+    federation_workspace,
+    wait_until_online,
+    write_sites,
+)
+from tests.federation import (
+    fedmodel as fedmodel_cli,
+)
+
+pytestmark = pytest.mark.slow
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+BUDGET = 3.0
+SITE = "site-a"
+NO_CACHES = shutil.ignore_patterns("__pycache__")
+HONEST = {"app-task": "fedmodel-tabular", "app-task-version": fedmodel.__version__}
+
+
+@dataclasses.dataclass
+class Coordinator:
+    """The test's hostile coordinator and what it can see of the node."""
+
+    root: Path
+    server: Path
+    node: Path
+    code: Path  # the node's installed FedModel
+    refusals: int = 0
+
+    @property
+    def marker(self) -> Path:
+        return self.root / "foreign-code-ran"
+
+    def submit(self, message_type: str = "train", **config: str | float | int) -> dict:
+        """`flwr run` the hostile app with `config`; the node's one reply, as recorded."""
+        (reply,) = self.submit_all([(message_type, config)])
+        return reply
+
+    def submit_all(self, runs: list[tuple[str, dict[str, str | float | int]]]) -> list[dict]:
+        """Submit every run at once (the node answers them in turn); their replies in order."""
+        reports = [self.root / f"report-{number}.json" for number in range(len(runs))]
+        environment = server_environment(Federation.load(self.server))
+        for report, (message_type, config) in zip(reports, runs, strict=True):
+            report.unlink(missing_ok=True)
+            values = {
+                "report-path": str(report),
+                "marker-path": str(self.marker),
+                "message-type": message_type,
+                **config,
+            }
+            overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
+            submitted = subprocess.run(
+                [executable("flwr"), "run", str(self.root / "hostileapp"), CONNECTION,
+                 "--run-config", overrides],
+                capture_output=True, text=True, timeout=60, cwd=self.root, env=environment,
+            )  # fmt: skip
+            assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        deadline = time.monotonic() + 180
+        while not all(report.exists() for report in reports):
+            assert time.monotonic() < deadline, "the hostile ServerApps did not all report"
+            time.sleep(0.2)
+        replies = [json.loads(report.read_text())[0] for report in reports]
+        self.refusals += sum(reply.get("error_code") == POLICY_REFUSED_CODE for reply in replies)
+        return replies
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
+    root = tmp_path_factory.mktemp("hostile")
+    code = root / "code"
+    for package in ("fedmodel", "client", "server", "simulations"):
+        shutil.copytree(REPOSITORY / package, code / package, ignore=NO_CACHES)
+    shutil.copytree(Path(__file__).parent / "hostileapp", root / "hostileapp")
+    node_env = {**os.environ, "PYTHONPATH": str(code)}  # the node runs the copy
+    with federation_workspace(root) as space:
+        server = root / "srv"
+        ports = ("--fleet-port", free_port(), "--control-port", free_port())
+        made = fedmodel_cli("server", "init", "--dir", server, "--address", "127.0.0.1", *ports)
+        assert made.returncode == 0, made.stderr
+        started = fedmodel_cli("server", "start", "--dir", server, "--detach", timeout=90)
+        assert started.returncode == 0, started.stderr
+        data = write_sites(root, [SITE], rows=300)[SITE]
+        node = root / SITE
+        made = fedmodel_cli(
+            "client", "init", "--dir", node, "--budget-epsilon", BUDGET, env=node_env
+        )
+        assert made.returncode == 0, made.stderr
+        made = fedmodel_cli("server", "enroll", node / "node.pub", "--name", SITE, "--dir", server)
+        assert made.returncode == 0, made.stderr
+        space.started.append(
+            background(
+                "client", "start", "--dir", node, "--join", server / "bundles" / f"{SITE}.join",
+                "--data", data, "--label", "death", "--device", "cpu",
+                log=root / "node.out", env=node_env, cwd=root,
+            )
+        )  # fmt: skip
+        wait_until_online(server, 1)
+        yield Coordinator(root, server, node, code)
+        assert not (root / "foreign-code-ran").exists()
+
+
+def test_a_foreign_app_never_runs_on_the_node(coordinator: Coordinator) -> None:
+    # A run that names no installed task is refused outright.
+    reply = coordinator.submit()
+    assert reply["error_code"] == POLICY_REFUSED_CODE
+    assert "names no task installed on this node" in reply["reason"]
+    # Claiming FedModel's approved task does not make the node run the app's ClientApp:
+    # it runs its own installed one, which cannot make sense of the message.
+    reply = coordinator.submit(**HONEST)
+    assert reply["error_code"] != POLICY_REFUSED_CODE and "content" not in reply
+    assert reply["reason"] == "the node failed to run the task"  # nothing about the data
+    assert not coordinator.marker.exists()
+
+
+# What a hostile coordinator asks for, and the reason the node gives for refusing it
+BEYOND_POLICY = [
+    ({"dp": "off"}, "asks for DP mode 'off', but the owner requires DP-SGD"),
+    ({"delta": 0.5}, "delta 0.5 is above the owner's delta 1e-05"),
+    ({"epsilon": 50.0}, "plans epsilon 50, above the owner's whole budget 3"),
+    ({"local-epochs": 6}, "asks for 6 local epochs; the owner allows at most 5"),
+    ({"rounds": 101}, "asks for 101 rounds; the owner allows at most 100"),
+    ({"app-task-version": "9.9.9"}, "task 'fedmodel-tabular' version 9.9.9 is not approved"),
+    ({"app-task": "mallory-stealer"}, "task 'mallory-stealer' version"),
+]
+
+
+def test_requests_beyond_the_owners_policy_are_refused(coordinator: Coordinator) -> None:
+    replies = coordinator.submit_all(
+        [("query", {**HONEST, **request}) for request, _ in BEYOND_POLICY]
+    )
+    for (request, reason), reply in zip(BEYOND_POLICY, replies, strict=True):
+        assert reply.get("error_code") == POLICY_REFUSED_CODE, (request, reply)
+        assert reason in reply["reason"], (request, reply)
+        assert "content" not in reply  # no statistics, no row: nothing but the reason
+
+
+def test_an_approved_task_whose_source_changed_is_refused(coordinator: Coordinator) -> None:
+    source = coordinator.code / "client" / "app.py"
+    original = source.read_bytes()
+    source.write_bytes(original + b"\n# one line the owner never reviewed\n")
+    try:
+        reply = coordinator.submit("query", **HONEST)
+    finally:
+        source.write_bytes(original)
+    assert reply["error_code"] == POLICY_REFUSED_CODE
+    assert "changed since the owner approved it" in reply["reason"]
+    reply = coordinator.submit("query", **HONEST)  # the reviewed source is served again
+    assert "content" in reply and "statistics" in reply["content"]
+
+
+def test_the_operator_sees_refusals_and_an_honest_run_stays_in_budget(
+    coordinator: Coordinator,
+) -> None:
+    server = coordinator.server
+    common = ("run", "--dir", server, "--rounds", "1", "--min-clients", "1", "--batch-size", "32")
+    refused = fedmodel_cli(*common, "--dp", "off", "--output", coordinator.root / "off")
+    coordinator.refusals += 1
+    assert refused.returncode != 0
+    assert f"refused by node {SITE}: the run asks for DP mode 'off'" in refused.stdout
+
+    honest = fedmodel_cli(*common, "--epsilon", "1.0", "--output", coordinator.root / "run")
+    assert honest.returncode == 0, honest.stdout + honest.stderr
+    summary = json.loads((coordinator.root / "run" / "summary.json").read_text())
+    (client,) = summary["clients"]
+    assert client["delta"] == 1e-5 and 0 < client["epsilon"] <= 1.0 + 1e-6
+    assert client["num_examples"] % 10 == 0  # released rounded
+    assert all(row["train_loss"] is None for row in summary["per_round"])  # withheld
+
+    # Everything this dataset ever spent, recomputed independently at the owner's delta
+    from fedmodel.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(coordinator.node / "privacy-ledger.sqlite")
+    (fingerprint,) = {entry.fingerprint for entry in ledger.entries()}
+    history = ledger.spent_history(fingerprint)
+    assert dp_accounting_epsilon(history, 1e-5) <= BUDGET
+
+    events = verify_chain(coordinator.node / "node-audit.jsonl")
+    assert sum(event["event"] == "refused" for event in events) == coordinator.refusals
+    assert sum(event["event"] == "served" for event in events) >= 3  # query, train, evaluate

@@ -1,0 +1,113 @@
+"""Helpers for end-to-end tests of a real federation on 127.0.0.1, driven by the CLI.
+
+Every process is started through the `fedmodel` CLI exactly as an operator and data
+owners would; cleanup stops them by PID and, as a last resort, kills any process whose
+command line names the test's own directory (nothing else).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+FEDMODEL = [sys.executable, "-m", "fedmodel.cli"]
+ROWS_PER_SITE = 120
+
+
+def fedmodel(
+    *args: str | Path, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FEDMODEL, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def background(
+    *args: str | Path, log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[str]:
+    with log.open("w") as handle:
+        return subprocess.Popen(
+            [*FEDMODEL, *map(str, args)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=cwd,
+            # lines reach the log as printed
+            env={**(env or os.environ), "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def wait_for_text(path: Path, text: str, process: subprocess.Popen[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"'{text}' never appeared in {path}:\n{path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def wait_until_online(server: Path, count: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while (listing := fedmodel("server", "nodes", "--dir", server).stdout).count("online") < count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"fewer than {count} nodes came online:\n{listing}")
+        time.sleep(1)
+
+
+def processes_naming(directory: Path) -> list[int]:
+    needle = str(directory).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if needle in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+@dataclasses.dataclass
+class Workspace:
+    """A directory for one federation, and the CLI processes started in it."""
+
+    path: Path
+    started: list[subprocess.Popen[str]]
+
+
+@contextlib.contextmanager
+def federation_workspace(path: Path) -> Iterator[Workspace]:
+    """Everything started in the workspace is stopped afterwards, even when a test fails."""
+    space = Workspace(path, [])
+    try:
+        yield space
+    finally:
+        for process in space.started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)  # the CLI stops its SuperNode on SIGTERM
+        for process in space.started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=20)
+        if (path / "srv" / "federation.toml").exists():
+            fedmodel("server", "stop", "--dir", path / "srv", timeout=60)
+        for pid in processes_naming(path):  # last resort; only this test's processes
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def write_sites(directory: Path, names: list[str], rows: int = ROWS_PER_SITE) -> dict[str, Path]:
+    """One CSV of `rows` flchain patients per site (shuffled: the file is sorted by outcome)."""
+    from simulations.medical import load_flchain_frame
+
+    frame = load_flchain_frame().sample(frac=1.0, random_state=0)
+    paths = {}
+    for number, name in enumerate(names):
+        paths[name] = directory / f"{name}.csv"
+        frame.iloc[number * rows : (number + 1) * rows].to_csv(paths[name], index=False)
+    return paths
