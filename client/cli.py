@@ -21,27 +21,52 @@ client_app = typer.Typer(
 NodeDir = Annotated[Path, typer.Option("--dir", help="Node directory (holds the node key).")]
 TaskName = Annotated[str, typer.Argument(help="Installed task, e.g. fedmodel-tabular.")]
 # The owner's policy options; init and start both take them (None: keep what is set)
+POLICY = "Owner policy (kept in policy.json; unset options keep their value)"
 BudgetEpsilon = Annotated[
-    float | None, typer.Option(help="Your privacy budget (epsilon) for this dataset.")
+    float | None,
+    typer.Option(help="Your privacy budget (epsilon) for this dataset.", rich_help_panel=POLICY),
 ]
 BudgetDelta = Annotated[
-    float | None, typer.Option(help="Your delta; runs asking for more are refused. [1e-5]")
+    float | None,
+    typer.Option(
+        help="Your delta; runs asking for more are refused (default 1e-5).",
+        rich_help_panel=POLICY,
+    ),
 ]
 AllowNoDp = Annotated[
     bool | None,
-    typer.Option("--allow-no-dp/--require-dp", help="Serve runs without DP-SGD. [require]"),
+    typer.Option(
+        "--allow-no-dp/--require-dp",
+        help="Serve runs without DP-SGD (default: require it).",
+        rich_help_panel=POLICY,
+    ),
 ]
-MaxEpochs = Annotated[int | None, typer.Option(help="Most local epochs per round. [5]")]
-MaxRounds = Annotated[int | None, typer.Option(help="Most rounds per run. [100]")]
+MaxEpochs = Annotated[
+    int | None,
+    typer.Option(help="Most local epochs per round (default 5).", rich_help_panel=POLICY),
+]
+MaxRounds = Annotated[
+    int | None, typer.Option(help="Most rounds per run (default 100).", rich_help_panel=POLICY)
+]
 ReleaseStatistics = Annotated[
     bool | None,
-    typer.Option(help="Release per-column sums for the query round (not DP). [release]"),
+    typer.Option(
+        help="Release per-column sums for the query round, not DP (default: release).",
+        rich_help_panel=POLICY,
+    ),
 ]
 ReleaseEvaluation = Annotated[
-    bool | None, typer.Option(help="Release metrics of global models on held-out rows. [release]")
+    bool | None,
+    typer.Option(
+        help="Release metrics of global models on held-out rows (default: release).",
+        rich_help_panel=POLICY,
+    ),
 ]
 ReleaseTrainLoss = Annotated[
-    bool | None, typer.Option(help="Release each round's training loss. [withhold]")
+    bool | None,
+    typer.Option(
+        help="Release each round's training loss (default: withhold).", rich_help_panel=POLICY
+    ),
 ]
 
 
