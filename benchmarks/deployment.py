@@ -60,6 +60,7 @@ PROGRESS = re.compile(r"round (\d+)/(\d+).*\((\d+) s\)")
 ANSWERED = re.compile(r"run (\d+) ([\w.]+): answered in ([\d.]+) s")
 RECEIVING = re.compile(r"Receiving: ([\w.]+) message")
 SENDING = re.compile(r"Sending: ([\w.]+) message")
+SENT = "Sent successfully"
 STARTED = time.monotonic()
 
 
@@ -100,7 +101,8 @@ class RoundTime:
     repeat: int
     round: int
     round_s: float
-    node_s: float  # nan when a SuperNode log lacked the round's messages
+    idle_s: float  # nan when a SuperNode log lacked the round's messages
+    node_s: float
     clientapp_s: float  # nan for the baseline: its ClientApp runs in a process of its own
 
 
@@ -386,16 +388,28 @@ def _terminate(process: subprocess.Popen[str]) -> None:
         os.killpg(process.pid, signal.SIGTERM)  # fedmodel run stops its flwr run on SIGTERM
 
 
-def message_times(lines: list[tuple[float, str]]) -> dict[str, list[float]]:
-    """Per message type, in order: seconds from the SuperNode's Receiving to its Sending."""
+def message_times(
+    lines: list[tuple[float, str]],
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per message type, in order, from a SuperNode's stamped log: seconds it spent on the
+    message (Receiving -> its reply Sent), and seconds it sat idle before the message
+    arrived (the previous reply Sent -> Receiving; Flower's polling of the SuperLink)."""
     received: dict[str, float] = {}
-    durations: dict[str, list[float]] = defaultdict(list)
+    busy: dict[str, list[float]] = defaultdict(list)
+    idle: dict[str, list[float]] = defaultdict(list)
+    sending: str | None = None
+    last_sent: float | None = None
     for at, line in lines:
         if match := RECEIVING.search(line):
             received[match[1]] = at
-        elif (match := SENDING.search(line)) and match[1] in received:
-            durations[match[1]].append(at - received.pop(match[1]))
-    return durations
+            if last_sent is not None:
+                idle[match[1]].append(at - last_sent)
+        elif match := SENDING.search(line):
+            sending = match[1]
+        elif SENT in line and sending in received:
+            busy[sending].append(at - received.pop(sending))
+            last_sent, sending = at, None
+    return busy, idle
 
 
 def executor_times(log: Path, offset: int) -> dict[str, list[float]]:
@@ -458,7 +472,7 @@ def measure(federation: Federation, variant: str, repeat: int, rounds: int) -> l
         else:
             stop_flower_nodes(federation)
         wait_until_offline(federation)
-    at_node = [message_times(clock.lines) for clock in clocks]
+    at_node, idle = zip(*(message_times(clock.lines) for clock in clocks), strict=True)
     in_app = [
         executor_times(log, offset) for log, offset in zip(executor_logs, offsets, strict=True)
     ]
@@ -468,7 +482,8 @@ def measure(federation: Federation, variant: str, repeat: int, rounds: int) -> l
             repeat=repeat,
             round=server_round,
             round_s=arrived[server_round] - arrived[server_round - 1],
-            node_s=per_round(at_node, server_round),
+            idle_s=per_round(list(idle), server_round),
+            node_s=per_round(list(at_node), server_round),
             clientapp_s=per_round(in_app, server_round) if variant == OURS else float("nan"),
         )
         for server_round in range(2, rounds + 1)
@@ -481,6 +496,7 @@ class Summary:
 
     variant: str
     round_s: float
+    idle_s: float
     node_s: float
     clientapp_s: float
 
@@ -498,7 +514,8 @@ def summarize(times: list[RoundTime], variant: str) -> Summary:
         medians = [statistics.median(values) for values in per_repeat.values()]
         return statistics.median(medians) if medians else float("nan")
 
-    return Summary(variant, median_of("round_s"), median_of("node_s"), median_of("clientapp_s"))
+    names = ("round_s", "idle_s", "node_s", "clientapp_s")
+    return Summary(variant, *(median_of(name) for name in names))
 
 
 def print_table(times: list[RoundTime], args: argparse.Namespace) -> None:
@@ -508,22 +525,21 @@ def print_table(times: list[RoundTime], args: argparse.Namespace) -> None:
         f"{args.rounds} rounds, epsilon {RUN_EPSILON:g}, CPU; medians over rounds "
         f"2-{args.rounds}" + (f", then over {args.repeats} repeats" if args.repeats > 1 else "")
     )
-    header = f"{'variant':<24} {'round s':>8} {'at node s':>10} {'ClientApp s':>12} "
-    print(header + f"{'overhead s':>11} {'x ours':>7}")
+    columns = ("round s", "idle s", "at node s", "ClientApp s", "overhead s", "x ours")
+    print(f"{'variant':<24}" + "".join(f"{name:>12}" for name in columns))
     for summary in (ours, baseline):
-        print(
-            f"{summary.variant:<24} {summary.round_s:>8.2f} {_number(summary.node_s):>10} "
-            f"{_number(summary.clientapp_s):>12} {_number(summary.overhead_s):>11} "
-            f"{summary.round_s / ours.round_s:>7.2f}"
-        )
+        values = (summary.round_s, summary.idle_s, summary.node_s, summary.clientapp_s,
+                  summary.overhead_s, summary.round_s / ours.round_s)  # fmt: skip
+        print(f"{summary.variant:<24}" + "".join(f"{_number(value):>12}" for value in values))
     print(
         f"baseline / ours per round: {baseline.round_s / ours.round_s:.2f}x "
         f"({baseline.round_s - ours.round_s:+.2f} s)"
     )
     print(
-        "round s: between successive `fedmodel run` progress lines; at node s: max over nodes "
-        "of the SuperNode's Receiving->Sending time, train + evaluate; ClientApp s: FedModel's "
-        "executor's 'answered in', train + evaluate; overhead = round - ClientApp."
+        "round s: between successive `fedmodel run` progress lines. Max over nodes, train + "
+        "evaluate: idle s, from a SuperNode's reply sent to its next message received; at node "
+        "s, from received to reply sent; ClientApp s, FedModel's executor's 'answered in'. "
+        "overhead = round - ClientApp."
     )
     print(
         f"Flower's polling floor: a SuperNode sleeps {SUPERNODE_IDLE_SLEEP_S:g} s after an empty "

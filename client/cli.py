@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -70,8 +70,7 @@ ReleaseTrainLoss = Annotated[
 ]
 
 
-def _updated_policy(
-    directory: Path,
+def _policy_changes(
     budget_epsilon: float | None,
     budget_delta: float | None,
     allow_no_dp: bool | None,
@@ -80,11 +79,10 @@ def _updated_policy(
     release_statistics: bool | None,
     release_evaluation: bool | None,
     release_train_loss: bool | None,
-) -> OwnerPolicy | None:
-    """The node's policy with the given options applied and saved; None if there is none."""
-    from client.policy import OwnerPolicy, PolicyError, load_policy, policy_path, save_policy
-
+) -> dict[str, Any]:
+    """The policy fields the owner set on this command line."""
     changes = {
+        "budget_epsilon": budget_epsilon,
         "budget_delta": budget_delta,
         "require_dp": None if allow_no_dp is None else not allow_no_dp,
         "max_local_epochs": max_local_epochs,
@@ -92,19 +90,21 @@ def _updated_policy(
         "release_statistics": release_statistics,
         "release_evaluation": release_evaluation,
         "release_train_loss": release_train_loss,
-        "budget_epsilon": budget_epsilon,
     }
-    changes = {key: value for key, value in changes.items() if value is not None}
+    return {key: value for key, value in changes.items() if value is not None}
+
+
+def _changed_policy(directory: Path, changes: dict[str, Any]) -> OwnerPolicy | None:
+    """The node's policy with `changes` applied (checked, not saved); None if it has none."""
+    from client.policy import OwnerPolicy, PolicyError, load_policy, policy_path
+
     if policy_path(directory).exists():
-        policy = load_policy(directory).replace(**changes)
-    elif budget_epsilon is not None:
-        policy = OwnerPolicy(**changes)
-    elif changes:
+        return load_policy(directory).replace(**changes)
+    if "budget_epsilon" in changes:
+        return OwnerPolicy(**changes)
+    if changes:
         raise PolicyError("a new policy needs your budget: add --budget-epsilon E")
-    else:
-        return None
-    save_policy(directory, policy)
-    return policy
+    return None
 
 
 def _show_policy(policy: OwnerPolicy) -> None:
@@ -137,15 +137,14 @@ def init(
 ) -> None:
     """Create this node's key pair, approve FedModel's installed task, set the policy."""
     from client.identity import init_node
+    from client.policy import save_policy
     from client.tasks import BUILTIN_TASK, approve
 
-    if budget_epsilon is None and not (directory / "policy.json").exists():
-        options = (budget_delta, allow_no_dp, max_local_epochs, max_rounds,
-                   release_statistics, release_evaluation, release_train_loss)  # fmt: skip
-        if any(option is not None for option in options):
-            from client.policy import PolicyError
-
-            raise PolicyError("a new policy needs your budget: add --budget-epsilon E")
+    changes = _policy_changes(
+        budget_epsilon, budget_delta, allow_no_dp, max_local_epochs,
+        max_rounds, release_statistics, release_evaluation, release_train_loss,
+    )  # fmt: skip
+    policy = _changed_policy(directory, changes)  # a mistake stops before any key is made
     identity = init_node(directory, force)
     console.print(f"Node key created: {identity.private_key} (private, mode 0600, keep it here)")
     console.print(f"Public key:       {identity.public_key}")
@@ -155,11 +154,8 @@ def init(
         f"Approved task {approved.name} {approved.version} (source SHA-256 "
         f"{approved.sha256[:16]}...): the only code this node runs"
     )
-    policy = _updated_policy(
-        directory, budget_epsilon, budget_delta, allow_no_dp, max_local_epochs,
-        max_rounds, release_statistics, release_evaluation, release_train_loss,
-    )  # fmt: skip
     if policy is not None:
+        save_policy(directory, policy)
         _show_policy(policy)
     console.print(
         "Send the public key to the federation operator and confirm the fingerprint with "
@@ -251,7 +247,7 @@ def start(
 ) -> None:
     """Check the data, bundle and policy, then serve the federation from the local file."""
     from client.identity import load_join_bundle, node_identity
-    from client.policy import PolicyError
+    from client.policy import PolicyError, save_policy
     from client.supernode import (
         SUPERNODE_EXITING,
         NodeLaunch,
@@ -269,10 +265,11 @@ def start(
     bundle = load_join_bundle(join, identity)
     table = load_table(data, label)  # fails here, before any connection, on a bad file
     check_device(device)
-    policy = _updated_policy(
-        directory, budget_epsilon, budget_delta, allow_no_dp, max_local_epochs,
+    changes = _policy_changes(
+        budget_epsilon, budget_delta, allow_no_dp, max_local_epochs,
         max_rounds, release_statistics, release_evaluation, release_train_loss,
     )  # fmt: skip
+    policy = _changed_policy(directory, changes)
     if policy is None:
         raise PolicyError(
             "this node has no privacy budget yet: add --budget-epsilon E (your epsilon for "
@@ -282,6 +279,7 @@ def start(
         f"{data}: {len(table)} rows, {table.num_features} features, "
         f"{int(table.labels.sum())} positive '{label}'"
     )
+    save_policy(directory, policy)
     _show_policy(policy)
     console.print(
         f"Joining {bundle.fleet_address} as '{bundle.node_name}' "

@@ -62,9 +62,9 @@ def with_common_metrics(replies: list[Message]) -> list[Message]:
     """
     if not replies:
         return replies
-    common = set.intersection(*(set(r.content["metrics"].keys()) for r in replies))
+    common = set.intersection(*(set(r.content.metric_records["metrics"]) for r in replies))
     for reply in replies:
-        metrics = reply.content["metrics"]
+        metrics = reply.content.metric_records["metrics"]
         reply.content["metrics"] = MetricRecord({k: metrics[k] for k in metrics if k in common})
     return replies
 
