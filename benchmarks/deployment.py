@@ -11,14 +11,18 @@ variants alternate; every run starts with empty privacy ledgers, so no budget st
 
 Per round (rounds 2..R; round 1 also holds start-up and the query round):
 - round s: time between successive `fedmodel run` progress lines (stamped on arrival);
-- at node s: max over nodes of the SuperNode's "Receiving" -> "Sending" time of the
-  round's train plus evaluate message (its executor's polling, the ClientApp, its reply
-  poll), from the SuperNode's log lines, stamped as they are written;
+- from each SuperNode's log lines, stamped as they are written, max over nodes of the
+  round's train plus evaluate message: idle s, from its previous reply "Sent
+  successfully" to "Receiving" the message (Flower's polling of the SuperLink, and the
+  wait for the slowest node), and at node s, from "Receiving" it to its reply "Sent
+  successfully" (pulling it, the executor, the ClientApp, pushing the reply);
 - ClientApp s (FedModel only): max over nodes of the executor's "answered in" for train
   plus evaluate (NODE/executor.log); overhead = round s - ClientApp s.
-Medians over rounds, then over repeats; ratio baseline / FedModel.
+Medians over rounds, then over repeats; ratio baseline / FedModel. With --keep the
+working directory stays, with every run's logs stamped on one clock (runs/*.stamped.*).
 
-Usage: python -m benchmarks.deployment [--rounds 10] [--nodes 2] [--repeats 1] [--csv PATH]
+Usage: python -m benchmarks.deployment [--rounds 10] [--nodes 2] [--repeats 1]
+       [--csv PATH] [--keep]
 """
 
 from __future__ import annotations
@@ -130,23 +134,22 @@ class LogClock:
         path.write_text("".join(f"{at - STARTED:9.2f} {line}\n" for at, line in self.lines))
 
     def _follow(self) -> None:
-        pending = ""
+        pending = b""
         while True:
             stopping = self._stop.is_set()  # one last read after the stop request
-            with contextlib.suppress(FileNotFoundError), self.path.open(errors="replace") as log:
+            with contextlib.suppress(FileNotFoundError), self.path.open("rb") as log:
                 log.seek(self._offset)
-                chunk = log.read()
+                pending += log.read()
                 self._offset = log.tell()
             now = time.monotonic()
-            pending += chunk
-            *complete, pending = pending.split("\n")
-            self.lines += [(now, line) for line in complete]
+            *complete, pending = pending.split(b"\n")
+            self.lines += [(now, line.decode(errors="replace")) for line in complete]
             if stopping:
                 return
             time.sleep(self._interval)
 
 
-def fedmodel(*args: str | Path, environment: dict[str, str], timeout: float = 180) -> str:
+def fedmodel(*args: str | Path | float, environment: dict[str, str], timeout: float = 180) -> str:
     """Run one fedmodel CLI command to completion; its stdout, or an error with its output."""
     command = [executable("fedmodel"), *map(str, args)]
     result = subprocess.run(
@@ -320,7 +323,10 @@ def wait_for_online(federation: Federation, count: int, timeout: float = 180) ->
     while (online := online_nodes(federation)) != count:
         for process in [*federation.clients, *federation.supernodes]:
             if process.poll() is not None:
-                raise RuntimeError(f"{process.args[:3]} exited {process.returncode}; see its log")
+                raise RuntimeError(
+                    f"a node process (pid {process.pid}) exited {process.returncode}; see "
+                    f"client-start.out and the SuperNode logs in {federation.root}/NODE (--keep)"
+                )
         if time.monotonic() > deadline:
             raise RuntimeError(f"{online} nodes online after {timeout:.0f} s, expected {count}")
         time.sleep(1)
@@ -507,7 +513,7 @@ class Summary:
 
 def summarize(times: list[RoundTime], variant: str) -> Summary:
     def median_of(name: str) -> float:
-        per_repeat = defaultdict(list)
+        per_repeat: dict[int, list[float]] = defaultdict(list)
         for row in times:
             if row.variant == variant:
                 per_repeat[row.repeat].append(getattr(row, name))

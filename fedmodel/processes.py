@@ -96,6 +96,7 @@ def stop_group(pid: int, timeout: float = 15.0) -> None:
     """SIGTERM process group `pid` (a session leader we started), SIGKILL what remains."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once resumed
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and group_alive(pid):
         _reap(pid)

@@ -130,14 +130,17 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
         (root / f"{name}.join").write_text(forged.to_json())
         refused[name] = background(
             "client", "start", "--dir", root / name, "--join", root / f"{name}.join",
-            "--data", data["hospital-a"], "--label", "death", "--max-wait-time", "10", *extra,
+            "--data", data["hospital-a"], "--label", "death", "--max-wait-time", "10",
+            "--budget-epsilon", "1", *extra,
             log=root / f"{name}.out",
         )  # fmt: skip
         started.append(refused[name])
 
-    # Train with all four. As soon as round 1 is reported (round 2 is under way),
-    # hospital-c is revoked and hospital-d's SuperNode is SIGKILLed: round 2 completes with
-    # the other two (--min-clients 2). Once a and b have started round 3 (their write-ahead
+    # Train with all four. Once c and d have answered round 1's evaluation, their node
+    # executors are paused (SIGSTOP), so neither can answer round 2 (an executor answers
+    # in well under a second: without the pause this raced); then c is revoked and d's
+    # SuperNode is SIGKILLed mid-round 2: round 2 completes with the other two
+    # (--min-clients 2). Once a and b have started round 3 (their write-ahead
     # ledger entries), the coordinator (SuperLink and ServerApp) is SIGKILLed; restarted,
     # `run --resume` trains round 3 again from round 2's checkpoint. Round 3 was released
     # twice, so it is spent twice: the owners' budget (3.0) leaves room for that.
@@ -149,6 +152,10 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
         log=root / "run.out",
     )  # fmt: skip
     started.append(run)
+    for site in ("hospital-c", "hospital-d"):
+        # after its evaluation reply, a SuperNode sleeps 3 s before it pulls again
+        wait_for_text(root / site / "executor.log", "evaluate: answered", run, 400)
+        os.killpg(int((root / site / "executor.pid").read_text()), signal.SIGSTOP)
     wait_for_text(root / "run.out", "round 1/3", run, 400)
     revoke = fedmodel("server", "revoke", "hospital-c", "--dir", server)
     assert revoke.returncode == 0, revoke.stderr
@@ -179,7 +186,7 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
     assert [row["round"] for row in summary["per_round"]] == [1, 2, 3]
     clients_per_round = [row["clients"] for row in summary["per_round"]]
     assert clients_per_round[0] == 4 and clients_per_round[2:] == [2]
-    assert clients_per_round[1] in (2, 3)  # c's round-2 reply may beat its revocation
+    assert clients_per_round[1] == 2  # c's and d's executors were paused before round 2
     assert summary["per_round"][1]["errors"] + summary["per_round"][1]["timeouts"] >= 1
     assert sorted(client["node"] for client in summary["clients"]) == sites
     for client in summary["clients"]:
@@ -188,7 +195,7 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
         assert 0 < client["epsilon"] <= 3.0 + 1e-6
         rounds_trained = len(client["epsilon_by_round"])
         if client["node"] == "hospital-c":
-            assert rounds_trained in (1, 2)
+            assert rounds_trained == 1
             continue
         if client["node"] == "hospital-d":
             assert rounds_trained == 1
@@ -264,6 +271,8 @@ def test_client_start_checks_data_and_bundle_before_connecting(tmp_path: Path) -
                                    "--label", "outcome"),
         "not a FedModel join bundle": ("--join", tmp_path / "junk.join", "--data",
                                        tmp_path / "site.csv", "--label", "death"),
+        "no privacy budget yet": ("--join", bundle, "--data", tmp_path / "site.csv",
+                                  "--label", "death"),
     }  # fmt: skip
     for message, args in cases.items():
         result = fedmodel("client", "start", "--dir", tmp_path / "node", *args, timeout=60)
