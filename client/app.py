@@ -17,9 +17,12 @@ from flwr.clientapp import ClientApp
 
 from client.attacks import simulated_attack_mod
 from client.local_data import (
+    Metrics,
     client_data,
     describe_local_data,
     evaluate_local_data,
+    holdout_metrics,
+    is_deployed,
     records_fingerprint,
 )
 from fedmodel.config import RunConfig
@@ -36,9 +39,10 @@ from fedmodel.privacy.budget import (
 )
 from fedmodel.privacy.ledger import PrivacyLedger, dataset_fingerprint
 from fedmodel.privacy.signing import LedgerSigner
+from fedmodel.protocol import EVALUATION_PREFIX
 from fedmodel.training import TrainResult, select_device, train_dp, train_plain
 
-TrainMetrics = dict[str, int | float | list[int] | list[float]]
+TrainMetrics = Metrics
 
 app = ClientApp(mods=[simulated_attack_mod])
 # Deployed nodes describe their own file (query) and score global models on it (evaluate).
@@ -55,13 +59,19 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(str(round_config["server-round"]))
     proximal_mu = float(str(round_config.get("proximal-mu", 0.0)))  # sent by FedProx
     global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    evaluation: TrainMetrics = {}
+    if is_deployed(context):  # score what was received first: no evaluate message needed
+        scores = holdout_metrics(msg, context, global_state)
+        evaluation = {EVALUATION_PREFIX + key: value for key, value in scores.items()}
     try:
         state, metrics = train_local_model(
             config, context, partition_id, data, global_state, server_round, proximal_mu
         )
     except BudgetExhausted as refusal:
         return Message(error=Error(BUDGET_EXHAUSTED_CODE, str(refusal)), reply_to=msg)
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+    content = RecordDict(
+        {"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics | evaluation)}
+    )
     return Message(content=content, reply_to=msg)
 
 

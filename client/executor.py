@@ -62,7 +62,7 @@ from client.supernode import SECRET_FILE
 from client.tasks import installed_task
 from fedmodel.audit_log import append_event
 from fedmodel.config import RunConfig
-from fedmodel.protocol import POLICY_REFUSED_CODE
+from fedmodel.protocol import EVALUATION_PREFIX, POLICY_REFUSED_CODE
 
 AUDIT_FILE = "node-audit.jsonl"
 POLL_INTERVAL_S = 0.1  # between AcquireTask calls on the local Runtime API
@@ -78,7 +78,9 @@ _AUTHENTICATED_METHODS = frozenset(
     }
 )
 # Metric keys that count the owner's rows: they leave the node rounded
-_COUNT_KEYS = ("num-examples", "auroc-weight")
+_COUNT_KEYS = frozenset(
+    prefix + key for key in ("num-examples", "auroc-weight") for prefix in ("", EVALUATION_PREFIX)
+)
 
 
 class NodeExecutor:
@@ -184,13 +186,16 @@ class NodeExecutor:
 
 
 def released(policy: OwnerPolicy, reply: Message) -> Message:
-    """The reply as the owner's release rules allow: counts rounded, loss withheld."""
+    """The reply as the owner's release rules allow: counts rounded, loss withheld,
+    evaluation metrics only when the owner releases them."""
     if reply.has_error() or "metrics" not in reply.content.metric_records:
         return reply
     metrics = reply.content.metric_records["metrics"]
     shaped = MetricRecord()
     for key, value in metrics.items():
         if key == "train-loss" and not policy.release_train_loss:
+            continue
+        if key.startswith(EVALUATION_PREFIX) and not policy.release_evaluation:
             continue
         if key in _COUNT_KEYS and isinstance(value, int | float) and value > 0:
             step = policy.count_rounding

@@ -29,6 +29,7 @@ NODE_NAME_KEY = "node-name"
 STATISTICS_KEY = "feature-statistics"  # server/deployment.py sends it under this key
 CLIENT_INDEX_KEY = "client-index"  # JSON {node id: client index}, from the server
 HOLDOUT_FRACTION = 0.2
+Metrics = dict[str, int | float | list[int] | list[float]]  # a MetricRecord's content
 HOLDOUT_SEED = 20_240_401  # fixed: the held-out rows must not move between rounds
 
 
@@ -82,25 +83,29 @@ def describe_local_data(msg: Message, context: Context) -> Message:
 
 def evaluate_local_data(msg: Message, context: Context) -> Message:
     """Evaluate handler: score the global model on this node's held-out rows."""
+    state = msg.content.array_records["arrays"].to_torch_state_dict()
+    record = MetricRecord(holdout_metrics(msg, context, state))
+    return Message(RecordDict({"metrics": record}), reply_to=msg)
+
+
+def holdout_metrics(msg: Message, context: Context, state: dict[str, torch.Tensor]) -> Metrics:
+    """Loss, accuracy and AUROC of the model `state` on this node's held-out rows."""
     torch.set_num_threads(1)
     config = RunConfig.from_run_config(context.run_config)
     shared = msg.content.config_records["config"]
     _, holdout = _split_node_table(context, str(shared[STATISTICS_KEY]))
     model = build_model(config.model, holdout.num_features)
-    model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+    model.load_state_dict(state)
     metrics = evaluate(model, holdout) if len(holdout) else {}
     auroc = metrics.get("auroc", float("nan"))
-    record = MetricRecord(
-        {
-            "num-examples": len(holdout),
-            "loss": metrics.get("loss", 0.0),
-            "accuracy": metrics.get("accuracy", 0.0),
-            # AUROC is undefined on a one-class holdout: report it with weight 0
-            "auroc": auroc if np.isfinite(auroc) else 0.0,
-            "auroc-weight": len(holdout) if np.isfinite(auroc) else 0,
-        }
-    )
-    return Message(RecordDict({"metrics": record}), reply_to=msg)
+    return {
+        "num-examples": len(holdout),
+        "loss": metrics.get("loss", 0.0),
+        "accuracy": metrics.get("accuracy", 0.0),
+        # AUROC is undefined on a one-class holdout: report it with weight 0
+        "auroc": auroc if np.isfinite(auroc) else 0.0,
+        "auroc-weight": len(holdout) if np.isfinite(auroc) else 0,
+    }
 
 
 def _data_file(context: Context) -> tuple[str, str]:

@@ -8,3 +8,6 @@ Both roles import these; neither imports the other.
 POLICY_REFUSED_CODE = 4002
 # The ServerApp's log line for a node's refusal; `fedmodel run` shows these lines
 REFUSAL_MARKER = "refused by node"
+# Deployed train replies also score the global model they received on the node's
+# held-out rows (one message per round instead of two); those metrics carry this prefix
+EVALUATION_PREFIX = "eval-"

@@ -46,12 +46,16 @@ def background(
         )
 
 
-def wait_for_text(path: Path, text: str, process: subprocess.Popen[str], timeout: float) -> None:
+def wait_for_text(
+    path: Path, text: str, process: subprocess.Popen[str], timeout: float, count: int = 1
+) -> None:
+    """Until `text` appears `count` times in `path`, while `process` lives."""
     deadline = time.monotonic() + timeout
-    while text not in path.read_text():
+    while (path.read_text() if path.exists() else "").count(text) < count:
         if process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"'{text}' never appeared in {path}:\n{path.read_text()[-3000:]}")
-        time.sleep(0.5)
+            found = path.read_text()[-3000:] if path.exists() else "(no file)"
+            pytest.fail(f"'{text}' did not appear {count} time(s) in {path}:\n{found}")
+        time.sleep(0.1)
 
 
 def wait_until_online(server: Path, count: int, timeout: float = 180) -> None:

@@ -13,7 +13,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -61,14 +61,20 @@ def _wait_for_ledger_round(
     sites: list[Path], server_round: int, process: subprocess.Popen[str], timeout: float
 ) -> None:
     """Until every site's ledger holds a write-ahead entry for `server_round`."""
+
+    def reached() -> bool:
+        ledgers = [PrivacyLedger(site / "privacy-ledger.sqlite") for site in sites]
+        return all(server_round in {e.server_round for e in led.entries()} for led in ledgers)
+
+    _wait_for(reached, process, timeout, f"not every ledger of {sites} reached {server_round}")
+
+
+def _wait_for(done: Callable[[], bool], process: subprocess.Popen[str], timeout: float,
+              failure: str) -> None:  # fmt: skip
     deadline = time.monotonic() + timeout
-    while not all(
-        server_round
-        in {e.server_round for e in PrivacyLedger(site / "privacy-ledger.sqlite").entries()}
-        for site in sites
-    ):
+    while not done():
         if process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"not every ledger of {sites} reached round {server_round}")
+            pytest.fail(failure)
         time.sleep(0.1)
 
 
@@ -136,14 +142,16 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
         )  # fmt: skip
         started.append(refused[name])
 
-    # Train with all four. Once c and d have answered round 1's evaluation, their node
-    # executors are paused (SIGSTOP), so neither can answer round 2 (an executor answers
-    # in well under a second: without the pause this raced); then c is revoked and d's
-    # SuperNode is SIGKILLed mid-round 2: round 2 completes with the other two
-    # (--min-clients 2). Once a and b have started round 3 (their write-ahead
-    # ledger entries), the coordinator (SuperLink and ServerApp) is SIGKILLed; restarted,
-    # `run --resume` trains round 3 again from round 2's checkpoint. Round 3 was released
-    # twice, so it is spent twice: the owners' budget (3.0) leaves room for that.
+    # Train with all four. A deployed round is one train message per node (it also
+    # evaluates the model it received), answered in well under a second, so each crash
+    # below is staged by pausing node executors (SIGSTOP) at a known state, never by
+    # timing. Once c and d have answered round 1 and the server has checkpointed it, c
+    # is revoked and d's SuperNode SIGKILLed, their executors paused: round 2 completes
+    # with a and b (--min-clients 2). Once a and b have answered round 2, their
+    # executors are paused; when round 3 has reached both of them, the coordinator
+    # (SuperLink and ServerApp) is SIGKILLed, and the resumed executors train round 3
+    # for a coordinator that is gone. Restarted, `run --resume` trains round 3 again from
+    # round 2's checkpoint: round 3 is spent twice, within the owners' budget (3.0).
     wait_until_online(server, 4)
     started_at = time.monotonic()
     run = background(
@@ -152,21 +160,34 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
         log=root / "run.out",
     )  # fmt: skip
     started.append(run)
+
+    def executor_group(site: str) -> int:
+        return int((root / site / "executor.pid").read_text())
+
     for site in ("hospital-c", "hospital-d"):
-        # after its evaluation reply, a SuperNode sleeps 3 s before it pulls again
-        wait_for_text(root / site / "executor.log", "evaluate: answered", run, 400)
-        os.killpg(int((root / site / "executor.pid").read_text()), signal.SIGSTOP)
-    wait_for_text(root / "run.out", "round 1/3", run, 400)
+        # after its reply, a SuperNode sleeps 3 s before it pulls round 2
+        wait_for_text(root / site / "executor.log", "train: answered", run, 400)
+        os.killpg(executor_group(site), signal.SIGSTOP)
+    checkpoint = root / "run" / "checkpoints" / "round-0001.pt"
+    _wait_for(checkpoint.exists, run, 400, "round 1 was never checkpointed")
     revoke = fedmodel("server", "revoke", "hospital-c", "--dir", server)
     assert revoke.returncode == 0, revoke.stderr
     os.killpg(int((root / "hospital-d" / "supernode.pid").read_text()), signal.SIGKILL)
     # The revoked node is cut off (round 2 waits for d's missed heartbeats meanwhile).
     assert _wait_for_exit(nodes["hospital-c"], 180) != 0
     assert "disconnected this node" in (root / "hospital-c.out").read_text()
-    wait_for_text(root / "run.out", "round 2/3", run, 400)
-    _wait_for_ledger_round([root / "hospital-a", root / "hospital-b"], 3, run, 400)
+    survivors = ("hospital-a", "hospital-b")
+    for site in survivors:
+        wait_for_text(root / site / "executor.log", "train: answered", run, 400, count=2)
+        os.killpg(executor_group(site), signal.SIGSTOP)
+    for site in survivors:  # round 3 has reached each node (after the query, 2 rounds)
+        wait_for_text(root / site / "supernode.log", "Received successfully", run, 400, 4)
     os.killpg(int((server / "superlink.pid").read_text()), signal.SIGKILL)
     assert _wait_for_exit(run, 120) != 0  # its coordinator is gone
+    for site in survivors:
+        os.killpg(executor_group(site), signal.SIGCONT)
+    _wait_for_ledger_round([root / s for s in survivors], 3, nodes["hospital-a"], 400)
+    assert "round 1/3" in (root / "run.out").read_text()
     assert "round 3/3" not in (root / "run.out").read_text()
     assert not (root / "run" / "checkpoints" / "round-0003.pt").exists()
 
@@ -180,7 +201,8 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
     assert _wait_for_exit(resumed, 400) == 0, (root / "resumed.out").read_text()
     elapsed = time.monotonic() - started_at
     output = (root / "resumed.out").read_text()
-    assert "round 3/3" in output and "round 2/3" not in output
+    # round 2's evaluation rides on round 3's train replies: it is reported on resume
+    assert "round 2/3" in output and "round 3/3" in output and "round 1/3" not in output
     summary = json.loads((root / "run" / "summary.json").read_text())
     assert summary["completed"] and summary["rounds"] == 3 and summary["scenario"] == "deployment"
     assert [row["round"] for row in summary["per_round"]] == [1, 2, 3]
