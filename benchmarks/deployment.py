@@ -9,15 +9,20 @@ SuperExec starts one `flwr-clientapp` per message, which installs the run's FAB 
 imports the ClientApp), and the same `fedmodel run` again. With --repeats the two
 variants alternate; every run starts with empty privacy ledgers, so no budget stops one.
 
-Per round (rounds 2..R; round 1 also holds start-up and the query round):
-- round s: time between successive `fedmodel run` progress lines (stamped on arrival);
-- from each SuperNode's log lines, stamped as they are written, max over nodes of the
-  round's train plus evaluate message: idle s, from its previous reply "Sent
-  successfully" to "Receiving" the message (Flower's polling of the SuperLink, and the
-  wait for the slowest node), and at node s, from "Receiving" it to its reply "Sent
-  successfully" (pulling it, the executor, the ClientApp, pushing the reply);
-- ClientApp s (FedModel only): max over nodes of the executor's "answered in" for train
-  plus evaluate (NODE/executor.log); overhead = round s - ClientApp s.
+A deployed round is one train message per node: the node scores the model it receives
+on its held-out rows, then trains, so round t's train replies carry round t-1's
+evaluation, and `fedmodel run` prints round t-1's progress line when they are in.
+Per train round t = 3..R (round 1 also holds start-up and the query round; round 2's
+cycle starts before round 1's line):
+- round s: time between the progress lines of rounds t-2 and t-1 (stamped on arrival),
+  which is round t's train cycle;
+- from each SuperNode's log lines, stamped as they are written, max over nodes for
+  round t's train message: idle s, from its previous reply "Sent successfully" to
+  "Receiving" the message (Flower's polling of the SuperLink, and the wait for the
+  slowest node), and at node s, from "Receiving" it to its reply "Sent successfully"
+  (pulling it, the executor, the ClientApp, pushing the reply);
+- ClientApp s (FedModel only): max over nodes of the executor's "answered in" for the
+  message (NODE/executor.log); overhead = round s - ClientApp s.
 Medians over rounds, then over repeats; ratio baseline / FedModel. With --keep the
 working directory stays, with every run's logs stamped on one clock (runs/*.stamped.*).
 
@@ -429,15 +434,12 @@ def executor_times(log: Path, offset: int) -> dict[str, list[float]]:
     return durations
 
 
-def per_round(times: list[dict[str, list[float]]], server_round: int) -> float:
-    """Max over nodes of train + evaluate time in `server_round` (nan if not logged)."""
-    index = server_round - 1
-    totals = []
-    for node in times:
-        if len(node["train"]) <= index or len(node["evaluate"]) <= index:
-            return float("nan")
-        totals.append(node["train"][index] + node["evaluate"][index])
-    return max(totals)
+def per_round(times: list[dict[str, list[float]]], train_round: int) -> float:
+    """Max over nodes of the time of round `train_round`'s train message (nan if not logged)."""
+    index = train_round - 1
+    if any(len(node["train"]) <= index for node in times):
+        return float("nan")
+    return max(node["train"][index] for node in times)
 
 
 def measure(federation: Federation, variant: str, repeat: int, rounds: int) -> list[RoundTime]:
@@ -486,19 +488,19 @@ def measure(federation: Federation, variant: str, repeat: int, rounds: int) -> l
         RoundTime(
             variant=variant,
             repeat=repeat,
-            round=server_round,
-            round_s=arrived[server_round] - arrived[server_round - 1],
-            idle_s=per_round(list(idle), server_round),
-            node_s=per_round(list(at_node), server_round),
-            clientapp_s=per_round(in_app, server_round) if variant == OURS else float("nan"),
+            round=train_round,
+            round_s=arrived[train_round - 1] - arrived[train_round - 2],
+            idle_s=per_round(list(idle), train_round),
+            node_s=per_round(list(at_node), train_round),
+            clientapp_s=per_round(in_app, train_round) if variant == OURS else float("nan"),
         )
-        for server_round in range(2, rounds + 1)
+        for train_round in range(3, rounds + 1)
     ]
 
 
 @dataclass(frozen=True)
 class Summary:
-    """One variant: medians over rounds 2..R, then over repeats."""
+    """One variant: medians over train rounds 3..R, then over repeats."""
 
     variant: str
     round_s: float
@@ -528,8 +530,8 @@ def print_table(times: list[RoundTime], args: argparse.Namespace) -> None:
     ours, baseline = summarize(times, OURS), summarize(times, BASELINE)
     print(
         f"deployment on 127.0.0.1 over TLS: {args.nodes} nodes x {ROWS_PER_NODE} flchain rows, "
-        f"{args.rounds} rounds, epsilon {RUN_EPSILON:g}, CPU; medians over rounds "
-        f"2-{args.rounds}" + (f", then over {args.repeats} repeats" if args.repeats > 1 else "")
+        f"{args.rounds} rounds, epsilon {RUN_EPSILON:g}, CPU; medians over train rounds "
+        f"3-{args.rounds}" + (f", then over {args.repeats} repeats" if args.repeats > 1 else "")
     )
     columns = ("round s", "idle s", "at node s", "ClientApp s", "overhead s", "x ours")
     print(f"{'variant':<24}" + "".join(f"{name:>12}" for name in columns))
@@ -542,17 +544,23 @@ def print_table(times: list[RoundTime], args: argparse.Namespace) -> None:
         f"({baseline.round_s - ours.round_s:+.2f} s)"
     )
     print(
-        "round s: between successive `fedmodel run` progress lines. Max over nodes, train + "
-        "evaluate: idle s, from a SuperNode's reply sent to its next message received; at node "
-        "s, from received to reply sent; ClientApp s, FedModel's executor's 'answered in'. "
-        "overhead = round - ClientApp."
+        "round s: between successive `fedmodel run` progress lines (one train message per "
+        "node). Max over nodes, per train message: idle s, from a SuperNode's reply sent to "
+        "its next message received; at node s, from received to reply sent; ClientApp s, "
+        "FedModel's executor's 'answered in'. overhead = round - ClientApp."
     )
     print(
         f"Flower's polling floor: a SuperNode sleeps {SUPERNODE_IDLE_SLEEP_S:g} s after an empty "
-        "pull from the SuperLink (flwr/supernode/start_client_internal.py) and a round is 2 "
-        f"messages per node (train, evaluate), so up to ~{2 * SUPERNODE_IDLE_SLEEP_S:g} s per "
-        "round is Flower's polling, which FedModel cannot shorten without patching Flower; "
-        "FedModel's ServerApp already polls replies every 0.1 s (server/polling_grid.py)."
+        "pull from the SuperLink (flwr/supernode/start_client_internal.py), and it pulls right "
+        "after sending its reply, before the server has the next message: so every message "
+        f"waits ~{SUPERNODE_IDLE_SLEEP_S:g} s at the node, which FedModel cannot shorten "
+        "without patching Flower. FedModel sends one message per round (evaluation rides on "
+        "the next train message) and its ServerApp polls replies every 0.1 s "
+        "(server/polling_grid.py)."
+    )
+    print(
+        f"overhead beyond training and Flower's floor (ours): "
+        f"{ours.overhead_s - SUPERNODE_IDLE_SLEEP_S:.2f} s per round"
     )
 
 
@@ -594,14 +602,14 @@ def federation_on_loopback(nodes: int, keep: bool) -> Iterator[Federation]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10, help="rounds per run (at least 2)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds per run (at least 3)")
     parser.add_argument("--nodes", type=int, default=2, help="enrolled nodes (1-19)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant, alternating")
     parser.add_argument("--csv", type=Path, help="also write every measured round here")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs)")
     args = parser.parse_args()
-    if args.rounds < 2 or not 1 <= args.nodes <= 19 or args.repeats < 1:
-        parser.error("--rounds must be at least 2, --nodes 1-19, --repeats at least 1")
+    if args.rounds < 3 or not 1 <= args.nodes <= 19 or args.repeats < 1:
+        parser.error("--rounds must be at least 3, --nodes 1-19, --repeats at least 1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on SIGTERM too
     times: list[RoundTime] = []
     with federation_on_loopback(args.nodes, args.keep) as federation:
