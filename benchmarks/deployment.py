@@ -205,17 +205,9 @@ def start_fedmodel_nodes(federation: Federation) -> None:
             "--join", str(federation.bundle(node)), "--data", str(federation.data(node)),
             "--label", LABEL, "--device", "cpu",
         ]  # fmt: skip
-        with (directory / "client-start.out").open("ab") as out:
-            federation.clients.append(
-                subprocess.Popen(
-                    command,
-                    env=federation.environment,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+        federation.clients.append(
+            _start_logged(command, directory / "client-start.out", federation.environment)
+        )
 
 
 def stop_fedmodel_nodes(federation: Federation) -> None:
@@ -293,18 +285,30 @@ def start_flower_nodes(federation: Federation) -> None:
         environment = tool_environment(directory / "flwr-home")  # the FAB is installed there
         environment["CUDA_VISIBLE_DEVICES"] = ""  # as FedModel's `--device cpu` does
         environment[CACHE_DIR_VARIABLE] = federation.environment[CACHE_DIR_VARIABLE]
-        with (directory / "baseline-supernode.log").open("ab") as log:
-            federation.supernodes.append(
-                subprocess.Popen(
-                    baseline_command(federation, node),
-                    cwd=directory,
-                    env=environment,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+        federation.supernodes.append(
+            _start_logged(
+                baseline_command(federation, node),
+                directory / "baseline-supernode.log",
+                environment,
+                cwd=directory,
             )
+        )
+
+
+def _start_logged(
+    command: list[str], log: Path, environment: dict[str, str], cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """`command` in its own session, its output appended to `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def stop_flower_nodes(federation: Federation) -> None:
