@@ -168,12 +168,13 @@ def status(directory: NodeDir) -> None:
     """Show this node's policy, approved tasks, and whether it is running."""
     from client.identity import node_identity
     from client.policy import load_policy
-    from client.supernode import running_supernode
+    from client.supernode import running_process
 
     identity = node_identity(directory)
     console.print(f"Node {directory}: key fingerprint {identity.fingerprint}")
-    pid = running_supernode(directory)
-    console.print("SuperNode: " + (f"running (pid {pid})" if pid else "not running"))
+    for name, program in (("SuperNode", "flower-supernode"), ("Executor", "client.executor")):
+        pid = running_process(directory, program)
+        console.print(f"{name}: " + (f"running (pid {pid})" if pid else "not running"))
     _show_policy(load_policy(directory))
     _show_approvals(directory)
 

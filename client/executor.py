@@ -135,7 +135,12 @@ class NodeExecutor:
         try:
             message, context = pull_task(runtime)
             started = time.monotonic()
-            reply, refusal = self._decide(message, context)
+            try:
+                reply, refusal = self._decide(message, context)
+            except Exception:  # e.g. an unreadable policy: still an answer, never a hang
+                traceback.print_exc()
+                refusal = "the node could not review the request (see its executor.log)"
+                reply = Message(Error(POLICY_REFUSED_CODE, refusal), reply_to=message)
             push_message(runtime, reply, context)
             status, details = SubStatus.COMPLETED, ""
             self._record(context, message, refusal, time.monotonic() - started)

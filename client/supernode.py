@@ -10,7 +10,6 @@ Its local runtime API listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from fedmodel.errors import FedModelError
 from fedmodel.pki import JoinBundle, NodeIdentity, write_private_file, write_public_file
-from fedmodel.processes import executable, tool_environment
+from fedmodel.processes import executable, plain_lines, tool_environment
 
 SECRET_FILE = "superexec.secret"  # the Runtime API secret shared with the executor
 # Flower's SuperNode exit lines, in words a data owner can act on
@@ -32,7 +31,6 @@ _REFUSALS = {  # Flower's node-side error lines read "[code: 2004] Failed to act
 }
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # What Flower's SuperNode logs once it has decided to exit (a signal, or a refusal)
 SUPERNODE_EXITING = ("terminated gracefully", "Exit Code:")
 
@@ -111,14 +109,19 @@ def supernode_environment(device: str) -> dict[str, str]:
     return environment
 
 
-def running_supernode(directory: Path) -> int | None:
-    """PID of the SuperNode already running for this node directory, if any."""
+def running_process(directory: Path, name: str) -> int | None:
+    """PID of this node directory's running `name` (flower-supernode or client.executor).
+
+    Read from NODE/<role>.pid and checked against the process's command line, so a stale
+    PID file naming some other process never counts.
+    """
+    role = "supernode" if name == "flower-supernode" else "executor"
     try:
-        pid = int((directory / "supernode.pid").read_text().strip())
+        pid = int((directory / f"{role}.pid").read_text().strip())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    if b"flower-supernode" in cmdline and str(directory.absolute()).encode() in cmdline:
+    if name.encode() in cmdline and str(directory.absolute()).encode() in cmdline:
         return pid
     return None
 
@@ -130,7 +133,7 @@ def start_node(launch: NodeLaunch) -> tuple[subprocess.Popen[bytes], subprocess.
     directory: a second one would share its key (Flower refuses a key that is already
     online) and its files. A fresh Runtime API secret (0600) is made for each start.
     """
-    running = running_supernode(launch.directory)
+    running = running_process(launch.directory, "flower-supernode")
     if running is not None:
         raise SuperNodeError(
             f"a SuperNode for {launch.directory} is already running (pid {running}); "
@@ -168,7 +171,7 @@ def explain_exit(log_text: str) -> str:
     for marker, meaning in _REFUSALS.items():
         if marker in log_text:
             return meaning
-    lines = [_ANSI.sub("", line).strip() for line in log_text.splitlines()]
+    lines = plain_lines(log_text)
     lines = [line for line in lines if line]
     for number, line in enumerate(lines[:-1]):
         if "Exit Code:" in line:  # Flower prints the reason on the next line

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -46,6 +47,14 @@ def tool_environment(flwr_home: Path | None = None) -> dict[str, str]:
     if flwr_home is not None:
         environment["FLWR_HOME"] = str(flwr_home)
     return environment
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in Flower's log lines
+
+
+def plain_lines(text: str) -> list[str]:
+    """The lines of a tool's log, without colour codes or surrounding blanks."""
+    return [_ANSI.sub("", line).strip() for line in text.splitlines()]
 
 
 def free_port() -> int:

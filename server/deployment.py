@@ -186,7 +186,10 @@ def query_feature_statistics(
         merged = local if merged is None else merged.merge(local)
         names[reply.metadata.src_node_id] = str(answer.get("node-name", ""))
     if merged is None or len(names) < config.clients:
-        raise RuntimeError(f"only {len(names)} of {config.clients} nodes described their data")
+        raise RuntimeError(
+            f"only {len(names)} of {config.clients} nodes described their data (the others "
+            "refused or failed: see their reasons above)"
+        )
     log(INFO, "Feature statistics of %d rows from %d nodes: %d features", merged.rows,
         len(names), len(merged.feature_names()))  # fmt: skip
     return merged, names

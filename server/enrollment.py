@@ -32,10 +32,10 @@ from fedmodel.pki import (
     public_key_fingerprint,
     write_public_file,
 )
+from fedmodel.processes import plain_lines
 from server.superlink import CONNECTION, Federation, ServerError, _executable, server_environment
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _PEM_KEY = re.compile(r"-----BEGIN PUBLIC KEY-----(?:\\n|\s)+(.+?)(?:\\n|\s)+-----END PUBLIC KEY")
 
 
@@ -195,7 +195,7 @@ def record_refusals(federation: Federation) -> int:
 
 def parse_refusal(line: str, federation: Federation | None = None) -> dict[str, Any] | None:
     """The refusal a SuperLink log line reports, if any, without key material."""
-    line = _ANSI.sub("", line)
+    line = " ".join(plain_lines(line))
     if "ApiError:2004" in line:
         refusal: dict[str, Any] = {"reason": "unknown or revoked node key (ApiError 2004)"}
         fingerprint = _fingerprint_in(line)
@@ -251,5 +251,5 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def _last(text: str) -> str:
-    lines = [_ANSI.sub("", line).strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in plain_lines(text) if line]
     return lines[-1] if lines else ""

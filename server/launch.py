@@ -9,12 +9,13 @@ The run directory is written by the ServerApp, on this (the SuperLink's) host.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fedmodel.config import RunConfig
-from fedmodel.processes import executable
+from fedmodel.processes import executable, plain_lines
 from server.run_record import write_json_atomic
 from server.superlink import CONNECTION, Federation, ServerError, is_healthy, server_environment
 from simulations.runner import ProgressCallback, stream_run_output, write_flower_app
@@ -47,8 +48,19 @@ def launch_run(
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     if code != 0 or summary is None or not summary.get("completed"):
+        cause = last_exception((engine_dir / "flwr-run.log").read_text(errors="replace"))
         raise ServerError(
-            f"the run did not complete (flwr exit code {code}); its log is "
-            f"{engine_dir / 'flwr-run.log'} and the server's is {federation.path('superlink.log')}"
+            f"the run did not complete (flwr exit code {code}{'; ' + cause if cause else ''}); "
+            f"its log is {engine_dir / 'flwr-run.log'} and the server's is "
+            f"{federation.path('superlink.log')}"
         )
     return dict(summary)
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception): .+$")
+
+
+def last_exception(log_text: str) -> str | None:
+    """The ServerApp's last `SomeError: message` line in a run's log, if it raised."""
+    lines = plain_lines(log_text)
+    return next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), None)

@@ -130,6 +130,14 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinato
         assert not (root / "foreign-code-ran").exists()
 
 
+def test_the_owner_sees_its_running_node_and_its_policy(coordinator: Coordinator) -> None:
+    shown = fedmodel_cli("client", "status", "--dir", coordinator.node)
+    assert shown.returncode == 0, shown.stderr
+    assert "SuperNode: running" in shown.stdout and "Executor: running" in shown.stdout
+    assert "budget epsilon 3 at delta 1e-05; DP-SGD required" in shown.stdout
+    assert "Approved: fedmodel-tabular" in shown.stdout and "(ok)" in shown.stdout
+
+
 def test_a_foreign_app_never_runs_on_the_node(coordinator: Coordinator) -> None:
     # A run that names no installed task is refused outright.
     reply = coordinator.submit()
@@ -188,6 +196,7 @@ def test_the_operator_sees_refusals_and_an_honest_run_stays_in_budget(
     coordinator.refusals += 1
     assert refused.returncode != 0
     assert f"refused by node {SITE}: the run asks for DP mode 'off'" in refused.stdout
+    assert "only 0 of 1 nodes described their data" in refused.stderr  # why the run ended
 
     honest = fedmodel_cli(*common, "--epsilon", "1.0", "--output", coordinator.root / "run")
     assert honest.returncode == 0, honest.stdout + honest.stderr
