@@ -9,6 +9,7 @@ round that would take it past the owner's budget (fedmodel.privacy.budget).
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import torch
@@ -90,8 +91,8 @@ def train_local_model(
     BudgetExhausted, before any training, when the round would overspend.
     """
     torch.set_num_threads(1)  # one core per simulated client; more oversubscribes the box
-    seed = config.seed * 1_000_003 + partition_id * 1_009 + server_round
-    torch.manual_seed(seed)
+    seed = round_seed(config, context, partition_id, server_round)
+    torch.manual_seed(seed)  # DP noise (Opacus and the fused step draw from it)
 
     device = select_device(config.device)
     model = build_model(config.model, data.num_features, data.num_classes)
@@ -113,6 +114,21 @@ def train_local_model(
     metrics["train-loss"] = result.loss
     model.to("cpu")
     return model.state_dict(), metrics
+
+
+def round_seed(config: RunConfig, context: Context, partition_id: int, server_round: int) -> int:
+    """The seed of a round's DP noise and Poisson sampling.
+
+    Only a simulated node (node config `partition-id`, which the simulation engine sets
+    and a deployed owner's node config does not carry) follows the run config's seed, so
+    that simulations reproduce. A deployed node draws a fresh seed from the OS CSPRNG
+    (`secrets`) every round: the coordinator can neither choose nor predict its noise.
+    The stream itself is torch's generator, not a CSPRNG (Opacus's secure mode needs
+    torchcsprng, which has no torch 2.x build).
+    """
+    if "partition-id" in context.node_config:
+        return config.seed * 1_000_003 + partition_id * 1_009 + server_round
+    return secrets.randbits(63)
 
 
 def _train_private(
