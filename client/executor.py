@@ -52,7 +52,7 @@ from flwr.supercore.interceptors import (
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
@@ -100,7 +100,7 @@ class NodeExecutor:
                     master_secret=secret, protected_methods=_AUTHENTICATED_METHODS
                 ),
             ],
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=local_retry_invoker(),
         )
 
     def serve(self, keep_going: Callable[[], bool]) -> None:
@@ -126,7 +126,7 @@ class NodeExecutor:
                 RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                 RuntimeTokenHttpInterceptor(token),
             ],
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=local_retry_invoker(),
         )
         heartbeat = HeartbeatSender(_task_heartbeat(runtime))
         heartbeat.start()
@@ -241,6 +241,28 @@ def pull_task(runtime: RuntimeHttpClient) -> tuple[Message, Context]:
     return message, context
 
 
+def local_retry_invoker(max_time: float = 10.0) -> RetryInvoker:
+    """Retries for calls to the SuperNode on 127.0.0.1: transport errors and 503/504, for
+    at most `max_time` seconds; any other HTTP status is raised at once.
+
+    Flower's own HTTP invoker answers a 401 by sending SIGINT to its process, which
+    would end this long-lived executor on one expired task token.
+    """
+
+    def give_up(error: Exception) -> bool:
+        if isinstance(error, httpx.HTTPStatusError):
+            return error.response.status_code not in (503, 504)
+        return False
+
+    return RetryInvoker(
+        wait_gen_factory=lambda: exponential(base_delay=0.1, max_delay=1),
+        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+        max_tries=None,
+        max_time=max_time,
+        should_giveup=give_up,
+    )
+
+
 def _task_heartbeat(runtime: RuntimeHttpClient) -> Callable[[], bool]:
     """Keep the task alive; unlike Flower's, never signals this long-lived process."""
     request = SendTaskHeartbeatRequest()
@@ -279,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         executor = NodeExecutor(args.dir, args.runtime_api_address, secret)
         print(f"node executor serving {args.runtime_api_address}", flush=True)
         executor.serve(_alive(args.supernode_pid))
-    except Exception:  # without its executor the SuperNode would hold every task forever
+    except (Exception, KeyboardInterrupt):  # without an executor the SuperNode would hang
         traceback.print_exc()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(args.supernode_pid, signal.SIGTERM)

@@ -16,11 +16,13 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 import fedmodel
@@ -136,6 +138,40 @@ def test_the_owner_sees_its_running_node_and_its_policy(coordinator: Coordinator
     assert "SuperNode: running" in shown.stdout and "Executor: running" in shown.stdout
     assert "budget epsilon 3 at delta 1e-05; DP-SGD required" in shown.stdout
     assert "Approved: fedmodel-tabular" in shown.stdout and "(ok)" in shown.stdout
+
+
+def test_only_the_owners_executor_can_take_the_nodes_tasks(coordinator: Coordinator) -> None:
+    """A local process without the 0600 secret cannot acquire tasks from the Runtime API."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.interceptors import (
+        RuntimeVersionHttpInterceptor,
+        SuperExecAuthHttpInterceptor,
+    )
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    from client.executor import local_retry_invoker
+
+    secret = coordinator.node / "superexec.secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    pid = int((coordinator.node / "supernode.pid").read_text())
+    arguments = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    port = arguments[arguments.index("--port") + 1]
+    for guess in (None, b"not the secret"):
+        interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+        if guess is not None:
+            interceptors.append(
+                SuperExecAuthHttpInterceptor(
+                    master_secret=guess,
+                    protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}),
+                )
+            )
+        intruder = RuntimeHttpClient.from_server_address(
+            server_address=f"127.0.0.1:{port}", insecure=True, root_certificates=None,
+            interceptors=interceptors, retry_invoker=local_retry_invoker(max_time=5),
+        )  # fmt: skip
+        with pytest.raises(httpx.HTTPStatusError, match="401"):
+            intruder.AcquireTask(AcquireTaskRequest(supported_task_types=["flwr-clientapp"]))
+        intruder.close()
 
 
 def test_a_foreign_app_never_runs_on_the_node(coordinator: Coordinator) -> None:
