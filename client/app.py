@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from client.attacks import simulated_attack_mod
+from client.ledger_guard import ledger_run_id
 from client.local_data import (
     Metrics,
     client_data,
@@ -24,7 +25,6 @@ from client.local_data import (
     evaluate_local_data,
     holdout_metrics,
     is_deployed,
-    records_fingerprint,
 )
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, make_loader
@@ -38,7 +38,7 @@ from fedmodel.privacy.budget import (
     OwnerBudget,
     new_segments,
 )
-from fedmodel.privacy.ledger import PrivacyLedger, dataset_fingerprint
+from fedmodel.privacy.ledger import NODE_BUDGET, PrivacyLedger, dataset_fingerprint
 from fedmodel.privacy.signing import LedgerSigner
 from fedmodel.protocol import EVALUATION_PREFIX
 from fedmodel.training import TrainResult, select_device, train_dp, train_plain
@@ -147,11 +147,14 @@ def _train_private(
     returned history is everything ever spent on this dataset, this round included.
     """
     ledger = PrivacyLedger(ledger_path(config, context), ledger_signer(context))
-    fingerprint = records_fingerprint(context) or dataset_fingerprint(
-        *(tensor.numpy() for tensor in data.tensors())
+    # a deployed node's data all spend one budget; a simulated client's, its partition's
+    fingerprint = (
+        NODE_BUDGET
+        if is_deployed(context)
+        else dataset_fingerprint(*(tensor.numpy() for tensor in data.tensors()))
     )
     budget = owner_budget(config, context)
-    run_id = config.run_uid or str(context.run_id)  # run-uid survives --resume
+    run_id = ledger_run_id(config, context.run_id)
     sample_rate = 1.0 / len(loader)  # exactly the rate Opacus's Poisson sampler uses
     steps = config.local_epochs * len(loader)
     with ledger:  # one connection for the round's ledger steps

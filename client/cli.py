@@ -175,7 +175,12 @@ def status(directory: NodeDir) -> None:
     for name, program in (("SuperNode", "flower-supernode"), ("Executor", "client.executor")):
         pid = running_process(directory, program)
         console.print(f"{name}: " + (f"running (pid {pid})" if pid else "not running"))
-    _show_policy(load_policy(directory))
+    policy = load_policy(directory)
+    _show_policy(policy)
+    console.print(
+        f"Privacy ledger: {policy.ledger_entries} entries recorded (chain head "
+        f"{policy.ledger_head[:16]}...); start checks the ledger still extends it"
+    )
     _show_approvals(directory)
 
 
@@ -248,6 +253,7 @@ def start(
 ) -> None:
     """Check the data, bundle and policy, then serve the federation from the local file."""
     from client.identity import load_join_bundle, node_identity
+    from client.ledger_guard import check_ledger
     from client.policy import PolicyError, save_policy
     from client.supernode import (
         SUPERNODE_EXITING,
@@ -280,6 +286,7 @@ def start(
         f"{data}: {len(table)} rows, {table.num_features} features, "
         f"{int(table.labels.sum())} positive '{label}'"
     )
+    check_ledger(directory, policy)  # a missing or cut ledger would reset the budget
     save_policy(directory, policy)
     _show_policy(policy)
     console.print(

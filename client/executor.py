@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from flwr.app import Context, Error, Message, MetricRecord
+from flwr.app import Context, Error, Message, MessageType, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SubStatus
 from flwr.common.serde import context_from_proto
@@ -57,7 +57,8 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from client.policy import OwnerPolicy, load_policy, review
+from client.ledger_guard import check_ledger, ledger_run_id, record_head, replay_refusal
+from client.policy import OwnerPolicy, content_refusal, load_policy, review
 from client.supernode import SECRET_FILE
 from client.tasks import installed_task
 from fedmodel.audit_log import append_event
@@ -152,7 +153,15 @@ class NodeExecutor:
     def _decide(self, message: Message, context: Context) -> tuple[Message, str | None]:
         """The reply to `message`, and the refusal reason when it is a refusal."""
         policy = load_policy(self.directory)  # the owner may have changed it meanwhile
-        refusal = review(self.directory, policy, context.run_config, message.metadata.message_type)
+        kind = message.metadata.message_type
+        refusal = review(self.directory, policy, context.run_config, kind)
+        if refusal is None and kind in (MessageType.TRAIN, MessageType.EVALUATE):
+            refusal = content_refusal(message)
+        if refusal is None and kind == MessageType.TRAIN:
+            config = RunConfig.from_run_config(context.run_config)
+            server_round = int(str(message.content.config_records["config"]["server-round"]))
+            run_id = ledger_run_id(config, context.run_id)
+            refusal = replay_refusal(self.directory, run_id, server_round)
         if refusal is not None:
             return Message(Error(POLICY_REFUSED_CODE, refusal), reply_to=message), refusal
         context.node_config["budget-epsilon"] = policy.budget_epsilon
@@ -163,6 +172,8 @@ class NodeExecutor:
             print(f"the ClientApp raised {type(error).__name__}: {error}", flush=True)
             failed = Error(CLIENT_APP_FAILED_CODE, "the node failed to run the task")
             return Message(failed, reply_to=message), None
+        finally:
+            record_head(self.directory)  # whatever the round wrote to the ledger
         return released(policy, reply), None
 
     def _app(self, config: RunConfig) -> ClientApp:
@@ -296,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--supernode-pid", type=int, required=True)
     args = parser.parse_args(argv)
     secret = (args.dir / SECRET_FILE).read_bytes()
-    load_policy(args.dir)  # fail at once on a missing or broken policy
+    check_ledger(args.dir, load_policy(args.dir))  # fail at once on a broken policy or ledger
     try:
         executor = NodeExecutor(args.dir, args.runtime_api_address, secret)
         print(f"node executor serving {args.runtime_api_address}", flush=True)

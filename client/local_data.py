@@ -10,7 +10,6 @@ query round, so every node produces the same feature columns.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from functools import lru_cache
 
@@ -48,24 +47,6 @@ def client_data(config: RunConfig, context: Context, msg: Message) -> tuple[int,
     indices = json.loads(str(shared[CLIENT_INDEX_KEY]))
     train, _ = _split_node_table(context, str(shared[STATISTICS_KEY]))
     return int(indices[str(context.node_id)]), train
-
-
-def records_fingerprint(context: Context) -> str | None:
-    """A deployed node's dataset identity for its privacy ledger; None in simulation.
-
-    SHA-256 of the data file's bytes and the label column, not of the encoded training
-    tensors: their encoding uses the federation's statistics, which change whenever a
-    node joins or leaves (or a run is resumed without one), and the same records must
-    keep spending from the same budget. Any edit to the file is a new dataset.
-    """
-    if not is_deployed(context):
-        return None
-    path, label = _data_file(context)
-    digest = hashlib.sha256(f"label={label}\n".encode())
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_local_data(msg: Message, context: Context) -> Message:

@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import MessageType
+import numpy as np
+from flwr.app import Message, MessageType
 
 from client.tasks import approval_refusal, load_approvals
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError, FedModelError
 from fedmodel.pki import write_private_file
+from fedmodel.privacy.ledger import GENESIS_HASH
 
 POLICY_FILE = "policy.json"
 
@@ -54,6 +56,10 @@ class OwnerPolicy:
     release_evaluation: bool = True  # metrics of global models on held-out rows
     release_train_loss: bool = False
     count_rounding: int = 10  # example counts leave the node rounded to this
+    # Not options but the ledger's chain head, kept here, outside the ledger, so that a
+    # deleted or truncated ledger is noticed (client/ledger_guard.py)
+    ledger_entries: int = 0
+    ledger_head: str = GENESIS_HASH
 
     def __post_init__(self) -> None:
         checks = {
@@ -143,4 +149,20 @@ def review(
         return "the owner does not release feature statistics (they are not DP-protected)"
     if message_type == MessageType.EVALUATE and not policy.release_evaluation:
         return "the owner does not release evaluation metrics"
+    return None
+
+
+def content_refusal(message: Message) -> str | None:
+    """Why the node refuses a message's model: any non-finite parameter.
+
+    A crafted model (say, a hidden unit that overflows on one target record) is a probe
+    into the data, not a model to train or score.
+    """
+    for name, record in message.content.array_records.items():
+        for key, array in record.items():
+            if not np.isfinite(array.numpy()).all():
+                return (
+                    f"the model sent has non-finite values (NaN or inf) in "
+                    f"'{name}/{key}'; the node does not train or evaluate on it"
+                )
     return None

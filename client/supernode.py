@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.ledger_guard import ledger_path
 from fedmodel.errors import FedModelError
 from fedmodel.pki import JoinBundle, NodeIdentity, write_private_file, write_public_file
 from fedmodel.processes import executable, plain_lines, tool_environment
@@ -70,7 +71,7 @@ def node_config(launch: NodeLaunch) -> dict[str, str | float]:
         "data-path": str(launch.data_path.absolute()),
         "label": launch.label,
         "node-name": launch.bundle.node_name,
-        "ledger-path": str((launch.directory / "privacy-ledger.sqlite").absolute()),
+        "ledger-path": str(ledger_path(launch.directory).absolute()),
         "device": launch.device,
     }  # the owner's budget and limits live in the policy file, read by the executor
     return config

@@ -1,10 +1,12 @@
 """The data owner's privacy ledger: an append-only, hash-chained SQLite log of DP spending.
 
 Why a ledger and not Flower's `context.state`: that state lives in SuperNode memory for
-one run, so a budget kept there resets with every run and every restart. A privacy
-budget belongs to the data, so entries are keyed by a fingerprint of the dataset's
-content and the ledger file lives with the owner (deployed node: its node directory;
-simulation: one file per virtual client in the run's `ledgers/`).
+one run, so a budget kept there resets with every run and every restart. Entries are
+keyed by the budget they spend from: a deployed node keys every entry with
+`NODE_BUDGET`, so everything the node ever trained on shares the owner's one budget (a
+re-exported or appended file gets no fresh budget); a simulated client keys them by a
+fingerprint of its partition's content. The ledger file lives with the owner (deployed
+node: its node directory; simulation: one file per virtual client in the run's `ledgers/`).
 
 Write-ahead: a *pending* entry (the mechanism about to run) is appended before training
 and a *committed* entry (the mechanism exactly as Opacus ran it) after. Nothing is ever
@@ -15,8 +17,10 @@ Tamper evidence: each entry stores the previous entry's hash and its own SHA-256
 canonical encoding of every field (a hash chain), so editing, removing or reordering
 entries is detected by `verify_chain`. On deployed nodes each hash is also signed with
 the node's key (fedmodel.privacy.signing), so only that node can have written the
-chain. Truncating the tail is not detectable from the chain alone; the server's run
-record is the cross-check for that.
+chain. Truncating the tail or deleting the file is not detectable from the chain
+alone: a deployed node keeps the chain head (entry count and last hash) in its owner's
+policy file and refuses to start on a ledger that is missing, shorter or diverging
+(client/ledger_guard.py); the server's run record is a second cross-check.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from fedmodel.errors import FedModelError
 from fedmodel.privacy.accountant import ACCOUNTANT, Segment, epsilon_of, merge_segments
 
 GENESIS_HASH = "0" * 64
+NODE_BUDGET = "node"  # a deployed node's budget key: all its data shares one budget
 PENDING, COMMITTED = "pending", "committed"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
@@ -276,7 +281,20 @@ class PrivacyLedger:
         return entry, spent
 
     def commit(self, pending: LedgerEntry, used: Segment, epsilon: float) -> LedgerEntry:
-        """Record what the round actually spent (`used`: the mechanism as Opacus ran it)."""
+        """Record what the round actually spent (`used`: the mechanism as Opacus ran it).
+
+        Raises LedgerError, writing nothing, when `used` is larger than what was written
+        ahead (less noise, a higher sample rate or more steps): the pending entry then
+        stands as the round's record and the caller must not release the result.
+        """
+        noise, rate, steps = used
+        if noise < pending.noise_multiplier or rate > pending.sample_rate or steps > pending.steps:
+            raise LedgerError(
+                f"{self.path}: round {pending.server_round} ran (noise {noise:g}, sample rate "
+                f"{rate:g}, {steps} steps), more than the planned (noise "
+                f"{pending.noise_multiplier:g}, sample rate {pending.sample_rate:g}, "
+                f"{pending.steps} steps); its update is withheld"
+            )
         with self._connect() as connection:
             connection.execute("BEGIN IMMEDIATE")
             return self._append(
@@ -342,21 +360,42 @@ class PrivacyLedger:
     def spent_epsilon(self, fingerprint: str, delta: float) -> float:
         return epsilon_of(self.spent_history(fingerprint), delta)
 
+    def trained_round(self, run_id: str, server_round: int) -> int | None:
+        """The seq of the first entry this ledger holds for (run, round), if any."""
+        row = self._read_one(
+            "SELECT seq FROM entries WHERE run_id = ? AND server_round = ? ORDER BY seq LIMIT 1",
+            (str(run_id), int(server_round)),
+        )
+        return None if row is None else int(row[0])
+
+    def head(self) -> tuple[int, str]:
+        """(entry count, hash of the last entry): what a later read must still start with."""
+        row = self._read_one("SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1", ())
+        return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
+
+    def entry_hash(self, seq: int) -> str | None:
+        row = self._read_one("SELECT entry_hash FROM entries WHERE seq = ?", (int(seq),))
+        return None if row is None else str(row[0])
+
+    def _read_one(self, query: str, parameters: tuple[str | int, ...]) -> tuple | None:
+        try:
+            with self._connect() as connection:
+                row: tuple | None = connection.execute(query, parameters).fetchone()
+        except sqlite3.DatabaseError as error:
+            raise LedgerError(f"{self.path} cannot be read ({error})") from error
+        return row
+
     def run_noise_multiplier(self, fingerprint: str, run_id: str) -> float | None:
         """The noise multiplier this run chose in its first round on this data, if any.
 
         Kept in the ledger (not in SuperNode memory) so a restarted client continues the
         run with the same calibration.
         """
-        try:
-            with self._connect() as connection:
-                row = connection.execute(
-                    "SELECT noise_multiplier FROM entries WHERE fingerprint = ? AND run_id = ? "
-                    "ORDER BY seq LIMIT 1",
-                    (fingerprint, str(run_id)),
-                ).fetchone()
-        except sqlite3.DatabaseError as error:
-            raise LedgerError(f"{self.path} cannot be read ({error})") from error
+        row = self._read_one(
+            "SELECT noise_multiplier FROM entries WHERE fingerprint = ? AND run_id = ? "
+            "ORDER BY seq LIMIT 1",
+            (fingerprint, str(run_id)),
+        )
         return None if row is None else float(row[0])
 
 

@@ -253,3 +253,45 @@ def test_the_operator_sees_refusals_and_an_honest_run_stays_in_budget(
     events = verify_chain(coordinator.node / "node-audit.jsonl")
     assert sum(event["event"] == "refused" for event in events) == coordinator.refusals
     assert sum(event["event"] == "served" for event in events) >= 3  # query, train, evaluate
+
+
+def test_a_replayed_round_is_refused(coordinator: Coordinator) -> None:
+    """Round 1 of the honest run, asked for again, would average away the node's noise."""
+    summary = json.loads((coordinator.root / "run" / "summary.json").read_text())
+    replayed = {**HONEST, "run-uid": summary["config"]["run_uid"], "epsilon": 1.0}
+    reply = coordinator.submit("train", **replayed)
+    assert reply["error_code"] == POLICY_REFUSED_CODE
+    assert reply["reason"].startswith("replayed-round: round 1 of run ")
+    fresh = coordinator.submit("train", **{**replayed, "run-uid": "another-run"})
+    assert fresh.get("error_code") != POLICY_REFUSED_CODE  # a new run's round 1 is no replay
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_node_whose_ledger_lost_entries_does_not_start(
+    coordinator: Coordinator, damage: str
+) -> None:
+    """The policy file keeps the ledger's chain head; a ledger behind it is refused."""
+    import sqlite3
+
+    node = coordinator.root / f"copy-{damage}"
+    shutil.copytree(coordinator.node, node, ignore=shutil.ignore_patterns("*.pid", "*.log"))
+    policy = json.loads((node / "policy.json").read_text())
+    assert policy["ledger_entries"] >= 2  # the honest run's round: pending + committed
+    ledger = node / "privacy-ledger.sqlite"
+    if damage == "delete":
+        for path in node.glob("privacy-ledger.sqlite*"):
+            path.unlink()
+        expected = "privacy-ledger.sqlite is missing, but this node's policy records"
+    else:
+        with sqlite3.connect(ledger) as connection:
+            connection.execute("DELETE FROM entries WHERE seq > 1")
+        expected = "holds 1 entries, but this node's policy records"
+    started = fedmodel_cli(
+        "client", "start", "--dir", node, "--join", coordinator.server / "bundles" / f"{SITE}.join",
+        "--data", coordinator.root / f"{SITE}.csv", "--label", "death", "--device", "cpu",
+        timeout=60,
+    )  # fmt: skip
+    assert started.returncode == 2, started.stdout + started.stderr
+    assert expected in " ".join(started.stderr.split())
+    assert "Traceback" not in started.stderr
+    assert not (node / "supernode.pid").exists()
