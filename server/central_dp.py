@@ -12,11 +12,20 @@ own accountant and its `PrivacyBudgetExhausted` are not used.
 
 The wrappers sit inside `GuardedStrategy`, so they see only replies that passed
 validation; the aggregation rule under them is `FixedCohortMean`.
+
+The noise (on the mean and, with adaptive clipping, on the count) is drawn from a
+generator seeded from the OS CSPRNG for each release and kept nowhere, not from NumPy's
+global generator as Flower's wrappers draw it: that one is saved in `latest.pt` and
+restored on resume (so that node sampling replays), so a resumed round would draw the
+same noise and anyone reading the checkpoint could regenerate it and subtract it from the
+released model. This holds in simulation too: a central-DP run's models are not
+reproducible from its seed, its node sampling still is.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,7 +39,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 from flwr.serverapp.strategy.dp_fixed_clipping import validate_replies
-from flwr.supercore.differential_privacy import adaptive_clip_inputs_inplace
+from flwr.supercore.differential_privacy import adaptive_clip_inputs_inplace, compute_stdv
 
 from fedmodel.config import RunConfig
 from fedmodel.privacy.central import CentralBudgetStop, CentralRelease, FederationLedger
@@ -125,7 +134,36 @@ class CentralAccounting:
         self.recorder.record_central_release(release, epsilon)
 
 
-class CentralFixedClipping(DifferentialPrivacyServerSideFixedClipping):
+def secret_generator() -> np.random.Generator:
+    """A generator no checkpoint, log or seed can reproduce: 128 bits from `secrets`."""
+    return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
+
+
+class SecretNoise:
+    """Flower's noise step for its DP wrappers (std z * C / n), drawn from `secret_generator`.
+
+    Flower 1.39 adds the noise with `add_gaussian_noise_inplace`, which draws from NumPy's
+    global generator; this overrides that one method and changes nothing else, so the
+    mechanism (and what is accounted) is the same.
+    """
+
+    noise_multiplier: float
+    clipping_norm: float
+    num_sampled_clients: int
+
+    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
+        stddev = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
+        generator = secret_generator()
+        noisy = {}
+        for key, array in aggregated.items():
+            values = array.numpy()
+            noisy[key] = Array(
+                values + generator.normal(0.0, stddev, values.shape).astype(values.dtype)
+            )
+        return ArrayRecord(noisy)
+
+
+class CentralFixedClipping(SecretNoise, DifferentialPrivacyServerSideFixedClipping):
     """Flower's server-side fixed clipping, accounted in the federation ledger."""
 
     def __init__(
@@ -153,19 +191,20 @@ class CentralFixedClipping(DifferentialPrivacyServerSideFixedClipping):
         return arrays, metrics
 
 
-class CentralAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+class CentralAdaptiveClipping(SecretNoise, DifferentialPrivacyServerSideAdaptiveClipping):
     """Adaptive clipping as Andrew et al. 2021 (Algorithm 1) specify it.
 
     Flower 1.39's wrapper is used for its parameters (the update noise that, with the
-    count noise, gives the requested effective noise multiplier) and its noise, but its
-    aggregation step is replaced because it (1) updates the norm before adding noise, so
-    the noise is scaled to the next round's norm rather than the one the updates were
-    clipped to, (2) moves the norm down when too many updates are clipped (the opposite
-    of tracking a quantile) and (3) releases the raw clipped count over the replies that
-    came, whose sensitivity is 1, not the centred count over n (sensitivity 1/2) that
-    the effective-noise formula assumes. Here the norm of round t clips and scales the
-    noise of round t, the released count is sum(unclipped - 1/2) + N(0, sigma_count^2),
-    and C <- C * exp(-lr * (unclipped fraction - target quantile)).
+    count noise, gives the requested effective noise multiplier); its noise is
+    `SecretNoise`'s, and its aggregation step is replaced because it (1) updates the norm
+    before adding noise, so the noise is scaled to the next round's norm rather than the
+    one the updates were clipped to, (2) moves the norm down when too many updates are
+    clipped (the opposite of tracking a quantile) and (3) releases the raw clipped count
+    over the replies that came, whose sensitivity is 1, not the centred count over n
+    (sensitivity 1/2) that the effective-noise formula assumes. Here the norm of round t
+    clips and scales the noise of round t, the released count is
+    sum(unclipped - 1/2) + N(0, sigma_count^2), and
+    C <- C * exp(-lr * (unclipped fraction - target quantile)).
     """
 
     def __init__(
@@ -224,7 +263,8 @@ class CentralAdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
             return None, metrics
         arrays = self._add_noise_to_aggregated_arrays(arrays)  # z_update * this round's C / n
         self.accounting.release()
-        centred = unclipped - len(replies) / 2 + np.random.normal(0.0, self.clipped_count_stddev)
+        count_noise = secret_generator().normal(0.0, self.clipped_count_stddev)
+        centred = unclipped - len(replies) / 2 + count_noise
         fraction = float(centred) / self.num_sampled_clients + 0.5
         self.clipping_norm *= math.exp(-self.clip_norm_lr * (fraction - self.target_quantile))
         return arrays, metrics

@@ -3,9 +3,10 @@
 Every round writes `round-NNNN.pt` (the global model) and refreshes `latest.pt`, which
 also holds what a resumed run needs to go on exactly where this one stopped: the
 strategy's internal state (FedAdam's moments), the random generators' states (Flower
-samples nodes with Python's `random`) and the run record. Files are written to a
-temporary name and renamed (`os.replace`), so a reader sees the old file or the new
-one, never half of one.
+samples nodes with Python's `random`) and the run record. Client-level DP noise is drawn
+from none of these generators (server.central_dp), so a resumed round cannot replay it.
+Files are written to a temporary name and renamed (`os.replace`), so a reader sees the
+old file or the new one, never half of one.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from fedmodel.privacy.central import (
 )
 from fedmodel.privacy.ledger import COMMITTED, PENDING, PrivacyLedger, verify_chain
 from server.central_dp import with_central_dp
+from server.checkpoint import restore_rng, rng_state
 from server.run_record import RunRecorder
 from server.strategy import FederationStopped, GuardedStrategy
 from tests.conftest import dp_accounting_epsilon
@@ -142,7 +143,6 @@ def test_budget_stop_refuses_the_round_that_would_exceed_it(tmp_path: Path) -> N
 
 
 def test_fixed_clipping_clips_noises_the_cohort_mean_and_records(tmp_path: Path) -> None:
-    np.random.seed(0)
     strategy = central_strategy(tmp_path, 3, central_noise=2.0, central_clipping_norm=1.0)
     global_model = np.zeros(DIMENSIONS)
     big = np.zeros(DIMENSIONS)
@@ -167,7 +167,6 @@ def strategy_recorder(strategy: object) -> RunRecorder:
 def test_adaptive_clipping_noise_follows_the_norm_it_clipped_to(tmp_path: Path) -> None:
     """Andrew et al.: round t's norm clips and scales round t's noise; the norm rises while
     most updates are clipped (Flower 1.39's wrapper would lower it)."""
-    np.random.seed(1)
     strategy = central_strategy(
         tmp_path,
         3,
@@ -192,6 +191,39 @@ def test_adaptive_clipping_noise_follows_the_norm_it_clipped_to(tmp_path: Path) 
     assert [r["clipping_norm"] for r in releases] == norms
     assert releases[-1]["effective_noise_multiplier"] == pytest.approx(0.5)
     assert releases[-1]["epsilon"] == pytest.approx(epsilon_of([(0.5, 1.0, 3)], DELTA))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"central_noise": 2.0},
+        {"central_noise": 0.5, "central_adaptive": True, "central_count_stddev": 0.3},
+    ],
+    ids=["fixed", "adaptive"],
+)
+def test_the_same_release_from_the_same_checkpointed_generators_draws_fresh_noise(
+    tmp_path: Path, settings: dict[str, object]
+) -> None:
+    """What a resumed round does: the global generators set back to a checkpoint's state,
+    then the same clipped mean released again. Its noise (and the noisy count that moves
+    the adaptive norm) must not repeat."""
+    global_model = np.zeros(DIMENSIONS)
+    updates = [np.full(DIMENSIONS, 0.3 / math.sqrt(DIMENSIONS))] * 3  # norm 0.3, not clipped
+    checkpointed = rng_state()
+    noise, norms = [], []
+    for attempt in ("original", "resumed"):
+        restore_rng(checkpointed)
+        strategy = central_strategy(tmp_path / attempt, 3, central_clipping_norm=1.0, **settings)
+        noise.append(one_round(strategy, 1, global_model, updates) - updates[0])
+        norms.append(strategy.clipping_norm)  # type: ignore[attr-defined]
+    release = strategy_recorder(strategy).central_releases[0]
+    stddev = release["noise_multiplier"] * 1.0 / 3  # z_update * C / n
+    for drawn in noise:
+        assert np.std(drawn) == pytest.approx(stddev, rel=0.02)
+    assert np.std(noise[0] - noise[1]) == pytest.approx(math.sqrt(2) * stddev, rel=0.02)
+    assert not np.any(noise[0] == noise[1])
+    if settings.get("central_adaptive"):
+        assert norms[0] != norms[1]
 
 
 def test_central_budget_stop_ends_the_federation_cleanly(tmp_path: Path) -> None:
@@ -266,7 +298,6 @@ def test_no_dp_is_dp_off_and_conflicts_with_another_mode(tmp_path: Path) -> None
 def test_inside_the_guard_the_dp_wrapper_sees_only_valid_replies(tmp_path: Path) -> None:
     """A NaN update is rejected and an error reply dropped before clipping and noise;
     Flower's wrapper would skip the whole round if it saw the error."""
-    np.random.seed(2)
     config = RunConfig(clients=3, dp="client", central_noise=1.0, output_dir=str(tmp_path))
     recorder = RunRecorder(tmp_path, config)
     inner = FedAvg(min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)

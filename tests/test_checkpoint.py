@@ -1,15 +1,18 @@
 """Checkpoints and resume: round trip, atomic writes, and a resumed run equal to an unbroken one.
 
-The in-process federation below is a real Flower `Strategy.start` loop (FedAdam behind
-our GuardedStrategy) over a tiny Grid whose nodes answer from their node id and the
-server round; half the nodes are sampled per round, so Python's RNG decides who trains.
+The in-process federation below is a real Flower `Strategy.start` loop (FedAdam, or
+client-level DP over FedAvg, behind our GuardedStrategy) over a tiny Grid whose nodes
+answer from their node id and the server round; half the nodes are sampled per round, so
+Python's RNG decides who trains.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import random
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
 from fedmodel.privacy.accountant import history_fields
 from server.aggregators import build_aggregator
+from server.central_dp import with_central_dp
 from server.checkpoint import (
     load_checkpoint,
     load_resume_point,
@@ -39,6 +43,8 @@ from server.run_record import RunRecorder
 from server.strategy import GuardedStrategy
 
 NODES = list(range(100, 106))
+# Six nodes, three sampled per round; FedAdam keeps state across rounds for resume to restore.
+FEDERATION = RunConfig(clients=len(NODES), fraction=0.5, aggregator="fedadam")
 
 
 @pytest.fixture(autouse=True)
@@ -47,11 +53,16 @@ def task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
 
 
+def node_update(node: int, server_round: int, dimensions: int) -> torch.Tensor:
+    """What a node adds to the global weights: 0.1 * (node, round), repeated to size."""
+    return 0.1 * torch.tensor([node - 100.0, float(server_round)]).repeat(dimensions // 2)
+
+
 class NodesThatAnswer(Grid):
-    """Six nodes; each replies global weights + 0.1 * (node, round), a fixed function."""
+    """Six nodes; each replies global weights + `node_update`, a fixed function."""
 
     def __init__(self) -> None:
-        self.rounds_seen: list[int] = []
+        self.trained: list[tuple[int, int]] = []  # (server round, node)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(NODES)
@@ -62,10 +73,10 @@ class NodesThatAnswer(Grid):
         replies = []
         for message in messages:
             server_round = int(str(message.content["config"]["server-round"]))
-            self.rounds_seen.append(server_round)
             node = message.metadata.dst_node_id
+            self.trained.append((server_round, node))
             weights = message.content["arrays"].to_torch_state_dict()["w"]
-            update = weights + 0.1 * torch.tensor([node - 100.0, float(server_round)])
+            update = weights + node_update(node, server_round, len(weights))
             metrics = {
                 "num-examples": 10 + node % 3,
                 "partition-id": node - 100,
@@ -97,18 +108,19 @@ class NodesThatAnswer(Grid):
         raise NotImplementedError
 
 
-def federate(run_dir: Path, config: RunConfig) -> NodesThatAnswer:
-    """What server/app.py does, with FedAdam over the in-process nodes."""
+def federate(run_dir: Path, config: RunConfig, dimensions: int = 2) -> NodesThatAnswer:
+    """What server/app.py does, over the in-process nodes and a `dimensions`-weight model."""
     config = config.replace(output_dir=str(run_dir))
     if not config.resume:  # as the CLI does
         run_dir.mkdir(parents=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_run_config()))
     recorder, resume = open_run_record(config, run_dir)
     inner = build_aggregator(
-        "fedadam", 3, 0, fraction_train=0.5, fraction_evaluate=0.0, min_train_nodes=3,
-        min_available_nodes=6,
+        config.aggregator, config.clients_per_round, 0, fraction_train=config.fraction,
+        fraction_evaluate=0.0, min_train_nodes=config.clients_per_round,
+        min_available_nodes=config.clients,
     )  # fmt: skip
-    strategy = GuardedStrategy(inner, recorder)
+    strategy = GuardedStrategy(with_central_dp(inner, config, recorder), recorder)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         loss = float(arrays.to_torch_state_dict()["w"].norm())
@@ -116,7 +128,7 @@ def federate(run_dir: Path, config: RunConfig) -> NodesThatAnswer:
         return MetricRecord({"loss": loss})
 
     grid = NodesThatAnswer()
-    initial = ArrayRecord({"w": torch.zeros(2)})
+    initial = ArrayRecord({"w": torch.zeros(dimensions)})
     try:
         run_rounds(grid, strategy, recorder, initial, resume, evaluate)
         recorder.write_summary(completed=True)
@@ -126,17 +138,17 @@ def federate(run_dir: Path, config: RunConfig) -> NodesThatAnswer:
 
 
 def test_resumed_run_equals_an_unbroken_one_with_fedadam_and_sampling(tmp_path: Path) -> None:
-    config = RunConfig(rounds=4, run_uid="fixed")
+    config = FEDERATION.replace(rounds=4, run_uid="fixed")
     random.seed(7)
     federate(tmp_path / "unbroken", config)
 
     random.seed(7)
     first = federate(tmp_path / "broken", config.replace(stop_after_round=2))
-    assert sorted(set(first.rounds_seen)) == [1, 2]
+    assert sorted({r for r, _ in first.trained}) == [1, 2]
     random.seed(12345)  # a restarted coordinator's generator is anywhere
     resumed = resume_config(tmp_path / "broken")
     second = federate(tmp_path / "broken", resumed)
-    assert sorted(set(second.rounds_seen)) == [3, 4]  # the clients see the true rounds
+    assert sorted({r for r, _ in second.trained}) == [3, 4]  # the clients see the true rounds
 
     unbroken = load_resume_point(tmp_path / "unbroken" / "checkpoints")
     broken = load_resume_point(tmp_path / "broken" / "checkpoints")
@@ -161,8 +173,44 @@ def test_resumed_run_equals_an_unbroken_one_with_fedadam_and_sampling(tmp_path: 
     assert checkpoints == [f"round-{r:04d}.pt" for r in range(5)]
 
 
+def test_a_resumed_rounds_central_noise_is_fresh_and_latest_pt_cannot_regenerate_it(
+    tmp_path: Path,
+) -> None:
+    """Issue 12: a reader of `latest.pt` sets NumPy's generator to the state it holds, draws
+    the noise a resumed round would add and subtracts it from the released model. It must
+    not get the clipped mean back, and resuming twice must not release the same model."""
+    dimensions, stddev = 20_000, 1.0 * 1.0 / 3  # z * C / n
+    config = FEDERATION.replace(
+        rounds=2, aggregator="fedavg", dp="client", central_noise=1.0, central_clipping_norm=1.0
+    )
+    random.seed(5)
+    federate(tmp_path / "original", config.replace(stop_after_round=1), dimensions)
+    shutil.copytree(tmp_path / "original", tmp_path / "again")  # the same checkpoint twice
+    leaked = load_resume_point(tmp_path / "original" / "checkpoints")
+    assert leaked is not None and leaked.completed_round == 1
+    released, cohorts = [], []
+    for name in ("original", "again"):
+        grid = federate(tmp_path / name, resume_config(tmp_path / name), dimensions)
+        _, state_dict = load_checkpoint(tmp_path / name / "checkpoints" / "round-0002.pt")
+        released.append(state_dict["w"].double().numpy())
+        cohorts.append(sorted(node for r, node in grid.trained if r == 2))
+    assert cohorts[0] == cohorts[1]  # node sampling still follows the checkpoint
+
+    updates = [node_update(node, 2, dimensions).double() for node in cohorts[0]]
+    clipped = torch.stack([u / u.norm() for u in updates]).sum(0)  # every norm is above C = 1
+    clipped_mean = leaked.state_dict["w"].double().numpy() + clipped.numpy() / 3
+    for model in released:
+        assert np.std(model - clipped_mean) == pytest.approx(stddev, rel=0.02)
+    assert np.std(released[0] - released[1]) == pytest.approx(math.sqrt(2) * stddev, rel=0.02)
+
+    restore_rng(leaked.rng_state)  # then draw as Flower 1.39's add_gaussian_noise_inplace
+    regenerated = np.random.normal(0.0, stddev, dimensions).astype(np.float32)
+    left = released[0] - regenerated - clipped_mean
+    assert np.std(left) == pytest.approx(math.sqrt(2) * stddev, rel=0.02)  # two noises, not 0
+
+
 def test_rows_of_a_round_in_flight_at_the_crash_are_dropped_on_resume(tmp_path: Path) -> None:
-    config = RunConfig(rounds=4)
+    config = FEDERATION.replace(rounds=4)
     random.seed(1)
     federate(tmp_path / "run", config.replace(stop_after_round=2))
     with (tmp_path / "run" / "clients.csv").open("a", newline="") as handle:
@@ -177,7 +225,7 @@ def test_resume_refuses_a_complete_run_and_a_directory_without_a_checkpoint(
     tmp_path: Path,
 ) -> None:
     random.seed(0)
-    federate(tmp_path / "done", RunConfig(rounds=2))
+    federate(tmp_path / "done", FEDERATION.replace(rounds=2))
     with pytest.raises(ConfigError, match="already complete \\(2 of 2 rounds\\)"):
         resume_config(tmp_path / "done")
     with pytest.raises(ConfigError, match="no config.json"):
