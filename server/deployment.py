@@ -89,6 +89,7 @@ def run_deployment(grid: Grid, config: RunConfig) -> None:
     except FederationStopped as stop:
         log(WARN, "stopping the run early: %s", stop)
         stopped = str(stop)
+        strategy.evaluate_final_model(grid, shared, config.round_timeout)
     for name, position in positions_by_name(run_dir).items():
         entry = recorder.clients.get(str(position))
         if entry is not None:  # node ids only for nodes of this run (not resumed-away ones)
@@ -109,6 +110,34 @@ class EvaluatingInTraining(GuardedStrategy):
     one message per node instead of two, and Flower's SuperNode, which sleeps 3 s
     after each empty pull, waits once per round instead of twice.
     """
+
+    _sent_model: tuple[int, ArrayRecord | None] = (0, None)  # (round it ends, the model)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._sent_model = (server_round - 1, arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def evaluate_final_model(self, grid: Grid, shared: ConfigRecord, timeout: float) -> None:
+        """The run stopped early: have the nodes score the model it ends with, which no
+        later train message will evaluate (say, every node refused a replayed round)."""
+        model_round, arrays = self._sent_model
+        if arrays is None or model_round < 1:
+            return
+        if model_round in {row["round"] for row in self.recorder.rounds}:
+            return
+        config = ConfigRecord({**shared, "server-round": model_round})
+        question = RecordDict({"arrays": arrays, "config": config})
+        messages = [Message(question, node, MessageType.EVALUATE) for node in grid.get_node_ids()]
+        replies = [
+            reply.content
+            for reply in grid.send_and_receive(messages, timeout=timeout)
+            if not reply.has_error()
+        ]
+        if replies:
+            metrics = aggregate_evaluation(replies, "num-examples")
+            self.recorder.record_evaluation(model_round, _scores(metrics))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
