@@ -112,7 +112,9 @@ def dp_generators(
     wants every round; a simulation passes one derived from its run seed to reproduce.
     The noise generator lives on `device`, where Opacus and the fused step draw the
     noise; the sampling generator on the CPU, where the masks are drawn. numpy's
-    SeedSequence spreads one seed into two unrelated 64-bit seeds.
+    SeedSequence spreads one seed into two unrelated 64-bit seeds. Both are torch's
+    generators (Mersenne Twister, Philox), not CSPRNGs: the noise is as unpredictable
+    as the seed, no more.
     """
     if seed is None:
         seed = secrets.randbits(63)
