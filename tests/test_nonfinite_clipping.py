@@ -66,7 +66,7 @@ def _crafted_model() -> torch.nn.Module:
     0 above 5) and overflows float32 two layers later on the target alone."""
     torch.manual_seed(1)
     model = build_model("mlp", 8)
-    first, second = model[0], model[2]
+    first, second, _ = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
         first.weight[0] = 0.0
         first.weight[0, 0] = 1e30
