@@ -8,9 +8,9 @@ so its norm is |g_i| |a_i| and the clipped sum over the batch is one product
 (c * G)^T A (the ghost-norm identity of Goodfellow 2015 and Li et al. 2022). This module
 computes exactly Opacus's flat-clipping update from that: the same clip factor
 min(1, C / (norm + 1e-6)), the same Gaussian noise N(0, (sigma C)^2) drawn per
-parameter in parameter order, the same division by the expected batch size, and one
-accountant step per optimizer step (tests/test_dp_modes.py checks it against per-sample
-gradients and against Opacus's modes, weights and history).
+parameter in parameter order (from the caller's generator), the same division by the
+expected batch size, and one accountant step per optimizer step (tests/test_dp_modes.py
+checks it against per-sample gradients and against Opacus's modes, weights and history).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from fedmodel.errors import ConfigError
 
@@ -41,6 +40,7 @@ class FusedLinearDPSGD:
         expected_batch_size: int,
         accountant: Any,
         sample_rate: float,
+        generator: torch.Generator,
     ) -> None:
         self.layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
         covered = {id(p) for layer in self.layers for p in layer.parameters()}
@@ -53,7 +53,7 @@ class FusedLinearDPSGD:
         self.lr, self.noise_std = lr, noise_multiplier * max_grad_norm
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm
         self.expected_batch_size, self.sample_rate = expected_batch_size, sample_rate
-        self.accountant = accountant
+        self.accountant, self.generator = accountant, generator
         self.inputs: dict[nn.Linear, torch.Tensor] = {}
         self.output_grads: dict[nn.Linear, torch.Tensor] = {}
         self.handles = [layer.register_forward_hook(self._capture) for layer in self.layers]
@@ -80,7 +80,40 @@ class FusedLinearDPSGD:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Clip each sample's whole gradient, sum, add noise, average, descend; account."""
+        """Clip each sample's whole gradient, sum, add noise, average, descend; account.
+
+        No captured batch (Poisson sampling drew no row) is a zero clipped sum: the
+        step still adds noise and is accounted, as DP-SGD requires.
+        """
+        clipped = self._clipped_sum()
+        scale = self.lr / self.expected_batch_size
+        for parameter in self.parameters:
+            update = clipped.get(parameter, torch.zeros_like(parameter))
+            if self.noise_std > 0:  # drawn as Opacus draws it: per parameter, in order
+                update = update + torch.normal(
+                    mean=0,
+                    std=self.noise_std,
+                    size=parameter.shape,
+                    device=parameter.device,
+                    dtype=parameter.dtype,
+                    generator=self.generator,
+                )
+            parameter.sub_(update * scale)
+        self.inputs.clear()
+        self.output_grads.clear()
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+
+    def _clipped_sum(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Sum over the batch of each sample's clipped gradient, per parameter.
+
+        A sample whose gradient norm is not finite (an inf or NaN entry, or an overflow)
+        contributes exactly zero: a NaN clip factor would pass the clamp at 1, and a
+        zero factor times an inf entry is NaN again, so its rows are zeroed as well.
+        Otherwise a crafted model could turn the reply into NaN exactly when one target
+        record is sampled.
+        """
+        if not self.inputs:
+            return {}
         layers = self.layers
         # The loss is a batch mean: each row of G is 1/B of that sample's own gradient.
         batch = self.inputs[layers[0]].shape[0]
@@ -91,28 +124,15 @@ class FusedLinearDPSGD:
             if layer.bias is not None:
                 inputs_sq = inputs_sq + 1
             squared += grads[layer].square().sum(1) * inputs_sq
+        finite = torch.isfinite(squared)[:, None]
         factor = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
         clipped: dict[torch.Tensor, torch.Tensor] = {}
         for layer in layers:
-            weighted = grads[layer] * factor[:, None]
-            clipped[layer.weight] = weighted.T @ self.inputs[layer]
+            weighted = torch.where(finite, grads[layer] * factor[:, None], 0.0)
+            clipped[layer.weight] = weighted.T @ torch.where(finite, self.inputs[layer], 0.0)
             if layer.bias is not None:
                 clipped[layer.bias] = weighted.sum(0)
-        scale = self.lr / self.expected_batch_size
-        for parameter in self.parameters:
-            update = clipped[parameter]
-            if self.noise_std > 0:  # drawn as Opacus draws it: per parameter, in order
-                update = update + torch.normal(
-                    mean=0,
-                    std=self.noise_std,
-                    size=parameter.shape,
-                    device=parameter.device,
-                    dtype=parameter.dtype,
-                )
-            parameter.sub_(update * scale)
-        self.inputs.clear()
-        self.output_grads.clear()
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return clipped
 
     def close(self) -> None:
         for handle in self.handles:
@@ -125,10 +145,3 @@ def _input_requires_grad(
     model: nn.Module, inputs: tuple[torch.Tensor, ...]
 ) -> tuple[torch.Tensor, ...]:
     return (inputs[0].detach().requires_grad_(), *inputs[1:])
-
-
-def poisson_loader(loader: DataLoader) -> DataLoader:
-    """Opacus's Poisson-sampled loader (sample rate 1 / len(loader)), as make_private builds."""
-    from opacus.data_loader import DPDataLoader
-
-    return DPDataLoader.from_data_loader(loader)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from fedmodel.data import TabularData
 from fedmodel.errors import ConfigError
 from fedmodel.privacy.accountant import ACCOUNTANT, Segment, merge_segments
+from fedmodel.sampling import dp_generators, poisson_loader
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,10 @@ def train_plain(
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     proximal = _ProximalTerm(model, proximal_mu, lr)
-    return TrainResult(loss=_run_epochs(model, optimizer, loader, epochs, device, proximal))
+    backward = _mean_loss_backward(model)
+    return TrainResult(
+        loss=_run_epochs(model, optimizer, loader, epochs, device, proximal, backward)
+    )
 
 
 def train_dp(
@@ -77,25 +81,32 @@ def train_dp(
     device: torch.device,
     proximal_mu: float = 0.0,
     grad_sample_mode: str = "hooks",
+    *,
+    seed: int | None = None,
 ) -> TrainResult:
     """DP-SGD (Abadi et al. 2016) through Opacus, continuing the accountant's `history`.
 
     The accountant is restored from `history` before training, so the returned history
     (and any epsilon computed from it) composes across rounds; a fresh accountant per
-    round would silently under-report. `model` is trained in place and keeps its plain
-    parameter names (Opacus's wrapper is removed afterwards). `proximal_mu` > 0 adds
-    FedProx's proximal term outside the clipping and noise (see `_ProximalTerm`).
-    `grad_sample_mode` only changes how Opacus computes per-sample gradient norms
+    round would silently under-report. Batches are Poisson samples of `loader`'s rows
+    at exactly fedmodel.sampling.poisson_plan(rows, loader.batch_size): the history
+    gains (noise_multiplier, 1/L, epochs * L). Every step adds noise and is accounted,
+    an empty batch included. `model` is trained in place and keeps its plain parameter
+    names (Opacus's wrapper is removed afterwards). `proximal_mu` > 0 adds FedProx's
+    proximal term outside the clipping and noise (see `_ProximalTerm`).
+    `grad_sample_mode` only changes how per-sample gradient norms are computed
     (fedmodel.dp_modes picks the fastest per model), never the clipping, the noise or
-    the accounting.
+    the accounting. `seed` seeds the noise and the batches (fedmodel.sampling.dp_generators;
+    None draws one from the OS); torch's global generator is not used.
     """
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     proximal = _ProximalTerm(model, proximal_mu, lr)
     engine = privacy_engine(history)
     private = make_private(
-        engine, model, optimizer, loader, noise_multiplier, max_grad_norm, grad_sample_mode
-    )
+        engine, model, optimizer, loader, noise_multiplier, max_grad_norm, grad_sample_mode,
+        seed=seed,
+    )  # fmt: skip
     try:
         with warnings.catch_warnings():
             # Opacus's hooks fire on the first layer, whose input needs no gradient: harmless.
@@ -107,7 +118,7 @@ def train_dp(
                 epochs,
                 device,
                 proximal,
-                private.criterion,
+                private.backward,
             )
     finally:
         private.close()
@@ -127,15 +138,20 @@ def privacy_engine(history: Sequence[Segment] = ()) -> Any:
     return engine
 
 
+BatchBackward = Callable[[torch.Tensor, torch.Tensor], tuple[float, int]]
+"""Forward and backward passes on one batch, leaving what the optimizer's step needs;
+returns the sum and the count of the batch's finite per-sample losses."""
+
+
 @dataclass(frozen=True)
 class PrivateTraining:
     """What Opacus's make_private hands back, in the same shape for every grad-sample mode."""
 
     model: Any  # an Opacus GradSampleModule wrapping the caller's model, or the model
     optimizer: Any  # a DPOptimizer, or fedmodel.fused_dp.FusedLinearDPSGD
-    criterion: Callable[[torch.Tensor, torch.Tensor], Any]
     loader: DataLoader
     close: Callable[[], None]  # removes the hooks: the model keeps its plain parameter names
+    backward: BatchBackward  # this mode's backward pass: call it between zero_grad and step
 
 
 def make_private(
@@ -147,30 +163,39 @@ def make_private(
     max_grad_norm: float,
     grad_sample_mode: str,
     poisson_sampling: bool = True,
+    *,
+    seed: int | None = None,
 ) -> PrivateTraining:
     """Opacus's `engine.make_private` for any grad-sample mode (hooks, ghost, functorch, ew),
     or our fused DP-SGD step for Linear-only models (`fused`, fedmodel/fused_dp.py) on
-    Opacus's Poisson loader and accountant.
+    Opacus's accountant.
+
+    With `poisson_sampling`, batches come from fedmodel.sampling's Poisson sampler (not
+    Opacus's, whose epoch can be one batch short of the rate it records); without, from
+    `loader` as it is (benchmarks: fixed batches). Either way Opacus's rule holds:
+    sample rate 1 / len(loader), expected batch int(rows * rate). Noise and batches come
+    from generators seeded by `seed` (fedmodel.sampling.dp_generators; None: from the OS).
 
     Ghost clipping (Li et al. 2022, "Large Language Models Can Be Strong Differentially
     Private Learners") clips without materialising per-sample gradients: its criterion
-    runs two backward passes inside `loss.backward()`, so in that mode Opacus also
-    returns a wrapped criterion, which the training loop must use.
+    runs two backward passes inside `loss.backward()`, which the mode's `backward` calls.
     """
+    noise_generator, sampling_generator = dp_generators(seed, next(model.parameters()).device)
+    if poisson_sampling:
+        loader = poisson_loader(loader, sampling_generator)
+    sample_rate = 1 / len(loader)
     if grad_sample_mode == "fused":
-        from fedmodel.fused_dp import FusedLinearDPSGD, poisson_loader
+        from fedmodel.fused_dp import FusedLinearDPSGD
 
         (group,) = optimizer.param_groups
         if type(optimizer) is not torch.optim.SGD or group["momentum"] or group["weight_decay"]:
             raise ValueError("grad-sample mode 'fused' implements plain SGD only")
-        private_loader = poisson_loader(loader) if poisson_sampling else loader
-        sample_rate = 1 / len(private_loader)  # as Opacus: expected batch = rows * rate
         fused = FusedLinearDPSGD(
             model, group["lr"], noise_multiplier, max_grad_norm,
-            int(len(private_loader.dataset) * sample_rate),  # type: ignore[arg-type]
-            engine.accountant, sample_rate,
+            int(len(loader.dataset) * sample_rate),  # type: ignore[arg-type]
+            engine.accountant, sample_rate, noise_generator,
         )  # fmt: skip
-        return PrivateTraining(model, fused, ClassifierLoss(), private_loader, fused.close)
+        return PrivateTraining(model, fused, loader, fused.close, _mean_loss_backward(model))
     made = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -178,16 +203,107 @@ def make_private(
         data_loader=loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        poisson_sampling=poisson_sampling,
+        poisson_sampling=False,  # the loader samples already
+        noise_generator=noise_generator,
         grad_sample_mode=grad_sample_mode,
     )
     if grad_sample_mode == "ghost":
-        private_model, private_optimizer, criterion, private_loader = made
+        private_model, private_optimizer, criterion, _ = made
+        backward = _ghost_backward(private_model, private_optimizer, criterion)
     else:
-        (private_model, private_optimizer, private_loader), criterion = made, ClassifierLoss()
-    return PrivateTraining(
-        private_model, private_optimizer, criterion, private_loader, private_model._close
-    )
+        private_model, private_optimizer, _ = made
+        backward = _per_sample_backward(private_model)
+    if poisson_sampling:  # as Opacus does under its own Poisson sampling
+        private_model.forbid_grad_accumulation()
+    return PrivateTraining(private_model, private_optimizer, loader, private_model._close, backward)
+
+
+def _mean_loss_backward(model: nn.Module) -> BatchBackward:
+    """Autograd on the batch-mean loss: plain SGD, and the fused step (whose hooks read
+    each layer's input and output gradient; no batch leaves it a zero clipped sum)."""
+    per_sample_loss = ClassifierLoss(reduction="none")
+
+    def backward(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        if len(labels) == 0:
+            return 0.0, 0
+        losses = per_sample_loss(model(features), labels)
+        losses.mean().backward()
+        return _finite_total(losses.detach())
+
+    return backward
+
+
+def _per_sample_backward(model: nn.Module) -> BatchBackward:
+    """Opacus's hooks, functorch and ew modes: p.grad_sample holds one row per sample.
+
+    An empty batch gets zero-row per-sample gradients, which Opacus's optimizer clips
+    to a zero sum before adding noise (ew cannot run a forward pass on no rows).
+    """
+    mean_loss_backward = _mean_loss_backward(model)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def backward(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        if len(labels) == 0:
+            for parameter in parameters:
+                parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))  # type: ignore[attr-defined]
+            return 0.0, 0
+        total = mean_loss_backward(features, labels)
+        _zero_nonfinite_samples(parameters)
+        return total
+
+    return backward
+
+
+def _zero_nonfinite_samples(parameters: Sequence[torch.Tensor]) -> None:
+    """Zero every sample's per-sample gradients whose total norm, computed as Opacus's
+    clipping computes it, is not finite, so that the sample contributes exactly zero.
+
+    Opacus's clip factor C / (norm + 1e-6), clamped at 1, is NaN for a NaN norm (the
+    clamp lets NaN through) and 0 for an inf one, and 0 times an inf entry is NaN again.
+    Otherwise a crafted global model could make the reply NaN exactly when one target
+    record was sampled. Other samples' rows are independent of it, so they are unchanged.
+    """
+    samples = [parameter.grad_sample for parameter in parameters]  # type: ignore[attr-defined]
+    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1)
+    dropped = ~torch.isfinite(norms.norm(2, dim=1))
+    for sample in samples:
+        sample.masked_fill_(dropped.view(-1, *(1,) * (sample.dim() - 1)), 0.0)
+
+
+def _ghost_backward(model: Any, optimizer: Any, criterion: Any) -> BatchBackward:
+    """Opacus's ghost clipping: per-sample norms, then a second, reweighted backward pass.
+
+    The second pass sums over the batch inside autograd, so a sample whose norm is not
+    finite cannot be given a zero weight (0 times its inf activations is NaN): the
+    batch is run again without it, which is the same update as a zero contribution.
+    An empty batch is a zero gradient, to which the optimizer adds noise.
+    """
+    parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def backward(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        if len(labels) == 0:
+            for parameter in parameters:
+                parameter.grad = torch.zeros_like(parameter)
+            return 0.0, 0
+        loss = criterion(model(features), labels)
+        loss.backward()
+        finite = torch.isfinite(model.per_sample_gradient_norms)
+        if not bool(finite.all()):
+            optimizer.zero_grad()
+            return backward(features[finite], labels[finite])
+        return _finite_total(loss.loss_per_sample.detach())
+
+    return backward
+
+
+def _finite_total(losses: torch.Tensor) -> tuple[float, int]:
+    """Sum and count of the finite per-sample losses: a reported training loss that a
+    crafted model cannot turn into inf or NaN by one record's presence."""
+    finite = torch.isfinite(losses)
+    total, count = torch.stack(
+        (torch.where(finite, losses, 0.0).sum(), finite.sum().to(losses.dtype))
+    ).tolist()
+    return total, int(count)
 
 
 class _ProximalTerm:
@@ -227,24 +343,20 @@ def _run_epochs(
     epochs: int,
     device: torch.device,
     proximal: _ProximalTerm,
-    criterion: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+    backward: BatchBackward,
 ) -> float:
-    criterion = criterion or ClassifierLoss()
+    """Every batch is a step, an empty one too: DP-SGD's noise and accounting need it."""
     model.train()
     total_loss, total_rows = 0.0, 0
     for _ in range(epochs):
         for features, labels in loader:
-            if len(labels) == 0:  # Poisson sampling can draw an empty batch
-                continue
-            features, labels = features.to(device), labels.to(device)
             optimizer.zero_grad()
-            loss = criterion(model(features), labels)
-            loss.backward()
+            loss, rows = backward(features.to(device), labels.to(device))
             displacement = proximal.pull()
             optimizer.step()
             proximal.apply(displacement)
-            total_loss += loss.item() * len(labels)
-            total_rows += len(labels)
+            total_loss += loss
+            total_rows += rows
     return total_loss / max(total_rows, 1)
 
 

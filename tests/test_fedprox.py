@@ -91,8 +91,8 @@ def dp_update(mu: float) -> tuple[nn.Module, nn.Module]:
     data = tiny_table()
     global_model = start_model(data)
     local = copy.deepcopy(global_model)
-    torch.manual_seed(11)  # Opacus's noise and Poisson batches come from here
-    train_dp(local, make_loader(data, 32, seed=3), 3, 0.5, 0.5, 1.0, [], CPU, proximal_mu=mu)
+    loader = make_loader(data, 32, seed=3)
+    train_dp(local, loader, 3, 0.5, 0.5, 1.0, [], CPU, proximal_mu=mu, seed=11)  # noise, batches
     return local, global_model
 
 

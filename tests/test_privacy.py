@@ -73,7 +73,9 @@ def test_restored_history_composes_across_rounds_and_a_fresh_one_under_reports()
     epsilons = []
     for round_seed in range(3):
         loader = make_loader(data, batch_size=64, seed=round_seed)
-        result = train_dp(model, loader, 1, 0.1, 1.0, 1.0, history, torch.device("cpu"))
+        result = train_dp(
+            model, loader, 1, 0.1, 1.0, 1.0, history, torch.device("cpu"), seed=round_seed
+        )
         history = result.history
         epsilons.append(epsilon_of(history, DELTA))
     assert history == [(1.0, 0.25, 12)]  # 3 rounds x 4 steps at q = 1/len(loader)
@@ -92,8 +94,8 @@ def test_dp_training_returns_plain_weight_names_and_learns() -> None:
     model = build_model("mlp", data.num_features)
     names = set(model.state_dict())
     loader = make_loader(data, batch_size=64, seed=0)
-    first = train_dp(model, loader, 1, 0.5, 0.8, 1.0, [], torch.device("cpu"))
-    later = train_dp(model, loader, 3, 0.5, 0.8, 1.0, first.history, torch.device("cpu"))
+    first = train_dp(model, loader, 1, 0.5, 0.8, 1.0, [], torch.device("cpu"), seed=0)
+    later = train_dp(model, loader, 3, 0.5, 0.8, 1.0, first.history, torch.device("cpu"), seed=1)
     assert set(model.state_dict()) == names
     assert not any(name.startswith("_module.") for name in model.state_dict())
     assert later.loss < first.loss
