@@ -41,6 +41,7 @@ from fedmodel.privacy.budget import (
 from fedmodel.privacy.ledger import NODE_BUDGET, PrivacyLedger, dataset_fingerprint
 from fedmodel.privacy.signing import LedgerSigner
 from fedmodel.protocol import EVALUATION_PREFIX
+from fedmodel.sampling import poisson_plan
 from fedmodel.training import TrainResult, select_device, train_dp, train_plain
 
 TrainMetrics = Metrics
@@ -91,8 +92,7 @@ def train_local_model(
     BudgetExhausted, before any training, when the round would overspend.
     """
     torch.set_num_threads(1)  # one core per simulated client; more oversubscribes the box
-    seed = round_seed(config, context, partition_id, server_round)
-    torch.manual_seed(seed)  # DP noise (Opacus and the fused step draw from it)
+    seed = round_seed(config, context, partition_id, server_round)  # DP noise, batches
 
     device = select_device(config.device)
     model = build_model(config.model, data.num_features, data.num_classes)
@@ -102,7 +102,7 @@ def train_local_model(
     metrics: TrainMetrics = {"num-examples": len(data), "partition-id": partition_id}
     if config.sample_dp:
         result, budget = _train_private(
-            model, loader, data, config, context, server_round, proximal_mu, device
+            model, loader, data, config, context, server_round, proximal_mu, device, seed
         )
         # at the owner's delta: a deployed node never accounts at the coordinator's
         epsilon = epsilon_of(result.history, budget.delta)
@@ -140,6 +140,7 @@ def _train_private(
     server_round: int,
     proximal_mu: float,
     device: torch.device,
+    seed: int,
 ) -> tuple[TrainResult, OwnerBudget]:
     """Project, write ahead, train, commit: the ledger protocol of one round.
 
@@ -155,8 +156,8 @@ def _train_private(
     )
     budget = owner_budget(config, context)
     run_id = ledger_run_id(config, context.run_id)
-    sample_rate = 1.0 / len(loader)  # exactly the rate Opacus's Poisson sampler uses
-    steps = config.local_epochs * len(loader)
+    plan = poisson_plan(len(data), config.batch_size)  # exactly what the sampler runs
+    sample_rate, steps = plan.sample_rate, config.local_epochs * plan.steps_per_epoch
     with ledger:  # one connection for the round's ledger steps
         noise_multiplier = ledger.run_noise_multiplier(fingerprint, run_id)
         if noise_multiplier is None:
@@ -179,6 +180,7 @@ def _train_private(
             device,
             proximal_mu,
             grad_sample_mode(config.model, device.type),
+            seed=seed,
         )
         (used,) = new_segments(before, result.history)
         ledger.commit(pending, used, epsilon_of(result.history, budget.delta))

@@ -10,8 +10,8 @@ and device type as measured by benchmarks/dp_overhead.py (README, "DP overhead")
 the best Opacus mode, ExpandedWeights, costs 2.5-4x); `ew` for the CNN on the CPU and
 `hooks` on a GPU, where ew's convolution path falls behind at batches of 256 and more
 (4.6x vs 3.3x plain SGD at 256, 11.4x vs 3.4x at 1024 on an H200). Ghost clipping and
-functorch were never the fastest for these small models. ew cannot process an empty
-batch; the training loop skips those.
+functorch were never the fastest for these small models. In every mode an empty Poisson
+batch still takes its noisy, accounted step (fedmodel/training.py).
 """
 
 from __future__ import annotations

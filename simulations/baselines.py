@@ -30,6 +30,7 @@ from fedmodel.data import TabularData, make_loader
 from fedmodel.dp_modes import grad_sample_mode
 from fedmodel.models import build_model
 from fedmodel.privacy.accountant import calibrate_noise_multiplier, epsilon_of
+from fedmodel.sampling import poisson_plan
 from fedmodel.training import evaluate, select_device, train_dp, train_plain
 
 METRICS = ("auroc", "auprc", "recall_at_1pct_fpr", "accuracy", "loss")
@@ -47,11 +48,12 @@ def train_and_score(
     device = select_device("cpu")
     result: dict[str, Any] = {"rows": len(train)}
     if private:
-        sample_rate = 1.0 / len(loader)
-        noise = _noise_multiplier(config.epsilon, config.delta, sample_rate, epochs * len(loader))
+        plan = poisson_plan(len(train), config.batch_size)
+        steps = epochs * plan.steps_per_epoch
+        noise = _noise_multiplier(config.epsilon, config.delta, plan.sample_rate, steps)
         trained = train_dp(
             model, loader, epochs, config.lr, noise, config.max_grad_norm, [], device,
-            grad_sample_mode=grad_sample_mode(config.model, device.type),
+            grad_sample_mode=grad_sample_mode(config.model, device.type), seed=seed,
         )  # fmt: skip
         result |= {"epsilon": epsilon_of(trained.history, config.delta), "noise_multiplier": noise}
     else:

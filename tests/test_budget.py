@@ -100,8 +100,9 @@ def test_budget_exhausted_client_refuses_to_train(tmp_path: Path, hospital: Tabu
         before = [p.detach().clone() for p in model.parameters()]
         try:
             result, _ = _train_private(
-                model, loader, hospital, config, context(config), server_round, 0.0, CPU
-            )
+                model, loader, hospital, config, context(config), server_round, 0.0, CPU,
+                server_round,
+            )  # fmt: skip
         except BudgetExhausted:
             assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
             break
@@ -124,9 +125,9 @@ def test_a_restarted_client_resumes_with_the_same_noise_and_history(
     config = RunConfig(rounds=3, epsilon=1.0, output_dir=str(tmp_path))
     loader = make_loader(hospital, config.batch_size, 0)
     model = build_model("mlp", hospital.num_features)
-    _train_private(model, loader, hospital, config, context(config), 1, 0.0, CPU)
+    _train_private(model, loader, hospital, config, context(config), 1, 0.0, CPU, 1)
     # the SuperNode restarts: no memory survives, only the ledger
-    result, _ = _train_private(model, loader, hospital, config, context(config), 2, 0.0, CPU)
+    result, _ = _train_private(model, loader, hospital, config, context(config), 2, 0.0, CPU, 2)
     ((noise, rate, steps),) = result.history
     assert steps == 2 * len(loader) and rate == 1 / len(loader)
     entries = PrivacyLedger(ledger_path(config, context(config))).entries()
