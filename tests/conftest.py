@@ -1,8 +1,10 @@
-"""Shared fixtures: the real flchain data and an independent epsilon oracle."""
+"""Shared fixtures: the real flchain data, and an independent epsilon oracle and check."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 
@@ -28,3 +30,34 @@ def dp_accounting_epsilon(
         event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise))
         accountant.compose(dp_accounting.SelfComposedDpEvent(event, int(steps)))
     return float(accountant.get_epsilon(delta))
+
+
+def assert_epsilons_recompute(
+    summary: Mapping[str, Any], rows: Mapping[str, int] | None = None
+) -> None:
+    """Every client's reported epsilon, recomputed from the mechanism its data size and
+    the run config imply: q = 1/L and L steps per local epoch (L = ceil(rows / batch
+    size)), for each round it trained; only the noise multiplier is the client's own
+    choice. Checked with a fresh Opacus accountant (exactly), with dp-accounting's RDP
+    (within 1%) and PLD (never above), after every round. `rows` overrides the counts
+    in the summary where the nodes released them rounded.
+    """
+    from opacus.accountants import RDPAccountant
+
+    config = summary["config"]
+    for client in summary["clients"]:
+        examples = rows[client["node"]] if rows else client["num_examples"]
+        batches = -(-examples // config["batch_size"])
+        ((noise, rate, steps),) = client["history"]  # one run: one calibrated mechanism
+        by_round = [epsilon for _, epsilon in client["epsilon_by_round"]]
+        assert rate == 1 / batches, client
+        assert steps == len(by_round) * config["local_epochs"] * batches, client
+        for trained, reported in enumerate(by_round, start=1):
+            mechanism = [(noise, 1 / batches, trained * config["local_epochs"] * batches)]
+            fresh = RDPAccountant()
+            fresh.history = mechanism
+            assert reported == pytest.approx(fresh.get_epsilon(client["delta"]), rel=1e-9)
+            rdp = dp_accounting_epsilon(mechanism, client["delta"])
+            assert reported == pytest.approx(rdp, rel=0.01)
+        assert dp_accounting_epsilon(mechanism, client["delta"], pld=True) <= reported
+        assert client["epsilon"] == by_round[-1]

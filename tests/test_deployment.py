@@ -22,6 +22,7 @@ from fedmodel.pki import JoinBundle, create_node_identity, create_server_pki
 from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.ledger import PrivacyLedger
 from fedmodel.processes import free_port
+from tests.conftest import assert_epsilons_recompute
 from tests.federation import (
     ROWS_PER_SITE,
     Workspace,
@@ -232,6 +233,7 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
         spent = epsilon_of([(noise, rate, steps)], 1e-5)
         assert client["epsilon"] < spent <= 2.0 + 1e-6  # the planned 2.0, each round once
     assert not (root / "run" / "checkpoints" / "round-0003.pt").is_file()
+    assert_epsilons_recompute(summary, rows=dict.fromkeys(sites, 96))  # 80% of each file
     print(f"3-round deployment run (revocation, node and coordinator crash): {elapsed:.0f} s")
 
     expected = {

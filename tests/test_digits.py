@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
 from fedmodel.config import RunConfig
@@ -11,6 +14,8 @@ from fedmodel.models import build_model
 from fedmodel.training import evaluate, select_device, train_dp, train_plain
 from simulations.digits import load_mnist_5k
 from simulations.scenarios import client_partitions
+from tests.conftest import assert_epsilons_recompute
+from tests.test_scenario_runs import simulate
 
 
 def test_mnist_5k_loads_offline_balanced_and_scaled() -> None:
@@ -51,3 +56,15 @@ def test_cnn_learns_digits_and_trains_under_dp() -> None:
     )
     assert result.history and result.history[0][2] == 4  # Opacus ran 4 DP steps
     assert set(private.state_dict()) == set(model.state_dict())  # plain names again
+
+
+@pytest.mark.slow
+def test_a_federated_ten_class_run_learns_and_its_epsilons_recompute(tmp_path: Path) -> None:
+    summary, _, _ = simulate(
+        tmp_path, "digits", "--clients", "3", "--rounds", "1", "--model", "logreg",
+        "--partition", "iid", "--no-baselines", "--engine", "local",
+    )  # fmt: skip
+    assert summary["completed"] and summary["dataset"] == "mnist-5k"
+    assert summary["final"]["accuracy"] > 0.3  # chance: 0.1, at epsilon 1 after one round
+    assert sum(client["num_examples"] for client in summary["clients"]) == 4000
+    assert_epsilons_recompute(summary)

@@ -16,6 +16,7 @@ from fedmodel.processes import group_alive
 from simulations.local_engine import FIRST_NODE_ID, LocalGrid, WorkerPool
 from simulations.local_worker import run_client_app
 from simulations.runner import engine_environment
+from tests.conftest import assert_epsilons_recompute
 from tests.test_simulation import simulate
 
 # FedAvg sums the replies in arrival order, which differs between engines: the global
@@ -43,6 +44,7 @@ def test_local_engine_reproduces_the_ray_engine_on_a_seeded_dp_run(tmp_path: Pat
         assert local_client["history"] == ray_client["history"]
         assert local_client["epsilon"] == ray_client["epsilon"] > 0
         assert local_client["epsilon_by_round"] == ray_client["epsilon_by_round"]
+    assert_epsilons_recompute(local)
 
 
 def test_a_raising_client_app_becomes_flowers_error_reply() -> None:

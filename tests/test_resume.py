@@ -14,7 +14,7 @@ from opacus.accountants import RDPAccountant
 
 from fedmodel.privacy.accountant import calibrate_noise_multiplier
 from fedmodel.privacy.ledger import PrivacyLedger
-from tests.conftest import dp_accounting_epsilon
+from tests.conftest import assert_epsilons_recompute, dp_accounting_epsilon
 from tests.test_simulation import simulate
 
 pytestmark = pytest.mark.slow
@@ -58,3 +58,4 @@ def test_paused_and_resumed_run_spends_what_an_unbroken_run_spends(tmp_path: Pat
         assert client["epsilon"] == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-9)
         assert client["epsilon"] == pytest.approx(dp_accounting_epsilon(history, 1e-5), rel=0.01)
         assert client["epsilon"] <= 1.0
+    assert_epsilons_recompute(summary)

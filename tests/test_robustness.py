@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import assert_epsilons_recompute
 from tests.test_simulation import simulate
 
 pytestmark = pytest.mark.slow
@@ -25,3 +26,4 @@ def test_nan_updates_are_rejected_and_the_run_completes(tmp_path: Path) -> None:
     assert [row["rejected"] for row in summary["per_round"]] == [1, 1]
     assert [row["clients"] for row in summary["per_round"]] == [4, 4]
     assert summary["final"]["auroc"] > 0.75  # the honest four still learn
+    assert_epsilons_recompute(summary)

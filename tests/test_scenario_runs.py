@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import assert_epsilons_recompute
 from tests.test_csv import clinic_table
 from tests.test_simulation import engine_processes
 
@@ -59,6 +60,7 @@ def test_covid_clinics_federate_the_clinics_big_enough_for_dp(tmp_path: Path) ->
     assert baselines["local_sites"] == 2
     assert "88 natural sites" in stdout and "## Baselines" in report
     assert all(client["epsilon"] <= 1.0 for client in summary["clients"])
+    assert_epsilons_recompute(summary)
 
 
 def test_a_users_csv_runs_one_client_per_site(tmp_path: Path) -> None:
@@ -88,6 +90,7 @@ def test_a_users_csv_runs_one_client_per_site(tmp_path: Path) -> None:
     assert sum(client["num_examples"] for client in summary["clients"]) == 2400
     assert summary["final"]["auroc"] > 0.65  # each site alone under DP reaches ~0.68-0.71
     assert summary["baselines"]["local_sites"] == 3
+    assert_epsilons_recompute(summary)
     assert "site alone (DP)" in report
     assert len(summary["heterogeneity"]["clients"]) == 3 and "## Heterogeneity" in report
     assert (tmp_path / "run" / "heterogeneity.png").read_bytes().startswith(b"\x89PNG")
