@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,3 +62,20 @@ def assert_epsilons_recompute(
             assert reported == pytest.approx(rdp, rel=0.01)
         assert dp_accounting_epsilon(mechanism, client["delta"], pld=True) <= reported
         assert client["epsilon"] == by_round[-1]
+
+
+def deployed_node_context(directory: Path, config: Any, budget_epsilon: float) -> Any:
+    """The Context a deployed node's executor hands its ClientApp: a data file (which
+    marks a deployed node), the ledger in `directory`, the owner's budget at delta 1e-5."""
+    from flwr.app import Context, RecordDict
+
+    node_config: dict[str, str | int | float] = {
+        "data-path": str(directory / "data.csv"),
+        "ledger-path": str(directory / "privacy-ledger.sqlite"),
+        "budget-epsilon": budget_epsilon,
+        "budget-delta": 1e-5,
+    }
+    return Context(
+        run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+        run_config=dict(config.to_run_config()),
+    )  # fmt: skip

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import train_local_model
@@ -18,6 +18,7 @@ from fedmodel.data import TabularData
 from fedmodel.models import build_model
 from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget
 from fedmodel.privacy.ledger import NODE_BUDGET, LedgerError, PrivacyLedger
+from tests.conftest import deployed_node_context
 
 DELTA = 1e-5
 ROUND = (1.1, 0.02, 50)
@@ -120,16 +121,7 @@ def test_every_file_a_node_trains_on_spends_its_one_budget(
     """Re-exporting or appending to the data file must not buy a fresh budget."""
     train, _ = flchain
     config = RunConfig(epsilon=1.0, rounds=1, batch_size=40, device="cpu")
-    node_config: dict[str, str | int | float] = {
-        "data-path": str(tmp_path / "data.csv"),  # marks a deployed node
-        "ledger-path": str(ledger_path(tmp_path)),
-        "budget-epsilon": 1.2,
-        "budget-delta": DELTA,
-    }
-    context = Context(
-        run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
-        run_config=dict(config.to_run_config()),
-    )  # fmt: skip
+    context = deployed_node_context(tmp_path, config, budget_epsilon=1.2)
     start = build_model(config.model, train.num_features).state_dict()
     first = train.subset(np.arange(400))
     _, metrics = train_local_model(config, context, 0, first, start, server_round=1)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context, RecordDict
 from opacus.accountants import RDPAccountant
 
 from client.app import train_local_model
@@ -24,7 +23,7 @@ from fedmodel.models import build_model
 from fedmodel.privacy.accountant import calibrate_noise_multiplier
 from fedmodel.privacy.ledger import PrivacyLedger
 from fedmodel.training import ClassifierLoss
-from tests.conftest import dp_accounting_epsilon
+from tests.conftest import deployed_node_context, dp_accounting_epsilon
 
 DELTA = 1e-5
 
@@ -61,16 +60,7 @@ def test_a_crafted_overflow_model_gets_a_finite_reply_charged_normally(
     # batch size >= rows: sample rate 1, the target is in every step
     config = RunConfig(epsilon=1.0, rounds=2, local_epochs=2, batch_size=512, device="cpu")
     ledger_path = tmp_path / "privacy-ledger.sqlite"
-    node_config: dict[str, str | int | float] = {
-        "data-path": str(tmp_path / "data.csv"),  # a deployed node
-        "ledger-path": str(ledger_path),
-        "budget-epsilon": 3.0,
-        "budget-delta": DELTA,
-    }
-    context = Context(
-        run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
-        run_config=dict(config.to_run_config()),
-    )  # fmt: skip
+    context = deployed_node_context(tmp_path, config, budget_epsilon=3.0)
     reply, metrics = train_local_model(config, context, 0, data, state, server_round=1)
     assert all(torch.isfinite(tensor).all() for tensor in reply.values())
     assert np.isfinite(float(metrics["train-loss"]))
