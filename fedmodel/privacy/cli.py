@@ -41,7 +41,10 @@ def audit_ledgers(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     delta: Annotated[
         float | None,
-        typer.Option(help="Report epsilon at this delta (default: the delta each owner used)."),
+        typer.Option(
+            help="Also report epsilon at this delta. Spent, remaining and the budget check "
+            "stay at the delta each owner's budget was set at."
+        ),
     ] = None,
     plots: Annotated[
         Path | None, typer.Option(help="Where to write the PNG plots (default PATH/audit).")
@@ -51,9 +54,10 @@ def audit_ledgers(
         typer.Option(help="The node's node.pub: every entry must carry its valid signature."),
     ] = None,
 ) -> None:
-    """Verify hash chains, recompute every epsilon (Opacus RDP and dp-accounting PLD).
+    """Verify hash chains, recompute every epsilon afresh (Opacus RDP, dp-accounting PLD).
 
-    Exits with code 1 when any check fails.
+    Nothing is read from the accounting cache the training path uses. Exits with code 1
+    when any check fails.
     """
     from fedmodel.errors import ConfigError
     from fedmodel.privacy.audit import audit
@@ -71,28 +75,42 @@ def audit_ledgers(
 
 
 def _print_report(report: Any) -> None:
+    owners = [owner for ledger in report.ledgers for owner in ledger.owners]
     table = Table(title=f"Privacy ledgers in {report.target}", title_justify="left")
     columns = ("owner", "budget", "spent (RDP)", "PLD", "remaining", "delta", "rounds", "runs")
     for column in columns:
         table.add_column(column, justify="left" if column == "owner" else "right")
-    for ledger in report.ledgers:
-        for owner in ledger.owners:
-            budget = "-" if owner.budget_epsilon is None else f"{owner.budget_epsilon:g}"
-            remaining = "-" if owner.remaining is None else f"{owner.remaining:.4f}"
-            rounds = str(owner.rounds) + (
-                f" ({owner.uncommitted} uncommitted)" if owner.uncommitted else ""
-            )
-            table.add_row(
-                owner.owner,
-                budget,
-                f"{owner.spent_epsilon:.4f}",
-                f"{owner.pld_epsilon:.4f}",
-                remaining,
-                f"{owner.delta:g}",
-                rounds,
-                str(owner.runs),
-            )
+    for owner in owners:
+        budget = "-" if owner.budget_epsilon is None else f"{owner.budget_epsilon:g}"
+        remaining = "-" if owner.remaining is None else f"{owner.remaining:.4f}"
+        rounds = str(owner.rounds) + (
+            f" ({owner.uncommitted} uncommitted)" if owner.uncommitted else ""
+        )
+        table.add_row(
+            owner.owner,
+            budget,
+            f"{owner.spent_epsilon:.4f}",
+            f"{owner.pld_epsilon:.4f}",
+            remaining,
+            f"{owner.delta:g}",
+            rounds,
+            str(owner.runs),
+        )
     console.print(table)
+    at_delta = [owner for owner in owners if owner.at_delta is not None]
+    if at_delta:
+        console.print(
+            f"The same spending at delta {at_delta[0].at_delta:g} (budgets stay checked at "
+            "each owner's delta above):"
+        )
+        extra = Table()
+        for column in ("owner", "RDP", "PLD"):
+            extra.add_column(column, justify="left" if column == "owner" else "right")
+        for owner in at_delta:
+            extra.add_row(
+                owner.owner, f"{owner.epsilon_at_delta:.4f}", f"{owner.pld_epsilon_at_delta:.4f}"
+            )
+        console.print(extra)
     entries = sum(ledger.entries for ledger in report.ledgers)
     signed = sum(ledger.signed for ledger in report.ledgers)
     if report.ok:
