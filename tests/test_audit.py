@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
+import re
+import sqlite3
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from fedmodel.privacy import accountant
 from fedmodel.privacy.accountant import epsilon_of
+from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE, cache_path
 from fedmodel.privacy.audit import audit
-from fedmodel.privacy.budget import OwnerBudget
-from fedmodel.privacy.ledger import PrivacyLedger
+from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget
+from fedmodel.privacy.ledger import PrivacyLedger, spent_history
 
 BIN = Path(sys.executable).parent
 DELTA = 1e-5
@@ -33,12 +40,40 @@ def spend(
         ledger.commit(pending, segment, epsilon_of(ledger.spent_history(fingerprint), DELTA))
 
 
-def fresh_accountant_epsilon(history: list[tuple[float, float, int]], kind: str) -> float:
-    accountant = RDPAccountant() if kind == "rdp" else PRVAccountant()
+def fresh_accountant_epsilon(
+    history: list[tuple[float, float, int]], kind: str, delta: float = DELTA
+) -> float:
+    fresh = RDPAccountant() if kind == "rdp" else PRVAccountant()
     for noise, rate, steps in history:
         for _ in range(steps):
-            accountant.step(noise_multiplier=noise, sample_rate=rate)
-    return float(accountant.get_epsilon(DELTA))
+            fresh.step(noise_multiplier=noise, sample_rate=rate)
+    return float(fresh.get_epsilon(delta))
+
+
+def opacus_rdp_epsilon(history: list[tuple[float, float, int]], delta: float = DELTA) -> float:
+    """A new Opacus RDPAccountant holding `history`: no cache, no memo, Opacus's own code."""
+    fresh = RDPAccountant()
+    fresh.history = list(history)
+    return float(fresh.get_epsilon(delta))
+
+
+@pytest.fixture
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The training path's accounting cache, in this test's own directory and memory."""
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path / "cache"))
+    accountant._rdp_per_step.cache_clear()
+    yield cache_path()
+    accountant._rdp_per_step.cache_clear()
+
+
+def poison_rdp_curves(cache: Path, factor: float) -> None:
+    """Scale every cached per-step RDP curve, as someone editing the cache file would."""
+    with closing(sqlite3.connect(cache)) as connection, connection:
+        rows = connection.execute("SELECT key, value FROM memo WHERE key LIKE '%rdp-per-step%'")
+        for key, value in rows.fetchall():
+            edited = (np.frombuffer(value, dtype=np.float64) * factor).tobytes()
+            connection.execute("UPDATE memo SET value = ? WHERE key = ?", (edited, key))
+    accountant._rdp_per_step.cache_clear()  # as a new process reading the file would
 
 
 @pytest.fixture
@@ -79,11 +114,130 @@ def test_audit_recomputes_every_epsilon_and_agrees_with_the_live_numbers(ledgers
     assert all(Path(p).read_bytes().startswith(b"\x89PNG") for p in report.plots)
 
 
-def test_audit_at_another_delta_reports_epsilon_at_that_delta(ledgers: Path) -> None:
+def test_audit_at_another_delta_reports_epsilon_at_that_delta_too(ledgers: Path) -> None:
     report = audit(ledgers / "client-1.sqlite", delta=1e-3)
     (owner,) = report.ledgers[0].owners
-    assert owner.delta == 1e-3
-    assert owner.spent_epsilon == pytest.approx(epsilon_of([RUN_A[:2] + (150,)], 1e-3))
+    history = [RUN_A[:2] + (150,)]
+    assert (owner.delta, owner.at_delta) == (DELTA, 1e-3)
+    assert owner.spent_epsilon == pytest.approx(opacus_rdp_epsilon(history), rel=1e-12)
+    assert owner.epsilon_at_delta == pytest.approx(opacus_rdp_epsilon(history, 1e-3), rel=1e-12)
+    assert owner.pld_epsilon_at_delta is not None
+    assert owner.pld_epsilon_at_delta < owner.epsilon_at_delta < owner.spent_epsilon
+    assert owner.remaining == pytest.approx(5.0 - owner.spent_epsilon)
+    result = audit_cli(str(ledgers), "--delta", "1e-3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "at delta 0.001" in result.stdout and f"{owner.epsilon_at_delta:.4f}" in result.stdout
+
+
+def test_audit_at_another_delta_still_holds_the_budget_at_the_owners_delta(
+    tmp_path: Path,
+) -> None:
+    """A budget is an (epsilon, delta) pair: at a laxer delta an overspent owner looks fine."""
+    history = [RUN_A[:2] + (150,)]
+    lax, strict = opacus_rdp_epsilon(history, 1e-3), opacus_rdp_epsilon(history)
+    budget = (lax + strict) / 2
+    ledger = PrivacyLedger(tmp_path / "client-0.sqlite")
+    for server_round in (1, 2, 3):  # a client that records its budget but never checks it
+        pending, _ = ledger.write_ahead(
+            "e" * 64, "run", server_round, RUN_A, 1.0, DELTA, budget,
+            OwnerBudget(None, DELTA).projector(RUN_A),
+        )  # fmt: skip
+        ledger.commit(pending, RUN_A, epsilon_of(ledger.spent_history("e" * 64), DELTA))
+    report = audit(tmp_path, delta=1e-3)
+    (owner,) = report.ledgers[0].owners
+    assert owner.epsilon_at_delta is not None and owner.epsilon_at_delta < budget
+    assert not report.ok
+    assert report.all_problems() == [
+        f"client-0: spent epsilon {strict:.4f} at delta 1e-05 is over the budget {budget:g}"
+    ]
+    assert owner.remaining == 0.0
+
+
+def test_audit_never_reports_a_negative_epsilon(ledgers: Path) -> None:
+    """At a large delta the RDP conversion goes below zero; (eps < 0, delta) is (0, delta)."""
+    assert opacus_rdp_epsilon([RUN_A[:2] + (150,)], 0.9) < 0  # what Opacus itself returns
+    report = audit(ledgers, delta=0.9)
+    owners = [owner for ledger in report.ledgers for owner in ledger.owners]
+    assert [owner.epsilon_at_delta for owner in owners] == [0.0, 0.0]
+    assert all(owner.pld_epsilon_at_delta == 0.0 for owner in owners)
+    result = audit_cli(str(ledgers), "--delta", "0.9")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not re.search(r"(?<!\w)-\d", result.stdout), result.stdout
+
+
+def test_every_entry_is_checked_against_a_fresh_accountant_on_what_preceded_it(
+    tmp_path: Path,
+) -> None:
+    """Crashed rounds count as spent, and a commit replaces its pending entry."""
+    ledger = PrivacyLedger(tmp_path / "client-0.sqlite")
+    spend(ledger, "f" * 64, "run-a", 2, RUN_A, budget=5.0)
+    ledger.write_ahead(  # a crash: never committed
+        "f" * 64, "run-a", 3, RUN_A, 1.0, DELTA, 5.0, OwnerBudget(5.0, DELTA).projector(RUN_A)
+    )
+    pending, _ = ledger.write_ahead(
+        "f" * 64, "run-b", 1, RUN_B, 1.0, DELTA, 5.0, OwnerBudget(5.0, DELTA).projector(RUN_B)
+    )
+    shorter = RUN_B[:2] + (10,)  # the round stopped early: fewer steps than planned
+    ledger.commit(pending, shorter, epsilon_of(ledger.spent_history("f" * 64)[:-1] + [shorter],
+                                               DELTA))  # fmt: skip
+    entries = ledger.entries()
+    report = audit(ledger.path)
+    assert report.ok, report.all_problems()
+    (owner,) = report.ledgers[0].owners
+    by_seq = {point["seq"]: point["epsilon"] for point in owner.timeline}
+    for seq, epsilon in by_seq.items():
+        prefix = spent_history(entries[:seq])
+        assert epsilon == pytest.approx(opacus_rdp_epsilon(prefix), rel=1e-12), seq
+    assert owner.history == [RUN_A[:2] + (150,), shorter]
+    assert owner.uncommitted == 1
+
+
+def test_an_edited_accounting_cache_changes_the_live_epsilon_but_not_the_audit(
+    private_cache: Path, tmp_path: Path
+) -> None:
+    """The training path trusts its on-disk cache; the audit recomputes without it."""
+    directory = tmp_path / "ledgers"
+    ledger = PrivacyLedger(directory / "client-0.sqlite")
+    history = [RUN_A[:2] + (150,)]
+    true_epsilon = opacus_rdp_epsilon(history)
+    spend(ledger, "g" * 64, "run-a", 3, RUN_A, budget=5.0)
+    assert private_cache.is_file()  # the live path did use it
+    before = audit(directory)
+    assert before.ok, before.all_problems()
+
+    poison_rdp_curves(private_cache, 0.5)
+    assert epsilon_of(history, DELTA) < 0.9 * true_epsilon  # the live number is fooled
+    after = audit(directory)
+    assert after.ok, after.all_problems()  # the ledger itself was written honestly
+    (owner,) = after.ledgers[0].owners
+    assert owner.spent_epsilon == pytest.approx(true_epsilon, rel=1e-12)
+    assert owner.spent_epsilon == before.ledgers[0].owners[0].spent_epsilon
+    assert owner.pld_epsilon == before.ledgers[0].owners[0].pld_epsilon
+
+
+def test_entries_written_through_an_edited_cache_are_flagged_and_the_overspend_too(
+    private_cache: Path, tmp_path: Path
+) -> None:
+    """A client whose cache was edited under-reports with a valid chain; the audit names it."""
+    directory = tmp_path / "ledgers"
+    ledger = PrivacyLedger(directory / "client-0.sqlite")
+    four_rounds = opacus_rdp_epsilon([RUN_A[:2] + (200,)])
+    budget = round(four_rounds * 0.99, 3)  # room for three rounds, not four
+    spend(ledger, "h" * 64, "run-a", 3, RUN_A, budget=budget)
+    with pytest.raises(BudgetExhausted):
+        spend(ledger, "h" * 64, "run-b", 1, RUN_A, budget=budget)  # the budget bites
+
+    poison_rdp_curves(private_cache, 0.5)
+    spend(ledger, "h" * 64, "run-b", 2, RUN_A, budget=budget)  # now it lets two more through
+    report = audit(directory)
+    assert not report.ok
+    problems = report.all_problems()
+    flagged = sorted(int(m[1]) for p in problems if (m := re.search(r"entry #(\d+) reports", p)))
+    assert flagged == [7, 8, 9, 10]  # every entry written through the edited cache
+    (owner,) = report.ledgers[0].owners
+    assert owner.spent_epsilon == pytest.approx(opacus_rdp_epsilon([RUN_A[:2] + (250,)]), rel=1e-12)
+    assert f"client-0: spent epsilon {owner.spent_epsilon:.4f} at delta 1e-05 is over the " \
+        f"budget {budget:g}" in problems  # fmt: skip
 
 
 def test_editing_one_byte_of_an_entry_fails_the_audit_and_names_it(ledgers: Path) -> None:

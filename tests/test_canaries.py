@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from scipy import stats
 
-from fedmodel.privacy.canaries import one_run_epsilon_lower_bound, one_run_p_value
+from fedmodel.privacy.canaries import (
+    EmpiricalAudit,
+    one_run_epsilon_lower_bound,
+    one_run_p_value,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -53,7 +58,8 @@ def test_chance_level_guessing_proves_nothing() -> None:
         one_run_epsilon_lower_bound(10, 20, 5, 1e-5)
 
 
-def empirical(*args: str) -> dict[str, object]:
+def empirical(*args: str) -> tuple[int, dict[str, object]]:
+    """`fedmodel audit empirical ... --json`: its exit code and report."""
     result = subprocess.run(
         [str(BIN / "fedmodel"), "audit", "empirical", "--seed", "1", "--json", *args],
         capture_output=True,
@@ -61,21 +67,48 @@ def empirical(*args: str) -> dict[str, object]:
         timeout=900,
         check=False,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode in (0, 1), result.stdout + result.stderr
     report: dict[str, object] = json.loads(result.stdout)
-    return report
+    return result.returncode, report
 
 
 @pytest.mark.slow
 def test_non_private_control_with_1000_canaries_has_teeth() -> None:
-    report = empirical("--no-dp", "--canaries", "1000", "--epochs", "30")
-    assert report["canaries"] == 1000 and report["dp"] is False
+    code, report = empirical("--no-dp", "--canaries", "1000", "--epochs", "30")
+    assert code == 0 and report["canaries"] == 1000 and report["dp"] is False
     assert report["epsilon_lower_bound"] >= 1.0  # type: ignore[operator]
 
 
 @pytest.mark.slow
 def test_dp_run_stays_below_the_accountants_epsilon() -> None:
-    report = empirical("--epsilon", "1.0", "--canaries", "1000", "--epochs", "5")
-    assert report["dp"] is True and report["accounting_bug"] is False
+    code, report = empirical("--epsilon", "1.0", "--canaries", "1000", "--epochs", "5")
+    assert code == 0 and report["dp"] is True and report["accounting_bug"] is False
     assert report["accountant_epsilon"] <= 1.0  # type: ignore[operator]
     assert report["epsilon_lower_bound"] < report["pld_epsilon"]  # type: ignore[operator]
+
+
+def test_an_epsilon_claimed_below_what_the_attack_proves_fails_the_audit() -> None:
+    """Negative control for the test above: an under-reported epsilon must trip the alarm.
+
+    A non-private run whose owner claims epsilon 0.1: the attack proves more than that, so
+    the command exits 1. Small (200 canaries, 5 epochs) to stay quick.
+    """
+    code, report = empirical(
+        "--no-dp", "--claimed-epsilon", "0.1", "--canaries", "200", "--guesses", "25",
+        "--epochs", "5",
+    )  # fmt: skip
+    assert report["claimed_epsilon"] == 0.1 and report["accountant_epsilon"] is None
+    assert report["epsilon_lower_bound"] > 0.1  # type: ignore[operator]
+    assert report["accounting_bug"] is True and code == 1
+
+
+def test_the_alarm_holds_the_bound_against_the_claim_when_there_is_one() -> None:
+    measured = EmpiricalAudit(
+        canaries=1000, included=500, guesses=100, correct=90, beta=0.05, delta=1e-5,
+        epsilon_lower_bound=1.63, ceiling=3.47, dp=True, accountant_epsilon=2.0,
+        pld_epsilon=1.8, noise_multiplier=1.0, sample_rate=0.01, steps=100,
+    )  # fmt: skip
+    assert not measured.accounting_bug
+    assert replace(measured, claimed_epsilon=1.0).accounting_bug  # under-reported
+    assert not replace(measured, claimed_epsilon=3.0).accounting_bug
+    assert replace(measured, accountant_epsilon=1.5).accounting_bug

@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import sqlite3
 import time
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from fedmodel.privacy.accountant import epsilon_of
-from fedmodel.privacy.budget import OwnerBudget
+from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget
 from fedmodel.privacy.ledger import (
     COMMITTED,
     PENDING,
@@ -150,6 +152,60 @@ def test_concurrent_writers_keep_one_linear_chain(tmp_path: Path) -> None:
     assert len(entries) == 3 * 10 * 2
     assert verify_chain(entries) is None
     assert PrivacyLedger(path).spent_history("data") == [(1.1, 0.02, 30 * 50)]
+
+
+RACERS = 5
+
+
+def _racer(path: str, budget: float, start: Barrier, outcomes: Queue) -> None:
+    """One client's round, as client/app.py runs it: project, write ahead, train, commit."""
+    ledger = PrivacyLedger(Path(path))
+    start.wait(timeout=120)  # every racer has opened the ledger: now all at once
+    try:
+        pending, before = ledger.write_ahead(
+            "data", "run-race", 3, ROUND, 1.0, DELTA, budget,
+            OwnerBudget(budget, DELTA).projector(ROUND),
+        )  # fmt: skip
+    except BudgetExhausted as refusal:
+        outcomes.put(("refused", str(refusal)))
+        return
+    except Exception as error:  # reported, so the test fails now rather than at its timeout
+        outcomes.put(("crashed", repr(error)))
+        raise
+    ledger.commit(pending, ROUND, epsilon_of([*before, ROUND], DELTA))
+    outcomes.put(("trained", str(pending.seq)))
+
+
+def test_concurrent_writers_cannot_both_squeeze_into_the_last_round_of_budget(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "owner.sqlite"
+    ledger = PrivacyLedger(path)
+    for server_round in (1, 2):
+        spend_round(ledger, "data", "run-race", server_round)
+    three, four = (epsilon_of([(1.1, 0.02, 50 * n)], DELTA) for n in (3, 4))
+    budget = (three + four) / 2  # one more round fits, a second does not
+    context = multiprocessing.get_context("spawn")
+    start, outcomes = context.Barrier(RACERS), context.Queue()
+    racers = [
+        context.Process(target=_racer, args=(str(path), budget, start, outcomes))
+        for _ in range(RACERS)
+    ]
+    for racer in racers:
+        racer.start()
+    results = [outcomes.get(timeout=180) for _ in racers]
+    trained = [detail for outcome, detail in results if outcome == "trained"]
+    refused = [detail for outcome, detail in results if outcome == "refused"]
+    assert len(trained) == 1 and len(refused) == RACERS - 1, results
+    assert all(r.startswith("budget-exhausted") for r in refused)
+    for racer in racers:
+        racer.join(timeout=60)
+        assert racer.exitcode == 0
+    entries = PrivacyLedger(path).entries()
+    assert verify_chain(entries) is None
+    assert [e.status for e in entries] == [PENDING, COMMITTED] * 3
+    assert ledger.spent_history("data") == [(1.1, 0.02, 150)]
+    assert ledger.spent_epsilon("data", DELTA) <= budget
 
 
 def test_editing_an_entry_breaks_the_chain_at_that_entry(tmp_path: Path) -> None:

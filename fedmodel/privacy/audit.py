@@ -3,13 +3,18 @@
 What is checked, per ledger file:
 1. the hash chain (and that every commit answers a pending entry): the first bad entry
    is named;
-2. every entry's epsilon against the mechanisms recorded before it, recomputed with a
-   fresh Opacus RDP accountant (the live accountant): a number that does not follow
-   from the recorded mechanisms is flagged;
+2. every entry's epsilon against the mechanisms recorded before it, recomputed by
+   Opacus's RDP accountant afresh in this audit (`FreshRdp`): a number that does not
+   follow from the recorded mechanisms is flagged;
 3. each dataset's epsilon at the end of every run against Google's dp-accounting PLD
    accountant (Doroshenko et al. 2022, "Connect the Dots"), code that shares nothing with
-   Opacus: a reported epsilon below the PLD value beyond `PLD_TOLERANCE` is flagged as
-   under-reporting. RDP is a valid upper bound, so it is normally 10-80% above PLD.
+   Opacus: a recomputed epsilon below the PLD value beyond `PLD_TOLERANCE` is flagged as
+   under-reporting. RDP is a valid upper bound, so it is normally 10-80% above PLD;
+4. the spent epsilon against the owner's budget, at the delta the budget was set at.
+
+Nothing the training path memoises is trusted: its per-step RDP curves live in an
+on-disk cache (fedmodel.privacy.accounting_cache) that nothing authenticates, so an audit
+through `fedmodel.privacy.accountant.epsilon_of` would confirm an edited cache row.
 
 On a run directory the ledgers are also checked against the server's summary.json:
 a ledger holding less epsilon than the server saw reported (a truncated or replaced
@@ -21,14 +26,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedmodel.errors import FedModelError
-from fedmodel.privacy.accountant import Segment, epsilon_of
+from fedmodel.privacy.accountant import Segment
 from fedmodel.privacy.central import mechanism_problem
 from fedmodel.privacy.ledger import (
     COMMITTED,
@@ -46,10 +53,18 @@ from fedmodel.privacy.ledger import (
 PLD_TOLERANCE = 0.01
 RDP_CONSISTENCY = 1e-6  # relative: the same accountant on the same mechanisms
 
+Mechanism = tuple[float, float]  # (noise multiplier, sample rate) of one DP-SGD step
+
 
 @dataclass
 class OwnerAudit:
-    """One dataset (fingerprint) in one ledger: what was spent, and how it checks out."""
+    """One dataset (fingerprint) in one ledger: what was spent, and how it checks out.
+
+    `delta` is the owner's (the last entry's: the delta its budget was set at), and
+    `spent_epsilon`, `pld_epsilon` and `remaining` are at that delta. An audit asked for
+    another delta reports the same spending there too (`at_delta`, `epsilon_at_delta`,
+    `pld_epsilon_at_delta`); the budget is still checked at the owner's delta.
+    """
 
     ledger: str
     owner: str
@@ -65,6 +80,9 @@ class OwnerAudit:
     history: list[Segment]
     timeline: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    at_delta: float | None = None
+    epsilon_at_delta: float | None = None
+    pld_epsilon_at_delta: float | None = None
 
 
 @dataclass
@@ -106,23 +124,93 @@ class AuditReport:
         return {"ok": self.ok, "problems": self.all_problems(), **asdict(self)}
 
 
+def spent_steps(history: Sequence[Segment]) -> Counter[Mechanism]:
+    """Steps per mechanism: all an accountant needs, since composition commutes."""
+    steps: Counter[Mechanism] = Counter()
+    for noise, rate, count in history:
+        steps[(float(noise), float(rate))] += int(count)
+    return steps
+
+
+class FreshRdp:
+    """Opacus's RDP accountant, recomputed inside one audit from the recorded mechanisms.
+
+    Each mechanism's per-step RDP comes from Opacus's RDP analysis (`compute_rdp` at
+    `RDPAccountant.DEFAULT_ALPHAS`, as `RDPAccountant.get_epsilon` calls it), computed in
+    this process and kept only by this object: no disk cache, no memo the training path
+    shares. RDP composes by addition, so every entry of a long ledger costs one conversion
+    (microseconds) rather than a new accountant (about 45 ms per mechanism); the numbers
+    are a new `RDPAccountant`'s to rounding (tests/test_audit.py checks).
+    """
+
+    def __init__(self) -> None:
+        self._per_step: dict[Mechanism, np.ndarray] = {}
+
+    def epsilon(self, spent: Mapping[Mechanism, int], delta: float) -> float:
+        """Epsilon at `delta` after `spent` (steps per mechanism); 0 when nothing was spent.
+
+        Never negative: at a large delta the RDP conversion can return eps < 0, and
+        (eps, delta)-DP with eps < 0 is (0, delta)-DP.
+        """
+        curves = [self._curve(mechanism) * steps for mechanism, steps in spent.items() if steps]
+        if not curves:
+            return 0.0
+        rdp = sum(curves[1:], start=curves[0])
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
+        epsilon, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+        return max(float(epsilon), 0.0)
+
+    def _curve(self, mechanism: Mechanism) -> np.ndarray:
+        if mechanism not in self._per_step:
+            from opacus.accountants import RDPAccountant
+            from opacus.accountants.analysis.rdp import compute_rdp
+
+            noise, rate = mechanism
+            self._per_step[mechanism] = compute_rdp(
+                q=rate, noise_multiplier=noise, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+            )
+        return self._per_step[mechanism]
+
+
+class RunningPld:
+    """dp-accounting's PLD accountant over one owner's growing history.
+
+    Composition commutes, so each query composes only the steps added since the last one
+    (a 1000-round run is composed once, not once per run end); a history that lost steps
+    (a pending entry replaced by a shorter commit, interleaved runs) starts afresh.
+    """
+
+    def __init__(self) -> None:
+        self._accountant: Any = None
+        self._composed: Counter[Mechanism] = Counter()
+
+    def epsilon(self, spent: Mapping[Mechanism, int], delta: float) -> float:
+        """Epsilon at `delta` after `spent` (steps per mechanism); 0 when nothing was spent."""
+        import dp_accounting
+
+        if self._accountant is None or any(
+            spent.get(mechanism, 0) < steps for mechanism, steps in self._composed.items()
+        ):
+            logging.getLogger("absl").setLevel(logging.ERROR)
+            self._accountant, self._composed = dp_accounting.pld.PLDAccountant(), Counter()
+        for (noise, rate), steps in spent.items():
+            added = steps - self._composed[(noise, rate)]
+            if added > 0:
+                event = dp_accounting.PoissonSampledDpEvent(
+                    rate, dp_accounting.GaussianDpEvent(noise)
+                )
+                self._accountant.compose(dp_accounting.SelfComposedDpEvent(event, added))
+                self._composed[(noise, rate)] = steps
+        if not any(steps > 0 for steps in spent.values()):
+            return 0.0
+        return max(float(self._accountant.get_epsilon(delta)), 0.0)
+
+
 def pld_epsilon(history: Sequence[Segment], delta: float) -> float:
     """Epsilon of the Poisson-subsampled Gaussian mechanisms in `history`, by dp-accounting PLD."""
-    return _pld_epsilon(tuple(history), delta)
-
-
-@lru_cache(maxsize=256)
-def _pld_epsilon(history: tuple[Segment, ...], delta: float) -> float:
-    if not history:
-        return 0.0
-    import dp_accounting
-
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    accountant = dp_accounting.pld.PLDAccountant()
-    for noise, rate, steps in history:
-        event = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise))
-        accountant.compose(dp_accounting.SelfComposedDpEvent(event, int(steps)))
-    return float(accountant.get_epsilon(delta))
+    return RunningPld().epsilon(spent_steps(history), delta)
 
 
 def find_ledgers(target: Path) -> tuple[list[Path], dict[str, Any] | None]:
@@ -195,11 +283,19 @@ def audit_ledger(
 def audit_owner(
     ledger: str, owner: str, entries: list[LedgerEntry], delta: float | None
 ) -> OwnerAudit:
-    """Recompute every epsilon of one dataset from its recorded mechanisms."""
+    """Recompute every epsilon of one dataset from its recorded mechanisms.
+
+    `delta` (optional) is an extra delta to report the spending at; the budget check stays
+    at the owner's own delta, where the budget means something.
+    """
+    rdp, pld = FreshRdp(), RunningPld()
     problems: list[str] = []
     timeline: list[dict[str, Any]] = []
+    spent: Counter[Mechanism] = Counter()
+    open_pending: dict[int, Segment] = {}
     for index, entry in enumerate(entries):
-        recomputed = epsilon_of(spent_history(entries[: index + 1]), entry.delta)
+        _count_spent(entry, spent, open_pending)
+        recomputed = rdp.epsilon(spent, entry.delta)
         if not math.isclose(entry.epsilon, recomputed, rel_tol=RDP_CONSISTENCY, abs_tol=1e-12):
             problems.append(
                 f"entry #{entry.seq} reports epsilon {entry.epsilon:.6g}, but its recorded "
@@ -214,40 +310,59 @@ def audit_owner(
                  "status": entry.status, "epsilon": recomputed, "pld_epsilon": None}
             )  # fmt: skip
         if last_of_run:
-            history = spent_history(entries[: index + 1])
-            pld = pld_epsilon(history, entry.delta)
+            run_pld = pld.epsilon(spent, entry.delta)
             if timeline:
-                timeline[-1]["pld_epsilon"] = pld
-            if recomputed < pld - max(PLD_TOLERANCE, PLD_TOLERANCE * pld):
+                timeline[-1]["pld_epsilon"] = run_pld
+            if recomputed < run_pld - max(PLD_TOLERANCE, PLD_TOLERANCE * run_pld):
                 problems.append(
                     f"run {entry.run_id}: epsilon {recomputed:.4f} is below the independent "
-                    f"PLD recompute {pld:.4f}: under-reported"
+                    f"PLD recompute {run_pld:.4f}: under-reported"
                 )
     last = entries[-1]
-    at = last.delta if delta is None else delta
-    history = spent_history(entries)
-    spent = epsilon_of(history, at)
+    spent_epsilon = rdp.epsilon(spent, last.delta)
     budget = last.budget_epsilon
+    if budget is not None and spent_epsilon > budget * (1 + RDP_CONSISTENCY):
+        problems.append(
+            f"spent epsilon {spent_epsilon:.4f} at delta {last.delta:g} is over the budget "
+            f"{budget:g}"
+        )
     committed = {e.refers_to for e in entries if e.status == COMMITTED}
-    uncommitted = sum(1 for e in entries if e.status == PENDING and e.seq not in committed)
-    if budget is not None and spent > budget * (1 + RDP_CONSISTENCY) and delta is None:
-        problems.append(f"spent epsilon {spent:.4f} is over the budget {budget:g}")
     return OwnerAudit(
         ledger=ledger,
         owner=owner,
         fingerprint=last.fingerprint,
-        delta=at,
+        delta=last.delta,
         budget_epsilon=budget,
-        spent_epsilon=spent,
-        pld_epsilon=pld_epsilon(history, at),
-        remaining=None if budget is None else max(budget - spent, 0.0),
+        spent_epsilon=spent_epsilon,
+        pld_epsilon=pld.epsilon(spent, last.delta),
+        remaining=None if budget is None else max(budget - spent_epsilon, 0.0),
         rounds=sum(1 for e in entries if e.status == PENDING),
         runs=len({e.run_id for e in entries}),
-        uncommitted=uncommitted,
-        history=history,
+        uncommitted=sum(1 for e in entries if e.status == PENDING and e.seq not in committed),
+        history=spent_history(entries),
         timeline=timeline,
         problems=problems,
+        at_delta=delta,
+        epsilon_at_delta=None if delta is None else rdp.epsilon(spent, delta),
+        pld_epsilon_at_delta=None if delta is None else pld.epsilon(spent, delta),
     )
+
+
+def _count_spent(
+    entry: LedgerEntry, spent: Counter[Mechanism], open_pending: dict[int, Segment]
+) -> None:
+    """Add `entry` to the running steps per mechanism, counted as `spent_history` counts.
+
+    A pending entry counts until its commit replaces it with the mechanism as run; kept
+    as a running tally so auditing n entries costs O(n), not O(n^2) prefix histories.
+    """
+    if entry.status == COMMITTED and entry.refers_to in open_pending:
+        noise, rate, steps = open_pending.pop(entry.refers_to)
+        spent[(noise, rate)] -= steps
+    elif entry.status == PENDING:
+        open_pending[entry.seq] = entry.segment
+    if entry.status in (PENDING, COMMITTED):
+        spent[(entry.noise_multiplier, entry.sample_rate)] += entry.steps
 
 
 def check_against_summary(report: AuditReport, summary: dict[str, Any]) -> list[str]:
@@ -255,6 +370,7 @@ def check_against_summary(report: AuditReport, summary: dict[str, Any]) -> list[
     if not summary.get("dp"):
         return []
     by_name = {Path(o.ledger).stem: o for ledger in report.ledgers for o in ledger.owners}
+    rdp = FreshRdp()
     problems = []
     for client in summary.get("clients", []):
         name = f"client-{client['client']}"
@@ -262,8 +378,8 @@ def check_against_summary(report: AuditReport, summary: dict[str, Any]) -> list[
         if owner is None:
             problems.append(f"client {client['client']} reported epsilon but has no ledger")
             continue
-        reported = epsilon_of([tuple(s) for s in client["history"]], summary["delta"])
-        held = epsilon_of(owner.history, summary["delta"])
+        reported = rdp.epsilon(spent_steps([tuple(s) for s in client["history"]]), summary["delta"])
+        held = rdp.epsilon(spent_steps(owner.history), summary["delta"])
         if held < reported * (1 - RDP_CONSISTENCY):
             problems.append(
                 f"{name}: ledger holds epsilon {held:.4f}, less than the {reported:.4f} the "
