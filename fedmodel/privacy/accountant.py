@@ -8,7 +8,7 @@ client sampling is claimed.
 
 A history is the list of (noise multiplier, sample rate, steps) segments Opacus's
 accountant records; it is the whole mechanism, so epsilon can be recomputed from it by
-anyone. Sample rates are exactly what Opacus uses (1 / len(data_loader)).
+anyone. Sample rates and steps are exactly what runs (fedmodel.sampling.poisson_plan).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def epsilon_of(history: Sequence[Segment], delta: float) -> float:
         _rdp_per_step(float(noise), float(rate)) * int(steps) for noise, rate, steps in history
     )
     epsilon, _ = get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
-    return float(epsilon)
+    return max(float(epsilon), 0.0)  # Opacus goes below 0 at large delta: (0, delta) holds
 
 
 RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))  # Opacus's

@@ -34,6 +34,7 @@ from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, make_loader
 from fedmodel.models import build_model
 from fedmodel.privacy.accountant import calibrate_noise_multiplier, epsilon_of
+from fedmodel.sampling import poisson_plan
 from fedmodel.training import train_dp, train_plain
 
 CONFIDENCE_BETA = 0.05
@@ -144,10 +145,11 @@ def run_empirical_audit(
         np.concatenate([data.labels, canary_set.labels[included]]).astype(np.float32),
         data.feature_names,
     )
-    torch.manual_seed(int(rng.integers(2**31)))
+    torch.manual_seed(int(rng.integers(2**31)))  # the model's initial weights
     model = audit_model(config.model, data.num_features)
     loader = make_loader(training, config.batch_size, int(rng.integers(2**31)))
-    steps, sample_rate = epochs * len(loader), 1.0 / len(loader)
+    plan = poisson_plan(len(training), config.batch_size)
+    steps, sample_rate = epochs * plan.steps_per_epoch, plan.sample_rate
     device = torch.device("cpu")
     noise_multiplier = accountant_epsilon = pld = None
     if config.sample_dp:
@@ -155,8 +157,9 @@ def run_empirical_audit(
             config.epsilon, config.delta, sample_rate, steps
         )
         result = train_dp(
-            model, loader, epochs, config.lr, noise_multiplier, config.max_grad_norm, [], device
-        )
+            model, loader, epochs, config.lr, noise_multiplier, config.max_grad_norm, [], device,
+            seed=int(rng.integers(2**63)),  # noise and batches: the audit's secret, too
+        )  # fmt: skip
         accountant_epsilon = epsilon_of(result.history, config.delta)
         from fedmodel.privacy.audit import pld_epsilon
 
