@@ -36,14 +36,14 @@ from server.strategy import FederationStopped, GuardedStrategy, aggregate_train_
 DEPLOYMENT_SCENARIO = "deployment"  # RunConfig.scenario of a run on enrolled nodes
 STATISTICS_KEY = "feature-statistics"  # client/local_data.py reads these two keys
 CLIENT_INDEX_KEY = "client-index"
-NODE_WAIT_S = 300.0
 NODES_FILE = "nodes.json"  # node name -> client number, stable across --resume
 
 
 def run_deployment(grid: Grid, config: RunConfig) -> None:
     """Query round, then FedAvg with federated evaluation; files land in output-dir."""
     run_dir = Path(config.output_dir).absolute()
-    grid = PollingGrid(grid)  # replies are picked up in 0.1 s, not Flower's 3 s
+    # replies are picked up in 0.1 s, not Flower's 3 s; too few nodes end the run
+    grid = PollingGrid(grid, config.min_clients, config.round_timeout)
     statistics, names = query_feature_statistics(grid, config)
     torch.manual_seed(config.seed)
     model = build_model(config.model, len(statistics.feature_names()))
@@ -192,15 +192,14 @@ def positions_by_name(run_dir: Path) -> dict[str, int]:
 def query_feature_statistics(
     grid: Grid, config: RunConfig
 ) -> tuple[FeatureStatistics, dict[int, str]]:
-    """Wait for `clients` nodes, ask each for its statistics; merge them."""
-    deadline = time.monotonic() + NODE_WAIT_S
-    while len(node_ids := list(grid.get_node_ids())) < config.clients:
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"only {len(node_ids)} of {config.clients} nodes connected within {NODE_WAIT_S} s"
-            )
-        log(INFO, "Waiting for nodes: %d of %d connected", len(node_ids), config.clients)
-        time.sleep(2)
+    """Wait for `clients` nodes (the grid gives up after --round-timeout), ask each for
+    its statistics; merge them."""
+    try:
+        while len(node_ids := list(grid.get_node_ids())) < config.clients:
+            log(INFO, "Waiting for nodes: %d of %d connected", len(node_ids), config.clients)
+            time.sleep(2)
+    except FederationStopped as stop:  # nothing trained yet: the run fails
+        raise RuntimeError(str(stop)) from None
     question = RecordDict({"config": ConfigRecord({"ask": STATISTICS_KEY})})
     messages = [Message(question, node, MessageType.QUERY) for node in node_ids]
     merged: FeatureStatistics | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,13 @@ def launch_run(
         write_json_atomic(run_dir / "config.json", config.to_run_config())
     write_flower_app(app_dir, config, name="deployment")
     command = [executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
-    code = stream_run_output(
-        command, engine_dir, server_environment(federation), on_progress, on_log_line
-    )
+    try:
+        code = stream_run_output(
+            command, engine_dir, server_environment(federation), on_progress, on_log_line
+        )
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the ServerApp would go on unfollowed
+        stop_submitted_run(federation, engine_dir / "flwr-run.log")
+        raise
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     if code != 0 or summary is None or not summary.get("completed"):
@@ -55,6 +60,21 @@ def launch_run(
             f"{federation.path('superlink.log')}"
         )
     return dict(summary)
+
+
+_STARTED_RUN = re.compile(r"Successfully started run (\d+)")
+
+
+def stop_submitted_run(federation: Federation, run_log: Path) -> None:
+    """Ask the SuperLink to stop the run `flwr run` reported starting, if it got that far."""
+    started = _STARTED_RUN.search(run_log.read_text(errors="replace")) if run_log.exists() else None
+    if started is None:
+        return
+    subprocess.run(
+        [executable("flwr"), "stop", started.group(1), CONNECTION],
+        cwd=run_log.parent, env=server_environment(federation),
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
 
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception): .+$")

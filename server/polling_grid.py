@@ -1,10 +1,16 @@
-"""A Grid that checks for replies every 0.1 s instead of Flower's 3 s.
+"""A Grid that checks for replies every 0.1 s instead of Flower's 3 s, and gives up
+waiting for nodes that do not come.
 
 Flower 1.39's deployment Grid (`flwr.superlink.grid.http_grid`) sleeps 3 s between
 pulls in `send_and_receive`, so every message round trip of a deployed run paid up to
 3 s after the last node had answered. This wrapper uses the Grid's own push and pull
 calls (the public API, no patching) with a short interval; everything else is the
 wrapped Grid's.
+
+Flower's node sampling waits, with no deadline, until enough nodes are connected: after
+a revocation or a dropout below the run's minimum, a run would hang forever. Here the
+node list itself answers for that: once fewer than `min_nodes` have been connected for
+`node_wait_s` on end, it raises FederationStopped, and the run ends cleanly.
 """
 
 from __future__ import annotations
@@ -17,15 +23,25 @@ from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from server.strategy import FederationStopped
+
 REPLY_POLL_INTERVAL_S = 0.1
 
 
 class PollingGrid(Grid):
     """Delegates to `grid`; only `send_and_receive` polls faster."""
 
-    def __init__(self, grid: Grid, interval: float = REPLY_POLL_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        min_nodes: int = 0,
+        node_wait_s: float = float("inf"),
+        interval: float = REPLY_POLL_INTERVAL_S,
+    ) -> None:
         self._grid = grid
         self._interval = interval
+        self._min_nodes, self._node_wait_s = min_nodes, node_wait_s
+        self._short_since: float | None = None  # since when too few nodes are connected
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -48,7 +64,19 @@ class PollingGrid(Grid):
         return self._grid.get_nodes()
 
     def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
+        """The connected nodes; raises FederationStopped once too few were for too long."""
+        nodes = list(self._grid.get_node_ids())
+        if len(nodes) >= self._min_nodes:
+            self._short_since = None
+            return nodes
+        now = time.monotonic()
+        self._short_since = self._short_since or now
+        if now - self._short_since >= self._node_wait_s:
+            raise FederationStopped(
+                f"only {len(nodes)} of the {self._min_nodes} nodes the run needs have been "
+                f"connected for {self._node_wait_s:.0f} s (--round-timeout)"
+            )
+        return nodes
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
