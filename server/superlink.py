@@ -7,7 +7,9 @@ A federation directory holds everything the operator's side needs:
     server.pem/.key   the SuperLink's TLS certificate and key
     state.db          Flower's state: runs, and the registry of enrolled node keys
     flwr-home/        a private FLWR_HOME whose config.toml names this SuperLink
-    nodes.json        our names for enrolled nodes; audit.jsonl: the audit log
+    nodes.json        our names for enrolled nodes (and their max_rows caps)
+    audit.jsonl       the audit log; audit.key (0600) its HMAC key, audit.jsonl.head its head
+    federation.lock   held while nodes.json or the audit log change
     superlink.log     everything the SuperLink prints
 
 The Fleet API (what nodes connect to) binds the configured address only; the
