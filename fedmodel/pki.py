@@ -246,23 +246,20 @@ def write_private_file(path: Path, data: bytes, force: bool = False) -> None:
     """Write a secret: created 0600 (O_EXCL, so never through a pre-existing file), renamed."""
     if path.exists() and not force:
         raise KeyExistsError(f"{path} already exists; pass --force to replace it")
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    _write_atomically(path, data, 0o600, os.O_EXCL)
 
 
 def write_public_file(path: Path, data: bytes) -> None:
     """Write a non-secret file atomically (temp file, then rename), 0644 whatever the umask."""
+    _write_atomically(path, data, 0o644, os.O_TRUNC)
+
+
+def _write_atomically(path: Path, data: bytes, mode: int, flag: int) -> None:
+    """Through a temp file of exactly `mode` (fchmod-ed: the umask cannot change it), renamed."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | flag, mode)
     try:
-        os.fchmod(descriptor, 0o644)  # writable by the owner only, even under umask 000
+        os.fchmod(descriptor, mode)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
         os.replace(partial, path)
