@@ -61,7 +61,7 @@ from client.ledger_guard import check_ledger, ledger_run_id, record_head, replay
 from client.policy import OwnerPolicy, content_refusal, load_policy, review
 from client.supernode import SECRET_FILE
 from client.tasks import installed_task
-from fedmodel.audit_log import append_event
+from fedmodel.audit_log import AuditLog
 from fedmodel.config import RunConfig
 from fedmodel.protocol import EVALUATION_PREFIX, POLICY_REFUSED_CODE
 
@@ -192,8 +192,7 @@ class NodeExecutor:
             print(f"run {context.run_id} {kind}: answered in {seconds:.2f} s", flush=True)
         else:
             print(f"run {context.run_id} {kind}: REFUSED: {refusal}", flush=True)
-        append_event(
-            self.directory / AUDIT_FILE,
+        AuditLog(self.directory / AUDIT_FILE).append(
             "served" if refusal is None else "refused",
             run=context.run_id,
             message=kind,

@@ -5,7 +5,8 @@ only; a node proves who it is by signing every Fleet request with its own key, w
 Flower reads in OpenSSH format only (it rejects PEM private keys and Ed25519). Private
 keys are created with mode 0600 from the first byte (never chmod-ed afterwards) and
 reach their final name by an atomic rename, so no reader ever sees a partial or
-world-readable key.
+world-readable key. Modes never depend on the umask: directories holding keys are
+0700 and public files 0644, set explicitly.
 """
 
 from __future__ import annotations
@@ -66,15 +67,12 @@ class NodeIdentity:
 
 def create_server_pki(directory: Path, addresses: list[str], force: bool = False) -> ServerPki:
     """A CA and a server certificate for `addresses` (plus localhost and 127.0.0.1)."""
-    paths = ServerPki(
-        directory / "ca.crt", directory / "ca.key", directory / "server.pem",
-        directory / "server.key", "",
-    )  # fmt: skip
+    paths = server_pki_paths(directory)
     if not force:
         for key in (paths.ca_key, paths.server_key):
             if key.exists():
                 raise KeyExistsError(f"{key} already exists; pass --force to replace the keys")
-    directory.mkdir(parents=True, exist_ok=True)
+    private_directory(directory)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(CURVE)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FedModel federation CA")])
@@ -104,12 +102,55 @@ def create_server_pki(directory: Path, addresses: list[str], force: bool = False
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA384())
     )
+    write_private_file(paths.ca_key, _pem_private(ca_key), force)
+    write_public_file(paths.ca_certificate, ca_cert.public_bytes(serialization.Encoding.PEM))
+    _issue_server_certificate(paths, ca_key, ca_cert, addresses, force)
+    return ServerPki(
+        paths.ca_certificate, paths.ca_key, paths.server_certificate, paths.server_key,
+        certificate_fingerprint(ca_cert),
+    )  # fmt: skip
+
+
+def renew_server_certificate(directory: Path, addresses: list[str]) -> x509.Certificate:
+    """A new server key and certificate from the same CA, so every join bundle stays valid."""
+    paths = server_pki_paths(directory)
+    try:
+        ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), None)
+        ca_cert = load_certificate_bytes(paths.ca_certificate.read_bytes())
+    except FileNotFoundError as missing:
+        raise CertificateError(
+            f"{missing.filename} is missing; renewal needs the federation's CA key and "
+            "certificate (bring ca.key back from where you keep it)"
+        ) from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or (
+        ca_key.public_key() != ca_cert.public_key()
+    ):
+        raise CertificateError(f"{paths.ca_key} is not the key of {paths.ca_certificate}")
+    return _issue_server_certificate(paths, ca_key, ca_cert, addresses, force=True)
+
+
+def server_pki_paths(directory: Path) -> ServerPki:
+    return ServerPki(
+        directory / "ca.crt", directory / "ca.key", directory / "server.pem",
+        directory / "server.key", "",
+    )  # fmt: skip
+
+
+def _issue_server_certificate(
+    paths: ServerPki,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    addresses: list[str],
+    force: bool,
+) -> x509.Certificate:
+    """A fresh server key and a SERVER_LIFETIME certificate for it, signed by the CA."""
+    now = datetime.datetime.now(datetime.UTC)
     server_key = ec.generate_private_key(CURVE)
     names = list(dict.fromkeys([*addresses, *LOOPBACK_NAMES]))
     server_cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca_name)
+        .issuer_name(ca_cert.subject)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -122,16 +163,11 @@ def create_server_pki(directory: Path, addresses: list[str], force: bool = False
         )
         .sign(ca_key, hashes.SHA384())
     )
-    write_private_file(paths.ca_key, _pem_private(ca_key), force)
     write_private_file(paths.server_key, _pem_private(server_key), force)
-    write_public_file(paths.ca_certificate, ca_cert.public_bytes(serialization.Encoding.PEM))
     write_public_file(
         paths.server_certificate, server_cert.public_bytes(serialization.Encoding.PEM)
     )
-    return ServerPki(
-        paths.ca_certificate, paths.ca_key, paths.server_certificate, paths.server_key,
-        certificate_fingerprint(ca_cert),
-    )  # fmt: skip
+    return server_cert
 
 
 def create_node_identity(directory: Path, force: bool = False) -> NodeIdentity:
@@ -142,7 +178,7 @@ def create_node_identity(directory: Path, force: bool = False) -> NodeIdentity:
             f"{private_path} already exists; this node already has an identity "
             "(pass --force to replace it, which requires enrolling again)"
         )
-    directory.mkdir(parents=True, exist_ok=True)
+    private_directory(directory)
     key = ec.generate_private_key(CURVE)
     private = key.private_bytes(
         serialization.Encoding.PEM,
@@ -210,9 +246,20 @@ def write_private_file(path: Path, data: bytes, force: bool = False) -> None:
     """Write a secret: created 0600 (O_EXCL, so never through a pre-existing file), renamed."""
     if path.exists() and not force:
         raise KeyExistsError(f"{path} already exists; pass --force to replace it")
+    _write_atomically(path, data, 0o600, os.O_EXCL)
+
+
+def write_public_file(path: Path, data: bytes) -> None:
+    """Write a non-secret file atomically (temp file, then rename), 0644 whatever the umask."""
+    _write_atomically(path, data, 0o644, os.O_TRUNC)
+
+
+def _write_atomically(path: Path, data: bytes, mode: int, flag: int) -> None:
+    """Through a temp file of exactly `mode` (fchmod-ed: the umask cannot change it), renamed."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | flag, mode)
     try:
+        os.fchmod(descriptor, mode)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
         os.replace(partial, path)
@@ -221,11 +268,11 @@ def write_private_file(path: Path, data: bytes, force: bool = False) -> None:
         raise
 
 
-def write_public_file(path: Path, data: bytes) -> None:
-    """Write a non-secret file atomically (temp file, then rename)."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+def private_directory(path: Path) -> Path:
+    """Create `path` if needed and make it 0700: it holds keys, a registry or a ledger."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -67,15 +67,15 @@ def start(
     from server.superlink import Federation, follow_log, start_superlink, stop_superlink
 
     federation = Federation.load(directory)
-    if insecure:
-        err_console.print(
-            "[bold red]WARNING: --insecure: no TLS and NO node authentication. Traffic is "
-            "plaintext and ANY machine that reaches the Fleet port can join and receive the "
-            "model. Never use this outside a test.[/bold red]"
-        )
     log_path = federation.path("superlink.log")
     offset = log_path.stat().st_size if log_path.exists() else 0
     process = start_superlink(federation, insecure)
+    if insecure:
+        err_console.print(
+            "[bold red]WARNING: --insecure: no TLS and NO node authentication. Traffic is "
+            "plaintext and ANY process that reaches the Fleet port can join and receive the "
+            "model. Never use this outside a test.[/bold red]"
+        )
     console.print(
         f"SuperLink running (pid {process.pid}): Fleet API {federation.fleet_bind}"
         + ("" if insecure else " over TLS with node authentication")
@@ -117,25 +117,66 @@ def stop(directory: DirOption) -> None:
 
 @server_app.command("status")
 def status(directory: DirOption) -> None:
-    """Whether the SuperLink runs and answers, and how many nodes are online."""
+    """Whether the SuperLink runs and answers, how many nodes are online, and what is wrong:
+    insecure mode, certificates expired or expiring within 30 days (exit 1 on an error)."""
     from server.enrollment import list_nodes, record_refusals
-    from server.superlink import Federation, is_healthy, superlink_pid
+    from server.superlink import (
+        Federation,
+        certificate_problems,
+        is_healthy,
+        runs_insecure,
+        superlink_pid,
+    )
 
     federation = Federation.load(directory)
     pid = superlink_pid(federation)
-    healthy = is_healthy(federation)
+    insecure = runs_insecure(federation)
+    healthy = is_healthy(federation, insecure)
     record_refusals(federation)
     console.print(
         f"SuperLink: {f'running (pid {pid})' if pid else 'not running'}, "
         f"Control API {'answering' if healthy else 'not answering'}; "
         f"nodes dial {federation.fleet_address}"
     )
-    if healthy:
+    if insecure:
+        err_console.print(
+            "warning: the SuperLink runs with --insecure: no TLS and no node authentication"
+        )
+    problems = certificate_problems(federation)
+    for level, line in problems:
+        err_console.print(f"{level}: {line}")
+    if healthy and not insecure:
         nodes = list_nodes(federation)
         online = sum(node["status"] == "online" for node in nodes)
         console.print(f"Nodes: {len(nodes)} enrolled, {online} online")
-    if not pid and not healthy:
+    if (not pid and not healthy) or any(level == "error" for level, _ in problems):
         raise typer.Exit(1)
+
+
+@server_app.command("renew-cert")
+def renew_cert(directory: DirOption) -> None:
+    """Reissue the SuperLink's TLS certificate (new key, 397 days) from the federation's CA.
+
+    The CA stays the same, so join bundles and nodes need no change; restart the
+    SuperLink to serve the new certificate.
+    """
+    from server.enrollment import append_audit, registry_lock
+    from server.superlink import Federation, renew_certificate, superlink_pid
+
+    federation = Federation.load(directory)
+    expires = renew_certificate(federation)
+    with registry_lock(federation):
+        append_audit(federation, "certificate-renewed", expires=expires.isoformat())
+    console.print(
+        f"New server certificate {federation.path('server.pem')}, valid until "
+        f"{expires:%Y-%m-%d}; same CA, so join bundles stay valid"
+    )
+    if superlink_pid(federation) is not None:
+        console.print(
+            "The running SuperLink still serves the old certificate: restart it with "
+            f"'fedmodel server stop --dir {directory}' and 'fedmodel server start --dir "
+            f"{directory}'"
+        )
 
 
 @server_app.command("enroll")
@@ -146,6 +187,10 @@ def enroll(
     output: Annotated[
         Path | None, typer.Option(help="Join bundle path (default DIR/bundles/NAME.join).")
     ] = None,
+    max_rows: Annotated[
+        int | None,
+        typer.Option(min=1, help="Cap on the rows this node's update may weigh in aggregation."),
+    ] = None,
 ) -> None:
     """Admit a node's public key and write the join bundle to send back to its owner."""
     from server.enrollment import enroll_node, record_refusals
@@ -153,8 +198,11 @@ def enroll(
 
     federation = Federation.load(directory)
     record_refusals(federation)
-    entry, bundle = enroll_node(federation, public_key, name, output)
-    console.print(f"Enrolled '{name}' as node {entry['node_id']}, key {entry['fingerprint']}")
+    entry, bundle = enroll_node(federation, public_key, name, output, max_rows)
+    console.print(
+        f"Enrolled '{name}' as node {entry['node_id']}, key {entry['fingerprint']}"
+        + ("" if max_rows is None else f", weight capped at {max_rows} rows")
+    )
     console.print(f"Join bundle: {bundle} (send it to the node's owner; it holds no secret)")
 
 
@@ -167,12 +215,14 @@ def nodes(directory: DirOption) -> None:
     federation = Federation.load(directory)
     record_refusals(federation)
     table = Table(title="Nodes", title_justify="left")
-    for column in ("name", "node id", "status", "key fingerprint", "enrolled"):
+    for column in ("name", "node id", "status", "max rows", "key fingerprint", "enrolled"):
         table.add_column(column)
     for node in list_nodes(federation):
+        max_rows = node.get("max_rows")
         table.add_row(
-            node["name"], node["node_id"], node["status"], node["fingerprint"], node["enrolled_at"]
-        )
+            node["name"], node["node_id"], node["status"],
+            "-" if max_rows is None else str(max_rows), node["fingerprint"], node["enrolled_at"],
+        )  # fmt: skip
     console.print(table)
 
 
@@ -192,16 +242,26 @@ def revoke(
 
 
 @server_app.command("audit")
-def audit(directory: DirOption) -> None:
-    """Print the audit log (enrollments, revocations, refused connections), chain checked."""
+def audit(
+    directory: DirOption,
+    anchor: Annotated[
+        str | None,
+        typer.Option(help="A head printed earlier (N:SHA256): check the log still holds it."),
+    ] = None,
+) -> None:
+    """Print the audit log (enrollments, revocations, refused connections), verified:
+    chain, MACs under DIR/audit.key, the recorded head and, if given, your own anchor."""
     from server.enrollment import record_refusals, verify_audit
     from server.superlink import Federation
 
     federation = Federation.load(directory)
     record_refusals(federation)
-    for event in verify_audit(federation):
+    events, head = verify_audit(federation, anchor)
+    for event in events:
         details = {k: v for k, v in event.items() if k not in ("time", "event", "previous")}
         console.print(f"{event['time']}  {event['event']:<9} {details}")
+    if head:
+        console.print(f"Verified. Head {head}: keep it off this host and check later with --anchor")
 
 
 def run_command(

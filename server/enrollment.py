@@ -5,7 +5,12 @@ Flower's SuperNode registry (in the SuperLink's state.db) is the enforcement poi
 and blocks that key for good. We drive it through Flower's own CLI against the
 federation's private connection, and keep beside it what Flower does not: a name per
 node (nodes.json) and an append-only audit log (audit.jsonl) whose every entry carries
-the SHA-256 of the line before it, so an edited or deleted line breaks the chain.
+the SHA-256 of the line before it and an HMAC under DIR/audit.key (see
+fedmodel/audit_log.py for what that does and does not prove).
+
+Every change to the registry, the audit log or the refusal scan's offset happens under
+one lock (DIR/federation.lock), held across Flower's register/unregister call too, so
+concurrent `server enroll` runs neither lose entries nor enroll a name twice.
 
 Refused connections are read from the SuperLink's log (Flower emits no event for
 them). What the log shows: `ApiError:2004` (a key that is unknown or revoked; the key
@@ -18,18 +23,24 @@ from __future__ import annotations
 import base64
 import json
 import re
+import secrets
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedmodel.audit_log import AuditLogError, append_event, utc_now, verify_chain
+from fedmodel.audit_log import AuditLog, AuditLogError, utc_now
+from fedmodel.file_lock import exclusive_lock
 from fedmodel.pki import (
     JoinBundle,
     load_node_public_key,
+    private_directory,
     public_key_fingerprint,
+    write_private_file,
     write_public_file,
 )
 from fedmodel.processes import plain_lines
@@ -40,65 +51,83 @@ _PEM_KEY = re.compile(r"-----BEGIN PUBLIC KEY-----(?:\\n|\s)+(.+?)(?:\\n|\s)+---
 
 
 def enroll_node(
-    federation: Federation, public_key: Path, name: str, bundle_path: Path | None = None
+    federation: Federation,
+    public_key: Path,
+    name: str,
+    bundle_path: Path | None = None,
+    max_rows: int | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """Register `public_key` as node `name`; write and return its join bundle."""
+    """Register `public_key` as node `name`; write and return its join bundle.
+
+    `max_rows` caps the rows the node's update may weigh in aggregation (None: no cap
+    beyond the aggregator's own rule); it is stored in the registry entry.
+    """
     if not NAME_PATTERN.match(name):
         raise ServerError(
             f"node name '{name}' is not allowed; use letters, digits, '.', '_' or '-' "
             "(at most 63 characters, starting with a letter or digit)"
         )
+    if max_rows is not None and (isinstance(max_rows, bool) or max_rows < 1):
+        raise ServerError(f"--max-rows must be a positive whole number (got {max_rows})")
     key = load_node_public_key(public_key)
     fingerprint = public_key_fingerprint(key)
-    registry = load_registry(federation)
-    if name in registry:
-        raise ServerError(f"a node named '{name}' is already enrolled; choose another --name")
-    for other, entry in registry.items():
-        if entry["fingerprint"] == fingerprint:
-            raise ServerError(
-                f"this key is already enrolled as '{other}'"
-                + (" (revoked keys cannot be enrolled again; make a new one with "
-                   "'fedmodel client init --force')" if entry["status"] == "revoked" else "")
-            )  # fmt: skip
-    result = flwr_cli(federation, "supernode", "register", str(public_key), "--name", name)
-    node_id = str(result["node-id"])
-    entry = {
-        "name": name,
-        "node_id": node_id,
-        "fingerprint": fingerprint,
-        "status": "enrolled",
-        "enrolled_at": utc_now(),
-    }
-    registry[name] = entry
-    save_registry(federation, registry)
+    with registry_lock(federation):
+        registry = load_registry(federation)
+        if name in registry:
+            raise ServerError(f"a node named '{name}' is already enrolled; choose another --name")
+        for other, existing in registry.items():
+            if existing["fingerprint"] == fingerprint:
+                raise ServerError(
+                    f"this key is already enrolled as '{other}'"
+                    + (" (revoked keys cannot be enrolled again; make a new one with "
+                       "'fedmodel client init --force')" if existing["status"] == "revoked"
+                       else "")
+                )  # fmt: skip
+        result = flwr_cli(federation, "supernode", "register", str(public_key), "--name", name)
+        entry = {
+            "name": name,
+            "node_id": str(result["node-id"]),
+            "fingerprint": fingerprint,
+            "status": "enrolled",
+            "enrolled_at": utc_now(),
+            "max_rows": max_rows,
+        }
+        registry[name] = entry
+        save_registry(federation, registry)
+        append_audit(
+            federation, "enrolled", node=name, node_id=entry["node_id"],
+            fingerprint=fingerprint, max_rows=max_rows,
+        )  # fmt: skip
     bundle = JoinBundle(
         node_name=name,
         fleet_address=federation.fleet_address,
         ca_certificate=federation.path("ca.crt").read_text(),
         node_fingerprint=fingerprint,
     )
-    path = bundle_path or federation.path("bundles") / f"{name}.join"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_public_file(path, bundle.to_json().encode())
-    append_audit(federation, "enrolled", node=name, node_id=node_id, fingerprint=fingerprint)
-    return entry, path
+    if bundle_path is None:
+        bundle_path = private_directory(federation.path("bundles")) / f"{name}.join"
+    bundle_path.parent.mkdir(parents=True, exist_ok=True)
+    write_public_file(bundle_path, bundle.to_json().encode())
+    return entry, bundle_path
 
 
 def revoke_node(federation: Federation, name: str) -> dict[str, Any]:
     """Unregister node `name`: Flower disconnects it and never accepts its key again."""
-    registry = load_registry(federation)
-    if name not in registry:
-        known = ", ".join(sorted(registry)) or "none enrolled"
-        raise ServerError(f"no node named '{name}' (known: {known})")
-    entry = registry[name]
-    if entry["status"] == "revoked":
-        raise ServerError(f"node '{name}' was already revoked at {entry['revoked_at']}")
-    flwr_cli(federation, "supernode", "unregister", entry["node_id"])
-    entry |= {"status": "revoked", "revoked_at": utc_now()}
-    save_registry(federation, registry)
-    append_audit(
-        federation, "revoked", node=name, node_id=entry["node_id"], fingerprint=entry["fingerprint"]
-    )
+    with registry_lock(federation):
+        registry = load_registry(federation)
+        if name not in registry:
+            known = ", ".join(sorted(registry)) or "none enrolled"
+            raise ServerError(f"no node named '{name}' (known: {known})")
+        entry = registry[name]
+        if entry["status"] == "revoked":
+            raise ServerError(f"node '{name}' was already revoked at {entry['revoked_at']}")
+        flwr_cli(federation, "supernode", "unregister", entry["node_id"])
+        entry |= {"status": "revoked", "revoked_at": utc_now()}
+        save_registry(federation, registry)
+        append_audit(
+            federation, "revoked", node=name, node_id=entry["node_id"],
+            fingerprint=entry["fingerprint"],
+        )  # fmt: skip
     return entry
 
 
@@ -144,6 +173,13 @@ def flwr_cli(federation: Federation, *arguments: str, verbose: bool = False) -> 
 # --- registry and audit log ------------------------------------------------------------
 
 
+@contextmanager
+def registry_lock(federation: Federation) -> Iterator[None]:
+    """Exclusive hold on nodes.json, audit.jsonl, audit.key and audit.offset."""
+    with exclusive_lock(federation.path("federation.lock")):
+        yield
+
+
 def load_registry(federation: Federation) -> dict[str, dict[str, Any]]:
     path = federation.path("nodes.json")
     return json.loads(path.read_text()) if path.exists() else {}
@@ -156,23 +192,59 @@ def save_registry(federation: Federation, registry: dict[str, dict[str, Any]]) -
 
 
 def append_audit(federation: Federation, event: str, **details: Any) -> dict[str, Any]:
-    """Append one event to the federation's hash-chained audit log."""
-    return append_event(federation.path("audit.jsonl"), event, **details)
+    """Append one authenticated event to the audit log; the caller holds `registry_lock`."""
+    log = AuditLog(federation.path("audit.jsonl"), audit_key(federation, create=True))
+    return log.append(event, **details)
 
 
-def verify_audit(federation: Federation) -> list[dict[str, Any]]:
-    """The audit events, after checking the hash chain; a break raises ServerError."""
-    try:
-        return verify_chain(federation.path("audit.jsonl"))
-    except AuditLogError as broken:
-        raise ServerError(str(broken)) from None
+def verify_audit(
+    federation: Federation, anchor: str | None = None
+) -> tuple[list[dict[str, Any]], str]:
+    """The audit events and the head ('N:SHA256') they end at, after checking chain, MACs,
+    the recorded head and `anchor`; a failed check raises ServerError."""
+    path = federation.path("audit.jsonl")
+    with registry_lock(federation):
+        key = audit_key(federation)
+        if key is not None and not path.exists():
+            raise ServerError(
+                f"{path} is missing but {federation.path('audit.key')} exists: "
+                "the audit log was deleted"
+            )
+        log = AuditLog(path, key)
+        try:
+            return log.verify(anchor), log.head()
+        except AuditLogError as broken:
+            raise ServerError(str(broken)) from None
+
+
+def audit_key(federation: Federation, create: bool = False) -> bytes | None:
+    """DIR/audit.key: born with the log (first append), so a key without a log means the
+    log was deleted. None while neither exists."""
+    key_path, log_path = federation.path("audit.key"), federation.path("audit.jsonl")
+    if key_path.exists():
+        return key_path.read_bytes()
+    if log_path.exists():
+        raise ServerError(
+            f"{key_path} is missing, so {log_path} cannot be authenticated; restore the key "
+            "from your backup"
+        )
+    if not create:
+        return None
+    key = secrets.token_bytes(32)
+    write_private_file(key_path, key)
+    return key
 
 
 def record_refusals(federation: Federation) -> int:
     """Append audit events for refusals the SuperLink logged since the last scan."""
-    log_path, offset_path = federation.path("superlink.log"), federation.path("audit.offset")
-    if not log_path.exists():
+    if not federation.path("superlink.log").exists():
         return 0
+    with registry_lock(federation):
+        return _record_refusals(federation)
+
+
+def _record_refusals(federation: Federation) -> int:
+    log_path, offset_path = federation.path("superlink.log"), federation.path("audit.offset")
     offset = int(offset_path.read_text()) if offset_path.exists() else 0
     if offset > log_path.stat().st_size:  # the log was replaced
         offset = 0

@@ -7,16 +7,25 @@ A federation directory holds everything the operator's side needs:
     server.pem/.key   the SuperLink's TLS certificate and key
     state.db          Flower's state: runs, and the registry of enrolled node keys
     flwr-home/        a private FLWR_HOME whose config.toml names this SuperLink
-    nodes.json        our names for enrolled nodes; audit.jsonl: the audit log
+    nodes.json        our names for enrolled nodes (and their max_rows caps)
+    audit.jsonl       the audit log; audit.key (0600) its HMAC key, audit.jsonl.head its head
+    federation.lock   held while nodes.json or the audit log change
     superlink.log     everything the SuperLink prints
 
 The Fleet API (what nodes connect to) binds the configured address only; the
 Control and Runtime APIs bind 127.0.0.1, because open-source Flower does not
 authenticate them: whoever reaches them can start runs and enroll or revoke nodes.
+That is also why the server host must be single-user: 127.0.0.1 is reachable by
+every local account, and ca.crt is all a client needs. The directory is 0700 and
+state.db 0600 whatever the umask, which keeps other users out of the files, not
+out of the Control API.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
+import os
 import ssl
 import subprocess
 import time
@@ -27,7 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmodel.errors import FedModelError
-from fedmodel.pki import create_server_pki, write_public_file
+from fedmodel.pki import (
+    CertificateError,
+    create_server_pki,
+    load_certificate_bytes,
+    private_directory,
+    renew_server_certificate,
+    write_public_file,
+)
 from fedmodel.processes import executable, stop_group, tool_environment
 from fedmodel.processes import follow_log as follow_process_log
 
@@ -35,6 +51,7 @@ CONNECTION = "fedmodel"  # the SuperLink connection name inside DIR/flwr-home
 DEFAULT_FLEET_PORT = 9092
 DEFAULT_CONTROL_PORT = 9093
 START_TIMEOUT_S = 60.0
+EXPIRY_WARNING = datetime.timedelta(days=30)
 
 
 # gRPC logs failed TLS handshakes (plaintext or wrong-CA nodes) only at INFO; the audit
@@ -137,7 +154,7 @@ def init_federation(
 
 def write_connection(federation: Federation) -> None:
     """A Flower CLI connection to this SuperLink's Control API, trusting only our CA."""
-    federation.flwr_home.mkdir(exist_ok=True)
+    private_directory(federation.flwr_home)
     text = "\n".join(
         [
             "[superlink]",
@@ -188,11 +205,20 @@ def start_superlink(federation: Federation, insecure: bool = False) -> subproces
             f"a SuperLink for {federation.directory} is already running (pid {running}); "
             f"stop it with 'fedmodel server stop --dir {federation.directory}'"
         )
+    if insecure and not is_loopback(federation.bind_address):
+        raise ServerError(
+            f"--insecure binds 127.0.0.1 only, but this federation binds "
+            f"{federation.bind_address}; test without TLS in a federation made with "
+            "'--bind 127.0.0.1'"
+        )
     for name in ("ca.crt", "server.pem", "server.key"):
         if not insecure and not federation.path(name).is_file():
             raise ServerError(f"{federation.path(name)} is missing; rerun 'fedmodel server init'")
+    private_directory(federation.directory)
+    for name in ("state.db", "superlink.log"):  # Flower would create state.db with the umask
+        os.close(os.open(federation.path(name), os.O_WRONLY | os.O_CREAT, 0o600))
+        federation.path(name).chmod(0o600)
     log_path = federation.path("superlink.log")
-    log_path.touch(mode=0o600)
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             superlink_command(federation, insecure),
@@ -243,6 +269,17 @@ def is_healthy(federation: Federation, insecure: bool = False) -> bool:
 
 def superlink_pid(federation: Federation) -> int | None:
     """The PID in DIR/superlink.pid if that process is alive and is a flower-superlink."""
+    found = _superlink_process(federation)
+    return None if found is None else found[0]
+
+
+def runs_insecure(federation: Federation) -> bool:
+    """Whether the running SuperLink was started with --insecure (no TLS, no node auth)."""
+    found = _superlink_process(federation)
+    return found is not None and "--insecure" in found[1]
+
+
+def _superlink_process(federation: Federation) -> tuple[int, list[str]] | None:
     try:
         pid = int(federation.path("superlink.pid").read_text().strip())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -250,7 +287,52 @@ def superlink_pid(federation: Federation) -> int | None:
         return None
     if b"flower-superlink" not in cmdline or str(federation.directory).encode() not in cmdline:
         return None
-    return pid
+    return pid, cmdline.decode(errors="replace").split("\0")
+
+
+def certificate_problems(
+    federation: Federation, now: datetime.datetime | None = None
+) -> list[tuple[str, str]]:
+    """("error" | "warning", line) for each certificate expired or expiring within 30 days."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    problems = []
+    for name, remedy in (
+        ("server.pem", f"renew it: fedmodel server renew-cert --dir {federation.directory}"),
+        ("ca.crt", "a new CA needs 'server init --force' and new join bundles for every node"),
+    ):
+        try:
+            certificate = load_certificate_bytes(federation.path(name).read_bytes())
+        except (OSError, CertificateError):
+            problems.append(("error", f"{federation.path(name)} is missing or unreadable"))
+            continue
+        left = certificate.not_valid_after_utc - now
+        if left <= datetime.timedelta(0):
+            problems.append(
+                ("error", f"{name} EXPIRED on {certificate.not_valid_after_utc:%Y-%m-%d}: "
+                 f"nodes cannot connect; {remedy}")
+            )  # fmt: skip
+        elif left < EXPIRY_WARNING:
+            problems.append(
+                ("warning", f"{name} expires on {certificate.not_valid_after_utc:%Y-%m-%d} "
+                 f"({left.days} days left); {remedy}")
+            )  # fmt: skip
+    return problems
+
+
+def renew_certificate(federation: Federation) -> datetime.datetime:
+    """Reissue server.pem/.key from the federation's CA for its addresses; the new expiry."""
+    try:
+        certificate = renew_server_certificate(federation.directory, list(federation.addresses))
+    except CertificateError as error:
+        raise ServerError(str(error)) from None
+    return certificate.not_valid_after_utc
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def stop_superlink(federation: Federation, pid: int | None = None, timeout: float = 15) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 from pathlib import Path
@@ -20,6 +21,7 @@ from fedmodel.pki import (
     create_server_pki,
     load_node_public_key,
     public_key_fingerprint,
+    renew_server_certificate,
 )
 
 
@@ -50,7 +52,7 @@ def test_private_keys_are_0600_and_public_files_are_not_secret(tmp_path: Path) -
     node = create_node_identity(tmp_path / "node")
     for key in (pki.ca_key, pki.server_key, node.private_key):
         assert _mode(key) == 0o600, key
-    assert _mode(node.public_key) & 0o044  # readable: it is meant to be sent to the operator
+    assert _mode(node.public_key) == 0o644  # readable: it is meant to be sent to the operator
     assert not list(tmp_path.rglob("*.partial"))
 
 
@@ -106,3 +108,33 @@ def test_ed25519_public_key_is_refused_with_a_hint(tmp_path: Path) -> None:
     (tmp_path / "junk.pub").write_text("not a key")
     with pytest.raises(CertificateError, match="not an OpenSSH public key"):
         load_node_public_key(tmp_path / "junk.pub")
+
+
+def test_renewed_server_certificate_comes_from_the_same_ca(tmp_path: Path) -> None:
+    pki = create_server_pki(tmp_path, ["fl.example"])
+    old_cert, old_key = pki.server_certificate.read_bytes(), pki.server_key.read_bytes()
+    renewed = renew_server_certificate(tmp_path, ["fl.example"])
+    ca = x509.load_pem_x509_certificate(pki.ca_certificate.read_bytes())
+    served = x509.load_pem_x509_certificate(pki.server_certificate.read_bytes())
+    assert served == renewed and served.public_bytes(serialization.Encoding.PEM) != old_cert
+    served.verify_directly_issued_by(ca)
+    assert pki.server_key.read_bytes() != old_key and _mode(pki.server_key) == 0o600
+    assert certificate_fingerprint(pki.ca_certificate.read_bytes()) == pki.ca_fingerprint
+    assert (served.not_valid_after_utc - served.not_valid_before_utc).days == 397
+    assert set(certificate_names(served)) == {"fl.example", "localhost", "127.0.0.1"}
+    pki.ca_key.unlink()
+    with pytest.raises(CertificateError, match="ca.key is missing"):
+        renew_server_certificate(tmp_path, ["fl.example"])
+
+
+def test_modes_do_not_follow_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0)
+    try:
+        pki = create_server_pki(tmp_path / "server", ["127.0.0.1"])
+        node = create_node_identity(tmp_path / "node")
+    finally:
+        os.umask(previous)
+    assert _mode(tmp_path / "server") == _mode(tmp_path / "node") == 0o700
+    assert _mode(pki.ca_certificate) == _mode(pki.server_certificate) == 0o644
+    assert _mode(node.public_key) == 0o644
+    assert _mode(pki.ca_key) == _mode(node.private_key) == 0o600

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 import fedmodel
-from fedmodel.audit_log import verify_chain
+from fedmodel.audit_log import AuditLog
 from fedmodel.processes import executable, free_port
 from fedmodel.protocol import POLICY_REFUSED_CODE
 from server.superlink import CONNECTION, Federation, server_environment
@@ -250,7 +250,7 @@ def test_the_operator_sees_refusals_and_an_honest_run_stays_in_budget(
     history = ledger.spent_history(fingerprint)
     assert dp_accounting_epsilon(history, 1e-5) <= BUDGET
 
-    events = verify_chain(coordinator.node / "node-audit.jsonl")
+    events = AuditLog(coordinator.node / "node-audit.jsonl").verify()
     assert sum(event["event"] == "refused" for event in events) == coordinator.refusals
     assert sum(event["event"] == "served" for event in events) >= 3  # query, train, evaluate
 
