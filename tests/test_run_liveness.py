@@ -103,7 +103,7 @@ def test_a_revocation_below_min_clients_ends_the_run_cleanly(federation: Workspa
     started = time.monotonic()
     assert run.wait(timeout=180) == 0, (root / "revoked.out").read_text()
     summary = json.loads((root / "revoked" / "summary.json").read_text())
-    assert summary["completed"] and summary["rounds"] == 20
+    assert summary["completed"]
     stop = summary["stopped_early"]
     # the round in flight times out with one reply, or the next one waits for a 2nd node
     assert "only 1 clients trained in round" in stop or "only 1 of the 2 nodes" in stop, stop
