@@ -38,6 +38,8 @@ CSV_SCENARIO = "csv"
 NATURAL_DATASETS = frozenset({"covid-clinics", "lending-club"})
 # off | sample-level DP-SGD on clients | client-level DP on the server | both
 DP_MODES = ("off", "sample", "client", "both")
+# deployment: how the nodes' scores of a global model combine (server/federated_evaluation.py)
+EVALUATION_METHODS = ("mean", "median")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,10 @@ class RunConfig:
     central_epsilon: float = 0.0  # client-level budget of the run; 0: no budget
     # deployment (issue 4)
     round_timeout: float = 600.0  # seconds the server waits for one round's replies
+    # hostile nodes (issue 13): the federation directory whose registry (nodes.json) names
+    # a deployed run's nodes and caps their weights; capped mean or median of evaluations
+    federation_dir: str = ""
+    evaluation: str = "mean"
     # robustness (issue 6)
     aggregator: str = "fedavg"
     byzantine: int = 0  # malicious clients per round the robust rule must tolerate
@@ -162,6 +168,11 @@ class RunConfig:
             self.aggregator,
         )
         _require(self.byzantine >= 0, "--byzantine must be 0 or more", self.byzantine)
+        _require(
+            self.evaluation in EVALUATION_METHODS,
+            f"--evaluation must be one of {', '.join(EVALUATION_METHODS)}",
+            self.evaluation,
+        )
         _require(
             self.attack in ATTACKS, f"--attack must be one of {', '.join(ATTACKS)}", self.attack
         )

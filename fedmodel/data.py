@@ -138,6 +138,12 @@ def partition_indices(
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 MAX_CATEGORIES = 50  # more distinct values than this is an identifier or free text
+# Bounds on one table's FeatureStatistics: a node's statistics outside them cannot be an
+# honest table's (or would swamp every node's encoding) and leave that node out of a run
+MAX_COLUMNS = 1000
+MAX_CATEGORY_LENGTH = 200  # characters of one category value
+MAX_TABLE_ROWS = 10**9
+MAX_ABS_VALUE = 1e12  # the largest magnitude of a numeric value the sums may imply
 MAX_CLASSES = 100  # a multiclass label with more values is an identifier or a number
 _TRUE_LABELS = frozenset({"1", "1.0", "true", "yes", "y", "t"})
 _FALSE_LABELS = frozenset({"0", "0.0", "false", "no", "n", "f"})
@@ -203,14 +209,58 @@ class FeatureStatistics:
 
     @classmethod
     def from_json(cls, text: str) -> FeatureStatistics:
+        """Read `to_json`'s form; anything else (another party's bytes) is a DataError."""
         import json
 
-        raw = json.loads(text)
-        return cls(
-            numeric={k: (int(v[0]), float(v[1]), float(v[2])) for k, v in raw["numeric"].items()},
-            categories={k: tuple(str(x) for x in v) for k, v in raw["categories"].items()},
-            rows=int(raw["rows"]),
-        )
+        try:
+            raw = json.loads(text)
+            return cls(
+                numeric={
+                    str(k): (int(count), float(total), float(squares))
+                    for k, (count, total, squares) in raw["numeric"].items()
+                },
+                categories={
+                    str(k): tuple(_text(x) for x in v) for k, v in raw["categories"].items()
+                },
+                rows=int(raw["rows"]),
+            )
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as error:
+            raise DataError(f"malformed feature statistics: {error!r}"[:300]) from None
+
+    def bounds_violation(self) -> str | None:
+        """Why these cannot be one honest table's statistics; None when they can.
+
+        Bounds: at most MAX_COLUMNS columns and MAX_CATEGORIES values per text column
+        (what `describe_table` lets through), values of at most MAX_CATEGORY_LENGTH
+        characters, 1 to MAX_TABLE_ROWS rows, counts at most the rows, finite sums that
+        values of magnitude at most MAX_ABS_VALUE can reach, and sums of squares that
+        fit the sums (Cauchy-Schwarz: total^2 <= count * squares).
+        """
+        if not 1 <= self.rows <= MAX_TABLE_ROWS:
+            return f"{self.rows} rows is outside [1, {MAX_TABLE_ROWS}]"
+        if len(self.numeric) + len(self.categories) > MAX_COLUMNS:
+            return f"{len(self.numeric) + len(self.categories)} columns (at most {MAX_COLUMNS})"
+        for name, values in self.categories.items():
+            if len(values) > MAX_CATEGORIES:
+                return f"column '{name}' has {len(values)} categories (at most {MAX_CATEGORIES})"
+            if any(len(value) > MAX_CATEGORY_LENGTH for value in values):
+                return f"column '{name}' has a category longer than {MAX_CATEGORY_LENGTH}"
+        for name, (count, total, squares) in self.numeric.items():
+            if not 0 <= count <= self.rows:
+                return f"column '{name}' counts {count} values in {self.rows} rows"
+            if not (np.isfinite(total) and np.isfinite(squares)):
+                return f"column '{name}' has non-finite sums"
+            if abs(total) > count * MAX_ABS_VALUE or not 0 <= squares <= count * MAX_ABS_VALUE**2:
+                return f"column '{name}' has sums beyond values of magnitude {MAX_ABS_VALUE:g}"
+            if total * total > count * squares * (1 + 1e-9) + 1e-9:
+                return f"column '{name}' has a sum of squares no table can have"
+        return None
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"a category value must be text, got {type(value).__name__}")
+    return value
 
 
 def load_table(

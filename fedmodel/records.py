@@ -1,8 +1,9 @@
 """Checks on a client's training reply before it may reach aggregation.
 
 A reply is aggregated only if it carries exactly the global model's arrays (same names,
-shapes and dtypes), every value is finite, it states a positive `num-examples`, and its
-update (reply minus global model) is within an optional L2-norm bound. Flower aborts the
+shapes and dtypes), every value is finite, and its update (reply minus global model) is
+within an optional L2-norm bound. Its metrics are the reply schema's to check
+(server/reply_schema.py). Flower aborts the
 whole ServerApp on inconsistent replies; rejecting them here turns a buggy or hostile
 client into a logged dropout instead.
 """
@@ -16,7 +17,6 @@ from flwr.app import ArrayRecord, RecordDict
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
-WEIGHT_KEY = "num-examples"
 
 
 def reply_rejection(
@@ -28,9 +28,6 @@ def reply_rejection(
             f"expected one ArrayRecord '{ARRAYS_KEY}' and one MetricRecord '{METRICS_KEY}', got "
             f"{sorted(content.array_records)} and {sorted(content.metric_records)}"
         )
-    weight = content.metric_records[METRICS_KEY].get(WEIGHT_KEY)
-    if not isinstance(weight, int | float) or isinstance(weight, bool) or not weight > 0:
-        return f"'{WEIGHT_KEY}' must be a positive number, got {weight!r}"
     arrays = content.array_records[ARRAYS_KEY]
     missing, unexpected = set(reference) - set(arrays), set(arrays) - set(reference)
     if missing or unexpected:

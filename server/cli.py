@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedmodel.config import RunConfig
+from fedmodel.config import AGGREGATORS, EVALUATION_METHODS, RunConfig
 from fedmodel.errors import ConfigError
 
 DEFAULTS = RunConfig()
@@ -24,6 +24,12 @@ server_app = typer.Typer(
 )
 
 DirOption = Annotated[Path, typer.Option("--dir", help="Federation directory.")]
+# Robust aggregation, the same options for `fedmodel run` and `fedmodel simulate`
+Aggregator = Annotated[str, typer.Option(help=f"Aggregation rule: {', '.join(AGGREGATORS)}.")]
+Byzantine = Annotated[int, typer.Option(help="Malicious clients per round to tolerate.")]
+MaxUpdateNorm = Annotated[
+    float, typer.Option(help="Reject updates farther than this from the global model (0: off).")
+]
 
 
 @server_app.command("init")
@@ -295,6 +301,16 @@ def run_command(
         float, typer.Option(help="--dp client/both: client-level budget (0: none).")
     ] = DEFAULTS.central_epsilon,
     seed: Annotated[int, typer.Option(help="Seed for model initialisation.")] = DEFAULTS.seed,
+    aggregator: Aggregator = DEFAULTS.aggregator,
+    byzantine: Byzantine = DEFAULTS.byzantine,
+    max_update_norm: MaxUpdateNorm = DEFAULTS.max_update_norm,
+    evaluation: Annotated[
+        str,
+        typer.Option(
+            help=f"How the nodes' scores combine: {', '.join(EVALUATION_METHODS)} "
+            "(mean: weights capped like training's)."
+        ),
+    ] = DEFAULTS.evaluation,
     round_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for a round's replies.")
     ] = 600.0,
@@ -315,6 +331,7 @@ def run_command(
 ) -> None:
     """Train on the federation's enrolled nodes (the SuperLink must be running)."""
     from fedmodel.protocol import REFUSAL_MARKER
+    from server.aggregators import check_aggregator
     from server.enrollment import load_registry
     from server.launch import launch_run
     from server.resume import resume_config
@@ -340,13 +357,21 @@ def run_command(
         max_grad_norm=max_grad_norm,
         model=model,
         seed=seed,
+        aggregator=aggregator,
+        byzantine=byzantine,
+        max_update_norm=max_update_norm,
+        evaluation=evaluation,
+        federation_dir=str(federation.directory),
         round_timeout=round_timeout,
         stop_after_round=stop_after_round,
         run_uid=uuid.uuid4().hex,
     )
     if resume is not None:
-        config = resume_config(resume, "deployment")
+        config = resume_config(resume, "deployment").replace(
+            federation_dir=str(federation.directory)
+        )
         output = resume
+    check_aggregator(config.aggregator, config.clients, config.byzantine)  # as simulate does
     run_dir = (output or federation.path("runs") / time.strftime("%Y%m%d-%H%M%S")).absolute()
     if not config.resume and run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run directory {run_dir} already exists and is not empty")
@@ -388,7 +413,7 @@ def run_command(
         eps = client.get("epsilon")
         table.add_row(
             str(client.get("node", client["client"])),
-            str(client.get("num_examples", "")),
+            "-" if client.get("num_examples") is None else str(client["num_examples"]),
             "-" if eps is None else f"{eps:.3f}",
             "-" if client.get("delta") is None else f"{client['delta']:g}",
         )

@@ -64,8 +64,14 @@ class PollingGrid(Grid):
         return self._grid.get_nodes()
 
     def get_node_ids(self) -> Iterable[int]:
-        """The connected nodes; raises FederationStopped once too few were for too long."""
-        nodes = list(self._grid.get_node_ids())
+        return self.enough(list(self.connected_node_ids()))
+
+    def connected_node_ids(self) -> Iterable[int]:
+        """Every node the SuperLink has connected, without the wait's bookkeeping."""
+        return self._grid.get_node_ids()
+
+    def enough(self, nodes: list[int]) -> list[int]:
+        """`nodes`; raises FederationStopped once too few have been there for too long."""
         if len(nodes) >= self._min_nodes:
             self._short_since = None
             return nodes

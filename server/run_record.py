@@ -20,8 +20,9 @@ from typing import Any
 from flwr.common.logger import log
 
 from fedmodel.config import RunConfig
-from fedmodel.privacy.accountant import ACCOUNTANT, history_from_fields
+from fedmodel.privacy.accountant import ACCOUNTANT
 from fedmodel.privacy.central import FEDERATION_LEDGER, CentralRelease
+from server.reply_schema import TrainReport
 
 PROGRESS_MARKER = "fedmodel-progress "
 ROUND_COLUMNS = (
@@ -96,34 +97,40 @@ class RunRecorder:
         node included), no reply within the round timeout, budget dropouts."""
         self.failures[server_round] = {"errors": errors, "timeouts": timeouts, "dropouts": dropouts}
 
-    def record_replies(self, server_round: int, replies: Iterable[Mapping[str, Any]]) -> None:
-        """Store each client's training metrics (num-examples, loss, epsilon, history)."""
-        rows, losses, weights = [], [], []
-        for metrics in replies:
-            client = str(int(metrics["partition-id"]))
+    def record_replies(
+        self,
+        server_round: int,
+        reports: Mapping[str, TrainReport],
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        """Store each client's validated training report; None marks a withheld field.
+
+        `weights` are the aggregation weights the coordinator gave the clients (the
+        reported example counts where absent); the mean training loss uses them.
+        """
+        rows, losses, loss_weights = [], [], []
+        for client, report in reports.items():
             entry = self.clients.setdefault(client, {"client": client, "epsilon_by_round": []})
-            entry["num_examples"] = int(metrics["num-examples"])
-            epsilon = None
-            if self.config.sample_dp:
-                epsilon = float(metrics["epsilon"])
+            weight = (weights or {}).get(client, report.num_examples or 1)
+            entry |= {"num_examples": report.num_examples, "weight": weight}
+            if self.config.sample_dp and report.epsilon is not None:
                 entry |= {
-                    "epsilon": epsilon,
-                    "delta": float(metrics["delta"]),
+                    "epsilon": report.epsilon,
+                    "delta": report.delta,
                     "accountant": ACCOUNTANT,
-                    "history": [list(segment) for segment in history_from_fields(metrics)],
+                    "history": [list(segment) for segment in report.history],
                 }
-                entry["epsilon_by_round"].append([server_round, epsilon])
+                entry["epsilon_by_round"].append([server_round, report.epsilon])
             else:
                 entry |= {"epsilon": None, "delta": None, "accountant": None, "history": []}
-            loss = None  # deployed owners withhold their training loss by default
-            if "train-loss" in metrics:
-                loss = float(metrics["train-loss"])
-                losses.append(loss * entry["num_examples"])
-                weights.append(entry["num_examples"])
-            rows.append([server_round, client, entry["num_examples"], loss, epsilon])
+            if report.train_loss is not None:  # deployed owners withhold it by default
+                losses.append(report.train_loss * weight)
+                loss_weights.append(weight)
+            rows.append([server_round, client, report.num_examples, report.train_loss,
+                         report.epsilon])  # fmt: skip
             self._round_clients.setdefault(server_round, []).append(client)
-        if weights:
-            self._round_train_loss[server_round] = sum(losses) / max(sum(weights), 1)
+        if loss_weights:
+            self._round_train_loss[server_round] = sum(losses) / sum(loss_weights)
         _append_csv(self.run_dir / "clients.csv", rows)
 
     def record_dropout(

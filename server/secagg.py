@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 from fedmodel.config import RunConfig
 from fedmodel.secagg import CLIPPING_RANGE, MODULUS_RANGE, QUANTIZATION_RANGE, metrics_from_legacy
 from server.checkpoint import save_checkpoint
+from server.reply_schema import InvalidReply, train_report
 from server.run_record import RunRecorder, write_json_atomic
 from server.strategy import FederationStopped
 
@@ -71,9 +72,17 @@ class SecureFedAvg(LegacyFedAvg):
         parameter_sets = {tuple(fitres.parameters.tensors) for _, fitres in results}
         if len(parameter_sets) > 1:
             raise RuntimeError("SecAgg+ is not in effect: the strategy got individual updates")
-        self.recorder.record_replies(
-            server_round, [metrics_from_legacy(fitres.metrics) for _, fitres in results]
-        )
+        reports = {}
+        for _, fitres in results:  # the sum is taken already; an invalid report is not kept
+            try:
+                report = train_report(
+                    metrics_from_legacy(fitres.metrics), self.recorder.config.sample_dp
+                )
+            except InvalidReply as invalid:
+                log(WARNING, "secure aggregation round %d: %s", server_round, invalid)
+                continue
+            reports[str(report.partition_id)] = report
+        self.recorder.record_replies(server_round, reports)
         reasons = sorted({_reason(failure) for failure in failures})
         for reason in reasons:
             log(WARNING, "secure aggregation round %d: %s", server_round, reason)

@@ -2,8 +2,15 @@
 
 `GuardedStrategy` wraps a Flower Message-API strategy (FedAvg, FedMedian, Krum, ...) and
 adds what every FedModel run needs around aggregation:
-- each training reply is validated (`fedmodel.records.reply_rejection`); an invalid one
-  is dropped with a logged, recorded reason instead of crashing the round or the run;
+- each training reply is validated: its arrays against the global model
+  (`fedmodel.records.reply_rejection`), its metrics against the reply schema
+  (`server.reply_schema`); an invalid one is dropped with a logged, recorded reason
+  instead of crashing the round or the run;
+- who sent a reply, and how much it weighs, is the coordinator's to say. In deployment
+  (`Members`) a reply belongs to the client its authenticated Flower node ID was given,
+  and a reply claiming another client's `partition-id` is rejected; its weight is
+  capped, so no node's own report of its size can make it dominate. In simulation the
+  harness is trusted: `partition-id` names the client and `num-examples` weighs it;
 - every client's metrics (examples, loss, epsilon, mechanism history) are recorded;
 - a client that refuses a round because its owner's privacy budget is spent (error code
   `BUDGET_EXHAUSTED_CODE`) or its owner's policy forbids the request
@@ -17,7 +24,8 @@ client whose data is least protected.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -28,27 +36,52 @@ from flwr.serverapp.strategy import Strategy
 from fedmodel.privacy.budget import BUDGET_EXHAUSTED_CODE
 from fedmodel.protocol import POLICY_REFUSED_CODE, REFUSAL_MARKER
 from fedmodel.records import reply_rejection
+from server.reply_schema import InvalidReply, TrainReport, train_report
 from server.run_record import RunRecorder
 
 # A node's owner said no: its budget is spent, or its policy forbids what the run asks
 REFUSAL_CODES = (BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE)
+WEIGHT_KEY = "num-examples"  # what Flower's rules weigh replies by
 
 
 class FederationStopped(Exception):
     """Too few clients are left to train; the run ends here, cleanly, with what it has."""
 
 
+@dataclass(frozen=True)
+class Members:
+    """The nodes of a deployed run, by authenticated Flower node ID.
+
+    `clients` gives each node its client number in the run record; `weight_caps` the
+    most weight its replies may carry (1 for uniform weights, or the row count the
+    operator vouched for at enrollment). A node's report of its size only ever lowers
+    its weight below the cap.
+    """
+
+    clients: Mapping[int, str]
+    weight_caps: Mapping[int, int]
+
+    def weight(self, node: int, reported: int | None) -> int:
+        """min(reported count, cap); a withheld count earns the cap."""
+        cap = self.weight_caps[node]
+        return cap if reported is None else min(reported, cap)
+
+
 def aggregate_train_metrics(replies: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Example-weighted mean training loss; maximum epsilon over the replying clients."""
+    """Weighted mean training loss; maximum epsilon over the replying clients.
+
+    The metrics are the strategy's own (`GuardedStrategy._aggregated_metrics`), built
+    from validated reports.
+    """
     metrics = [reply.metric_records["metrics"] for reply in replies]
     aggregated = MetricRecord({"clients": len(metrics)})
     if all("train-loss" in m for m in metrics):  # deployed owners may withhold it
-        weights = [_scalar(m[weighted_by_key]) for m in metrics]
-        losses = [_scalar(m["train-loss"]) for m in metrics]
+        weights = [float(m[weighted_by_key]) for m in metrics]  # type: ignore[arg-type]
+        losses = [float(m["train-loss"]) for m in metrics]  # type: ignore[arg-type]
         aggregated["train-loss"] = sum(w * x for w, x in zip(weights, losses, strict=True)) / (
             sum(weights) or 1.0
         )
-    epsilons = [_scalar(m["epsilon"]) for m in metrics if "epsilon" in m]
+    epsilons = [float(m["epsilon"]) for m in metrics if "epsilon" in m]  # type: ignore[arg-type]
     if epsilons:
         aggregated["max-epsilon"] = max(epsilons)
     return aggregated
@@ -69,12 +102,6 @@ def with_common_metrics(replies: list[Message]) -> list[Message]:
     return replies
 
 
-def _scalar(value: object) -> float:
-    if not isinstance(value, int | float):
-        raise TypeError(f"expected a number in the reply's metrics, got {type(value).__name__}")
-    return float(value)
-
-
 class GuardedStrategy(Strategy):
     """Validates, records and budget-checks around an inner aggregation strategy."""
 
@@ -84,15 +111,17 @@ class GuardedStrategy(Strategy):
         recorder: RunRecorder,
         min_clients: int = 1,
         max_update_norm: float | None = None,
-        records_federated_evaluation: bool = False,
+        members: Members | None = None,
     ) -> None:
+        """`members`: a deployed run's nodes (identity and weight from the coordinator);
+        None in simulation, where the harness's reports are trusted."""
         self.inner = inner
         self.recorder = recorder
         self.min_clients = min_clients
         self.max_update_norm = max_update_norm
-        self.records_federated_evaluation = records_federated_evaluation
+        self.members = members
         self.exhausted: set[int] = set()
-        self.client_of_node: dict[int, str] = {}
+        self.client_of_node: dict[int, str] = dict(members.clients) if members else {}
         self._global_arrays: ArrayRecord | None = None
         self._sent = 0
 
@@ -138,19 +167,23 @@ class GuardedStrategy(Strategy):
                     server_round, node, self.client_of_node.get(node), str(reply.error.reason)
                 )
         trained = []
+        reports: dict[str, TrainReport] = {}
+        weights: dict[str, float] = {}
         for reply in replies:
             if reply.has_error():
                 continue
             node = reply.metadata.src_node_id
-            reason = reply_rejection(reply.content, self._reference(), self.max_update_norm)
-            if reason is not None:
-                log(WARNING, "rejected the update of node %d: %s", node, reason)
-                self.recorder.record_rejection(server_round, node, self._client_of(reply), reason)
+            try:
+                client, report, weight = self._accepted(reply)
+            except InvalidReply as invalid:
+                self.reject(server_round, node, str(invalid))
                 continue
-            self.client_of_node[node] = self._client_of(reply) or str(node)
+            self.client_of_node[node] = client
+            reports[client], weights[client] = report, weight
+            reply.content["metrics"] = _aggregated_metrics(report, weight)
             trained.append(reply)
         # What the clients spent is recorded even when their updates are not aggregated.
-        self.recorder.record_replies(server_round, [reply.content["metrics"] for reply in trained])
+        self.recorder.record_replies(server_round, reports, weights)
         if len(trained) < self.min_clients:
             raise FederationStopped(
                 f"only {len(trained)} clients trained in round {server_round}; "
@@ -158,6 +191,35 @@ class GuardedStrategy(Strategy):
             )
         # Only valid replies reach the rule: a central-DP wrapper skips a round with errors.
         return self.inner.aggregate_train(server_round, with_common_metrics(trained))
+
+    def reject(self, server_round: int, node: int, reason: str) -> None:
+        """Log and record why `node`'s reply in `server_round` is not used."""
+        log(WARNING, "rejected the reply of node %d: %s", node, reason)
+        self.recorder.record_rejection(server_round, node, self.client_of_node.get(node), reason)
+
+    def _accepted(self, reply: Message) -> tuple[str, TrainReport, float]:
+        """(client, validated report, aggregation weight) of a reply; InvalidReply if not."""
+        node = reply.metadata.src_node_id
+        if self.members is not None and node not in self.members.clients:
+            raise InvalidReply(f"node {node} is not a member of this run")
+        reason = reply_rejection(reply.content, self._reference(), self.max_update_norm)
+        if reason is not None:
+            raise InvalidReply(reason)
+        report = train_report(reply.content.metric_records["metrics"], self._sample_dp)
+        if self.members is None:  # simulation: the harness says who it is and its size
+            if report.num_examples is None:
+                raise InvalidReply("missing 'num-examples', which weighs its update")
+            return str(report.partition_id), report, report.num_examples
+        client = self.members.clients[node]
+        if str(report.partition_id) != client:
+            raise InvalidReply(
+                f"reports partition-id {report.partition_id}, but node {node} is client {client}"
+            )
+        return client, report, self.members.weight(node, report.num_examples)
+
+    @property
+    def _sample_dp(self) -> bool:
+        return self.recorder.config.sample_dp
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -167,21 +229,19 @@ class GuardedStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        metrics = self.inner.aggregate_evaluate(server_round, replies)
-        if metrics is not None and self.records_federated_evaluation:
-            self.recorder.record_evaluation(
-                server_round, {key: _scalar(metrics[key]) for key in ("auroc", "accuracy", "loss")}
-            )
-        return metrics
+        return self.inner.aggregate_evaluate(server_round, replies)
 
     def _reference(self) -> ArrayRecord:
         if self._global_arrays is None:
             raise RuntimeError("aggregate_train called before configure_train")
         return self._global_arrays
 
-    @staticmethod
-    def _client_of(reply: Message) -> str | None:
-        reported = reply.content.metric_records.get("metrics")
-        if reported is None or "partition-id" not in reported:
-            return None
-        return str(int(_scalar(reported["partition-id"])))
+
+def _aggregated_metrics(report: TrainReport, weight: float) -> MetricRecord:
+    """What the inner rule sees of a reply: the coordinator's weight, validated values."""
+    metrics = MetricRecord({WEIGHT_KEY: weight})
+    if report.train_loss is not None:
+        metrics["train-loss"] = report.train_loss
+    if report.epsilon is not None:
+        metrics["epsilon"] = report.epsilon
+    return metrics

@@ -13,8 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedmodel.config import AGGREGATORS, ATTACKS, RunConfig
+from fedmodel.config import ATTACKS, RunConfig
 from fedmodel.errors import ConfigError
+from server.cli import Aggregator, Byzantine, MaxUpdateNorm
 
 if TYPE_CHECKING:  # importing the scenarios loads torch: the CLI imports it when it runs
     from simulations.scenarios import Federation
@@ -112,8 +113,6 @@ BaselineSites = Annotated[
 NoBaselines = Annotated[
     bool, typer.Option("--no-baselines", help="Skip the central and local-only baselines.")
 ]
-Aggregator = Annotated[str, typer.Option(help=f"Aggregation rule: {', '.join(AGGREGATORS)}.")]
-Byzantine = Annotated[int, typer.Option(help="Malicious clients per round to tolerate.")]
 Attack = Annotated[str, typer.Option(help=f"Simulated attack: {', '.join(ATTACKS)}.")]
 Attackers = Annotated[float, typer.Option(help="Fraction of clients that attack.")]
 BudgetEpsilon = Annotated[
@@ -129,9 +128,6 @@ LedgerDir = Annotated[
 ]
 MinClients = Annotated[
     int, typer.Option(help="End the run cleanly when fewer clients can still train.")
-]
-MaxUpdateNorm = Annotated[
-    float, typer.Option(help="Reject updates farther than this from the global model (0: off).")
 ]
 
 

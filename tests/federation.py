@@ -105,6 +105,28 @@ def federation_workspace(path: Path) -> Iterator[Workspace]:
                 os.kill(pid, signal.SIGKILL)
 
 
+def copy_source_tree(code: Path) -> None:
+    """FedModel's packages, copied to `code`: a node run with PYTHONPATH=code runs this
+    copy, which a test may change (the owner approves what is there at `client init`)."""
+    import shutil
+
+    repository = Path(__file__).resolve().parents[1]
+    for package in ("fedmodel", "client", "server", "simulations"):
+        shutil.copytree(repository / package, code / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+
+
+def start_server(server: Path) -> None:
+    """`server init` (127.0.0.1, free ports) and `server start --detach` in `server`."""
+    from fedmodel.processes import free_port
+
+    ports = ("--fleet-port", free_port(), "--control-port", free_port())
+    made = fedmodel("server", "init", "--dir", server, "--address", "127.0.0.1", *ports)
+    assert made.returncode == 0, made.stderr
+    started = fedmodel("server", "start", "--dir", server, "--detach", timeout=90)
+    assert started.returncode == 0, started.stderr
+
+
 def write_sites(directory: Path, names: list[str], rows: int = ROWS_PER_SITE) -> dict[str, Path]:
     """One CSV of `rows` flchain patients per site (shuffled: the file is sorted by outcome)."""
     from simulations.medical import load_flchain_frame

@@ -27,13 +27,15 @@ import pytest
 
 import fedmodel
 from fedmodel.audit_log import AuditLog
-from fedmodel.processes import executable, free_port
+from fedmodel.processes import executable
 from fedmodel.protocol import POLICY_REFUSED_CODE
 from server.superlink import CONNECTION, Federation, server_environment
 from tests.conftest import dp_accounting_epsilon
 from tests.federation import (
     background,
+    copy_source_tree,
     federation_workspace,
+    start_server,
     wait_until_online,
     write_sites,
 )
@@ -43,10 +45,8 @@ from tests.federation import (
 
 pytestmark = pytest.mark.slow
 
-REPOSITORY = Path(__file__).resolve().parents[2]
 BUDGET = 3.0
 SITE = "site-a"
-NO_CACHES = shutil.ignore_patterns("__pycache__")
 HONEST = {"app-task": "fedmodel-tabular", "app-task-version": fedmodel.__version__}
 
 
@@ -101,17 +101,12 @@ class Coordinator:
 def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
     root = tmp_path_factory.mktemp("hostile")
     code = root / "code"
-    for package in ("fedmodel", "client", "server", "simulations"):
-        shutil.copytree(REPOSITORY / package, code / package, ignore=NO_CACHES)
+    copy_source_tree(code)
     shutil.copytree(Path(__file__).parent / "hostileapp", root / "hostileapp")
     node_env = {**os.environ, "PYTHONPATH": str(code)}  # the node runs the copy
     with federation_workspace(root) as space:
         server = root / "srv"
-        ports = ("--fleet-port", free_port(), "--control-port", free_port())
-        made = fedmodel_cli("server", "init", "--dir", server, "--address", "127.0.0.1", *ports)
-        assert made.returncode == 0, made.stderr
-        started = fedmodel_cli("server", "start", "--dir", server, "--detach", timeout=90)
-        assert started.returncode == 0, started.stderr
+        start_server(server)
         data = write_sites(root, [SITE], rows=300)[SITE]
         node = root / SITE
         made = fedmodel_cli(

@@ -1,0 +1,169 @@
+"""The schema of what a node may report: metrics of train and evaluate replies.
+
+A node's metrics are input from an untrusted party. Each field is read here, once,
+against its type (a scalar number, or a list where the protocol sends one), its range
+and finiteness; anything else raises `InvalidReply` with the reason, which the
+strategy records as a rejection. Nothing a node sends can then raise elsewhere in the
+ServerApp (in Flower's rules, the run record or the summary's JSON).
+
+Fields the owner's release policy may round or withhold (client/executor.py
+`released`: example counts rounded, the training loss withheld, evaluation not
+released) are optional: a withheld field is read as None, never as a rejection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fedmodel.privacy.accountant import Segment
+from fedmodel.protocol import EVALUATION_PREFIX
+
+# Rows one node may claim (a billion); more is a lie, not a hospital
+MAX_COUNT = 10**9
+# Client numbers a run hands out; partition ids beyond are not ours
+MAX_PARTITION_ID = 2**31 - 1
+# Mechanism segments one history may hold (one per round a dataset ever trained)
+MAX_HISTORY = 100_000
+HISTORY_KEYS = ("history-noise-multiplier", "history-sample-rate", "history-steps")
+EVALUATION_KEYS = ("num-examples", "loss", "accuracy", "auroc", "auroc-weight")
+
+Metrics = Mapping[str, object]
+
+
+class InvalidReply(ValueError):
+    """A reply that breaks the schema; its message is the reason recorded for it."""
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """A training reply's metrics as validated; None where the owner withheld a field."""
+
+    partition_id: int
+    num_examples: int | None
+    train_loss: float | None
+    epsilon: float | None  # None: the run trains without DP-SGD
+    delta: float | None
+    history: tuple[Segment, ...]
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """A node's score of a global model on its held-out rows.
+
+    `auroc_weight` is the number of held-out rows AUROC was computed on (0 where it is
+    undefined, a one-class hold-out), never more than `num_examples`.
+    """
+
+    num_examples: int
+    loss: float
+    accuracy: float
+    auroc: float
+    auroc_weight: int
+
+
+def train_report(metrics: Metrics, sample_dp: bool) -> TrainReport:
+    """Read a train reply's metrics; `sample_dp` runs require epsilon, delta and history."""
+    report = TrainReport(
+        partition_id=_count(metrics, "partition-id", 0, MAX_PARTITION_ID),
+        num_examples=_count(metrics, "num-examples") if "num-examples" in metrics else None,
+        train_loss=_number(metrics, "train-loss") if "train-loss" in metrics else None,
+        epsilon=None,
+        delta=None,
+        history=(),
+    )
+    if not sample_dp:
+        return report
+    delta = _number(metrics, "delta", 0.0, 1.0)
+    if delta in (0.0, 1.0):
+        raise InvalidReply(f"'delta' must be strictly between 0 and 1, got {delta!r}")
+    return TrainReport(
+        partition_id=report.partition_id,
+        num_examples=report.num_examples,
+        train_loss=report.train_loss,
+        epsilon=_number(metrics, "epsilon"),
+        delta=delta,
+        history=_history(metrics),
+    )
+
+
+def evaluation_report(metrics: Metrics, prefix: str = "") -> EvaluationReport | None:
+    """Read an evaluation; None when the owner released none of it.
+
+    `prefix` reads the evaluation riding on a deployed train reply (`eval-loss`, ...).
+    Part of an evaluation is as invalid as a wrong one: the keys come all or none.
+    """
+    present = [key for key in EVALUATION_KEYS if prefix + key in metrics]
+    if not present:
+        return None
+    if len(present) < len(EVALUATION_KEYS):
+        missing = sorted(prefix + key for key in set(EVALUATION_KEYS) - set(present))
+        raise InvalidReply(f"evaluation is incomplete: missing {missing}")
+    examples = _count(metrics, prefix + "num-examples", 0)
+    return EvaluationReport(
+        num_examples=examples,
+        loss=_number(metrics, prefix + "loss"),
+        accuracy=_number(metrics, prefix + "accuracy", 0.0, 1.0),
+        auroc=_number(metrics, prefix + "auroc", 0.0, 1.0),
+        auroc_weight=_count(metrics, prefix + "auroc-weight", 0, examples),
+    )
+
+
+def riding_evaluation(metrics: Metrics) -> EvaluationReport | None:
+    """The evaluation a deployed node's train reply carries (see EVALUATION_PREFIX)."""
+    return evaluation_report(metrics, EVALUATION_PREFIX)
+
+
+def _scalar(metrics: Metrics, key: str) -> float:
+    if key not in metrics:
+        raise InvalidReply(f"missing '{key}'")
+    value = metrics[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidReply(f"'{key}' must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise InvalidReply(f"'{key}' must be finite, got {value!r}")
+    return float(value)
+
+
+def _number(metrics: Metrics, key: str, low: float = 0.0, high: float = math.inf) -> float:
+    """A finite number in [low, high]."""
+    value = _scalar(metrics, key)
+    if not low <= value <= high:
+        raise InvalidReply(f"'{key}' must be within [{low:g}, {high:g}], got {value!r}")
+    return value
+
+
+def _count(metrics: Metrics, key: str, low: int = 1, high: int = MAX_COUNT) -> int:
+    """A whole number in [low, high] (a float that is whole is accepted)."""
+    value = _scalar(metrics, key)
+    if not value.is_integer() or not low <= value <= high:
+        raise InvalidReply(f"'{key}' must be a whole number in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
+def _history(metrics: Metrics) -> tuple[Segment, ...]:
+    """Parallel lists (noise multiplier, sample rate, steps) of equal, bounded length."""
+    columns: list[list[object]] = []
+    for key in HISTORY_KEYS:
+        if key not in metrics:
+            raise InvalidReply(f"missing '{key}'")
+        values = metrics[key]
+        if not isinstance(values, list) or not 1 <= len(values) <= MAX_HISTORY:
+            raise InvalidReply(f"'{key}' must be a list of 1 to {MAX_HISTORY} numbers")
+        columns.append(values)
+    lengths = [len(column) for column in columns]
+    if len(set(lengths)) > 1:
+        raise InvalidReply(
+            f"history lists differ in length: {dict(zip(HISTORY_KEYS, lengths, strict=True))}"
+        )
+    segments = []
+    for index, values in enumerate(zip(*columns, strict=True)):
+        segment = {
+            f"{key}[{index}]": value for key, value in zip(HISTORY_KEYS, values, strict=True)
+        }
+        noise, rate, steps = segment
+        segments.append(
+            (_number(segment, noise), _number(segment, rate, 0.0, 1.0), _count(segment, steps, 0))
+        )
+    return tuple(segments)
