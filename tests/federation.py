@@ -105,6 +105,24 @@ def federation_workspace(path: Path) -> Iterator[Workspace]:
                 os.kill(pid, signal.SIGKILL)
 
 
+def start_server(server: Path) -> None:
+    """`server init` on 127.0.0.1 with free ports, then `server start --detach`."""
+    from fedmodel.processes import free_port
+
+    ports = ("--fleet-port", free_port(), "--control-port", free_port())
+    made = fedmodel("server", "init", "--dir", server, "--address", "127.0.0.1", *ports)
+    assert made.returncode == 0, made.stderr
+    started = fedmodel("server", "start", "--dir", server, "--detach", timeout=90)
+    assert started.returncode == 0, started.stderr
+
+
+def operator_ca_fingerprint(server: Path) -> str:
+    """The CA fingerprint `server init` printed: what the operator reads out to owners."""
+    from fedmodel.pki import certificate_fingerprint
+
+    return certificate_fingerprint((server / "ca.crt").read_bytes())
+
+
 def write_sites(directory: Path, names: list[str], rows: int = ROWS_PER_SITE) -> dict[str, Path]:
     """One CSV of `rows` flchain patients per site (shuffled: the file is sorted by outcome)."""
     from simulations.medical import load_flchain_frame

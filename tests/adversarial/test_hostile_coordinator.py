@@ -27,13 +27,15 @@ import pytest
 
 import fedmodel
 from fedmodel.audit_log import verify_chain
-from fedmodel.processes import executable, free_port
+from fedmodel.processes import executable
 from fedmodel.protocol import POLICY_REFUSED_CODE
 from server.superlink import CONNECTION, Federation, server_environment
 from tests.conftest import dp_accounting_epsilon
 from tests.federation import (
     background,
     federation_workspace,
+    operator_ca_fingerprint,
+    start_server,
     wait_until_online,
     write_sites,
 )
@@ -107,11 +109,7 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinato
     node_env = {**os.environ, "PYTHONPATH": str(code)}  # the node runs the copy
     with federation_workspace(root) as space:
         server = root / "srv"
-        ports = ("--fleet-port", free_port(), "--control-port", free_port())
-        made = fedmodel_cli("server", "init", "--dir", server, "--address", "127.0.0.1", *ports)
-        assert made.returncode == 0, made.stderr
-        started = fedmodel_cli("server", "start", "--dir", server, "--detach", timeout=90)
-        assert started.returncode == 0, started.stderr
+        start_server(server)
         data = write_sites(root, [SITE], rows=300)[SITE]
         node = root / SITE
         made = fedmodel_cli(
@@ -124,6 +122,7 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinato
             background(
                 "client", "start", "--dir", node, "--join", server / "bundles" / f"{SITE}.join",
                 "--data", data, "--label", "death", "--device", "cpu",
+                "--ca-fingerprint", operator_ca_fingerprint(server),
                 log=root / "node.out", env=node_env, cwd=root,
             )
         )  # fmt: skip
