@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -53,7 +52,14 @@ from pathlib import Path
 
 from benchmarks.output import write_csv
 from client.identity import load_join_bundle, node_identity
-from client.supernode import NodeLaunch, node_config, running_supernode, supernode_command
+from client.supernode import (
+    NodeLaunch,
+    node_config,
+    node_config_toml,
+    running_process,
+    supernode_command,
+)
+from fedmodel.pki import certificate_fingerprint
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
 from fedmodel.processes import executable, free_port, group_alive, stop_group, tool_environment
 
@@ -100,6 +106,11 @@ class Federation:
 
     def bundle(self, node: str) -> Path:
         return self.server / "bundles" / f"{node}.join"
+
+    @property
+    def ca_fingerprint(self) -> str:
+        """What `server init` printed and the operator reads out to each owner."""
+        return certificate_fingerprint((self.server / "ca.crt").read_bytes())
 
 
 @dataclass(frozen=True)
@@ -203,7 +214,7 @@ def start_fedmodel_nodes(federation: Federation) -> None:
         command = [
             executable("fedmodel"), "client", "start", "--dir", str(directory),
             "--join", str(federation.bundle(node)), "--data", str(federation.data(node)),
-            "--label", LABEL, "--device", "cpu",
+            "--label", LABEL, "--device", "cpu", "--ca-fingerprint", federation.ca_fingerprint,
         ]  # fmt: skip
         federation.clients.append(
             _start_logged(command, directory / "client-start.out", federation.environment)
@@ -223,23 +234,10 @@ def stop_fedmodel_nodes(federation: Federation) -> None:
             stop_group(process.pid)
     federation.clients.clear()
     for node in federation.nodes:  # what a CLI that did not clean up may have left
-        directory = federation.node_dir(node)
-        pid = running_supernode(directory)
-        if pid is not None:
-            stop_group(pid)
-        executor = _pid_in(directory / "executor.pid", b"client.executor", directory)
-        if executor is not None:
-            stop_group(executor)
-
-
-def _pid_in(path: Path, program: bytes, directory: Path) -> int | None:
-    """The PID in `path` if that process runs `program` for `directory`."""
-    try:
-        pid = int(path.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return None
-    return pid if program in cmdline and str(directory).encode() in cmdline else None
+        for program in ("flower-supernode", "client.executor"):
+            pid = running_process(federation.node_dir(node), program)
+            if pid is not None:
+                stop_group(pid)
 
 
 def baseline_command(federation: Federation, node: str) -> list[str]:
@@ -271,9 +269,7 @@ def baseline_command(federation: Federation, node: str) -> list[str]:
         kept.append(argument)
     config = {**node_config(launch), "budget-epsilon": BUDGET_EPSILON, "budget-delta": BUDGET_DELTA}
     config_path = directory / "baseline-node-config.toml"
-    config_path.write_text(
-        "".join(f"{key} = {json.dumps(value)}\n" for key, value in config.items())
-    )
+    config_path.write_text(node_config_toml(config), encoding="utf-8")
     kept[kept.index("--node-config") + 1] = str(config_path)
     return kept
 

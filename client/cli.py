@@ -166,12 +166,18 @@ def init(
 @client_app.command("status")
 def status(directory: NodeDir) -> None:
     """Show this node's policy, approved tasks, and whether it is running."""
-    from client.identity import node_identity
+    from client.identity import node_identity, pinned_ca_fingerprint
     from client.policy import load_policy
     from client.supernode import running_process
 
     identity = node_identity(directory)
     console.print(f"Node {directory}: key fingerprint {identity.fingerprint}")
+    pinned = pinned_ca_fingerprint(directory)
+    console.print(
+        f"Federation CA pinned: {pinned}"
+        if pinned
+        else "No federation CA pinned yet: the first 'client start' needs --ca-fingerprint"
+    )
     for name, program in (("SuperNode", "flower-supernode"), ("Executor", "client.executor")):
         pid = running_process(directory, program)
         console.print(f"{name}: " + (f"running (pid {pid})" if pid else "not running"))
@@ -232,6 +238,13 @@ def start(
     join: Annotated[Path, typer.Option(help="Join bundle from the operator.")],
     data: Annotated[Path, typer.Option(help="Local CSV or Parquet file (never leaves here).")],
     label: Annotated[str, typer.Option(help="Name of the binary label column.")],
+    ca_fingerprint: Annotated[
+        str | None,
+        typer.Option(
+            help="The federation CA's SHA-256 fingerprint as the operator read it out to you "
+            "(needed on the first join; pinned in the node directory after)."
+        ),
+    ] = None,
     budget_epsilon: BudgetEpsilon = None,
     budget_delta: BudgetDelta = None,
     allow_no_dp: AllowNoDp = None,
@@ -252,7 +265,7 @@ def start(
     ] = False,
 ) -> None:
     """Check the data, bundle and policy, then serve the federation from the local file."""
-    from client.identity import load_join_bundle, node_identity
+    from client.identity import node_identity, trusted_join_bundle
     from client.ledger_guard import check_ledger
     from client.policy import PolicyError, save_policy
     from client.supernode import (
@@ -269,7 +282,7 @@ def start(
     if insecure:
         console.print("[bold red]WARNING: --insecure: plaintext, no node key sent.[/bold red]")
     identity = node_identity(directory)
-    bundle = load_join_bundle(join, identity)
+    bundle = trusted_join_bundle(join, identity, directory, ca_fingerprint)
     table = load_table(data, label)  # fails here, before any connection, on a bad file
     check_device(device)
     changes = _policy_changes(
@@ -286,13 +299,6 @@ def start(
         f"{data}: {len(table)} rows, {table.num_features} features, "
         f"{int(table.labels.sum())} positive '{label}'"
     )
-    check_ledger(directory, policy)  # a missing or cut ledger would reset the budget
-    save_policy(directory, policy)
-    _show_policy(policy)
-    console.print(
-        f"Joining {bundle.fleet_address} as '{bundle.node_name}' "
-        f"(CA {bundle.ca_fingerprint[:23]}...); device {device}"
-    )
     launch = NodeLaunch(
         directory=directory.absolute(),
         identity=identity,
@@ -303,6 +309,13 @@ def start(
         port=port or free_port(),
         insecure=insecure,
         max_wait_time=max_wait_time,
+    )
+    check_ledger(directory, policy)  # a missing or cut ledger would reset the budget
+    save_policy(directory, policy)
+    _show_policy(policy)
+    console.print(
+        f"Joining {bundle.fleet_address} as '{bundle.node_name}', trusting the pinned CA "
+        f"{bundle.ca_fingerprint}; device {device}"
     )
     offset = launch.log_path.stat().st_size if launch.log_path.exists() else 0
     supernode, executor = start_node(launch)

@@ -5,14 +5,22 @@ the CA in that bundle, and signs every request with the node key. Its node confi
 (a TOML file, so paths need no shell quoting) tells the ClientApp which file and label
 to train on, where the owner's privacy ledger is, the owner's budget and the device.
 Its local runtime API listens on 127.0.0.1 only.
+
+Both processes run in sessions of their own (so a terminal's Ctrl-C reaches only
+`client start`, which stops them in order); on Linux they also die with it, should it
+be killed outright (the OOM killer), instead of keeping the node key online as orphans.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import secrets
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +64,9 @@ class NodeLaunch:
     insecure: bool = False  # only to demonstrate that a TLS federation refuses it
     max_wait_time: float | None = None
 
+    def __post_init__(self) -> None:
+        node_config_toml(node_config(self))  # a path TOML cannot carry fails before any start
+
     @property
     def log_path(self) -> Path:
         return self.directory / "supernode.log"
@@ -77,12 +88,40 @@ def node_config(launch: NodeLaunch) -> dict[str, str | float]:
     return config
 
 
+def node_config_toml(config: dict[str, str | float]) -> str:
+    """`config` as the TOML file Flower's `--node-config` reads (UTF-8).
+
+    Strings are TOML basic strings with only quotes, backslashes and control characters
+    escaped: JSON's escapes are not TOML's (it writes a character outside the BMP, an
+    emoji in a folder name say, as a surrogate pair, which TOML rejects).
+    """
+    lines = []
+    for key, value in config.items():
+        if isinstance(value, str):
+            if any("\ud800" <= character <= "\udfff" for character in value):
+                raise SuperNodeError(
+                    f"node config {key} {value!r} is not valid UTF-8 (a file name in another "
+                    "encoding?); rename it so the SuperNode can be told where it is"
+                )
+            lines.append(f'{key} = "{"".join(map(_toml_escape, value))}"\n')
+        else:  # a finite number is written alike in JSON and TOML
+            lines.append(f"{key} = {json.dumps(value)}\n")
+    return "".join(lines)
+
+
+def _toml_escape(character: str) -> str:
+    if character in '"\\':
+        return "\\" + character
+    if character < " " or character == "\x7f":
+        return f"\\u{ord(character):04x}"
+    return character
+
+
 def supernode_command(launch: NodeLaunch) -> list[str]:
     ca_path = launch.directory / "federation-ca.crt"
     config_path = launch.directory / "node-config.toml"
     write_public_file(ca_path, launch.bundle.ca_certificate.encode())
-    lines = [f"{key} = {json.dumps(value)}" for key, value in node_config(launch).items()]
-    write_public_file(config_path, ("\n".join(lines) + "\n").encode())
+    write_public_file(config_path, node_config_toml(node_config(launch)).encode())
     command = [executable("flower-supernode"), "--isolation", "process"]
     command += ["--insecure"] if launch.insecure else ["--root-certificates", str(ca_path)]
     if not launch.insecure:  # Flower refuses a node key on a plaintext channel
@@ -164,7 +203,31 @@ def _start_logged(command: list[str], launch: NodeLaunch, log: Path) -> subproce
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent(),
         )
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """Make the child get SIGTERM when this process dies, however it dies (Linux only).
+
+    Elsewhere there is no such kernel feature and an orphan outlives a killed parent.
+    libc is looked up here, before the fork; the child only makes the call. If this
+    process died between fork and prctl, the child stops itself at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def explain_exit(log_text: str) -> str:

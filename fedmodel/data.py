@@ -294,6 +294,8 @@ def read_table(
     import pandas as pd
 
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; name the CSV or Parquet file inside it")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()

@@ -117,7 +117,7 @@ def copy_source_tree(code: Path) -> None:
 
 
 def start_server(server: Path) -> None:
-    """`server init` (127.0.0.1, free ports) and `server start --detach` in `server`."""
+    """`server init` on 127.0.0.1 with free ports, then `server start --detach`."""
     from fedmodel.processes import free_port
 
     ports = ("--fleet-port", free_port(), "--control-port", free_port())
@@ -125,6 +125,13 @@ def start_server(server: Path) -> None:
     assert made.returncode == 0, made.stderr
     started = fedmodel("server", "start", "--dir", server, "--detach", timeout=90)
     assert started.returncode == 0, started.stderr
+
+
+def operator_ca_fingerprint(server: Path) -> str:
+    """The CA fingerprint `server init` printed: what the operator reads out to owners."""
+    from fedmodel.pki import certificate_fingerprint
+
+    return certificate_fingerprint((server / "ca.crt").read_bytes())
 
 
 def write_sites(directory: Path, names: list[str], rows: int = ROWS_PER_SITE) -> dict[str, Path]:
@@ -137,3 +144,35 @@ def write_sites(directory: Path, names: list[str], rows: int = ROWS_PER_SITE) ->
         paths[name] = directory / f"{name}.csv"
         frame.iloc[number * rows : (number + 1) * rows].to_csv(paths[name], index=False)
     return paths
+
+
+def join_node(
+    space: Workspace,
+    server: Path,
+    node: Path,
+    data: Path,
+    budget_epsilon: float,
+    env: dict[str, str] | None = None,
+) -> None:
+    """A data owner joins as the README says: `client init`, the operator's `server
+    enroll`, then `client start` (pinning the operator's CA) in the background.
+
+    Commands run from `node`'s parent: `python -m` puts the working directory first on
+    the path, so a node given PYTHONPATH (a changed copy of FedModel) runs, and its owner
+    approves, that copy.
+    """
+    made = subprocess.run(
+        [*FEDMODEL, "client", "init", "--dir", node, "--budget-epsilon", str(budget_epsilon)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=node.parent,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    made = fedmodel("server", "enroll", node / "node.pub", "--name", node.name, "--dir", server)
+    assert made.returncode == 0, made.stderr
+    space.started.append(
+        background(
+            "client", "start", "--dir", node, "--join", server / "bundles" / f"{node.name}.join",
+            "--data", data, "--label", "death", "--device", "cpu",
+            "--ca-fingerprint", operator_ca_fingerprint(server),
+            log=node.parent / f"{node.name}.out", env=env, cwd=node.parent,
+        )
+    )  # fmt: skip

@@ -29,6 +29,7 @@ from tests.federation import (
     background,
     federation_workspace,
     fedmodel,
+    operator_ca_fingerprint,
     wait_for_text,
     wait_until_online,
     write_sites,
@@ -119,26 +120,29 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
             "client", "start", "--dir", root / site,
             "--join", server / "bundles" / f"{site}.join", "--data", data[site],
             "--label", "death", "--device", "cpu", "--budget-epsilon", "3.0",
-            log=root / f"{site}.out",
+            "--ca-fingerprint", operator_ca_fingerprint(server), log=root / f"{site}.out",
         )  # fmt: skip
         started.append(nodes[site])
 
     # Would-be intruders, while the run goes on: none may join or disturb it. Each has
     # its own valid P-384 key that was never enrolled, and a bundle forged for it.
     bundle = JoinBundle.load(server / "bundles" / "hospital-a.join")
-    other_ca = create_server_pki(root / "other-ca", ["127.0.0.1"]).ca_certificate.read_text()
+    other_pki = create_server_pki(root / "other-ca", ["127.0.0.1"])
+    other_ca = other_pki.ca_certificate.read_text()
     strangers = {}
     refused = {}
     for name, extra in (("unenrolled", ()), ("wrong-ca", ()), ("plaintext", ("--insecure",))):
         strangers[name] = create_node_identity(root / name)
         forged = dataclasses.replace(bundle, node_fingerprint=strangers[name].fingerprint)
-        if name == "wrong-ca":
+        pin = operator_ca_fingerprint(server)
+        if name == "wrong-ca":  # its owner pinned that CA: the SuperLink's TLS refuses it
             forged = dataclasses.replace(forged, ca_certificate=other_ca)
+            pin = other_pki.ca_fingerprint
         (root / f"{name}.join").write_text(forged.to_json())
         refused[name] = background(
             "client", "start", "--dir", root / name, "--join", root / f"{name}.join",
             "--data", data["hospital-a"], "--label", "death", "--max-wait-time", "10",
-            "--budget-epsilon", "1", *extra,
+            "--budget-epsilon", "1", "--ca-fingerprint", pin, *extra,
             log=root / f"{name}.out",
         )  # fmt: skip
         started.append(refused[name])
@@ -246,7 +250,7 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
         last = (root / f"{name}.out").read_text().strip().splitlines()[-1]
         assert last.startswith("error:") and expected[name] in last, last
 
-    # The revoked node cannot come back with its key.
+    # The revoked node cannot come back with its key (its CA pin is stored: no flag).
     again = fedmodel(
         "client", "start", "--dir", root / "hospital-c",
         "--join", server / "bundles" / "hospital-c.join", "--data", data["hospital-c"],
@@ -285,20 +289,26 @@ def test_client_start_checks_data_and_bundle_before_connecting(tmp_path: Path) -
     )  # fmt: skip
     (tmp_path / "site.csv").write_text("age,death\n50,1\n60,0\n")
     (tmp_path / "junk.join").write_text("not a bundle")
+    pin = ("--ca-fingerprint", pki.ca_fingerprint)
     cases = {
-        "does not exist": ("--join", bundle, "--data", tmp_path / "none.csv", "--label", "death"),
-        "label column 'outcome'": ("--join", bundle, "--data", tmp_path / "site.csv",
+        "compare it with the CA fingerprint the operator read out": (
+            "--join", bundle, "--data", tmp_path / "site.csv", "--label", "death"),
+        "does not exist": (*pin, "--join", bundle, "--data", tmp_path / "none.csv",
+                           "--label", "death"),
+        "is a directory": (*pin, "--join", bundle, "--data", tmp_path, "--label", "death"),
+        "label column 'outcome'": (*pin, "--join", bundle, "--data", tmp_path / "site.csv",
                                    "--label", "outcome"),
-        "not a FedModel join bundle": ("--join", tmp_path / "junk.join", "--data",
+        "not a FedModel join bundle": (*pin, "--join", tmp_path / "junk.join", "--data",
                                        tmp_path / "site.csv", "--label", "death"),
         "no privacy budget yet": ("--join", bundle, "--data", tmp_path / "site.csv",
-                                  "--label", "death"),
+                                  "--label", "death"),  # the pin is stored by now
     }  # fmt: skip
     for message, args in cases.items():
         result = fedmodel("client", "start", "--dir", tmp_path / "node", *args, timeout=60)
         assert result.returncode != 0
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+    assert pki.ca_fingerprint in fedmodel("client", "status", "--dir", tmp_path / "node").stdout
     assert not (tmp_path / "node" / "supernode.log").exists()  # never tried to connect
 
 

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from fedmodel.processes import executable, free_port
+from fedmodel.processes import executable
 from server.superlink import CONNECTION, Federation, server_environment
 from tests.federation import (
     Workspace,
     background,
     federation_workspace,
     fedmodel,
+    join_node,
+    start_server,
     wait_for_text,
     wait_until_online,
     write_sites,
@@ -33,25 +35,10 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     root = tmp_path_factory.mktemp("liveness")
     with federation_workspace(root) as space:
         server = root / "srv"
-        ports = ("--fleet-port", free_port(), "--control-port", free_port())
-        made = fedmodel("server", "init", "--dir", server, "--address", "127.0.0.1", *ports)
-        assert made.returncode == 0, made.stderr
-        started = fedmodel("server", "start", "--dir", server, "--detach", timeout=90)
-        assert started.returncode == 0, started.stderr
+        start_server(server)
         data = write_sites(root, SITES)
         for site in SITES:
-            made = fedmodel("client", "init", "--dir", root / site, "--budget-epsilon", "10")
-            assert made.returncode == 0, made.stderr
-            made = fedmodel("server", "enroll", root / site / "node.pub", "--name", site,
-                            "--dir", server)  # fmt: skip
-            assert made.returncode == 0, made.stderr
-            space.started.append(
-                background(
-                    "client", "start", "--dir", root / site,
-                    "--join", server / "bundles" / f"{site}.join", "--data", data[site],
-                    "--label", "death", "--device", "cpu", log=root / f"{site}.out",
-                )
-            )  # fmt: skip
+            join_node(space, server, root / site, data[site], budget_epsilon=10)
         wait_until_online(server, len(SITES))
         yield space
 

@@ -32,9 +32,9 @@ from fedmodel.protocol import POLICY_REFUSED_CODE
 from server.superlink import CONNECTION, Federation, server_environment
 from tests.conftest import dp_accounting_epsilon
 from tests.federation import (
-    background,
     copy_source_tree,
     federation_workspace,
+    join_node,
     start_server,
     wait_until_online,
     write_sites,
@@ -109,19 +109,7 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinato
         start_server(server)
         data = write_sites(root, [SITE], rows=300)[SITE]
         node = root / SITE
-        made = fedmodel_cli(
-            "client", "init", "--dir", node, "--budget-epsilon", BUDGET, env=node_env
-        )
-        assert made.returncode == 0, made.stderr
-        made = fedmodel_cli("server", "enroll", node / "node.pub", "--name", SITE, "--dir", server)
-        assert made.returncode == 0, made.stderr
-        space.started.append(
-            background(
-                "client", "start", "--dir", node, "--join", server / "bundles" / f"{SITE}.join",
-                "--data", data, "--label", "death", "--device", "cpu",
-                log=root / "node.out", env=node_env, cwd=root,
-            )
-        )  # fmt: skip
+        join_node(space, server, node, data, BUDGET, node_env)
         wait_until_online(server, 1)
         yield Coordinator(root, server, node, code)
         assert not (root / "foreign-code-ran").exists()

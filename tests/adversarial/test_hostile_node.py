@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,9 @@ import pytest
 import torch
 
 from tests.federation import (
-    FEDMODEL,
-    background,
     copy_source_tree,
     federation_workspace,
+    join_node,
     start_server,
     wait_until_online,
     write_sites,
@@ -132,23 +130,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         for site in sites:
             # site-z's owner approves (at init) the code it runs: the tampering is its own
             env = {**os.environ, "PYTHONPATH": str(code)} if site == HOSTILE else None
-            made = subprocess.run(  # from root: `python -m` puts the cwd first on the path
-                [*FEDMODEL, "client", "init", "--dir", root / site,
-                 "--budget-epsilon", str(BUDGET)],
-                capture_output=True, text=True, timeout=120, env=env, cwd=root,
-            )  # fmt: skip
-            assert made.returncode == 0, made.stderr
-            made = fedmodel_cli("server", "enroll", root / site / "node.pub", "--name", site,
-                                "--dir", server)  # fmt: skip
-            assert made.returncode == 0, made.stderr
-            space.started.append(
-                background(
-                    "client", "start", "--dir", root / site,
-                    "--join", server / "bundles" / f"{site}.join", "--data", data[site],
-                    "--label", "death", "--device", "cpu",
-                    log=root / f"{site}.out", env=env, cwd=root,
-                )
-            )  # fmt: skip
+            join_node(space, server, root / site, data[site], BUDGET, env)
         wait_until_online(server, 3)
         yield Federation(root, server, code / "plan.json")
 
