@@ -131,17 +131,30 @@ def revoke_node(federation: Federation, name: str) -> dict[str, Any]:
     return entry
 
 
+NOT_ENROLLED = "(unenrolled)"
+
+
 def list_nodes(federation: Federation) -> list[dict[str, Any]]:
-    """Our registry joined with Flower's live status (online/offline/registered)."""
+    """Our registry joined with Flower's live status (online/offline/registered), then
+    every node Flower registered outside FedModel (runs keep those out): name NOT_ENROLLED."""
     live = {
         str(node["node-id"]): node
         for node in flwr_cli(federation, "supernode", "list", verbose=True)["nodes"]
     }
     rows = []
-    for entry in load_registry(federation).values():
+    registry = load_registry(federation).values()
+    for entry in registry:
         node = live.get(entry["node_id"], {})
         status = "revoked" if entry["status"] == "revoked" else node.get("status", "unknown")
         rows.append({**entry, "status": status, "online_at": node.get("online-at")})
+    known = {entry["node_id"] for entry in registry}
+    for node_id, node in live.items():
+        if node_id not in known:
+            rows.append(
+                {"name": NOT_ENROLLED, "node_id": node_id, "status": node.get("status", "unknown"),
+                 "fingerprint": "-", "enrolled_at": "-", "max_rows": None,
+                 "online_at": node.get("online-at")}
+            )  # fmt: skip
     return rows
 
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from fedmodel.pki import JoinBundle, create_node_identity, create_server_pki
 from fedmodel.processes import free_port
-from server.enrollment import list_nodes, load_registry, verify_audit
+from server.enrollment import NOT_ENROLLED, flwr_cli, list_nodes, load_registry, verify_audit
 from server.superlink import Federation, certificate_problems
 from tests.federation import FEDMODEL, federation_workspace
 
@@ -35,6 +35,7 @@ def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*FEDMODEL, *map(str, args)],
         capture_output=True, text=True, timeout=120, preexec_fn=_umask_000,
+        env={**os.environ, "COLUMNS": "200"},  # tables unwrapped, as on a wide terminal
     )  # fmt: skip
 
 
@@ -111,6 +112,13 @@ def test_eight_concurrent_enrollments_all_land_in_registry_and_audit_log(
     assert _mode(server / "nodes.json") == 0o644  # no secret; the directory is 0700
     listing = _cli("server", "nodes", "--dir", server).stdout
     assert "max rows" in listing and "800" in listing
+
+    # a key registered with Flower behind FedModel's back is shown, and named as such
+    stranger = create_node_identity(tmp_path / "stranger").public_key
+    flwr_cli(federation, "supernode", "register", str(stranger), "--name", "stranger")
+    (outsider,) = [node for node in list_nodes(federation) if node["name"] == NOT_ENROLLED]
+    assert outsider["node_id"] not in {registry[name]["node_id"] for name in names}
+    assert NOT_ENROLLED in _cli("server", "nodes", "--dir", server).stdout
 
 
 @pytest.mark.slow
