@@ -105,6 +105,14 @@ def federation_workspace(path: Path) -> Iterator[Workspace]:
                 os.kill(pid, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def served_federation(path: Path) -> Iterator[tuple[Workspace, Path]]:
+    """A workspace with a started SuperLink in `path`/srv: (workspace, server directory)."""
+    with federation_workspace(path) as space:
+        start_server(path / "srv")
+        yield space, path / "srv"
+
+
 def copy_source_tree(code: Path) -> None:
     """FedModel's packages, copied to `code`: a node run with PYTHONPATH=code runs this
     copy, which a test may change (the owner approves what is there at `client init`)."""

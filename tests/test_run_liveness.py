@@ -17,10 +17,9 @@ from server.superlink import CONNECTION, Federation, server_environment
 from tests.federation import (
     Workspace,
     background,
-    federation_workspace,
     fedmodel,
     join_node,
-    start_server,
+    served_federation,
     wait_for_text,
     wait_until_online,
     write_sites,
@@ -33,9 +32,7 @@ SITES = ["site-a", "site-b"]
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     root = tmp_path_factory.mktemp("liveness")
-    with federation_workspace(root) as space:
-        server = root / "srv"
-        start_server(server)
+    with served_federation(root) as (space, server):
         data = write_sites(root, SITES)
         for site in SITES:
             join_node(space, server, root / site, data[site], budget_epsilon=10)

@@ -33,9 +33,8 @@ from server.superlink import CONNECTION, Federation, server_environment
 from tests.conftest import dp_accounting_epsilon
 from tests.federation import (
     copy_source_tree,
-    federation_workspace,
     join_node,
-    start_server,
+    served_federation,
     wait_until_online,
     write_sites,
 )
@@ -104,9 +103,7 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinato
     copy_source_tree(code)
     shutil.copytree(Path(__file__).parent / "hostileapp", root / "hostileapp")
     node_env = {**os.environ, "PYTHONPATH": str(code)}  # the node runs the copy
-    with federation_workspace(root) as space:
-        server = root / "srv"
-        start_server(server)
+    with served_federation(root) as (space, server):
         data = write_sites(root, [SITE], rows=300)[SITE]
         node = root / SITE
         join_node(space, server, node, data, BUDGET, node_env)

@@ -24,9 +24,8 @@ import torch
 
 from tests.federation import (
     copy_source_tree,
-    federation_workspace,
     join_node,
-    start_server,
+    served_federation,
     wait_until_online,
     write_sites,
 )
@@ -122,9 +121,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     honest, guard, main = executor.read_text().rpartition(MAIN_GUARD)
     assert guard, "the executor's __main__ guard moved"
     executor.write_text(honest + TAMPERING + guard + main)
-    with federation_workspace(root) as space:
-        server = root / "srv"
-        start_server(server)
+    with served_federation(root) as (space, server):
         sites = [*HONEST_SITES, HOSTILE]
         data = write_sites(root, sites)
         for site in sites:
