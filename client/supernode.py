@@ -27,8 +27,10 @@ from pathlib import Path
 from client.ledger_guard import ledger_path
 from fedmodel.errors import FedModelError
 from fedmodel.pki import JoinBundle, NodeIdentity, write_private_file, write_public_file
+from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
 from fedmodel.processes import executable, plain_lines, tool_environment
 
+ACCOUNTING_CACHE_DIR = "accounting-cache"  # in the node directory
 SECRET_FILE = "superexec.secret"  # the Runtime API secret shared with the executor
 # Flower's SuperNode exit lines, in words a data owner can act on
 _REFUSALS = {  # Flower's node-side error lines read "[code: 2004] Failed to activate ..."
@@ -139,9 +141,12 @@ def supernode_command(launch: NodeLaunch) -> list[str]:
     return command
 
 
-def supernode_environment(device: str) -> dict[str, str]:
-    """The device choice is enforced by what CUDA devices the ClientApp can see."""
+def supernode_environment(device: str, directory: Path) -> dict[str, str]:
+    """The device choice is enforced by what CUDA devices the ClientApp can see; the
+    node's accounting cache lives in its own 0700 directory, where no other local user
+    can edit a cached noise multiplier or RDP curve (fedmodel.privacy.accounting_cache)."""
     environment = tool_environment()
+    environment[CACHE_DIR_VARIABLE] = str(directory / ACCOUNTING_CACHE_DIR)
     if device == "cpu":
         environment["CUDA_VISIBLE_DEVICES"] = ""
     elif device.startswith("cuda:"):
@@ -198,7 +203,7 @@ def _start_logged(command: list[str], launch: NodeLaunch, log: Path) -> subproce
         return subprocess.Popen(
             command,
             cwd=launch.directory,
-            env=supernode_environment(launch.device),
+            env=supernode_environment(launch.device, launch.directory),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,

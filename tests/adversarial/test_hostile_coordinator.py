@@ -229,6 +229,8 @@ def test_the_operator_sees_refusals_and_an_honest_run_stays_in_budget(
     (fingerprint,) = {entry.fingerprint for entry in ledger.entries()}
     history = ledger.spent_history(fingerprint)
     assert dp_accounting_epsilon(history, 1e-5) <= BUDGET
+    # its calibration was cached inside the 0700 node directory, not in a shared cache
+    assert (coordinator.node / "accounting-cache" / "accounting.sqlite").is_file()
 
     events = AuditLog(coordinator.node / "node-audit.jsonl").verify()
     assert sum(event["event"] == "refused" for event in events) == coordinator.refusals
