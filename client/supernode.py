@@ -32,12 +32,16 @@ from fedmodel.processes import executable, plain_lines, tool_environment
 
 ACCOUNTING_CACHE_DIR = "accounting-cache"  # in the node directory
 SECRET_FILE = "superexec.secret"  # the Runtime API secret shared with the executor
+_UNTRUSTED_SERVER = (
+    "the server's certificate is not signed by the bundle's CA, or has expired (the "
+    "operator sees which with 'fedmodel server status' and renews with 'server renew-cert')"
+)
 # Flower's SuperNode exit lines, in words a data owner can act on
 _REFUSALS = {  # Flower's node-side error lines read "[code: 2004] Failed to activate ..."
     "[code: 2004]": "the federation refused this node: its key is not enrolled, or was revoked",
     "[code: 2001]": "the federation requires an enrolled node key",
-    "CERTIFICATE_VERIFY_FAILED": "the server's certificate is not signed by the bundle's CA",
-    "BAD_SIGNATURE": "the server's certificate is not signed by the bundle's CA",
+    "CERTIFICATE_VERIFY_FAILED": _UNTRUSTED_SERVER,
+    "BAD_SIGNATURE": _UNTRUSTED_SERVER,
     "Socket closed": "the server closed the connection (it requires TLS?)",
 }
 
