@@ -176,7 +176,7 @@ class GuardedStrategy(Strategy):
             try:
                 client, report, weight = self._accepted(reply)
             except InvalidReply as invalid:
-                self.reject(server_round, node, str(invalid))
+                self.reject(server_round, node, str(invalid), self._simulated_client(reply))
                 continue
             self.client_of_node[node] = client
             reports[client], weights[client] = report, weight
@@ -192,10 +192,19 @@ class GuardedStrategy(Strategy):
         # Only valid replies reach the rule: a central-DP wrapper skips a round with errors.
         return self.inner.aggregate_train(server_round, with_common_metrics(trained))
 
-    def reject(self, server_round: int, node: int, reason: str) -> None:
+    def reject(self, server_round: int, node: int, reason: str, client: str | None = None) -> None:
         """Log and record why `node`'s reply in `server_round` is not used."""
         log(WARNING, "rejected the reply of node %d: %s", node, reason)
-        self.recorder.record_rejection(server_round, node, self.client_of_node.get(node), reason)
+        client = self.client_of_node.get(node, client)
+        self.recorder.record_rejection(server_round, node, client, reason)
+
+    def _simulated_client(self, reply: Message) -> str | None:
+        """In simulation, the client a rejected reply came from: its partition-id, which
+        the harness (not the client) sets; None in deployment or when it is unreadable."""
+        if self.members is not None or "metrics" not in reply.content.metric_records:
+            return None
+        claimed = reply.content.metric_records["metrics"].get("partition-id")
+        return str(claimed) if isinstance(claimed, int) and claimed >= 0 else None
 
     def _accepted(self, reply: Message) -> tuple[str, TrainReport, float]:
         """(client, validated report, aggregation weight) of a reply; InvalidReply if not."""

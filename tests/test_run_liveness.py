@@ -4,6 +4,7 @@ stops the run on the SuperLink too. A real TLS federation of two nodes on 127.0.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -81,7 +82,12 @@ def test_a_revocation_below_min_clients_ends_the_run_cleanly(federation: Workspa
         "--batch-size", "32", "--output", root / "revoked", log=root / "revoked.out",
     )  # fmt: skip
     federation.started.append(run)
-    wait_for_text(root / "site-a" / "executor.log", "train: answered", run, 180)
+    # Once both answered round 1, site-b's executor is paused, then site-b revoked:
+    # round 2 gets one reply. (Revoked while uploading a reply, a node would leave a
+    # half-sent reply that Flower 1.39's ServerApp keeps pulling for up to 2 hours.)
+    for site in SITES:
+        wait_for_text(root / site / "executor.log", "train: answered", run, 180)
+    os.killpg(int((root / "site-b" / "executor.pid").read_text()), signal.SIGSTOP)
     revoked = fedmodel("server", "revoke", "site-b", "--dir", server)
     assert revoked.returncode == 0, revoked.stderr
     started = time.monotonic()
