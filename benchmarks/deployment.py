@@ -61,7 +61,13 @@ from client.supernode import (
 )
 from fedmodel.pki import certificate_fingerprint
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
-from fedmodel.processes import executable, free_port, group_alive, stop_group, tool_environment
+from fedmodel.runtime.processes import (
+    executable,
+    free_port,
+    group_alive,
+    stop_group,
+    tool_environment,
+)
 
 OURS = "FedModel executor"
 BASELINE = "Flower default executor"
@@ -180,7 +186,7 @@ def fedmodel(*args: str | Path | float, environment: dict[str, str], timeout: fl
 
 def make_federation(federation: Federation) -> None:
     """Server init/start, the nodes' data, client init and enrollment, as README shows."""
-    from simulations.medical import load_flchain_frame
+    from fedmodel.datasets.medical import load_flchain_frame
 
     environment = federation.environment
     fleet_port, control_port = free_port(), free_port()

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from fedmodel.config import RunConfig
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
-from fedmodel.processes import executable
+from fedmodel.runtime.processes import executable
 from simulations.runner import (
     engine_environment,
     flwr_run_command,
@@ -229,7 +229,7 @@ def run_stock(case: Case, run_dir: Path) -> tuple[bool, list[float]]:
 
 def stock_run_config(case: Case) -> dict[str, float | int]:
     """The stock App's settings: FedModel's defaults and FedModel's data sizes for `case`."""
-    from simulations.scenarios import federation
+    from fedmodel.datasets.scenarios import federation
 
     config = RunConfig(scenario=SCENARIO[0], dataset=SCENARIO[1], clients=min(case.clients, 1_000))
     fed = federation(config)

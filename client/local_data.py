@@ -39,7 +39,7 @@ def is_deployed(context: Context) -> bool:
 def client_data(config: RunConfig, context: Context, msg: Message) -> tuple[int, TabularData]:
     """(client index, training rows) for this round, in simulation or deployment."""
     if not is_deployed(context):
-        from simulations.scenarios import client_partitions
+        from fedmodel.datasets.scenarios import client_partitions
 
         partition_id = int(str(context.node_config["partition-id"]))
         return partition_id, client_partitions(config)[partition_id]

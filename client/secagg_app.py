@@ -49,7 +49,7 @@ class SecAggTrainingClient(NumPyClient):
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        from simulations.scenarios import client_partitions
+        from fedmodel.datasets.scenarios import client_partitions
 
         data = client_partitions(self.config)[self.partition_id]
         names = build_model(self.config.model, data.num_features, data.num_classes).state_dict()

@@ -28,7 +28,7 @@ from client.ledger_guard import ledger_path
 from fedmodel.errors import FedModelError
 from fedmodel.pki import JoinBundle, NodeIdentity, write_private_file, write_public_file
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
-from fedmodel.processes import executable, plain_lines, tool_environment
+from fedmodel.runtime.processes import executable, plain_lines, tool_environment
 
 ACCOUNTING_CACHE_DIR = "accounting-cache"  # in the node directory
 SECRET_FILE = "superexec.secret"  # the Runtime API secret shared with the executor

@@ -11,6 +11,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmodel.config import RunConfig
+from fedmodel.datasets.scenarios import global_test_set
 from fedmodel.models import build_model
 from fedmodel.training import evaluate
 from server.aggregators import build_aggregator
@@ -19,7 +20,6 @@ from server.deployment import DEPLOYMENT_SCENARIO, run_deployment
 from server.resume import open_run_record, run_rounds
 from server.secagg import run_secagg
 from server.strategy import FederationStopped, GuardedStrategy, aggregate_train_metrics
-from simulations.scenarios import global_test_set
 
 app = ServerApp()
 

@@ -43,7 +43,7 @@ from fedmodel.pki import (
     write_private_file,
     write_public_file,
 )
-from fedmodel.processes import plain_lines
+from fedmodel.runtime.processes import plain_lines
 from server.superlink import CONNECTION, Federation, ServerError, _executable, server_environment
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmodel.config import RunConfig
-from fedmodel.processes import executable, plain_lines
+from fedmodel.runtime.processes import executable, plain_lines
 from server.run_record import write_json_atomic
 from server.superlink import CONNECTION, Federation, ServerError, is_healthy, server_environment
 from simulations.runner import ProgressCallback, stream_run_output, write_flower_app

@@ -129,7 +129,7 @@ def run_secagg(
     recorder: RunRecorder,
 ) -> None:
     """Run `config.rounds` rounds of SecAgg+ FedAvg; leave the usual run record behind."""
-    from simulations.scenarios import client_partitions
+    from fedmodel.datasets.scenarios import client_partitions
 
     reference = model.state_dict()
     protocol: dict[str, Any] = {

@@ -44,8 +44,8 @@ from fedmodel.pki import (
     renew_server_certificate,
     write_public_file,
 )
-from fedmodel.processes import executable, stop_group, tool_environment
-from fedmodel.processes import follow_log as follow_process_log
+from fedmodel.runtime.processes import executable, stop_group, tool_environment
+from fedmodel.runtime.processes import follow_log as follow_process_log
 
 CONNECTION = "fedmodel"  # the SuperLink connection name inside DIR/flwr-home
 DEFAULT_FLEET_PORT = 9092

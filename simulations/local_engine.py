@@ -43,7 +43,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedmodel.config import RunConfig
 from fedmodel.errors import FedModelError, SimulationError
-from fedmodel.processes import group_alive, stop_group
+from fedmodel.runtime.processes import group_alive, stop_group
 from server.run_record import PROGRESS_MARKER
 from simulations.local_worker import READY
 

@@ -67,7 +67,7 @@ def main(sockets: list[int]) -> None:
     app = getattr(importlib.import_module(module), name)
     # The ClientApp imports the scenarios (its partitions) on its first simulated call:
     # imported here, before the fork, no worker pays for it again.
-    importlib.import_module("simulations.scenarios")
+    importlib.import_module("fedmodel.datasets.scenarios")
 
     for index, mine in enumerate(sockets[1:], start=1):
         if os.fork() == 0:

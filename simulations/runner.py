@@ -27,13 +27,13 @@ from typing import Any
 
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError, SimulationError
-from fedmodel.processes import executable, free_port, tool_environment
+from fedmodel.runtime.processes import executable, free_port, tool_environment
 from server.run_record import PROGRESS_MARKER
 
 RUN_TOKEN_VARIABLE = "FEDMODEL_RUN_TOKEN"
 SUPERLINK_START_TIMEOUT_S = 60.0
 
-ENGINE_ENVIRONMENT = {  # on top of fedmodel.processes.tool_environment
+ENGINE_ENVIRONMENT = {  # on top of fedmodel.runtime.processes.tool_environment
     # Ray binds its services to the node IP; this makes that 127.0.0.1 on Linux.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",

@@ -14,7 +14,7 @@ from fedmodel.data import TabularData
 
 @pytest.fixture(scope="session")
 def flchain() -> tuple[TabularData, TabularData]:
-    from simulations.medical import load_flchain
+    from fedmodel.datasets.medical import load_flchain
 
     return load_flchain()
 

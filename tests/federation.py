@@ -126,7 +126,7 @@ def copy_source_tree(code: Path) -> None:
 
 def start_server(server: Path) -> None:
     """`server init` on 127.0.0.1 with free ports, then `server start --detach`."""
-    from fedmodel.processes import free_port
+    from fedmodel.runtime.processes import free_port
 
     ports = ("--fleet-port", free_port(), "--control-port", free_port())
     made = fedmodel("server", "init", "--dir", server, "--address", "127.0.0.1", *ports)
@@ -144,7 +144,7 @@ def operator_ca_fingerprint(server: Path) -> str:
 
 def write_sites(directory: Path, names: list[str], rows: int = ROWS_PER_SITE) -> dict[str, Path]:
     """One CSV of `rows` flchain patients per site (shuffled: the file is sorted by outcome)."""
-    from simulations.medical import load_flchain_frame
+    from fedmodel.datasets.medical import load_flchain_frame
 
     frame = load_flchain_frame().sample(frac=1.0, random_state=0)
     paths = {}

@@ -8,8 +8,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from fedmodel.config import RunConfig
+from fedmodel.datasets.scenarios import federation
 from simulations.baselines import run_baselines
-from simulations.scenarios import federation
 
 
 def test_baselines_on_breast_cancer_are_consistent_and_honest() -> None:

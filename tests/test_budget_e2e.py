@@ -12,11 +12,11 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from fedmodel.config import RunConfig
+from fedmodel.datasets.scenarios import client_partitions
 from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.budget import OwnerBudget
 from fedmodel.privacy.ledger import PrivacyLedger, dataset_fingerprint
 from simulations.runner import run_federation
-from simulations.scenarios import client_partitions
 from tests.conftest import dp_accounting_epsilon
 from tests.test_simulation import engine_processes
 

@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from fedmodel.cli import main
+from fedmodel.cli.main import main
 from fedmodel.config import RunConfig
 from fedmodel.data import make_loader
+from fedmodel.datasets.csv_scenario import load_csv_split
+from fedmodel.datasets.scenarios import federation, resolve_clients
 from fedmodel.errors import ConfigError
 from fedmodel.models import build_model
 from fedmodel.training import evaluate, select_device, train_dp
-from simulations.csv_scenario import load_csv_split
-from simulations.scenarios import federation, resolve_clients
 
 
 def clinic_table(rows: int = 600, seed: int = 0) -> pd.DataFrame:

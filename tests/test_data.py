@@ -3,8 +3,8 @@ import pytest
 
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, make_loader, partition_indices
+from fedmodel.datasets.scenarios import client_partitions, global_test_set, scenario_loader
 from fedmodel.errors import DataError
-from simulations.scenarios import client_partitions, global_test_set, scenario_loader
 
 
 def test_flchain_is_the_full_cohort_without_leaky_columns(

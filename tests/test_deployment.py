@@ -21,7 +21,7 @@ import pytest
 from fedmodel.pki import JoinBundle, create_node_identity, create_server_pki
 from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.ledger import PrivacyLedger
-from fedmodel.processes import free_port
+from fedmodel.runtime.processes import free_port
 from tests.conftest import assert_epsilons_recompute
 from tests.federation import (
     ROWS_PER_SITE,

@@ -10,10 +10,10 @@ import torch
 
 from fedmodel.config import RunConfig
 from fedmodel.data import make_loader
+from fedmodel.datasets.digits import load_mnist_5k
+from fedmodel.datasets.scenarios import client_partitions
 from fedmodel.models import build_model
 from fedmodel.training import evaluate, select_device, train_dp, train_plain
-from simulations.digits import load_mnist_5k
-from simulations.scenarios import client_partitions
 from tests.conftest import assert_epsilons_recompute
 from tests.test_scenario_runs import simulate
 

@@ -12,7 +12,7 @@ from flwr.clientapp.client_app import ClientAppException
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedmodel.processes import group_alive
+from fedmodel.runtime.processes import group_alive
 from simulations.local_engine import FIRST_NODE_ID, LocalGrid, WorkerPool
 from simulations.local_worker import run_client_app
 from simulations.runner import engine_environment

@@ -7,8 +7,8 @@ import pytest
 
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData
+from fedmodel.datasets.scenarios import client_partitions
 from simulations.heterogeneity import heterogeneity
-from simulations.scenarios import client_partitions
 
 
 def test_iid_split_has_equal_sizes_and_little_drift() -> None:

@@ -47,7 +47,7 @@ def test_mixed_table_is_one_hot_imputed_and_standardised(
 
 
 def test_flchain_csv_loads_like_the_simulation_cohort(tmp_path: Path) -> None:
-    from simulations.medical import load_flchain_frame
+    from fedmodel.datasets.medical import load_flchain_frame
 
     frame = load_flchain_frame()
     data = load_table(_write(tmp_path / "flchain.csv", frame), "death")

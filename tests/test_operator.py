@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from fedmodel.pki import JoinBundle, create_node_identity, create_server_pki
-from fedmodel.processes import free_port
+from fedmodel.runtime.processes import free_port
 from server.enrollment import NOT_ENROLLED, flwr_cli, list_nodes, load_registry, verify_audit
 from server.superlink import Federation, certificate_problems
 from tests.federation import FEDMODEL, federation_workspace

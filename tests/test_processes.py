@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedmodel.processes import follow_log, group_alive
+from fedmodel.runtime.processes import follow_log, group_alive
 
 HANGS_AFTER_SAYING_GOODBYE = """
 import sys, time

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmodel.processes import executable
+from fedmodel.runtime.processes import executable
 from server.superlink import CONNECTION, Federation, server_environment
 from tests.federation import (
     Workspace,

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from fedmodel.config import RunConfig
-from fedmodel.errors import ConfigError
-from simulations.financial import load_credit_default, load_lending_club
-from simulations.medical import load_breast_cancer, load_covid_clinics, load_flchain
-from simulations.scenarios import (
+from fedmodel.datasets.financial import load_credit_default, load_lending_club
+from fedmodel.datasets.medical import load_breast_cancer, load_covid_clinics, load_flchain
+from fedmodel.datasets.scenarios import (
     MIN_DP_ROWS,
     GeneratedSites,
     client_partitions,
@@ -20,6 +19,7 @@ from simulations.scenarios import (
     global_test_set,
     resolve_clients,
 )
+from fedmodel.errors import ConfigError
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from fedmodel.config import RunConfig
+from fedmodel.datasets.scenarios import global_test_set
 from fedmodel.models import build_model
 from fedmodel.training import evaluate
 from server.checkpoint import load_checkpoint
-from simulations.scenarios import global_test_set
 from tests.conftest import assert_epsilons_recompute
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from simulations.synthetic import (
+from fedmodel.datasets.synthetic import (
     EHR_BASE_RATE,
     EHR_FEATURES,
     EHR_SIZES,

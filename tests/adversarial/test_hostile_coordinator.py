@@ -27,8 +27,8 @@ import pytest
 
 import fedmodel
 from fedmodel.audit_log import AuditLog
-from fedmodel.processes import executable
 from fedmodel.protocol import POLICY_REFUSED_CODE
+from fedmodel.runtime.processes import executable
 from server.superlink import CONNECTION, Federation, server_environment
 from tests.conftest import dp_accounting_epsilon
 from tests.federation import (

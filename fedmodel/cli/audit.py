@@ -168,9 +168,9 @@ def audit_empirical(
     import torch
 
     from fedmodel.config import RunConfig
+    from fedmodel.datasets.scenarios import client_partitions
     from fedmodel.errors import ConfigError
     from fedmodel.privacy.canaries import run_empirical_audit
-    from simulations.scenarios import client_partitions
 
     if canaries < 2 or not 0 < 2 * guesses <= canaries:
         raise ConfigError(f"--guesses must be between 1 and canaries/2 (got {guesses})")

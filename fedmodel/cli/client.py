@@ -277,7 +277,7 @@ def start(
         start_node,
     )
     from fedmodel.data import load_table
-    from fedmodel.processes import follow_log, free_port, stop_group
+    from fedmodel.runtime.processes import follow_log, free_port, stop_group
 
     if insecure:
         console.print("[bold red]WARNING: --insecure: plaintext, no node key sent.[/bold red]")

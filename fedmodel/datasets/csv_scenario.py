@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from fedmodel.data import read_table
+from fedmodel.datasets.tables import Split, split_table
 from fedmodel.errors import ConfigError, DataError
-from simulations.tables import Split, split_table
 
 NUMERIC_SHARE = 0.9  # a text column this numeric is a numeric column with bad cells
 

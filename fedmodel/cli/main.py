@@ -10,11 +10,11 @@ import click
 import typer
 from rich.console import Console
 
-from client.cli import client_app
+from fedmodel.cli.audit import audit_app
+from fedmodel.cli.client import client_app
+from fedmodel.cli.server import run_command, server_app
+from fedmodel.cli.simulate import simulate_app
 from fedmodel.errors import FedModelError
-from fedmodel.privacy.cli import audit_app
-from server.cli import run_command, server_app
-from simulations.cli import simulate_app
 
 app = typer.Typer(
     name="fedmodel",
@@ -70,7 +70,3 @@ def _usage_message(error: click.UsageError) -> str:
 def _fail(message: str, code: int) -> NoReturn:
     Console(stderr=True, highlight=False).print(f"[red]error:[/red] {message}", soft_wrap=True)
     sys.exit(code)
-
-
-if __name__ == "__main__":
-    main()

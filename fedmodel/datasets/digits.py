@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from fedmodel.data import TabularData
+from fedmodel.datasets.tables import Split, stratified_rows
 from fedmodel.errors import DataError
-from simulations.tables import Split, stratified_rows
 
 PIXELS = 28 * 28
 DIGITS = 10

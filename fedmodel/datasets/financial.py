@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from simulations.tables import Split, rdataset, split_table
+from fedmodel.datasets.tables import Split, rdataset, split_table
 
 LENDING_SITE = "addr_state"
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from fedmodel.data import TabularData
-from simulations.tables import Split, rdataset, split_table
+from fedmodel.datasets.tables import Split, rdataset, split_table
 
 LABEL = "death"
 LEAKY_COLUMNS = ("chapter", "futime")

@@ -13,12 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedmodel.cli.server import Aggregator, Byzantine, MaxUpdateNorm
 from fedmodel.config import ATTACKS, RunConfig
 from fedmodel.errors import ConfigError
-from server.cli import Aggregator, Byzantine, MaxUpdateNorm
 
 if TYPE_CHECKING:  # importing the scenarios loads torch: the CLI imports it when it runs
-    from simulations.scenarios import Federation
+    from fedmodel.datasets.scenarios import Federation
 
 DEFAULTS = RunConfig()
 MAX_PRINTED_CLIENTS = 20
@@ -386,12 +386,12 @@ def _simulate(
     # imports, loads and summarises the data (two cores busy instead of one).
     per_round = None if config.sites_from_data else config.clients_per_round
     with started_engine(config, run_dir, engine, per_round) as run_on_engine:
+        from fedmodel.datasets.scenarios import MIN_DP_ROWS, federation, resolve_clients
         from fedmodel.models import build_model
         from server.aggregators import check_aggregator
         from server.run_record import write_json_atomic
         from simulations.heterogeneity import heterogeneity
         from simulations.runner import check_device
-        from simulations.scenarios import MIN_DP_ROWS, federation, resolve_clients
 
         check_device(config)  # a GPU that is not there: say so before loading any data
         with console.status("Loading data and partitioning it across clients..."):
@@ -456,7 +456,7 @@ def _simulate(
 
 def _announce(config: RunConfig, clients: Federation, run_dir: Path) -> None:
     """What is about to run: the federation, the privacy settings, where results go."""
-    from simulations.scenarios import MIN_DP_ROWS
+    from fedmodel.datasets.scenarios import MIN_DP_ROWS
 
     if clients.natural_sites is not None:
         console.print(

@@ -27,12 +27,12 @@ import numpy as np
 
 from fedmodel.config import CSV_SCENARIO, RunConfig
 from fedmodel.data import TabularData, partition_indices
+from fedmodel.datasets.digits import load_mnist_5k
+from fedmodel.datasets.financial import load_credit_default, load_lending_club
+from fedmodel.datasets.medical import load_breast_cancer, load_covid_clinics, load_flchain
+from fedmodel.datasets.synthetic import EhrGenerator, FraudGenerator, SiteGenerator
+from fedmodel.datasets.tables import Split
 from fedmodel.errors import ConfigError, DataError
-from simulations.digits import load_mnist_5k
-from simulations.financial import load_credit_default, load_lending_club
-from simulations.medical import load_breast_cancer, load_covid_clinics, load_flchain
-from simulations.synthetic import EhrGenerator, FraudGenerator, SiteGenerator
-from simulations.tables import Split
 
 MIN_DP_ROWS = 20
 
@@ -161,7 +161,7 @@ def _federation(
     task: str,
 ) -> Federation:
     if scenario == CSV_SCENARIO:
-        from simulations.csv_scenario import load_csv_split
+        from fedmodel.datasets.csv_scenario import load_csv_split
 
         split = load_csv_split(data, label, partition_by or None, task)
         try:
