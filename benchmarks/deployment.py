@@ -65,6 +65,7 @@ from fedmodel.runtime.processes import (
     executable,
     free_port,
     group_alive,
+    start_detached,
     stop_group,
     tool_environment,
 )
@@ -223,7 +224,7 @@ def start_fedmodel_nodes(federation: Federation) -> None:
             "--label", LABEL, "--device", "cpu", "--ca-fingerprint", federation.ca_fingerprint,
         ]  # fmt: skip
         federation.clients.append(
-            _start_logged(command, directory / "client-start.out", federation.environment)
+            start_detached(command, directory / "client-start.out", federation.environment)
         )
 
 
@@ -288,28 +289,12 @@ def start_flower_nodes(federation: Federation) -> None:
         environment["CUDA_VISIBLE_DEVICES"] = ""  # as FedModel's `--device cpu` does
         environment[CACHE_DIR_VARIABLE] = federation.environment[CACHE_DIR_VARIABLE]
         federation.supernodes.append(
-            _start_logged(
+            start_detached(
                 baseline_command(federation, node),
                 directory / "baseline-supernode.log",
                 environment,
                 cwd=directory,
             )
-        )
-
-
-def _start_logged(
-    command: list[str], log: Path, environment: dict[str, str], cwd: Path | None = None
-) -> subprocess.Popen[bytes]:
-    """`command` in its own session, its output appended to `log`."""
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            command,
-            cwd=cwd,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
 
 

@@ -27,7 +27,6 @@ import csv
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,13 +38,9 @@ from pathlib import Path
 
 from fedmodel.config import RunConfig
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
-from fedmodel.runtime.processes import executable
-from simulations.runner import (
-    engine_environment,
-    flwr_run_command,
-    local_superlink,
-    stream_run_output,
-)
+from fedmodel.runtime.flwr_run import flwr_run_command, stream_run_output
+from fedmodel.runtime.processes import executable, start_detached
+from simulations.runner import engine_environment, local_superlink
 
 STOCK_APP = Path(__file__).resolve().parent / "stock_flower"
 ROUND_MARKER = "stock-round-done "  # benchmarks/stock_flower/stockapp/server.py
@@ -189,14 +184,13 @@ def run_fedmodel(case: Case, engine: str, run_dir: Path, cache: Path) -> tuple[b
         str(output),
     ]
     environment = {**os.environ, CACHE_DIR_VARIABLE: str(cache)}
-    with (run_dir / "cli.log").open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
-        try:
+    process = start_detached(command, run_dir / "cli.log", environment)
+    try:
+        process.wait()
+    finally:  # interrupted: SIGTERM lets the CLI stop every engine process it started
+        if process.poll() is None:
+            process.terminate()
             process.wait()
-        finally:  # interrupted: SIGTERM lets the CLI stop every engine process it started
-            if process.poll() is None:
-                process.terminate()
-                process.wait()
     checkpoints = sorted((output / "checkpoints").glob("round-*.pt"))
     return process.returncode == 0, [path.stat().st_mtime for path in checkpoints]
 

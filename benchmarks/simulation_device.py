@@ -30,6 +30,7 @@ from pathlib import Path
 from benchmarks.output import write_csv
 from benchmarks.simulation import GIB, SCENARIO, Case, peak_tree_memory, sampled
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
+from fedmodel.runtime.processes import start_detached
 
 
 def main() -> None:
@@ -79,18 +80,15 @@ def measure(case: Case, device: str, run_dir: Path, timeout: float) -> dict[str,
     environment = {**os.environ, CACHE_DIR_VARIABLE: str(run_dir / "cache")}
     with peak_tree_memory() as peak, gpu_peak() as gpu:
         launched = time.time()
-        with (run_dir / "cli.log").open("w") as log:
-            process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=environment
-            )
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-            finally:  # SIGTERM lets the CLI stop its workers
-                if process.poll() is None:
-                    process.terminate()
-                    process.wait()
+        process = start_detached(command, run_dir / "cli.log", environment)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:  # SIGTERM lets the CLI stop its workers
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
         ended = time.time()
     marks = [p.stat().st_mtime for p in sorted((output / "checkpoints").glob("round-*.pt"))]
     rounds = [marks[r] - marks[r - 1] for r in range(1, len(marks))]

@@ -13,14 +13,10 @@ be killed outright (the OOM killer), instead of keeping the node key online as o
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import secrets
-import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +24,13 @@ from client.ledger_guard import ledger_path
 from fedmodel.errors import FedModelError
 from fedmodel.pki import JoinBundle, NodeIdentity, write_private_file, write_public_file
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
-from fedmodel.runtime.processes import executable, plain_lines, tool_environment
+from fedmodel.runtime.processes import (
+    executable,
+    plain_lines,
+    recorded_process,
+    start_detached,
+    tool_environment,
+)
 
 ACCOUNTING_CACHE_DIR = "accounting-cache"  # in the node directory
 SECRET_FILE = "superexec.secret"  # the Runtime API secret shared with the executor
@@ -165,14 +167,8 @@ def running_process(directory: Path, name: str) -> int | None:
     PID file naming some other process never counts.
     """
     role = "supernode" if name == "flower-supernode" else "executor"
-    try:
-        pid = int((directory / f"{role}.pid").read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return None
-    if name.encode() in cmdline and str(directory.absolute()).encode() in cmdline:
-        return pid
-    return None
+    found = recorded_process(directory / f"{role}.pid", name, directory)
+    return None if found is None else found[0]
 
 
 def start_node(launch: NodeLaunch) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
@@ -203,40 +199,13 @@ def start_node(launch: NodeLaunch) -> tuple[subprocess.Popen[bytes], subprocess.
 
 
 def _start_logged(command: list[str], launch: NodeLaunch, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as log_file:
-        return subprocess.Popen(
-            command,
-            cwd=launch.directory,
-            env=supernode_environment(launch.device, launch.directory),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent(),
-        )
-
-
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """Make the child get SIGTERM when this process dies, however it dies (Linux only).
-
-    Elsewhere there is no such kernel feature and an orphan outlives a killed parent.
-    libc is looked up here, before the fork; the child only makes the call. If this
-    process died between fork and prctl, the child stops itself at once.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def arm() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return arm
+    return start_detached(
+        command,
+        log,
+        supernode_environment(launch.device, launch.directory),
+        cwd=launch.directory,
+        die_with_parent=True,
+    )
 
 
 def explain_exit(log_text: str) -> str:

@@ -1,7 +1,7 @@
 """`fedmodel run`: submit the FedModel app to a running federation and follow it.
 
 The Flower App handed to `flwr run` is the same generated pyproject that simulation
-uses (simulations.runner.write_flower_app), with scenario "deployment": the ServerApp
+uses (fedmodel.runtime.flower_app.write_flower_app), with scenario "deployment": the ServerApp
 then asks the nodes to describe their data, trains on them and evaluates on them.
 The run directory is written by the ServerApp, on this (the SuperLink's) host.
 """
@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from fedmodel.config import RunConfig
+from fedmodel.runtime.flower_app import write_flower_app
+from fedmodel.runtime.flwr_run import ProgressCallback, stream_run_output
 from fedmodel.runtime.processes import executable, plain_lines
 from server.run_record import write_json_atomic
 from server.superlink import CONNECTION, Federation, ServerError, is_healthy, server_environment
-from simulations.runner import ProgressCallback, stream_run_output, write_flower_app
 
 
 def launch_run(

@@ -28,9 +28,7 @@ import ipaddress
 import os
 import ssl
 import subprocess
-import time
 import tomllib
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +42,19 @@ from fedmodel.pki import (
     renew_server_certificate,
     write_public_file,
 )
-from fedmodel.runtime.processes import executable, stop_group, tool_environment
+from fedmodel.runtime.processes import (
+    executable,
+    recorded_process,
+    start_detached,
+    stop_group,
+    tool_environment,
+)
 from fedmodel.runtime.processes import follow_log as follow_process_log
+from fedmodel.runtime.superlink import answers_health, wait_until_healthy
 
 CONNECTION = "fedmodel"  # the SuperLink connection name inside DIR/flwr-home
 DEFAULT_FLEET_PORT = 9092
 DEFAULT_CONTROL_PORT = 9093
-START_TIMEOUT_S = 60.0
 EXPIRY_WARNING = datetime.timedelta(days=30)
 
 
@@ -219,52 +223,38 @@ def start_superlink(federation: Federation, insecure: bool = False) -> subproces
         os.close(os.open(federation.path(name), os.O_WRONLY | os.O_CREAT, 0o600))
         federation.path(name).chmod(0o600)
     log_path = federation.path("superlink.log")
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            superlink_command(federation, insecure),
-            cwd=federation.directory,  # ServerApp outputs with relative paths land here
-            env={**server_environment(federation), **SUPERLINK_ONLY_ENVIRONMENT},
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_detached(
+        superlink_command(federation, insecure),
+        log_path,
+        {**server_environment(federation), **SUPERLINK_ONLY_ENVIRONMENT},
+        cwd=federation.directory,  # ServerApp outputs with relative paths land here
+    )
     write_public_file(federation.path("superlink.pid"), f"{process.pid}\n".encode())
     try:
-        wait_until_healthy(federation, process, insecure)
+        wait_until_healthy(
+            process,
+            _health_url(federation, insecure),
+            log_path,
+            ServerError,
+            _context(federation, insecure),
+        )
     except BaseException:
         stop_superlink(federation, process.pid)
         raise
     return process
 
 
-def wait_until_healthy(
-    federation: Federation, process: subprocess.Popen[bytes] | None, insecure: bool = False
-) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise ServerError(
-                f"the SuperLink exited at start (code {process.returncode}): "
-                f"{_last_line(federation.path('superlink.log'))}"
-            )
-        if is_healthy(federation, insecure):
-            return
-        time.sleep(0.3)
-    raise ServerError(f"the SuperLink did not answer within {START_TIMEOUT_S:.0f} s")
-
-
 def is_healthy(federation: Federation, insecure: bool = False) -> bool:
     """Whether the Control API answers /health (over TLS verified against our CA)."""
-    scheme = "http" if insecure else "https"
-    context = None if insecure else ssl.create_default_context(cafile=federation.path("ca.crt"))
-    try:
-        with urllib.request.urlopen(
-            f"{scheme}://{federation.control_address}/health", timeout=1, context=context
-        ):
-            return True
-    except (OSError, ssl.SSLError):
-        return False
+    return answers_health(_health_url(federation, insecure), _context(federation, insecure))
+
+
+def _health_url(federation: Federation, insecure: bool) -> str:
+    return f"{'http' if insecure else 'https'}://{federation.control_address}/health"
+
+
+def _context(federation: Federation, insecure: bool) -> ssl.SSLContext | None:
+    return None if insecure else ssl.create_default_context(cafile=federation.path("ca.crt"))
 
 
 def superlink_pid(federation: Federation) -> int | None:
@@ -280,14 +270,8 @@ def runs_insecure(federation: Federation) -> bool:
 
 
 def _superlink_process(federation: Federation) -> tuple[int, list[str]] | None:
-    try:
-        pid = int(federation.path("superlink.pid").read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return None
-    if b"flower-superlink" not in cmdline or str(federation.directory).encode() not in cmdline:
-        return None
-    return pid, cmdline.decode(errors="replace").split("\0")
+    pid_file = federation.path("superlink.pid")
+    return recorded_process(pid_file, "flower-superlink", federation.directory)
 
 
 def certificate_problems(
@@ -353,11 +337,6 @@ def follow_log(
 ) -> int:
     """Hand every new SuperLink log line to `on_line` until the process exits."""
     return follow_process_log(federation.path("superlink.log"), process, on_line, offset)
-
-
-def _last_line(path: Path) -> str:
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1].strip() if lines else f"no output; see {path}"
 
 
 def _executable(name: str) -> str:

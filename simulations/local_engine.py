@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -43,8 +42,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedmodel.config import RunConfig
 from fedmodel.errors import FedModelError, SimulationError
-from fedmodel.runtime.processes import group_alive, stop_group
-from server.run_record import PROGRESS_MARKER
+from fedmodel.runtime.flwr_run import progress_row
+from fedmodel.runtime.processes import group_alive, start_detached, stop_group
 from simulations.local_worker import READY
 
 RUN_ID = 1
@@ -80,16 +79,12 @@ class WorkerPool:
         self._starting: list[Connection] = []
         pairs = [socket.socketpair() for _ in range(size)]
         theirs = [pair[1].fileno() for pair in pairs]
-        with log_path.open("ab") as log_file:
-            self._leader = subprocess.Popen(
-                [sys.executable, "-m", "simulations.local_worker", *map(str, theirs)],
-                pass_fds=theirs,
-                env=environment,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self._leader = start_detached(
+            [sys.executable, "-m", "simulations.local_worker", *map(str, theirs)],
+            log_path,
+            environment,
+            pass_fds=tuple(theirs),
+        )
         for ours, their_end in pairs:
             their_end.close()
             self._starting.append(Connection(ours.detach()))
@@ -313,15 +308,13 @@ class _ProgressHandler(logging.Handler):
         self._on_log_line = on_log_line
 
     def emit(self, record: logging.LogRecord) -> None:
-        import json
-
         line = f"{record.levelname:<8}: {record.getMessage()}"
         self._log_file.write(line + "\n")
         self._log_file.flush()
         if self._on_log_line is not None:
             self._on_log_line(line)
-        if PROGRESS_MARKER in line:
-            self._on_progress(json.loads(line.split(PROGRESS_MARKER, 1)[1]))
+        if (row := progress_row(line)) is not None:
+            self._on_progress(row)
 
 
 @contextmanager

@@ -2,23 +2,15 @@
 
 We start our own local SuperLink (simulation mode, 127.0.0.1, a free port) from a
 neutral directory inside the run directory, so Ray's actors import FedModel from the
-installed package and never from whatever directory the user is in. The Flower App
-handed to `flwr run` is a generated pyproject.toml naming our ServerApp and ClientApp
-with the resolved run config; the code itself comes from the installed package, so
-this works the same from a checkout and from a wheel. Every process we start carries a
-private token in its environment; on exit we stop exactly those, and nothing else.
+installed package and never from whatever directory the user is in. The App handed to
+`flwr run` is fedmodel.runtime.flower_app's. Every process we start carries a private
+token in its environment; on exit we stop exactly those, and nothing else.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,11 +19,19 @@ from typing import Any
 
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError, SimulationError
-from fedmodel.runtime.processes import executable, free_port, tool_environment
-from server.run_record import PROGRESS_MARKER
+from fedmodel.runtime.flower_app import client_app_reference, write_flower_app
+from fedmodel.runtime.flwr_run import ProgressCallback, flwr_run_command, stream_run_output
+from fedmodel.runtime.processes import (
+    RUN_TOKEN_VARIABLE,
+    executable,
+    free_port,
+    start_detached,
+    stop_group,
+    tool_environment,
+)
+from fedmodel.runtime.superlink import wait_until_healthy
 
-RUN_TOKEN_VARIABLE = "FEDMODEL_RUN_TOKEN"
-SUPERLINK_START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0  # for the SuperLink's group, then again for Ray's daemons
 
 ENGINE_ENVIRONMENT = {  # on top of fedmodel.runtime.processes.tool_environment
     # Ray binds its services to the node IP; this makes that 127.0.0.1 on Linux.
@@ -42,14 +42,7 @@ ENGINE_ENVIRONMENT = {  # on top of fedmodel.runtime.processes.tool_environment
     "GRPC_VERBOSITY": "ERROR",
 }
 
-ProgressCallback = Callable[[dict[str, Any]], None]
 ENGINES = ("local", "ray")
-
-
-def progress_line(row: dict[str, Any], measures: str, elapsed_s: float) -> str:
-    """One completed round as the CLIs print it: round, `measures`, max epsilon, time."""
-    epsilon = "" if row["max_epsilon"] is None else f"  max epsilon {row['max_epsilon']:.3f}"
-    return f"round {row['round']}/{row['rounds']}  {measures}{epsilon}  ({elapsed_s:.0f} s)"
 
 
 EngineRun = Callable[[RunConfig, ProgressCallback, Callable[[str], None] | None], dict[str, Any]]
@@ -159,50 +152,6 @@ def check_device(config: RunConfig) -> None:
         )
 
 
-def write_flower_app(app_dir: Path, config: RunConfig, name: str = "simulation") -> None:
-    """A Flower App definition whose components are the installed ServerApp and ClientApp.
-
-    `name` (letters, digits, hyphens) tells simulation and deployment runs apart in
-    Flower's run list: the app is `fedmodel/fedmodel-<name>`.
-    """
-    lines = [
-        "[build-system]",
-        'requires = ["hatchling"]',
-        'build-backend = "hatchling.build"',
-        "",
-        "[project]",
-        f'name = "fedmodel-{name}"',
-        'version = "1.0.0"',
-        f'description = "FedModel {name} run"',
-        'license = "Apache-2.0"',
-        "dependencies = []",
-        "",
-        "[tool.flwr.app]",
-        'publisher = "fedmodel"',
-        "",
-        "[tool.flwr.app.components]",
-        'serverapp = "server.app:app"',
-        f'clientapp = "{client_app_reference(config)}"',
-        "",
-        "[tool.flwr.app.config]",
-    ]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in config.to_run_config().items()]
-    (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n")
-
-
-def client_app_reference(config: RunConfig) -> str:
-    """The ClientApp for `config`: SecAgg+ needs Flower's legacy client (client/secagg_app.py)."""
-    return "client.secagg_app:app" if config.secagg else "client.app:app"
-
-
-def _toml_value(value: int | float | bool | str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return repr(value)
-
-
 def engine_environment(engine_dir: Path) -> dict[str, str]:
     """What every engine process gets: our tools first, a private FLWR_HOME, loopback Ray,
     and the run token by which we find and stop exactly what we started."""
@@ -231,34 +180,13 @@ def local_superlink(engine_dir: Path, environment: dict[str, str]) -> Iterator[i
         ":flwr-in-memory:",
         "--disable-runtime-dependency-installation",
     ]
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            command,
-            cwd=engine_dir,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_detached(command, log_path, environment, cwd=engine_dir)
     try:
-        _wait_until_healthy(process, port, log_path)
+        health_url = f"http://127.0.0.1:{port}/health"
+        wait_until_healthy(process, health_url, log_path, SimulationError)
         yield port
     finally:
-        stop_processes(environment[RUN_TOKEN_VARIABLE], process)
-
-
-def _wait_until_healthy(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-    deadline = time.monotonic() + SUPERLINK_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SimulationError(f"the local SuperLink exited at start; see {log_path}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SimulationError(f"the local SuperLink did not answer within 60 s; see {log_path}")
+        stop_group(process.pid, STOP_TIMEOUT_S, environment[RUN_TOKEN_VARIABLE])
 
 
 def _run_on_ray(
@@ -276,97 +204,3 @@ def _run_on_ray(
         environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
         command = flwr_run_command(app_dir, federation_config(config))
         stream_run_output(command, engine_dir, environment, on_progress, on_log_line)
-
-
-def flwr_run_command(app_dir: Path, federation: str, *options: str) -> list[str]:
-    """`flwr run` of the App in `app_dir` on our local SuperLink, logs streamed."""
-    return [
-        executable("flwr"),
-        "run",
-        str(app_dir),
-        "local",
-        "--stream",
-        "--federation-config",
-        federation,
-        *options,
-    ]
-
-
-def stream_run_output(
-    command: list[str],
-    engine_dir: Path,
-    environment: dict[str, str],
-    on_progress: ProgressCallback,
-    on_log_line: Callable[[str], None] | None,
-) -> int:
-    """Run a `flwr run --stream` command; log it to engine_dir/flwr-run.log; parse progress.
-
-    Returns the command's exit code. Shared by simulation and deployment runs.
-    """
-    with (engine_dir / "flwr-run.log").open("w") as log_file:
-        process = subprocess.Popen(
-            command,
-            cwd=engine_dir,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        assert process.stdout is not None
-        try:
-            for line in process.stdout:
-                log_file.write(line)
-                log_file.flush()
-                if on_log_line is not None:
-                    on_log_line(line.rstrip("\n"))
-                if PROGRESS_MARKER in line:
-                    payload = line.split(PROGRESS_MARKER, 1)[1]
-                    on_progress(json.loads(payload))
-            process.wait()
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    return int(process.returncode)
-
-
-def stop_processes(token: str, leader: subprocess.Popen[bytes]) -> None:
-    """Stop every process whose environment carries `token`, the SuperLink's tree first."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(leader.pid, signal.SIGTERM)
-    try:
-        leader.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        leader.kill()
-        leader.wait()
-    deadline = time.monotonic() + 10
-    while (remaining := processes_with_token(token)) and time.monotonic() < deadline:
-        for pid in remaining:
-            _signal(pid, signal.SIGTERM if time.monotonic() < deadline - 5 else signal.SIGKILL)
-        time.sleep(0.2)
-    for pid in processes_with_token(token):
-        _signal(pid, signal.SIGKILL)
-
-
-def processes_with_token(token: str) -> list[int]:
-    """PIDs of live processes started for this run (found by the token in their environ)."""
-    needle = f"{RUN_TOKEN_VARIABLE}={token}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                status = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if status != "Z":
-                    found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def _signal(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signum)

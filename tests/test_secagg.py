@@ -26,6 +26,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from client.secagg_app import UPDATE_DUMP_VARIABLE
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
+from fedmodel.runtime.flower_app import write_flower_app
 from fedmodel.secagg import (
     CLIPPING_RANGE,
     MODULUS_RANGE,
@@ -37,7 +38,6 @@ from fedmodel.secagg import (
 from server.run_record import RunRecorder
 from server.secagg import REPORT_FILE, SecureFedAvg
 from server.strategy import FederationStopped
-from simulations.runner import write_flower_app
 
 
 @pytest.mark.parametrize(

@@ -331,12 +331,12 @@ def run_command(
 ) -> None:
     """Train on the federation's enrolled nodes (the SuperLink must be running)."""
     from fedmodel.protocol import REFUSAL_MARKER
+    from fedmodel.runtime.flwr_run import progress_line
     from server.aggregators import check_aggregator
     from server.enrollment import load_registry
     from server.launch import launch_run
     from server.resume import resume_config
     from server.superlink import Federation
-    from simulations.runner import progress_line
 
     federation = Federation.load(directory)
     config = RunConfig(

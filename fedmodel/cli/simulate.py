@@ -373,7 +373,8 @@ def _simulate(
     baseline_sites: int | None,
     engine: str = "local",
 ) -> None:
-    from simulations.runner import ENGINES, progress_line, started_engine
+    from fedmodel.runtime.flwr_run import progress_line
+    from simulations.runner import ENGINES, started_engine
 
     if engine not in ENGINES:
         raise ConfigError(f"--engine must be one of {', '.join(ENGINES)} (got {engine!r})")

@@ -1,12 +1,15 @@
-"""Long-running Flower processes we start: find them, follow their logs, stop them.
+"""Long-running processes we start: start them, find them, follow their logs, stop them.
 
-Each SuperLink or SuperNode runs in its own session (process group), so stopping it
-takes down what it spawned (SuperExec, ServerApp/ClientApp processes) and nothing else.
+Each SuperLink, SuperNode or worker pool runs in its own session (process group), so
+stopping it takes down what it spawned (SuperExec, ServerApp/ClientApp processes) and
+nothing else. What leaves the group (Ray starts its daemons in sessions of their own)
+is found by a run token in its environment.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import signal
@@ -18,6 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedmodel.errors import FedModelError
+
+RUN_TOKEN_VARIABLE = "FEDMODEL_RUN_TOKEN"
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def executable(name: str) -> str:
@@ -55,6 +61,67 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in Flower's log lines
 def plain_lines(text: str) -> list[str]:
     """The lines of a tool's log, without colour codes or surrounding blanks."""
     return [_ANSI.sub("", line).strip() for line in text.splitlines()]
+
+
+def start_detached(
+    command: list[str],
+    log_path: Path,
+    environment: dict[str, str],
+    cwd: Path | None = None,
+    pass_fds: tuple[int, ...] = (),
+    die_with_parent: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start `command` in a session of its own (away from the terminal's Ctrl-C, stopped as
+    one group by `stop_group`), its output appended to `log_path`, no input.
+
+    With `die_with_parent`, it also gets SIGTERM should this process die outright (Linux).
+    """
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            pass_fds=pass_fds,
+            preexec_fn=_parent_death_signal() if die_with_parent else None,
+        )
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """Make the child get SIGTERM when this process dies, however it dies (Linux only).
+
+    Elsewhere there is no such kernel feature and an orphan outlives a killed parent.
+    libc is looked up here, before the fork; the child only makes the call. If this
+    process died between fork and prctl, the child stops itself at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
+def recorded_process(pid_file: Path, program: str, directory: Path) -> tuple[int, list[str]] | None:
+    """(pid, argv) of the process `pid_file` names, if it is alive and its command line
+    names both `program` and `directory`: a stale PID file naming some other process
+    never counts."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if program.encode() not in cmdline or str(directory.absolute()).encode() not in cmdline:
+        return None
+    return pid, cmdline.decode(errors="replace").split("\0")
 
 
 def free_port() -> int:
@@ -101,8 +168,10 @@ def follow_log(
             time.sleep(0.2)
 
 
-def stop_group(pid: int, timeout: float = 15.0) -> None:
-    """SIGTERM process group `pid` (a session leader we started), SIGKILL what remains."""
+def stop_group(pid: int, timeout: float = 15.0, token: str | None = None) -> None:
+    """SIGTERM process group `pid` (a session leader we started), SIGKILL what remains
+    after `timeout` seconds; then, given `token`, do the same to every process still
+    carrying it in its environment (`processes_with_token`)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
         os.killpg(pid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once resumed
@@ -115,6 +184,39 @@ def stop_group(pid: int, timeout: float = 15.0) -> None:
             os.killpg(pid, signal.SIGKILL)
         time.sleep(0.2)
     _reap(pid)
+    if token is not None:
+        _stop_tagged(token, timeout)
+
+
+def _stop_tagged(token: str, timeout: float) -> None:
+    """SIGTERM each process carrying `token` once, SIGKILL those left after `timeout` s."""
+    terminated: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while (remaining := processes_with_token(token)) and time.monotonic() < deadline:
+        for pid in set(remaining) - terminated:
+            _signal(pid, signal.SIGTERM)
+            terminated.add(pid)
+        time.sleep(0.2)
+    for pid in processes_with_token(token):
+        _signal(pid, signal.SIGKILL)
+
+
+def processes_with_token(token: str) -> list[int]:
+    """PIDs of live processes (not this one) whose environment sets RUN_TOKEN_VARIABLE
+    to `token`: what we started for one run, and what that started in turn."""
+    needle = f"{RUN_TOKEN_VARIABLE}={token}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                status = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if status != "Z":
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def group_alive(pgid: int) -> bool:
@@ -140,3 +242,8 @@ def group_alive(pgid: int) -> bool:
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
