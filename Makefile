@@ -28,6 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check fedmodel server client simulations tests benchmarks
 	$(BIN)/ruff format --check fedmodel server client simulations tests benchmarks
 	$(BIN)/mypy fedmodel server client simulations
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) runs dist build
