@@ -22,9 +22,9 @@ from flwr.common.logger import log
 from fedmodel.config import RunConfig
 from fedmodel.privacy.accountant import ACCOUNTANT
 from fedmodel.privacy.central import FEDERATION_LEDGER, CentralRelease
+from fedmodel.runtime.flwr_run import PROGRESS_MARKER
 from server.reply_schema import TrainReport
 
-PROGRESS_MARKER = "fedmodel-progress "
 ROUND_COLUMNS = (
     "round",
     "auroc",

@@ -1,13 +1,24 @@
-"""How `client start` follows its SuperNode: a hung exit is stopped, a refusal explained."""
+"""Processes we start: detached with a log, found by PID file or run token, stopped as a
+group; how `client start` follows its SuperNode (a hung exit is stopped, a refusal
+explained)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from fedmodel.runtime.processes import follow_log, group_alive
+from fedmodel.runtime.processes import (
+    RUN_TOKEN_VARIABLE,
+    follow_log,
+    group_alive,
+    processes_with_token,
+    recorded_process,
+    start_detached,
+    stop_group,
+)
 
 HANGS_AFTER_SAYING_GOODBYE = """
 import sys, time
@@ -68,3 +79,50 @@ def test_a_revoked_node_is_explained_by_its_exit_not_by_digits_in_a_message_id()
     )
     refused = "ERROR :     [code: 2004] Failed to activate SuperNode.\n"
     assert "not enrolled, or was revoked" in explain_exit(refused)
+
+
+def test_a_detached_process_gets_its_own_session_log_and_environment(tmp_path: Path) -> None:
+    log = tmp_path / "tool.log"
+    log.write_text("earlier start\n")
+    script = "import os; print(os.getsid(0) == os.getpid(), os.environ['MARK'], flush=True)"
+    process = start_detached(
+        [sys.executable, "-c", script], log, {"MARK": "ours"}, cwd=tmp_path, die_with_parent=True
+    )
+    assert process.wait(timeout=30) == 0
+    assert log.read_text() == "earlier start\nTrue ours\n"  # appended, never truncated
+
+
+def test_a_pid_file_counts_only_while_it_names_the_right_program_for_the_directory(
+    tmp_path: Path,
+) -> None:
+    pid_file = tmp_path / "tool.pid"
+    assert recorded_process(pid_file, "tool", tmp_path) is None  # no file yet
+    command = [sys.executable, "-c", "import time; time.sleep(30)", "tool", str(tmp_path)]
+    process = subprocess.Popen(command, start_new_session=True)
+    try:
+        pid_file.write_text(f"{process.pid}\n")
+        assert recorded_process(pid_file, "tool", tmp_path) == (process.pid, [*command, ""])
+        assert recorded_process(pid_file, "flower-superlink", tmp_path) is None
+        assert recorded_process(pid_file, "tool", tmp_path / "elsewhere") is None
+    finally:
+        stop_group(process.pid)
+    assert recorded_process(pid_file, "tool", tmp_path) is None  # stale: the process is gone
+
+
+def test_stopping_a_group_with_its_token_also_stops_what_left_the_group(tmp_path: Path) -> None:
+    """Ray starts its daemons in sessions of their own; the run token still finds them."""
+    token = "test-" + str(time.monotonic_ns())
+    leaves_the_group = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],"
+        " start_new_session=True)\n"
+        "time.sleep(120)\n"
+    )
+    environment = {**os.environ, RUN_TOKEN_VARIABLE: token}
+    leader = start_detached([sys.executable, "-c", leaves_the_group], tmp_path / "log", environment)
+    deadline = time.monotonic() + 30
+    while len(processes_with_token(token)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(processes_with_token(token)) == 2
+    stop_group(leader.pid, timeout=5, token=token)
+    assert processes_with_token(token) == [] and not group_alive(leader.pid)
