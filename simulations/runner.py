@@ -19,7 +19,7 @@ from typing import Any
 
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError, SimulationError
-from fedmodel.runtime.flower_app import client_app_reference, write_flower_app
+from fedmodel.runtime.flower_app import write_flower_app
 from fedmodel.runtime.flwr_run import ProgressCallback, flwr_run_command, stream_run_output
 from fedmodel.runtime.processes import (
     RUN_TOKEN_VARIABLE,
@@ -152,6 +152,11 @@ def check_device(config: RunConfig) -> None:
         )
 
 
+def client_app_reference(config: RunConfig) -> str:
+    """The ClientApp for `config`: SecAgg+ needs Flower's legacy client (client/secagg_app.py)."""
+    return "client.secagg_app:app" if config.secagg else "client.app:app"
+
+
 def engine_environment(engine_dir: Path) -> dict[str, str]:
     """What every engine process gets: our tools first, a private FLWR_HOME, loopback Ray,
     and the run token by which we find and stop exactly what we started."""
@@ -199,7 +204,7 @@ def _run_on_ray(
     """`flwr run` of a generated App on a simulation SuperLink of ours."""
     app_dir = engine_dir / "app"
     app_dir.mkdir(exist_ok=True)
-    write_flower_app(app_dir, config)
+    write_flower_app(app_dir, config, client_app=client_app_reference(config))
     with local_superlink(engine_dir, environment) as port:
         environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
         command = flwr_run_command(app_dir, federation_config(config))

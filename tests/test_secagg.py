@@ -38,6 +38,7 @@ from fedmodel.secagg import (
 from server.run_record import RunRecorder
 from server.secagg import REPORT_FILE, SecureFedAvg
 from server.strategy import FederationStopped
+from simulations.runner import client_app_reference
 
 
 @pytest.mark.parametrize(
@@ -171,10 +172,12 @@ def test_a_halted_round_stops_the_run_cleanly_and_is_recorded(tmp_path: Path) ->
 
 
 def test_secagg_runs_use_the_secaggplus_client_app(tmp_path: Path) -> None:
-    write_flower_app(tmp_path, RunConfig(secagg=True))
+    secagg = RunConfig(secagg=True)
+    write_flower_app(tmp_path, secagg, client_app=client_app_reference(secagg))
     assert 'clientapp = "client.secagg_app:app"' in (tmp_path / "pyproject.toml").read_text()
-    write_flower_app(tmp_path, RunConfig())
-    assert 'clientapp = "client.app:app"' in (tmp_path / "pyproject.toml").read_text()
+    write_flower_app(tmp_path, RunConfig(), name="deployment")  # what `fedmodel run` submits
+    written = (tmp_path / "pyproject.toml").read_text()
+    assert 'serverapp = "server.app:app"' in written and 'clientapp = "client.app:app"' in written
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
-"""The Flower App definition handed to `flwr run`: the installed ServerApp and ClientApp.
+"""The Flower App definition handed to `flwr run`: installed apps and the run config.
 
-The App is a generated pyproject.toml naming our components and carrying the resolved
-run config; the code itself comes from the installed package, so a run works the same
-from a checkout and from a wheel. Components are named as strings: the library imports
-no role.
+The App is a generated pyproject.toml naming the ServerApp and ClientApp and carrying
+the resolved run config; the code itself comes from the installed package, so a run
+works the same from a checkout and from a wheel. Components are named as strings: the
+library imports no role.
 """
 
 from __future__ import annotations
@@ -14,11 +14,18 @@ from pathlib import Path
 from fedmodel.config import RunConfig
 
 
-def write_flower_app(app_dir: Path, config: RunConfig, name: str = "simulation") -> None:
-    """A Flower App definition whose components are the installed ServerApp and ClientApp.
+def write_flower_app(
+    app_dir: Path,
+    config: RunConfig,
+    name: str = "simulation",
+    server_app: str = "server.app:app",
+    client_app: str = "client.app:app",
+) -> None:
+    """A Flower App definition whose components are installed apps ("module:attribute").
 
     `name` (letters, digits, hyphens) tells simulation and deployment runs apart in
-    Flower's run list: the app is `fedmodel/fedmodel-<name>`.
+    Flower's run list: the app is `fedmodel/fedmodel-<name>`. The components default to
+    the deployed apps; a simulation passes its own.
     """
     lines = [
         "[build-system]",
@@ -36,18 +43,13 @@ def write_flower_app(app_dir: Path, config: RunConfig, name: str = "simulation")
         'publisher = "fedmodel"',
         "",
         "[tool.flwr.app.components]",
-        'serverapp = "server.app:app"',
-        f'clientapp = "{client_app_reference(config)}"',
+        f'serverapp = "{server_app}"',
+        f'clientapp = "{client_app}"',
         "",
         "[tool.flwr.app.config]",
     ]
     lines += [f"{key} = {_toml_value(value)}" for key, value in config.to_run_config().items()]
     (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n")
-
-
-def client_app_reference(config: RunConfig) -> str:
-    """The ClientApp for `config`: SecAgg+ needs Flower's legacy client (client/secagg_app.py)."""
-    return "client.secagg_app:app" if config.secagg else "client.app:app"
 
 
 def _toml_value(value: int | float | bool | str) -> str:
