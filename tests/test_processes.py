@@ -10,15 +10,20 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from fedmodel.errors import FedModelError
 from fedmodel.runtime.processes import (
     RUN_TOKEN_VARIABLE,
     follow_log,
+    free_port,
     group_alive,
     processes_with_token,
     recorded_process,
     start_detached,
     stop_group,
 )
+from fedmodel.runtime.superlink import wait_until_healthy
 
 HANGS_AFTER_SAYING_GOODBYE = """
 import sys, time
@@ -101,6 +106,9 @@ def test_a_pid_file_counts_only_while_it_names_the_right_program_for_the_directo
     process = subprocess.Popen(command, start_new_session=True)
     try:
         pid_file.write_text(f"{process.pid}\n")
+        deadline = time.monotonic() + 10  # the kernel shows an empty cmdline mid-exec
+        while not Path(f"/proc/{process.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert recorded_process(pid_file, "tool", tmp_path) == (process.pid, [*command, ""])
         assert recorded_process(pid_file, "flower-superlink", tmp_path) is None
         assert recorded_process(pid_file, "tool", tmp_path / "elsewhere") is None
@@ -126,3 +134,13 @@ def test_stopping_a_group_with_its_token_also_stops_what_left_the_group(tmp_path
     assert len(processes_with_token(token)) == 2
     stop_group(leader.pid, timeout=5, token=token)
     assert processes_with_token(token) == [] and not group_alive(leader.pid)
+
+
+def test_a_superlink_that_exits_at_start_is_reported_with_its_last_log_line(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "superlink.log"
+    script = "print('starting'); print('Port 9093 is already in use'); raise SystemExit(3)"
+    process = start_detached([sys.executable, "-c", script], log, dict(os.environ))
+    with pytest.raises(FedModelError, match=r"exited at start \(code 3\): Port 9093 is already"):
+        wait_until_healthy(process, f"http://127.0.0.1:{free_port()}/health", log, FedModelError)
