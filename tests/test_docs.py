@@ -18,6 +18,9 @@ _FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 _INLINE_CODE = re.compile(r"`[^`\n]*`")
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 _HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$", re.MULTILINE)
+_SOURCE_PATH = re.compile(
+    r"(?<![\w/.~-])(?:fedmodel|server|client|simulations|tests|benchmarks)/[\w/]+\.py\b"
+)
 
 
 def _prose(page: Path) -> str:
@@ -66,6 +69,14 @@ def test_every_relative_link_points_at_an_existing_file_and_heading(page: Path) 
         elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
             broken.append(f"{link} (no heading #{anchor} in {target.name})")
     assert not broken, f"{page.relative_to(ROOT)}: broken links: " + ", ".join(broken)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
+def test_every_source_file_the_docs_name_exists(page: Path) -> None:
+    """Modules move; a page that names one (`server/app.py`) must follow it."""
+    text = page.read_text(encoding="utf-8")
+    missing = sorted({path for path in _SOURCE_PATH.findall(text) if not (ROOT / path).exists()})
+    assert not missing, f"{page.relative_to(ROOT)} names files that do not exist: {missing}"
 
 
 def test_cli_reference_matches_the_typer_app() -> None:
