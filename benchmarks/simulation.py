@@ -213,6 +213,8 @@ def run_stock(case: Case, run_dir: Path) -> tuple[bool, list[float]]:
         environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
         command = flwr_run_command(
             app_dir,
+            "local",
+            "--federation-config",
             f"num-supernodes={case.clients} client-resources-num-cpus=1",
             "--run-config",
             " ".join(f"{key}={value}" for key, value in stock_run_config(case).items()),

@@ -17,7 +17,7 @@ from typing import Any
 
 from fedmodel.config import RunConfig
 from fedmodel.runtime.flower_app import write_flower_app
-from fedmodel.runtime.flwr_run import ProgressCallback, stream_run_output
+from fedmodel.runtime.flwr_run import ProgressCallback, flwr_run_command, stream_run_output
 from fedmodel.runtime.processes import executable, plain_lines
 from server.run_record import write_json_atomic
 from server.superlink import CONNECTION, Federation, ServerError, is_healthy, server_environment
@@ -43,7 +43,7 @@ def launch_run(
     if not config.resume:  # what `fedmodel run --resume` starts again from
         write_json_atomic(run_dir / "config.json", config.to_run_config())
     write_flower_app(app_dir, config, name="deployment")
-    command = [executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+    command = flwr_run_command(app_dir, CONNECTION)
     try:
         code = stream_run_output(
             command, engine_dir, server_environment(federation), on_progress, on_log_line

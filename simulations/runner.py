@@ -207,5 +207,7 @@ def _run_on_ray(
     write_flower_app(app_dir, config, client_app=client_app_reference(config))
     with local_superlink(engine_dir, environment) as port:
         environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
-        command = flwr_run_command(app_dir, federation_config(config))
+        command = flwr_run_command(
+            app_dir, "local", "--federation-config", federation_config(config)
+        )
         stream_run_output(command, engine_dir, environment, on_progress, on_log_line)

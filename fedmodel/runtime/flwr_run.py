@@ -33,18 +33,13 @@ def progress_row(line: str) -> dict[str, Any] | None:
     return row
 
 
-def flwr_run_command(app_dir: Path, federation: str, *options: str) -> list[str]:
-    """`flwr run` of the App in `app_dir` on our local SuperLink, logs streamed."""
-    return [
-        executable("flwr"),
-        "run",
-        str(app_dir),
-        "local",
-        "--stream",
-        "--federation-config",
-        federation,
-        *options,
-    ]
+def flwr_run_command(app_dir: Path, connection: str, *options: str) -> list[str]:
+    """`flwr run` of the App in `app_dir` on SuperLink connection `connection`, logs streamed.
+
+    `local` is Flower's connection to a local SuperLink (the simulation's, with
+    `--federation-config` among `options`); a deployment names its own connection.
+    """
+    return [executable("flwr"), "run", str(app_dir), connection, "--stream", *options]
 
 
 def stream_run_output(
