@@ -52,7 +52,7 @@ def config_option(name: str, default: Any = _KEY_DEFAULT) -> inspect.Parameter:
     `default` replaces the key's default for one command (a scenario's own); None makes
     the option optional and its help names the default the run then uses.
     """
-    spec = RunConfig.keys()[name]
+    spec = RunConfig.config_keys()[name]
     value = CLI_DEFAULTS.get(name, spec.default) if default is _KEY_DEFAULT else default
     text = spec.help
     if value is None and spec.default:
@@ -124,7 +124,7 @@ def dp_mode(dp: str, no_dp: bool) -> str:
     """--dp, or `off` with --no-dp; both at once must agree."""
     if not no_dp:
         return dp
-    if dp not in (RunConfig.keys()["dp"].default, "off"):
+    if dp not in (RunConfig.config_keys()["dp"].default, "off"):
         raise ConfigError(f"--no-dp means --dp off; drop one of --no-dp and --dp {dp}")
     return "off"
 

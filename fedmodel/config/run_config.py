@@ -41,11 +41,11 @@ class RunConfig(RunKeys):
     """Resolved settings of one federated run (simulation or deployment).
 
     The keys, with their sections, help and choices, are declared in `RunKeys`;
-    `RunConfig.keys()` lists them. This class checks them and converts them.
+    `RunConfig.config_keys()` lists them. This class checks them and converts them.
     """
 
     @classmethod
-    def keys(cls) -> dict[str, ConfigKey]:
+    def config_keys(cls) -> dict[str, ConfigKey]:
         """Every key with its help, section and choices, in declaration order."""
         return _keys()
 
