@@ -58,8 +58,7 @@ class RunKeys:
     partition: PartitionScheme = key(
         "iid",
         _DATA,
-        "How rows are split: iid, dirichlet (label skew, --alpha), shard (two label-sorted "
-        "shards each) or pathological (two classes each).",
+        "iid, dirichlet (label skew, see --alpha), shard (label shards) or pathological.",
     )
     alpha: float = key(0.5, _DATA, "Dirichlet concentration (smaller = more skewed).")
     seed: int = key(0, _TRAINING, "Seed for partitioning, generation and training.")
