@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmodel.config import RunConfig
+from fedmodel.config import RunConfig, Section
 from fedmodel.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,3 +48,28 @@ def test_run_config_round_trips_through_flower_form() -> None:
 def test_invalid_values_name_the_option(change: dict[str, object], flag: str) -> None:
     with pytest.raises(ConfigError, match=flag):
         RunConfig(**change)  # type: ignore[arg-type]
+
+
+def test_every_key_declares_a_section_and_a_one_line_help() -> None:
+    keys = RunConfig.config_keys()
+    assert list(keys) == [f.name for f in fields(RunConfig)]
+    for spec in keys.values():
+        assert isinstance(spec.section, Section), spec.name
+        assert spec.help and "\n" not in spec.help, spec.name
+        assert spec.default == getattr(RunConfig(), spec.name)
+
+
+def test_choice_keys_are_literals_whose_values_include_the_default() -> None:
+    choices = {name: spec.choices for name, spec in RunConfig.config_keys().items()}
+    assert choices["dp"] == ("off", "sample", "client", "both")
+    assert choices["partition"] == ("iid", "dirichlet", "shard", "pathological")
+    assert {"model", "aggregator", "evaluation", "attack", "task"} < {
+        n for n in choices if choices[n]
+    }
+    for name, values in choices.items():
+        assert not values or getattr(RunConfig(), name) in values
+
+
+def test_run_config_values_read_back_with_the_keys_type() -> None:
+    config = RunConfig.from_run_config({"rounds": "3", "secagg": "false", "dp": "off"})
+    assert (config.rounds, config.secagg, config.dp) == (3, False, "off")

@@ -185,12 +185,11 @@ def audit_empirical(
         dp="off" if no_dp else "sample",
         epsilon=epsilon,
         delta=delta,
-        model=model,
     )
     torch.set_num_threads(1)
     data = client_partitions(config)[0]
     with console.status(f"Training once with {canaries} canaries ({epochs} epochs)..."):
-        result = run_empirical_audit(config, data, canaries, guesses, epochs, seed)
+        result = run_empirical_audit(config, data, canaries, guesses, epochs, seed, model)
     result = replace(result, claimed_epsilon=claimed_epsilon)
     if as_json:
         console.out(json.dumps(result.to_json(), indent=2))

@@ -12,7 +12,8 @@ from rich.console import Console
 
 from fedmodel.cli.audit import audit_app
 from fedmodel.cli.client import client_app
-from fedmodel.cli.server import run_command, server_app
+from fedmodel.cli.run import run_command
+from fedmodel.cli.server import server_app
 from fedmodel.cli.simulate import simulate_app
 from fedmodel.errors import FedModelError
 

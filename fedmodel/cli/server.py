@@ -1,20 +1,14 @@
-"""`fedmodel server ...` (the operator's commands) and `fedmodel run`."""
+"""`fedmodel server ...`: the operator's commands (`fedmodel run` is in run.py)."""
 
 from __future__ import annotations
 
-import time
-import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedmodel.config import AGGREGATORS, EVALUATION_METHODS, RunConfig
-from fedmodel.errors import ConfigError
-
-DEFAULTS = RunConfig()
 console = Console(highlight=False, soft_wrap=True)  # long paths stay greppable
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -24,12 +18,6 @@ server_app = typer.Typer(
 )
 
 DirOption = Annotated[Path, typer.Option("--dir", help="Federation directory.")]
-# Robust aggregation, the same options for `fedmodel run` and `fedmodel simulate`
-Aggregator = Annotated[str, typer.Option(help=f"Aggregation rule: {', '.join(AGGREGATORS)}.")]
-Byzantine = Annotated[int, typer.Option(help="Malicious clients per round to tolerate.")]
-MaxUpdateNorm = Annotated[
-    float, typer.Option(help="Reject updates farther than this from the global model (0: off).")
-]
 
 
 @server_app.command("init")
@@ -268,156 +256,3 @@ def audit(
         console.print(f"{event['time']}  {event['event']:<9} {details}")
     if head:
         console.print(f"Verified. Head {head}: keep it off this host and check later with --anchor")
-
-
-def run_command(
-    directory: DirOption,
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = DEFAULTS.rounds,
-    epsilon: Annotated[
-        float, typer.Option(help="Privacy budget per node for this run.")
-    ] = DEFAULTS.epsilon,
-    min_clients: Annotated[
-        int, typer.Option(help="Nodes that must be online to start, and to go on.")
-    ] = 2,
-    delta: Annotated[float, typer.Option(help="DP delta per node.")] = DEFAULTS.delta,
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Expected batch size.")] = DEFAULTS.batch_size,
-    lr: Annotated[float, typer.Option(help="Local SGD learning rate.")] = DEFAULTS.lr,
-    max_grad_norm: Annotated[
-        float, typer.Option(help="Per-sample clipping norm.")
-    ] = DEFAULTS.max_grad_norm,
-    model: Annotated[str, typer.Option(help="Model: mlp or logreg.")] = DEFAULTS.model,
-    no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without DP (baseline).")] = False,
-    dp: Annotated[
-        str, typer.Option(help="sample (DP-SGD on nodes), client (server-side), both, off.")
-    ] = DEFAULTS.dp,
-    central_noise: Annotated[
-        float, typer.Option(help="--dp client/both: noise multiplier per round.")
-    ] = DEFAULTS.central_noise,
-    central_clipping_norm: Annotated[
-        float, typer.Option(help="--dp client/both: clip each node's update to this norm.")
-    ] = DEFAULTS.central_clipping_norm,
-    central_epsilon: Annotated[
-        float, typer.Option(help="--dp client/both: client-level budget (0: none).")
-    ] = DEFAULTS.central_epsilon,
-    seed: Annotated[int, typer.Option(help="Seed for model initialisation.")] = DEFAULTS.seed,
-    aggregator: Aggregator = DEFAULTS.aggregator,
-    byzantine: Byzantine = DEFAULTS.byzantine,
-    max_update_norm: MaxUpdateNorm = DEFAULTS.max_update_norm,
-    evaluation: Annotated[
-        str,
-        typer.Option(
-            help=f"How the nodes' scores combine: {', '.join(EVALUATION_METHODS)} "
-            "(mean: weights capped like training's)."
-        ),
-    ] = DEFAULTS.evaluation,
-    round_timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for a round's replies.")
-    ] = 600.0,
-    output: Annotated[
-        Path | None, typer.Option(help="Run directory (default DIR/runs/<timestamp>).")
-    ] = None,
-    verbose: Annotated[bool, typer.Option(help="Show every ServerApp log line.")] = False,
-    stop_after_round: Annotated[
-        int, typer.Option(help="End the run cleanly after this round; continue with --resume.")
-    ] = 0,
-    resume: Annotated[
-        Path | None,
-        typer.Option(
-            help="Continue this run directory from its last checkpoint, with its own config "
-            "(other training options are ignored)."
-        ),
-    ] = None,
-) -> None:
-    """Train on the federation's enrolled nodes (the SuperLink must be running)."""
-    from fedmodel.protocol import REFUSAL_MARKER
-    from fedmodel.runtime.flwr_run import progress_line
-    from server.aggregators import check_aggregator
-    from server.enrollment import load_registry
-    from server.launch import launch_run
-    from server.resume import resume_config
-    from server.superlink import Federation
-
-    federation = Federation.load(directory)
-    config = RunConfig(
-        scenario="deployment",
-        dataset="local",
-        clients=min_clients,
-        min_clients=min_clients,
-        rounds=rounds,
-        local_epochs=local_epochs,
-        batch_size=batch_size,
-        lr=lr,
-        dp="off" if no_dp else dp,
-        central_noise=central_noise,
-        central_clipping_norm=central_clipping_norm,
-        central_epsilon=central_epsilon,
-        epsilon=epsilon,
-        delta=delta,
-        max_grad_norm=max_grad_norm,
-        model=model,
-        seed=seed,
-        aggregator=aggregator,
-        byzantine=byzantine,
-        max_update_norm=max_update_norm,
-        evaluation=evaluation,
-        federation_dir=str(federation.directory),
-        round_timeout=round_timeout,
-        stop_after_round=stop_after_round,
-        run_uid=uuid.uuid4().hex,
-    )
-    if resume is not None:
-        config = resume_config(resume, "deployment").replace(
-            federation_dir=str(federation.directory)
-        )
-        output = resume
-    check_aggregator(config.aggregator, config.clients, config.byzantine)  # as simulate does
-    run_dir = (output or federation.path("runs") / time.strftime("%Y%m%d-%H%M%S")).absolute()
-    if not config.resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists and is not empty")
-    console.print(
-        ("Resuming" if config.resume else "Training")
-        + f" on at least {config.min_clients} enrolled nodes for {config.rounds} rounds "
-        + (
-            f"under DP-SGD (epsilon {config.epsilon} per node)"
-            if config.sample_dp
-            else "without DP-SGD"
-        )
-        + (f", client-level DP (noise {config.central_noise:g})" if config.client_dp else "")
-        + f"; run directory {run_dir}"
-    )
-    started = time.monotonic()
-
-    def show_progress(row: dict[str, Any]) -> None:
-        measures = (
-            f"nodes {row['clients']}  AUROC {row['auroc']:.4f} (mean over nodes' hold-outs)  "
-            f"accuracy {row['accuracy']:.4f}"
-        )
-        console.print(progress_line(row, measures, time.monotonic() - started))
-
-    names = {str(entry["node_id"]): name for name, entry in load_registry(federation).items()}
-
-    def show_log_line(line: str) -> None:
-        """Every line with --verbose; otherwise the nodes' refusals, by node name."""
-        if verbose:
-            console.out(line)
-        elif REFUSAL_MARKER in line:
-            node, _, reason = line.split(REFUSAL_MARKER, 1)[1].strip().partition(":")
-            console.print(f"{REFUSAL_MARKER} {names.get(node, node)}:{reason}", markup=False)
-
-    summary = launch_run(federation, config, run_dir, show_progress, show_log_line)
-    table = Table(title="Privacy spent per node", title_justify="left")
-    for column in ("node", "rows", "epsilon", "delta"):
-        table.add_column(column)
-    for client in summary["clients"]:
-        eps = client.get("epsilon")
-        table.add_row(
-            str(client.get("node", client["client"])),
-            "-" if client.get("num_examples") is None else str(client["num_examples"]),
-            "-" if eps is None else f"{eps:.3f}",
-            "-" if client.get("delta") is None else f"{client['delta']:g}",
-        )
-    console.print(table)
-    if summary.get("stopped_early"):
-        console.print(f"Stopped early: {summary['stopped_early']}")
-    console.print(f"Summary: {run_dir / 'summary.json'}")

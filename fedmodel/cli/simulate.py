@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -13,11 +12,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedmodel.cli.server import Aggregator, Byzantine, MaxUpdateNorm
-from fedmodel.config import ATTACKS, RunConfig
+from fedmodel.cli.options import (
+    NO_DP,
+    RESUME,
+    SHARED_KEYS,
+    command,
+    config_option,
+    config_options,
+    dp_mode,
+    parameter,
+)
+from fedmodel.config import RunConfig, Section
 from fedmodel.errors import ConfigError
 
 if TYPE_CHECKING:  # importing the scenarios loads torch: the CLI imports it when it runs
+    import inspect
+
     from fedmodel.datasets.scenarios import Federation
 
 DEFAULTS = RunConfig()
@@ -25,201 +35,77 @@ MAX_PRINTED_CLIENTS = 20
 console = Console(highlight=False)
 
 simulate_app = typer.Typer(
-    help="Simulate a federation on this machine (Flower Simulation Engine).",
+    help="Simulate a federation on this machine: a local worker pool by default, "
+    "Flower's Simulation Engine (Ray) with --engine ray.",
     no_args_is_help=True,
 )
 
-
-Clients = Annotated[
-    int | None,
-    typer.Option(
-        help="Number of clients (default 8). Datasets split by natural sites "
-        "(covid-clinics, lending-club, csv --partition-by) fix it themselves."
-    ),
-]
-Rounds = Annotated[int, typer.Option(help="Federated rounds.")]
-Fraction = Annotated[
-    float, typer.Option(help="Share of clients sampled to train each round (FedAvg).")
-]
-Epsilon = Annotated[float, typer.Option(help="Privacy budget per client for the whole run.")]
-Delta = Annotated[float, typer.Option(help="DP delta per client.")]
-LocalEpochs = Annotated[int, typer.Option(help="Local epochs per round.")]
-BatchSize = Annotated[int, typer.Option(help="Expected batch size (Poisson sampling).")]
-Lr = Annotated[float, typer.Option(help="Local SGD learning rate.")]
-MaxGradNorm = Annotated[float, typer.Option(help="Per-sample gradient clipping norm.")]
-NoDp = Annotated[bool, typer.Option("--no-dp", help="Train without DP (baseline): --dp off.")]
-Dp = Annotated[
-    str,
-    typer.Option(
-        help="sample: DP-SGD on each client (protects records); client: the server clips and "
-        "noises client updates (protects whole clients); both; off."
-    ),
-]
-CentralNoise = Annotated[
-    float, typer.Option(help="--dp client/both: noise multiplier of each round's release.")
-]
-CentralClippingNorm = Annotated[
-    float,
-    typer.Option(help="--dp client/both: clip each update to this L2 norm (adaptive: first)."),
-]
-CentralAdaptive = Annotated[
-    bool,
-    typer.Option(
-        "--central-adaptive/--central-fixed",
-        help="--dp client/both: adapt the clipping norm to a quantile of update norms.",
-    ),
-]
-CentralTargetQuantile = Annotated[
-    float, typer.Option(help="Adaptive clipping: share of updates to leave unclipped.")
-]
-CentralClipLr = Annotated[float, typer.Option(help="Adaptive clipping: learning rate of the norm.")]
-CentralCountStddev = Annotated[
-    float,
-    typer.Option(help="Adaptive clipping: noise on the unclipped count (0: clients per round/20)."),
-]
-CentralEpsilon = Annotated[
-    float,
-    typer.Option(help="--dp client/both: client-level budget; stop before exceeding it (0: none)."),
-]
-Partition = Annotated[str, typer.Option(help="How rows are split: iid or dirichlet.")]
-Alpha = Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more skewed).")]
-Model = Annotated[str, typer.Option(help="Model: mlp or logreg.")]
-Seed = Annotated[int, typer.Option(help="Seed for partitioning, generation and training.")]
+# Keys only a simulation has: sampling, data skew, attacks, SecAgg+, budgets, hardware.
+SIMULATION_KEYS = (
+    "fraction",
+    "partition",
+    "alpha",
+    "budget_epsilon",
+    "ledger_dir",
+    "central_adaptive",
+    "central_target_quantile",
+    "central_clip_lr",
+    "central_count_stddev",
+    "proximal_mu",
+    "attack",
+    "attackers",
+    "secagg",
+    "secagg_shares",
+    "secagg_threshold",
+    "secagg_dropouts",
+    "device",
+    "gpus_per_client",
+)
+OUTPUT, ENGINE = Section.OUTPUT.value, Section.ENGINE.value
 Output = Annotated[
-    Path | None, typer.Option(help="Run directory (default runs/<timestamp>-<scenario>).")
+    Path | None,
+    typer.Option(
+        help="Run directory (default runs/<timestamp>-<scenario>).", rich_help_panel=OUTPUT
+    ),
 ]
-Verbose = Annotated[bool, typer.Option(help="Show every Flower and Ray log line.")]
+Verbose = Annotated[
+    bool, typer.Option(help="Show every Flower and Ray log line.", rich_help_panel=OUTPUT)
+]
 Engine = Annotated[
     str,
     typer.Option(
         help="local: a warm worker pool on this machine (fast); "
-        "ray: Flower's Simulation Engine (for Ray clusters)."
-    ),
-]
-Device = Annotated[
-    str,
-    typer.Option(help="Where clients train: auto (CUDA when present), cpu, cuda or cuda:N."),
-]
-GpusPerClient = Annotated[
-    float,
-    typer.Option(
-        help="--engine ray: share of a GPU reserved for each client (0.25: four per GPU)."
+        "ray: Flower's Simulation Engine (for Ray clusters).",
+        metavar="[local|ray]",
+        rich_help_panel=ENGINE,
     ),
 ]
 BaselineSites = Annotated[
     int,
-    typer.Option(help="Sites trained alone for the local-only baseline (a fixed sample)."),
+    typer.Option(
+        help="Sites trained alone for the local-only baseline (a fixed sample).",
+        rich_help_panel=OUTPUT,
+    ),
 ]
 NoBaselines = Annotated[
-    bool, typer.Option("--no-baselines", help="Skip the central and local-only baselines.")
-]
-Attack = Annotated[str, typer.Option(help=f"Simulated attack: {', '.join(ATTACKS)}.")]
-Attackers = Annotated[float, typer.Option(help="Fraction of clients that attack.")]
-BudgetEpsilon = Annotated[
-    float,
-    typer.Option(help="Each owner's lifetime budget across runs (0: same as --epsilon)."),
-]
-LedgerDir = Annotated[
-    str,
-    typer.Option(
-        help="Owners' privacy ledgers; reuse across runs to compose budgets "
-        "(default <run dir>/ledgers)."
-    ),
-]
-MinClients = Annotated[
-    int, typer.Option(help="End the run cleanly when fewer clients can still train.")
-]
-
-
-ProximalMu = Annotated[
-    float,
-    typer.Option(help="--aggregator fedprox: weight mu of the proximal term in local training."),
-]
-RoundTimeout = Annotated[
-    float, typer.Option(help="Seconds to wait for a round's replies; later ones count as failed.")
-]
-StopAfterRound = Annotated[
-    int, typer.Option(help="End the run cleanly after this round; continue it with --resume.")
-]
-Resume = Annotated[
-    Path | None,
-    typer.Option(
-        help="Continue this run directory from its last checkpoint, with its own config "
-        "(training options are ignored; --engine, --verbose, --no-baselines apply)."
-    ),
-]
-
-Secagg = Annotated[
     bool,
     typer.Option(
-        "--secagg", help="Secure aggregation (SecAgg+): the server sees only the sum of updates."
+        "--no-baselines", help="Skip the central and local-only baselines.", rich_help_panel=OUTPUT
     ),
 ]
-SecaggShares = Annotated[
-    int, typer.Option(help="--secagg: key shares per client, itself included (odd, >= 3).")
-]
-SecaggThreshold = Annotated[
-    int,
-    typer.Option(help="--secagg: shares that rebuild a key; shares - threshold may drop out."),
-]
-SecaggDropouts = Annotated[
-    int, typer.Option(help="--secagg: simulated clients that fail after sharing their keys.")
-]
 
-
-def _option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
-    return inspect.Parameter(
-        name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default
-    )
-
-
-# Every scenario command takes these, in this order; a command may override a default.
+# Every scenario command takes these, in this order; a scenario may override a default.
 COMMON_OPTIONS: tuple[inspect.Parameter, ...] = (
-    _option("clients", Clients, None),
-    _option("rounds", Rounds, DEFAULTS.rounds),
-    _option("fraction", Fraction, DEFAULTS.fraction),
-    _option("epsilon", Epsilon, DEFAULTS.epsilon),
-    _option("delta", Delta, DEFAULTS.delta),
-    _option("local_epochs", LocalEpochs, DEFAULTS.local_epochs),
-    _option("batch_size", BatchSize, DEFAULTS.batch_size),
-    _option("lr", Lr, DEFAULTS.lr),
-    _option("max_grad_norm", MaxGradNorm, DEFAULTS.max_grad_norm),
-    _option("dp", Dp, DEFAULTS.dp),
-    _option("no_dp", NoDp, False),
-    _option("partition", Partition, DEFAULTS.partition),
-    _option("alpha", Alpha, DEFAULTS.alpha),
-    _option("model", Model, DEFAULTS.model),
-    _option("seed", Seed, DEFAULTS.seed),
-    _option("output", Output, None),
-    _option("verbose", Verbose, False),
-    _option("engine", Engine, "local"),
-    _option("device", Device, DEFAULTS.device),
-    _option("gpus_per_client", GpusPerClient, DEFAULTS.gpus_per_client),
-    _option("baseline_sites", BaselineSites, 10),
-    _option("no_baselines", NoBaselines, False),
-    _option("aggregator", Aggregator, DEFAULTS.aggregator),
-    _option("byzantine", Byzantine, DEFAULTS.byzantine),
-    _option("attack", Attack, DEFAULTS.attack),
-    _option("attackers", Attackers, DEFAULTS.attackers),
-    _option("max_update_norm", MaxUpdateNorm, DEFAULTS.max_update_norm),
-    _option("secagg", Secagg, DEFAULTS.secagg),
-    _option("secagg_shares", SecaggShares, DEFAULTS.secagg_shares),
-    _option("secagg_threshold", SecaggThreshold, DEFAULTS.secagg_threshold),
-    _option("secagg_dropouts", SecaggDropouts, DEFAULTS.secagg_dropouts),
-    _option("budget_epsilon", BudgetEpsilon, DEFAULTS.budget_epsilon),
-    _option("ledger_dir", LedgerDir, DEFAULTS.ledger_dir),
-    _option("min_clients", MinClients, DEFAULTS.min_clients),
-    _option("central_noise", CentralNoise, DEFAULTS.central_noise),
-    _option("central_clipping_norm", CentralClippingNorm, DEFAULTS.central_clipping_norm),
-    _option("central_adaptive", CentralAdaptive, DEFAULTS.central_adaptive),
-    _option("central_target_quantile", CentralTargetQuantile, DEFAULTS.central_target_quantile),
-    _option("central_clip_lr", CentralClipLr, DEFAULTS.central_clip_lr),
-    _option("central_count_stddev", CentralCountStddev, DEFAULTS.central_count_stddev),
-    _option("central_epsilon", CentralEpsilon, DEFAULTS.central_epsilon),
-    _option("proximal_mu", ProximalMu, DEFAULTS.proximal_mu),
-    _option("round_timeout", RoundTimeout, DEFAULTS.round_timeout),
-    _option("stop_after_round", StopAfterRound, DEFAULTS.stop_after_round),
-    _option("resume", Resume, None),
+    config_option("clients", None),
+    *config_options(SHARED_KEYS),
+    *config_options(SIMULATION_KEYS),
+    NO_DP,
+    RESUME,
+    parameter("output", Output, None),
+    parameter("verbose", Verbose, False),
+    parameter("engine", Engine, "local"),
+    parameter("baseline_sites", BaselineSites, 10),
+    parameter("no_baselines", NoBaselines, False),
 )
 
 OptionsHook = Callable[[dict[str, Any]], dict[str, Any]]
@@ -236,20 +122,23 @@ def _scenario_command(
     An own option named like a common one replaces it (another default or help text).
     `prepare` turns the parsed options into RunConfig fields (e.g. a path made absolute).
     """
-    own = {parameter.name for parameter in own_options}
+    own = {option.name for option in own_options}
     parameters = [*own_options, *(p for p in COMMON_OPTIONS if p.name not in own)]
 
-    def command(**options: Any) -> None:
+    def body(options: dict[str, Any]) -> None:
         _run(scenario, prepare(options))
 
-    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-    command.__doc__ = summary
-    command.__name__ = f"simulate_{scenario}"
-    simulate_app.command(scenario)(command)
+    simulate_app.command(scenario)(command(f"simulate_{scenario}", summary, parameters, body))
+
+
+def _dataset(default: str, choices: str) -> inspect.Parameter:
+    """--dataset: each scenario has its own."""
+    option = typer.Option(help=f"{choices}.", rich_help_panel=Section.DATA.value)
+    return parameter("dataset", Annotated[str, option], default)
 
 
 def _prepare_csv(options: dict[str, Any]) -> dict[str, Any]:
-    data: Path = options["data"]
+    data = Path(options["data"])
     return options | {
         "data": str(data.absolute()),
         "dataset": data.name,
@@ -260,80 +149,25 @@ def _prepare_csv(options: dict[str, Any]) -> dict[str, Any]:
 _scenario_command(
     "medical",
     "Hospitals train a risk model under DP-SGD (default: flchain mortality).",
-    [
-        _option(
-            "dataset",
-            Annotated[
-                str, typer.Option(help="flchain, covid-clinics, breast-cancer or synthetic-ehr.")
-            ],
-            "flchain",
-        )
-    ],
+    [_dataset("flchain", "flchain, covid-clinics, breast-cancer or synthetic-ehr")],
 )
 _scenario_command(
     "financial",
     "Banks train a credit-risk or fraud model under DP-SGD (default: lending-club).",
-    [
-        _option(
-            "dataset",
-            Annotated[str, typer.Option(help="lending-club, credit-default or synthetic-fraud.")],
-            "lending-club",
-        )
-    ],
+    [_dataset("lending-club", "lending-club, credit-default or synthetic-fraud")],
 )
 _scenario_command(
     "digits",
     "Devices train a small CNN on 5,000 real MNIST digits (10 classes) under DP-SGD.",
-    [
-        _option("lr", Lr, 0.1),
-        _option(
-            "partition",
-            Annotated[
-                str,
-                typer.Option(help="iid, dirichlet, shard (2 label shards each) or pathological."),
-            ],
-            "shard",
-        ),
-        _option(
-            "model",
-            Annotated[str, typer.Option(help="Model (cnn: Conv 32-64-64 + Dense 64).")],
-            "cnn",
-        ),
-    ],
+    config_options(("lr", "partition", "model"), lr=0.1, partition="shard", model="cnn"),
     lambda options: options | {"dataset": "mnist-5k"},
 )
 _scenario_command(
     "csv",
     "Simulate a federation on your own table (one client per --partition-by value).",
-    [
-        _option(
-            "data", Annotated[Path, typer.Option(help="Your table: a .csv or .parquet file.")], ...
-        ),
-        _option(
-            "label",
-            Annotated[
-                str,
-                typer.Option(help="The label column: 0/1, yes/no... or classes (--task)."),
-            ],
-            ...,
-        ),
-        _option(
-            "task",
-            Annotated[
-                str,
-                typer.Option(help="binary (one logit) or multiclass (one per label value)."),
-            ],
-            DEFAULTS.task,
-        ),
-        _option(
-            "partition_by",
-            Annotated[
-                str | None,
-                typer.Option(help="Column naming each row's site: one client per value."),
-            ],
-            None,
-        ),
-    ],
+    config_options(
+        ("data", "label", "task", "partition_by"), data=..., label=..., partition_by=None
+    ),
     _prepare_csv,
 )
 
@@ -346,12 +180,7 @@ def _run(scenario: str, options: dict[str, Any]) -> None:
     baseline_sites, no_baselines = options.pop("baseline_sites"), options.pop("no_baselines")
     clients_given = options["clients"] is not None
     options["clients"] = options["clients"] or DEFAULTS.clients
-    if options.pop("no_dp"):
-        if options["dp"] not in (DEFAULTS.dp, "off"):
-            raise ConfigError(
-                f"--no-dp means --dp off; drop one of --no-dp and --dp {options['dp']}"
-            )
-        options["dp"] = "off"
+    options["dp"] = dp_mode(options["dp"], options.pop("no_dp"))
     resume = options.pop("resume")
     if resume is not None:
         from server.resume import resume_config

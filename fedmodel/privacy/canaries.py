@@ -128,11 +128,13 @@ def run_empirical_audit(
     guesses: int = 100,
     epochs: int = 20,
     seed: int | None = None,
+    model_name: str = AUDIT_MODEL,
 ) -> EmpiricalAudit:
     """Train once on `data` plus the included canaries; score, guess and bound epsilon.
 
     `guesses` is k: IN for the k lowest-loss canaries and OUT for the k highest (fixed in
-    advance, so no correction for choosing k is needed). `seed` is the secret that
+    advance, so no correction for choosing k is needed). `model_name` goes to `audit_model`:
+    wide-mlp is no federated model, so not a `RunConfig.model`. `seed` is the secret that
     decides inclusion; None draws it from the OS's CSPRNG.
     """
     if not 0 < 2 * guesses <= canaries:
@@ -146,7 +148,7 @@ def run_empirical_audit(
         data.feature_names,
     )
     torch.manual_seed(int(rng.integers(2**31)))  # the model's initial weights
-    model = audit_model(config.model, data.num_features)
+    model = audit_model(model_name, data.num_features)
     loader = make_loader(training, config.batch_size, int(rng.integers(2**31)))
     plan = poisson_plan(len(training), config.batch_size)
     steps, sample_rate = epochs * plan.steps_per_epoch, plan.sample_rate

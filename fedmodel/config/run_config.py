@@ -1,4 +1,4 @@
-"""The one definition of every run-config key, its default and its validation.
+"""A run's configuration checked and converted: `RunConfig` over the keys of `RunKeys`.
 
 The CLI builds a `RunConfig`, the simulation runner writes it into the Flower App's run
 config (keys are the field names with `-` for `_`), and the ServerApp and ClientApp read
@@ -11,117 +11,61 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from functools import cache
 from typing import Any
 
-from fedmodel import __version__
+from fedmodel.config.keys import (
+    DEVICE_PATTERN,
+    AggregatorName,
+    ConfigKey,
+    EvaluationMethod,
+    describe_keys,
+)
+from fedmodel.config.run_keys import RunKeys
 from fedmodel.errors import ConfigError
 
-AGGREGATORS = (
-    "fedavg",
-    "fedprox",
-    "fedadam",
-    "median",
-    "trimmed-mean",
-    "krum",
-    "multikrum",
-    "bulyan",
-)
-ATTACKS = ("none", "sign-flip", "scaled", "gaussian", "nan")
-PARTITION_SCHEMES = ("iid", "dirichlet", "shard", "pathological")
+AGGREGATORS: tuple[str, ...] = typing.get_args(AggregatorName)
+EVALUATION_METHODS: tuple[str, ...] = typing.get_args(EvaluationMethod)
 # SecAgg+ sums modulo 2**32 and each client adds up to 2**22 (Flower's defaults).
 SECAGG_MAX_CLIENTS_PER_ROUND = 2**32 // 2**22
-TASKS = ("binary", "multiclass")
 CSV_SCENARIO = "csv"
 # datasets split by a column of their own (clinic, state): the data fixes the client count
 NATURAL_DATASETS = frozenset({"covid-clinics", "lending-club"})
-# off | sample-level DP-SGD on clients | client-level DP on the server | both
-DP_MODES = ("off", "sample", "client", "both")
-# deployment: how the nodes' scores of a global model combine (server/federated_evaluation.py)
-EVALUATION_METHODS = ("mean", "median")
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Resolved settings of one federated run (simulation or deployment)."""
+class RunConfig(RunKeys):
+    """Resolved settings of one federated run (simulation or deployment).
 
-    scenario: str = "medical"
-    dataset: str = "flchain"
-    clients: int = 8
-    rounds: int = 5
-    local_epochs: int = 1
-    batch_size: int = 64
-    lr: float = 0.5
-    dp: str = "sample"  # one of DP_MODES
-    epsilon: float = 1.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    partition: str = "iid"
-    alpha: float = 0.5
-    seed: int = 0
-    model: str = "mlp"
-    output_dir: str = "runs/flwr-run"
-    # scenarios (issue 3)
-    fraction: float = 1.0
-    data: str = ""
-    label: str = ""
-    partition_by: str = ""
-    task: str = "binary"  # simulate csv: how the label column is read
-    # privacy budgets (issue 5)
-    budget_epsilon: float = 0.0  # each data owner's lifetime budget; 0 means "= epsilon"
-    ledger_dir: str = ""  # simulated owners' ledgers; "" means <output_dir>/ledgers
-    min_clients: int = 1  # stop cleanly when fewer clients have budget left
-    # client-level (central) DP on the server (issue 5): --dp client or both
-    central_noise: float = 1.0  # effective noise multiplier of each round's release
-    central_clipping_norm: float = 1.0  # L2 norm of a client's update (adaptive: the first)
-    central_adaptive: bool = False  # adapt the norm to a quantile of update norms (Andrew et al.)
-    central_target_quantile: float = 0.5  # adaptive: share of updates left unclipped
-    central_clip_lr: float = 0.2  # adaptive: geometric learning rate of the norm
-    central_count_stddev: float = 0.0  # adaptive: noise on the unclipped count; 0: cohort/20
-    central_epsilon: float = 0.0  # client-level budget of the run; 0: no budget
-    # deployment (issue 4)
-    round_timeout: float = 600.0  # seconds the server waits for one round's replies
-    # hostile nodes (issue 13): the federation directory whose registry (nodes.json) names
-    # a deployed run's nodes and caps their weights; capped mean or median of evaluations
-    federation_dir: str = ""
-    evaluation: str = "mean"
-    # robustness (issue 6)
-    aggregator: str = "fedavg"
-    byzantine: int = 0  # malicious clients per round the robust rule must tolerate
-    attack: str = "none"  # simulation only: what the attacking clients send
-    attackers: float = 0.0  # simulation only: fraction of clients that attack
-    max_update_norm: float = 0.0  # reject updates farther than this from the global model (0: off)
-    proximal_mu: float = 0.0  # fedprox: weight of the proximal term in each client's local loss
-    # checkpoint and resume (issue 6)
-    run_uid: str = ""  # stable FedModel run id (ledger key), the same across resumes
-    resume: bool = False  # continue from output_dir's last checkpoint
-    stop_after_round: int = 0  # end the run cleanly after this round, to resume later (0: off)
+    The keys, with their sections, help and choices, are declared in `RunKeys`;
+    `RunConfig.config_keys()` lists them. This class checks them and converts them.
+    """
 
-    # secure aggregation (issue 6): Flower's SecAgg+; see server/secagg.py
-    secagg: bool = False
-    secagg_shares: int = 5  # each client's key shares, itself included: odd, at least 3
-    secagg_threshold: int = 3  # shares that rebuild a key; shares - threshold may drop out
-    secagg_dropouts: int = 0  # simulation only: clients that fail after sharing their keys
-    # GPU path (issue 7)
-    device: str = "auto"  # where clients train: auto (CUDA when present), cpu, cuda or cuda:N
-    gpus_per_client: float = 0.0  # Ray engine: share of a GPU reserved for each client
-    # node executor (issue 11): the installed task a node is asked to run; nodes run it
-    # only when their owner approved this name, version and source (client/tasks.py)
-    app_task: str = "fedmodel-tabular"
-    app_task_version: str = __version__
+    @classmethod
+    def config_keys(cls) -> dict[str, ConfigKey]:
+        """Every key with its help, section and choices, in declaration order."""
+        return _keys()
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ConfigError naming the option and the fix for the first bad value."""
+        for spec in _keys().values():
+            value = getattr(self, spec.name)
+            _require(
+                not spec.choices or value in spec.choices,
+                f"{spec.flag} must be one of {', '.join(spec.choices)}",
+                value,
+            )
         _require(self.clients >= 1, "--clients must be at least 1", self.clients)
         _require(self.rounds >= 1, "--rounds must be at least 1", self.rounds)
         _require(self.local_epochs >= 1, "--local-epochs must be at least 1", self.local_epochs)
         _require(self.batch_size >= 1, "--batch-size must be at least 1", self.batch_size)
         _require(_finite_positive(self.lr), "--lr must be a positive number", self.lr)
-        _require(self.dp in DP_MODES, f"--dp must be one of {', '.join(DP_MODES)}", self.dp)
         if self.client_dp:
             self._validate_central_dp()
         _require(
@@ -139,18 +83,12 @@ class RunConfig:
             "--max-grad-norm must be a positive number",
             self.max_grad_norm,
         )
-        _require(
-            self.partition in PARTITION_SCHEMES,
-            f"--partition must be one of {', '.join(PARTITION_SCHEMES)}",
-            self.partition,
-        )
         _require(_finite_positive(self.alpha), "--alpha must be a positive number", self.alpha)
         _require(
             0.0 < self.fraction <= 1.0,
             "--fraction must be in (0, 1]: the share of clients sampled each round",
             self.fraction,
         )
-        _require(self.task in TASKS, f"--task must be one of {', '.join(TASKS)}", self.task)
         _require(
             math.isfinite(self.budget_epsilon) and self.budget_epsilon >= 0,
             "--budget-epsilon must be 0 (use --epsilon) or a positive number",
@@ -158,24 +96,17 @@ class RunConfig:
         )
         _require(self.min_clients >= 1, "--min-clients must be at least 1", self.min_clients)
         _require(
+            self.sites_from_data or self.min_clients <= self.clients_per_round,
+            f"--min-clients must be at most the {self.clients_per_round} clients that train each "
+            "round (else the first round ends the run); lower it or raise --clients or --fraction",
+            self.min_clients,
+        )
+        _require(
             _finite_positive(self.round_timeout),
             "--round-timeout must be a positive number of seconds",
             self.round_timeout,
         )
-        _require(
-            self.aggregator in AGGREGATORS,
-            f"--aggregator must be one of {', '.join(AGGREGATORS)}",
-            self.aggregator,
-        )
         _require(self.byzantine >= 0, "--byzantine must be 0 or more", self.byzantine)
-        _require(
-            self.evaluation in EVALUATION_METHODS,
-            f"--evaluation must be one of {', '.join(EVALUATION_METHODS)}",
-            self.evaluation,
-        )
-        _require(
-            self.attack in ATTACKS, f"--attack must be one of {', '.join(ATTACKS)}", self.attack
-        )
         _require(
             0.0 <= self.attackers < 1.0, "--attackers must be a fraction in [0, 1)", self.attackers
         )
@@ -198,7 +129,7 @@ class RunConfig:
         if self.secagg:
             self._validate_secagg()
         _require(
-            re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+            re.fullmatch(DEVICE_PATTERN, self.device) is not None,
             "--device must be auto, cpu, cuda or cuda:N",
             self.device,
         )
@@ -330,18 +261,21 @@ class RunConfig:
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Read back what `to_run_config` wrote; unknown keys are ignored, missing ones default."""
         values: dict[str, Any] = {}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if key in run_config:
-                values[f.name] = _coerce(f, run_config[key])
+        for spec in _keys().values():
+            if spec.run_config_key in run_config:
+                values[spec.name] = _coerce(spec.kind, run_config[spec.run_config_key])
         return cls(**values)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _coerce(field: dataclasses.Field[Any], value: Any) -> Any:
-    kind = {"int": int, "float": float, "bool": bool, "str": str}[str(field.type)]
+@cache
+def _keys() -> dict[str, ConfigKey]:
+    return describe_keys(RunConfig)
+
+
+def _coerce(kind: type, value: Any) -> Any:
     if kind is bool and isinstance(value, str):
         return value.lower() in ("1", "true", "yes")
     return kind(value)

@@ -1,0 +1,22 @@
+"""Run configuration: `RunConfig` (the keys, defaults and validation) and its key metadata."""
+
+from fedmodel.config.keys import ConfigKey, Section
+from fedmodel.config.run_config import (
+    AGGREGATORS,
+    CSV_SCENARIO,
+    EVALUATION_METHODS,
+    NATURAL_DATASETS,
+    SECAGG_MAX_CLIENTS_PER_ROUND,
+    RunConfig,
+)
+
+__all__ = [
+    "AGGREGATORS",
+    "CSV_SCENARIO",
+    "EVALUATION_METHODS",
+    "NATURAL_DATASETS",
+    "SECAGG_MAX_CLIENTS_PER_ROUND",
+    "ConfigKey",
+    "RunConfig",
+    "Section",
+]

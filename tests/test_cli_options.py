@@ -1,0 +1,146 @@
+"""`fedmodel run` and `fedmodel simulate` take their options from RunConfig, so they agree."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import typer
+
+from fedmodel.cli.main import app, main
+from fedmodel.cli.options import CLI_DEFAULTS, SHARED_KEYS, dp_mode
+from fedmodel.config import RunConfig
+from fedmodel.errors import ConfigError
+
+COMMAND = typer.main.get_command(app)
+assert isinstance(COMMAND, click.Group)
+RUN = COMMAND.commands["run"]
+SIMULATE = COMMAND.commands["simulate"]
+assert isinstance(SIMULATE, click.Group)
+SCENARIOS = {name: SIMULATE.commands[name] for name in ("medical", "financial", "digits", "csv")}
+# Differ on purpose: where each command writes, and whose log lines --verbose shows.
+PER_COMMAND = {"output", "verbose"}
+# The digits scenario trains a CNN on image shards with its own learning rate.
+SCENARIO_DEFAULTS = {"digits": {"lr", "partition", "model"}}
+CHOICE_KEYS = sorted(name for name, spec in RunConfig.config_keys().items() if spec.choices)
+
+
+def options(command: click.Command) -> dict[str, click.Option]:
+    return {p.name: p for p in command.params if isinstance(p, click.Option) and p.name}
+
+
+def describe(option: click.Option) -> tuple[object, ...]:
+    return (option.opts, option.secondary_opts, option.default, option.help, option.metavar)
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_run_and_simulate_give_a_shared_option_the_same_name_default_help_and_choices(
+    scenario: str,
+) -> None:
+    run, simulate = options(RUN), options(SCENARIOS[scenario])
+    shared = (run.keys() & simulate.keys()) - PER_COMMAND - SCENARIO_DEFAULTS.get(scenario, set())
+    assert {*SHARED_KEYS, "no_dp", "resume"} - SCENARIO_DEFAULTS.get(scenario, set()) <= shared
+    for name in sorted(shared):
+        assert describe(run[name]) == describe(simulate[name]), name
+
+
+def test_shared_options_take_help_choices_and_default_from_run_config() -> None:
+    run = options(RUN)
+    for name in SHARED_KEYS:
+        spec = RunConfig.config_keys()[name]
+        assert run[name].opts == [spec.flag] and run[name].help == spec.help
+        assert run[name].default == CLI_DEFAULTS.get(name, spec.default)
+        if spec.choices:
+            assert run[name].metavar == f"[{'|'.join(spec.choices)}]"
+
+
+def test_min_clients_defaults_to_two_in_run_and_simulate() -> None:
+    assert options(RUN)["min_clients"].default == 2
+    assert options(SCENARIOS["medical"])["min_clients"].default == 2
+
+
+def test_every_option_of_a_config_key_has_a_help_panel() -> None:
+    for command in (RUN, *SCENARIOS.values()):
+        for name, option in options(command).items():
+            if name in RunConfig.config_keys():
+                assert getattr(option, "rich_help_panel", None), (command.name, name)
+
+
+def test_model_choices_are_the_model_registry() -> None:
+    from fedmodel.models import MODELS
+
+    assert set(RunConfig.config_keys()["model"].choices) == set(MODELS)
+
+
+@pytest.mark.parametrize("name", [*CHOICE_KEYS, "device"])
+def test_a_choice_field_rejects_a_bad_value_naming_its_option(name: str) -> None:
+    flag = RunConfig.config_keys()[name].flag
+    with pytest.raises(ConfigError) as raised:
+        RunConfig(**{name: "bogus"})  # type: ignore[arg-type]
+    assert str(raised.value).startswith(f"{flag} must be") and "\n" not in str(raised.value)
+
+
+def cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """Run `fedmodel ARGS` in this process: its exit code and its stderr lines."""
+    saved = sys.argv
+    sys.argv = ["fedmodel", *args]
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main()
+    finally:
+        sys.argv = saved
+    return int(exited.value.code or 0), capsys.readouterr().err.strip().splitlines()
+
+
+CSV = ["simulate", "csv", "--data", "table.csv", "--label", "outcome"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["run", "--dir", "federation"], ["simulate", "medical"], CSV],
+    ids=["run", "simulate", "simulate-csv"],
+)
+def test_a_bad_choice_on_the_command_line_is_one_line_naming_the_option(
+    command: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    offered = options(RUN if command[0] == "run" else SCENARIOS[command[1]])
+    names = [name for name in (*CHOICE_KEYS, "device") if name in offered]
+    assert names
+    for name in names:
+        flag = RunConfig.config_keys()[name].flag
+        code, lines = cli_error([*command, flag, "bogus"], capsys)
+        assert code == 2 and len(lines) == 1, (flag, lines)
+        assert lines[0].startswith(f"error: {flag} must be"), lines
+    assert list(tmp_path.iterdir()) == []  # rejected before anything was written
+
+
+def test_no_dp_means_dp_off_and_contradicts_any_other_mode() -> None:
+    assert dp_mode("sample", no_dp=True) == "off"
+    assert dp_mode("client", no_dp=False) == "client"
+    with pytest.raises(ConfigError, match="--no-dp means --dp off"):
+        dp_mode("client", no_dp=True)
+
+
+def test_min_clients_above_the_clients_of_a_round_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--min-clients must be at most the 1 clients"):
+        RunConfig(clients=8, fraction=0.1, min_clients=2)
+    RunConfig(dataset="covid-clinics", clients=8, fraction=0.1, min_clients=2)  # data decides
+
+
+def test_help_imports_no_heavy_library() -> None:
+    """`fedmodel --help` stays fast: torch, flwr, opacus and pandas load in the commands."""
+    code = (
+        "import sys, fedmodel.cli.main; "
+        "print(sorted({'torch', 'flwr', 'opacus', 'pandas', 'ray'} & sys.modules.keys()))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert loaded.stdout.strip() == "[]"
