@@ -39,12 +39,12 @@ Verbose = Annotated[
 def _run(options: dict[str, Any]) -> None:
     """Build the RunConfig from the options (named like its fields) and launch the run."""
     from fedmodel.protocol import REFUSAL_MARKER
+    from fedmodel.runtime.flwr_run import progress_line
     from server.aggregators import check_aggregator
     from server.enrollment import load_registry
     from server.launch import launch_run
     from server.resume import resume_config
     from server.superlink import Federation
-    from fedmodel.runtime.flwr_run import progress_line
 
     options = dict(options)
     directory, resume = options.pop("directory"), options.pop("resume")
