@@ -63,6 +63,7 @@ from client.supernode import SECRET_FILE
 from client.tasks import installed_task
 from fedmodel.audit_log import AuditLog
 from fedmodel.config import RunConfig
+from fedmodel.errors import ExitCode
 from fedmodel.protocol import EVALUATION_PREFIX, POLICY_REFUSED_CODE
 
 AUDIT_FILE = "node-audit.jsonl"
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         traceback.print_exc()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(args.supernode_pid, signal.SIGTERM)
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
 
 
 if __name__ == "__main__":

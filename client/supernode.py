@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.ledger_guard import ledger_path
-from fedmodel.errors import FedModelError
+from fedmodel.errors import ExitCode, FedModelError
 from fedmodel.pki import JoinBundle, NodeIdentity, write_private_file, write_public_file
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
 from fedmodel.runtime.processes import executable, plain_lines, tool_environment
@@ -53,7 +53,7 @@ SUPERNODE_EXITING = ("terminated gracefully", "Exit Code:")
 class SuperNodeError(FedModelError):
     """The SuperNode could not join or stopped with an error."""
 
-    exit_code = 7
+    exit_code = ExitCode.SUPERNODE
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmodel.config import AGGREGATORS, EVALUATION_METHODS, RunConfig
-from fedmodel.errors import ConfigError
+from fedmodel.errors import ConfigError, ExitCode
 
 DEFAULTS = RunConfig()
 console = Console(highlight=False, soft_wrap=True)  # long paths stay greppable
@@ -156,7 +156,7 @@ def status(directory: DirOption) -> None:
         online = sum(node["status"] == "online" for node in nodes)
         console.print(f"Nodes: {len(nodes)} enrolled, {online} online")
     if (not pid and not healthy) or any(level == "error" for level, _ in problems):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @server_app.command("renew-cert")
