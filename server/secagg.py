@@ -32,6 +32,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from fedmodel.config import RunConfig
+from fedmodel.protocol import SERVER_ROUND_KEY
 from fedmodel.secagg import CLIPPING_RANGE, MODULUS_RANGE, QUANTIZATION_RANGE, metrics_from_legacy
 from server.checkpoint import save_checkpoint
 from server.reply_schema import InvalidReply, train_report
@@ -166,7 +167,7 @@ def run_secagg(
         min_fit_clients=config.clients_per_round,
         min_available_clients=config.clients,
         evaluate_fn=evaluate_fn,
-        on_fit_config_fn=lambda server_round: {"server-round": server_round},
+        on_fit_config_fn=lambda server_round: {SERVER_ROUND_KEY: server_round},
         initial_parameters=ndarrays_to_parameters([t.cpu().numpy() for t in reference.values()]),
     )
     workflow = SecAggPlusWorkflow(
