@@ -18,7 +18,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedmodel.config import RunConfig
-from fedmodel.data import FeatureStatistics, TabularData, load_table, table_statistics
+from fedmodel.data import TabularData
+from fedmodel.feature_statistics import FeatureStatistics
+from fedmodel.local_tables import load_table, table_statistics
 from fedmodel.models import build_model
 from fedmodel.protocol import (
     ARRAYS_KEY,

@@ -32,8 +32,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedmodel.config import RunConfig
-from fedmodel.data import FeatureStatistics
 from fedmodel.errors import DataError
+from fedmodel.feature_statistics import FeatureStatistics
 from fedmodel.models import build_model
 from fedmodel.protocol import (
     ARRAYS_KEY,

@@ -19,8 +19,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmodel.config import RunConfig
-from fedmodel.data import MAX_CATEGORIES, FeatureStatistics
 from fedmodel.errors import DataError
+from fedmodel.feature_statistics import MAX_CATEGORIES, FeatureStatistics
 from fedmodel.protocol import PARTITION_ID_KEY
 from server.federated_evaluation import combine_evaluations
 from server.reply_schema import (
