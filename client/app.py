@@ -53,6 +53,7 @@ from fedmodel.protocol import (
     SERVER_ROUND_KEY,
     TRAIN_LOSS_KEY,
 )
+from fedmodel.run_directory import LEDGERS_DIR
 from fedmodel.sampling import poisson_plan
 from fedmodel.training import TrainResult, select_device, train_dp, train_plain
 
@@ -205,7 +206,7 @@ def ledger_path(config: RunConfig, context: Context) -> Path:
         return Path(str(context.node_config[LEDGER_PATH_KEY])).expanduser()
     if PARTITION_ID_KEY not in context.node_config:
         raise ConfigError("this node has no privacy ledger: set node config 'ledger-path'")
-    directory = Path(config.ledger_dir or Path(config.output_dir) / "ledgers")
+    directory = Path(config.ledger_dir or Path(config.output_dir) / LEDGERS_DIR)
     return directory / f"client-{int(str(context.node_config[PARTITION_ID_KEY]))}.sqlite"
 
 

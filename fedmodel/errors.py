@@ -22,20 +22,8 @@ class ExitCode(IntEnum):
         return member
 
     SUCCESS = 0, "The command did what it was asked."
-    FAILED = (
-        1,
-        (
-            "The command ran and failed: a check found a problem (audit, server status), "
-            "a node executor stopped, or an error has no code of its own."
-        ),
-    )
-    USAGE = (
-        2,
-        (
-            "An invalid command line, option, run-config value, owner policy or task name; "
-            "nothing was started."
-        ),
-    )
+    FAILED = 1, "Failed: a check found a problem (audit, server status), or no specific code fits."
+    USAGE = 2, "Invalid command line, option, run config, owner policy or task; nothing started."
     DATA = 3, "Data that cannot be loaded or partitioned as asked."
     SIMULATION = 4, "The simulation engine failed to start or the run did not complete."
     CERTIFICATE = 5, "A certificate or key file is missing, unreadable or of the wrong kind."
@@ -43,15 +31,10 @@ class ExitCode(IntEnum):
     SUPERNODE = 7, "The SuperNode could not join the federation or stopped with an error."
     AUDIT_LOG = 8, "An audit log is malformed, altered, truncated or not authentic."
     KEY_EXISTS = 9, "A key file exists and the command was not asked to replace it."
-    JOIN_BUNDLE = (
-        10,
-        (
-            "A join bundle is unreadable, inconsistent, issued for another node or signed by "
-            "a CA the owner did not pin."
-        ),
-    )
+    JOIN_BUNDLE = 10, "A join bundle is unreadable, for another node, or from an unpinned CA."
     LEDGER = 11, "A privacy ledger cannot be opened or read (not a FedModel ledger, corrupt)."
     SERVER = 12, "The federation directory or its SuperLink is not in the state a command needs."
+    RUN_DIRECTORY = 13, "A run's summary.json is unreadable, lacks a key or has an unknown one."
     INTERRUPTED = 130, "Interrupted (Ctrl-C or SIGTERM); processes the run started were stopped."
 
 

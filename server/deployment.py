@@ -47,6 +47,7 @@ from fedmodel.protocol import (
     STATISTICS_KEY,
     STATISTICS_RECORD_KEY,
 )
+from fedmodel.run_directory import write_json_atomic
 from server.aggregators import build_aggregator
 from server.central_dp import with_central_dp
 from server.enrollment import load_registry
@@ -54,7 +55,6 @@ from server.federated_evaluation import combine_evaluations
 from server.polling_grid import PollingGrid
 from server.reply_schema import InvalidReply, evaluation_report
 from server.resume import open_run_record, run_rounds
-from server.run_record import write_json_atomic
 from server.strategy import FederationStopped, GuardedStrategy, Members, aggregate_train_metrics
 from server.superlink import Federation
 

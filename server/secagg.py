@@ -33,10 +33,11 @@ from flwr.serverapp import Grid
 
 from fedmodel.config import RunConfig
 from fedmodel.protocol import SERVER_ROUND_KEY
+from fedmodel.run_directory import CHECKPOINTS_DIR, write_json_atomic
 from fedmodel.secagg import CLIPPING_RANGE, MODULUS_RANGE, QUANTIZATION_RANGE, metrics_from_legacy
 from server.checkpoint import save_checkpoint
 from server.reply_schema import InvalidReply, train_report
-from server.run_record import RunRecorder, write_json_atomic
+from server.run_record import RunRecorder
 from server.strategy import FederationStopped
 
 EvaluateGlobalModel = Callable[[int, ArrayRecord], MetricRecord]
@@ -152,7 +153,7 @@ def run_secagg(
             for name, array in zip(reference, arrays, strict=True)
         }
         metrics = evaluate_global_model(server_round, ArrayRecord(state))
-        save_checkpoint(recorder.run_dir / "checkpoints", server_round, state)
+        save_checkpoint(recorder.run_dir / CHECKPOINTS_DIR, server_round, state)
         scores: dict[str, Scalar] = {
             key: cast(float, metrics[key]) for key in ("auroc", "accuracy")
         }

@@ -173,14 +173,14 @@ def test_a_node_cannot_inflate_its_weight_or_take_another_nodes_row(tmp_path: Pa
     assert arrays is not None
     assert arrays["w"].numpy() == pytest.approx(np.full(4, (1.0 + 100.0) / 2))  # uniform
     summary = strategy.recorder.write_summary(completed=True)
-    assert [client["epsilon"] for client in summary["clients"]] == [0.8, 0.8]  # row 0 intact
-    assert {client["weight"] for client in summary["clients"]} == {1}
-    reasons = [rejection["reason"] for rejection in summary["rejected_updates"]]
+    assert [client["epsilon"] for client in summary.clients] == [0.8, 0.8]  # row 0 intact
+    assert {client["weight"] for client in summary.clients} == {1}
+    reasons = [rejection["reason"] for rejection in summary.rejected_updates]
     assert reasons == [
         "reports partition-id 0, but node 13 is client 2",
         "'epsilon' must be finite, got nan",
     ]
-    json.dumps(summary, allow_nan=False)
+    json.dumps(summary.to_json(), allow_nan=False)
 
 
 def test_a_node_outside_the_run_is_rejected(tmp_path: Path) -> None:

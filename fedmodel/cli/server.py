@@ -13,6 +13,7 @@ from rich.table import Table
 
 from fedmodel.config import AGGREGATORS, EVALUATION_METHODS, RunConfig
 from fedmodel.errors import ConfigError, ExitCode
+from fedmodel.run_directory import SUMMARY_FILE
 
 DEFAULTS = RunConfig()
 console = Console(highlight=False, soft_wrap=True)  # long paths stay greppable
@@ -409,7 +410,7 @@ def run_command(
     table = Table(title="Privacy spent per node", title_justify="left")
     for column in ("node", "rows", "epsilon", "delta"):
         table.add_column(column)
-    for client in summary["clients"]:
+    for client in summary.clients:
         eps = client.get("epsilon")
         table.add_row(
             str(client.get("node", client["client"])),
@@ -418,6 +419,6 @@ def run_command(
             "-" if client.get("delta") is None else f"{client['delta']:g}",
         )
     console.print(table)
-    if summary.get("stopped_early"):
-        console.print(f"Stopped early: {summary['stopped_early']}")
-    console.print(f"Summary: {run_dir / 'summary.json'}")
+    if summary.stopped_early:
+        console.print(f"Stopped early: {summary.stopped_early}")
+    console.print(f"Summary: {run_dir / SUMMARY_FILE}")

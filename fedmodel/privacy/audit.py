@@ -23,7 +23,6 @@ ledger, which the chain alone cannot reveal) is flagged.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from fedmodel.privacy.ledger import (
     spent_history,
     verify_chain,
 )
+from fedmodel.run_directory import LEDGERS_DIR, SUMMARY_FILE, RunSummary
 
 # Absolute slack on epsilon: Opacus's PRV accountant's documented eps_error (0.01); our
 # notes measured the tight accountants (PRV, PLD) within that of each other.
@@ -119,20 +119,19 @@ class AuditReport:
         return {"ok": self.ok, "problems": self.all_problems(), **asdict(self)}
 
 
-def find_ledgers(target: Path) -> tuple[list[Path], dict[str, Any] | None]:
+def find_ledgers(target: Path) -> tuple[list[Path], RunSummary | None]:
     """Ledger files under `target` (a file, a directory of ledgers or a run directory)."""
     if not target.exists():
         raise FedModelError(f"nothing to audit at {target}: no such file or directory")
     if target.is_file():
         return [target], None
-    summary_path = target / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    directories = [target, target / "ledgers"]
-    if summary and summary.get("config", {}).get("ledger_dir"):
-        directories.append(Path(summary["config"]["ledger_dir"]))
+    summary = RunSummary.load(target) if (target / SUMMARY_FILE).is_file() else None
+    directories = [target, target / LEDGERS_DIR]
+    if summary and summary.config.get("ledger_dir"):
+        directories.append(Path(summary.config["ledger_dir"]))
     paths = sorted({p for d in directories if d.is_dir() for p in d.glob("*.sqlite")})
     if not paths:
-        raise FedModelError(f"no ledgers (*.sqlite) in {target} or {target / 'ledgers'}")
+        raise FedModelError(f"no ledgers (*.sqlite) in {target} or {target / LEDGERS_DIR}")
     return paths, summary
 
 
@@ -271,21 +270,21 @@ def _count_spent(
         spent[(entry.noise_multiplier, entry.sample_rate)] += entry.steps
 
 
-def check_against_summary(report: AuditReport, summary: dict[str, Any]) -> list[str]:
+def check_against_summary(report: AuditReport, summary: RunSummary) -> list[str]:
     """The server's record of each client's reported epsilon must be covered by its ledger."""
-    if not summary.get("dp"):
+    if not summary.dp or summary.delta is None:
         return []
     by_name = {Path(o.ledger).stem: o for ledger in report.ledgers for o in ledger.owners}
     rdp = FreshRdp()
     problems = []
-    for client in summary.get("clients", []):
+    for client in summary.clients:
         name = f"client-{client['client']}"
         owner = by_name.get(name)
         if owner is None:
             problems.append(f"client {client['client']} reported epsilon but has no ledger")
             continue
-        reported = rdp.epsilon(spent_steps([tuple(s) for s in client["history"]]), summary["delta"])
-        held = rdp.epsilon(spent_steps(owner.history), summary["delta"])
+        reported = rdp.epsilon(spent_steps([tuple(s) for s in client["history"]]), summary.delta)
+        held = rdp.epsilon(spent_steps(owner.history), summary.delta)
         if held < reported * (1 - RDP_CONSISTENCY):
             problems.append(
                 f"{name}: ledger holds epsilon {held:.4f}, less than the {reported:.4f} the "
