@@ -40,7 +40,20 @@ from fedmodel.privacy.budget import (
 )
 from fedmodel.privacy.ledger import NODE_BUDGET, PrivacyLedger, dataset_fingerprint
 from fedmodel.privacy.signing import LedgerSigner
-from fedmodel.protocol import EVALUATION_PREFIX
+from fedmodel.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    DELTA_KEY,
+    EPSILON_KEY,
+    EVALUATION_PREFIX,
+    LEDGER_PATH_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    PARTITION_ID_KEY,
+    SERVER_ROUND_KEY,
+    TRAIN_LOSS_KEY,
+)
+from fedmodel.run_directory import LEDGERS_DIR
 from fedmodel.sampling import poisson_plan
 from fedmodel.training import TrainResult, select_device, train_dp, train_plain
 
@@ -57,10 +70,10 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this client's partition and reply with it."""
     config = RunConfig.from_run_config(context.run_config)
     partition_id, data = client_data(config, context, msg)  # partition or local file
-    round_config = msg.content.config_records["config"]
-    server_round = int(str(round_config["server-round"]))
+    round_config = msg.content.config_records[CONFIG_KEY]
+    server_round = int(str(round_config[SERVER_ROUND_KEY]))
     proximal_mu = float(str(round_config.get("proximal-mu", 0.0)))  # sent by FedProx
-    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+    global_state = msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
     evaluation: TrainMetrics = {}
     if is_deployed(context):  # score what was received first: no evaluate message needed
         scores = holdout_metrics(msg, context, global_state)
@@ -72,7 +85,7 @@ def train(msg: Message, context: Context) -> Message:
     except BudgetExhausted as refusal:
         return Message(error=Error(BUDGET_EXHAUSTED_CODE, str(refusal)), reply_to=msg)
     content = RecordDict(
-        {"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics | evaluation)}
+        {ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: MetricRecord(metrics | evaluation)}
     )
     return Message(content=content, reply_to=msg)
 
@@ -99,7 +112,7 @@ def train_local_model(
     model.load_state_dict(global_state)
     model.to(device)  # model and data move to the device once per call
     loader = make_loader(data, config.batch_size, seed, device)
-    metrics: TrainMetrics = {"num-examples": len(data), "partition-id": partition_id}
+    metrics: TrainMetrics = {NUM_EXAMPLES_KEY: len(data), PARTITION_ID_KEY: partition_id}
     if config.sample_dp:
         result, budget = _train_private(
             model, loader, data, config, context, server_round, proximal_mu, device, seed
@@ -107,11 +120,11 @@ def train_local_model(
         # at the owner's delta: a deployed node never accounts at the coordinator's
         epsilon = epsilon_of(result.history, budget.delta)
         metrics |= history_fields(result.history)
-        metrics |= {"epsilon": epsilon, "delta": budget.delta}
+        metrics |= {EPSILON_KEY: epsilon, DELTA_KEY: budget.delta}
         metrics |= _budget_metrics(result, budget)
     else:
         result = train_plain(model, loader, config.local_epochs, config.lr, device, proximal_mu)
-    metrics["train-loss"] = result.loss
+    metrics[TRAIN_LOSS_KEY] = result.loss
     model.to("cpu")
     return model.state_dict(), metrics
 
@@ -126,7 +139,7 @@ def round_seed(config: RunConfig, context: Context, partition_id: int, server_ro
     The stream itself is torch's generator, not a CSPRNG (Opacus's secure mode needs
     torchcsprng, which has no torch 2.x build).
     """
-    if "partition-id" in context.node_config:
+    if PARTITION_ID_KEY in context.node_config:
         return config.seed * 1_000_003 + partition_id * 1_009 + server_round
     return secrets.randbits(63)
 
@@ -189,12 +202,12 @@ def _train_private(
 
 def ledger_path(config: RunConfig, context: Context) -> Path:
     """Node config `ledger-path` (a deployed owner), else one file per simulated client."""
-    if "ledger-path" in context.node_config:
-        return Path(str(context.node_config["ledger-path"])).expanduser()
-    if "partition-id" not in context.node_config:
+    if LEDGER_PATH_KEY in context.node_config:
+        return Path(str(context.node_config[LEDGER_PATH_KEY])).expanduser()
+    if PARTITION_ID_KEY not in context.node_config:
         raise ConfigError("this node has no privacy ledger: set node config 'ledger-path'")
-    directory = Path(config.ledger_dir or Path(config.output_dir) / "ledgers")
-    return directory / f"client-{int(str(context.node_config['partition-id']))}.sqlite"
+    directory = Path(config.ledger_dir or Path(config.output_dir) / LEDGERS_DIR)
+    return directory / f"client-{int(str(context.node_config[PARTITION_ID_KEY]))}.sqlite"
 
 
 def ledger_signer(context: Context) -> LedgerSigner | None:
@@ -204,8 +217,8 @@ def ledger_signer(context: Context) -> LedgerSigner | None:
     node = context.node_config
     if "node-key-path" in node:
         return LedgerSigner(Path(str(node["node-key-path"])).expanduser())
-    if "ledger-path" in node:
-        beside = Path(str(node["ledger-path"])).expanduser().parent / "node.key"
+    if LEDGER_PATH_KEY in node:
+        beside = Path(str(node[LEDGER_PATH_KEY])).expanduser().parent / "node.key"
         if beside.is_file():
             return LedgerSigner(beside)
     return None

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedmodel.config import RunConfig
+from fedmodel.protocol import ARRAYS_KEY, PARTITION_ID_KEY
 
 GAUSSIAN_ATTACK_STD = 100.0
 SCALED_ATTACK_FACTOR = 10.0
@@ -56,14 +57,14 @@ def simulated_attack_mod(msg: Message, context: Context, call_next: ClientAppCal
     reply = call_next(msg, context)
     if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
         return reply
-    if "partition-id" not in context.node_config:
+    if PARTITION_ID_KEY not in context.node_config:
         return reply
     config = RunConfig.from_run_config(context.run_config)
-    partition_id = int(str(context.node_config["partition-id"]))
+    partition_id = int(str(context.node_config[PARTITION_ID_KEY]))
     if config.attack == "none" or not is_attacker(partition_id, config.clients, config.attackers):
         return reply
-    global_state = msg.content.array_records["arrays"].to_torch_state_dict()
-    local_state = reply.content.array_records["arrays"].to_torch_state_dict()
+    global_state = msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
+    local_state = reply.content.array_records[ARRAYS_KEY].to_torch_state_dict()
     seed = config.seed * 7_919 + partition_id
-    reply.content["arrays"] = ArrayRecord(poison(global_state, local_state, config.attack, seed))
+    reply.content[ARRAYS_KEY] = ArrayRecord(poison(global_state, local_state, config.attack, seed))
     return reply

@@ -63,7 +63,16 @@ from client.supernode import SECRET_FILE
 from client.tasks import installed_task
 from fedmodel.audit_log import AuditLog
 from fedmodel.config import RunConfig
-from fedmodel.protocol import EVALUATION_PREFIX, POLICY_REFUSED_CODE
+from fedmodel.errors import ExitCode
+from fedmodel.protocol import (
+    CONFIG_KEY,
+    EVALUATION_PREFIX,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    POLICY_REFUSED_CODE,
+    SERVER_ROUND_KEY,
+    TRAIN_LOSS_KEY,
+)
 
 AUDIT_FILE = "node-audit.jsonl"
 POLL_INTERVAL_S = 0.1  # between AcquireTask calls on the local Runtime API
@@ -80,7 +89,7 @@ _AUTHENTICATED_METHODS = frozenset(
 )
 # Metric keys that count the owner's rows: they leave the node rounded
 _COUNT_KEYS = frozenset(
-    prefix + key for key in ("num-examples", "auroc-weight") for prefix in ("", EVALUATION_PREFIX)
+    prefix + key for key in (NUM_EXAMPLES_KEY, "auroc-weight") for prefix in ("", EVALUATION_PREFIX)
 )
 
 
@@ -159,7 +168,7 @@ class NodeExecutor:
             refusal = content_refusal(message)
         if refusal is None and kind == MessageType.TRAIN:
             config = RunConfig.from_run_config(context.run_config)
-            server_round = int(str(message.content.config_records["config"]["server-round"]))
+            server_round = int(str(message.content.config_records[CONFIG_KEY][SERVER_ROUND_KEY]))
             run_id = ledger_run_id(config, context.run_id)
             refusal = replay_refusal(self.directory, run_id, server_round)
         if refusal is not None:
@@ -203,12 +212,12 @@ class NodeExecutor:
 def released(policy: OwnerPolicy, reply: Message) -> Message:
     """The reply as the owner's release rules allow: counts rounded, loss withheld,
     evaluation metrics only when the owner releases them."""
-    if reply.has_error() or "metrics" not in reply.content.metric_records:
+    if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
         return reply
-    metrics = reply.content.metric_records["metrics"]
+    metrics = reply.content.metric_records[METRICS_KEY]
     shaped = MetricRecord()
     for key, value in metrics.items():
-        if key == "train-loss" and not policy.release_train_loss:
+        if key == TRAIN_LOSS_KEY and not policy.release_train_loss:
             continue
         if key.startswith(EVALUATION_PREFIX) and not policy.release_evaluation:
             continue
@@ -216,7 +225,7 @@ def released(policy: OwnerPolicy, reply: Message) -> Message:
             step = policy.count_rounding
             value = max(step, step * round(float(value) / step))
         shaped[key] = value
-    reply.content["metrics"] = shaped
+    reply.content[METRICS_KEY] = shaped
     return reply
 
 
@@ -315,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         traceback.print_exc()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(args.supernode_pid, signal.SIGTERM)
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,25 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedmodel.config import RunConfig
-from fedmodel.data import FeatureStatistics, TabularData, load_table, table_statistics
+from fedmodel.data import TabularData
+from fedmodel.feature_statistics import FeatureStatistics
+from fedmodel.local_tables import load_table, table_statistics
 from fedmodel.models import build_model
+from fedmodel.protocol import (
+    ARRAYS_KEY,
+    CLIENT_INDEX_KEY,
+    CONFIG_KEY,
+    DATA_PATH_KEY,
+    LABEL_KEY,
+    METRICS_KEY,
+    NODE_NAME_KEY,
+    NUM_EXAMPLES_KEY,
+    PARTITION_ID_KEY,
+    STATISTICS_KEY,
+    STATISTICS_RECORD_KEY,
+)
 from fedmodel.training import evaluate
 
-DATA_PATH_KEY = "data-path"
-LABEL_KEY = "label"
-NODE_NAME_KEY = "node-name"
-STATISTICS_KEY = "feature-statistics"  # server/deployment.py sends it under this key
-CLIENT_INDEX_KEY = "client-index"  # JSON {node id: client index}, from the server
 HOLDOUT_FRACTION = 0.2
 Metrics = dict[str, int | float | list[int] | list[float]]  # a MetricRecord's content
 HOLDOUT_SEED = 20_240_401  # fixed: the held-out rows must not move between rounds
@@ -41,9 +51,9 @@ def client_data(config: RunConfig, context: Context, msg: Message) -> tuple[int,
     if not is_deployed(context):
         from fedmodel.datasets.scenarios import client_partitions
 
-        partition_id = int(str(context.node_config["partition-id"]))
+        partition_id = int(str(context.node_config[PARTITION_ID_KEY]))
         return partition_id, client_partitions(config)[partition_id]
-    shared = msg.content.config_records["config"]
+    shared = msg.content.config_records[CONFIG_KEY]
     indices = json.loads(str(shared[CLIENT_INDEX_KEY]))
     train, _ = _split_node_table(context, str(shared[STATISTICS_KEY]))
     return int(indices[str(context.node_id)]), train
@@ -59,28 +69,28 @@ def describe_local_data(msg: Message, context: Context) -> Message:
             NODE_NAME_KEY: str(context.node_config.get(NODE_NAME_KEY, "")),
         }
     )
-    return Message(RecordDict({"statistics": answer}), reply_to=msg)
+    return Message(RecordDict({STATISTICS_RECORD_KEY: answer}), reply_to=msg)
 
 
 def evaluate_local_data(msg: Message, context: Context) -> Message:
     """Evaluate handler: score the global model on this node's held-out rows."""
-    state = msg.content.array_records["arrays"].to_torch_state_dict()
+    state = msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
     record = MetricRecord(holdout_metrics(msg, context, state))
-    return Message(RecordDict({"metrics": record}), reply_to=msg)
+    return Message(RecordDict({METRICS_KEY: record}), reply_to=msg)
 
 
 def holdout_metrics(msg: Message, context: Context, state: dict[str, torch.Tensor]) -> Metrics:
     """Loss, accuracy and AUROC of the model `state` on this node's held-out rows."""
     torch.set_num_threads(1)
     config = RunConfig.from_run_config(context.run_config)
-    shared = msg.content.config_records["config"]
+    shared = msg.content.config_records[CONFIG_KEY]
     _, holdout = _split_node_table(context, str(shared[STATISTICS_KEY]))
     model = build_model(config.model, holdout.num_features)
     model.load_state_dict(state)
     metrics = evaluate(model, holdout) if len(holdout) else {}
     auroc = metrics.get("auroc", float("nan"))
     return {
-        "num-examples": len(holdout),
+        NUM_EXAMPLES_KEY: len(holdout),
         "loss": metrics.get("loss", 0.0),
         "accuracy": metrics.get("accuracy", 0.0),
         # AUROC is undefined on a one-class holdout: report it with weight 0

@@ -30,7 +30,7 @@ from flwr.app import Message, MessageType
 
 from client.tasks import approval_refusal, load_approvals
 from fedmodel.config import RunConfig
-from fedmodel.errors import ConfigError, FedModelError
+from fedmodel.errors import ConfigError, ExitCode, FedModelError
 from fedmodel.pki import write_private_file
 from fedmodel.privacy.ledger import GENESIS_HASH
 
@@ -40,7 +40,7 @@ POLICY_FILE = "policy.json"
 class PolicyError(FedModelError):
     """A missing or invalid owner policy file, or an invalid policy option."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)

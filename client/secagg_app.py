@@ -28,6 +28,7 @@ from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
 from fedmodel.models import build_model
 from fedmodel.privacy.budget import BUDGET_EXHAUSTED_CODE, BudgetExhausted
+from fedmodel.protocol import PARTITION_ID_KEY, SERVER_ROUND_KEY
 from fedmodel.secagg import legacy_metrics
 
 SIMULATED_DROPOUT_CODE = 4002  # beside BUDGET_EXHAUSTED_CODE, clear of Flower's 0-8
@@ -40,11 +41,11 @@ class SecAggTrainingClient(NumPyClient):
     """One simulated data owner: DP training on its partition, weights as NumPy arrays."""
 
     def __init__(self, context: Context) -> None:
-        if "partition-id" not in context.node_config:
+        if PARTITION_ID_KEY not in context.node_config:
             raise ConfigError("--secagg runs in simulation only (this node has no partition-id)")
         self.context = context
         self.config = RunConfig.from_run_config(context.run_config)
-        self.partition_id = int(str(context.node_config["partition-id"]))
+        self.partition_id = int(str(context.node_config[PARTITION_ID_KEY]))
 
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
@@ -57,7 +58,7 @@ class SecAggTrainingClient(NumPyClient):
             name: torch.from_numpy(np.array(array, copy=True))
             for name, array in zip(names, parameters, strict=True)
         }
-        server_round = int(config["server-round"])
+        server_round = int(config[SERVER_ROUND_KEY])
         state, metrics = train_local_model(
             self.config, self.context, self.partition_id, data, global_state, server_round
         )
@@ -87,9 +88,9 @@ def simulated_dropout_mod(msg: Message, context: Context, call_next: ClientAppCa
     They answer the masked-vector stage with an error, so the coordinator must rebuild
     their masks from the survivors' key shares: a dropout in the middle of the protocol.
     """
-    if msg.metadata.message_type == MessageType.TRAIN and "partition-id" in context.node_config:
+    if msg.metadata.message_type == MessageType.TRAIN and PARTITION_ID_KEY in context.node_config:
         config = RunConfig.from_run_config(context.run_config)
-        partition_id = int(str(context.node_config["partition-id"]))
+        partition_id = int(str(context.node_config[PARTITION_ID_KEY]))
         stage = msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)
         if (
             stage == Stage.COLLECT_MASKED_VECTORS

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.ledger_guard import ledger_path
-from fedmodel.errors import FedModelError
+from fedmodel.errors import ExitCode, FedModelError
 from fedmodel.pki import JoinBundle, NodeIdentity, write_private_file, write_public_file
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
+from fedmodel.protocol import DATA_PATH_KEY, LABEL_KEY, LEDGER_PATH_KEY, NODE_NAME_KEY
 from fedmodel.runtime.processes import (
     executable,
     plain_lines,
@@ -55,7 +56,7 @@ SUPERNODE_EXITING = ("terminated gracefully", "Exit Code:")
 class SuperNodeError(FedModelError):
     """The SuperNode could not join or stopped with an error."""
 
-    exit_code = 7
+    exit_code = ExitCode.SUPERNODE
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,10 @@ class NodeLaunch:
 def node_config(launch: NodeLaunch) -> dict[str, str | float]:
     """What the ClientApp reads from `context.node_config` on this node."""
     config: dict[str, str | float] = {
-        "data-path": str(launch.data_path.absolute()),
-        "label": launch.label,
-        "node-name": launch.bundle.node_name,
-        "ledger-path": str(ledger_path(launch.directory).absolute()),
+        DATA_PATH_KEY: str(launch.data_path.absolute()),
+        LABEL_KEY: launch.label,
+        NODE_NAME_KEY: launch.bundle.node_name,
+        LEDGER_PATH_KEY: str(ledger_path(launch.directory).absolute()),
         "device": launch.device,
     }  # the owner's budget and limits live in the policy file, read by the executor
     return config

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import fedmodel
 from fedmodel.audit_log import utc_now
-from fedmodel.errors import FedModelError
+from fedmodel.errors import ExitCode, FedModelError
 from fedmodel.pki import write_private_file
 
 APPROVALS_FILE = "approvals.json"
@@ -33,7 +33,7 @@ BUILTIN_TASK = "fedmodel-tabular"
 class UnknownTask(FedModelError):
     """A task name that is not installed on this node."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmodel.errors import FedModelError
+from fedmodel.errors import ExitCode, FedModelError
 from fedmodel.file_lock import locked_descriptor
 from fedmodel.pki import write_private_file
 
@@ -41,7 +41,7 @@ _ANCHOR = re.compile(r"^([1-9][0-9]*):([0-9a-f]{64})$")
 class AuditLogError(FedModelError):
     """An audit log that is malformed, altered, truncated or not authentic."""
 
-    exit_code = 8
+    exit_code = ExitCode.AUDIT_LOG
 
 
 @dataclass(frozen=True)

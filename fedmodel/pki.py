@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedmodel.errors import FedModelError
+from fedmodel.errors import ExitCode, FedModelError
 
 CURVE = ec.SECP384R1()
 CA_LIFETIME = datetime.timedelta(days=3650)
@@ -36,13 +36,13 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1")
 class KeyExistsError(FedModelError):
     """A key file exists and the user did not ask to replace it."""
 
-    exit_code = 5
+    exit_code = ExitCode.KEY_EXISTS
 
 
 class CertificateError(FedModelError):
     """A certificate or key file is missing, unreadable or of the wrong kind."""
 
-    exit_code = 5
+    exit_code = ExitCode.CERTIFICATE
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,7 @@ BUNDLE_FORMAT = "fedmodel-join/1"
 class BundleError(FedModelError):
     """A join bundle that is unreadable, inconsistent or issued for another node."""
 
-    exit_code = 5
+    exit_code = ExitCode.JOIN_BUNDLE
 
 
 @dataclass(frozen=True)

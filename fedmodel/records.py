@@ -15,8 +15,7 @@ import math
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
-ARRAYS_KEY = "arrays"
-METRICS_KEY = "metrics"
+from fedmodel.protocol import ARRAYS_KEY, METRICS_KEY
 
 
 def reply_rejection(

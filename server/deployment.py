@@ -32,10 +32,22 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedmodel.config import RunConfig
-from fedmodel.data import FeatureStatistics
 from fedmodel.errors import DataError
+from fedmodel.feature_statistics import FeatureStatistics
 from fedmodel.models import build_model
-from fedmodel.protocol import EVALUATION_PREFIX, REFUSAL_MARKER
+from fedmodel.protocol import (
+    ARRAYS_KEY,
+    CLIENT_INDEX_KEY,
+    CONFIG_KEY,
+    EVALUATION_PREFIX,
+    METRICS_KEY,
+    QUESTION_KEY,
+    REFUSAL_MARKER,
+    SERVER_ROUND_KEY,
+    STATISTICS_KEY,
+    STATISTICS_RECORD_KEY,
+)
+from fedmodel.run_directory import write_json_atomic
 from server.aggregators import build_aggregator
 from server.central_dp import with_central_dp
 from server.enrollment import load_registry
@@ -43,13 +55,10 @@ from server.federated_evaluation import combine_evaluations
 from server.polling_grid import PollingGrid
 from server.reply_schema import InvalidReply, evaluation_report
 from server.resume import open_run_record, run_rounds
-from server.run_record import write_json_atomic
 from server.strategy import FederationStopped, GuardedStrategy, Members, aggregate_train_metrics
 from server.superlink import Federation
 
 DEPLOYMENT_SCENARIO = "deployment"  # RunConfig.scenario of a run on enrolled nodes
-STATISTICS_KEY = "feature-statistics"  # client/local_data.py reads these two keys
-CLIENT_INDEX_KEY = "client-index"
 NODES_FILE = "nodes.json"  # node name -> client number, stable across --resume
 
 
@@ -215,8 +224,8 @@ class EvaluatingInTraining(GuardedStrategy):
             return
         if model_round in {row["round"] for row in self.recorder.rounds}:
             return
-        config = ConfigRecord({**shared, "server-round": model_round})
-        question = RecordDict({"arrays": arrays, "config": config})
+        config = ConfigRecord({**shared, SERVER_ROUND_KEY: model_round})
+        question = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
         messages = [Message(question, node, MessageType.EVALUATE) for node in grid.get_node_ids()]
         self._record_evaluation(model_round, grid.send_and_receive(messages, timeout=timeout))
 
@@ -250,7 +259,7 @@ class EvaluatingInTraining(GuardedStrategy):
                 continue
             node = reply.metadata.src_node_id
             try:
-                metrics = reply.content.metric_records.get("metrics")
+                metrics = reply.content.metric_records.get(METRICS_KEY)
                 if metrics is None and not prefix:
                     raise InvalidReply("no MetricRecord 'metrics'")
                 report = None if metrics is None else evaluation_report(metrics, prefix)
@@ -313,7 +322,7 @@ def query_feature_statistics(
             time.sleep(2)
     except FederationStopped as stop:  # nothing trained yet: the run fails
         raise RuntimeError(str(stop)) from None
-    question = RecordDict({"config": ConfigRecord({"ask": STATISTICS_KEY})})
+    question = RecordDict({CONFIG_KEY: ConfigRecord({QUESTION_KEY: STATISTICS_KEY})})
     messages = [Message(question, node, MessageType.QUERY) for node in node_ids]
     merged: FeatureStatistics | None = None
     described: set[int] = set()
@@ -345,7 +354,7 @@ def query_feature_statistics(
 
 def _node_statistics(reply: Message, max_rows: int | None) -> FeatureStatistics:
     """A node's answer to the query round, within bounds; DataError says why not."""
-    answer = reply.content.config_records.get("statistics")
+    answer = reply.content.config_records.get(STATISTICS_RECORD_KEY)
     if answer is None or not isinstance(answer.get(STATISTICS_KEY), str):
         raise DataError(f"no ConfigRecord 'statistics' with a '{STATISTICS_KEY}' text")
     statistics = FeatureStatistics.from_json(str(answer[STATISTICS_KEY]))

@@ -8,18 +8,16 @@ The run directory is written by the ServerApp, on this (the SuperLink's) host.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from fedmodel.config import RunConfig
+from fedmodel.run_directory import CONFIG_FILE, ENGINE_DIR, RunSummary, write_json_atomic
 from fedmodel.runtime.flower_app import write_flower_app
 from fedmodel.runtime.flwr_run import ProgressCallback, flwr_run_command, stream_run_output
 from fedmodel.runtime.processes import executable, plain_lines
-from server.run_record import write_json_atomic
 from server.superlink import CONNECTION, Federation, ServerError, is_healthy, server_environment
 
 
@@ -29,19 +27,19 @@ def launch_run(
     run_dir: Path,
     on_progress: ProgressCallback,
     on_log_line: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Run `config` on the federation's enrolled nodes; return summary.json's content."""
+) -> RunSummary:
+    """Run `config` on the federation's enrolled nodes; return its summary.json."""
     if not is_healthy(federation):
         raise ServerError(
             f"no SuperLink is answering for {federation.directory}; start it with "
             f"'fedmodel server start --dir {federation.directory}'"
         )
-    engine_dir = run_dir / "engine"
+    engine_dir = run_dir / ENGINE_DIR
     app_dir = engine_dir / "app"
     app_dir.mkdir(parents=True, exist_ok=True)
     config = config.replace(output_dir=str(run_dir.absolute()))
     if not config.resume:  # what `fedmodel run --resume` starts again from
-        write_json_atomic(run_dir / "config.json", config.to_run_config())
+        write_json_atomic(run_dir / CONFIG_FILE, config.to_run_config())
     write_flower_app(app_dir, config, name="deployment")
     command = flwr_run_command(app_dir, CONNECTION)
     try:
@@ -51,16 +49,15 @@ def launch_run(
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the ServerApp would go on unfollowed
         stop_submitted_run(federation, engine_dir / "flwr-run.log")
         raise
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    if code != 0 or summary is None or not summary.get("completed"):
+    summary = RunSummary.of_completed_run(run_dir)
+    if code != 0 or summary is None:
         cause = last_exception((engine_dir / "flwr-run.log").read_text(errors="replace"))
         raise ServerError(
             f"the run did not complete (flwr exit code {code}{'; ' + cause if cause else ''}); "
             f"its log is {engine_dir / 'flwr-run.log'} and the server's is "
             f"{federation.path('superlink.log')}"
         )
-    return dict(summary)
+    return summary
 
 
 _STARTED_RUN = re.compile(r"Successfully started run (\d+)")

@@ -18,7 +18,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedmodel.privacy.accountant import Segment
-from fedmodel.protocol import EVALUATION_PREFIX
+from fedmodel.protocol import (
+    DELTA_KEY,
+    EPSILON_KEY,
+    EVALUATION_PREFIX,
+    HISTORY_KEYS,
+    NUM_EXAMPLES_KEY,
+    PARTITION_ID_KEY,
+    TRAIN_LOSS_KEY,
+)
 
 # Rows one node may claim (a billion); more is a lie, not a hospital
 MAX_COUNT = 10**9
@@ -26,8 +34,7 @@ MAX_COUNT = 10**9
 MAX_PARTITION_ID = 2**31 - 1
 # Mechanism segments one history may hold (one per round a dataset ever trained)
 MAX_HISTORY = 100_000
-HISTORY_KEYS = ("history-noise-multiplier", "history-sample-rate", "history-steps")
-EVALUATION_KEYS = ("num-examples", "loss", "accuracy", "auroc", "auroc-weight")
+EVALUATION_KEYS = (NUM_EXAMPLES_KEY, "loss", "accuracy", "auroc", "auroc-weight")
 
 Metrics = Mapping[str, object]
 
@@ -66,23 +73,23 @@ class EvaluationReport:
 def train_report(metrics: Metrics, sample_dp: bool) -> TrainReport:
     """Read a train reply's metrics; `sample_dp` runs require epsilon, delta and history."""
     report = TrainReport(
-        partition_id=_count(metrics, "partition-id", 0, MAX_PARTITION_ID),
-        num_examples=_count(metrics, "num-examples") if "num-examples" in metrics else None,
-        train_loss=_number(metrics, "train-loss") if "train-loss" in metrics else None,
+        partition_id=_count(metrics, PARTITION_ID_KEY, 0, MAX_PARTITION_ID),
+        num_examples=_count(metrics, NUM_EXAMPLES_KEY) if NUM_EXAMPLES_KEY in metrics else None,
+        train_loss=_number(metrics, TRAIN_LOSS_KEY) if TRAIN_LOSS_KEY in metrics else None,
         epsilon=None,
         delta=None,
         history=(),
     )
     if not sample_dp:
         return report
-    delta = _number(metrics, "delta", 0.0, 1.0)
+    delta = _number(metrics, DELTA_KEY, 0.0, 1.0)
     if delta in (0.0, 1.0):
         raise InvalidReply(f"'delta' must be strictly between 0 and 1, got {delta!r}")
     return TrainReport(
         partition_id=report.partition_id,
         num_examples=report.num_examples,
         train_loss=report.train_loss,
-        epsilon=_number(metrics, "epsilon"),
+        epsilon=_number(metrics, EPSILON_KEY),
         delta=delta,
         history=_history(metrics),
     )
@@ -100,7 +107,7 @@ def evaluation_report(metrics: Metrics, prefix: str = "") -> EvaluationReport | 
     if len(present) < len(EVALUATION_KEYS):
         missing = sorted(prefix + key for key in set(EVALUATION_KEYS) - set(present))
         raise InvalidReply(f"evaluation is incomplete: missing {missing}")
-    examples = _count(metrics, prefix + "num-examples", 0)
+    examples = _count(metrics, prefix + NUM_EXAMPLES_KEY, 0)
     return EvaluationReport(
         num_examples=examples,
         loss=_number(metrics, prefix + "loss"),

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
+from fedmodel.run_directory import CHECKPOINTS_DIR, CONFIG_FILE
 from server.checkpoint import (
     ResumePoint,
     load_resume_point,
@@ -82,7 +83,7 @@ def open_run_record(config: RunConfig, run_dir: Path) -> tuple[RunRecorder, Resu
     """The run's recorder, continuing the checkpointed record when `config.resume`."""
     if not config.resume:
         return RunRecorder(run_dir, config), None
-    resume = load_resume_point(run_dir / "checkpoints")
+    resume = load_resume_point(run_dir / CHECKPOINTS_DIR)
     if resume is None:
         raise RuntimeError(f"resume requested but {run_dir} holds no resumable checkpoint")
     return RunRecorder(run_dir, config, resume.record_state), resume
@@ -104,7 +105,7 @@ def run_rounds(
     too few clients can train.
     """
     config = recorder.config
-    directory = recorder.run_dir / "checkpoints"
+    directory = recorder.run_dir / CHECKPOINTS_DIR
     offset = 0
     if resume is not None:
         offset = resume.completed_round
@@ -150,7 +151,7 @@ def resume_config(run_dir: Path, scenario: str | None = None) -> RunConfig:
 
     `scenario` (simulate's sub-command) must match the run's.
     """
-    config_path = run_dir / "config.json"
+    config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
         raise ConfigError(
             f"--resume {run_dir}: no config.json there; pass the directory of a FedModel run"
@@ -163,7 +164,7 @@ def resume_config(run_dir: Path, scenario: str | None = None) -> RunConfig:
         )
     if config.secagg:
         raise ConfigError(f"--resume {run_dir}: SecAgg+ runs cannot be resumed yet")
-    resume = load_resume_point(run_dir / "checkpoints")
+    resume = load_resume_point(run_dir / CHECKPOINTS_DIR)
     if resume is None:
         raise ConfigError(
             f"--resume {run_dir}: no resumable checkpoint (checkpoints/latest.pt); "

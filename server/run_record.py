@@ -22,6 +22,7 @@ from flwr.common.logger import log
 from fedmodel.config import RunConfig
 from fedmodel.privacy.accountant import ACCOUNTANT
 from fedmodel.privacy.central import FEDERATION_LEDGER, CentralRelease
+from fedmodel.run_directory import CLIENTS_FILE, METRICS_FILE, RunSummary
 from fedmodel.runtime.flwr_run import PROGRESS_MARKER
 from server.reply_schema import TrainReport
 
@@ -67,8 +68,8 @@ class RunRecorder:
         if resume_from is not None:
             self._restore(resume_from)
             return
-        _start_csv(run_dir / "metrics.csv", ROUND_COLUMNS)
-        _start_csv(run_dir / "clients.csv", CLIENT_COLUMNS)
+        _start_csv(run_dir / METRICS_FILE, ROUND_COLUMNS)
+        _start_csv(run_dir / CLIENTS_FILE, CLIENT_COLUMNS)
 
     _STATE = ("rounds", "clients", "initial", "dropouts", "rejections", "central_releases")
 
@@ -89,7 +90,7 @@ class RunRecorder:
         self._round_train_loss = dict(state["round_train_loss"])
         self.failures = dict(state["failures"])
         last = self.rounds[-1]["round"] if self.rounds else 0
-        for name in ("metrics.csv", "clients.csv"):
+        for name in (METRICS_FILE, CLIENTS_FILE):
             _keep_rows_up_to(self.run_dir / name, last)
 
     def record_failures(self, server_round: int, errors: int, timeouts: int, dropouts: int) -> None:
@@ -131,7 +132,7 @@ class RunRecorder:
             self._round_clients.setdefault(server_round, []).append(client)
         if loss_weights:
             self._round_train_loss[server_round] = sum(losses) / sum(loss_weights)
-        _append_csv(self.run_dir / "clients.csv", rows)
+        _append_csv(self.run_dir / CLIENTS_FILE, rows)
 
     def record_dropout(
         self, server_round: int, node_id: int, client: str | None, reason: str
@@ -202,41 +203,41 @@ class RunRecorder:
             **self.failures.get(server_round, {"dropouts": 0, "errors": 0, "timeouts": 0}),
         }
         self.rounds.append(row)
-        _append_csv(self.run_dir / "metrics.csv", [[row[c] for c in ROUND_COLUMNS]])
+        _append_csv(self.run_dir / METRICS_FILE, [[row[c] for c in ROUND_COLUMNS]])
         self.write_summary(completed=False)
         log(INFO, "%s%s", PROGRESS_MARKER, json.dumps({**row, "rounds": self.config.rounds}))
 
-    def write_summary(self, completed: bool, stopped_early: str | None = None) -> dict[str, Any]:
+    def write_summary(self, completed: bool, stopped_early: str | None = None) -> RunSummary:
         """Rewrite summary.json; `stopped_early` says why a run ended before its last round.
 
         `final` is the last evaluated global model (the initial one when no round trained).
         """
         final = self.rounds[-1] if self.rounds else self.initial
-        summary = {
-            "scenario": self.config.scenario,
-            "dataset": self.config.dataset,
-            "rounds": len(self.rounds),
-            "planned_rounds": self.config.rounds,
-            "completed": completed,
-            "num_clients": self.config.clients,
-            "dp_mode": self.config.dp,
-            # sample-level DP-SGD on the clients (client-level DP: "client_level_dp")
-            "dp": self.config.sample_dp,
-            "delta": self.config.delta if self.config.sample_dp else None,
-            "target_epsilon": self.config.epsilon if self.config.sample_dp else None,
-            "accountant": ACCOUNTANT if self.config.sample_dp else None,
-            "client_level_dp": self._client_level_dp(),
-            "final": {k: final[k] for k in FINAL_METRICS} if final else None,
-            "initial": self.initial,
-            "per_round": self.rounds,
-            "clients": sorted(self.clients.values(), key=lambda c: int(c["client"])),
-            "stopped_early": stopped_early,
-            "dropouts": self.dropouts,
-            "rejected_updates": self.rejections,
-            "config": asdict(self.config),
-            "software": software_versions(),
-        }
-        write_json_atomic(self.run_dir / "summary.json", summary)
+        sample_dp = self.config.sample_dp
+        summary = RunSummary(
+            scenario=self.config.scenario,
+            dataset=self.config.dataset,
+            rounds=len(self.rounds),
+            planned_rounds=self.config.rounds,
+            completed=completed,
+            num_clients=self.config.clients,
+            dp_mode=self.config.dp,
+            dp=sample_dp,
+            delta=self.config.delta if sample_dp else None,
+            target_epsilon=self.config.epsilon if sample_dp else None,
+            accountant=ACCOUNTANT if sample_dp else None,
+            client_level_dp=self._client_level_dp(),
+            final={k: final[k] for k in FINAL_METRICS} if final else None,
+            initial=self.initial,
+            per_round=self.rounds,
+            clients=sorted(self.clients.values(), key=lambda c: int(c["client"])),
+            stopped_early=stopped_early,
+            dropouts=self.dropouts,
+            rejected_updates=self.rejections,
+            config=asdict(self.config),
+            software=software_versions(),
+        )
+        summary.save(self.run_dir)
         return summary
 
 
@@ -252,12 +253,6 @@ def software_versions() -> dict[str, str]:
         **{name: version(name) for name in ("fedmodel", "flwr", "opacus", "torch")},
         "code_path": str(Path(__file__).resolve().parents[1]),
     }
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    os.replace(partial, path)
 
 
 def _start_csv(path: Path, columns: Iterable[str]) -> None:

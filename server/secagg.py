@@ -32,10 +32,12 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from fedmodel.config import RunConfig
+from fedmodel.protocol import SERVER_ROUND_KEY
+from fedmodel.run_directory import CHECKPOINTS_DIR, write_json_atomic
 from fedmodel.secagg import CLIPPING_RANGE, MODULUS_RANGE, QUANTIZATION_RANGE, metrics_from_legacy
 from server.checkpoint import save_checkpoint
 from server.reply_schema import InvalidReply, train_report
-from server.run_record import RunRecorder, write_json_atomic
+from server.run_record import RunRecorder
 from server.strategy import FederationStopped
 
 EvaluateGlobalModel = Callable[[int, ArrayRecord], MetricRecord]
@@ -151,7 +153,7 @@ def run_secagg(
             for name, array in zip(reference, arrays, strict=True)
         }
         metrics = evaluate_global_model(server_round, ArrayRecord(state))
-        save_checkpoint(recorder.run_dir / "checkpoints", server_round, state)
+        save_checkpoint(recorder.run_dir / CHECKPOINTS_DIR, server_round, state)
         scores: dict[str, Scalar] = {
             key: cast(float, metrics[key]) for key in ("auroc", "accuracy")
         }
@@ -166,7 +168,7 @@ def run_secagg(
         min_fit_clients=config.clients_per_round,
         min_available_clients=config.clients,
         evaluate_fn=evaluate_fn,
-        on_fit_config_fn=lambda server_round: {"server-round": server_round},
+        on_fit_config_fn=lambda server_round: {SERVER_ROUND_KEY: server_round},
         initial_parameters=ndarrays_to_parameters([t.cpu().numpy() for t in reference.values()]),
     )
     workflow = SecAggPlusWorkflow(

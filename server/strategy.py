@@ -34,14 +34,21 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedmodel.privacy.budget import BUDGET_EXHAUSTED_CODE
-from fedmodel.protocol import POLICY_REFUSED_CODE, REFUSAL_MARKER
+from fedmodel.protocol import (
+    EPSILON_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    PARTITION_ID_KEY,
+    POLICY_REFUSED_CODE,
+    REFUSAL_MARKER,
+    TRAIN_LOSS_KEY,
+)
 from fedmodel.records import reply_rejection
 from server.reply_schema import InvalidReply, TrainReport, train_report
 from server.run_record import RunRecorder
 
 # A node's owner said no: its budget is spent, or its policy forbids what the run asks
 REFUSAL_CODES = (BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE)
-WEIGHT_KEY = "num-examples"  # what Flower's rules weigh replies by
 
 
 class FederationStopped(Exception):
@@ -73,15 +80,15 @@ def aggregate_train_metrics(replies: list[RecordDict], weighted_by_key: str) -> 
     The metrics are the strategy's own (`GuardedStrategy._aggregated_metrics`), built
     from validated reports.
     """
-    metrics = [reply.metric_records["metrics"] for reply in replies]
+    metrics = [reply.metric_records[METRICS_KEY] for reply in replies]
     aggregated = MetricRecord({"clients": len(metrics)})
-    if all("train-loss" in m for m in metrics):  # deployed owners may withhold it
+    if all(TRAIN_LOSS_KEY in m for m in metrics):  # deployed owners may withhold it
         weights = [float(m[weighted_by_key]) for m in metrics]  # type: ignore[arg-type]
-        losses = [float(m["train-loss"]) for m in metrics]  # type: ignore[arg-type]
-        aggregated["train-loss"] = sum(w * x for w, x in zip(weights, losses, strict=True)) / (
+        losses = [float(m[TRAIN_LOSS_KEY]) for m in metrics]  # type: ignore[arg-type]
+        aggregated[TRAIN_LOSS_KEY] = sum(w * x for w, x in zip(weights, losses, strict=True)) / (
             sum(weights) or 1.0
         )
-    epsilons = [float(m["epsilon"]) for m in metrics if "epsilon" in m]  # type: ignore[arg-type]
+    epsilons = [float(m[EPSILON_KEY]) for m in metrics if EPSILON_KEY in m]  # type: ignore[arg-type]
     if epsilons:
         aggregated["max-epsilon"] = max(epsilons)
     return aggregated
@@ -95,10 +102,10 @@ def with_common_metrics(replies: list[Message]) -> list[Message]:
     """
     if not replies:
         return replies
-    common = set.intersection(*(set(r.content.metric_records["metrics"]) for r in replies))
+    common = set.intersection(*(set(r.content.metric_records[METRICS_KEY]) for r in replies))
     for reply in replies:
-        metrics = reply.content.metric_records["metrics"]
-        reply.content["metrics"] = MetricRecord({k: metrics[k] for k in metrics if k in common})
+        metrics = reply.content.metric_records[METRICS_KEY]
+        reply.content[METRICS_KEY] = MetricRecord({k: metrics[k] for k in metrics if k in common})
     return replies
 
 
@@ -180,7 +187,7 @@ class GuardedStrategy(Strategy):
                 continue
             self.client_of_node[node] = client
             reports[client], weights[client] = report, weight
-            reply.content["metrics"] = _aggregated_metrics(report, weight)
+            reply.content[METRICS_KEY] = _aggregated_metrics(report, weight)
             trained.append(reply)
         # What the clients spent is recorded even when their updates are not aggregated.
         self.recorder.record_replies(server_round, reports, weights)
@@ -201,9 +208,9 @@ class GuardedStrategy(Strategy):
     def _simulated_client(self, reply: Message) -> str | None:
         """In simulation, the client a rejected reply came from: its partition-id, which
         the harness (not the client) sets; None in deployment or when it is unreadable."""
-        if self.members is not None or "metrics" not in reply.content.metric_records:
+        if self.members is not None or METRICS_KEY not in reply.content.metric_records:
             return None
-        claimed = reply.content.metric_records["metrics"].get("partition-id")
+        claimed = reply.content.metric_records[METRICS_KEY].get(PARTITION_ID_KEY)
         return str(claimed) if isinstance(claimed, int) and claimed >= 0 else None
 
     def _accepted(self, reply: Message) -> tuple[str, TrainReport, float]:
@@ -214,7 +221,7 @@ class GuardedStrategy(Strategy):
         reason = reply_rejection(reply.content, self._reference(), self.max_update_norm)
         if reason is not None:
             raise InvalidReply(reason)
-        report = train_report(reply.content.metric_records["metrics"], self._sample_dp)
+        report = train_report(reply.content.metric_records[METRICS_KEY], self._sample_dp)
         if self.members is None:  # simulation: the harness says who it is and its size
             if report.num_examples is None:
                 raise InvalidReply("missing 'num-examples', which weighs its update")
@@ -248,9 +255,9 @@ class GuardedStrategy(Strategy):
 
 def _aggregated_metrics(report: TrainReport, weight: float) -> MetricRecord:
     """What the inner rule sees of a reply: the coordinator's weight, validated values."""
-    metrics = MetricRecord({WEIGHT_KEY: weight})
+    metrics = MetricRecord({NUM_EXAMPLES_KEY: weight})
     if report.train_loss is not None:
-        metrics["train-loss"] = report.train_loss
+        metrics[TRAIN_LOSS_KEY] = report.train_loss
     if report.epsilon is not None:
-        metrics["epsilon"] = report.epsilon
+        metrics[EPSILON_KEY] = report.epsilon
     return metrics

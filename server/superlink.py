@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmodel.errors import FedModelError
+from fedmodel.errors import ExitCode, FedModelError
 from fedmodel.pki import (
     CertificateError,
     create_server_pki,
@@ -66,7 +66,7 @@ SUPERLINK_ONLY_ENVIRONMENT = {"GRPC_VERBOSITY": "INFO"}
 class ServerError(FedModelError):
     """The federation directory or its SuperLink is not in the state a command needs."""
 
-    exit_code = 6
+    exit_code = ExitCode.SERVER
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fedmodel.run_directory import REPORT_FILE, RunSummary
+
 PRIVACY_COLUMNS = (
     "client",
     "records",
@@ -16,10 +18,10 @@ PRIVACY_COLUMNS = (
 )
 
 
-def privacy_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
+def privacy_rows(summary: RunSummary) -> list[tuple[str, ...]]:
     """One row per client: what it trained on and the privacy it spent (formatted)."""
     rows: list[tuple[str, ...]] = []
-    for client in summary["clients"]:
+    for client in summary.clients:
         history = client.get("history") or []
         noise = ", ".join(f"{segment[0]:.3f}" for segment in history) or "-"
         rate = ", ".join(f"{segment[1]:.4f}" for segment in history) or "-"
@@ -35,14 +37,15 @@ def privacy_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
 BASELINE_COLUMNS = ("model", "AUROC", "AUPRC", "recall at 1% FPR", "accuracy", "epsilon")
 
 
-def baseline_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
+def baseline_rows(summary: RunSummary) -> list[tuple[str, ...]]:
     """The federated model and its baselines, one formatted row each."""
-    baselines = summary["baselines"]
-    dp = "DP" if summary["dp"] else "no DP"
+    baselines = summary.baselines
+    assert baselines is not None, "only for a summary with baselines"
+    dp = "DP" if summary.dp else "no DP"
     sites = f"{baselines['local_sites']}/{baselines['local_sites_total']} sites"
     worst = baselines["local_worst"]
     candidates = [
-        (f"federated ({dp})", summary["final"], _max_epsilon(summary)),
+        (f"federated ({dp})", summary.final, summary.max_epsilon),
         ("central, no DP", baselines["central"], None),
         ("central, DP", baselines["central_dp"], _epsilon(baselines["central_dp"])),
         (f"site alone ({dp}), mean of {sites}", baselines["local_mean"], None),
@@ -59,9 +62,10 @@ def baseline_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
     ]
 
 
-def baseline_verdict(summary: dict[str, Any]) -> str:
+def baseline_verdict(summary: RunSummary) -> str:
     """One sentence: what the federation gained over local-only, what privacy cost."""
-    comparison = summary["baselines"]["comparison"]
+    assert summary.baselines is not None, "only for a summary with baselines"
+    comparison = summary.baselines["comparison"]
     parts = []
     if comparison["federated_minus_local_mean_auroc"] is not None:
         parts.append(
@@ -94,30 +98,25 @@ def _epsilon(metrics: dict[str, Any] | None) -> float | None:
     return None if metrics is None else metrics.get("epsilon")
 
 
-def _max_epsilon(summary: dict[str, Any]) -> float | None:
-    epsilons = [c["epsilon"] for c in summary["clients"] if c.get("epsilon") is not None]
-    return max(epsilons) if epsilons else None
-
-
-def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
+def write_report(run_dir: Path, summary: RunSummary) -> Path:
     """Write report.md and its plots into `run_dir`; returns the report's path."""
     plots = _write_plots(run_dir, summary)
-    if summary.get("heterogeneity"):
+    if summary.heterogeneity:
         from simulations.heterogeneity import write_heterogeneity_plot
 
-        plots.append(write_heterogeneity_plot(run_dir, summary["heterogeneity"]))
-    final = summary["final"]
+        plots.append(write_heterogeneity_plot(run_dir, summary.heterogeneity))
+    final = summary.final_metrics
     lines = [
-        f"# FedModel run: {summary['scenario']} / {summary['dataset']}",
+        f"# FedModel run: {summary.scenario} / {summary.dataset}",
         "",
-        f"{summary['num_clients']} clients, {summary['rounds']} rounds, "
+        f"{summary.num_clients} clients, {summary.rounds} rounds, "
         + (
-            f"DP-SGD per client at target epsilon {summary['target_epsilon']} "
-            f"(delta {summary['delta']}, {summary['accountant'].upper()} accountant)."
-            if summary["dp"]
+            f"DP-SGD per client at target epsilon {summary.target_epsilon} "
+            f"(delta {summary.delta}, {str(summary.accountant).upper()} accountant)."
+            if summary.dp
             else "no DP-SGD on the clients."
         )
-        + (" Client-level DP on the server (below)." if summary.get("client_level_dp") else ""),
+        + (" Client-level DP on the server (below)." if summary.client_level_dp else ""),
         "",
         f"**Final test AUROC {_format(final['auroc'])}**, "
         f"AUPRC {_format(final.get('auprc'))}, "
@@ -133,7 +132,7 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
         "| max epsilon | clients |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in summary["per_round"]:
+    for row in summary.per_round:
         epsilon = "-" if row["max_epsilon"] is None else f"{row['max_epsilon']:.3f}"
         lines.append(
             f"| {row['round']} | {_format(row['auroc'])} | {_format(row.get('auprc'))} "
@@ -154,14 +153,14 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
     lines += ["| " + " | ".join(row) + " |" for row in privacy_rows(summary)]
     lines += _client_level_lines(summary)
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
-    path = run_dir / "report.md"
+    path = run_dir / REPORT_FILE
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _client_level_lines(summary: dict[str, Any]) -> list[str]:
+def _client_level_lines(summary: RunSummary) -> list[str]:
     """The server's client-level DP releases (--dp client or both), one row per round."""
-    central = summary.get("client_level_dp")
+    central = summary.client_level_dp
     if not central:
         return []
     lines = [
@@ -186,8 +185,8 @@ def _client_level_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _federation_lines(summary: dict[str, Any]) -> list[str]:
-    federation = summary.get("federation") or {}
+def _federation_lines(summary: RunSummary) -> list[str]:
+    federation = summary.federation or {}
     lines = []
     if federation.get("natural_sites") is not None:
         lines.append(
@@ -197,7 +196,7 @@ def _federation_lines(summary: dict[str, Any]) -> list[str]:
         )
     if federation.get("achievable_auroc") is not None:
         achievable = federation["achievable_auroc"]
-        share = (summary["final"]["auroc"] - 0.5) / (achievable - 0.5)
+        share = (summary.final_metrics["auroc"] - 0.5) / (achievable - 0.5)
         lines.append(
             f"The ground-truth risk model reaches AUROC {achievable:.4f} on the test set; the "
             f"federated model achieved {share:.1%} of that gain over chance."
@@ -205,8 +204,8 @@ def _federation_lines(summary: dict[str, Any]) -> list[str]:
     return [*lines, ""] if lines else []
 
 
-def _baseline_lines(summary: dict[str, Any]) -> list[str]:
-    if not summary.get("baselines"):
+def _baseline_lines(summary: RunSummary) -> list[str]:
+    if not summary.baselines:
         return []
     lines = [
         "## Baselines",
@@ -221,8 +220,8 @@ def _baseline_lines(summary: dict[str, Any]) -> list[str]:
     return [*lines, "", baseline_verdict(summary), ""]
 
 
-def _heterogeneity_lines(summary: dict[str, Any]) -> list[str]:
-    statistics = summary.get("heterogeneity")
+def _heterogeneity_lines(summary: RunSummary) -> list[str]:
+    statistics = summary.heterogeneity
     if not statistics:
         return []
     return [
@@ -238,33 +237,34 @@ def _heterogeneity_lines(summary: dict[str, Any]) -> list[str]:
     ]
 
 
-def _write_plots(run_dir: Path, summary: dict[str, Any]) -> list[str]:
+def _write_plots(run_dir: Path, summary: RunSummary) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = []
-    rounds = [row["round"] for row in summary["per_round"]]
+    rounds = [row["round"] for row in summary.per_round]
     figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot(rounds, [row["auroc"] for row in summary["per_round"]], marker="o")
+    axis.plot(rounds, [row["auroc"] for row in summary.per_round], marker="o")
     axis.set(xlabel="round", ylabel="test AUROC", title="Global model AUROC per round")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(run_dir / "auroc.png", dpi=100)
     plt.close(figure)
     names.append("auroc.png")
-    if summary["dp"]:
+    if summary.dp:
         figure, axis = plt.subplots(figsize=(6, 4))
-        for client in summary["clients"]:
+        for client in summary.clients:
             points = client["epsilon_by_round"]
             axis.plot(
                 [p[0] for p in points], [p[1] for p in points], marker=".", label=client["client"]
             )
-        axis.axhline(summary["target_epsilon"], color="red", linestyle="--", label="target")
+        if summary.target_epsilon is not None:
+            axis.axhline(summary.target_epsilon, color="red", linestyle="--", label="target")
         axis.set(xlabel="round", ylabel="epsilon", title="Epsilon spent per client")
         axis.grid(alpha=0.3)
-        if len(summary["clients"]) <= 12:
+        if len(summary.clients) <= 12:
             axis.legend(title="client", fontsize="small")
         figure.tight_layout()
         figure.savefig(run_dir / "epsilon.png", dpi=100)

@@ -9,16 +9,15 @@ token in its environment; on exit we stop exactly those, and nothing else.
 
 from __future__ import annotations
 
-import json
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError, SimulationError
+from fedmodel.run_directory import ENGINE_DIR, RunSummary
 from fedmodel.runtime.flower_app import write_flower_app
 from fedmodel.runtime.flwr_run import ProgressCallback, flwr_run_command, stream_run_output
 from fedmodel.runtime.processes import (
@@ -45,7 +44,7 @@ ENGINE_ENVIRONMENT = {  # on top of fedmodel.runtime.processes.tool_environment
 ENGINES = ("local", "ray")
 
 
-EngineRun = Callable[[RunConfig, ProgressCallback, Callable[[str], None] | None], dict[str, Any]]
+EngineRun = Callable[[RunConfig, ProgressCallback, Callable[[str], None] | None], RunSummary]
 
 
 def run_federation(
@@ -54,8 +53,8 @@ def run_federation(
     on_progress: ProgressCallback,
     on_log_line: Callable[[str], None] | None = None,
     engine: str = "local",
-) -> dict[str, Any]:
-    """Run the federation described by `config`; return the run's summary.json content.
+) -> RunSummary:
+    """Run the federation described by `config`; return the run's summary.json.
 
     `on_progress` receives one dict per completed round; `on_log_line`, when given,
     receives every raw engine log line (the CLI's --verbose). `engine` is `local`
@@ -84,7 +83,7 @@ def started_engine(
     while not made.parent.exists():
         made = made.parent
     created = not run_dir.exists()
-    engine_dir = run_dir / "engine"
+    engine_dir = run_dir / ENGINE_DIR
     engine_dir.mkdir(parents=True, exist_ok=True)
     environment = engine_environment(engine_dir)
     pool = None
@@ -100,7 +99,7 @@ def started_engine(
         config: RunConfig,
         on_progress: ProgressCallback,
         on_log_line: Callable[[str], None] | None,
-    ) -> dict[str, Any]:
+    ) -> RunSummary:
         nonlocal started
         started = True
         # Owners' ledgers key a run's spending by its run-uid: every run needs its own (the
@@ -112,14 +111,13 @@ def started_engine(
             run_local(config, pool, engine_dir, on_progress, on_log_line)
         else:
             _run_on_ray(config, engine_dir, environment, on_progress, on_log_line)
-        summary_path = run_dir / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-        if summary is None or not summary.get("completed"):
+        summary = RunSummary.of_completed_run(run_dir)
+        if summary is None:
             raise SimulationError(
                 f"the simulation did not complete; engine logs are in {engine_dir} "
                 "(rerun with --verbose to see them live)"
             )
-        return dict(summary)
+        return summary
 
     try:
         yield run

@@ -16,6 +16,7 @@ from fedmodel.errors import ConfigError
 from fedmodel.models import build_model
 from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget, new_segments
 from fedmodel.privacy.ledger import COMMITTED, PENDING, PrivacyLedger, verify_chain
+from fedmodel.protocol import PARTITION_ID_KEY
 from fedmodel.training import select_device
 from tests.conftest import dp_accounting_epsilon
 
@@ -37,7 +38,7 @@ def context(config: RunConfig, run_id: int = 7, **node: str | float) -> Context:
     return Context(
         run_id=run_id,
         node_id=1,
-        node_config={"partition-id": 0, **node},
+        node_config={PARTITION_ID_KEY: 0, **node},
         state=RecordDict(),
         run_config=dict(config.to_run_config()),
     )

@@ -35,6 +35,7 @@ from fedmodel.privacy.central import (
     update_noise_multiplier,
 )
 from fedmodel.privacy.ledger import COMMITTED, PENDING, PrivacyLedger, verify_chain
+from fedmodel.protocol import PARTITION_ID_KEY
 from server.central_dp import with_central_dp
 from server.checkpoint import restore_rng, rng_state
 from server.run_record import RunRecorder
@@ -70,7 +71,7 @@ def replies(global_model: np.ndarray, updates: list[np.ndarray]) -> list[Message
             {
                 "arrays": ArrayRecord({"w": weights}),
                 "metrics": MetricRecord(
-                    {"num-examples": 100 * node, "train-loss": 0.5, "partition-id": node - 10}
+                    {"num-examples": 100 * node, "train-loss": 0.5, PARTITION_ID_KEY: node - 10}
                 ),
             }
         )

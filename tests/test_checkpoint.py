@@ -27,6 +27,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
 from fedmodel.privacy.accountant import history_fields
+from fedmodel.protocol import PARTITION_ID_KEY
 from server.aggregators import build_aggregator
 from server.central_dp import with_central_dp
 from server.checkpoint import (
@@ -79,7 +80,7 @@ class NodesThatAnswer(Grid):
             update = weights + node_update(node, server_round, len(weights))
             metrics = {
                 "num-examples": 10 + node % 3,
-                "partition-id": node - 100,
+                PARTITION_ID_KEY: node - 100,
                 "train-loss": 1.0 / server_round,
                 "epsilon": 0.1 * server_round,
                 "delta": 1e-5,

@@ -12,6 +12,7 @@ from flwr.clientapp.client_app import ClientAppException
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedmodel.protocol import PARTITION_ID_KEY
 from fedmodel.runtime.processes import group_alive
 from simulations.local_engine import FIRST_NODE_ID, LocalGrid, WorkerPool
 from simulations.local_worker import run_client_app
@@ -82,7 +83,7 @@ def test_worker_pool_answers_every_node_keeps_contexts_and_stops_its_workers(
         assert all(r.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION for r in replies)
         assert "data-path" in replies[0].error.reason
         contexts = [grid.node_context(node) for node in nodes]
-        assert [c.node_config["partition-id"] for c in contexts] == [0, 1, 2]
+        assert [c.node_config[PARTITION_ID_KEY] for c in contexts] == [0, 1, 2]
         assert all(c.node_config["num-partitions"] == 3 for c in contexts)
     finally:
         pool.close()

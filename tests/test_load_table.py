@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedmodel.data import FeatureStatistics, load_table, table_statistics
 from fedmodel.errors import DataError
+from fedmodel.feature_statistics import FeatureStatistics
+from fedmodel.local_tables import load_table, table_statistics
 
 
 def _write(path: Path, frame: pd.DataFrame) -> Path:

@@ -6,6 +6,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from fedmodel.models import build_model
+from fedmodel.protocol import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from fedmodel.records import reply_rejection
 
 GLOBAL = build_model("mlp", 9).state_dict()
@@ -13,7 +14,10 @@ GLOBAL = build_model("mlp", 9).state_dict()
 
 def reply(state: dict[str, torch.Tensor], **metrics: float) -> RecordDict:
     return RecordDict(
-        {"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 10, **metrics})}
+        {
+            ARRAYS_KEY: ArrayRecord(state),
+            METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: 10, **metrics}),
+        }
     )
 
 

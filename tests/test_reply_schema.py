@@ -19,8 +19,9 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmodel.config import RunConfig
-from fedmodel.data import MAX_CATEGORIES, FeatureStatistics
 from fedmodel.errors import DataError
+from fedmodel.feature_statistics import MAX_CATEGORIES, FeatureStatistics
+from fedmodel.protocol import PARTITION_ID_KEY
 from server.federated_evaluation import combine_evaluations
 from server.reply_schema import (
     EvaluationReport,
@@ -33,7 +34,7 @@ from server.run_record import RunRecorder
 from server.strategy import GuardedStrategy, Members
 
 HONEST = {
-    "partition-id": 1,
+    PARTITION_ID_KEY: 1,
     "num-examples": 100,
     "train-loss": 0.5,
     "epsilon": 0.8,
@@ -46,13 +47,13 @@ EVALUATION = {"num-examples": 30, "loss": 0.4, "accuracy": 0.8, "auroc": 0.7, "a
 
 # (what the node sent instead of the honest metrics, a word of the recorded reason)
 MALFORMED = [
-    ({"partition-id": None}, "missing 'partition-id'"),
+    ({PARTITION_ID_KEY: None}, "missing 'partition-id'"),
     ({"epsilon": None}, "missing 'epsilon'"),
     ({"delta": None}, "missing 'delta'"),
     ({"history-steps": None}, "missing 'history-steps'"),
-    ({"partition-id": math.nan}, "'partition-id' must be finite"),
-    ({"partition-id": -1}, "'partition-id' must be a whole number"),
-    ({"partition-id": 1.5}, "'partition-id' must be a whole number"),
+    ({PARTITION_ID_KEY: math.nan}, "'partition-id' must be finite"),
+    ({PARTITION_ID_KEY: -1}, "'partition-id' must be a whole number"),
+    ({PARTITION_ID_KEY: 1.5}, "'partition-id' must be a whole number"),
     ({"num-examples": math.inf}, "'num-examples' must be finite"),
     ({"num-examples": 0}, "'num-examples' must be a whole number in [1,"),
     ({"num-examples": 1e12}, "'num-examples' must be a whole number in [1,"),
@@ -93,7 +94,7 @@ def test_fields_the_owner_may_withhold_are_read_as_withheld() -> None:
 
 
 def test_a_run_without_dp_sgd_asks_for_no_privacy_fields() -> None:
-    report = train_report({"partition-id": 0, "num-examples": 5}, sample_dp=False)
+    report = train_report({PARTITION_ID_KEY: 0, "num-examples": 5}, sample_dp=False)
     assert report.epsilon is None and report.history == ()
 
 
@@ -163,28 +164,28 @@ def deployed_strategy(tmp_path: Path) -> GuardedStrategy:
 def test_a_node_cannot_inflate_its_weight_or_take_another_nodes_row(tmp_path: Path) -> None:
     strategy = deployed_strategy(tmp_path)
     replies = [
-        reply(11, forged({"partition-id": 0}), 1.0),
-        reply(12, forged({"partition-id": 1, "num-examples": 10**8}), 100.0),  # inflated
-        reply(13, forged({"partition-id": 0, "epsilon": 0.0}), 5.0),  # spoofs client 0
-        reply(13, forged({"partition-id": 2, "epsilon": math.nan}), 5.0),
+        reply(11, forged({PARTITION_ID_KEY: 0}), 1.0),
+        reply(12, forged({PARTITION_ID_KEY: 1, "num-examples": 10**8}), 100.0),  # inflated
+        reply(13, forged({PARTITION_ID_KEY: 0, "epsilon": 0.0}), 5.0),  # spoofs client 0
+        reply(13, forged({PARTITION_ID_KEY: 2, "epsilon": math.nan}), 5.0),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
     assert arrays["w"].numpy() == pytest.approx(np.full(4, (1.0 + 100.0) / 2))  # uniform
     summary = strategy.recorder.write_summary(completed=True)
-    assert [client["epsilon"] for client in summary["clients"]] == [0.8, 0.8]  # row 0 intact
-    assert {client["weight"] for client in summary["clients"]} == {1}
-    reasons = [rejection["reason"] for rejection in summary["rejected_updates"]]
+    assert [client["epsilon"] for client in summary.clients] == [0.8, 0.8]  # row 0 intact
+    assert {client["weight"] for client in summary.clients} == {1}
+    reasons = [rejection["reason"] for rejection in summary.rejected_updates]
     assert reasons == [
         "reports partition-id 0, but node 13 is client 2",
         "'epsilon' must be finite, got nan",
     ]
-    json.dumps(summary, allow_nan=False)
+    json.dumps(summary.to_json(), allow_nan=False)
 
 
 def test_a_node_outside_the_run_is_rejected(tmp_path: Path) -> None:
     strategy = deployed_strategy(tmp_path)
-    replies = [reply(node, forged({"partition-id": i}), 0.0) for i, node in enumerate((11, 12))]
+    replies = [reply(node, forged({PARTITION_ID_KEY: i}), 0.0) for i, node in enumerate((11, 12))]
     strategy.aggregate_train(1, [*replies, reply(99, forged({}), 0.0)])
     (rejection,) = strategy.recorder.rejections
     assert rejection["reason"] == "node 99 is not a member of this run"

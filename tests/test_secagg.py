@@ -26,6 +26,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from client.secagg_app import UPDATE_DUMP_VARIABLE
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
+from fedmodel.protocol import PARTITION_ID_KEY
 from fedmodel.runtime.flower_app import write_flower_app
 from fedmodel.secagg import (
     CLIPPING_RANGE,
@@ -118,7 +119,7 @@ def test_quantization_bound_holds_for_flowers_own_arithmetic() -> None:
 def _fit_result(partition: int, arrays: list[np.ndarray]) -> FitRes:
     metrics = {
         "num-examples": 50,
-        "partition-id": partition,
+        PARTITION_ID_KEY: partition,
         "train-loss": 0.5,
         "epsilon": 0.3,
         "delta": 1e-5,

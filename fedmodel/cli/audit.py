@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from fedmodel.errors import ExitCode
+
 console = Console(highlight=False)
 
 VERIFY_COMMAND = "ledgers"
@@ -71,7 +73,7 @@ def audit_ledgers(
     else:
         _print_report(report)
     if not report.ok:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=ExitCode.FAILED)
 
 
 def _print_report(report: Any) -> None:
@@ -216,4 +218,4 @@ def audit_empirical(
                 f"[red]FAILED[/red] the lower bound {result.epsilon_lower_bound:.3f} exceeds "
                 f"the {tested} epsilon {result.tested_epsilon:.3f}"
             )
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=ExitCode.FAILED)

@@ -276,7 +276,7 @@ def start(
         explain_exit,
         start_node,
     )
-    from fedmodel.data import load_table
+    from fedmodel.local_tables import load_table
     from fedmodel.runtime.processes import follow_log, free_port, stop_group
 
     if insecure:

@@ -15,7 +15,7 @@ from fedmodel.cli.client import client_app
 from fedmodel.cli.run import run_command
 from fedmodel.cli.server import server_app
 from fedmodel.cli.simulate import simulate_app
-from fedmodel.errors import FedModelError
+from fedmodel.errors import ExitCode, FedModelError
 
 app = typer.Typer(
     name="fedmodel",
@@ -38,13 +38,13 @@ def main() -> None:
         # Typer turns KeyboardInterrupt into exit code 130 and returns exit codes here.
         code = app(standalone_mode=False)
     except click.UsageError as error:
-        _fail(_usage_message(error), 2)
+        _fail(_usage_message(error), ExitCode.USAGE)
     except FedModelError as error:
         _fail(str(error), error.exit_code)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        code = 130
-    if code == 130:
-        _fail("interrupted; processes started for this run were stopped", 130)
+        code = ExitCode.INTERRUPTED
+    if code == ExitCode.INTERRUPTED:
+        _fail("interrupted; processes started for this run were stopped", ExitCode.INTERRUPTED)
     if isinstance(code, int) and code != 0:
         sys.exit(code)
 

@@ -39,6 +39,7 @@ Verbose = Annotated[
 def _run(options: dict[str, Any]) -> None:
     """Build the RunConfig from the options (named like its fields) and launch the run."""
     from fedmodel.protocol import REFUSAL_MARKER
+    from fedmodel.run_directory import SUMMARY_FILE
     from fedmodel.runtime.flwr_run import progress_line
     from server.aggregators import check_aggregator
     from server.enrollment import load_registry
@@ -102,7 +103,7 @@ def _run(options: dict[str, Any]) -> None:
     table = Table(title="Privacy spent per node", title_justify="left")
     for column in ("node", "rows", "epsilon", "delta"):
         table.add_column(column)
-    for client in summary["clients"]:
+    for client in summary.clients:
         eps = client.get("epsilon")
         table.add_row(
             str(client.get("node", client["client"])),
@@ -111,9 +112,9 @@ def _run(options: dict[str, Any]) -> None:
             "-" if client.get("delta") is None else f"{client['delta']:g}",
         )
     console.print(table)
-    if summary.get("stopped_early"):
-        console.print(f"Stopped early: {summary['stopped_early']}")
-    console.print(f"Summary: {run_dir / 'summary.json'}")
+    if summary.stopped_early:
+        console.print(f"Stopped early: {summary.stopped_early}")
+    console.print(f"Summary: {run_dir / SUMMARY_FILE}")
 
 
 run_command = command(

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedmodel.errors import ExitCode
+
 console = Console(highlight=False, soft_wrap=True)  # long paths stay greppable
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -144,7 +146,7 @@ def status(directory: DirOption) -> None:
         online = sum(node["status"] == "online" for node in nodes)
         console.print(f"Nodes: {len(nodes)} enrolled, {online} online")
     if (not pid and not healthy) or any(level == "error" for level, _ in problems):
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 @server_app.command("renew-cert")

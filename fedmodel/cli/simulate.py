@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -24,6 +25,7 @@ from fedmodel.cli.options import (
 )
 from fedmodel.config import RunConfig, Section
 from fedmodel.errors import ConfigError
+from fedmodel.run_directory import CONFIG_FILE, SUMMARY_FILE, RunSummary, write_json_atomic
 
 if TYPE_CHECKING:  # importing the scenarios loads torch: the CLI imports it when it runs
     import inspect
@@ -219,7 +221,6 @@ def _simulate(
         from fedmodel.datasets.scenarios import MIN_DP_ROWS, federation, resolve_clients
         from fedmodel.models import build_model
         from server.aggregators import check_aggregator
-        from server.run_record import write_json_atomic
         from simulations.heterogeneity import heterogeneity
         from simulations.runner import check_device
 
@@ -235,7 +236,7 @@ def _simulate(
             ledger_dir=str(Path(config.ledger_dir).absolute()) if config.ledger_dir else "",
         )
         if not config.resume:  # a resumed run keeps the config.json it started with
-            write_json_atomic(run_dir / "config.json", {**config.to_run_config()})
+            write_json_atomic(run_dir / CONFIG_FILE, {**config.to_run_config()})
         _announce(config, clients, run_dir)
         started = time.monotonic()
         status = console.status(
@@ -262,26 +263,30 @@ def _simulate(
     from simulations.baselines import run_baselines
     from simulations.report import write_report
 
-    summary["seconds"] = round(time.monotonic() - started, 1)
-    summary["federation"] = {
-        "natural_sites": clients.natural_sites,
-        "too_small_to_train": list(clients.too_small),
-        "min_dp_rows": MIN_DP_ROWS,
-        "site_names": list(clients.site_names),
-        "achievable_auroc": clients.achievable_auroc,
-        "fraction": config.fraction,
-    }
-    summary["heterogeneity"] = non_iid
+    summary = replace(
+        summary,
+        seconds=round(time.monotonic() - started, 1),
+        federation={
+            "natural_sites": clients.natural_sites,
+            "too_small_to_train": list(clients.too_small),
+            "min_dp_rows": MIN_DP_ROWS,
+            "site_names": list(clients.site_names),
+            "achievable_auroc": clients.achievable_auroc,
+            "fraction": config.fraction,
+        },
+        heterogeneity=non_iid,
+    )
     if baseline_sites is not None:
         with console.status("Training baselines (central, central DP, each site alone)..."):
-            summary["baselines"] = run_baselines(
-                config, clients.clients, clients.test, summary["final"], baseline_sites
+            baselines = run_baselines(
+                config, clients.clients, clients.test, summary.final_metrics, baseline_sites
             )
-    write_json_atomic(run_dir / "summary.json", summary)
+        summary = replace(summary, baselines=baselines)
+    summary.save(run_dir)
     report = write_report(run_dir, summary)
     _print_summary(summary, run_dir, report)
-    if summary.get("stopped_early"):
-        console.print(f"Stopped early: {summary['stopped_early']}")
+    if summary.stopped_early:
+        console.print(f"Stopped early: {summary.stopped_early}")
 
 
 def _announce(config: RunConfig, clients: Federation, run_dir: Path) -> None:
@@ -324,7 +329,7 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _print_summary(summary: dict[str, Any], run_dir: Path, report: Path) -> None:
+def _print_summary(summary: RunSummary, run_dir: Path, report: Path) -> None:
     from simulations.report import (
         BASELINE_COLUMNS,
         PRIVACY_COLUMNS,
@@ -333,22 +338,22 @@ def _print_summary(summary: dict[str, Any], run_dir: Path, report: Path) -> None
         privacy_rows,
     )
 
-    final = summary["final"]
+    final = summary.final_metrics
     console.print(
         f"\n[bold]Final test AUROC {_number(final['auroc'])}[/bold]  "
         f"AUPRC {_number(final.get('auprc'))}  "
         f"recall at 1% FPR {_number(final.get('recall_at_1pct_fpr'))}  "
         f"accuracy {final['accuracy']:.4f}  loss {final['loss']:.4f}  "
-        f"after {summary['rounds']} rounds"
+        f"after {summary.rounds} rounds"
     )
-    if len(summary["clients"]) <= MAX_PRINTED_CLIENTS:
+    if len(summary.clients) <= MAX_PRINTED_CLIENTS:
         table = Table(title="Privacy spent per client", title_justify="left")
         for column in PRIVACY_COLUMNS:
             table.add_column(column, justify="left" if column == "client" else "right")
         for row in privacy_rows(summary):
             table.add_row(*row)
         console.print(table)
-    if summary.get("baselines"):
+    if summary.baselines:
         table = Table(title="Federated model beside its baselines", title_justify="left")
         for index, column in enumerate(BASELINE_COLUMNS):
             table.add_column(column, justify="left" if index == 0 else "right")
@@ -356,17 +361,17 @@ def _print_summary(summary: dict[str, Any], run_dir: Path, report: Path) -> None
             table.add_row(*row)
         console.print(table)
         console.print(baseline_verdict(summary))
-    if summary["dp"] and summary["clients"]:
-        worst = max(client["epsilon"] for client in summary["clients"])
+    if summary.dp and summary.clients:
+        worst = max(client["epsilon"] for client in summary.clients)
         console.print(
-            f"Max epsilon over clients: {worst:.3f} at delta {summary['delta']:g} "
-            f"(target {summary['target_epsilon']}, {summary['accountant'].upper()} accountant)"
+            f"Max epsilon over clients: {worst:.3f} at delta {summary.delta:g} "
+            f"(target {summary.target_epsilon}, {str(summary.accountant).upper()} accountant)"
         )
-    if summary.get("client_level_dp"):
-        central = summary["client_level_dp"]
+    if summary.client_level_dp:
+        central = summary.client_level_dp
         console.print(
             f"Client-level epsilon (whole clients, server-side DP): {central['epsilon']:.3f} at "
             f"delta {central['delta']:g} ({central['accountant'].upper()} accountant, "
             f"{len(central['releases'])} releases)"
         )
-    console.print(f"Report: {report}  Summary: {run_dir / 'summary.json'}")
+    console.print(f"Report: {report}  Summary: {run_dir / SUMMARY_FILE}")

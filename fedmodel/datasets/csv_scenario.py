@@ -1,6 +1,6 @@
 """`fedmodel simulate csv`: the user's own table as a federation, validated up front.
 
-Reading and encoding reuse a deployed node's loader (`fedmodel.data.read_table`), so a
+Reading and encoding reuse a deployed node's loader (`fedmodel.local_tables.read_table`), so a
 file that simulates is a file a node can train on. Every problem with the user's file is
 one line and exit code 2 (a bad input, like a bad option), never a traceback.
 """
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedmodel.data import read_table
 from fedmodel.datasets.tables import Split, split_table
 from fedmodel.errors import ConfigError, DataError
+from fedmodel.local_tables import read_table
 
 NUMERIC_SHARE = 0.9  # a text column this numeric is a numeric column with bad cells
 

@@ -1,7 +1,7 @@
 """One real table becomes a scenario: a fixed train/test split, encoded like a node's file.
 
 Every bundled table (and `simulate csv`) goes through `split_table`, which encodes with
-the same code a deployed node uses for its local file (`fedmodel.data.describe_table` /
+the same code a deployed node uses for its local file (`fedmodel.local_tables.describe_table` /
 `encode_table`): standardised numbers with mean imputation, one-hot categories. The
 encoding statistics come from the training rows only, so nothing about the test set
 leaks into training. A natural site column (clinic, state) is kept beside the features,
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from fedmodel.data import TabularData, describe_table, encode_table
+from fedmodel.data import TabularData
 from fedmodel.errors import DataError
+from fedmodel.local_tables import describe_table, encode_table
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # fixed: the global test set must not move with --seed

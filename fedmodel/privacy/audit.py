@@ -23,19 +23,15 @@ ledger, which the chain alone cannot reveal) is flagged.
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedmodel.errors import FedModelError
 from fedmodel.privacy.accountant import Segment
+from fedmodel.privacy.audit_accounting import FreshRdp, Mechanism, RunningPld, spent_steps
 from fedmodel.privacy.central import mechanism_problem
 from fedmodel.privacy.ledger import (
     COMMITTED,
@@ -47,13 +43,12 @@ from fedmodel.privacy.ledger import (
     spent_history,
     verify_chain,
 )
+from fedmodel.run_directory import LEDGERS_DIR, SUMMARY_FILE, RunSummary
 
 # Absolute slack on epsilon: Opacus's PRV accountant's documented eps_error (0.01); our
 # notes measured the tight accountants (PRV, PLD) within that of each other.
 PLD_TOLERANCE = 0.01
 RDP_CONSISTENCY = 1e-6  # relative: the same accountant on the same mechanisms
-
-Mechanism = tuple[float, float]  # (noise multiplier, sample rate) of one DP-SGD step
 
 
 @dataclass
@@ -124,109 +119,19 @@ class AuditReport:
         return {"ok": self.ok, "problems": self.all_problems(), **asdict(self)}
 
 
-def spent_steps(history: Sequence[Segment]) -> Counter[Mechanism]:
-    """Steps per mechanism: all an accountant needs, since composition commutes."""
-    steps: Counter[Mechanism] = Counter()
-    for noise, rate, count in history:
-        steps[(float(noise), float(rate))] += int(count)
-    return steps
-
-
-class FreshRdp:
-    """Opacus's RDP accountant, recomputed inside one audit from the recorded mechanisms.
-
-    Each mechanism's per-step RDP comes from Opacus's RDP analysis (`compute_rdp` at
-    `RDPAccountant.DEFAULT_ALPHAS`, as `RDPAccountant.get_epsilon` calls it), computed in
-    this process and kept only by this object: no disk cache, no memo the training path
-    shares. RDP composes by addition, so every entry of a long ledger costs one conversion
-    (microseconds) rather than a new accountant (about 45 ms per mechanism); the numbers
-    are a new `RDPAccountant`'s to rounding (tests/test_audit.py checks).
-    """
-
-    def __init__(self) -> None:
-        self._per_step: dict[Mechanism, np.ndarray] = {}
-
-    def epsilon(self, spent: Mapping[Mechanism, int], delta: float) -> float:
-        """Epsilon at `delta` after `spent` (steps per mechanism); 0 when nothing was spent.
-
-        Never negative: at a large delta the RDP conversion can return eps < 0, and
-        (eps, delta)-DP with eps < 0 is (0, delta)-DP.
-        """
-        curves = [self._curve(mechanism) * steps for mechanism, steps in spent.items() if steps]
-        if not curves:
-            return 0.0
-        rdp = sum(curves[1:], start=curves[0])
-        from opacus.accountants import RDPAccountant
-        from opacus.accountants.analysis.rdp import get_privacy_spent
-
-        epsilon, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
-        return max(float(epsilon), 0.0)
-
-    def _curve(self, mechanism: Mechanism) -> np.ndarray:
-        if mechanism not in self._per_step:
-            from opacus.accountants import RDPAccountant
-            from opacus.accountants.analysis.rdp import compute_rdp
-
-            noise, rate = mechanism
-            self._per_step[mechanism] = compute_rdp(
-                q=rate, noise_multiplier=noise, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
-            )
-        return self._per_step[mechanism]
-
-
-class RunningPld:
-    """dp-accounting's PLD accountant over one owner's growing history.
-
-    Composition commutes, so each query composes only the steps added since the last one
-    (a 1000-round run is composed once, not once per run end); a history that lost steps
-    (a pending entry replaced by a shorter commit, interleaved runs) starts afresh.
-    """
-
-    def __init__(self) -> None:
-        self._accountant: Any = None
-        self._composed: Counter[Mechanism] = Counter()
-
-    def epsilon(self, spent: Mapping[Mechanism, int], delta: float) -> float:
-        """Epsilon at `delta` after `spent` (steps per mechanism); 0 when nothing was spent."""
-        import dp_accounting
-
-        if self._accountant is None or any(
-            spent.get(mechanism, 0) < steps for mechanism, steps in self._composed.items()
-        ):
-            logging.getLogger("absl").setLevel(logging.ERROR)
-            self._accountant, self._composed = dp_accounting.pld.PLDAccountant(), Counter()
-        for (noise, rate), steps in spent.items():
-            added = steps - self._composed[(noise, rate)]
-            if added > 0:
-                event = dp_accounting.PoissonSampledDpEvent(
-                    rate, dp_accounting.GaussianDpEvent(noise)
-                )
-                self._accountant.compose(dp_accounting.SelfComposedDpEvent(event, added))
-                self._composed[(noise, rate)] = steps
-        if not any(steps > 0 for steps in spent.values()):
-            return 0.0
-        return max(float(self._accountant.get_epsilon(delta)), 0.0)
-
-
-def pld_epsilon(history: Sequence[Segment], delta: float) -> float:
-    """Epsilon of the Poisson-subsampled Gaussian mechanisms in `history`, by dp-accounting PLD."""
-    return RunningPld().epsilon(spent_steps(history), delta)
-
-
-def find_ledgers(target: Path) -> tuple[list[Path], dict[str, Any] | None]:
+def find_ledgers(target: Path) -> tuple[list[Path], RunSummary | None]:
     """Ledger files under `target` (a file, a directory of ledgers or a run directory)."""
     if not target.exists():
         raise FedModelError(f"nothing to audit at {target}: no such file or directory")
     if target.is_file():
         return [target], None
-    summary_path = target / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    directories = [target, target / "ledgers"]
-    if summary and summary.get("config", {}).get("ledger_dir"):
-        directories.append(Path(summary["config"]["ledger_dir"]))
+    summary = RunSummary.load(target) if (target / SUMMARY_FILE).is_file() else None
+    directories = [target, target / LEDGERS_DIR]
+    if summary and summary.config.get("ledger_dir"):
+        directories.append(Path(summary.config["ledger_dir"]))
     paths = sorted({p for d in directories if d.is_dir() for p in d.glob("*.sqlite")})
     if not paths:
-        raise FedModelError(f"no ledgers (*.sqlite) in {target} or {target / 'ledgers'}")
+        raise FedModelError(f"no ledgers (*.sqlite) in {target} or {target / LEDGERS_DIR}")
     return paths, summary
 
 
@@ -365,21 +270,21 @@ def _count_spent(
         spent[(entry.noise_multiplier, entry.sample_rate)] += entry.steps
 
 
-def check_against_summary(report: AuditReport, summary: dict[str, Any]) -> list[str]:
+def check_against_summary(report: AuditReport, summary: RunSummary) -> list[str]:
     """The server's record of each client's reported epsilon must be covered by its ledger."""
-    if not summary.get("dp"):
+    if not summary.dp or summary.delta is None:
         return []
     by_name = {Path(o.ledger).stem: o for ledger in report.ledgers for o in ledger.owners}
     rdp = FreshRdp()
     problems = []
-    for client in summary.get("clients", []):
+    for client in summary.clients:
         name = f"client-{client['client']}"
         owner = by_name.get(name)
         if owner is None:
             problems.append(f"client {client['client']} reported epsilon but has no ledger")
             continue
-        reported = rdp.epsilon(spent_steps([tuple(s) for s in client["history"]]), summary["delta"])
-        held = rdp.epsilon(spent_steps(owner.history), summary["delta"])
+        reported = rdp.epsilon(spent_steps([tuple(s) for s in client["history"]]), summary.delta)
+        held = rdp.epsilon(spent_steps(owner.history), summary.delta)
         if held < reported * (1 - RDP_CONSISTENCY):
             problems.append(
                 f"{name}: ledger holds epsilon {held:.4f}, less than the {reported:.4f} the "

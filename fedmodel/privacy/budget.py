@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedmodel.errors import FedModelError
+from fedmodel.errors import ExitCode, FedModelError
 from fedmodel.privacy.accountant import Segment, epsilon_of
 
 BUDGET_EXHAUSTED = "budget-exhausted"
@@ -23,7 +23,7 @@ BUDGET_EXHAUSTED_CODE = 4001
 class BudgetExhausted(FedModelError):
     """The next round would take this dataset's epsilon past its owner's budget."""
 
-    exit_code = 6
+    exit_code = ExitCode.BUDGET_EXHAUSTED
 
     def __init__(self, spent: float, projected: float, budget: float, delta: float) -> None:
         self.spent, self.projected, self.budget, self.delta = spent, projected, budget, delta

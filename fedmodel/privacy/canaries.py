@@ -163,7 +163,7 @@ def run_empirical_audit(
             seed=int(rng.integers(2**63)),  # noise and batches: the audit's secret, too
         )  # fmt: skip
         accountant_epsilon = epsilon_of(result.history, config.delta)
-        from fedmodel.privacy.audit import pld_epsilon
+        from fedmodel.privacy.audit_accounting import pld_epsilon
 
         pld = pld_epsilon(result.history, config.delta)
     else:

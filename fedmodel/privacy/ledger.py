@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmodel.errors import FedModelError
+from fedmodel.errors import ExitCode, FedModelError
 from fedmodel.privacy.accountant import ACCOUNTANT, Segment, epsilon_of, merge_segments
 
 GENESIS_HASH = "0" * 64
@@ -75,7 +75,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 class LedgerError(FedModelError):
     """A ledger that cannot be opened or read (not a FedModel ledger, corrupt file)."""
 
-    exit_code = 5
+    exit_code = ExitCode.LEDGER
 
 
 @dataclass(frozen=True)

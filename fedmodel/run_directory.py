@@ -1,0 +1,144 @@
+"""A run's directory: the names of what a run leaves behind, and summary.json as a type.
+
+The coordinator writes summary.json after every round (server/run_record.py), the
+harness adds what only it knows (timing, the federation, baselines), and audit, reports
+and the CLI read it back. All of them go through `RunSummary`, so its keys are defined
+once; the JSON on disk keeps the shape earlier runs have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedmodel.errors import ExitCode, FedModelError
+
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"  # the run config; `--resume` starts again from it
+REPORT_FILE = "report.md"
+METRICS_FILE = "metrics.csv"  # one row per round
+CLIENTS_FILE = "clients.csv"  # one row per client reply
+CHECKPOINTS_DIR = "checkpoints"
+LEDGERS_DIR = "ledgers"  # the simulated clients' privacy ledgers, unless --ledger-dir
+ENGINE_DIR = "engine"  # the engine's app and logs
+
+JsonObject = dict[str, Any]
+
+
+class SummaryError(FedModelError):
+    """A summary.json that is not JSON, lacks a key or has one no FedModel writes."""
+
+    exit_code = ExitCode.RUN_DIRECTORY
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSummary:
+    """summary.json: what a run was asked to do, what it did, and what it spent.
+
+    Nested blocks (per-round rows, per-client privacy, the config) stay JSON objects:
+    their columns are metrics.csv's and clients.csv's, defined in server/run_record.py.
+    """
+
+    scenario: str
+    dataset: str
+    rounds: int  # rounds evaluated so far
+    planned_rounds: int
+    completed: bool
+    num_clients: int
+    dp_mode: str | None = None  # absent from runs before client-level DP
+    dp: bool  # sample-level DP-SGD on the clients
+    delta: float | None  # the following three: None without sample-level DP
+    target_epsilon: float | None
+    accountant: str | None
+    client_level_dp: JsonObject | None = None  # epsilon and releases of server-side DP
+    final: JsonObject | None  # the last evaluated global model's metrics
+    initial: JsonObject | None  # the initial model's, before any round
+    per_round: list[JsonObject]
+    clients: list[JsonObject]
+    stopped_early: str | None = None
+    dropouts: list[JsonObject] = field(default_factory=list)
+    rejected_updates: list[JsonObject] = field(default_factory=list)
+    config: JsonObject
+    software: dict[str, str] | None = None
+    # Added by `fedmodel simulate` once the run is over; absent from deployed runs
+    seconds: float | None = None
+    federation: JsonObject | None = None
+    heterogeneity: JsonObject | None = None
+    baselines: JsonObject | None = None
+
+    def to_json(self) -> JsonObject:
+        """The JSON object on disk; the harness's blocks only where the harness wrote them."""
+        return {
+            key.name: getattr(self, key.name)
+            for key in fields(self)
+            if not (key.name in _HARNESS_KEYS and getattr(self, key.name) is None)
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any], source: Path | str = SUMMARY_FILE) -> RunSummary:
+        """Read `to_json`'s form; an unknown or missing key is a SummaryError naming it."""
+        if not isinstance(raw, Mapping):
+            raise SummaryError(f"{source}: not a JSON object")
+        for key in raw:
+            if key not in _KEYS:
+                raise SummaryError(f"{source}: unknown key '{key}'")
+        for key in _REQUIRED_KEYS:
+            if key not in raw:
+                raise SummaryError(f"{source}: missing key '{key}'")
+        return cls(**raw)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunSummary:
+        """The summary.json of `run_dir`."""
+        path = run_dir / SUMMARY_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise SummaryError(f"{path}: cannot read it ({error})") from None
+        return cls.from_json(raw, path)
+
+    @classmethod
+    def of_completed_run(cls, run_dir: Path) -> RunSummary | None:
+        """The summary of a run that finished; None if it never wrote one or stopped short."""
+        if not (run_dir / SUMMARY_FILE).exists():
+            return None
+        summary = cls.load(run_dir)
+        return summary if summary.completed else None
+
+    def save(self, run_dir: Path) -> None:
+        """Rewrite `run_dir`'s summary.json atomically (a crash leaves the previous one)."""
+        write_json_atomic(run_dir / SUMMARY_FILE, self.to_json())
+
+    @property
+    def final_metrics(self) -> JsonObject:
+        """`final`, for a run that evaluated a model (every completed run did)."""
+        if self.final is None:
+            raise SummaryError(f"{SUMMARY_FILE}: no evaluated model ('final' is null)")
+        return self.final
+
+    @property
+    def max_epsilon(self) -> float | None:
+        """The largest sample-level epsilon any client reported; None without any."""
+        epsilons = [c["epsilon"] for c in self.clients if c.get("epsilon") is not None]
+        return max(epsilons) if epsilons else None
+
+
+_KEYS = frozenset(key.name for key in fields(RunSummary))
+_HARNESS_KEYS = frozenset({"seconds", "federation", "heterogeneity", "baselines"})
+# Keys every summary since the first has; the others have defaults (added later)
+_REQUIRED_KEYS = tuple(
+    key.name
+    for key in fields(RunSummary)
+    if key.default is MISSING and key.default_factory is MISSING
+)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write `payload` as JSON so that readers see the old file or the new one, never half."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    os.replace(partial, path)
