@@ -43,7 +43,7 @@ def test_the_tree_keeps_every_layer_contract() -> None:
     [
         ("fedmodel/models.py", "import simulations.runner", "Only the CLI imports the harness"),
         (
-            "fedmodel/config.py",
+            "fedmodel/config/run_config.py",
             "import server.strategy",
             "Only the harness and the CLI import a role",
         ),
