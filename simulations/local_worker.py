@@ -63,7 +63,8 @@ def main(sockets: list[int]) -> None:
     import torch
 
     torch.set_num_threads(1)
-    module, _, name = os.environ.get(CLIENT_APP_VARIABLE, "client.app:app").partition(":")
+    reference = os.environ.get(CLIENT_APP_VARIABLE, "simulations.apps:client_app")
+    module, _, name = reference.partition(":")
     app = getattr(importlib.import_module(module), name)
     # The ClientApp imports the scenarios (its partitions) on its first simulated call:
     # imported here, before the fork, no worker pays for it again.

@@ -159,11 +159,18 @@ def check_device(config: RunConfig) -> None:
         )
 
 
-def write_flower_app(app_dir: Path, config: RunConfig, name: str = "simulation") -> None:
-    """A Flower App definition whose components are the installed ServerApp and ClientApp.
+def write_flower_app(
+    app_dir: Path,
+    config: RunConfig,
+    name: str = "simulation",
+    server_app: str = "server.app:app",
+    client_app: str = "client.app:app",
+) -> None:
+    """A Flower App definition whose components are installed apps ("module:attribute").
 
     `name` (letters, digits, hyphens) tells simulation and deployment runs apart in
-    Flower's run list: the app is `fedmodel/fedmodel-<name>`.
+    Flower's run list: the app is `fedmodel/fedmodel-<name>`. The components default to
+    the deployed apps; a simulation passes its own (`SIMULATION_SERVER_APP`).
     """
     lines = [
         "[build-system]",
@@ -181,8 +188,8 @@ def write_flower_app(app_dir: Path, config: RunConfig, name: str = "simulation")
         'publisher = "fedmodel"',
         "",
         "[tool.flwr.app.components]",
-        'serverapp = "server.app:app"',
-        f'clientapp = "{client_app_reference(config)}"',
+        f'serverapp = "{server_app}"',
+        f'clientapp = "{client_app}"',
         "",
         "[tool.flwr.app.config]",
     ]
@@ -190,9 +197,12 @@ def write_flower_app(app_dir: Path, config: RunConfig, name: str = "simulation")
     (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n")
 
 
+SIMULATION_SERVER_APP = "simulations.apps:server_app"
+
+
 def client_app_reference(config: RunConfig) -> str:
-    """The ClientApp for `config`: SecAgg+ needs Flower's legacy client (client/secagg_app.py)."""
-    return "client.secagg_app:app" if config.secagg else "client.app:app"
+    """The simulation's ClientApp for `config`: SecAgg+ needs Flower's legacy client."""
+    return "simulations.apps:" + ("secagg_client_app" if config.secagg else "client_app")
 
 
 def _toml_value(value: int | float | bool | str) -> str:
@@ -271,7 +281,8 @@ def _run_on_ray(
     """`flwr run` of a generated App on a simulation SuperLink of ours."""
     app_dir = engine_dir / "app"
     app_dir.mkdir(exist_ok=True)
-    write_flower_app(app_dir, config)
+    write_flower_app(app_dir, config, server_app=SIMULATION_SERVER_APP,
+                     client_app=client_app_reference(config))  # fmt: skip
     with local_superlink(engine_dir, environment) as port:
         environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
         command = flwr_run_command(app_dir, federation_config(config))

@@ -1,0 +1,53 @@
+"""The simulation's ServerApp and ClientApps: the production wiring, with the scenario's data.
+
+The harness decides the data, not the roles: the ServerApp here passes the scenario's
+test set to the one wiring every run uses (server.wiring.run_federation), and the
+ClientApps train each simulated client on its scenario partition with the production
+train handlers (client.app, client.secagg_app), wrapped in the harness's own mods:
+simulated Byzantine attacks and SecAgg+ dropouts. The engines run these apps
+(simulations/runner.py, simulations/local_engine.py); deployed nodes never do.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from client.app import train_handler
+from client.secagg_app import secagg_client_app as build_secagg_client_app
+from fedmodel.config import RunConfig
+from fedmodel.data import TabularData
+from fedmodel.datasets.scenarios import client_partitions, global_test_set
+from server.wiring import CentralEvaluation, run_federation
+from simulations.attacks import simulated_attack_mod
+from simulations.dropouts import simulated_dropout_mod
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def simulate_federation(grid: Grid, context: Context) -> None:
+    """Run the scenario's federation, scored on its test set; files land in output-dir."""
+    config = RunConfig.from_run_config(context.run_config)
+    test_set = global_test_set(config)
+    # SecAgg+ divides weights by the largest client's size: the scenario knows it
+    largest = max(len(rows) for rows in client_partitions(config)) if config.secagg else None
+    run_federation(grid, context, config, CentralEvaluation(test_set), largest)
+
+
+def partition(config: RunConfig, partition_id: int) -> TabularData:
+    """A simulated client's training rows: its partition of the scenario."""
+    return client_partitions(config)[partition_id]
+
+
+def partition_rows(context: Context, msg: Message) -> tuple[int, TabularData]:
+    """(partition-id, its rows) of the simulated client `context` is (the engine says)."""
+    partition_id = int(str(context.node_config["partition-id"]))
+    return partition_id, partition(RunConfig.from_run_config(context.run_config), partition_id)
+
+
+client_app = ClientApp(mods=[simulated_attack_mod])
+client_app.train()(train_handler(partition_rows))
+
+secagg_client_app = build_secagg_client_app(partition, mods=[simulated_dropout_mod])
