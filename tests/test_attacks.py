@@ -3,7 +3,7 @@ import torch
 
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
-from simulations.attacks import is_attacker, poison, simulated_attack_mod
+from simulations.attacks import is_attacker, poison
 
 GLOBAL = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5])}
 LOCAL = {"w": torch.tensor([1.5, 1.0]), "b": torch.tensor([0.5])}
@@ -41,12 +41,3 @@ def test_bad_attack_settings_are_config_errors() -> None:
         RunConfig(attack="flood")
     with pytest.raises(ConfigError, match="--attackers"):
         RunConfig(attack="nan", attackers=1.5)
-
-
-def test_only_the_simulations_client_app_carries_the_attack_mod() -> None:
-    """A coordinator cannot ask a deployed node to poison its reply: the mod is not there."""
-    from client.app import app as deployed_client_app
-    from simulations.apps import client_app as simulated_client_app
-
-    assert simulated_attack_mod not in deployed_client_app._mods
-    assert simulated_attack_mod in simulated_client_app._mods
