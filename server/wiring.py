@@ -107,6 +107,8 @@ def run_federation(
     weights by so that no masked sum overflows. Only the harness knows it, so SecAgg+
     runs only where the harness passes it (simulation).
     """
+    if config.secagg and largest_client is None:
+        raise ConfigError("--secagg runs in simulation only")
     if isinstance(evaluation, CentralEvaluation):
         setting: RunSetting = CentralSetting(grid, evaluation.test_set)
     else:
@@ -117,11 +119,10 @@ def run_federation(
     evaluate_round = setting.begin(recorder, model)
     stopped: str | None = None
     try:
-        if config.secagg:  # the coordinator sees only sums: Flower's legacy SecAgg+ path
-            if largest_client is None:
-                raise ConfigError("--secagg runs in simulation only")
-            run_secagg(setting.grid, context, config, model, evaluate_round, recorder,
-                       largest_client)  # fmt: skip
+        if config.secagg and largest_client is not None:  # SecAgg+: the server sees only sums
+            run_secagg(
+                setting.grid, context, config, model, evaluate_round, recorder, largest_client
+            )
         else:
             inner = with_central_dp(setting.aggregator(config), config, recorder)
             run_rounds(
