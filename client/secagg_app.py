@@ -11,9 +11,7 @@ this module's `app`, what a deployed node would run, refuses.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,19 +31,24 @@ from fedmodel.privacy.budget import BUDGET_EXHAUSTED_CODE, BudgetExhausted
 from fedmodel.secagg import legacy_metrics
 
 PartitionLoader = Callable[[RunConfig, int], TabularData]  # (run, partition) -> its rows
-# Test only: a directory where each simulated client writes its plaintext model, so a test
-# can compute plain FedAvg of the survivors. Never set it for a real run.
-UPDATE_DUMP_VARIABLE = "FEDMODEL_TEST_SECAGG_UPDATE_DIR"
+# (partition, round, plaintext weights, examples): how a harness sees what was masked
+UpdateObserver = Callable[[int, int, NDArrays, int], None]
 
 
 class SecAggTrainingClient(NumPyClient):
     """One simulated data owner: DP training on its partition, weights as NumPy arrays."""
 
-    def __init__(self, context: Context, partitions: PartitionLoader | None) -> None:
+    def __init__(
+        self,
+        context: Context,
+        partitions: PartitionLoader | None,
+        observe: UpdateObserver | None = None,
+    ) -> None:
         if partitions is None or "partition-id" not in context.node_config:
             raise ConfigError("--secagg runs in simulation only (this node has no partition-id)")
         self.context = context
         self.partitions = partitions
+        self.observe = observe
         self.config = RunConfig.from_run_config(context.run_config)
         self.partition_id = int(str(context.node_config["partition-id"]))
 
@@ -63,15 +66,9 @@ class SecAggTrainingClient(NumPyClient):
             self.config, self.context, self.partition_id, data, global_state, server_round
         )
         arrays = [tensor.numpy() for tensor in state.values()]
-        self._dump_for_tests(arrays, len(data), server_round)
+        if self.observe is not None:
+            self.observe(self.partition_id, server_round, arrays, len(data))
         return arrays, len(data), legacy_metrics(metrics)
-
-    def _dump_for_tests(self, arrays: NDArrays, num_examples: int, server_round: int) -> None:
-        directory = os.environ.get(UPDATE_DUMP_VARIABLE)
-        if directory:
-            path = Path(directory) / f"round-{server_round}-client-{self.partition_id}.npz"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, *arrays, num_examples=num_examples)
 
 
 def budget_refusal_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -82,11 +79,16 @@ def budget_refusal_mod(msg: Message, context: Context, call_next: ClientAppCalla
         return Message(error=Error(BUDGET_EXHAUSTED_CODE, str(refusal)), reply_to=msg)
 
 
-def secagg_client_app(partitions: PartitionLoader | None, mods: Sequence[Mod] = ()) -> ClientApp:
-    """The SecAgg+ ClientApp training on `partitions`, `mods` outermost."""
+def secagg_client_app(
+    partitions: PartitionLoader | None,
+    mods: Sequence[Mod] = (),
+    observe: UpdateObserver | None = None,
+) -> ClientApp:
+    """The SecAgg+ ClientApp training on `partitions`, `mods` outermost; `observe` (a
+    test harness's) sees each plaintext update before it is masked."""
 
     def client_fn(context: Context) -> Client:
-        return SecAggTrainingClient(context, partitions).to_client()
+        return SecAggTrainingClient(context, partitions, observe).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[*mods, budget_refusal_mod, secaggplus_mod])
 

@@ -23,7 +23,6 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
-from client.secagg_app import UPDATE_DUMP_VARIABLE
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
 from fedmodel.secagg import (
@@ -37,6 +36,7 @@ from fedmodel.secagg import (
 from server.run_record import RunRecorder
 from server.secagg import REPORT_FILE, SecureFedAvg
 from server.strategy import FederationStopped
+from simulations.apps import UPDATE_DUMP_VARIABLE
 from simulations.runner import SIMULATION_SERVER_APP, client_app_reference, write_flower_app
 
 
