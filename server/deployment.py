@@ -31,19 +31,18 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from fedmodel.config import RunConfig
 from fedmodel.data import FeatureStatistics
 from fedmodel.errors import DataError
 from fedmodel.protocol import REFUSAL_MARKER
-from server.aggregators import build_aggregator
 from server.enrollment import load_registry
 from server.federated_evaluation import EvaluatingInTraining
 from server.polling_grid import PollingGrid
 from server.resume import RoundEvaluation
 from server.run_record import RunRecorder, write_json_atomic
-from server.strategy import FederationStopped, GuardedStrategy, Members, aggregate_train_metrics
+from server.strategy import FederationStopped, GuardedStrategy, Members
 from server.superlink import Federation
 
 STATISTICS_KEY = "feature-statistics"  # client/local_data.py reads these two keys
@@ -101,18 +100,11 @@ class DeployedSetting:
         )
         return lambda server_round, arrays: None
 
-    def aggregator(self, config: RunConfig) -> FedAvg:
-        return build_aggregator(
-            config.aggregator,
-            config.clients,
-            config.byzantine,
-            config.proximal_mu,
-            train_metrics_aggr_fn=aggregate_train_metrics,
-            fraction_train=1.0,
-            fraction_evaluate=1.0,
-            min_train_nodes=config.clients,
-            min_evaluate_nodes=config.clients,
-            min_available_nodes=config.clients,
+    def sampling(self, config: RunConfig) -> dict[str, float]:
+        """Every member trains in every round and scores every model it receives."""
+        everyone = ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes")
+        return {"fraction_train": 1.0, "fraction_evaluate": 1.0} | dict.fromkeys(
+            everyone, config.clients
         )
 
     def guard(self, strategy: Strategy, recorder: RunRecorder) -> GuardedStrategy:

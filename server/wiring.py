@@ -25,7 +25,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData
@@ -81,8 +81,8 @@ class RunSetting(Protocol):
         """The record is open: note what came before it; say how a round's model is scored."""
         ...
 
-    def aggregator(self, config: RunConfig) -> FedAvg:
-        """The configured aggregation rule, sampling nodes as this setting does."""
+    def sampling(self, config: RunConfig) -> dict[str, float]:
+        """FedAvg's node-sampling arguments (`fraction_*`, `min_*_nodes`) for this run."""
         ...
 
     def guard(self, strategy: Strategy, recorder: RunRecorder) -> GuardedStrategy:
@@ -124,7 +124,16 @@ def run_federation(
                 setting.grid, context, config, model, evaluate_round, recorder, largest_client
             )
         else:
-            inner = with_central_dp(setting.aggregator(config), config, recorder)
+            sampling = setting.sampling(config)
+            rule = build_aggregator(
+                config.aggregator,
+                int(sampling["min_train_nodes"]),  # the replies the rule's precondition counts
+                config.byzantine,
+                config.proximal_mu,
+                train_metrics_aggr_fn=aggregate_train_metrics,
+                **sampling,
+            )
+            inner = with_central_dp(rule, config, recorder)
             run_rounds(
                 setting.grid,
                 setting.guard(inner, recorder),
@@ -164,18 +173,14 @@ class CentralSetting:
 
         return evaluate_global_model
 
-    def aggregator(self, config: RunConfig) -> FedAvg:
-        return build_aggregator(
-            config.aggregator,
-            config.clients_per_round,
-            config.byzantine,
-            config.proximal_mu,
-            fraction_train=config.fraction,
-            fraction_evaluate=0.0,
-            min_train_nodes=config.clients_per_round,
-            min_available_nodes=config.clients,
-            train_metrics_aggr_fn=aggregate_train_metrics,
-        )
+    def sampling(self, config: RunConfig) -> dict[str, float]:
+        """`fraction` of the clients train each round; the server evaluates, no node does."""
+        return {
+            "fraction_train": config.fraction,
+            "fraction_evaluate": 0.0,
+            "min_train_nodes": config.clients_per_round,
+            "min_available_nodes": config.clients,
+        }
 
     def guard(self, strategy: Strategy, recorder: RunRecorder) -> GuardedStrategy:
         config = recorder.config
