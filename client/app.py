@@ -10,21 +10,22 @@ round that would take it past the owner's budget (fedmodel.privacy.budget).
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
-from client.attacks import simulated_attack_mod
 from client.ledger_guard import ledger_run_id
 from client.local_data import (
     Metrics,
-    client_data,
     describe_local_data,
     evaluate_local_data,
     holdout_metrics,
     is_deployed,
+    local_training_rows,
 )
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, make_loader
@@ -58,36 +59,50 @@ from fedmodel.sampling import poisson_plan
 from fedmodel.training import TrainResult, select_device, train_dp, train_plain
 
 TrainMetrics = Metrics
+# (client index, training rows) of this node for a round's train message
+TrainingRows = Callable[[Context, Message], tuple[int, TabularData]]
 
-app = ClientApp(mods=[simulated_attack_mod])
-# Deployed nodes describe their own file (query) and score global models on it (evaluate).
+
+def train_handler(training_rows: TrainingRows) -> ClientAppCallable:
+    """The train step of a ClientApp that trains on the rows `training_rows` gives it.
+
+    One handler for every ClientApp: this module's `app` (what a deployed node runs)
+    reads the node's own file; the simulation harness (simulations/apps.py) passes its
+    scenario's partitions and adds its own mods around the same handler.
+    """
+
+    def train(msg: Message, context: Context) -> Message:
+        """Train the received global model on this client's rows and reply with it."""
+        config = RunConfig.from_run_config(context.run_config)
+        partition_id, data = training_rows(context, msg)
+        round_config = msg.content.config_records[CONFIG_KEY]
+        server_round = int(str(round_config[SERVER_ROUND_KEY]))
+        proximal_mu = float(str(round_config.get("proximal-mu", 0.0)))  # sent by FedProx
+        global_state = msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
+        evaluation: TrainMetrics = {}
+        if is_deployed(context):  # score what was received first: no evaluate message needed
+            scores = holdout_metrics(msg, context, global_state)
+            evaluation = {EVALUATION_PREFIX + key: value for key, value in scores.items()}
+        try:
+            state, metrics = train_local_model(
+                config, context, partition_id, data, global_state, server_round, proximal_mu
+            )
+        except BudgetExhausted as refusal:
+            return Message(error=Error(BUDGET_EXHAUSTED_CODE, str(refusal)), reply_to=msg)
+        content = RecordDict(
+            {ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: MetricRecord(metrics | evaluation)}
+        )
+        return Message(content=content, reply_to=msg)
+
+    return train
+
+
+# A deployed node's ClientApp: it describes its own file (query), trains on it and scores
+# global models on its held-out rows (evaluate). No simulation hook is installed here.
+app = ClientApp()
 app.query()(describe_local_data)
 app.evaluate()(evaluate_local_data)
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this client's partition and reply with it."""
-    config = RunConfig.from_run_config(context.run_config)
-    partition_id, data = client_data(config, context, msg)  # partition or local file
-    round_config = msg.content.config_records[CONFIG_KEY]
-    server_round = int(str(round_config[SERVER_ROUND_KEY]))
-    proximal_mu = float(str(round_config.get("proximal-mu", 0.0)))  # sent by FedProx
-    global_state = msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
-    evaluation: TrainMetrics = {}
-    if is_deployed(context):  # score what was received first: no evaluate message needed
-        scores = holdout_metrics(msg, context, global_state)
-        evaluation = {EVALUATION_PREFIX + key: value for key, value in scores.items()}
-    try:
-        state, metrics = train_local_model(
-            config, context, partition_id, data, global_state, server_round, proximal_mu
-        )
-    except BudgetExhausted as refusal:
-        return Message(error=Error(BUDGET_EXHAUSTED_CODE, str(refusal)), reply_to=msg)
-    content = RecordDict(
-        {ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: MetricRecord(metrics | evaluation)}
-    )
-    return Message(content=content, reply_to=msg)
+app.train()(train_handler(local_training_rows))
 
 
 def train_local_model(

@@ -1,4 +1,4 @@
-"""Which rows a ClientApp trains on: a simulated partition, or a deployed node's own file.
+"""The rows a deployed node trains and evaluates on: its own file, never sent anywhere.
 
 A deployed node's SuperNode carries `data-path` and `label` in its node config (set by
 `fedmodel client start`); the file never leaves the node. Its rows are split once, with
@@ -31,7 +31,6 @@ from fedmodel.protocol import (
     METRICS_KEY,
     NODE_NAME_KEY,
     NUM_EXAMPLES_KEY,
-    PARTITION_ID_KEY,
     STATISTICS_KEY,
     STATISTICS_RECORD_KEY,
 )
@@ -46,13 +45,11 @@ def is_deployed(context: Context) -> bool:
     return DATA_PATH_KEY in context.node_config
 
 
-def client_data(config: RunConfig, context: Context, msg: Message) -> tuple[int, TabularData]:
-    """(client index, training rows) for this round, in simulation or deployment."""
-    if not is_deployed(context):
-        from fedmodel.datasets.scenarios import client_partitions
+def local_training_rows(context: Context, msg: Message) -> tuple[int, TabularData]:
+    """(client index the server gave this node, training rows of its file) for this round.
 
-        partition_id = int(str(context.node_config[PARTITION_ID_KEY]))
-        return partition_id, client_partitions(config)[partition_id]
+    A simulated client's rows come from the harness instead (simulations/apps.py).
+    """
     shared = msg.content.config_records[CONFIG_KEY]
     indices = json.loads(str(shared[CLIENT_INDEX_KEY]))
     train, _ = _split_node_table(context, str(shared[STATISTICS_KEY]))

@@ -45,9 +45,10 @@ from fedmodel.config import RunConfig
 from fedmodel.privacy.central import CentralBudgetStop, CentralRelease, FederationLedger
 from server.run_record import RunRecorder
 from server.strategy import FederationStopped
+from server.wrapping import WrappingStrategy
 
 
-class FixedCohortMean(Strategy):
+class FixedCohortMean(WrappingStrategy):
     """global + (sum of client updates) / n, with n the planned cohort size.
 
     The fixed-denominator estimator of DP-FedAvg: a missing client counts as a zero
@@ -57,13 +58,12 @@ class FixedCohortMean(Strategy):
     Sampling, evaluation and metrics are the wrapped FedAvg's.
     """
 
+    inner: FedAvg
+
     def __init__(self, inner: FedAvg, cohort_size: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.cohort_size = cohort_size
         self._global: ArrayRecord | None = None
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -88,16 +88,6 @@ class FixedCohortMean(Strategy):
         )
         contents = [reply.content for reply in valid]
         return mean, self.inner.train_metrics_aggr_fn(contents, self.inner.weighted_by_key)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
 
 class CentralAccounting:

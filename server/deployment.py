@@ -1,4 +1,4 @@
-"""ServerApp side of a deployed federation: nodes hold the only data there is.
+"""A deployed federation's run: the enrolled nodes hold the only data there is.
 
 There is no server-side test set, and the server does not know the data's columns.
 So before training, a query round asks every node for its table's FeatureStatistics
@@ -6,7 +6,8 @@ So before training, a query round asks every node for its table's FeatureStatist
 merge gives every node the same encoding (global means and deviations, union of
 categories) and gives the server the model's input width. These statistics are
 aggregates of raw data released WITHOUT differential privacy. Evaluation is
-federated: each node scores the global model on a held-out part of its own file.
+federated: each node scores the global model on a held-out part of its own file
+(server/federated_evaluation.py).
 
 Nodes are untrusted. A run's members are the nodes enrolled in the federation's
 registry (nodes.json), by the node ID Flower authenticated; a node Flower knows but
@@ -27,107 +28,118 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from fedmodel.config import RunConfig
 from fedmodel.errors import DataError
 from fedmodel.feature_statistics import FeatureStatistics
-from fedmodel.models import build_model
 from fedmodel.protocol import (
-    ARRAYS_KEY,
     CLIENT_INDEX_KEY,
     CONFIG_KEY,
-    EVALUATION_PREFIX,
-    METRICS_KEY,
     QUESTION_KEY,
     REFUSAL_MARKER,
-    SERVER_ROUND_KEY,
     STATISTICS_KEY,
     STATISTICS_RECORD_KEY,
 )
 from fedmodel.run_directory import write_json_atomic
-from server.aggregators import build_aggregator
-from server.central_dp import with_central_dp
 from server.enrollment import load_registry
-from server.federated_evaluation import combine_evaluations
+from server.federated_evaluation import EvaluatingInTraining
 from server.polling_grid import PollingGrid
-from server.reply_schema import InvalidReply, evaluation_report
-from server.resume import open_run_record, run_rounds
-from server.strategy import FederationStopped, GuardedStrategy, Members, aggregate_train_metrics
+from server.resume import RoundEvaluation
+from server.run_record import RunRecorder
+from server.strategy import FederationStopped, GuardedStrategy, Members
 from server.superlink import Federation
 
-DEPLOYMENT_SCENARIO = "deployment"  # RunConfig.scenario of a run on enrolled nodes
 NODES_FILE = "nodes.json"  # node name -> client number, stable across --resume
 
 
-def run_deployment(grid: Grid, config: RunConfig) -> None:
-    """Query round, then FedAvg with federated evaluation; files land in output-dir."""
-    run_dir = Path(config.output_dir).absolute()
-    enrolled = enrolled_nodes(config)
-    # replies are picked up in 0.1 s, not Flower's 3 s; too few members end the run
-    grid = MemberGrid(grid, enrolled, config.min_clients, config.round_timeout)
-    statistics, left_out = query_feature_statistics(grid, config, enrolled)
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, len(statistics.feature_names()))
-    recorder, resume = open_run_record(config, run_dir)
-    for node, reason in left_out.items():
-        recorder.record_rejection(0, node, None, reason)
-    names = {node: enrolled[node].name for node in grid.get_node_ids()}
+class DeployedSetting:
+    """A run on the enrolled nodes, as `server.wiring.run_federation` wires it.
 
-    inner = build_aggregator(
-        config.aggregator,
-        config.clients,
-        config.byzantine,
-        config.proximal_mu,
-        train_metrics_aggr_fn=aggregate_train_metrics,
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
-        min_train_nodes=config.clients,
-        min_evaluate_nodes=config.clients,
-        min_available_nodes=config.clients,
-    )
-    positions = client_positions(run_dir, names)
-    strategy = EvaluatingInTraining(
-        with_central_dp(inner, config, recorder),
-        recorder,
-        min_clients=config.min_clients,
-        max_update_norm=config.max_update_norm or None,
-        members=Members(
-            clients={node: str(position) for node, position in positions.items()},
-            weight_caps=weight_caps({node: enrolled[node] for node in names}),
-        ),
-    )
-    index = {str(node): position for node, position in positions.items()}
-    shared = ConfigRecord(
-        {STATISTICS_KEY: statistics.to_json(), CLIENT_INDEX_KEY: json.dumps(index)}
-    )
-    stopped: str | None = None
-    try:
-        run_rounds(
-            grid,
+    `join` runs the query round, which gives the model its input width; then every
+    member trains in every round and scores each model on its own held-out rows.
+    """
+
+    num_classes = 2  # build_model's default: a node's label column is binary
+
+    def __init__(
+        self,
+        grid: MemberGrid,
+        config: RunConfig,
+        enrolled: Mapping[int, EnrolledNode],
+        statistics: FeatureStatistics,
+        left_out: Mapping[int, str],
+    ) -> None:
+        self.grid = grid
+        self.config = config
+        self.enrolled = enrolled
+        self.statistics = statistics
+        self.left_out = left_out
+        self.num_features = len(statistics.feature_names())
+        self.shared: ConfigRecord | None = None  # the encoding and client numbers, once known
+        self._names: dict[int, str] = {}
+        self._positions: dict[int, int] = {}
+        self._strategy: EvaluatingInTraining | None = None
+
+    @classmethod
+    def join(cls, grid: Grid, config: RunConfig) -> DeployedSetting:
+        """Wait for the enrolled nodes and merge their feature statistics."""
+        enrolled = enrolled_nodes(config)
+        # replies are picked up in 0.1 s, not Flower's 3 s; too few members end the run
+        members = MemberGrid(grid, enrolled, config.min_clients, config.round_timeout)
+        statistics, left_out = query_feature_statistics(members, config, enrolled)
+        return cls(members, config, enrolled, statistics, left_out)
+
+    def begin(self, recorder: RunRecorder, model: torch.nn.Module) -> RoundEvaluation:
+        """Record who the query round left out and number the members; the server scores
+        nothing itself (the nodes' scores arrive with their replies)."""
+        for node, reason in self.left_out.items():
+            recorder.record_rejection(0, node, None, reason)
+        self._names = {node: self.enrolled[node].name for node in self.grid.get_node_ids()}
+        self._positions = client_positions(recorder.run_dir, self._names)
+        index = {str(node): position for node, position in self._positions.items()}
+        self.shared = ConfigRecord(
+            {STATISTICS_KEY: self.statistics.to_json(), CLIENT_INDEX_KEY: json.dumps(index)}
+        )
+        return lambda server_round, arrays: None
+
+    def sampling(self, config: RunConfig) -> dict[str, float]:
+        """Every member trains in every round and scores every model it receives."""
+        everyone = ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes")
+        return {"fraction_train": 1.0, "fraction_evaluate": 1.0} | dict.fromkeys(
+            everyone, config.clients
+        )
+
+    def guard(self, strategy: Strategy, recorder: RunRecorder) -> GuardedStrategy:
+        """Identity and weight of a reply are the registry's (`Members`), not the node's."""
+        members = {node: self.enrolled[node] for node in self._names}
+        self._strategy = EvaluatingInTraining(
             strategy,
             recorder,
-            ArrayRecord(model.state_dict()),
-            resume,
-            lambda server_round, arrays: None,  # evaluation is federated (the nodes')
-            train_config=shared,
-            evaluate_config=shared,
+            min_clients=self.config.min_clients,
+            max_update_norm=self.config.max_update_norm or None,
+            members=Members(
+                clients={node: str(position) for node, position in self._positions.items()},
+                weight_caps=weight_caps(members),
+            ),
         )
-    except FederationStopped as stop:
-        log(WARN, "stopping the run early: %s", stop)
-        stopped = str(stop)
-        strategy.evaluate_final_model(grid, shared, config.round_timeout)
-    for name, position in positions_by_name(run_dir).items():
-        entry = recorder.clients.get(str(position))
-        if entry is not None:  # node ids only for nodes of this run (not resumed-away ones)
-            entry["node"] = name
-    for node, position in positions.items():
-        entry = recorder.clients.get(str(position))
-        if entry is not None:
-            entry |= {"node": names[node], "node_id": str(node)}
-    recorder.write_summary(completed=True, stopped_early=stopped)
+        return self._strategy
+
+    def end(self, recorder: RunRecorder, stopped: bool) -> None:
+        """Have the nodes score the final model if the run stopped early; name the nodes."""
+        if stopped and self._strategy is not None and self.shared is not None:
+            self._strategy.evaluate_final_model(self.grid, self.shared, self.config.round_timeout)
+        for name, position in positions_by_name(recorder.run_dir).items():
+            entry = recorder.clients.get(str(position))
+            if entry is not None:  # node ids only for nodes of this run (not resumed-away ones)
+                entry["node"] = name
+        for node, position in self._positions.items():
+            entry = recorder.clients.get(str(position))
+            if entry is not None:
+                entry |= {"node": self._names[node], "node_id": str(node)}
 
 
 @dataclass(frozen=True)
@@ -196,96 +208,6 @@ class MemberGrid(PollingGrid):
             log(WARN, "node %d is not enrolled in this federation: kept out of the run", node)
             self._outsiders.add(node)
         return self.enough([node for node in online if node in self.members])
-
-
-class EvaluatingInTraining(GuardedStrategy):
-    """Federated evaluation rides on the next round's train message.
-
-    A deployed node scores the global model it receives on its held-out rows before it
-    trains (metrics prefixed `eval-`), so round r's train replies evaluate round r-1's
-    model, and only the last round of the run sends evaluate messages. A round is then
-    one message per node instead of two, and Flower's SuperNode, which sleeps 3 s
-    after each empty pull, waits once per round instead of twice.
-    """
-
-    _sent_model: tuple[int, ArrayRecord | None] = (0, None)  # (round it ends, the model)
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self._sent_model = (server_round - 1, arrays)
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def evaluate_final_model(self, grid: Grid, shared: ConfigRecord, timeout: float) -> None:
-        """The run stopped early: have the nodes score the model it ends with, which no
-        later train message will evaluate (say, every node refused a replayed round)."""
-        model_round, arrays = self._sent_model
-        if arrays is None or model_round < 1:
-            return
-        if model_round in {row["round"] for row in self.recorder.rounds}:
-            return
-        config = ConfigRecord({**shared, SERVER_ROUND_KEY: model_round})
-        question = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
-        messages = [Message(question, node, MessageType.EVALUATE) for node in grid.get_node_ids()]
-        self._record_evaluation(model_round, grid.send_and_receive(messages, timeout=timeout))
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        previous = server_round - 1
-        if previous not in {row["round"] for row in self.recorder.rounds}:  # paused: done
-            self._record_evaluation(previous, replies, EVALUATION_PREFIX)
-        return super().aggregate_train(server_round, replies)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """The last round's evaluate replies, validated and combined (never Flower's mean,
-        which weighs nodes by their own counts and raises on inconsistent replies)."""
-        scores = self._record_evaluation(server_round, replies)
-        return None if scores is None else MetricRecord(dict(scores))
-
-    def _record_evaluation(
-        self, model_round: int, replies: Iterable[Message], prefix: str = ""
-    ) -> dict[str, float] | None:
-        """Validate each node's score of `model_round`'s model; record their combination.
-
-        `prefix`: the scores ride on train replies, whose own checks follow separately.
-        """
-        reports = []
-        for reply in replies:
-            if reply.has_error():
-                continue
-            node = reply.metadata.src_node_id
-            try:
-                metrics = reply.content.metric_records.get(METRICS_KEY)
-                if metrics is None and not prefix:
-                    raise InvalidReply("no MetricRecord 'metrics'")
-                report = None if metrics is None else evaluation_report(metrics, prefix)
-                if report is not None:
-                    reports.append((report, self._weight_cap(node)))
-            except InvalidReply as invalid:
-                self.reject(model_round, node, f"evaluation of round {model_round}: {invalid}")
-        if not reports:
-            return None
-        scores = combine_evaluations(reports, self.recorder.config.evaluation)
-        self.recorder.record_evaluation(model_round, scores)
-        return scores
-
-    def _weight_cap(self, node: int) -> int:
-        if self.members is None or node not in self.members.weight_caps:
-            raise InvalidReply(f"node {node} is not a member of this run")
-        return self.members.weight_caps[node]
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        run = self.recorder.config
-        last = min(run.rounds, run.stop_after_round or run.rounds)
-        if server_round < last:
-            return []  # the next round's train replies evaluate this model
-        return super().configure_evaluate(server_round, arrays, config, grid)
 
 
 def client_positions(run_dir: Path, names: dict[int, str]) -> dict[int, int]:

@@ -1,4 +1,8 @@
-"""Combining the nodes' scores of a global model into the federation's, bounded per node.
+"""Federated evaluation: the nodes score each global model, the coordinator combines.
+
+`EvaluatingInTraining` collects the scores (riding on train replies, so a round is one
+message per node); `combine_evaluations` turns them into the federation's, bounded per
+node.
 
 In deployment the server has no test set: each node scores the model on its own
 held-out rows and reports loss, accuracy, AUROC and how many rows they rest on. Those
@@ -16,10 +20,21 @@ it is defined (`auroc_weight` > 0).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 
 from fedmodel.config import EVALUATION_METHODS
-from server.reply_schema import EvaluationReport
+from fedmodel.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    EVALUATION_PREFIX,
+    METRICS_KEY,
+    SERVER_ROUND_KEY,
+)
+from server.reply_schema import EvaluationReport, InvalidReply, evaluation_report
+from server.strategy import GuardedStrategy
 
 SCORES = ("auroc", "accuracy", "loss")
 
@@ -51,3 +66,93 @@ def _mean(values: list[tuple[float, int]]) -> float:
 
 def _median(values: list[tuple[float, int]]) -> float:
     return float(statistics.median(value for value, _ in values)) if values else 0.0
+
+
+class EvaluatingInTraining(GuardedStrategy):
+    """Federated evaluation rides on the next round's train message.
+
+    A deployed node scores the global model it receives on its held-out rows before it
+    trains (metrics prefixed `eval-`), so round r's train replies evaluate round r-1's
+    model, and only the last round of the run sends evaluate messages. A round is then
+    one message per node instead of two, and Flower's SuperNode, which sleeps 3 s
+    after each empty pull, waits once per round instead of twice.
+    """
+
+    _sent_model: tuple[int, ArrayRecord | None] = (0, None)  # (round it ends, the model)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._sent_model = (server_round - 1, arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def evaluate_final_model(self, grid: Grid, shared: ConfigRecord, timeout: float) -> None:
+        """The run stopped early: have the nodes score the model it ends with, which no
+        later train message will evaluate (say, every node refused a replayed round)."""
+        model_round, arrays = self._sent_model
+        if arrays is None or model_round < 1:
+            return
+        if model_round in {row["round"] for row in self.recorder.rounds}:
+            return
+        config = ConfigRecord({**shared, SERVER_ROUND_KEY: model_round})
+        question = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        messages = [Message(question, node, MessageType.EVALUATE) for node in grid.get_node_ids()]
+        self._record_evaluation(model_round, grid.send_and_receive(messages, timeout=timeout))
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        previous = server_round - 1
+        if previous not in {row["round"] for row in self.recorder.rounds}:  # paused: done
+            self._record_evaluation(previous, replies, EVALUATION_PREFIX)
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """The last round's evaluate replies, validated and combined (never Flower's mean,
+        which weighs nodes by their own counts and raises on inconsistent replies)."""
+        scores = self._record_evaluation(server_round, replies)
+        return None if scores is None else MetricRecord(dict(scores))
+
+    def _record_evaluation(
+        self, model_round: int, replies: Iterable[Message], prefix: str = ""
+    ) -> dict[str, float] | None:
+        """Validate each node's score of `model_round`'s model; record their combination.
+
+        `prefix`: the scores ride on train replies, whose own checks follow separately.
+        """
+        reports = []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            node = reply.metadata.src_node_id
+            try:
+                metrics = reply.content.metric_records.get(METRICS_KEY)
+                if metrics is None and not prefix:
+                    raise InvalidReply("no MetricRecord 'metrics'")
+                report = None if metrics is None else evaluation_report(metrics, prefix)
+                if report is not None:
+                    reports.append((report, self._weight_cap(node)))
+            except InvalidReply as invalid:
+                self.reject(model_round, node, f"evaluation of round {model_round}: {invalid}")
+        if not reports:
+            return None
+        scores = combine_evaluations(reports, self.recorder.config.evaluation)
+        self.recorder.record_evaluation(model_round, scores)
+        return scores
+
+    def _weight_cap(self, node: int) -> int:
+        if self.members is None or node not in self.members.weight_caps:
+            raise InvalidReply(f"node {node} is not a member of this run")
+        return self.members.weight_caps[node]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        run = self.recorder.config
+        last = min(run.rounds, run.stop_after_round or run.rounds)
+        if server_round < last:
+            return []  # the next round's train replies evaluate this model
+        return super().configure_evaluate(server_round, arrays, config, grid)

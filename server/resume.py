@@ -36,6 +36,7 @@ from server.checkpoint import (
 )
 from server.run_record import RunRecorder
 from server.strategy import FederationStopped, GuardedStrategy
+from server.wrapping import WrappingStrategy
 
 RoundEvaluation = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -44,7 +45,7 @@ class RunPaused(FederationStopped):
     """The run stopped cleanly after `stop-after-round`; `--resume` continues it."""
 
 
-class ShiftedRounds(Strategy):
+class ShiftedRounds(WrappingStrategy):
     """Presents Flower's round k to `inner` as round `offset + k`.
 
     The shifted number is what FedAvg sends to clients as `server-round` (their training
@@ -52,11 +53,8 @@ class ShiftedRounds(Strategy):
     """
 
     def __init__(self, inner: Strategy, offset: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.offset = offset
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -7,21 +7,21 @@ vectors and unmasks only the total; clients that drop out after sharing their ke
 their masks rebuilt from `threshold` of their neighbours' shares. `aggregate_fit` here
 receives that one mean in place of every client's parameters and refuses anything else.
 
-Same model, central evaluation, checkpoints and run record as the Message-API path;
-per-client metrics (epsilon, mechanism history) arrive in plaintext, because they are not
-secret. Robust aggregation and update validation need individual updates, so the run
-config refuses them with `--secagg`.
+Only this aggregation step is SecAgg+'s: model, evaluation, checkpoints, early stop and
+run record are wired as for every run (server/wiring.py). Per-client metrics (epsilon,
+mechanism history) arrive in plaintext, because they are not secret. Robust aggregation
+and update validation need individual updates, so the run config refuses them with
+`--secagg`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from logging import WARNING
 from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context
 from flwr.common import FitRes, NDArrays, Parameters, Scalar, ndarrays_to_parameters
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerConfig
@@ -37,10 +37,10 @@ from fedmodel.run_directory import CHECKPOINTS_DIR, write_json_atomic
 from fedmodel.secagg import CLIPPING_RANGE, MODULUS_RANGE, QUANTIZATION_RANGE, metrics_from_legacy
 from server.checkpoint import save_checkpoint
 from server.reply_schema import InvalidReply, train_report
+from server.resume import RoundEvaluation
 from server.run_record import RunRecorder
 from server.strategy import FederationStopped
 
-EvaluateGlobalModel = Callable[[int, ArrayRecord], MetricRecord]
 REPORT_FILE = "secagg.json"
 
 
@@ -127,18 +127,21 @@ def run_secagg(
     context: Context,
     config: RunConfig,
     model: torch.nn.Module,
-    evaluate_global_model: EvaluateGlobalModel,
+    evaluate_round: RoundEvaluation,
     recorder: RunRecorder,
+    largest_client: int,
 ) -> None:
-    """Run `config.rounds` rounds of SecAgg+ FedAvg; leave the usual run record behind."""
-    from fedmodel.datasets.scenarios import client_partitions
+    """Run `config.rounds` rounds of SecAgg+ FedAvg, evaluating and checkpointing each.
 
+    `largest_client`: the most examples a client holds (the harness knows it); every
+    client's weight n / largest_client is then at most 1, so no masked sum overflows.
+    Raises FederationStopped when too few clients are left.
+    """
     reference = model.state_dict()
     protocol: dict[str, Any] = {
         "shares": config.secagg_shares,
         "threshold": config.secagg_threshold,
-        # every client's weight n/max_weight is at most 1, so nothing overflows
-        "max_weight": max(len(partition) for partition in client_partitions(config)),
+        "max_weight": largest_client,
         "clipping_range": CLIPPING_RANGE,
         "quantization_range": QUANTIZATION_RANGE,
         "modulus_range": MODULUS_RANGE,
@@ -146,14 +149,16 @@ def run_secagg(
 
     def evaluate_fn(
         server_round: int, arrays: NDArrays, _: dict[str, Scalar]
-    ) -> tuple[float, dict[str, Scalar]]:
+    ) -> tuple[float, dict[str, Scalar]] | None:
         strategy.note_round_without_aggregate(server_round)
         state = {
             name: torch.from_numpy(np.asarray(array)).to(reference[name].dtype)
             for name, array in zip(reference, arrays, strict=True)
         }
-        metrics = evaluate_global_model(server_round, ArrayRecord(state))
+        metrics = evaluate_round(server_round, ArrayRecord(state))
         save_checkpoint(recorder.run_dir / CHECKPOINTS_DIR, server_round, state)
+        if metrics is None:  # nothing scored on the server
+            return None
         scores: dict[str, Scalar] = {
             key: cast(float, metrics[key]) for key in ("auroc", "accuracy")
         }
@@ -183,13 +188,7 @@ def run_secagg(
     legacy = LegacyContext(
         context, config=ServerConfig(num_rounds=config.rounds), strategy=strategy
     )
-    try:
-        DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
-    except FederationStopped as stop:
-        log(WARNING, "stopping the run early: %s", stop)
-        recorder.write_summary(completed=True, stopped_early=str(stop))
-        return
-    recorder.write_summary(completed=True)
+    DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
 
 
 def _reason(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:

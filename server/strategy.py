@@ -46,6 +46,7 @@ from fedmodel.protocol import (
 from fedmodel.records import reply_rejection
 from server.reply_schema import InvalidReply, TrainReport, train_report
 from server.run_record import RunRecorder
+from server.wrapping import WrappingStrategy
 
 # A node's owner said no: its budget is spent, or its policy forbids what the run asks
 REFUSAL_CODES = (BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE)
@@ -109,7 +110,7 @@ def with_common_metrics(replies: list[Message]) -> list[Message]:
     return replies
 
 
-class GuardedStrategy(Strategy):
+class GuardedStrategy(WrappingStrategy):
     """Validates, records and budget-checks around an inner aggregation strategy."""
 
     def __init__(
@@ -122,7 +123,7 @@ class GuardedStrategy(Strategy):
     ) -> None:
         """`members`: a deployed run's nodes (identity and weight from the coordinator);
         None in simulation, where the harness's reports are trusted."""
-        self.inner = inner
+        super().__init__(inner)
         self.recorder = recorder
         self.min_clients = min_clients
         self.max_update_norm = max_update_norm
@@ -131,9 +132,6 @@ class GuardedStrategy(Strategy):
         self.client_of_node: dict[int, str] = dict(members.clients) if members else {}
         self._global_arrays: ArrayRecord | None = None
         self._sent = 0
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -236,16 +234,6 @@ class GuardedStrategy(Strategy):
     @property
     def _sample_dp(self) -> bool:
         return self.recorder.config.sample_dp
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
     def _reference(self) -> ArrayRecord:
         if self._global_arrays is None:

@@ -1,9 +1,9 @@
 """Single-machine simulation engine: the same ServerApp and ClientApp, no SuperLink, no Ray.
 
 `LocalGrid` implements Flower 1.39's `Grid` contract in memory: the ServerApp
-(`server.app.app`) runs in this process and every message goes straight to a warm
-pool of worker processes, one per core, each of which imports the ClientApp
-(`client.app.app`) once and keeps torch at one thread. Replies come back as soon as
+(`simulations.apps.server_app`) runs in this process and every message goes straight to
+a warm pool of worker processes, one per core, each of which imports the ClientApp
+(`simulations.apps.client_app`) once and keeps torch at one thread. Replies come back as soon as
 they are ready: nothing polls. As in Flower's simulation engine, each virtual node has
 one persistent Context (node config `partition-id`/`num-partitions`, state kept across
 rounds, the run config), shipped with each message and stored again with the reply;
@@ -270,7 +270,7 @@ def run_local(
     Flower's log lines go to engine_dir/flwr-run.log (and `on_log_line`), progress
     lines to `on_progress`; workers write theirs to engine_dir/workers.log.
     """
-    from server.app import app as server_app
+    from simulations.apps import server_app
 
     run_config = config.to_run_config()
     with _flower_log(engine_dir / "flwr-run.log", on_progress, on_log_line):

@@ -63,11 +63,10 @@ def main(sockets: list[int]) -> None:
     import torch
 
     torch.set_num_threads(1)
-    module, _, name = os.environ.get(CLIENT_APP_VARIABLE, "client.app:app").partition(":")
+    reference = os.environ.get(CLIENT_APP_VARIABLE, "simulations.apps:client_app")
+    module, _, name = reference.partition(":")
+    # simulations.apps imports the scenarios: before the fork, so no worker pays again
     app = getattr(importlib.import_module(module), name)
-    # The ClientApp imports the scenarios (its partitions) on its first simulated call:
-    # imported here, before the fork, no worker pays for it again.
-    importlib.import_module("fedmodel.datasets.scenarios")
 
     for index, mine in enumerate(sockets[1:], start=1):
         if os.fork() == 0:

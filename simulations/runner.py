@@ -150,9 +150,12 @@ def check_device(config: RunConfig) -> None:
         )
 
 
+SIMULATION_SERVER_APP = "simulations.apps:server_app"
+
+
 def client_app_reference(config: RunConfig) -> str:
-    """The ClientApp for `config`: SecAgg+ needs Flower's legacy client (client/secagg_app.py)."""
-    return "client.secagg_app:app" if config.secagg else "client.app:app"
+    """The simulation's ClientApp for `config`: SecAgg+ needs Flower's legacy client."""
+    return "simulations.apps:" + ("secagg_client_app" if config.secagg else "client_app")
 
 
 def engine_environment(engine_dir: Path) -> dict[str, str]:
@@ -202,7 +205,8 @@ def _run_on_ray(
     """`flwr run` of a generated App on a simulation SuperLink of ours."""
     app_dir = engine_dir / "app"
     app_dir.mkdir(exist_ok=True)
-    write_flower_app(app_dir, config, client_app=client_app_reference(config))
+    write_flower_app(app_dir, config, server_app=SIMULATION_SERVER_APP,
+                     client_app=client_app_reference(config))  # fmt: skip
     with local_superlink(engine_dir, environment) as port:
         environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
         command = flwr_run_command(

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from client.attacks import is_attacker, poison
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
+from simulations.attacks import is_attacker, poison
 
 GLOBAL = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5])}
 LOCAL = {"w": torch.tensor([1.5, 1.0]), "b": torch.tensor([0.5])}

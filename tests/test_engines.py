@@ -67,8 +67,9 @@ def test_a_raising_client_app_becomes_flowers_error_reply() -> None:
 def test_worker_pool_answers_every_node_keeps_contexts_and_stops_its_workers(
     tmp_path: Path,
 ) -> None:
-    """Real workers running the real ClientApp: a query without node data fails on each
-    node, which comes back as one error reply per node; every worker is gone after close."""
+    """Real workers running the simulation's ClientApp: a query, which only a deployed
+    node answers, fails on each node and comes back as one error reply per node; every
+    worker is gone after close."""
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     pool = WorkerPool(2, tmp_path / "workers.log", engine_environment(tmp_path))
     try:
@@ -81,7 +82,7 @@ def test_worker_pool_answers_every_node_keeps_contexts_and_stops_its_workers(
         replies = list(grid.send_and_receive(messages, timeout=120))
         assert sorted(r.metadata.src_node_id for r in replies) == nodes
         assert all(r.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION for r in replies)
-        assert "data-path" in replies[0].error.reason
+        assert "No query function registered" in replies[0].error.reason
         contexts = [grid.node_context(node) for node in nodes]
         assert [c.node_config[PARTITION_ID_KEY] for c in contexts] == [0, 1, 2]
         assert all(c.node_config["num-partitions"] == 3 for c in contexts)

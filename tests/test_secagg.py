@@ -23,7 +23,6 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
-from client.secagg_app import UPDATE_DUMP_VARIABLE
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
 from fedmodel.protocol import PARTITION_ID_KEY
@@ -39,7 +38,8 @@ from fedmodel.secagg import (
 from server.run_record import RunRecorder
 from server.secagg import REPORT_FILE, SecureFedAvg
 from server.strategy import FederationStopped
-from simulations.runner import client_app_reference
+from simulations.apps import UPDATE_DUMP_VARIABLE
+from simulations.runner import SIMULATION_SERVER_APP, client_app_reference
 
 
 @pytest.mark.parametrize(
@@ -172,11 +172,16 @@ def test_a_halted_round_stops_the_run_cleanly_and_is_recorded(tmp_path: Path) ->
     assert report["rounds"] == [{"round": 1, "sampled": 0, "aggregated": False, "survivors": 0}]
 
 
-def test_secagg_runs_use_the_secaggplus_client_app(tmp_path: Path) -> None:
+def test_secagg_simulations_run_the_harness_secaggplus_client_app(tmp_path: Path) -> None:
     secagg = RunConfig(secagg=True)
-    write_flower_app(tmp_path, secagg, client_app=client_app_reference(secagg))
-    assert 'clientapp = "client.secagg_app:app"' in (tmp_path / "pyproject.toml").read_text()
-    write_flower_app(tmp_path, RunConfig(), name="deployment")  # what `fedmodel run` submits
+    write_flower_app(
+        tmp_path, secagg, server_app=SIMULATION_SERVER_APP, client_app=client_app_reference(secagg)
+    )
+    written = (tmp_path / "pyproject.toml").read_text()
+    assert 'serverapp = "simulations.apps:server_app"' in written
+    assert 'clientapp = "simulations.apps:secagg_client_app"' in written
+    assert client_app_reference(RunConfig()) == "simulations.apps:client_app"
+    write_flower_app(tmp_path, secagg, name="deployment")  # what `fedmodel run` submits
     written = (tmp_path / "pyproject.toml").read_text()
     assert 'serverapp = "server.app:app"' in written and 'clientapp = "client.app:app"' in written
 

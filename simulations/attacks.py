@@ -5,8 +5,9 @@ Attacks replace the honest reply of the first `round(attackers * clients)` parti
 - scaled: the update multiplied by 10 (a boosting attack, Bhagoji et al. 2019);
 - gaussian: honest weights plus N(0, 100^2) noise on every value;
 - nan: every value NaN (what a crashed or buggy client can send).
-The mod is inert on deployed nodes (no `partition-id`): a coordinator cannot use it to make
-a real data owner send poisoned weights.
+Only the simulation's ClientApp (simulations/apps.py) installs the mod; a deployed node's
+(client/app.py) has no such hook, so a coordinator cannot use it to make a real data owner
+send poisoned weights.
 """
 
 from __future__ import annotations
