@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -22,52 +25,70 @@ NodeDir = Annotated[Path, typer.Option("--dir", help="Node directory (holds the 
 TaskName = Annotated[str, typer.Argument(help="Installed task, e.g. fedmodel-tabular.")]
 # The owner's policy options; init and start both take them (None: keep what is set)
 POLICY = "Owner policy (kept in policy.json; unset options keep their value)"
+
+
+def _policy_option(help: str, *flags: str) -> Any:
+    """An owner-policy option: None (unset) keeps the value policy.json holds."""
+    return typer.Option(*flags, help=help, rich_help_panel=POLICY)
+
+
 BudgetEpsilon = Annotated[
-    float | None,
-    typer.Option(help="Your privacy budget (epsilon) for this dataset.", rich_help_panel=POLICY),
+    float | None, _policy_option("Your privacy budget (epsilon) for this dataset.")
 ]
 BudgetDelta = Annotated[
-    float | None,
-    typer.Option(
-        help="Your delta; runs asking for more are refused (default 1e-5).",
-        rich_help_panel=POLICY,
-    ),
+    float | None, _policy_option("Your delta; runs asking for more are refused (default 1e-5).")
 ]
 AllowNoDp = Annotated[
     bool | None,
-    typer.Option(
-        "--allow-no-dp/--require-dp",
-        help="Serve runs without DP-SGD (default: require it).",
-        rich_help_panel=POLICY,
+    _policy_option(
+        "Serve runs without DP-SGD (default: require it).", "--allow-no-dp/--require-dp"
     ),
 ]
-MaxEpochs = Annotated[
-    int | None,
-    typer.Option(help="Most local epochs per round (default 5).", rich_help_panel=POLICY),
-]
-MaxRounds = Annotated[
-    int | None, typer.Option(help="Most rounds per run (default 100).", rich_help_panel=POLICY)
-]
+MaxEpochs = Annotated[int | None, _policy_option("Most local epochs per round (default 5).")]
+MaxRounds = Annotated[int | None, _policy_option("Most rounds per run (default 100).")]
 ReleaseStatistics = Annotated[
     bool | None,
-    typer.Option(
-        help="Release per-column sums for the query round, not DP (default: release).",
-        rich_help_panel=POLICY,
-    ),
+    _policy_option("Release per-column sums for the query round, not DP (default: release)."),
 ]
 ReleaseEvaluation = Annotated[
     bool | None,
-    typer.Option(
-        help="Release metrics of global models on held-out rows (default: release).",
-        rich_help_panel=POLICY,
-    ),
+    _policy_option("Release metrics of global models on held-out rows (default: release)."),
 ]
 ReleaseTrainLoss = Annotated[
-    bool | None,
-    typer.Option(
-        help="Release each round's training loss (default: withhold).", rich_help_panel=POLICY
-    ),
+    bool | None, _policy_option("Release each round's training loss (default: withhold).")
 ]
+
+POLICY_OPTIONS: dict[str, Any] = {
+    "budget_epsilon": BudgetEpsilon,
+    "budget_delta": BudgetDelta,
+    "allow_no_dp": AllowNoDp,
+    "max_local_epochs": MaxEpochs,
+    "max_rounds": MaxRounds,
+    "release_statistics": ReleaseStatistics,
+    "release_evaluation": ReleaseEvaluation,
+    "release_train_loss": ReleaseTrainLoss,
+}
+
+
+def _with_policy_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` the owner-policy options; it receives those set as `policy_changes`.
+
+    `init` and `start` both take the policy, declared once here.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    kept = [p for p in signature.parameters.values() if p.name != "policy_changes"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=option, default=None)
+        for name, option in POLICY_OPTIONS.items()
+    ]
+
+    @functools.wraps(command)
+    def with_policy(**options: Any) -> None:
+        values = {name: options.pop(name) for name in POLICY_OPTIONS}
+        command(**options, policy_changes=_policy_changes(**values))
+
+    with_policy.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
+    return with_policy
 
 
 def _policy_changes(
@@ -123,28 +144,19 @@ def _show_policy(policy: OwnerPolicy) -> None:
 
 
 @client_app.command("init")
+@_with_policy_options
 def init(
     directory: NodeDir,
     force: Annotated[bool, typer.Option(help="Replace an existing key (re-enroll after).")] = False,
-    budget_epsilon: BudgetEpsilon = None,
-    budget_delta: BudgetDelta = None,
-    allow_no_dp: AllowNoDp = None,
-    max_local_epochs: MaxEpochs = None,
-    max_rounds: MaxRounds = None,
-    release_statistics: ReleaseStatistics = None,
-    release_evaluation: ReleaseEvaluation = None,
-    release_train_loss: ReleaseTrainLoss = None,
+    *,
+    policy_changes: dict[str, Any],
 ) -> None:
     """Create this node's key pair, approve FedModel's installed task, set the policy."""
     from client.identity import init_node
     from client.policy import save_policy
     from client.tasks import BUILTIN_TASK, approve
 
-    changes = _policy_changes(
-        budget_epsilon, budget_delta, allow_no_dp, max_local_epochs,
-        max_rounds, release_statistics, release_evaluation, release_train_loss,
-    )  # fmt: skip
-    policy = _changed_policy(directory, changes)  # a mistake stops before any key is made
+    policy = _changed_policy(directory, policy_changes)  # a mistake stops before any key is made
     identity = init_node(directory, force)
     console.print(f"Node key created: {identity.private_key} (private, mode 0600, keep it here)")
     console.print(f"Public key:       {identity.public_key}")
@@ -233,6 +245,7 @@ def revoke_approval(directory: NodeDir, name: TaskName) -> None:
 
 
 @client_app.command("start")
+@_with_policy_options
 def start(
     directory: NodeDir,
     join: Annotated[Path, typer.Option(help="Join bundle from the operator.")],
@@ -245,14 +258,6 @@ def start(
             "(needed on the first join; pinned in the node directory after)."
         ),
     ] = None,
-    budget_epsilon: BudgetEpsilon = None,
-    budget_delta: BudgetDelta = None,
-    allow_no_dp: AllowNoDp = None,
-    max_local_epochs: MaxEpochs = None,
-    max_rounds: MaxRounds = None,
-    release_statistics: ReleaseStatistics = None,
-    release_evaluation: ReleaseEvaluation = None,
-    release_train_loss: ReleaseTrainLoss = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda:N.")] = "auto",
     port: Annotated[
         int, typer.Option(help="Local runtime API port on 127.0.0.1 (0: any free port).")
@@ -263,6 +268,8 @@ def start(
     insecure: Annotated[
         bool, typer.Option(help="Connect WITHOUT TLS (only to test a refusal).", hidden=True)
     ] = False,
+    *,
+    policy_changes: dict[str, Any],
 ) -> None:
     """Check the data, bundle and policy, then serve the federation from the local file."""
     from client.identity import node_identity, trusted_join_bundle
@@ -285,11 +292,7 @@ def start(
     bundle = trusted_join_bundle(join, identity, directory, ca_fingerprint)
     table = load_table(data, label)  # fails here, before any connection, on a bad file
     check_device(device)
-    changes = _policy_changes(
-        budget_epsilon, budget_delta, allow_no_dp, max_local_epochs,
-        max_rounds, release_statistics, release_evaluation, release_train_loss,
-    )  # fmt: skip
-    policy = _changed_policy(directory, changes)
+    policy = _changed_policy(directory, policy_changes)
     if policy is None:
         raise PolicyError(
             "this node has no privacy budget yet: add --budget-epsilon E (your epsilon for "
