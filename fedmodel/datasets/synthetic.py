@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -64,6 +64,17 @@ def site_rng(seed: int, stream: int, site: int) -> np.random.Generator:
 TRAIN_STREAM, TEST_STREAM, CALIBRATION_STREAM = 1, 2, 3
 
 
+@dataclass(frozen=True)
+class SeededSites:
+    """A generated federation: site i's size is a pure function of (seed, i)."""
+
+    seed: int
+    sizes: ClassVar[SiteSizes]
+
+    def site_size(self, site: int) -> int:
+        return self.sizes.draw(site_rng(self.seed, TRAIN_STREAM, site))
+
+
 # --- synthetic-ehr ---------------------------------------------------------------------
 
 EHR_FEATURES = (
@@ -91,14 +102,11 @@ EHR_TEST_SITES, EHR_TEST_ROWS_PER_SITE = 100, 100
 
 
 @dataclass(frozen=True)
-class EhrGenerator:
+class EhrGenerator(SeededSites):
     """Hospitals whose patients' outcome follows a known logistic model."""
 
-    seed: int
+    sizes = EHR_SIZES
     feature_names: tuple[str, ...] = EHR_FEATURES
-
-    def site_size(self, site: int) -> int:
-        return EHR_SIZES.draw(site_rng(self.seed, TRAIN_STREAM, site))
 
     def train_site(self, site: int) -> TabularData:
         features, labels, _ = self._hospital(site_rng(self.seed, TRAIN_STREAM, site), None)
@@ -209,14 +217,11 @@ FRAUD_FEATURES = (
 
 
 @dataclass(frozen=True)
-class FraudGenerator:
+class FraudGenerator(SeededSites):
     """Banks' card transactions with bursty, drifting fraud; train/test split by time."""
 
-    seed: int
+    sizes = FRAUD_SIZES
     feature_names: tuple[str, ...] = FRAUD_FEATURES
-
-    def site_size(self, site: int) -> int:
-        return FRAUD_SIZES.draw(site_rng(self.seed, TRAIN_STREAM, site))
 
     def train_site(self, site: int) -> TabularData:
         features, labels, days = self.bank(site)
