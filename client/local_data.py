@@ -19,8 +19,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedmodel.config import RunConfig
 from fedmodel.data import FeatureStatistics, TabularData, load_table, table_statistics
+from fedmodel.evaluation import evaluate
 from fedmodel.models import build_model
-from fedmodel.training import evaluate
 
 DATA_PATH_KEY = "data-path"
 LABEL_KEY = "label"

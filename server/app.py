@@ -12,8 +12,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmodel.config import RunConfig
 from fedmodel.datasets.scenarios import global_test_set
+from fedmodel.evaluation import evaluate
 from fedmodel.models import build_model
-from fedmodel.training import evaluate
 from server.aggregators import build_aggregator
 from server.central_dp import with_central_dp
 from server.deployment import DEPLOYMENT_SCENARIO, run_deployment

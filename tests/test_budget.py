@@ -15,7 +15,8 @@ from fedmodel.data import TabularData, make_loader
 from fedmodel.errors import ConfigError
 from fedmodel.models import build_model
 from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget, new_segments
-from fedmodel.privacy.ledger import COMMITTED, PENDING, PrivacyLedger, verify_chain
+from fedmodel.privacy.ledger import PrivacyLedger
+from fedmodel.privacy.ledger_chain import COMMITTED, PENDING, verify_chain
 from fedmodel.training import select_device
 from tests.conftest import dp_accounting_epsilon
 

@@ -15,13 +15,8 @@ from opacus.accountants import RDPAccountant
 
 from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget
-from fedmodel.privacy.ledger import (
-    COMMITTED,
-    PENDING,
-    PrivacyLedger,
-    dataset_fingerprint,
-    verify_chain,
-)
+from fedmodel.privacy.ledger import PrivacyLedger, dataset_fingerprint
+from fedmodel.privacy.ledger_chain import COMMITTED, PENDING, verify_chain
 from tests.conftest import dp_accounting_epsilon
 
 DELTA = 1e-5

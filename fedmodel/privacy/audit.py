@@ -37,13 +37,12 @@ import numpy as np
 from fedmodel.errors import FedModelError
 from fedmodel.privacy.accountant import Segment
 from fedmodel.privacy.central import mechanism_problem
-from fedmodel.privacy.ledger import (
+from fedmodel.privacy.ledger import LedgerError, PrivacyLedger
+from fedmodel.privacy.ledger_chain import (
     COMMITTED,
     PENDING,
     ChainProblem,
     LedgerEntry,
-    LedgerError,
-    PrivacyLedger,
     spent_history,
     verify_chain,
 )
