@@ -37,6 +37,17 @@ def dp_accounting_epsilon(
     return float(accountant.get_epsilon(delta))
 
 
+def opacus_stepped_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """A fresh Opacus accountant fed the mechanisms step by step, as training feeds it."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    for noise, rate, steps in history:
+        for _ in range(steps):
+            accountant.step(noise_multiplier=noise, sample_rate=rate)
+    return float(accountant.get_epsilon(delta))
+
+
 def assert_epsilons_recompute(
     summary: Mapping[str, Any], rows: Mapping[str, int] | None = None
 ) -> None:
