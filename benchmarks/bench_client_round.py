@@ -19,8 +19,8 @@ from fedmodel.config import RunConfig
 from fedmodel.data import make_loader
 from fedmodel.datasets.scenarios import client_partitions
 from fedmodel.models import build_model
-from fedmodel.privacy.accountant import calibrate_noise_multiplier, epsilon_of
-from fedmodel.privacy.calibration import calibrated_noise_multiplier
+from fedmodel.privacy.accountant import epsilon_of
+from fedmodel.privacy.calibration import calibrate_noise_multiplier, calibrated_noise_multiplier
 from fedmodel.training import train_dp, train_plain
 
 

@@ -29,8 +29,8 @@ import torch
 from benchmarks.output import write_csv
 from fedmodel.dp_modes import GRAD_SAMPLE_MODES, grad_sample_mode
 from fedmodel.errors import ConfigError
-from fedmodel.models import MODELS, build_model
-from fedmodel.training import ClassifierLoss, make_private, privacy_engine
+from fedmodel.models import MODELS, ClassifierLoss, build_model
+from fedmodel.training import make_private, privacy_engine
 
 PLAIN = "plain"
 NOISE_MULTIPLIER = 1.0

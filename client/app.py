@@ -32,13 +32,14 @@ from fedmodel.data import TabularData, make_loader
 from fedmodel.dp_modes import grad_sample_mode
 from fedmodel.errors import ConfigError
 from fedmodel.models import build_model
-from fedmodel.privacy.accountant import calibrate_noise_multiplier, epsilon_of, history_fields
+from fedmodel.privacy.accountant import epsilon_of, history_fields
 from fedmodel.privacy.budget import (
     BUDGET_EXHAUSTED_CODE,
     BudgetExhausted,
     OwnerBudget,
     new_segments,
 )
+from fedmodel.privacy.calibration import calibrate_noise_multiplier
 from fedmodel.privacy.ledger import NODE_BUDGET, PrivacyLedger, dataset_fingerprint
 from fedmodel.privacy.signing import LedgerSigner
 from fedmodel.protocol import (

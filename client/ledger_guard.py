@@ -17,7 +17,8 @@ from pathlib import Path
 
 from client.policy import OwnerPolicy, PolicyError, load_policy, save_policy
 from fedmodel.config import RunConfig
-from fedmodel.privacy.ledger import PrivacyLedger, verify_chain
+from fedmodel.privacy.ledger import PrivacyLedger
+from fedmodel.privacy.ledger_chain import verify_chain
 
 LEDGER_FILE = "privacy-ledger.sqlite"
 REPLAYED_ROUND = "replayed-round"

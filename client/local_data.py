@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData
+from fedmodel.evaluation import evaluate
 from fedmodel.feature_statistics import FeatureStatistics
 from fedmodel.local_tables import load_table, table_statistics
 from fedmodel.models import build_model
@@ -34,7 +35,6 @@ from fedmodel.protocol import (
     STATISTICS_KEY,
     STATISTICS_RECORD_KEY,
 )
-from fedmodel.training import evaluate
 
 HOLDOUT_FRACTION = 0.2
 Metrics = dict[str, int | float | list[int] | list[float]]  # a MetricRecord's content

@@ -32,7 +32,7 @@ from client.tasks import approval_refusal, load_approvals
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError, ExitCode, FedModelError
 from fedmodel.pki import write_private_file
-from fedmodel.privacy.ledger import GENESIS_HASH
+from fedmodel.privacy.ledger_chain import GENESIS_HASH
 
 POLICY_FILE = "policy.json"
 

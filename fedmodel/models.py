@@ -2,11 +2,13 @@
 
 Every model maps a float feature tensor to one logit per row (binary tasks) or one per
 class (multiclass tasks, e.g. 10 digits) and uses only layers Opacus has per-sample gradient
-samplers for (Linear, Conv2d, ReLU, pooling; no BatchNorm).
+samplers for (Linear, Conv2d, ReLU, pooling; no BatchNorm). ClassifierLoss is the loss that
+goes with those outputs, in training and evaluation alike.
 """
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from fedmodel.errors import ConfigError
@@ -27,6 +29,25 @@ def logistic_regression(num_features: int, num_outputs: int) -> nn.Module:
     """The classical clinical baseline: a single linear layer on standardised features
     (multinomial logistic regression with more than one output)."""
     return nn.Sequential(nn.Linear(num_features, num_outputs))
+
+
+class ClassifierLoss(nn.Module):
+    """BCE on one logit per row, cross-entropy on k > 1 logits (labels are class indices).
+
+    A module with torch's `reduction` attribute because ghost clipping re-runs the
+    criterion with reduction "none" to get each sample's loss.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if logits.shape[-1] == 1:
+            return nn.functional.binary_cross_entropy_with_logits(
+                logits.squeeze(-1), labels, reduction=self.reduction
+            )
+        return nn.functional.cross_entropy(logits, labels.long(), reduction=self.reduction)
 
 
 IMAGE_SIDE = 28

@@ -1,8 +1,7 @@
-"""Local training (plain or DP-SGD with Opacus) and evaluation of classifiers.
+"""Local training of a classifier: plain SGD, or DP-SGD with Opacus or the fused step.
 
-A model with one output is a binary classifier (logit, BCE loss); a model with k > 1
-outputs is a k-class classifier (logits, cross-entropy) and its ranking metrics are
-macro-averaged one-vs-rest.
+The loss is fedmodel.models.ClassifierLoss; each mode's backward pass on one batch is in
+fedmodel.backward; a trained model is scored by fedmodel.evaluation.
 """
 
 from __future__ import annotations
@@ -12,13 +11,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedmodel.data import TabularData
+from fedmodel.backward import (
+    BatchBackward,
+    ghost_backward,
+    mean_loss_backward,
+    per_sample_backward,
+)
 from fedmodel.errors import ConfigError
+from fedmodel.models import ClassifierLoss
 from fedmodel.privacy.accountant import ACCOUNTANT, Segment, merge_segments
 from fedmodel.sampling import dp_generators, poisson_loader
 
@@ -64,7 +68,7 @@ def train_plain(
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     proximal = _ProximalTerm(model, proximal_mu, lr)
-    backward = _mean_loss_backward(model)
+    backward = mean_loss_backward(model)
     return TrainResult(
         loss=_run_epochs(model, optimizer, loader, epochs, device, proximal, backward)
     )
@@ -138,11 +142,6 @@ def privacy_engine(history: Sequence[Segment] = ()) -> Any:
     return engine
 
 
-BatchBackward = Callable[[torch.Tensor, torch.Tensor], tuple[float, int]]
-"""Forward and backward passes on one batch, leaving what the optimizer's step needs;
-returns the sum and the count of the batch's finite per-sample losses."""
-
-
 @dataclass(frozen=True)
 class PrivateTraining:
     """What Opacus's make_private hands back, in the same shape for every grad-sample mode."""
@@ -195,7 +194,7 @@ def make_private(
             int(len(loader.dataset) * sample_rate),  # type: ignore[arg-type]
             engine.accountant, sample_rate, noise_generator,
         )  # fmt: skip
-        return PrivateTraining(model, fused, loader, fused.close, _mean_loss_backward(model))
+        return PrivateTraining(model, fused, loader, fused.close, mean_loss_backward(model))
     made = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -209,101 +208,13 @@ def make_private(
     )
     if grad_sample_mode == "ghost":
         private_model, private_optimizer, criterion, _ = made
-        backward = _ghost_backward(private_model, private_optimizer, criterion)
+        backward = ghost_backward(private_model, private_optimizer, criterion)
     else:
         private_model, private_optimizer, _ = made
-        backward = _per_sample_backward(private_model)
+        backward = per_sample_backward(private_model)
     if poisson_sampling:  # as Opacus does under its own Poisson sampling
         private_model.forbid_grad_accumulation()
     return PrivateTraining(private_model, private_optimizer, loader, private_model._close, backward)
-
-
-def _mean_loss_backward(model: nn.Module) -> BatchBackward:
-    """Autograd on the batch-mean loss: plain SGD, and the fused step (whose hooks read
-    each layer's input and output gradient; no batch leaves it a zero clipped sum)."""
-    per_sample_loss = ClassifierLoss(reduction="none")
-
-    def backward(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        if len(labels) == 0:
-            return 0.0, 0
-        losses = per_sample_loss(model(features), labels)
-        losses.mean().backward()
-        return _finite_total(losses.detach())
-
-    return backward
-
-
-def _per_sample_backward(model: nn.Module) -> BatchBackward:
-    """Opacus's hooks, functorch and ew modes: p.grad_sample holds one row per sample.
-
-    An empty batch gets zero-row per-sample gradients, which Opacus's optimizer clips
-    to a zero sum before adding noise (ew cannot run a forward pass on no rows).
-    """
-    mean_loss_backward = _mean_loss_backward(model)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-
-    def backward(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        if len(labels) == 0:
-            for parameter in parameters:
-                parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))  # type: ignore[attr-defined]
-            return 0.0, 0
-        total = mean_loss_backward(features, labels)
-        _zero_nonfinite_samples(parameters)
-        return total
-
-    return backward
-
-
-def _zero_nonfinite_samples(parameters: Sequence[torch.Tensor]) -> None:
-    """Zero every sample's per-sample gradients whose total norm, computed as Opacus's
-    clipping computes it, is not finite, so that the sample contributes exactly zero.
-
-    Opacus's clip factor C / (norm + 1e-6), clamped at 1, is NaN for a NaN norm (the
-    clamp lets NaN through) and 0 for an inf one, and 0 times an inf entry is NaN again.
-    Otherwise a crafted global model could make the reply NaN exactly when one target
-    record was sampled. Other samples' rows are independent of it, so they are unchanged.
-    """
-    samples = [parameter.grad_sample for parameter in parameters]  # type: ignore[attr-defined]
-    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1)
-    dropped = ~torch.isfinite(norms.norm(2, dim=1))
-    for sample in samples:
-        sample.masked_fill_(dropped.view(-1, *(1,) * (sample.dim() - 1)), 0.0)
-
-
-def _ghost_backward(model: Any, optimizer: Any, criterion: Any) -> BatchBackward:
-    """Opacus's ghost clipping: per-sample norms, then a second, reweighted backward pass.
-
-    The second pass sums over the batch inside autograd, so a sample whose norm is not
-    finite cannot be given a zero weight (0 times its inf activations is NaN): the
-    batch is run again without it, which is the same update as a zero contribution.
-    An empty batch is a zero gradient, to which the optimizer adds noise.
-    """
-    parameters = [p for p in model.parameters() if p.requires_grad]
-
-    def backward(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        if len(labels) == 0:
-            for parameter in parameters:
-                parameter.grad = torch.zeros_like(parameter)
-            return 0.0, 0
-        loss = criterion(model(features), labels)
-        loss.backward()
-        finite = torch.isfinite(model.per_sample_gradient_norms)
-        if not bool(finite.all()):
-            optimizer.zero_grad()
-            return backward(features[finite], labels[finite])
-        return _finite_total(loss.loss_per_sample.detach())
-
-    return backward
-
-
-def _finite_total(losses: torch.Tensor) -> tuple[float, int]:
-    """Sum and count of the finite per-sample losses: a reported training loss that a
-    crafted model cannot turn into inf or NaN by one record's presence."""
-    finite = torch.isfinite(losses)
-    total, count = torch.stack(
-        (torch.where(finite, losses, 0.0).sum(), finite.sum().to(losses.dtype))
-    ).tolist()
-    return total, int(count)
 
 
 class _ProximalTerm:
@@ -358,113 +269,3 @@ def _run_epochs(
             total_loss += loss
             total_rows += rows
     return total_loss / max(total_rows, 1)
-
-
-class ClassifierLoss(nn.Module):
-    """BCE on one logit per row, cross-entropy on k > 1 logits (labels are class indices).
-
-    A module with torch's `reduction` attribute because ghost clipping re-runs the
-    criterion with reduction "none" to get each sample's loss.
-    """
-
-    def __init__(self, reduction: str = "mean") -> None:
-        super().__init__()
-        self.reduction = reduction
-
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if logits.shape[-1] == 1:
-            return nn.functional.binary_cross_entropy_with_logits(
-                logits.squeeze(-1), labels, reduction=self.reduction
-            )
-        return nn.functional.cross_entropy(logits, labels.long(), reduction=self.reduction)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: TabularData) -> dict[str, float]:
-    """Loss, accuracy, AUROC, AUPRC and recall at 1% false-positive rate on `data`.
-
-    AUPRC and recall at a fixed low FPR are what imbalanced tasks (fraud, rare events)
-    are judged by: AUROC stays high when a model ranks a few positives well but floods
-    the reviewers with false alarms (Saito and Rehmsmeier 2015). Multiclass models get
-    macro one-vs-rest versions of the three ranking metrics.
-    """
-    model.eval()
-    features, labels = data.tensors()
-    logits = model(features)
-    loss = float(ClassifierLoss()(logits, labels))
-    if logits.shape[-1] == 1:
-        scores = logits.squeeze(-1).numpy()
-        accuracy = float(np.mean((scores > 0) == (data.labels > 0.5)))
-        ranking = _ranking_metrics(data.labels, scores)
-    else:
-        probabilities = torch.softmax(logits, dim=-1).numpy()
-        accuracy = float(np.mean(probabilities.argmax(axis=1) == data.labels.astype(int)))
-        per_class = [
-            _ranking_metrics((data.labels == k).astype(float), probabilities[:, k])
-            for k in range(probabilities.shape[1])
-        ]
-        ranking = {name: float(np.nanmean([m[name] for m in per_class])) for name in per_class[0]}
-    return {**ranking, "accuracy": accuracy, "loss": loss}
-
-
-def _ranking_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    return {
-        "auroc": auroc(labels, scores),
-        "auprc": auprc(labels, scores),
-        "recall_at_1pct_fpr": recall_at_fpr(labels, scores, 0.01),
-    }
-
-
-def _cumulative_counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """True and false positives when predicting positive at or above each distinct score."""
-    order = np.argsort(-scores, kind="mergesort")
-    sorted_scores, positives = scores[order], labels[order] > 0.5
-    last_of_tie = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(scores) - 1]
-    true_positives = np.cumsum(positives)[last_of_tie]
-    return true_positives, last_of_tie + 1 - true_positives
-
-
-def auprc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the precision-recall curve as average precision (step-wise, no
-    interpolation), the same definition as sklearn's `average_precision_score`."""
-    num_pos = int((labels > 0.5).sum())
-    if num_pos == 0 or num_pos == len(labels):
-        return float("nan")
-    true_positives, false_positives = _cumulative_counts(labels, scores)
-    precision = true_positives / (true_positives + false_positives)
-    recall_gain = np.diff(np.r_[0, true_positives]) / num_pos
-    return float(np.sum(recall_gain * precision))
-
-
-def recall_at_fpr(labels: np.ndarray, scores: np.ndarray, max_fpr: float) -> float:
-    """Largest recall of any score threshold whose false-positive rate is at most `max_fpr`."""
-    num_pos = int((labels > 0.5).sum())
-    num_neg = len(labels) - num_pos
-    if num_pos == 0 or num_neg == 0:
-        return float("nan")
-    true_positives, false_positives = _cumulative_counts(labels, scores)
-    allowed = false_positives <= max_fpr * num_neg
-    return float(true_positives[allowed].max() / num_pos) if allowed.any() else 0.0
-
-
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve via the Mann-Whitney U statistic (ties count half)."""
-    positives = labels > 0.5
-    num_pos, num_neg = int(positives.sum()), int((~positives).sum())
-    if num_pos == 0 or num_neg == 0:
-        return float("nan")
-    ranks = _average_ranks(np.asarray(scores))
-    return float((ranks[positives].sum() - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing their mean rank (scipy's rankdata 'average', without
-    importing scipy.stats: over a second of start-up for every process that scores)."""
-    order = np.argsort(values, kind="mergesort")
-    ordered = values[order]
-    first_of_group = np.concatenate(([True], ordered[1:] != ordered[:-1]))
-    starts = np.flatnonzero(first_of_group)
-    ends = np.append(starts[1:], len(values))
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = ((starts + 1 + ends) / 2.0)[np.cumsum(first_of_group) - 1]
-    return ranks

@@ -30,8 +30,8 @@ from flwr.serverapp.strategy import Strategy
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData
 from fedmodel.errors import ConfigError
+from fedmodel.evaluation import evaluate
 from fedmodel.models import build_model
-from fedmodel.training import evaluate
 from server.aggregators import build_aggregator
 from server.central_dp import with_central_dp
 from server.deployment import DeployedSetting

@@ -28,10 +28,12 @@ import torch
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, make_loader
 from fedmodel.dp_modes import grad_sample_mode
+from fedmodel.evaluation import evaluate
 from fedmodel.models import build_model
-from fedmodel.privacy.accountant import calibrate_noise_multiplier, epsilon_of
+from fedmodel.privacy.accountant import epsilon_of
+from fedmodel.privacy.calibration import calibrate_noise_multiplier
 from fedmodel.sampling import poisson_plan
-from fedmodel.training import evaluate, select_device, train_dp, train_plain
+from fedmodel.training import select_device, train_dp, train_plain
 
 METRICS = ("auroc", "auprc", "recall_at_1pct_fpr", "accuracy", "loss")
 

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -105,11 +105,31 @@ def federation_workspace(path: Path) -> Iterator[Workspace]:
                 os.kill(pid, signal.SIGKILL)
 
 
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """A data owner who joins: its node's name and budget, and the copy of FedModel its
+    node runs (None: this checkout)."""
+
+    name: str
+    budget_epsilon: float
+    code: Path | None = None
+
+
 @contextlib.contextmanager
-def served_federation(path: Path) -> Iterator[tuple[Workspace, Path]]:
-    """A workspace with a started SuperLink in `path`/srv: (workspace, server directory)."""
+def joined_federation(
+    path: Path, sites: Sequence[Site], rows: int = ROWS_PER_SITE
+) -> Iterator[tuple[Workspace, Path]]:
+    """A started SuperLink in `path`/srv, every site joined with `rows` patients
+    (`path`/NAME.csv) and online: (workspace, server directory)."""
     with federation_workspace(path) as space:
         start_server(path / "srv")
+        data = write_sites(path, [site.name for site in sites], rows)
+        for site in sites:
+            env = None if site.code is None else {**os.environ, "PYTHONPATH": str(site.code)}
+            join_node(
+                space, path / "srv", path / site.name, data[site.name], site.budget_epsilon, env
+            )
+        wait_until_online(path / "srv", len(sites))
         yield space, path / "srv"
 
 

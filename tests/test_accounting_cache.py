@@ -12,8 +12,8 @@ from opacus.accountants.analysis.rdp import compute_rdp
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedmodel.privacy import accountant, calibration
-from fedmodel.privacy.accountant import RDP_ORDERS
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE, cache_path, remembered
+from fedmodel.privacy.analysis import RDP_ORDERS
 
 INPUTS = (4.0, 1e-5, 1 / 3, 9)  # epsilon, delta, sample rate, steps
 
@@ -41,16 +41,16 @@ def test_a_calibration_is_opacus_answer_and_later_calls_read_it_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opacus_answer: float
 ) -> None:
     monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path))
-    accountant.calibrate_noise_multiplier.cache_clear()
-    first = accountant.calibrate_noise_multiplier(*INPUTS)
+    calibration.calibrate_noise_multiplier.cache_clear()
+    first = calibration.calibrate_noise_multiplier(*INPUTS)
     assert first == opacus_answer  # bit for bit
     with sqlite3.connect(cache_path()) as connection:
         assert connection.execute("SELECT count(*) FROM memo").fetchone() == (1,)
 
-    accountant.calibrate_noise_multiplier.cache_clear()  # as a fresh worker would start
+    calibration.calibrate_noise_multiplier.cache_clear()  # as a fresh worker would start
     monkeypatch.setattr(calibration, "calibrated_noise_multiplier", _never)
-    assert accountant.calibrate_noise_multiplier(*INPUTS) == first
-    accountant.calibrate_noise_multiplier.cache_clear()
+    assert calibration.calibrate_noise_multiplier(*INPUTS) == first
+    calibration.calibrate_noise_multiplier.cache_clear()
 
 
 def test_an_unusable_cache_only_costs_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,7 +21,8 @@ from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE, cache_path
 from fedmodel.privacy.audit import audit
 from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget
-from fedmodel.privacy.ledger import PrivacyLedger, spent_history
+from fedmodel.privacy.ledger import PrivacyLedger
+from fedmodel.privacy.ledger_chain import spent_history
 
 BIN = Path(sys.executable).parent
 DELTA = 1e-5

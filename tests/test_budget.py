@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import Context, RecordDict
-from opacus.accountants import RDPAccountant
 
 from client.app import _train_private, ledger_path, owner_budget
 from fedmodel.config import RunConfig
@@ -15,23 +14,15 @@ from fedmodel.data import TabularData, make_loader
 from fedmodel.errors import ConfigError
 from fedmodel.models import build_model
 from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget, new_segments
-from fedmodel.privacy.ledger import COMMITTED, PENDING, PrivacyLedger, verify_chain
+from fedmodel.privacy.ledger import PrivacyLedger
+from fedmodel.privacy.ledger_chain import COMMITTED, PENDING, verify_chain
 from fedmodel.protocol import PARTITION_ID_KEY
 from fedmodel.training import select_device
-from tests.conftest import dp_accounting_epsilon
+from tests.conftest import dp_accounting_epsilon, opacus_stepped_epsilon
 
 CPU = select_device("cpu")
 
 DELTA = 1e-5
-
-
-def opacus_epsilon(history: list[tuple[float, float, int]]) -> float:
-    """A fresh Opacus accountant fed the mechanisms step by step, as training feeds it."""
-    accountant = RDPAccountant()
-    for noise, rate, steps in history:
-        for _ in range(steps):
-            accountant.step(noise_multiplier=noise, sample_rate=rate)
-    return float(accountant.get_epsilon(DELTA))
 
 
 def context(config: RunConfig, run_id: int = 7, **node: str | float) -> Context:
@@ -54,11 +45,11 @@ def test_projection_refuses_exactly_when_a_fresh_accountant_would_exceed() -> No
     spent = [(1.0, 0.02, 200)]
     round_ = (1.0, 0.02, 50)
     projected = OwnerBudget(10.0, DELTA).projector(round_)(spent)
-    assert projected == pytest.approx(opacus_epsilon([(1.0, 0.02, 250)]), rel=1e-9)
+    assert projected == pytest.approx(opacus_stepped_epsilon([(1.0, 0.02, 250)], DELTA), rel=1e-9)
     OwnerBudget(projected * 1.0001, DELTA).projector(round_)(spent)  # fits: no refusal
     with pytest.raises(BudgetExhausted, match="budget-exhausted") as refusal:
         OwnerBudget(projected * 0.9999, DELTA).projector(round_)(spent)
-    assert refusal.value.spent == pytest.approx(opacus_epsilon(spent), rel=1e-9)
+    assert refusal.value.spent == pytest.approx(opacus_stepped_epsilon(spent, DELTA), rel=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -108,14 +99,18 @@ def test_budget_exhausted_client_refuses_to_train(tmp_path: Path, hospital: Tabu
             assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
             break
         trained_rounds += 1
-        assert opacus_epsilon(result.history) <= 1.0
+        assert opacus_stepped_epsilon(result.history, DELTA) <= 1.0
     ledger = PrivacyLedger(ledger_path(config, context(config)))
     history = [tuple(segment) for segment in ledger.spent_history(ledger.entries()[0].fingerprint)]
     ((noise, rate, steps),) = history
     per_round = steps // trained_rounds
     assert 2 <= trained_rounds < 8
-    assert opacus_epsilon(history) <= 1.0 < opacus_epsilon([(noise, rate, steps + per_round)])
-    assert dp_accounting_epsilon(history, DELTA, pld=True) <= opacus_epsilon(history)
+    assert (
+        opacus_stepped_epsilon(history, DELTA)
+        <= 1.0
+        < opacus_stepped_epsilon([(noise, rate, steps + per_round)], DELTA)
+    )
+    assert dp_accounting_epsilon(history, DELTA, pld=True) <= opacus_stepped_epsilon(history, DELTA)
     assert [e.status for e in ledger.entries()] == [PENDING, COMMITTED] * trained_rounds
     assert verify_chain(ledger.entries()) is None
 

@@ -14,11 +14,8 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedmodel.privacy import calibration
-from fedmodel.privacy.calibration import (
-    DECISION_MARGIN,
-    calibrated_noise_multiplier,
-    vectorised_epsilon,
-)
+from fedmodel.privacy.analysis import vectorised_epsilon
+from fedmodel.privacy.calibration import DECISION_MARGIN, calibrated_noise_multiplier
 
 
 def _opacus_epsilon(sigma: float, rate: float, steps: int, delta: float) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from fedmodel.privacy.canaries import (
+from fedmodel.canaries import (
     EmpiricalAudit,
     one_run_epsilon_lower_bound,
     one_run_p_value,

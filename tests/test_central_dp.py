@@ -34,7 +34,8 @@ from fedmodel.privacy.central import (
     effective_noise_multiplier,
     update_noise_multiplier,
 )
-from fedmodel.privacy.ledger import COMMITTED, PENDING, PrivacyLedger, verify_chain
+from fedmodel.privacy.ledger import PrivacyLedger
+from fedmodel.privacy.ledger_chain import COMMITTED, PENDING, verify_chain
 from fedmodel.protocol import PARTITION_ID_KEY
 from server.central_dp import with_central_dp
 from server.checkpoint import restore_rng, rng_state

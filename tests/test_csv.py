@@ -17,8 +17,9 @@ from fedmodel.data import make_loader
 from fedmodel.datasets.csv_scenario import load_csv_split
 from fedmodel.datasets.scenarios import federation, resolve_clients
 from fedmodel.errors import ConfigError
+from fedmodel.evaluation import evaluate
 from fedmodel.models import build_model
-from fedmodel.training import evaluate, select_device, train_dp
+from fedmodel.training import select_device, train_dp
 
 
 def clinic_table(rows: int = 600, seed: int = 0) -> pd.DataFrame:

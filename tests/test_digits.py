@@ -12,8 +12,9 @@ from fedmodel.config import RunConfig
 from fedmodel.data import make_loader
 from fedmodel.datasets.digits import load_mnist_5k
 from fedmodel.datasets.scenarios import client_partitions
+from fedmodel.evaluation import evaluate
 from fedmodel.models import build_model
-from fedmodel.training import evaluate, select_device, train_dp, train_plain
+from fedmodel.training import select_device, train_dp, train_plain
 from tests.conftest import assert_epsilons_recompute
 from tests.test_scenario_runs import simulate
 

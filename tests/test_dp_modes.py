@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedmodel.dp_modes import FASTEST_MODE, GRAD_SAMPLE_MODES, grad_sample_mode
 from fedmodel.errors import ConfigError
-from fedmodel.models import MODELS, build_model
-from fedmodel.training import ClassifierLoss, train_dp
+from fedmodel.models import MODELS, ClassifierLoss, build_model
+from fedmodel.training import train_dp
 
 INPUTS = {"mlp": (8, 2), "logreg": (8, 2), "cnn": (784, 10)}  # features, classes
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

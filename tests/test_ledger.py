@@ -11,18 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from opacus.accountants import RDPAccountant
 
 from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget
-from fedmodel.privacy.ledger import (
-    COMMITTED,
-    PENDING,
-    PrivacyLedger,
-    dataset_fingerprint,
-    verify_chain,
-)
-from tests.conftest import dp_accounting_epsilon
+from fedmodel.privacy.ledger import PrivacyLedger, dataset_fingerprint
+from fedmodel.privacy.ledger_chain import COMMITTED, PENDING, verify_chain
+from tests.conftest import dp_accounting_epsilon, opacus_stepped_epsilon
 
 DELTA = 1e-5
 ROUND = (1.1, 0.02, 50)  # (noise multiplier, sample rate, steps) of one round
@@ -44,14 +38,6 @@ def spend_round(
     if commit:
         history = ledger.spent_history(fingerprint)
         ledger.commit(pending, segment, epsilon_of(history, DELTA))
-
-
-def fresh_opacus_epsilon(segments: list[tuple[float, float, int]]) -> float:
-    accountant = RDPAccountant()
-    for noise, rate, steps in segments:
-        for _ in range(steps):
-            accountant.step(noise_multiplier=noise, sample_rate=rate)
-    return float(accountant.get_epsilon(DELTA))
 
 
 def test_fingerprint_is_the_content_not_the_object() -> None:
@@ -77,7 +63,7 @@ def test_spending_composes_across_runs_and_reopenings(tmp_path: Path) -> None:
 
     ledger = PrivacyLedger(path)
     assert ledger.spent_history("data") == [(1.1, 0.02, 150), (0.9, 0.04, 50)]
-    expected = fresh_opacus_epsilon([ROUND] * 3 + [second] * 2)
+    expected = opacus_stepped_epsilon([ROUND] * 3 + [second] * 2, DELTA)
     assert ledger.spent_epsilon("data", DELTA) == pytest.approx(expected, rel=1e-12)
     assert ledger.entries("data")[-1].epsilon == pytest.approx(expected, rel=1e-12)
     assert ledger.spent_history("other-data") == [ROUND]

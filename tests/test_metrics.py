@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from fedmodel.data import TabularData
-from fedmodel.training import auprc, evaluate, recall_at_fpr
+from fedmodel.evaluation import auprc, evaluate, recall_at_fpr
 
 CASES = [(5000, 0.003, 0), (2000, 0.05, 1), (300, 0.4, 2)]
 

@@ -14,9 +14,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedmodel.dp_modes import GRAD_SAMPLE_MODES
-from fedmodel.models import MODELS, build_model
+from fedmodel.models import MODELS, ClassifierLoss, build_model
 from fedmodel.sampling import PoissonBatchSampler, dp_generators
-from fedmodel.training import ClassifierLoss, train_dp
+from fedmodel.training import train_dp
 
 CPU = torch.device("cpu")
 INPUTS = {"mlp": (8, 2), "logreg": (8, 2), "cnn": (784, 10)}  # features, classes

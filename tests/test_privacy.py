@@ -8,13 +8,13 @@ from opacus.accountants import RDPAccountant
 from fedmodel.data import TabularData, make_loader
 from fedmodel.models import build_model
 from fedmodel.privacy.accountant import (
-    RDP_ORDERS,
-    calibrate_noise_multiplier,
     epsilon_of,
     history_fields,
     history_from_fields,
     merge_segments,
 )
+from fedmodel.privacy.analysis import RDP_ORDERS
+from fedmodel.privacy.calibration import calibrate_noise_multiplier
 from fedmodel.training import train_dp
 from tests.conftest import dp_accounting_epsilon
 

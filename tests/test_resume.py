@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedmodel.privacy.accountant import calibrate_noise_multiplier
+from fedmodel.privacy.calibration import calibrate_noise_multiplier
 from fedmodel.privacy.ledger import PrivacyLedger
 from tests.conftest import assert_epsilons_recompute, dp_accounting_epsilon
 from tests.test_simulation import simulate

@@ -1,44 +1,35 @@
 """A deployed run never hangs: too few nodes end it cleanly, and stopping `fedmodel run`
-stops the run on the SuperLink too. A real TLS federation of two nodes on 127.0.0.1."""
+stops the run on the SuperLink too. The shared TLS federation of tests/conftest.py on
+127.0.0.1 (three nodes); site-z follows no plan here, so it is an honest node."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fedmodel.runtime.processes import executable
 from server.superlink import CONNECTION, Federation, server_environment
+from tests.conftest import HONEST_SITES, HOSTILE_SITE, SHARED_BUDGET, SharedFederation
 from tests.federation import (
-    Workspace,
     background,
+    federation_workspace,
     fedmodel,
     join_node,
-    served_federation,
     wait_for_text,
     wait_until_online,
     write_sites,
 )
 
 pytestmark = pytest.mark.slow
-SITES = ["site-a", "site-b"]
-
-
-@pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
-    root = tmp_path_factory.mktemp("liveness")
-    with served_federation(root) as (space, server):
-        data = write_sites(root, SITES)
-        for site in SITES:
-            join_node(space, server, root / site, data[site], budget_epsilon=10)
-        wait_until_online(server, len(SITES))
-        yield space
+ONLINE = len(HONEST_SITES) + 1  # the shared nodes, site-z included
+REVOKED = "site-r"  # the revocation test's own node
 
 
 def run_statuses(server: Path) -> dict[int, str]:
@@ -52,22 +43,25 @@ def run_statuses(server: Path) -> dict[int, str]:
     return {int(run["run-id"]): run["status"] for run in json.loads(listed.stdout)["runs"]}
 
 
-def test_stopping_fedmodel_run_stops_its_run_on_the_superlink(federation: Workspace) -> None:
-    root, server = federation.path, federation.path / "srv"
-    # three nodes asked for, two enrolled: the ServerApp waits for the third
-    run = background(
-        "run", "--dir", server, "--min-clients", "3", "--output", root / "waiting",
-        log=root / "waiting.out",
-    )  # fmt: skip
-    federation.started.append(run)
-    run_log = root / "waiting" / "engine" / "flwr-run.log"
-    wait_for_text(run_log, "Successfully started run", run, 120)
-    wait_for_text(run_log, "Waiting for nodes: 2 of 3 connected", run, 120)
-    run_id = int(run_log.read_text().split("Successfully started run ")[1].split()[0])
-    assert run_statuses(server)[run_id].startswith("running")
-    run.send_signal(signal.SIGINT)
-    assert run.wait(timeout=90) == 130
-    assert "interrupted" in (root / "waiting.out").read_text()
+def test_stopping_fedmodel_run_stops_its_run_on_the_superlink(
+    shared_federation: SharedFederation, tmp_path: Path
+) -> None:
+    server = shared_federation.server
+    with federation_workspace(tmp_path) as space:  # stops what the test started
+        # one node more than are online: the ServerApp waits for it
+        run = background(
+            "run", "--dir", server, "--min-clients", str(ONLINE + 1),
+            "--output", tmp_path / "waiting", log=tmp_path / "waiting.out",
+        )  # fmt: skip
+        space.started.append(run)
+        run_log = tmp_path / "waiting" / "engine" / "flwr-run.log"
+        wait_for_text(run_log, "Successfully started run", run, 120)
+        wait_for_text(run_log, f"Waiting for nodes: {ONLINE} of {ONLINE + 1} connected", run, 120)
+        run_id = int(run_log.read_text().split("Successfully started run ")[1].split()[0])
+        assert run_statuses(server)[run_id].startswith("running")
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=90) == 130
+    assert "interrupted" in (tmp_path / "waiting.out").read_text()
     deadline = time.monotonic() + 60
     while not (status := run_statuses(server)[run_id]).startswith("finished"):
         assert time.monotonic() < deadline, f"run {run_id} is still {status}"
@@ -75,27 +69,43 @@ def test_stopping_fedmodel_run_stops_its_run_on_the_superlink(federation: Worksp
     assert status == "finished:stopped"
 
 
-def test_a_revocation_below_min_clients_ends_the_run_cleanly(federation: Workspace) -> None:
-    root, server = federation.path, federation.path / "srv"
-    run = background(
-        "run", "--dir", server, "--rounds", "20", "--min-clients", "2", "--round-timeout", "15",
-        "--batch-size", "32", "--output", root / "revoked", log=root / "revoked.out",
-    )  # fmt: skip
-    federation.started.append(run)
-    # Once both answered round 1, site-b's executor is paused, then site-b revoked:
-    # round 2 gets one reply. (Revoked while uploading a reply, a node would leave a
-    # half-sent reply that Flower 1.39's ServerApp keeps pulling for up to 2 hours.)
-    for site in SITES:
-        wait_for_text(root / site / "executor.log", "train: answered", run, 180)
-    os.killpg(int((root / "site-b" / "executor.pid").read_text()), signal.SIGSTOP)
-    revoked = fedmodel("server", "revoke", "site-b", "--dir", server)
-    assert revoked.returncode == 0, revoked.stderr
-    started = time.monotonic()
-    assert run.wait(timeout=180) == 0, (root / "revoked.out").read_text()
-    summary = json.loads((root / "revoked" / "summary.json").read_text())
+def test_a_revocation_below_min_clients_ends_the_run_cleanly(
+    shared_federation: SharedFederation, tmp_path: Path
+) -> None:
+    """The node revoked is one the test joins itself; the shared nodes stay enrolled."""
+    server = shared_federation.server
+    with federation_workspace(tmp_path) as space:  # stops the test's run and its node
+        # rows after those of the shared sites
+        data = write_sites(tmp_path, [*HONEST_SITES, HOSTILE_SITE, REVOKED])[REVOKED]
+        join_node(space, server, tmp_path / REVOKED, data, SHARED_BUDGET)
+        wait_until_online(server, ONLINE + 1)
+        run = background(
+            "run", "--dir", server, "--rounds", "20", "--min-clients", str(ONLINE + 1),
+            "--round-timeout", "15", "--batch-size", "32", "--output", tmp_path / "revoked",
+            log=tmp_path / "revoked.out",
+        )  # fmt: skip
+        space.started.append(run)
+        # Once site-r answered round 1, its executor is paused, then site-r revoked: the
+        # next round gets one reply fewer. (Revoked while uploading a reply, a node would
+        # leave a half-sent reply that Flower 1.39's ServerApp keeps pulling for up to 2 hours.)
+        wait_for_text(tmp_path / REVOKED / "executor.log", "train: answered", run, 180)
+        executor = int((tmp_path / REVOKED / "executor.pid").read_text())
+        os.killpg(executor, signal.SIGSTOP)
+        try:
+            revoked = fedmodel("server", "revoke", REVOKED, "--dir", server)
+            assert revoked.returncode == 0, revoked.stderr
+            started = time.monotonic()
+            assert run.wait(timeout=180) == 0, (tmp_path / "revoked.out").read_text()
+        finally:  # so that its node stops promptly, unless it stopped on its revocation
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(executor, signal.SIGCONT)
+    summary = json.loads((tmp_path / "revoked" / "summary.json").read_text())
     assert summary["completed"]
     stop = summary["stopped_early"]
-    # the round in flight times out with one reply, or the next one waits for a 2nd node
-    assert "only 1 clients trained in round" in stop or "only 1 of the 2 nodes" in stop, stop
+    # the round in flight times out without site-r, or the next one waits for a 4th node
+    assert (
+        f"only {ONLINE} clients trained in round" in stop
+        or f"only {ONLINE} of the {ONLINE + 1} nodes" in stop
+    ), stop
     assert len(summary["per_round"]) < 20
     print(f"run ended {time.monotonic() - started:.0f} s after the revocation: {stop}")

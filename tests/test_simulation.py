@@ -16,8 +16,8 @@ from opacus.accountants import RDPAccountant
 
 from fedmodel.config import RunConfig
 from fedmodel.datasets.scenarios import global_test_set
+from fedmodel.evaluation import evaluate
 from fedmodel.models import build_model
-from fedmodel.training import evaluate
 from server.checkpoint import load_checkpoint
 from tests.conftest import assert_epsilons_recompute
 

@@ -3,8 +3,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from fedmodel.data import TabularData, make_loader
+from fedmodel.evaluation import auroc, evaluate
 from fedmodel.models import build_model
-from fedmodel.training import auroc, evaluate, select_device, train_plain
+from fedmodel.training import select_device, train_plain
 
 
 def test_auroc_matches_sklearn_including_ties() -> None:

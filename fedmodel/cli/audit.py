@@ -169,10 +169,10 @@ def audit_empirical(
 
     import torch
 
+    from fedmodel.canaries import run_empirical_audit
     from fedmodel.config import RunConfig
     from fedmodel.datasets.scenarios import client_partitions
     from fedmodel.errors import ConfigError
-    from fedmodel.privacy.canaries import run_empirical_audit
 
     if canaries < 2 or not 0 < 2 * guesses <= canaries:
         raise ConfigError(f"--guesses must be between 1 and canaries/2 (got {guesses})")

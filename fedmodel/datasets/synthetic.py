@@ -26,7 +26,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from fedmodel.data import TabularData
-from fedmodel.training import auroc
+from fedmodel.evaluation import auroc
 
 
 class SiteGenerator(Protocol):

@@ -1,4 +1,4 @@
-"""Noise calibration and epsilon accounting for a client's DP-SGD training.
+"""Epsilon accounting for a client's DP-SGD training (its noise: fedmodel.privacy.calibration).
 
 Guarantee: sample-level (epsilon, delta)-DP for the records of one client's dataset,
 add/remove-one neighbouring relation, composed over every DP-SGD step the client has
@@ -19,33 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from fedmodel.privacy.analysis import RDP_ORDERS
+
 ACCOUNTANT = "rdp"
 
 Segment = tuple[float, float, int]
-
-
-@lru_cache(maxsize=1024)
-def calibrate_noise_multiplier(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int
-) -> float:
-    """Smallest noise multiplier whose epsilon after `steps` stays within the target.
-
-    Calibrated once for the client's whole planned participation (rounds x local epochs
-    x batches), not per round: per-round calibration would spend the budget every round.
-    Opacus's answer, found along Opacus's search path in milliseconds
-    (fedmodel.privacy.calibration), and memoised in this process and on this machine
-    (fedmodel.privacy.accounting_cache), whichever worker or run asks.
-    """
-    from fedmodel.privacy.accounting_cache import remembered
-    from fedmodel.privacy.calibration import calibrated_noise_multiplier
-
-    inputs = (target_epsilon, delta, sample_rate, steps, ACCOUNTANT)
-    (noise,) = remembered(
-        "noise-multiplier",
-        inputs,
-        lambda: np.array([calibrated_noise_multiplier(target_epsilon, delta, sample_rate, steps)]),
-    )
-    return float(noise)
 
 
 def epsilon_of(history: Sequence[Segment], delta: float) -> float:
@@ -65,9 +43,6 @@ def epsilon_of(history: Sequence[Segment], delta: float) -> float:
     )
     epsilon, _ = get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
     return max(float(epsilon), 0.0)  # Opacus goes below 0 at large delta: (0, delta) holds
-
-
-RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))  # Opacus's
 
 
 @lru_cache(maxsize=4096)

@@ -33,13 +33,12 @@ from fedmodel.errors import FedModelError
 from fedmodel.privacy.accountant import Segment
 from fedmodel.privacy.audit_accounting import FreshRdp, Mechanism, RunningPld, spent_steps
 from fedmodel.privacy.central import mechanism_problem
-from fedmodel.privacy.ledger import (
+from fedmodel.privacy.ledger import LedgerError, PrivacyLedger
+from fedmodel.privacy.ledger_chain import (
     COMMITTED,
     PENDING,
     ChainProblem,
     LedgerEntry,
-    LedgerError,
-    PrivacyLedger,
     spent_history,
     verify_chain,
 )

@@ -5,29 +5,49 @@ accountant (151 orders, term by term in pure Python) about a dozen times: 0.3-3 
 CPU for every new (sample rate, steps), which a federation of differently sized clients
 pays once per size (issue 7). The search uses its epsilons only in comparisons with
 two thresholds (the target, and the target less the tolerance). Here each epsilon is
-computed with the same formulas vectorised in NumPy, which agree with Opacus's to about
-1e-13; whenever one lies within DECISION_MARGIN of a threshold, Opacus's accountant
-computes it instead. Every comparison therefore comes out as in Opacus, the search
-takes Opacus's path and returns Opacus's noise multiplier, bit for bit
-(tests/test_calibration.py), in milliseconds.
+computed with the same formulas vectorised in NumPy (fedmodel.privacy.analysis), which
+agree with Opacus's to about 1e-13; whenever one lies within DECISION_MARGIN of a
+threshold, Opacus's accountant computes it instead. Every comparison therefore comes
+out as in Opacus, the search takes Opacus's path and returns Opacus's noise
+multiplier, bit for bit (tests/test_calibration.py), in milliseconds.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from functools import lru_cache
 
 import numpy as np
 
-from fedmodel.privacy.accountant import RDP_ORDERS
+from fedmodel.privacy.accountant import ACCOUNTANT
+from fedmodel.privacy.analysis import vectorised_epsilon
 
 DECISION_MARGIN = 1e-7  # relative; the vectorised epsilon is within ~1e-13 of Opacus's
 EPSILON_TOLERANCE = 0.01  # Opacus's default precision of the search
-SERIES_CUTOFF = -30.0  # Opacus stops a fractional order's series below exp(-30)
-MAX_SERIES_TERMS = 1 << 16
 
-_ORDERS = np.array(RDP_ORDERS, dtype=np.float64)
-_INTEGER = np.array([float(order).is_integer() for order in RDP_ORDERS])
+
+@lru_cache(maxsize=1024)
+def calibrate_noise_multiplier(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int
+) -> float:
+    """Smallest noise multiplier whose epsilon after `steps` stays within the target.
+
+    Calibrated once for the client's whole planned participation (rounds x local epochs
+    x batches), not per round: per-round calibration would spend the budget every round.
+    Opacus's answer, found along Opacus's search path in milliseconds
+    (`calibrated_noise_multiplier`), and memoised in this process and on this machine
+    (fedmodel.privacy.accounting_cache), whichever worker or run asks.
+    """
+    from fedmodel.privacy.accounting_cache import remembered
+
+    inputs = (target_epsilon, delta, sample_rate, steps, ACCOUNTANT)
+    (noise,) = remembered(
+        "noise-multiplier",
+        inputs,
+        lambda: np.array([calibrated_noise_multiplier(target_epsilon, delta, sample_rate, steps)]),
+    )
+    return float(noise)
 
 
 def calibrated_noise_multiplier(
@@ -81,106 +101,3 @@ def opacus_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(accountant.get_epsilon(delta=delta))
-
-
-def vectorised_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
-    """Opacus's RDP epsilon of `steps` subsampled Gaussian steps, over its 151 orders at
-    once; NaN where Opacus would raise or a series would not converge (the caller then
-    asks Opacus)."""
-    if q == 1.0:
-        rdp = _ORDERS / (2 * sigma**2)
-    else:
-        log_a = np.empty_like(_ORDERS)
-        log_a[_INTEGER] = _log_a_integer_orders(q, sigma, _ORDERS[_INTEGER])
-        log_a[~_INTEGER] = _log_a_fractional_orders(q, sigma, _ORDERS[~_INTEGER])
-        rdp = log_a / (_ORDERS - 1)
-    rdp = rdp * steps
-    eps = rdp - (np.log(delta) + np.log(_ORDERS)) / (_ORDERS - 1) + np.log((_ORDERS - 1) / _ORDERS)
-    if np.isnan(eps).any():
-        return math.nan
-    return float(eps.min())
-
-
-def _log_a_integer_orders(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
-    """log A_alpha for integer orders: a finite binomial sum (Mironov et al. 2019, 3.3)."""
-    from scipy import special
-
-    i = np.arange(int(alphas.max()) + 1, dtype=np.float64)[None, :]
-    alpha = alphas[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = (
-            np.log(special.binom(alpha, i))
-            + i * math.log(q)
-            + (alpha - i) * math.log(1 - q)
-            + (i * i - i) / (2 * sigma**2)
-        )
-    terms = np.where(i <= alpha, terms, -np.inf)
-    return _log_sum_exp(terms)
-
-
-def _log_a_fractional_orders(q: float, sigma: float, alphas: np.ndarray) -> np.ndarray:
-    """log A_alpha for fractional orders: Opacus's two alternating series, each summed up
-    to and including the first index where both terms fall below exp(-30).
-
-    Summed in growing blocks of indices; an order leaves once its series has ended
-    (large noise at large sample rates needs thousands of terms for a few orders).
-    """
-    from scipy import special
-
-    z0 = sigma**2 * math.log(1 / q - 1) + 0.5
-    sums = np.full((2, len(alphas)), -np.inf)  # log of each series' running sum
-    running = np.ones(len(alphas), dtype=bool)
-    start, block = 0, 64
-    while running.any():
-        if start >= MAX_SERIES_TERMS:
-            sums[:, running] = np.nan
-            break
-        alpha = alphas[running][:, None]
-        i = np.arange(start, start + block, dtype=np.float64)[None, :]
-        j = alpha - i
-        coef = special.binom(alpha, i)
-        log_coef = np.log(np.abs(coef))
-        log_e0 = math.log(0.5) + _log_erfc((i - z0) / (math.sqrt(2) * sigma))
-        log_e1 = math.log(0.5) + _log_erfc((z0 - j) / (math.sqrt(2) * sigma))
-        log_s0 = log_coef + i * math.log(q) + j * math.log(1 - q)
-        log_s0 = log_s0 + (i * i - i) / (2 * sigma**2) + log_e0
-        log_s1 = log_coef + j * math.log(q) + i * math.log(1 - q)
-        log_s1 = log_s1 + (j * j - j) / (2 * sigma**2) + log_e1
-        below = np.maximum(log_s0, log_s1) < SERIES_CUTOFF
-        ends = below.any(axis=1)
-        included = i - start <= np.where(ends, below.argmax(axis=1), block)[:, None]
-        signs = np.where(coef > 0, 1.0, -1.0)
-        for series, log_s in enumerate((log_s0, log_s1)):
-            sums[series, running] = _log_alternating_sum(
-                sums[series, running], np.where(included, log_s, -np.inf), signs
-            )
-        running[np.flatnonzero(running)[ends]] = False
-        start, block = start + block, 2 * block
-    return np.logaddexp(sums[0], sums[1])
-
-
-def _log_erfc(x: np.ndarray) -> np.ndarray:
-    from scipy import special
-
-    return math.log(2) + special.log_ndtr(-x * 2**0.5)
-
-
-def _log_sum_exp(log_terms: np.ndarray) -> np.ndarray:
-    """Row-wise log(sum(exp(term)))."""
-    peak = np.max(log_terms, axis=1, keepdims=True)
-    return np.log(np.sum(np.exp(log_terms - peak), axis=1)) + peak[:, 0]
-
-
-def _log_alternating_sum(
-    log_before: np.ndarray, log_terms: np.ndarray, signs: np.ndarray
-) -> np.ndarray:
-    """Row-wise log(exp(before) + sum(sign * exp(term))); NaN for a row where a partial
-    sum is not positive (Opacus's running log-space subtraction raises there)."""
-    peak = np.maximum(log_before, np.max(log_terms, axis=1))[:, None]
-    with np.errstate(invalid="ignore"):
-        partial = np.exp(log_before[:, None] - peak) + np.cumsum(
-            signs * np.exp(log_terms - peak), axis=1
-        )
-        positive = (partial > 0).all(axis=1)
-        total = np.where(positive, partial[:, -1], 1.0)
-        return np.where(positive, np.log(total) + peak[:, 0], np.nan)

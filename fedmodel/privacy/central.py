@@ -36,7 +36,8 @@ from typing import TypeVar
 
 from fedmodel.privacy.accountant import Segment
 from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget
-from fedmodel.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedmodel.privacy.ledger import PrivacyLedger
+from fedmodel.privacy.ledger_chain import LedgerEntry
 
 FEDERATION_LEDGER = "central-dp.sqlite"  # in the run directory; audit lists it as "central-dp"
 CLIENT_LEVEL_FINGERPRINT = "client-level"

@@ -19,10 +19,9 @@ from opacus.accountants import RDPAccountant
 from client.app import train_local_model
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData
-from fedmodel.models import build_model
-from fedmodel.privacy.accountant import calibrate_noise_multiplier
+from fedmodel.models import ClassifierLoss, build_model
+from fedmodel.privacy.calibration import calibrate_noise_multiplier
 from fedmodel.privacy.ledger import PrivacyLedger
-from fedmodel.training import ClassifierLoss
 from tests.conftest import deployed_node_context, dp_accounting_epsilon
 
 DELTA = 1e-5

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import stat
 import subprocess
@@ -31,13 +30,7 @@ from fedmodel.protocol import POLICY_REFUSED_CODE
 from fedmodel.runtime.processes import executable
 from server.superlink import CONNECTION, Federation, server_environment
 from tests.conftest import dp_accounting_epsilon
-from tests.federation import (
-    copy_source_tree,
-    join_node,
-    served_federation,
-    wait_until_online,
-    write_sites,
-)
+from tests.federation import Site, copy_source_tree, joined_federation
 from tests.federation import (
     fedmodel as fedmodel_cli,
 )
@@ -102,13 +95,8 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinato
     code = root / "code"
     copy_source_tree(code)
     shutil.copytree(Path(__file__).parent / "hostileapp", root / "hostileapp")
-    node_env = {**os.environ, "PYTHONPATH": str(code)}  # the node runs the copy
-    with served_federation(root) as (space, server):
-        data = write_sites(root, [SITE], rows=300)[SITE]
-        node = root / SITE
-        join_node(space, server, node, data, BUDGET, node_env)
-        wait_until_online(server, 1)
-        yield Coordinator(root, server, node, code)
+    with joined_federation(root, [Site(SITE, BUDGET, code=code)], rows=300) as (_, server):
+        yield Coordinator(root, server, root / SITE, code)
         assert not (root / "foreign-code-ran").exists()
 
 

@@ -16,6 +16,9 @@ direction: epsilon_LB above the accountant's epsilon (or above an epsilon someon
 for the run) means the accounting (or the training) is wrong. The threat model matches
 sample-level DP: canaries are records of one client's dataset, and the audited job is
 that client's DP-SGD training.
+
+It trains (fedmodel.training), so it sits above training, outside fedmodel.privacy,
+whose accountant training itself uses.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from torch import nn
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, make_loader
 from fedmodel.models import build_model
-from fedmodel.privacy.accountant import calibrate_noise_multiplier, epsilon_of
+from fedmodel.privacy.accountant import epsilon_of
+from fedmodel.privacy.calibration import calibrate_noise_multiplier
 from fedmodel.sampling import poisson_plan
 from fedmodel.training import train_dp, train_plain
 
