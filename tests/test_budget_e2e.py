@@ -16,6 +16,7 @@ from fedmodel.datasets.scenarios import client_partitions
 from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.budget import OwnerBudget
 from fedmodel.privacy.ledger import PrivacyLedger, dataset_fingerprint
+from fedmodel.run_directory import RunSummary
 from simulations.runner import run_federation
 from tests.conftest import dp_accounting_epsilon
 from tests.test_simulation import engine_processes
@@ -26,7 +27,7 @@ BIN = Path(sys.executable).parent
 DELTA = 1e-5
 
 
-def simulate(config: RunConfig, run_dir: Path) -> dict[str, Any]:
+def simulate(config: RunConfig, run_dir: Path) -> RunSummary:
     summary = run_federation(config.replace(output_dir=str(run_dir)), run_dir, lambda row: None)
     assert engine_processes(run_dir) == []
     return summary
@@ -55,28 +56,28 @@ def test_two_runs_on_the_same_data_compose_and_stop_at_the_budget(tmp_path: Path
     ledgers = tmp_path / "hospital-ledgers"
     base = RunConfig(clients=2, epsilon=0.5, budget_epsilon=0.65, ledger_dir=str(ledgers))
     first = simulate(base.replace(rounds=2), tmp_path / "run-1")
-    assert first["completed"] and first["stopped_early"] is None and first["rounds"] == 2
+    assert first.completed and first.stopped_early is None and first.rounds == 2
 
     second = simulate(base.replace(rounds=4, epsilon=0.6), tmp_path / "run-2")
-    assert second["completed"] is True
-    assert second["stopped_early"] is not None and 0 < second["rounds"] < 4
-    assert {d["round"] for d in second["dropouts"]} == {second["rounds"] + 1}
-    assert all("budget-exhausted" in d["reason"] for d in second["dropouts"])
+    assert second.completed is True
+    assert second.stopped_early is not None and 0 < second.rounds < 4
+    assert {d["round"] for d in second.dropouts} == {second.rounds + 1}
+    assert all("budget-exhausted" in d["reason"] for d in second.dropouts)
     checkpoints = sorted(p.name for p in (tmp_path / "run-2" / "checkpoints").iterdir())
-    assert checkpoints[-1] == f"round-{second['rounds']:04d}.pt"
+    assert checkpoints[-1] == f"round-{second.rounds:04d}.pt"
 
-    for client in second["clients"]:
+    for client in second.clients:
         ledger = PrivacyLedger(ledgers / f"client-{client['client']}.sqlite")
         (fingerprint,) = {entry.fingerprint for entry in ledger.entries()}
         history = ledger.spent_history(fingerprint)
-        run_one = next(c for c in first["clients"] if c["client"] == client["client"])
+        run_one = next(c for c in first.clients if c["client"] == client["client"])
         # one accountant fed both runs' history = what the ledger (and the client) report
         both = [tuple(run_one["history"][0]), *[tuple(s) for s in client["history"]][1:]]
         assert history == both and len(history) == 2
         assert client["epsilon"] == pytest.approx(fresh_opacus_epsilon(history), rel=1e-9)
         assert client["epsilon"] <= 0.65
         noise, rate, steps = history[-1]
-        per_round = steps // second["rounds"]
+        per_round = steps // second.rounds
         assert fresh_opacus_epsilon([history[0], (noise, rate, steps + per_round)]) > 0.65
         assert dp_accounting_epsilon(history, DELTA, pld=True) <= client["epsilon"]
 
@@ -102,14 +103,14 @@ def test_an_owner_with_less_budget_left_drops_out_and_the_others_finish(tmp_path
     earlier.commit(pending, study, epsilon_of([study], DELTA))
 
     summary = simulate(config, run_dir)
-    assert summary["completed"] and summary["stopped_early"] is None
-    assert summary["rounds"] == 3
-    (dropout,) = summary["dropouts"]
+    assert summary.completed and summary.stopped_early is None
+    assert summary.rounds == 3
+    (dropout,) = summary.dropouts
     assert dropout["client"] == "0" and "budget-exhausted" in dropout["reason"]
-    counts = [row["clients"] for row in summary["per_round"]]
+    counts = [row["clients"] for row in summary.per_round]
     assert counts[: dropout["round"] - 1] == [3] * (dropout["round"] - 1)
     assert counts[dropout["round"] - 1 :] == [2] * (4 - dropout["round"])
-    hospital = next(c for c in summary["clients"] if c["client"] == "0")
+    hospital = next(c for c in summary.clients if c["client"] == "0")
     assert hospital["dropped_out_round"] == dropout["round"]
     assert hospital["epsilon"] <= 1.0
 
