@@ -1,19 +1,15 @@
-"""Shared fixtures: the real flchain data, an independent epsilon oracle and check, and
-one real federation that several end-to-end suites share."""
+"""Shared fixtures: the real flchain data and an independent epsilon oracle and check."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fedmodel.data import TabularData
-from tests.adversarial.tampered_executor import tampered_copy
-from tests.federation import Site, Workspace, joined_federation
 
 
 @pytest.fixture(scope="session")
@@ -94,45 +90,3 @@ def deployed_node_context(directory: Path, config: Any, budget_epsilon: float) -
         run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
         run_config=dict(config.to_run_config()),
     )  # fmt: skip
-
-
-HONEST_SITES = ("site-a", "site-b")
-HOSTILE_SITE = "site-z"  # honest unless a test writes its plan
-SHARED_BUDGET = 10  # each owner's
-
-
-@dataclasses.dataclass(frozen=True)
-class SharedFederation:
-    """A TLS federation on 127.0.0.1 with three enrolled nodes, shared by the suites
-    whose needs agree (tests/adversarial/test_hostile_node.py, tests/test_run_liveness.py).
-
-    A test leaves it as it found it: a plan it gives site-z is removed after it, a node
-    it revokes is one it joined itself, and its own processes stop when it ends.
-    """
-
-    space: Workspace
-    server: Path
-    plan: Path  # site-z follows it (tests/adversarial/tampered_executor.py)
-
-
-@pytest.fixture(scope="session")
-def started_shared_federation(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[SharedFederation]:
-    """Two honest owners and site-z, whose node runs a tampering copy of FedModel; each
-    with budget SHARED_BUDGET. Started once, for the first test that asks."""
-    root = tmp_path_factory.mktemp("shared-federation")
-    plan = tampered_copy(root / "code")
-    sites = [Site(name, SHARED_BUDGET) for name in HONEST_SITES]
-    sites.append(Site(HOSTILE_SITE, SHARED_BUDGET, code=root / "code"))
-    with joined_federation(root, sites) as (space, server):
-        yield SharedFederation(space, server, plan)
-
-
-@pytest.fixture
-def shared_federation(
-    started_shared_federation: SharedFederation,
-) -> Iterator[SharedFederation]:
-    """The shared federation; site-z is honest again after the test."""
-    yield started_shared_federation
-    started_shared_federation.plan.unlink(missing_ok=True)

@@ -16,7 +16,6 @@ import pytest
 
 from fedmodel.runtime.processes import executable
 from server.superlink import CONNECTION, Federation, server_environment
-from tests.conftest import HONEST_SITES, HOSTILE_SITE, SHARED_BUDGET, SharedFederation
 from tests.federation import (
     background,
     federation_workspace,
@@ -25,6 +24,12 @@ from tests.federation import (
     wait_for_text,
     wait_until_online,
     write_sites,
+)
+from tests.shared_federation.conftest import (
+    HONEST_SITES,
+    HOSTILE_SITE,
+    SHARED_BUDGET,
+    SharedFederation,
 )
 
 pytestmark = pytest.mark.slow

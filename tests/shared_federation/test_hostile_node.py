@@ -19,8 +19,13 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import HONEST_SITES, HOSTILE_SITE, SHARED_BUDGET, SharedFederation
 from tests.federation import fedmodel as fedmodel_cli
+from tests.shared_federation.conftest import (
+    HONEST_SITES,
+    HOSTILE_SITE,
+    SHARED_BUDGET,
+    SharedFederation,
+)
 
 pytestmark = pytest.mark.slow
 
