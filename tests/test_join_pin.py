@@ -7,6 +7,7 @@ fingerprint the owner pinned decides.
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from client.identity import (
     trusted_join_bundle,
 )
 from fedmodel.pki import JoinBundle, NodeIdentity, create_node_identity, create_server_pki
+from tests.federation import fedmodel
 
 
 def _bundle(path: Path, ca_directory: Path, fleet: str, node: NodeIdentity) -> str:
@@ -87,3 +89,14 @@ def test_a_fingerprint_is_read_however_the_operator_spelled_it() -> None:
     for wrong in ("ab" * 31, "zz" * 32, "SHA256:" + "ab" * 33, ""):
         with pytest.raises(UntrustedCaError, match="64 hex digits"):
             canonical_ca_fingerprint(wrong)
+
+
+def test_client_status_prints_a_pinned_fingerprint_verbatim(tmp_path: Path) -> None:
+    """Rich would turn ':AB:' into an emoji; one fingerprint in eight has such a pair."""
+    node = tmp_path / "node"
+    assert fedmodel("client", "init", "--dir", node, "--budget-epsilon", "1").returncode == 0
+    fingerprint = "sha256:" + ":".join(["AB", "CD"] * 16)
+    (node / PIN_FILE).write_text(json.dumps({"ca-fingerprint": fingerprint}))
+    status = fedmodel("client", "status", "--dir", node)
+    assert status.returncode == 0, status.stderr
+    assert f"Federation CA pinned: {fingerprint}" in status.stdout

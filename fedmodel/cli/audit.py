@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from fedmodel.errors import ExitCode
 
-console = Console(highlight=False)
+console = Console(highlight=False, emoji=False)
 
 VERIFY_COMMAND = "ledgers"
 

@@ -14,7 +14,7 @@ from rich.console import Console
 if TYPE_CHECKING:
     from client.policy import OwnerPolicy
 
-console = Console(highlight=False, soft_wrap=True)  # long paths stay greppable
+console = Console(highlight=False, emoji=False, soft_wrap=True)  # paths stay greppable
 
 client_app = typer.Typer(
     help="Join a federation as a data owner: node identity, policy, approvals and SuperNode.",

@@ -69,5 +69,7 @@ def _usage_message(error: click.UsageError) -> str:
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    Console(stderr=True, highlight=False).print(f"[red]error:[/red] {message}", soft_wrap=True)
+    Console(stderr=True, highlight=False, emoji=False).print(
+        f"[red]error:[/red] {message}", soft_wrap=True
+    )
     sys.exit(code)

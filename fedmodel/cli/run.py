@@ -24,7 +24,7 @@ from fedmodel.cli.server import DirOption
 from fedmodel.config import RunConfig, Section
 from fedmodel.errors import ConfigError
 
-console = Console(highlight=False, soft_wrap=True)  # long paths stay greppable
+console = Console(highlight=False, emoji=False, soft_wrap=True)  # paths stay greppable
 
 OUTPUT = Section.OUTPUT.value
 Output = Annotated[

@@ -11,8 +11,8 @@ from rich.table import Table
 
 from fedmodel.errors import ExitCode
 
-console = Console(highlight=False, soft_wrap=True)  # long paths stay greppable
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+console = Console(highlight=False, emoji=False, soft_wrap=True)  # paths stay greppable
+err_console = Console(stderr=True, highlight=False, emoji=False, soft_wrap=True)
 
 server_app = typer.Typer(
     help="Run a federation server: certificates, SuperLink, node enrollment and revocation.",

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # importing the scenarios loads torch: the CLI imports it whe
 
 DEFAULTS = RunConfig()
 MAX_PRINTED_CLIENTS = 20
-console = Console(highlight=False)
+console = Console(highlight=False, emoji=False)
 
 simulate_app = typer.Typer(
     help="Simulate a federation on this machine: a local worker pool by default, "
