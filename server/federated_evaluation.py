@@ -34,7 +34,7 @@ from fedmodel.protocol import (
     SERVER_ROUND_KEY,
 )
 from server.reply_schema import EvaluationReport, InvalidReply, evaluation_report
-from server.strategy import GuardedStrategy
+from server.strategy import FederationStopped, GuardedStrategy
 
 SCORES = ("auroc", "accuracy", "loss")
 
@@ -96,7 +96,11 @@ class EvaluatingInTraining(GuardedStrategy):
             return
         config = ConfigRecord({**shared, SERVER_ROUND_KEY: model_round})
         question = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
-        messages = [Message(question, node, MessageType.EVALUATE) for node in grid.get_node_ids()]
+        try:
+            nodes = list(grid.get_node_ids())
+        except FederationStopped:  # the run stopped for want of nodes: none left to score it
+            return
+        messages = [Message(question, node, MessageType.EVALUATE) for node in nodes]
         self._record_evaluation(model_round, grid.send_and_receive(messages, timeout=timeout))
 
     def aggregate_train(
