@@ -50,6 +50,12 @@ class ConfigError(FedModelError):
     exit_code = ExitCode.USAGE
 
 
+class TaskError(FedModelError):
+    """A user's Task that cannot be imported, is not a Task, or cannot train under DP."""
+
+    exit_code = ExitCode.USAGE
+
+
 class DataError(FedModelError):
     """Data that cannot be loaded or partitioned as asked."""
 

@@ -1,45 +1,90 @@
-"""Scores of a trained classifier: loss, accuracy and ranking metrics.
-
-A model with one output is a binary classifier (one logit); a model with k > 1 outputs
-is a k-class classifier, whose ranking metrics are macro-averaged one-vs-rest.
-"""
+"""Scores of a trained model: its task's loss, and classifier, regression or user metrics."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from fedmodel.data import TabularData
-from fedmodel.models import ClassifierLoss
+from fedmodel.task import MetricFunction, MetricKind, PerSampleLoss
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TabularData) -> dict[str, float]:
-    """Loss, accuracy, AUROC, AUPRC and recall at 1% false-positive rate on `data`.
+def predict(model: nn.Module, data: Dataset, batch_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """(outputs, targets) of `model` on every row of `data`, on the CPU.
 
-    AUPRC and recall at a fixed low FPR are what imbalanced tasks (fraud, rare events)
-    are judged by: AUROC stays high when a model ranks a few positives well but floods
-    the reviewers with false alarms (Saito and Rehmsmeier 2015). Multiclass models get
-    macro one-vs-rest versions of the three ranking metrics.
+    A TensorDataset is scored in one pass; other datasets in batches of `batch_size`
+    on the model's device.
     """
     model.eval()
-    features, labels = data.tensors()
-    logits = model(features)
-    loss = float(ClassifierLoss()(logits, labels))
-    if logits.shape[-1] == 1:
-        scores = logits.squeeze(-1).numpy()
-        accuracy = float(np.mean((scores > 0) == (data.labels > 0.5)))
-        ranking = _ranking_metrics(data.labels, scores)
+    device = next(model.parameters()).device
+    if isinstance(data, TensorDataset):
+        inputs, targets = data.tensors
+        return model(inputs.to(device)).cpu(), targets.cpu()
+    outputs, targets = [], []
+    for batch_inputs, batch_targets in DataLoader(data, batch_size=batch_size):
+        outputs.append(model(batch_inputs.to(device)).cpu())
+        targets.append(batch_targets)
+    return torch.cat(outputs), torch.cat(targets)
+
+
+def evaluate(
+    model: nn.Module,
+    data: Dataset,
+    loss: PerSampleLoss,
+    metrics: MetricKind | Mapping[str, MetricFunction] = "binary",
+) -> dict[str, float]:
+    """The mean per-sample `loss` on `data` and the task's metrics.
+
+    Built-in kinds: binary and multiclass get AUROC, AUPRC, recall at 1% false-positive
+    rate and accuracy (AUPRC and recall at a fixed low FPR are what imbalanced tasks
+    are judged by: AUROC stays high when a model ranks a few positives well but floods
+    the reviewers with false alarms; Saito and Rehmsmeier 2015); multiclass models get
+    macro one-vs-rest versions of the ranking metrics. Regression gets MSE, MAE and R2.
+    A mapping of user functions is called on (outputs, targets) as NumPy arrays.
+    """
+    outputs, targets = predict(model, data)
+    mean_loss = float(loss(outputs, targets).mean())
+    if not isinstance(metrics, str):
+        scored = {
+            name: float(function(outputs.numpy(), targets.numpy()))
+            for name, function in metrics.items()
+        }
+        return {**scored, "loss": mean_loss}
+    if metrics == "regression":
+        return {
+            **regression_metrics(targets.numpy(), outputs.reshape(len(outputs), -1)[:, 0].numpy()),
+            "loss": mean_loss,
+        }
+    labels = targets.numpy()
+    if metrics == "binary":
+        scores = outputs.reshape(len(outputs), -1)[:, 0].numpy()
+        accuracy = float(np.mean((scores > 0) == (labels > 0.5)))
+        ranking = _ranking_metrics(labels, scores)
     else:
-        probabilities = torch.softmax(logits, dim=-1).numpy()
-        accuracy = float(np.mean(probabilities.argmax(axis=1) == data.labels.astype(int)))
+        probabilities = torch.softmax(outputs, dim=-1).numpy()
+        accuracy = float(np.mean(probabilities.argmax(axis=1) == labels.astype(int)))
         per_class = [
-            _ranking_metrics((data.labels == k).astype(float), probabilities[:, k])
+            _ranking_metrics((labels == k).astype(float), probabilities[:, k])
             for k in range(probabilities.shape[1])
         ]
         ranking = {name: float(np.nanmean([m[name] for m in per_class])) for name in per_class[0]}
-    return {**ranking, "accuracy": accuracy, "loss": loss}
+    return {**ranking, "accuracy": accuracy, "loss": mean_loss}
+
+
+def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+    """Mean squared and absolute error, and R2 (1 - SSE / SST; NaN for a constant target)."""
+    errors = predictions.astype(np.float64) - targets.astype(np.float64)
+    total = float(np.square(targets - targets.mean()).sum())
+    sse = float(np.square(errors).sum())
+    return {
+        "mse": float(np.mean(np.square(errors))),
+        "mae": float(np.mean(np.abs(errors))),
+        "r2": 1.0 - sse / total if total > 0 else float("nan"),
+    }
 
 
 def _ranking_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:

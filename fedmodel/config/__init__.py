@@ -7,6 +7,7 @@ from fedmodel.config.run_config import (
     EVALUATION_METHODS,
     NATURAL_DATASETS,
     SECAGG_MAX_CLIENTS_PER_ROUND,
+    TASK_SCENARIO,
     RunConfig,
 )
 
@@ -16,6 +17,7 @@ __all__ = [
     "EVALUATION_METHODS",
     "NATURAL_DATASETS",
     "SECAGG_MAX_CLIENTS_PER_ROUND",
+    "TASK_SCENARIO",
     "ConfigKey",
     "RunConfig",
     "Section",

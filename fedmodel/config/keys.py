@@ -23,7 +23,8 @@ AggregatorName = Literal[
 AttackName = Literal["none", "sign-flip", "scaled", "gaussian", "nan"]
 EvaluationMethod = Literal["mean", "median"]
 """Deployment: how the nodes' scores of a global model combine."""
-Task = Literal["binary", "multiclass"]
+Task = Literal["binary", "multiclass", "regression"]
+"""What a table's label is: 0/1, class indices, or a continuous value."""
 
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 """--device is not a closed list (cuda:N names any GPU), so it is matched, not enumerated."""

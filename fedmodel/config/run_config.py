@@ -32,6 +32,7 @@ EVALUATION_METHODS: tuple[str, ...] = typing.get_args(EvaluationMethod)
 # SecAgg+ sums modulo 2**32 and each client adds up to 2**22 (Flower's defaults).
 SECAGG_MAX_CLIENTS_PER_ROUND = 2**32 // 2**22
 CSV_SCENARIO = "csv"
+TASK_SCENARIO = "task"  # a user's Task (fedmodel simulate task MODULE:ATTR)
 # datasets split by a column of their own (clinic, state): the data fixes the client count
 NATURAL_DATASETS = frozenset({"covid-clinics", "lending-club"})
 

@@ -72,7 +72,20 @@ class RunKeys:
     data: str = key("", _DATA, "Your table: a .csv or .parquet file.")
     label: str = key("", _DATA, "The label column: 0/1, yes/no... or classes (--task).")
     partition_by: str = key("", _DATA, "Column naming each row's site: one client per value.")
-    task: Task = key("binary", _DATA, "binary (one logit) or multiclass (one per label value).")
+    task: Task = key(
+        "binary",
+        _DATA,
+        "binary (one logit), multiclass (one per label value) or regression (a number).",
+    )
+    task_ref: str = key(
+        "", _RUN, "simulate task: the Task, as module:attribute or an installed task's name."
+    )
+    fix_model: bool = key(
+        False,
+        _TRAINING,
+        "Swap layers DP-SGD cannot train (BatchNorm, nn.LSTM...) for DP-compatible ones "
+        "(Opacus's ModuleValidator.fix).",
+    )
     budget_epsilon: float = key(
         0.0, _PRIVACY, "Each owner's lifetime budget across runs (0: same as --epsilon)."
     )
