@@ -43,8 +43,14 @@ PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(outputs, targets) of a batch of B rows -> B losses, one per row (not their mean):
 DP-SGD clips each row's gradient separately."""
 
-HEADLINES: dict[str, str] = {"binary": "auroc", "multiclass": "auroc", "regression": "r2"}
-"""The metric each built-in kind's reports lead with."""
+CLASSIFIER_METRICS = ("auroc", "auprc", "recall_at_1pct_fpr", "accuracy")
+METRIC_NAMES: dict[str, tuple[str, ...]] = {
+    "binary": CLASSIFIER_METRICS,
+    "multiclass": CLASSIFIER_METRICS,
+    "regression": ("r2", "mse", "mae"),
+}
+"""What fedmodel.evaluation.evaluate reports for each built-in kind, besides "loss";
+the first is the one reports lead with."""
 LOWER_IS_BETTER = frozenset({"loss", "mse", "mae"})
 
 
@@ -96,8 +102,11 @@ class Task:
     @property
     def headline_metric(self) -> str:
         """The metric reports and progress lines lead with."""
-        if self.headline:
-            return self.headline
+        return self.headline or next(iter(self.metric_names), "loss")
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics evaluation reports, besides "loss", in the order reports show them."""
         if isinstance(self.metrics, str):
-            return HEADLINES[self.metrics]
-        return next(iter(self.metrics), "loss")
+            return METRIC_NAMES[self.metrics]
+        return tuple(self.metrics)
