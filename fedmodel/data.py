@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from fedmodel.errors import DataError
 
@@ -52,18 +52,28 @@ class TabularData:
 
 
 def make_loader(
-    data: TabularData, batch_size: int, seed: int, device: torch.device | None = None
+    data: Dataset, batch_size: int, seed: int, device: torch.device | None = None
 ) -> DataLoader:
-    """A shuffling loader; Opacus replaces its sampler with Poisson sampling under DP.
+    """A shuffling loader; DP-SGD replaces its sampler with Poisson sampling.
 
-    With `device`, the rows are moved there once, so batches are cut on the device
-    (no copy per batch); the shuffling generator stays on the CPU, as samplers need.
+    A TensorDataset moves to `device` once, so batches are cut on the device (no copy
+    per batch); other datasets are batched on the CPU and moved per step. The shuffling
+    generator stays on the CPU, as samplers need.
     """
-    features, labels = (tensor.to(device) for tensor in data.tensors())
+    if isinstance(data, TensorDataset) and device is not None:
+        data = TensorDataset(*(tensor.to(device) for tensor in data.tensors))
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        TensorDataset(features, labels), batch_size=batch_size, shuffle=True, generator=generator
-    )
+    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+
+
+def dataset_tensors(data: Dataset) -> tuple[torch.Tensor, ...]:
+    """Every row of `data` stacked: (inputs, targets), for fingerprints and statistics.
+
+    A TensorDataset's own tensors; any other dataset is read item by item once.
+    """
+    if isinstance(data, TensorDataset):
+        return tuple(data.tensors)
+    return tuple(default_collate([data[i] for i in range(len(data))]))  # type: ignore[arg-type]
 
 
 def partition_indices(
