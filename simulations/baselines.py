@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
 from fedmodel.config import RunConfig
-from fedmodel.data import make_loader
+from fedmodel.data import make_loader, row_count
 from fedmodel.evaluation import evaluate
 from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.calibration import calibrate_noise_multiplier
@@ -48,7 +48,7 @@ def train_and_score(
     loader = make_loader(train, config.batch_size, seed)
     epochs = config.rounds * config.local_epochs
     device = select_device("cpu")
-    rows = len(train)  # type: ignore[arg-type]
+    rows = row_count(train)
     result: dict[str, Any] = {"rows": rows}
     if private:
         plan = poisson_plan(rows, config.batch_size)
