@@ -157,7 +157,7 @@ def _sample(data: Dataset, name: str, takes_indices: bool) -> Sample:
     """The first rows of `data` as training batches them, once they can be trained on."""
     if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
         raise TaskError(
-            f"{name} is a {type(data).__name__}, not a torch Dataset; return a Dataset of "
+            f"{name} has type {type(data).__name__}, not a torch Dataset; return a Dataset of "
             "(input, target) pairs, e.g. TensorDataset(inputs, targets)"
         )
     if len(data) == 0:
@@ -165,10 +165,10 @@ def _sample(data: Dataset, name: str, takes_indices: bool) -> Sample:
     rows = [data[index] for index in range(min(SAMPLE_ROWS, len(data)))]
     for index, row in enumerate(rows):
         if not isinstance(row, (tuple, list)) or len(row) != 2:
+            found = f"{len(row)} items" if isinstance(row, (tuple, list)) else type(row).__name__
             raise TaskError(
-                f"item {index} of {name} is a {type(row).__name__}"
-                f"{f' of {len(row)}' if isinstance(row, (tuple, list)) else ''}; "
-                "return each row as an (input, target) pair"
+                f"item {index} of {name} is not an (input, target) pair ({found}); return "
+                "each row as (input, target)"
             )
     try:
         inputs, targets = default_collate(rows)

@@ -156,6 +156,18 @@ def test_plain_lstm_is_refused_and_dplstm_accepted() -> None:
     assert check_task(sequence_task(DPLSTM), CONFIG) == []
 
 
+def test_a_model_returning_a_tuple_is_refused() -> None:
+    """A recurrent layer's (output, state) tuple is not an output the metrics can score."""
+    task = sequence_task(DPLSTM)
+    task = dataclasses.replace(task, model=lambda: DPLSTM(FEATURES, 1, batch_first=True))
+    assert refusal(task).startswith("the model returned a tuple, not a tensor")
+
+
+def test_a_dataset_that_is_not_a_dataset_is_refused() -> None:
+    message = refusal(linear_task(test_data=lambda seed: None))
+    assert message.startswith("the test data has type NoneType, not a torch Dataset")
+
+
 def test_a_model_without_trainable_parameters_is_refused() -> None:
     assert "no trainable parameters" in refusal(linear_task(model=nn.ReLU))
 
@@ -208,7 +220,7 @@ def test_an_empty_client_dataset_is_refused_naming_it() -> None:
 def test_rows_that_are_not_pairs_are_refused() -> None:
     triples = TensorDataset(torch.randn(ROWS, FEATURES), binary_targets(), binary_targets())
     message = refusal(linear_task(test_data=lambda seed: triples))
-    assert message.startswith("item 0 of the test data is a tuple of 3")
+    assert message.startswith("item 0 of the test data is not an (input, target) pair (3 items)")
 
 
 def test_integer_inputs_are_refused_for_a_model_without_embedding() -> None:
