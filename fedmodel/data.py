@@ -50,6 +50,10 @@ class TabularData:
             torch.as_tensor(self.labels, dtype=torch.float32),
         )
 
+    def dataset(self) -> TensorDataset:
+        """(features, labels) rows as float32 tensors: what training and scoring take."""
+        return TensorDataset(*self.tensors())
+
 
 def make_loader(
     data: Dataset, batch_size: int, seed: int, device: torch.device | None = None
