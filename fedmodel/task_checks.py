@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, default_collate
 from fedmodel.config import RunConfig
 from fedmodel.dp_modes import GRAD_SAMPLE_MODES
 from fedmodel.errors import TaskError
+from fedmodel.fused_dp import linear_only
 from fedmodel.task import METRIC_NAMES, MetricFunction, MetricKind, PerSampleLoss, Site, Task
 from fedmodel.task_loading import FixedModel
 
@@ -76,7 +77,7 @@ def check_task(task: Task, config: RunConfig) -> list[str]:
         with torch.no_grad():
             _check_outputs(model(test.inputs), test, task.metrics)
         _check_loss(task.loss, outputs, train)
-    _check_grad_sample_mode(task)
+    _check_grad_sample_mode(task.grad_sample_mode, model)
     return notes
 
 
@@ -291,11 +292,17 @@ def _check_loss(loss: PerSampleLoss, outputs: Tensor, sample: Sample) -> None:
         )
 
 
-def _check_grad_sample_mode(task: Task) -> None:
-    if task.grad_sample_mode not in GRAD_SAMPLE_MODES:
+def _check_grad_sample_mode(mode: str, model: nn.Module) -> None:
+    """A known mode, and `fused` only for the Linear-only models it handles."""
+    if mode not in GRAD_SAMPLE_MODES:
         raise TaskError(
-            f"task grad_sample_mode '{task.grad_sample_mode}' is not one of "
-            f"{', '.join(GRAD_SAMPLE_MODES)}; hooks works for every layer Opacus supports"
+            f"task grad_sample_mode '{mode}' is not one of {', '.join(GRAD_SAMPLE_MODES)}; "
+            "hooks works for every layer Opacus supports"
+        )
+    if mode == "fused" and not linear_only(model):
+        raise TaskError(
+            "task grad_sample_mode 'fused' needs a model whose only trainable layers are "
+            "nn.Linear; use hooks (or ew) for this model"
         )
 
 

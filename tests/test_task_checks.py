@@ -313,6 +313,15 @@ def test_an_unknown_grad_sample_mode_is_refused() -> None:
     assert message.startswith("task grad_sample_mode 'fast' is not one of hooks, ghost")
 
 
+def test_the_fused_mode_is_refused_for_a_model_with_other_layers() -> None:
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(FEATURES, 8), nn.LayerNorm(8), nn.Linear(8, 1))
+
+    assert check_task(linear_task(grad_sample_mode="fused"), CONFIG) == []
+    message = refusal(linear_task(model=model, grad_sample_mode="fused"))
+    assert message.startswith("task grad_sample_mode 'fused' needs a model whose only")
+
+
 def test_an_unknown_metric_kind_is_refused() -> None:
     assert "task metrics 'accuracy' is not one of binary" in refusal(
         linear_task(metrics="accuracy")
