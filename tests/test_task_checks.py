@@ -434,6 +434,6 @@ def test_a_reference_without_a_colon_is_refused() -> None:
     [{}, {"scenario": "digits", "dataset": "mnist-5k", "model": "cnn"}],
     ids=["medical-mlp", "digits-cnn"],
 )
-def test_the_built_in_scenarios_pass_their_own_checks(options: dict[str, str]) -> None:
+def test_the_built_in_scenarios_pass_their_own_checks(options: dict[str, Any]) -> None:
     config = RunConfig(**options)
     assert check_task(load_task(config), config) == []
