@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
 from typing import Any
@@ -78,16 +80,19 @@ def load_task(config: RunConfig) -> Task:
 
         task = tabular_task(config)
     if config.fix_model:
-        return dataclasses.replace(task, model=_fixed(task.model))
+        return dataclasses.replace(task, model=FixedModel(task.model))
     return task
 
 
-def _fixed(factory: Any) -> Any:
-    """`factory` whose models have Opacus's DP-compatible replacement layers."""
+@dataclass(frozen=True)
+class FixedModel:
+    """A model factory for `--fix-model`: the task's own models with Opacus's
+    DP-compatible replacement layers (ModuleValidator.fix: BatchNorm to GroupNorm, nn.LSTM
+    to DPLSTM...). `unfixed` is kept so fedmodel.task_checks can say what was replaced."""
 
-    def model() -> nn.Module:
+    unfixed: Callable[[], nn.Module]
+
+    def __call__(self) -> nn.Module:
         from opacus.validators import ModuleValidator
 
-        return ModuleValidator.fix(factory())
-
-    return model
+        return ModuleValidator.fix(self.unfixed())
