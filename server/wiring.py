@@ -32,6 +32,7 @@ from fedmodel.data import TabularData
 from fedmodel.errors import ConfigError
 from fedmodel.evaluation import evaluate
 from fedmodel.models import build_model
+from fedmodel.run_directory import CLASSIFIER_SCORING
 from server.aggregators import build_aggregator
 from server.central_dp import with_central_dp
 from server.deployment import DeployedSetting
@@ -115,7 +116,9 @@ def run_federation(
         setting = DeployedSetting.join(grid, config)  # nodes hold all the data
     torch.manual_seed(config.seed)
     model = build_model(config.model, setting.num_features, setting.num_classes)
-    recorder, resume = open_run_record(config, Path(config.output_dir).absolute())
+    recorder, resume = open_run_record(
+        config, Path(config.output_dir).absolute(), CLASSIFIER_SCORING
+    )
     evaluate_round = setting.begin(recorder, model)
     stopped: str | None = None
     try:
