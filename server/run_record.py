@@ -62,7 +62,7 @@ class RunRecorder:
         self.clients: dict[str, dict[str, Any]] = {}
         self._round_clients: dict[int, list[str]] = {}
         self._round_train_loss: dict[int, float] = {}
-        self.initial: dict[str, float] | None = None
+        self.initial: dict[str, float | None] | None = None
         self.dropouts: list[dict[str, Any]] = []
         self.rejections: list[dict[str, Any]] = []
         self.central_releases: list[dict[str, Any]] = []
