@@ -67,7 +67,9 @@ class Scoring:
         """The scoring of `task`; a headline the task does not score is a TaskError."""
         from fedmodel.task import LOWER_IS_BETTER
 
-        scoring = cls(task.metric_names, task.headline_metric, LOWER_IS_BETTER)
+        names = task.metric_names
+        lower = LOWER_IS_BETTER.intersection((*names, "loss"))
+        scoring = cls(names, task.headline_metric, lower)
         if scoring.headline not in scoring.columns:
             raise TaskError(
                 f"task '{task.name}': headline '{scoring.headline}' is not one of its metrics "
@@ -84,6 +86,7 @@ class Scoring:
 
     @property
     def headline_label(self) -> str:
+        """The headline metric as reports write it."""
         return self.label(self.headline)
 
     @staticmethod
@@ -92,8 +95,8 @@ class Scoring:
         return METRIC_LABELS.get(name, name)
 
     def described(self, scores: Mapping[str, Any], skip_missing: bool = False) -> list[str]:
-        """ "LABEL value" for each scored value, the headline first; "-" where one is None
-        (undefined or not scored), or left out with `skip_missing`."""
+        """Each scored value as 'LABEL value', the headline first; '-' for a None value
+        (undefined or not scored), or none at all with `skip_missing`."""
         ordered = (self.headline, *(name for name in self.columns if name != self.headline))
         return [
             f"{self.label(name)} " + ("-" if scores.get(name) is None else f"{scores[name]:.4f}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,7 @@ def length_of_stay(headline: str = "") -> Task:
 def test_a_regression_scoring_round_trips_and_leads_with_r2(tmp_path: Path) -> None:
     scoring = Scoring.of(length_of_stay())
     assert scoring.columns == ("r2", "mse", "mae", "loss") and scoring.headline == "r2"
+    assert scoring.lower_is_better == {"mse", "mae", "loss"}
     summary = RunSummary.from_json({**WRITTEN_BY_THE_COORDINATOR, "scoring": scoring.to_json()})
     summary.save(tmp_path)
     assert RunSummary.load(tmp_path).scoring == scoring
@@ -102,6 +104,10 @@ def test_a_regression_scoring_round_trips_and_leads_with_r2(tmp_path: Path) -> N
     assert scoring.described(final) == ["R2 0.5000", "MSE 2.0000", "MAE -", "loss 2.0000"]
     assert scoring.described(final, skip_missing=True) == ["R2 0.5000", "MSE 2.0000", "loss 2.0000"]
     assert scoring.improvement("mse", -0.25) == 0.25 and scoring.improvement("r2", -0.25) == -0.25
+
+
+def test_a_binary_tasks_scoring_is_the_classifier_scoring_older_runs_default_to() -> None:
+    assert Scoring.of(replace(length_of_stay(), metrics="binary")) == CLASSIFIER_SCORING
 
 
 def test_a_headline_the_task_does_not_score_is_one_line_naming_it() -> None:
