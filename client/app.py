@@ -20,6 +20,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client.ledger_guard import ledger_run_id
 from client.local_data import (
+    ClientRows,
     Metrics,
     describe_local_data,
     evaluate_local_data,
@@ -28,10 +29,8 @@ from client.local_data import (
     local_training_rows,
 )
 from fedmodel.config import RunConfig
-from fedmodel.data import TabularData, make_loader
-from fedmodel.dp_modes import grad_sample_mode
+from fedmodel.data import dataset_tensors, make_loader, row_count
 from fedmodel.errors import ConfigError
-from fedmodel.models import build_model
 from fedmodel.privacy.accountant import epsilon_of, history_fields
 from fedmodel.privacy.budget import (
     BUDGET_EXHAUSTED_CODE,
@@ -60,8 +59,8 @@ from fedmodel.sampling import poisson_plan
 from fedmodel.training import TrainResult, select_device, train_dp, train_plain
 
 TrainMetrics = Metrics
-# (client index, training rows) of this node for a round's train message
-TrainingRows = Callable[[Context, Message], tuple[int, TabularData]]
+
+TrainingRows = Callable[[Context, Message], ClientRows]
 
 
 def train_handler(training_rows: TrainingRows) -> ClientAppCallable:
@@ -75,7 +74,7 @@ def train_handler(training_rows: TrainingRows) -> ClientAppCallable:
     def train(msg: Message, context: Context) -> Message:
         """Train the received global model on this client's rows and reply with it."""
         config = RunConfig.from_run_config(context.run_config)
-        partition_id, data = training_rows(context, msg)
+        rows = training_rows(context, msg)
         round_config = msg.content.config_records[CONFIG_KEY]
         server_round = int(str(round_config[SERVER_ROUND_KEY]))
         proximal_mu = float(str(round_config.get("proximal-mu", 0.0)))  # sent by FedProx
@@ -86,7 +85,7 @@ def train_handler(training_rows: TrainingRows) -> ClientAppCallable:
             evaluation = {EVALUATION_PREFIX + key: value for key, value in scores.items()}
         try:
             state, metrics = train_local_model(
-                config, context, partition_id, data, global_state, server_round, proximal_mu
+                config, context, rows, global_state, server_round, proximal_mu
             )
         except BudgetExhausted as refusal:
             return Message(error=Error(BUDGET_EXHAUSTED_CODE, str(refusal)), reply_to=msg)
@@ -109,8 +108,7 @@ app.train()(train_handler(local_training_rows))
 def train_local_model(
     config: RunConfig,
     context: Context,
-    partition_id: int,
-    data: TabularData,
+    rows: ClientRows,
     global_state: dict[str, torch.Tensor],
     server_round: int,
     proximal_mu: float = 0.0,
@@ -121,17 +119,18 @@ def train_local_model(
     BudgetExhausted, before any training, when the round would overspend.
     """
     torch.set_num_threads(1)  # one core per simulated client; more oversubscribes the box
+    partition_id, data = rows.index, rows.data
     seed = round_seed(config, context, partition_id, server_round)  # DP noise, batches
 
     device = select_device(config.device)
-    model = build_model(config.model, data.num_features, data.num_classes)
+    model = rows.task.model()
     model.load_state_dict(global_state)
     model.to(device)  # model and data move to the device once per call
     loader = make_loader(data, config.batch_size, seed, device)
-    metrics: TrainMetrics = {NUM_EXAMPLES_KEY: len(data), PARTITION_ID_KEY: partition_id}
+    metrics: TrainMetrics = {NUM_EXAMPLES_KEY: row_count(data), PARTITION_ID_KEY: partition_id}
     if config.sample_dp:
         result, budget = _train_private(
-            model, loader, data, config, context, server_round, proximal_mu, device, seed
+            model, rows, loader, config, context, server_round, proximal_mu, device, seed
         )
         # at the owner's delta: a deployed node never accounts at the coordinator's
         epsilon = epsilon_of(result.history, budget.delta)
@@ -139,7 +138,9 @@ def train_local_model(
         metrics |= {EPSILON_KEY: epsilon, DELTA_KEY: budget.delta}
         metrics |= _budget_metrics(result, budget)
     else:
-        result = train_plain(model, loader, config.local_epochs, config.lr, device, proximal_mu)
+        result = train_plain(
+            model, rows.task.loss, loader, config.local_epochs, config.lr, device, proximal_mu
+        )
     metrics[TRAIN_LOSS_KEY] = result.loss
     model.to("cpu")
     return model.state_dict(), metrics
@@ -162,8 +163,8 @@ def round_seed(config: RunConfig, context: Context, partition_id: int, server_ro
 
 def _train_private(
     model: torch.nn.Module,
+    rows: ClientRows,
     loader: torch.utils.data.DataLoader,
-    data: TabularData,
     config: RunConfig,
     context: Context,
     server_round: int,
@@ -181,11 +182,11 @@ def _train_private(
     fingerprint = (
         NODE_BUDGET
         if is_deployed(context)
-        else dataset_fingerprint(*(tensor.numpy() for tensor in data.tensors()))
+        else dataset_fingerprint(*(tensor.numpy() for tensor in dataset_tensors(rows.data)))
     )
     budget = owner_budget(config, context)
     run_id = ledger_run_id(config, context.run_id)
-    plan = poisson_plan(len(data), config.batch_size)  # exactly what the sampler runs
+    plan = poisson_plan(row_count(rows.data), config.batch_size)  # what the sampler runs
     sample_rate, steps = plan.sample_rate, config.local_epochs * plan.steps_per_epoch
     with ledger:  # one connection for the round's ledger steps
         noise_multiplier = ledger.run_noise_multiplier(fingerprint, run_id)
@@ -200,6 +201,7 @@ def _train_private(
         )  # fmt: skip
         result = train_dp(
             model,
+            rows.task.loss,
             loader,
             config.local_epochs,
             config.lr,
@@ -208,7 +210,7 @@ def _train_private(
             before,
             device,
             proximal_mu,
-            grad_sample_mode(config.model, device.type),
+            rows.task.grad_sample_mode,
             seed=seed,
         )
         (used,) = new_segments(before, result.history)

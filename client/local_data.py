@@ -11,18 +11,19 @@ query round, so every node produces the same feature columns.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from torch.utils.data import Dataset
 
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData
 from fedmodel.evaluation import evaluate
 from fedmodel.feature_statistics import FeatureStatistics
 from fedmodel.local_tables import load_table, table_statistics
-from fedmodel.models import build_model
 from fedmodel.protocol import (
     ARRAYS_KEY,
     CLIENT_INDEX_KEY,
@@ -35,6 +36,8 @@ from fedmodel.protocol import (
     STATISTICS_KEY,
     STATISTICS_RECORD_KEY,
 )
+from fedmodel.table_task import table_task
+from fedmodel.task import Task
 
 HOLDOUT_FRACTION = 0.2
 Metrics = dict[str, int | float | list[int] | list[float]]  # a MetricRecord's content
@@ -45,15 +48,27 @@ def is_deployed(context: Context) -> bool:
     return DATA_PATH_KEY in context.node_config
 
 
-def local_training_rows(context: Context, msg: Message) -> tuple[int, TabularData]:
-    """(client index the server gave this node, training rows of its file) for this round.
+@dataclass(frozen=True)
+class ClientRows:
+    """What a node trains on in a round: its client index, its rows, and the task (model,
+    per-sample loss) those rows train."""
+
+    index: int
+    data: Dataset
+    task: Task
+
+
+def local_training_rows(context: Context, msg: Message) -> ClientRows:
+    """The client index the server gave this node and the training rows of its file.
 
     A simulated client's rows come from the harness instead (simulations/apps.py).
     """
     shared = msg.content.config_records[CONFIG_KEY]
     indices = json.loads(str(shared[CLIENT_INDEX_KEY]))
     train, _ = _split_node_table(context, str(shared[STATISTICS_KEY]))
-    return int(indices[str(context.node_id)]), train
+    config = RunConfig.from_run_config(context.run_config)
+    task = table_task(config, train.num_features, train.num_classes)
+    return ClientRows(int(indices[str(context.node_id)]), train.dataset(), task)
 
 
 def describe_local_data(msg: Message, context: Context) -> Message:
@@ -82,9 +97,10 @@ def holdout_metrics(msg: Message, context: Context, state: dict[str, torch.Tenso
     config = RunConfig.from_run_config(context.run_config)
     shared = msg.content.config_records[CONFIG_KEY]
     _, holdout = _split_node_table(context, str(shared[STATISTICS_KEY]))
-    model = build_model(config.model, holdout.num_features)
+    task = table_task(config, holdout.num_features, holdout.num_classes)
+    model = task.model()
     model.load_state_dict(state)
-    metrics = evaluate(model, holdout) if len(holdout) else {}
+    metrics = evaluate(model, holdout.dataset(), task.loss, task.metrics) if len(holdout) else {}
     auroc = metrics.get("auroc", float("nan"))
     return {
         NUM_EXAMPLES_KEY: len(holdout),

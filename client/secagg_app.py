@@ -23,15 +23,15 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import NDArrays, Scalar
 
 from client.app import train_local_model
+from client.local_data import ClientRows
 from fedmodel.config import RunConfig
-from fedmodel.data import TabularData
+from fedmodel.data import row_count
 from fedmodel.errors import ConfigError
-from fedmodel.models import build_model
 from fedmodel.privacy.budget import BUDGET_EXHAUSTED_CODE, BudgetExhausted
 from fedmodel.protocol import PARTITION_ID_KEY, SERVER_ROUND_KEY
 from fedmodel.secagg import legacy_metrics
 
-PartitionLoader = Callable[[RunConfig, int], TabularData]  # (run, partition) -> its rows
+PartitionLoader = Callable[[RunConfig, int], ClientRows]  # (run, partition) -> its rows
 # (partition, round, plaintext weights, examples): how a harness sees what was masked
 UpdateObserver = Callable[[int, int, NDArrays, int], None]
 
@@ -56,20 +56,21 @@ class SecAggTrainingClient(NumPyClient):
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        data = self.partitions(self.config, self.partition_id)
-        names = build_model(self.config.model, data.num_features, data.num_classes).state_dict()
+        rows = self.partitions(self.config, self.partition_id)
+        names = rows.task.model().state_dict()
         global_state = {
             name: torch.from_numpy(np.array(array, copy=True))
             for name, array in zip(names, parameters, strict=True)
         }
         server_round = int(config[SERVER_ROUND_KEY])
         state, metrics = train_local_model(
-            self.config, self.context, self.partition_id, data, global_state, server_round
+            self.config, self.context, rows, global_state, server_round
         )
         arrays = [tensor.numpy() for tensor in state.values()]
+        examples = row_count(rows.data)
         if self.observe is not None:
-            self.observe(self.partition_id, server_round, arrays, len(data))
-        return arrays, len(data), legacy_metrics(metrics)
+            self.observe(self.partition_id, server_round, arrays, examples)
+        return arrays, examples, legacy_metrics(metrics)
 
 
 def budget_refusal_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -14,17 +14,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedmodel.models import ClassifierLoss
+from fedmodel.task import PerSampleLoss
 
 BatchBackward = Callable[[torch.Tensor, torch.Tensor], tuple[float, int]]
 """Forward and backward passes on one batch, leaving what the optimizer's step needs;
 returns the sum and the count of the batch's finite per-sample losses."""
 
 
-def mean_loss_backward(model: nn.Module) -> BatchBackward:
+class ReducibleLoss(nn.Module):
+    """A per-sample loss with torch's `reduction` attribute ("mean", "sum" or "none"):
+    Opacus's ghost clipping sets it to "none" to get each sample's loss."""
+
+    def __init__(self, per_sample_loss: PerSampleLoss, reduction: str = "mean") -> None:
+        super().__init__()
+        self.per_sample_loss, self.reduction = per_sample_loss, reduction
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses = self.per_sample_loss(outputs, targets)
+        if self.reduction == "mean":
+            return losses.mean()
+        return losses.sum() if self.reduction == "sum" else losses
+
+
+def mean_loss_backward(model: nn.Module, per_sample_loss: PerSampleLoss) -> BatchBackward:
     """Autograd on the batch-mean loss: plain SGD, and the fused step (whose hooks read
     each layer's input and output gradient; no batch leaves it a zero clipped sum)."""
-    per_sample_loss = ClassifierLoss(reduction="none")
 
     def backward(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
         if len(labels) == 0:
@@ -36,13 +50,13 @@ def mean_loss_backward(model: nn.Module) -> BatchBackward:
     return backward
 
 
-def per_sample_backward(model: nn.Module) -> BatchBackward:
+def per_sample_backward(model: nn.Module, per_sample_loss: PerSampleLoss) -> BatchBackward:
     """Opacus's hooks, functorch and ew modes: p.grad_sample holds one row per sample.
 
     An empty batch gets zero-row per-sample gradients, which Opacus's optimizer clips
     to a zero sum before adding noise (ew cannot run a forward pass on no rows).
     """
-    plain_backward = mean_loss_backward(model)
+    plain_backward = mean_loss_backward(model, per_sample_loss)
     parameters = [p for p in model.parameters() if p.requires_grad]
 
     def backward(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:

@@ -35,7 +35,7 @@ from torch import nn
 
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, make_loader
-from fedmodel.models import build_model
+from fedmodel.models import ClassifierLoss, build_model
 from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.calibration import calibrate_noise_multiplier
 from fedmodel.sampling import poisson_plan
@@ -153,7 +153,8 @@ def run_empirical_audit(
     )
     torch.manual_seed(int(rng.integers(2**31)))  # the model's initial weights
     model = audit_model(model_name, data.num_features)
-    loader = make_loader(training, config.batch_size, int(rng.integers(2**31)))
+    loader = make_loader(training.dataset(), config.batch_size, int(rng.integers(2**31)))
+    loss = ClassifierLoss(reduction="none")
     plan = poisson_plan(len(training), config.batch_size)
     steps, sample_rate = epochs * plan.steps_per_epoch, plan.sample_rate
     device = torch.device("cpu")
@@ -163,15 +164,15 @@ def run_empirical_audit(
             config.epsilon, config.delta, sample_rate, steps
         )
         result = train_dp(
-            model, loader, epochs, config.lr, noise_multiplier, config.max_grad_norm, [], device,
-            seed=int(rng.integers(2**63)),  # noise and batches: the audit's secret, too
+            model, loss, loader, epochs, config.lr, noise_multiplier, config.max_grad_norm, [],
+            device, seed=int(rng.integers(2**63)),  # noise and batches: the audit's secret, too
         )  # fmt: skip
         accountant_epsilon = epsilon_of(result.history, config.delta)
         from fedmodel.privacy.audit_accounting import pld_epsilon
 
         pld = pld_epsilon(result.history, config.delta)
     else:
-        train_plain(model, loader, epochs, config.lr, device)
+        train_plain(model, loss, loader, epochs, config.lr, device)
 
     scores = -_losses(model, canary_set)  # higher: fits better: guess IN
     order = np.argsort(scores)

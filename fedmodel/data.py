@@ -50,6 +50,10 @@ class TabularData:
             torch.as_tensor(self.labels, dtype=torch.float32),
         )
 
+    def dataset(self) -> TensorDataset:
+        """(features, labels) rows as float32 tensors: what training and scoring take."""
+        return TensorDataset(*self.tensors())
+
 
 def make_loader(
     data: Dataset, batch_size: int, seed: int, device: torch.device | None = None
@@ -64,6 +68,11 @@ def make_loader(
         data = TensorDataset(*(tensor.to(device) for tensor in data.tensors))
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+
+
+def row_count(data: Dataset) -> int:
+    """How many rows a map-style dataset holds (torch's Dataset type declares no len)."""
+    return len(data)  # type: ignore[arg-type]
 
 
 def dataset_tensors(data: Dataset) -> tuple[torch.Tensor, ...]:

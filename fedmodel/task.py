@@ -24,10 +24,10 @@ What FedModel guarantees around the code a task supplies:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -110,3 +110,27 @@ class Task:
         if isinstance(self.metrics, str):
             return METRIC_NAMES[self.metrics]
         return tuple(self.metrics)
+
+
+class ClientDatasets(Sequence[Dataset]):
+    """Every simulated client's training rows, built only when indexed (1,000 generated
+    sites cost nothing until one is read)."""
+
+    def __init__(self, task: Task, clients: int, seed: int) -> None:
+        self.task, self.clients, self.seed = task, clients, seed
+
+    def __len__(self) -> int:
+        return self.clients
+
+    @overload
+    def __getitem__(self, index: int) -> Dataset: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Dataset]: ...
+
+    def __getitem__(self, index: int | slice) -> Dataset | Sequence[Dataset]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.clients))]
+        if not -self.clients <= index < self.clients:
+            raise IndexError(index)
+        return self.task.train_data(Site(index % self.clients, self.clients, self.seed))

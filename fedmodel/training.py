@@ -1,7 +1,7 @@
-"""Local training of a classifier: plain SGD, or DP-SGD with Opacus or the fused step.
+"""Local training of a task's model: plain SGD, or DP-SGD with Opacus or the fused step.
 
-The loss is fedmodel.models.ClassifierLoss; each mode's backward pass on one batch is in
-fedmodel.backward; a trained model is scored by fedmodel.evaluation.
+The loss is the task's per-sample loss (fedmodel.task); each mode's backward pass on one
+batch is in fedmodel.backward; a trained model is scored by fedmodel.evaluation.
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ from torch.utils.data import DataLoader
 
 from fedmodel.backward import (
     BatchBackward,
+    ReducibleLoss,
     ghost_backward,
     mean_loss_backward,
     per_sample_backward,
 )
 from fedmodel.errors import ConfigError
-from fedmodel.models import ClassifierLoss
 from fedmodel.privacy.accountant import ACCOUNTANT, Segment, merge_segments
 from fedmodel.sampling import dp_generators, poisson_loader
+from fedmodel.task import PerSampleLoss
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ def select_device(preference: str = "auto") -> torch.device:
 
 def train_plain(
     model: nn.Module,
+    loss: PerSampleLoss,
     loader: DataLoader,
     epochs: int,
     lr: float,
@@ -68,7 +70,7 @@ def train_plain(
     model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     proximal = _ProximalTerm(model, proximal_mu, lr)
-    backward = mean_loss_backward(model)
+    backward = mean_loss_backward(model, loss)
     return TrainResult(
         loss=_run_epochs(model, optimizer, loader, epochs, device, proximal, backward)
     )
@@ -76,6 +78,7 @@ def train_plain(
 
 def train_dp(
     model: nn.Module,
+    loss: PerSampleLoss,
     loader: DataLoader,
     epochs: int,
     lr: float,
@@ -108,14 +111,14 @@ def train_dp(
     proximal = _ProximalTerm(model, proximal_mu, lr)
     engine = privacy_engine(history)
     private = make_private(
-        engine, model, optimizer, loader, noise_multiplier, max_grad_norm, grad_sample_mode,
-        seed=seed,
+        engine, model, loss, optimizer, loader, noise_multiplier, max_grad_norm,
+        grad_sample_mode, seed=seed,
     )  # fmt: skip
     try:
         with warnings.catch_warnings():
             # Opacus's hooks fire on the first layer, whose input needs no gradient: harmless.
             warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-            loss = _run_epochs(
+            mean_loss = _run_epochs(
                 private.model,
                 private.optimizer,
                 private.loader,
@@ -126,7 +129,7 @@ def train_dp(
             )
     finally:
         private.close()
-    return TrainResult(loss=loss, history=merge_segments(engine.accountant.history))
+    return TrainResult(loss=mean_loss, history=merge_segments(engine.accountant.history))
 
 
 def privacy_engine(history: Sequence[Segment] = ()) -> Any:
@@ -156,6 +159,7 @@ class PrivateTraining:
 def make_private(
     engine: Any,
     model: nn.Module,
+    loss: PerSampleLoss,
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
     noise_multiplier: float,
@@ -194,11 +198,11 @@ def make_private(
             int(len(loader.dataset) * sample_rate),  # type: ignore[arg-type]
             engine.accountant, sample_rate, noise_generator,
         )  # fmt: skip
-        return PrivateTraining(model, fused, loader, fused.close, mean_loss_backward(model))
+        return PrivateTraining(model, fused, loader, fused.close, mean_loss_backward(model, loss))
     made = engine.make_private(
         module=model,
         optimizer=optimizer,
-        criterion=ClassifierLoss(),
+        criterion=ReducibleLoss(loss),
         data_loader=loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
@@ -211,7 +215,7 @@ def make_private(
         backward = ghost_backward(private_model, private_optimizer, criterion)
     else:
         private_model, private_optimizer, _ = made
-        backward = per_sample_backward(private_model)
+        backward = per_sample_backward(private_model, loss)
     if poisson_sampling:  # as Opacus does under its own Poisson sampling
         private_model.forbid_grad_accumulation()
     return PrivateTraining(private_model, private_optimizer, loader, private_model._close, backward)

@@ -45,6 +45,7 @@ from fedmodel.protocol import (
     STATISTICS_RECORD_KEY,
 )
 from fedmodel.run_directory import write_json_atomic
+from fedmodel.table_task import table_task
 from server.enrollment import load_registry
 from server.federated_evaluation import EvaluatingInTraining
 from server.polling_grid import PollingGrid
@@ -63,8 +64,6 @@ class DeployedSetting:
     member trains in every round and scores each model on its own held-out rows.
     """
 
-    num_classes = 2  # build_model's default: a node's label column is binary
-
     def __init__(
         self,
         grid: MemberGrid,
@@ -78,7 +77,8 @@ class DeployedSetting:
         self.enrolled = enrolled
         self.statistics = statistics
         self.left_out = left_out
-        self.num_features = len(statistics.feature_names())
+        # a node's label column is binary: one logit on the federation's encoded columns
+        self.task = table_task(config, len(statistics.feature_names()), num_classes=2)
         self.shared: ConfigRecord | None = None  # the encoding and client numbers, once known
         self._names: dict[int, str] = {}
         self._positions: dict[int, int] = {}

@@ -26,13 +26,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from torch.utils.data import Dataset
 
 from fedmodel.config import RunConfig
-from fedmodel.data import TabularData
 from fedmodel.errors import ConfigError
 from fedmodel.evaluation import evaluate
-from fedmodel.models import build_model
-from fedmodel.run_directory import CLASSIFIER_SCORING
+from fedmodel.run_directory import Scoring
+from fedmodel.task import Task
 from server.aggregators import build_aggregator
 from server.central_dp import with_central_dp
 from server.deployment import DeployedSetting
@@ -44,9 +44,10 @@ from server.strategy import FederationStopped, GuardedStrategy, aggregate_train_
 
 @dataclass(frozen=True)
 class CentralEvaluation:
-    """Score each global model on `test_set`, on the server."""
+    """Score each global model on `test_set`, on the server, as `task` scores."""
 
-    test_set: TabularData
+    task: Task
+    test_set: Dataset
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,9 @@ class RunSetting(Protocol):
         ...
 
     @property
-    def num_features(self) -> int:
-        """The model's input width."""
+    def task(self) -> Task:
+        """What the run trains: the model factory, the loss and the metrics."""
         ...
-
-    @property
-    def num_classes(self) -> int: ...
 
     @property
     def shared(self) -> ConfigRecord | None:
@@ -111,13 +109,13 @@ def run_federation(
     if config.secagg and largest_client is None:
         raise ConfigError("--secagg runs in simulation only")
     if isinstance(evaluation, CentralEvaluation):
-        setting: RunSetting = CentralSetting(grid, evaluation.test_set)
+        setting: RunSetting = CentralSetting(grid, evaluation.task, evaluation.test_set)
     else:
         setting = DeployedSetting.join(grid, config)  # nodes hold all the data
     torch.manual_seed(config.seed)
-    model = build_model(config.model, setting.num_features, setting.num_classes)
+    model = setting.task.model()
     recorder, resume = open_run_record(
-        config, Path(config.output_dir).absolute(), CLASSIFIER_SCORING
+        config, Path(config.output_dir).absolute(), Scoring.of(setting.task)
     )
     evaluate_round = setting.begin(recorder, model)
     stopped: str | None = None
@@ -160,16 +158,15 @@ class CentralSetting:
 
     shared: ConfigRecord | None = None
 
-    def __init__(self, grid: Grid, test_set: TabularData) -> None:
+    def __init__(self, grid: Grid, task: Task, test_set: Dataset) -> None:
         self.grid = grid
+        self.task = task
         self.test_set = test_set
-        self.num_features = test_set.num_features
-        self.num_classes = test_set.num_classes
 
     def begin(self, recorder: RunRecorder, model: torch.nn.Module) -> RoundEvaluation:
         def evaluate_global_model(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             model.load_state_dict(arrays.to_torch_state_dict())
-            metrics = evaluate(model, self.test_set)
+            metrics = evaluate(model, self.test_set, self.task.loss, self.task.metrics)
             recorder.record_evaluation(server_round, metrics)
             record: dict[str, int | float | list[int] | list[float]] = {**metrics}
             return MetricRecord(record)

@@ -1,8 +1,8 @@
 """The simulation's ServerApp and ClientApps: the production wiring, with the scenario's data.
 
-The harness decides the data, not the roles: the ServerApp here passes the scenario's
-test set to the one wiring every run uses (server.wiring.run_federation), and the
-ClientApps train each simulated client on its scenario partition with the production
+The harness decides the data, not the roles: the ServerApp here passes the run's task
+and its test set to the one wiring every run uses (server.wiring.run_federation), and
+the ClientApps train each simulated client on the task's rows for its partition with the production
 train handlers (client.app, client.secagg_app), wrapped in the harness's own mods:
 simulated Byzantine attacks and SecAgg+ dropouts (and, for one test, a dump of each
 SecAgg+ client's plaintext model). The engines run these apps
@@ -21,11 +21,13 @@ from flwr.common import NDArrays
 from flwr.serverapp import Grid, ServerApp
 
 from client.app import train_handler
+from client.local_data import ClientRows
 from client.secagg_app import secagg_client_app as build_secagg_client_app
 from fedmodel.config import RunConfig
-from fedmodel.data import TabularData
-from fedmodel.datasets.scenarios import client_partitions, global_test_set
+from fedmodel.data import row_count
 from fedmodel.protocol import PARTITION_ID_KEY
+from fedmodel.task import ClientDatasets, Site
+from fedmodel.task_loading import load_task
 from server.wiring import CentralEvaluation, run_federation
 from simulations.attacks import simulated_attack_mod
 from simulations.dropouts import simulated_dropout_mod
@@ -41,21 +43,26 @@ server_app = ServerApp()
 def simulate_federation(grid: Grid, context: Context) -> None:
     """Run the scenario's federation, scored on its test set; files land in output-dir."""
     config = RunConfig.from_run_config(context.run_config)
-    test_set = global_test_set(config)
-    # SecAgg+ divides weights by the largest client's size: the scenario knows it
-    largest = max(len(rows) for rows in client_partitions(config)) if config.secagg else None
-    run_federation(grid, context, config, CentralEvaluation(test_set), largest)
+    task = load_task(config)
+    # SecAgg+ divides weights by the largest client's size: the harness knows it
+    sizes = ClientDatasets(task, config.clients, config.seed) if config.secagg else None
+    largest = max(map(row_count, sizes)) if sizes is not None else None
+    run_federation(
+        grid, context, config, CentralEvaluation(task, task.test_data(config.seed)), largest
+    )
 
 
-def partition(config: RunConfig, partition_id: int) -> TabularData:
-    """A simulated client's training rows: its partition of the scenario."""
-    return client_partitions(config)[partition_id]
+def partition(config: RunConfig, partition_id: int) -> ClientRows:
+    """A simulated client's training rows: the task's data for its partition id."""
+    task = load_task(config)
+    site = Site(partition_id, config.clients, config.seed)
+    return ClientRows(partition_id, task.train_data(site), task)
 
 
-def partition_rows(context: Context, msg: Message) -> tuple[int, TabularData]:
-    """(partition-id, its rows) of the simulated client `context` is (the engine says)."""
+def partition_rows(context: Context, msg: Message) -> ClientRows:
+    """The rows of the simulated client `context` is (the engine says which)."""
     partition_id = int(str(context.node_config[PARTITION_ID_KEY]))
-    return partition_id, partition(RunConfig.from_run_config(context.run_config), partition_id)
+    return partition(RunConfig.from_run_config(context.run_config), partition_id)
 
 
 client_app = ClientApp(mods=[simulated_attack_mod])

@@ -24,44 +24,45 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
 from fedmodel.config import RunConfig
-from fedmodel.data import TabularData, make_loader
-from fedmodel.dp_modes import grad_sample_mode
+from fedmodel.data import make_loader, row_count
 from fedmodel.evaluation import evaluate
-from fedmodel.models import build_model
 from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.calibration import calibrate_noise_multiplier
 from fedmodel.sampling import poisson_plan
+from fedmodel.task import Task
 from fedmodel.training import select_device, train_dp, train_plain
 
 METRICS = ("auroc", "auprc", "recall_at_1pct_fpr", "accuracy", "loss")
 
 
 def train_and_score(
-    config: RunConfig, train: TabularData, test: TabularData, private: bool, seed: int
+    config: RunConfig, task: Task, train: Dataset, test: Dataset, private: bool, seed: int
 ) -> dict[str, Any]:
-    """One model trained on `train` (DP-SGD at the run's budget if `private`), scored on
-    `test`; includes the epsilon actually spent when private."""
+    """One model of `task` trained on `train` (DP-SGD at the run's budget if `private`),
+    scored on `test`; includes the epsilon actually spent when private."""
     torch.manual_seed(seed)
-    model = build_model(config.model, train.num_features, train.num_classes)
+    model = task.model()
     loader = make_loader(train, config.batch_size, seed)
     epochs = config.rounds * config.local_epochs
     device = select_device("cpu")
-    result: dict[str, Any] = {"rows": len(train)}
+    rows = row_count(train)
+    result: dict[str, Any] = {"rows": rows}
     if private:
-        plan = poisson_plan(len(train), config.batch_size)
+        plan = poisson_plan(rows, config.batch_size)
         steps = epochs * plan.steps_per_epoch
         noise = _noise_multiplier(config.epsilon, config.delta, plan.sample_rate, steps)
         trained = train_dp(
-            model, loader, epochs, config.lr, noise, config.max_grad_norm, [], device,
-            grad_sample_mode=grad_sample_mode(config.model, device.type), seed=seed,
+            model, task.loss, loader, epochs, config.lr, noise, config.max_grad_norm, [],
+            device, grad_sample_mode=task.grad_sample_mode, seed=seed,
         )  # fmt: skip
         result |= {"epsilon": epsilon_of(trained.history, config.delta), "noise_multiplier": noise}
     else:
-        train_plain(model, loader, epochs, config.lr, device)
-    metrics = evaluate(model.to("cpu"), test)
-    return result | {name: _finite_or_none(metrics[name]) for name in METRICS}
+        train_plain(model, task.loss, loader, epochs, config.lr, device)
+    metrics = evaluate(model.to("cpu"), test, task.loss, task.metrics)
+    return result | {name: _finite_or_none(value) for name, value in metrics.items()}
 
 
 @lru_cache(maxsize=256)
@@ -73,17 +74,18 @@ def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: i
 
 def run_baselines(
     config: RunConfig,
-    clients: Sequence[TabularData],
-    test: TabularData,
+    task: Task,
+    clients: Sequence[Dataset],
+    test: Dataset,
     federated: dict[str, Any],
     max_sites: int = 10,
 ) -> dict[str, Any]:
     """The `baselines` block of summary.json: central, central-DP, local-only, and gains."""
     started = time.monotonic()
     pooled = _concatenate(clients)
-    central = train_and_score(config, pooled, test, private=False, seed=config.seed)
+    central = train_and_score(config, task, pooled, test, private=False, seed=config.seed)
     central_dp = (
-        train_and_score(config, pooled, test, private=True, seed=config.seed)
+        train_and_score(config, task, pooled, test, private=True, seed=config.seed)
         if config.sample_dp
         else None
     )
@@ -94,7 +96,9 @@ def run_baselines(
     )
     local = [
         {"client": str(site)}
-        | train_and_score(config, clients[site], test, config.sample_dp, config.seed + int(site))
+        | train_and_score(
+            config, task, clients[site], test, config.sample_dp, config.seed + int(site)
+        )
         for site in chosen
     ]
     scored = [row for row in local if row["auroc"] is not None]
@@ -111,18 +115,17 @@ def run_baselines(
         "local": local,
         "seconds": round(time.monotonic() - started, 1),
     }
-    baselines["comparison"] = compare_to_baselines(federated, baselines, "auroc")
+    baselines["comparison"] = compare_to_baselines(federated, baselines, task.headline_metric)
     return baselines
 
 
-def _concatenate(parts: Sequence[TabularData]) -> TabularData:
-    first = parts[0]
-    return TabularData(
-        np.concatenate([p.features for p in parts]),
-        np.concatenate([p.labels for p in parts]),
-        first.feature_names,
-        first.num_classes,
-    )
+def _concatenate(parts: Sequence[Dataset]) -> Dataset:
+    """Every client's rows pooled; tensors are concatenated, so batches stay one slice."""
+    datasets = list(parts)
+    if all(isinstance(part, TensorDataset) for part in datasets):
+        columns = zip(*(part.tensors for part in datasets), strict=True)  # type: ignore[attr-defined]
+        return TensorDataset(*(torch.cat(column) for column in columns))
+    return ConcatDataset(datasets)
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -23,7 +23,7 @@ from fedmodel.cli.options import (
     dp_mode,
     parameter,
 )
-from fedmodel.config import RunConfig, Section
+from fedmodel.config import TASK_SCENARIO, RunConfig, Section
 from fedmodel.errors import ConfigError
 from fedmodel.run_directory import (
     CONFIG_FILE,
@@ -33,10 +33,10 @@ from fedmodel.run_directory import (
     write_json_atomic,
 )
 
-if TYPE_CHECKING:  # importing the scenarios loads torch: the CLI imports it when it runs
+if TYPE_CHECKING:  # importing tasks loads torch: the CLI imports them when it runs
     import inspect
 
-    from fedmodel.datasets.scenarios import Federation
+    from fedmodel.task import Task
 
 DEFAULTS = RunConfig()
 MAX_PRINTED_CLIENTS = 20
@@ -178,6 +178,26 @@ _scenario_command(
     ),
     _prepare_csv,
 )
+TASK_REFERENCE = parameter(
+    "task_ref",
+    Annotated[
+        str,
+        typer.Argument(
+            metavar="MODULE:ATTR",
+            help="Your fedmodel.Task (or a function of the RunConfig returning one), as "
+            "module:attribute importable here (e.g. from a directory on PYTHONPATH), or the "
+            "name of an installed task (a 'fedmodel.tasks' entry point).",
+            show_default=False,
+        ),
+    ],
+    ...,
+)
+_scenario_command(
+    TASK_SCENARIO,
+    "Simulate a federation on your own Task: your PyTorch model, data and per-sample loss.",
+    [TASK_REFERENCE, config_option("fix_model")],
+    lambda options: options | {"dataset": options["task_ref"]},
+)
 
 
 def _run(scenario: str, options: dict[str, Any]) -> None:
@@ -224,26 +244,31 @@ def _simulate(
     # imports, loads and summarises the data (two cores busy instead of one).
     per_round = None if config.sites_from_data else config.clients_per_round
     with started_engine(config, run_dir, engine, per_round) as run_on_engine:
-        from fedmodel.datasets.scenarios import MIN_DP_ROWS, federation, resolve_clients
-        from fedmodel.models import build_model
+        from fedmodel.task import ClientDatasets
+        from fedmodel.task_checks import check_task
+        from fedmodel.task_loading import load_task
         from server.aggregators import check_aggregator
         from simulations.heterogeneity import heterogeneity
         from simulations.runner import check_device
 
         check_device(config)  # a GPU that is not there: say so before loading any data
-        with console.status("Loading data and partitioning it across clients..."):
-            config = resolve_clients(config, clients_given)
-            clients = federation(config)
-            build_model(config.model, clients.test.num_features, clients.test.num_classes)
+        with console.status("Loading the task's data and checking it..."):
+            task = load_task(config)
+            config = _resolve_clients(config, task, clients_given)
+            notes = check_task(task, config)
             check_aggregator(config.aggregator, config.clients_per_round, config.byzantine)
-            non_iid = heterogeneity(clients.clients)
+            clients = ClientDatasets(task, config.clients, config.seed)
+            test_set = task.test_data(config.seed)
+            non_iid = heterogeneity(clients)
+        for note in notes:
+            console.print(note)
         config = config.replace(  # the engine runs elsewhere: paths must be absolute
             output_dir=str(run_dir.absolute()),
             ledger_dir=str(Path(config.ledger_dir).absolute()) if config.ledger_dir else "",
         )
         if not config.resume:  # a resumed run keeps the config.json it started with
             write_json_atomic(run_dir / CONFIG_FILE, {**config.to_run_config()})
-        _announce(config, clients, run_dir)
+        _announce(config, task, run_dir)
         started = time.monotonic()
         status = console.status(
             "Starting Flower's simulation engine (takes ~20 s)..."
@@ -270,11 +295,9 @@ def _simulate(
         summary,
         seconds=round(time.monotonic() - started, 1),
         federation={
-            "natural_sites": clients.natural_sites,
-            "too_small_to_train": list(clients.too_small),
-            "min_dp_rows": MIN_DP_ROWS,
-            "site_names": list(clients.site_names),
-            "achievable_auroc": clients.achievable_auroc,
+            **task.notes,
+            "task": task.name,
+            "site_names": list(task.site_names),
             "fraction": config.fraction,
         },
         heterogeneity=non_iid,
@@ -282,7 +305,7 @@ def _simulate(
     if baseline_sites is not None:
         with console.status("Training baselines (central, central DP, each site alone)..."):
             baselines = run_baselines(
-                config, clients.clients, clients.test, summary.final_metrics, baseline_sites
+                config, task, clients, test_set, summary.final_metrics, baseline_sites
             )
         summary = replace(summary, baselines=baselines)
     summary.save(run_dir)
@@ -292,18 +315,33 @@ def _simulate(
         console.print(f"Stopped early: {summary.stopped_early}")
 
 
-def _announce(config: RunConfig, clients: Federation, run_dir: Path) -> None:
-    """What is about to run: the federation, the privacy settings, where results go."""
-    from fedmodel.datasets.scenarios import MIN_DP_ROWS
+def _resolve_clients(config: RunConfig, task: Task, clients_given: bool) -> RunConfig:
+    """`config` with `clients` set to the task's number of sites, when its data fixes it.
 
-    if clients.natural_sites is not None:
-        console.print(
-            f"{config.dataset}: {clients.natural_sites} natural sites; "
-            f"{len(clients.too_small)} have fewer than {MIN_DP_ROWS} training rows, too few "
-            f"to train under DP, and sit out; {config.clients} train"
+    An explicit --clients that disagrees with the data is an error, not a silent change.
+    """
+    if task.num_sites is None:
+        return config
+    if clients_given and config.clients != task.num_sites:
+        raise ConfigError(
+            f"{config.dataset} is split by its natural sites ({task.num_sites} that can train); "
+            f"--clients {config.clients} cannot change that: leave --clients out"
         )
+    return config.replace(clients=task.num_sites)
+
+
+def _announce(config: RunConfig, task: Task, run_dir: Path) -> None:
+    """What is about to run: the federation, the privacy settings, where results go."""
+    natural, too_small = task.notes.get("natural_sites"), task.notes.get("too_small_to_train")
+    if natural is not None and isinstance(too_small, list):
+        console.print(
+            f"{config.dataset}: {natural} natural sites; {len(too_small)} have fewer than "
+            f"{task.notes['min_dp_rows']} training rows, too few to train under DP, and sit "
+            f"out; {config.clients} train"
+        )
+    what = config.task_ref if config.scenario == TASK_SCENARIO else config.dataset
     console.print(
-        f"Simulating {config.clients} {config.scenario} clients ({config.dataset}) for "
+        f"Simulating {config.clients} {config.scenario} clients ({what}) for "
         f"{config.rounds} rounds "
         + (
             f"under DP-SGD (epsilon {config.epsilon}, delta {config.delta:g})"
