@@ -13,14 +13,13 @@ from torch.utils.data import TensorDataset
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData
 from fedmodel.datasets.scenarios import client_partitions
-from fedmodel.datasets.tabular_task import tabular_dataset
 from simulations.heterogeneity import heterogeneity
 
 
 def datasets(config: RunConfig) -> list[TensorDataset]:
     """Each client's rows as its Task hands them to training."""
     clients: Sequence[TabularData] = client_partitions(config)
-    return [tabular_dataset(client) for client in clients]
+    return [client.dataset() for client in clients]
 
 
 def test_iid_split_has_equal_sizes_and_little_drift() -> None:
