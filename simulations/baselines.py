@@ -31,11 +31,10 @@ from fedmodel.data import make_loader, row_count
 from fedmodel.evaluation import evaluate
 from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.calibration import calibrate_noise_multiplier
+from fedmodel.run_directory import Scoring
 from fedmodel.sampling import poisson_plan
 from fedmodel.task import Task
 from fedmodel.training import select_device, train_dp, train_plain
-
-METRICS = ("auroc", "auprc", "recall_at_1pct_fpr", "accuracy", "loss")
 
 
 def train_and_score(
@@ -101,9 +100,13 @@ def run_baselines(
         )
         for site in chosen
     ]
-    scored = [row for row in local if row["auroc"] is not None]
-    worst = min(scored, key=lambda row: row["auroc"]) if scored else None
-    mean = {name: _mean([row[name] for row in scored]) for name in METRICS} if scored else None
+    scoring = Scoring.of(task)
+    headline = scoring.headline
+    scored = [row for row in local if row[headline] is not None]
+    worst = min(scored, key=lambda row: scoring.improvement(headline, row[headline]), default=None)
+    mean = (
+        {name: _mean([row[name] for row in scored]) for name in scoring.columns} if scored else None
+    )
     baselines: dict[str, Any] = {
         "epochs": config.rounds * config.local_epochs,
         "central": central,
@@ -115,7 +118,7 @@ def run_baselines(
         "local": local,
         "seconds": round(time.monotonic() - started, 1),
     }
-    baselines["comparison"] = compare_to_baselines(federated, baselines, task.headline_metric)
+    baselines["comparison"] = compare_to_baselines(federated, baselines, headline)
     return baselines
 
 

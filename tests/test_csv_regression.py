@@ -17,6 +17,9 @@ from fedmodel.datasets.csv_scenario import load_csv_split
 from fedmodel.datasets.scenarios import federation
 from fedmodel.errors import ConfigError
 from fedmodel.models import build_model
+from fedmodel.task import ClientDatasets
+from fedmodel.task_loading import load_task
+from simulations.baselines import run_baselines
 
 
 def stay_table(rows: int = 500, seed: int = 0) -> pd.DataFrame:
@@ -48,6 +51,27 @@ def test_a_continuous_label_keeps_its_numbers_and_gets_one_output(tmp_path: Path
     np.testing.assert_allclose(np.sort(labels), np.sort(table["stay"]), rtol=1e-6)
     model = build_model("mlp", found.test.num_features, found.test.num_classes)
     assert model(torch.as_tensor(found.test.features[:5])).shape == (5, 1)
+
+
+def test_regression_baselines_score_every_metric_and_compare_in_r2(tmp_path: Path) -> None:
+    path = write(stay_table(), tmp_path)
+    config = RunConfig(
+        scenario="csv", dataset="stay.csv", data=path, label="stay", task="regression",
+        clients=3, rounds=1, lr=0.05,
+    )  # fmt: skip
+    task = load_task(config)
+    clients = ClientDatasets(task, config.clients, config.seed)
+    federated = {"r2": 0.5, "mse": 1.0, "mae": 0.8, "loss": 1.0}
+    baselines = run_baselines(config, task, clients, task.test_data(config.seed), federated)
+    local = baselines["local"]
+    assert set(baselines["local_mean"]) == {"r2", "mse", "mae", "loss"}
+    assert baselines["local_worst"] == min(local, key=lambda row: row["r2"])
+    assert baselines["local_mean"]["mse"] == pytest.approx(np.mean([r["mse"] for r in local]))
+    comparison = baselines["comparison"]
+    assert comparison["metric"] == "r2"
+    assert comparison["federated_minus_local_mean"] == pytest.approx(
+        0.5 - baselines["local_mean"]["r2"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -280,7 +280,8 @@ def _simulate(
         def show_progress(row: dict[str, Any]) -> None:
             status.update(f"Training round {row['round'] + 1}/{row['rounds']}...")
             measures = "  ".join(Scoring.from_json(row["scoring"]).described(row))
-            console.print(progress_line(row, measures, time.monotonic() - started))
+            # one line per round, however many metrics the task scores
+            console.print(progress_line(row, measures, time.monotonic() - started), soft_wrap=True)
 
         try:
             summary = run_on_engine(
@@ -377,7 +378,8 @@ def _print_summary(summary: RunSummary, run_dir: Path, report: Path) -> None:
 
     headline, *others = summary.scoring.described(summary.final_metrics)
     console.print(
-        f"\n[bold]Final test {headline}[/bold]  {'  '.join(others)}  after {summary.rounds} rounds"
+        f"\n[bold]Final test {headline}[/bold]  {'  '.join(others)}  after {summary.rounds} rounds",
+        soft_wrap=True,
     )
     if len(summary.clients) <= MAX_PRINTED_CLIENTS:
         table = Table(title="Privacy spent per client", title_justify="left")
