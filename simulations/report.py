@@ -79,7 +79,8 @@ def baseline_verdict(summary: RunSummary) -> str:
     metric = comparison["metric"]
     label = scoring.label(metric)
 
-    def better(key: str) -> str:
+    def signed(key: str) -> str:
+        """Comparison `key` (first minus second) signed so that + means the first is better."""
         return f"{scoring.improvement(metric, comparison[key]):+.4f}"
 
     parts = []
@@ -87,19 +88,19 @@ def baseline_verdict(summary: RunSummary) -> str:
         parts.append(f"Lower {label} is better; the differences below are signed accordingly.")
     if comparison["federated_minus_local_mean"] is not None:
         parts.append(
-            f"The federation improved {label} by {better('federated_minus_local_mean')} "
+            f"The federation improved {label} by {signed('federated_minus_local_mean')} "
             "over a site training alone (mean site), "
-            f"by {better('federated_minus_local_worst')} over the worst site."
+            f"by {signed('federated_minus_local_worst')} over the worst site."
         )
     if comparison["central_minus_central_dp"] is not None:
         parts.append(
-            f"Privacy cost {better('central_minus_central_dp')} {label} in central "
+            f"Privacy cost {signed('central_minus_central_dp')} {label} in central "
             "training (no DP against DP); federating under DP cost a further "
-            f"{better('central_dp_minus_federated')} against central DP."
+            f"{signed('central_dp_minus_federated')} against central DP."
         )
     elif comparison["central_minus_federated"] is not None:
         parts.append(
-            f"Federating cost {better('central_minus_federated')} {label} against central training."
+            f"Federating cost {signed('central_minus_federated')} {label} against central training."
         )
     return " ".join(parts)
 
