@@ -9,7 +9,6 @@ import torch
 from flwr.app import Context, RecordDict
 
 from client.app import _train_private, ledger_path, owner_budget
-from client.local_data import ClientRows
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData, make_loader
 from fedmodel.errors import ConfigError
@@ -18,9 +17,8 @@ from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget, new_segments
 from fedmodel.privacy.ledger import PrivacyLedger
 from fedmodel.privacy.ledger_chain import COMMITTED, PENDING, verify_chain
 from fedmodel.protocol import PARTITION_ID_KEY
-from fedmodel.table_task import table_task
 from fedmodel.training import select_device
-from tests.conftest import dp_accounting_epsilon, opacus_stepped_epsilon
+from tests.conftest import dp_accounting_epsilon, opacus_stepped_epsilon, table_rows
 
 CPU = select_device("cpu")
 
@@ -82,11 +80,6 @@ def test_new_segments_is_what_training_appended() -> None:
         new_segments([(1.0, 0.1, 5)], [(1.0, 0.1, 4)])
 
 
-def _rows(data: TabularData, config: RunConfig) -> ClientRows:
-    """A simulated client's rows and the tabular task they train."""
-    return ClientRows(0, data.dataset(), table_task(config, data.num_features, 2))
-
-
 def test_budget_exhausted_client_refuses_to_train(tmp_path: Path, hospital: TabularData) -> None:
     """The ClientApp's own round protocol, on real data, until the owner's budget stops it."""
     config = RunConfig(
@@ -99,7 +92,7 @@ def test_budget_exhausted_client_refuses_to_train(tmp_path: Path, hospital: Tabu
         before = [p.detach().clone() for p in model.parameters()]
         try:
             result, _ = _train_private(
-                model, _rows(hospital, config), loader, config, context(config), server_round,
+                model, table_rows(config, hospital), loader, config, context(config), server_round,
                 0.0, CPU, server_round,
             )  # fmt: skip
         except BudgetExhausted:
@@ -128,10 +121,12 @@ def test_a_restarted_client_resumes_with_the_same_noise_and_history(
     config = RunConfig(rounds=3, epsilon=1.0, output_dir=str(tmp_path))
     loader = make_loader(hospital.dataset(), config.batch_size, 0)
     model = build_model("mlp", hospital.num_features)
-    _train_private(model, _rows(hospital, config), loader, config, context(config), 1, 0.0, CPU, 1)
+    _train_private(
+        model, table_rows(config, hospital), loader, config, context(config), 1, 0.0, CPU, 1
+    )
     # the SuperNode restarts: no memory survives, only the ledger
     result, _ = _train_private(
-        model, _rows(hospital, config), loader, config, context(config), 2, 0.0, CPU, 2
+        model, table_rows(config, hospital), loader, config, context(config), 2, 0.0, CPU, 2
     )
     ((noise, rate, steps),) = result.history
     assert steps == 2 * len(loader) and rate == 1 / len(loader)
