@@ -259,7 +259,9 @@ def _simulate(
             check_aggregator(config.aggregator, config.clients_per_round, config.byzantine)
             clients = ClientDatasets(task, config.clients, config.seed)
             test_set = task.test_data(config.seed)
-            non_iid = heterogeneity(clients)
+            non_iid = heterogeneity(
+                clients, task.metrics if isinstance(task.metrics, str) else None
+            )
         for note in notes:
             console.print(note)
         config = config.replace(  # the engine runs elsewhere: paths must be absolute
