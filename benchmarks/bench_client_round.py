@@ -18,7 +18,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from fedmodel.config import RunConfig
 from fedmodel.data import make_loader
 from fedmodel.datasets.scenarios import client_partitions
-from fedmodel.models import build_model
+from fedmodel.models import ClassifierLoss, build_model
 from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.calibration import calibrate_noise_multiplier, calibrated_noise_multiplier
 from fedmodel.training import train_dp, train_plain
@@ -32,7 +32,8 @@ def main() -> None:
     config = RunConfig()
     data = client_partitions(config)[0]
     cpu = torch.device("cpu")
-    loader = make_loader(data, config.batch_size, seed=0)
+    loader = make_loader(data.dataset(), config.batch_size, seed=0)
+    loss = ClassifierLoss(reduction="none")
     rate = 1 / len(loader)
     steps = config.rounds * len(loader)
     noise = calibrate_noise_multiplier(config.epsilon, config.delta, rate, steps)
@@ -40,10 +41,18 @@ def main() -> None:
 
     variants: dict[str, Callable[[], object]] = {
         "plain SGD epoch (baseline)": lambda: train_plain(
-            build_model("mlp", data.num_features), loader, 1, config.lr, cpu
+            build_model("mlp", data.num_features), loss, loader, 1, config.lr, cpu
         ),
         "DP-SGD epoch (Opacus)": lambda: train_dp(
-            build_model("mlp", data.num_features), loader, 1, config.lr, noise, 1.0, history, cpu
+            build_model("mlp", data.num_features),
+            loss,
+            loader,
+            1,
+            config.lr,
+            noise,
+            1.0,
+            history,
+            cpu,
         ),
         "epsilon: fresh Opacus RDPAccountant": lambda: _opacus_epsilon(history, config.delta),
         "epsilon: ours (cached RDP curve)": lambda: epsilon_of(history, config.delta),

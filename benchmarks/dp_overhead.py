@@ -83,6 +83,7 @@ def make_step(case: Case, variant: str, device: torch.device) -> Step:
         private = make_private(
             privacy_engine(),
             model,
+            ClassifierLoss(reduction="none"),
             optimizer,
             loader,
             NOISE_MULTIPLIER,

@@ -29,7 +29,7 @@ from client.local_data import (
     local_training_rows,
 )
 from fedmodel.config import RunConfig
-from fedmodel.data import dataset_tensors, make_loader
+from fedmodel.data import dataset_tensors, make_loader, row_count
 from fedmodel.errors import ConfigError
 from fedmodel.privacy.accountant import epsilon_of, history_fields
 from fedmodel.privacy.budget import (
@@ -127,7 +127,7 @@ def train_local_model(
     model.load_state_dict(global_state)
     model.to(device)  # model and data move to the device once per call
     loader = make_loader(data, config.batch_size, seed, device)
-    metrics: TrainMetrics = {NUM_EXAMPLES_KEY: len(data), PARTITION_ID_KEY: partition_id}
+    metrics: TrainMetrics = {NUM_EXAMPLES_KEY: row_count(data), PARTITION_ID_KEY: partition_id}
     if config.sample_dp:
         result, budget = _train_private(
             model, rows, loader, config, context, server_round, proximal_mu, device, seed
@@ -186,7 +186,7 @@ def _train_private(
     )
     budget = owner_budget(config, context)
     run_id = ledger_run_id(config, context.run_id)
-    plan = poisson_plan(len(rows.data), config.batch_size)  # exactly what the sampler runs
+    plan = poisson_plan(row_count(rows.data), config.batch_size)  # what the sampler runs
     sample_rate, steps = plan.sample_rate, config.local_epochs * plan.steps_per_epoch
     with ledger:  # one connection for the round's ledger steps
         noise_multiplier = ledger.run_noise_multiplier(fingerprint, run_id)

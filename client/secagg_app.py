@@ -25,6 +25,7 @@ from flwr.common import NDArrays, Scalar
 from client.app import train_local_model
 from client.local_data import ClientRows
 from fedmodel.config import RunConfig
+from fedmodel.data import row_count
 from fedmodel.errors import ConfigError
 from fedmodel.privacy.budget import BUDGET_EXHAUSTED_CODE, BudgetExhausted
 from fedmodel.protocol import PARTITION_ID_KEY, SERVER_ROUND_KEY
@@ -66,7 +67,7 @@ class SecAggTrainingClient(NumPyClient):
             self.config, self.context, rows, global_state, server_round
         )
         arrays = [tensor.numpy() for tensor in state.values()]
-        examples = len(rows.data)  # type: ignore[arg-type]
+        examples = row_count(rows.data)
         if self.observe is not None:
             self.observe(self.partition_id, server_round, arrays, examples)
         return arrays, examples, legacy_metrics(metrics)

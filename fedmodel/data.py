@@ -70,6 +70,11 @@ def make_loader(
     return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
 
 
+def row_count(data: Dataset) -> int:
+    """How many rows a map-style dataset holds (torch's Dataset type declares no len)."""
+    return len(data)  # type: ignore[arg-type]
+
+
 def dataset_tensors(data: Dataset) -> tuple[torch.Tensor, ...]:
     """Every row of `data` stacked: (inputs, targets), for fingerprints and statistics.
 

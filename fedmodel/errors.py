@@ -50,10 +50,8 @@ class ConfigError(FedModelError):
     exit_code = ExitCode.USAGE
 
 
-class TaskError(FedModelError):
+class TaskError(ConfigError):
     """A user's Task that cannot be imported, is not a Task, or cannot train under DP."""
-
-    exit_code = ExitCode.USAGE
 
 
 class DataError(FedModelError):

@@ -20,15 +20,16 @@ def predict(model: nn.Module, data: Dataset, batch_size: int = 4096) -> tuple[Te
     on the model's device.
     """
     model.eval()
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device  # a model may have none
     if isinstance(data, TensorDataset):
         inputs, targets = data.tensors
         return model(inputs.to(device)).cpu(), targets.cpu()
-    outputs, targets = [], []
+    output_batches: list[Tensor] = []
+    target_batches: list[Tensor] = []
     for batch_inputs, batch_targets in DataLoader(data, batch_size=batch_size):
-        outputs.append(model(batch_inputs.to(device)).cpu())
-        targets.append(batch_targets)
-    return torch.cat(outputs), torch.cat(targets)
+        output_batches.append(model(batch_inputs.to(device)).cpu())
+        target_batches.append(batch_targets)
+    return torch.cat(output_batches), torch.cat(target_batches)
 
 
 def evaluate(

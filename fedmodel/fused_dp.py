@@ -23,6 +23,14 @@ from torch import nn
 from fedmodel.errors import ConfigError
 
 
+def linear_only(model: nn.Module) -> bool:
+    """Whether every parameter of `model` belongs to an nn.Linear layer: the models the
+    fused step computes per-sample gradients for."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    covered = {id(p) for layer in layers for p in layer.parameters()}
+    return bool(layers) and all(id(p) in covered for p in model.parameters())
+
+
 class FusedLinearDPSGD:
     """SGD with per-sample clipping and Gaussian noise for a Linear-only `model`.
 
@@ -42,13 +50,12 @@ class FusedLinearDPSGD:
         sample_rate: float,
         generator: torch.Generator,
     ) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        covered = {id(p) for layer in self.layers for p in layer.parameters()}
-        if not self.layers or any(id(p) not in covered for p in model.parameters()):
+        if not linear_only(model):
             raise ConfigError(
                 "grad-sample mode 'fused' needs a model whose only trainable layers are "
                 "nn.Linear; use hooks or ew for this model"
             )
+        self.layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.lr, self.noise_std = lr, noise_multiplier * max_grad_norm
         self.noise_multiplier, self.max_grad_norm = noise_multiplier, max_grad_norm

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
 from typing import Any
@@ -59,7 +61,13 @@ def task_from_reference(reference: str, config: RunConfig) -> Task:
     """The Task `reference` names, built for `config` if it is a factory."""
     found = import_reference(reference)
     if callable(found) and not isinstance(found, Task):
-        found = found(config)
+        try:
+            found = found(config)
+        except Exception as error:  # noqa: BLE001 - the user's function: say what it raised
+            raise TaskError(
+                f"'{reference}' is not a fedmodel.Task, and calling it with the run's "
+                f"RunConfig raised {type(error).__name__}: {error}"
+            ) from None
     if not isinstance(found, Task):
         raise TaskError(
             f"'{reference}' is a {type(found).__name__}, not a fedmodel.Task "
@@ -78,16 +86,19 @@ def load_task(config: RunConfig) -> Task:
 
         task = tabular_task(config)
     if config.fix_model:
-        return dataclasses.replace(task, model=_fixed(task.model))
+        return dataclasses.replace(task, model=FixedModel(task.model))
     return task
 
 
-def _fixed(factory: Any) -> Any:
-    """`factory` whose models have Opacus's DP-compatible replacement layers."""
+@dataclass(frozen=True)
+class FixedModel:
+    """A model factory for `--fix-model`: the task's own models with Opacus's
+    DP-compatible replacement layers (ModuleValidator.fix: BatchNorm to GroupNorm, nn.LSTM
+    to DPLSTM...). `unfixed` is kept so fedmodel.task_checks can say what was replaced."""
 
-    def model() -> nn.Module:
+    unfixed: Callable[[], nn.Module]
+
+    def __call__(self) -> nn.Module:
         from opacus.validators import ModuleValidator
 
-        return ModuleValidator.fix(factory())
-
-    return model
+        return ModuleValidator.fix(self.unfixed())

@@ -24,8 +24,9 @@ from client.app import train_handler
 from client.local_data import ClientRows
 from client.secagg_app import secagg_client_app as build_secagg_client_app
 from fedmodel.config import RunConfig
+from fedmodel.data import row_count
 from fedmodel.protocol import PARTITION_ID_KEY
-from fedmodel.task import Site
+from fedmodel.task import ClientDatasets, Site
 from fedmodel.task_loading import load_task
 from server.wiring import CentralEvaluation, run_federation
 from simulations.attacks import simulated_attack_mod
@@ -44,11 +45,8 @@ def simulate_federation(grid: Grid, context: Context) -> None:
     config = RunConfig.from_run_config(context.run_config)
     task = load_task(config)
     # SecAgg+ divides weights by the largest client's size: the harness knows it
-    largest = (
-        max(len(partition(config, site).data) for site in range(config.clients))  # type: ignore[arg-type]
-        if config.secagg
-        else None
-    )
+    sizes = ClientDatasets(task, config.clients, config.seed) if config.secagg else None
+    largest = max(map(row_count, sizes)) if sizes is not None else None
     run_federation(
         grid, context, config, CentralEvaluation(task, task.test_data(config.seed)), largest
     )

@@ -90,3 +90,11 @@ def deployed_node_context(directory: Path, config: Any, budget_epsilon: float) -
         run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
         run_config=dict(config.to_run_config()),
     )  # fmt: skip
+
+
+def table_rows(config: Any, data: TabularData, index: int = 0) -> Any:
+    """`data` as the ClientRows a node trains: its rows and the tabular task of its width."""
+    from client.local_data import ClientRows
+    from fedmodel.table_task import table_task
+
+    return ClientRows(index, data.dataset(), table_task(config, data.num_features, 2))

@@ -6,17 +6,26 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import Dataset
 
 from fedmodel.config import RunConfig
 from fedmodel.datasets.scenarios import federation
+from fedmodel.task import ClientDatasets, Task
+from fedmodel.task_loading import load_task
 from simulations.baselines import run_baselines
+
+
+def _task_data(config: RunConfig) -> tuple[Task, ClientDatasets, Dataset]:
+    """The run's task, its clients' rows and its test set, as the CLI passes them."""
+    task = load_task(config)
+    return task, ClientDatasets(task, config.clients, config.seed), task.test_data(config.seed)
 
 
 def test_baselines_on_breast_cancer_are_consistent_and_honest() -> None:
     config = RunConfig(dataset="breast-cancer", clients=4, rounds=2, epsilon=1.0, lr=0.1)
     clients = federation(config)
     federated = {"auroc": 0.97}
-    baselines = run_baselines(config, clients.clients, clients.test, federated, max_sites=2)
+    baselines = run_baselines(config, *_task_data(config), federated, max_sites=2)
 
     pooled_features = np.concatenate([c.features for c in clients.clients])
     pooled_labels = np.concatenate([c.labels for c in clients.clients])
@@ -36,18 +45,18 @@ def test_baselines_on_breast_cancer_are_consistent_and_honest() -> None:
     assert baselines["local_worst"]["auroc"] == min(row["auroc"] for row in local)
     assert baselines["local_mean"]["auroc"] == pytest.approx(np.mean([r["auroc"] for r in local]))
     comparison = baselines["comparison"]
-    assert comparison["federated_minus_local_worst_auroc"] == pytest.approx(
+    assert comparison["metric"] == "auroc"
+    assert comparison["federated_minus_local_worst"] == pytest.approx(
         0.97 - baselines["local_worst"]["auroc"]
     )
-    assert comparison["central_minus_central_dp_auroc"] == pytest.approx(
+    assert comparison["central_minus_central_dp"] == pytest.approx(
         central["auroc"] - central_dp["auroc"]
     )
 
 
 def test_without_dp_there_is_no_central_dp_baseline() -> None:
     config = RunConfig(dataset="breast-cancer", clients=2, rounds=1, dp="off")
-    clients = federation(config)
-    baselines = run_baselines(config, clients.clients, clients.test, {"auroc": 0.9}, 1)
+    baselines = run_baselines(config, *_task_data(config), {"auroc": 0.9}, 1)
     assert baselines["central_dp"] is None
     assert "epsilon" not in baselines["local"][0]
-    assert baselines["comparison"]["central_minus_central_dp_auroc"] is None
+    assert baselines["comparison"]["central_minus_central_dp"] is None

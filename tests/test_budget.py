@@ -18,7 +18,7 @@ from fedmodel.privacy.ledger import PrivacyLedger
 from fedmodel.privacy.ledger_chain import COMMITTED, PENDING, verify_chain
 from fedmodel.protocol import PARTITION_ID_KEY
 from fedmodel.training import select_device
-from tests.conftest import dp_accounting_epsilon, opacus_stepped_epsilon
+from tests.conftest import dp_accounting_epsilon, opacus_stepped_epsilon, table_rows
 
 CPU = select_device("cpu")
 
@@ -88,12 +88,12 @@ def test_budget_exhausted_client_refuses_to_train(tmp_path: Path, hospital: Tabu
     trained_rounds = 0
     for server_round in range(1, 9):
         model = build_model("mlp", hospital.num_features)
-        loader = make_loader(hospital, config.batch_size, server_round)
+        loader = make_loader(hospital.dataset(), config.batch_size, server_round)
         before = [p.detach().clone() for p in model.parameters()]
         try:
             result, _ = _train_private(
-                model, loader, hospital, config, context(config), server_round, 0.0, CPU,
-                server_round,
+                model, table_rows(config, hospital), loader, config, context(config), server_round,
+                0.0, CPU, server_round,
             )  # fmt: skip
         except BudgetExhausted:
             assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
@@ -119,11 +119,15 @@ def test_a_restarted_client_resumes_with_the_same_noise_and_history(
     tmp_path: Path, hospital: TabularData
 ) -> None:
     config = RunConfig(rounds=3, epsilon=1.0, output_dir=str(tmp_path))
-    loader = make_loader(hospital, config.batch_size, 0)
+    loader = make_loader(hospital.dataset(), config.batch_size, 0)
     model = build_model("mlp", hospital.num_features)
-    _train_private(model, loader, hospital, config, context(config), 1, 0.0, CPU, 1)
+    _train_private(
+        model, table_rows(config, hospital), loader, config, context(config), 1, 0.0, CPU, 1
+    )
     # the SuperNode restarts: no memory survives, only the ledger
-    result, _ = _train_private(model, loader, hospital, config, context(config), 2, 0.0, CPU, 2)
+    result, _ = _train_private(
+        model, table_rows(config, hospital), loader, config, context(config), 2, 0.0, CPU, 2
+    )
     ((noise, rate, steps),) = result.history
     assert steps == 2 * len(loader) and rate == 1 / len(loader)
     entries = PrivacyLedger(ledger_path(config, context(config))).entries()

@@ -18,8 +18,10 @@ from fedmodel.datasets.csv_scenario import load_csv_split
 from fedmodel.datasets.scenarios import federation, resolve_clients
 from fedmodel.errors import ConfigError
 from fedmodel.evaluation import evaluate
-from fedmodel.models import build_model
+from fedmodel.models import ClassifierLoss, build_model
 from fedmodel.training import select_device, train_dp
+
+LOSS = ClassifierLoss(reduction="none")
 
 
 def clinic_table(rows: int = 600, seed: int = 0) -> pd.DataFrame:
@@ -80,10 +82,10 @@ def test_multiclass_label_trains_one_logit_per_class(tmp_path: Path) -> None:
     assert set(np.unique(clients.test.labels)) == {0.0, 1.0, 2.0}  # day, general, icu
     torch.manual_seed(0)
     model = build_model("logreg", clients.test.num_features, clients.test.num_classes)
-    loader = make_loader(clients.clients[0], 32, seed=0)
-    result = train_dp(model, loader, 3, 0.5, 0.8, 1.0, [], select_device("cpu"))
+    loader = make_loader(clients.clients[0].dataset(), 32, seed=0)
+    result = train_dp(model, LOSS, loader, 3, 0.5, 0.8, 1.0, [], select_device("cpu"))
     assert result.history  # DP-SGD ran with cross-entropy over three logits
-    metrics = evaluate(model, clients.test)
+    metrics = evaluate(model, clients.test.dataset(), LOSS, "multiclass")
     assert metrics["accuracy"] > 0.6 and metrics["auroc"] > 0.8  # chance: ~0.33 and 0.5
 
 

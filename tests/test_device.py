@@ -68,7 +68,9 @@ def test_loader_batches_are_cut_on_the_device(device: str) -> None:
     data = TabularData(
         torch.randn(10, 3).numpy(), (torch.arange(10) % 2).float().numpy(), ("a", "b", "c")
     )
-    features, labels = next(iter(make_loader(data, 4, seed=0, device=torch.device(device))))
+    features, labels = next(
+        iter(make_loader(data.dataset(), 4, seed=0, device=torch.device(device)))
+    )
     assert features.device.type == device and labels.device.type == device
 
 

@@ -13,10 +13,12 @@ from fedmodel.data import make_loader
 from fedmodel.datasets.digits import load_mnist_5k
 from fedmodel.datasets.scenarios import client_partitions
 from fedmodel.evaluation import evaluate
-from fedmodel.models import build_model
+from fedmodel.models import ClassifierLoss, build_model
 from fedmodel.training import select_device, train_dp, train_plain
 from tests.conftest import assert_epsilons_recompute
 from tests.test_scenario_runs import simulate
+
+LOSS = ClassifierLoss(reduction="none")
 
 
 def test_mnist_5k_loads_offline_balanced_and_scaled() -> None:
@@ -40,14 +42,16 @@ def test_cnn_learns_digits_and_trains_under_dp() -> None:
     torch.manual_seed(0)
     model = build_model("cnn", 784, split.train.num_classes)
     few = split.train.subset(np.arange(1500))
-    train_plain(model, make_loader(few, 32, seed=0), 1, 0.1, select_device("cpu"))
-    metrics = evaluate(model, split.test.subset(np.arange(0, 1000, 2)))
+    train_plain(model, LOSS, make_loader(few.dataset(), 32, seed=0), 1, 0.1, select_device("cpu"))
+    test = split.test.subset(np.arange(0, 1000, 2)).dataset()
+    metrics = evaluate(model, test, LOSS, "multiclass")
     assert metrics["accuracy"] > 0.25 and metrics["auroc"] > 0.75  # chance: 0.1 and 0.5
 
     private = build_model("cnn", 784, 10)
     result = train_dp(
         private,
-        make_loader(split.train.subset(np.arange(128)), 32, seed=0),
+        LOSS,
+        make_loader(split.train.subset(np.arange(128)).dataset(), 32, seed=0),
         1,
         0.1,
         1.0,

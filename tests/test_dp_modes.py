@@ -15,6 +15,8 @@ from fedmodel.errors import ConfigError
 from fedmodel.models import MODELS, ClassifierLoss, build_model
 from fedmodel.training import train_dp
 
+LOSS = ClassifierLoss(reduction="none")
+
 INPUTS = {"mlp": (8, 2), "logreg": (8, 2), "cnn": (784, 10)}  # features, classes
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ROWS = 12
@@ -91,7 +93,16 @@ def test_each_mode_gives_the_clipped_per_sample_update(name: str, mode: str, dev
     # One batch holding every row (sample rate 1), no noise, lr 1: the step is the update.
     loader = DataLoader(TensorDataset(x, y), batch_size=ROWS)
     result = train_dp(
-        model, loader, 1, 1.0, 0.0, max_grad_norm, [], torch.device(device), grad_sample_mode=mode
+        model,
+        LOSS,
+        loader,
+        1,
+        1.0,
+        0.0,
+        max_grad_norm,
+        [],
+        torch.device(device),
+        grad_sample_mode=mode,
     )
     update = [b - p.detach() for b, p in zip(before, model.parameters(), strict=True)]
     for got, want in zip(update, expected, strict=True):
@@ -111,7 +122,7 @@ def test_modes_agree_under_poisson_sampling_and_account_alike() -> None:
         model = build_model("mlp", 8)
         loader = DataLoader(TensorDataset(x, y), batch_size=32)  # 7 batches: q = 1/7
         result = train_dp(
-            model, loader, 2, 0.5, 1.1, 1.0, [], torch.device("cpu"), 0.0, mode, seed=0
+            model, LOSS, loader, 2, 0.5, 1.1, 1.0, [], torch.device("cpu"), 0.0, mode, seed=0
         )
         histories.add(tuple(result.history))
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
@@ -123,5 +134,5 @@ def test_modes_agree_under_poisson_sampling_and_account_alike() -> None:
 def test_fused_mode_refuses_a_model_with_other_layers() -> None:
     loader = DataLoader(TensorDataset(*_batch("cnn", "cpu")), batch_size=4)
     with pytest.raises(ConfigError, match="only trainable layers are nn.Linear"):
-        train_dp(build_model("cnn", 784, 10), loader, 1, 0.1, 1.0, 1.0, [], torch.device("cpu"),
-                 grad_sample_mode="fused")  # fmt: skip
+        train_dp(build_model("cnn", 784, 10), LOSS, loader, 1, 0.1, 1.0, 1.0, [],
+                 torch.device("cpu"), grad_sample_mode="fused")  # fmt: skip

@@ -11,9 +11,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedmodel.dp_modes import GRAD_SAMPLE_MODES
-from fedmodel.models import build_model
+from fedmodel.models import ClassifierLoss, build_model
 from fedmodel.sampling import PoissonBatchSampler, dp_generators, poisson_loader, poisson_plan
 from fedmodel.training import train_dp
+
+LOSS = ClassifierLoss(reduction="none")
 
 CPU = torch.device("cpu")
 
@@ -44,7 +46,7 @@ def _train(
     model = _model()
     loader = DataLoader(data, batch_size=batch_size)
     result = train_dp(
-        model, loader, epochs, 0.5, 1.1, 1.0, [], CPU, grad_sample_mode=mode, seed=seed
+        model, LOSS, loader, epochs, 0.5, 1.1, 1.0, [], CPU, grad_sample_mode=mode, seed=seed
     )
     return _weights(model), result.history
 
@@ -118,7 +120,7 @@ def test_a_seed_fixes_the_run_and_torchs_global_rng_plays_no_part(mode: str) -> 
     model, loader = _model(), DataLoader(data, batch_size=16)
     torch.manual_seed(12345)
     state = torch.get_rng_state()
-    train_dp(model, loader, 1, 0.5, 1.1, 1.0, [], CPU, grad_sample_mode=mode, seed=7)
+    train_dp(model, LOSS, loader, 1, 0.5, 1.1, 1.0, [], CPU, grad_sample_mode=mode, seed=7)
     assert torch.equal(torch.get_rng_state(), state)  # not even drawn from
     assert torch.equal(_weights(model), first)
     other, _ = _train(data, 16, mode, seed=8)

@@ -13,9 +13,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from fedmodel.data import TabularData, make_loader
-from fedmodel.models import build_model
+from fedmodel.models import ClassifierLoss, build_model
 from fedmodel.training import train_dp, train_plain
 from server.aggregators import build_aggregator
+
+LOSS = ClassifierLoss(reduction="none")
 
 CPU = torch.device("cpu")
 
@@ -52,13 +54,13 @@ def test_plain_fedprox_is_sgd_on_the_loss_plus_the_proximal_term() -> None:
     data, mu, lr = tiny_table(), 2.0, 0.3
     global_model = start_model(data)
     ours = copy.deepcopy(global_model)
-    train_plain(ours, make_loader(data, 32, seed=5), 2, lr, CPU, proximal_mu=mu)
+    train_plain(ours, LOSS, make_loader(data.dataset(), 32, seed=5), 2, lr, CPU, proximal_mu=mu)
 
     # independent: autograd on BCE + mu/2 * ||w - w_global||^2, same batches
     reference = copy.deepcopy(global_model)
     optimizer = torch.optim.SGD(reference.parameters(), lr=lr)
     anchors = [p.detach().clone() for p in global_model.parameters()]
-    loader = make_loader(data, 32, seed=5)
+    loader = make_loader(data.dataset(), 32, seed=5)
     for _ in range(2):
         for features, labels in loader:
             optimizer.zero_grad()
@@ -74,15 +76,17 @@ def test_plain_fedprox_is_sgd_on_the_loss_plus_the_proximal_term() -> None:
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     # and the term matters: without it the model ends somewhere else, farther away
     fedavg = copy.deepcopy(global_model)
-    train_plain(fedavg, make_loader(data, 32, seed=5), 2, lr, CPU)
+    train_plain(fedavg, LOSS, make_loader(data.dataset(), 32, seed=5), 2, lr, CPU)
     assert distance(ours, global_model) < 0.8 * distance(fedavg, global_model)
 
 
 def test_plain_mu_zero_is_exactly_fedavg_training() -> None:
     data = tiny_table()
     with_zero, without = start_model(data), start_model(data)
-    train_plain(with_zero, make_loader(data, 32, seed=2), 1, 0.5, CPU, proximal_mu=0.0)
-    train_plain(without, make_loader(data, 32, seed=2), 1, 0.5, CPU)
+    train_plain(
+        with_zero, LOSS, make_loader(data.dataset(), 32, seed=2), 1, 0.5, CPU, proximal_mu=0.0
+    )
+    train_plain(without, LOSS, make_loader(data.dataset(), 32, seed=2), 1, 0.5, CPU)
     for p, q in zip(with_zero.parameters(), without.parameters(), strict=True):
         assert torch.equal(p, q)
 
@@ -91,8 +95,10 @@ def dp_update(mu: float) -> tuple[nn.Module, nn.Module]:
     data = tiny_table()
     global_model = start_model(data)
     local = copy.deepcopy(global_model)
-    loader = make_loader(data, 32, seed=3)
-    train_dp(local, loader, 3, 0.5, 0.5, 1.0, [], CPU, proximal_mu=mu, seed=11)  # noise, batches
+    loader = make_loader(data.dataset(), 32, seed=3)
+    train_dp(
+        local, LOSS, loader, 3, 0.5, 0.5, 1.0, [], CPU, proximal_mu=mu, seed=11
+    )  # noise, batches
     return local, global_model
 
 

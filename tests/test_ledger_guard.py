@@ -18,7 +18,7 @@ from fedmodel.data import TabularData
 from fedmodel.models import build_model
 from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget
 from fedmodel.privacy.ledger import NODE_BUDGET, LedgerError, PrivacyLedger
-from tests.conftest import deployed_node_context
+from tests.conftest import deployed_node_context, table_rows
 
 DELTA = 1e-5
 ROUND = (1.1, 0.02, 50)
@@ -124,12 +124,18 @@ def test_every_file_a_node_trains_on_spends_its_one_budget(
     context = deployed_node_context(tmp_path, config, budget_epsilon=1.2)
     start = build_model(config.model, train.num_features).state_dict()
     first = train.subset(np.arange(400))
-    _, metrics = train_local_model(config, context, 0, first, start, server_round=1)
+    _, metrics = train_local_model(
+        config, context, table_rows(config, first), start, server_round=1
+    )
     assert 0.9 < float(metrics["epsilon"]) <= 1.0 + 1e-6
     exported_again = train.subset(np.arange(401))  # one row more: another fingerprint once
     with pytest.raises(BudgetExhausted):
         train_local_model(
-            config.replace(run_uid="second"), context, 0, exported_again, start, server_round=1
+            config.replace(run_uid="second"),
+            context,
+            table_rows(config, exported_again),
+            start,
+            server_round=1,
         )
     assert {entry.fingerprint for entry in PrivacyLedger(ledger_path(tmp_path)).entries()} == {
         NODE_BUDGET

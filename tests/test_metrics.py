@@ -9,6 +9,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from fedmodel.data import TabularData
 from fedmodel.evaluation import auprc, evaluate, recall_at_fpr
+from fedmodel.models import ClassifierLoss
+
+LOSS = ClassifierLoss(reduction="none")
 
 CASES = [(5000, 0.003, 0), (2000, 0.05, 1), (300, 0.4, 2)]
 
@@ -43,7 +46,7 @@ def test_multiclass_evaluation_is_macro_one_vs_rest() -> None:
     features = np.eye(3)[labels] + rng.normal(0, 1.0, (600, 3))
     data = TabularData(features.astype(np.float32), labels.astype(np.float32), ("a", "b", "c"))
     model = torch.nn.Identity()  # the features are the logits
-    metrics = evaluate(model, data)
+    metrics = evaluate(model, data.dataset(), LOSS, "multiclass")
     probabilities = torch.softmax(torch.as_tensor(features, dtype=torch.float32), 1).numpy()
     assert metrics["auroc"] == pytest.approx(
         roc_auc_score(labels, probabilities, multi_class="ovr", average="macro"), 1e-9

@@ -18,6 +18,8 @@ from fedmodel.models import MODELS, ClassifierLoss, build_model
 from fedmodel.sampling import PoissonBatchSampler, dp_generators
 from fedmodel.training import train_dp
 
+LOSS = ClassifierLoss(reduction="none")
+
 CPU = torch.device("cpu")
 INPUTS = {"mlp": (8, 2), "logreg": (8, 2), "cnn": (784, 10)}  # features, classes
 USABLE = [  # fused: Linear layers only
@@ -41,7 +43,7 @@ def _noised_sum(name: str, mode: str, x: torch.Tensor, y: torch.Tensor) -> torch
     model = build_model(name, features, classes)
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
     loader = DataLoader(TensorDataset(x, y), batch_size=len(y))
-    result = train_dp(model, loader, 1, 1.0, 0.5, 1.0, [], CPU, grad_sample_mode=mode, seed=3)
+    result = train_dp(model, LOSS, loader, 1, 1.0, 0.5, 1.0, [], CPU, grad_sample_mode=mode, seed=3)
     assert result.history == [(0.5, 1.0, 1)]
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     return (before - after) * len(y)
@@ -87,7 +89,8 @@ def test_a_crafted_model_cannot_make_the_reply_nan_when_its_target_is_sampled(
     assert not losses[17].isfinite() and losses[torch.arange(60) != 17].isfinite().all()
 
     result = train_dp(
-        model, DataLoader(TensorDataset(x, y), batch_size=10), 3, 0.1, 1.0, 1.0, [], CPU,
+        model,
+        LOSS, DataLoader(TensorDataset(x, y), batch_size=10), 3, 0.1, 1.0, 1.0, [], CPU,
         grad_sample_mode=mode, seed=5,
     )  # fmt: skip
     _, sampling = dp_generators(5, CPU)

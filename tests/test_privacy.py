@@ -6,7 +6,7 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from fedmodel.data import TabularData, make_loader
-from fedmodel.models import build_model
+from fedmodel.models import ClassifierLoss, build_model
 from fedmodel.privacy.accountant import (
     epsilon_of,
     history_fields,
@@ -17,6 +17,8 @@ from fedmodel.privacy.analysis import RDP_ORDERS
 from fedmodel.privacy.calibration import calibrate_noise_multiplier
 from fedmodel.training import train_dp
 from tests.conftest import dp_accounting_epsilon
+
+LOSS = ClassifierLoss(reduction="none")
 
 DELTA = 1e-5
 
@@ -72,9 +74,9 @@ def test_restored_history_composes_across_rounds_and_a_fresh_one_under_reports()
     history: list = []
     epsilons = []
     for round_seed in range(3):
-        loader = make_loader(data, batch_size=64, seed=round_seed)
+        loader = make_loader(data.dataset(), batch_size=64, seed=round_seed)
         result = train_dp(
-            model, loader, 1, 0.1, 1.0, 1.0, history, torch.device("cpu"), seed=round_seed
+            model, LOSS, loader, 1, 0.1, 1.0, 1.0, history, torch.device("cpu"), seed=round_seed
         )
         history = result.history
         epsilons.append(epsilon_of(history, DELTA))
@@ -93,9 +95,11 @@ def test_dp_training_returns_plain_weight_names_and_learns() -> None:
     data = _tiny_task(1024)
     model = build_model("mlp", data.num_features)
     names = set(model.state_dict())
-    loader = make_loader(data, batch_size=64, seed=0)
-    first = train_dp(model, loader, 1, 0.5, 0.8, 1.0, [], torch.device("cpu"), seed=0)
-    later = train_dp(model, loader, 3, 0.5, 0.8, 1.0, first.history, torch.device("cpu"), seed=1)
+    loader = make_loader(data.dataset(), batch_size=64, seed=0)
+    first = train_dp(model, LOSS, loader, 1, 0.5, 0.8, 1.0, [], torch.device("cpu"), seed=0)
+    later = train_dp(
+        model, LOSS, loader, 3, 0.5, 0.8, 1.0, first.history, torch.device("cpu"), seed=1
+    )
     assert set(model.state_dict()) == names
     assert not any(name.startswith("_module.") for name in model.state_dict())
     assert later.loss < first.loss

@@ -17,7 +17,7 @@ from opacus.accountants import RDPAccountant
 from fedmodel.config import RunConfig
 from fedmodel.datasets.scenarios import global_test_set
 from fedmodel.evaluation import evaluate
-from fedmodel.models import build_model
+from fedmodel.models import ClassifierLoss, build_model
 from server.checkpoint import load_checkpoint
 from tests.conftest import assert_epsilons_recompute
 
@@ -94,7 +94,8 @@ def test_three_hospitals_two_rounds_leave_a_complete_honest_run(tmp_path: Path) 
     assert round_number == 2
     model = build_model("mlp", len(state_dict["0.weight"][0]))
     model.load_state_dict(state_dict)
-    metrics = evaluate(model, global_test_set(RunConfig()))
+    loss = ClassifierLoss(reduction="none")
+    metrics = evaluate(model, global_test_set(RunConfig()).dataset(), loss, "binary")
     assert metrics["auroc"] == pytest.approx(summary["final"]["auroc"], abs=1e-6)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
         "latest.pt",

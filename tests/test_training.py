@@ -4,8 +4,10 @@ from sklearn.metrics import roc_auc_score
 
 from fedmodel.data import TabularData, make_loader
 from fedmodel.evaluation import auroc, evaluate
-from fedmodel.models import build_model
+from fedmodel.models import ClassifierLoss, build_model
 from fedmodel.training import select_device, train_plain
+
+LOSS = ClassifierLoss(reduction="none")
 
 
 def test_auroc_matches_sklearn_including_ties() -> None:
@@ -23,9 +25,9 @@ def test_plain_training_on_flchain_beats_chance(flchain: tuple[TabularData, Tabu
     torch.manual_seed(0)
     train, test = flchain
     model = build_model("logreg", train.num_features)
-    before = evaluate(model, test)
-    train_plain(model, make_loader(train, 64, seed=0), 2, 0.1, select_device("cpu"))
-    after = evaluate(model, test)
+    before = evaluate(model, test.dataset(), LOSS, "binary")
+    train_plain(model, LOSS, make_loader(train.dataset(), 64, seed=0), 2, 0.1, select_device("cpu"))
+    after = evaluate(model, test.dataset(), LOSS, "binary")
     assert after["loss"] < before["loss"]
     assert after["auroc"] > 0.82  # central non-private logistic regression reaches ~0.84
 

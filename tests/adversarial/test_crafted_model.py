@@ -22,7 +22,7 @@ from fedmodel.data import TabularData
 from fedmodel.models import ClassifierLoss, build_model
 from fedmodel.privacy.calibration import calibrate_noise_multiplier
 from fedmodel.privacy.ledger import PrivacyLedger
-from tests.conftest import deployed_node_context, dp_accounting_epsilon
+from tests.conftest import deployed_node_context, dp_accounting_epsilon, table_rows
 
 DELTA = 1e-5
 
@@ -60,7 +60,9 @@ def test_a_crafted_overflow_model_gets_a_finite_reply_charged_normally(
     config = RunConfig(epsilon=1.0, rounds=2, local_epochs=2, batch_size=512, device="cpu")
     ledger_path = tmp_path / "privacy-ledger.sqlite"
     context = deployed_node_context(tmp_path, config, budget_epsilon=3.0)
-    reply, metrics = train_local_model(config, context, 0, data, state, server_round=1)
+    reply, metrics = train_local_model(
+        config, context, table_rows(config, data), state, server_round=1
+    )
     assert all(torch.isfinite(tensor).all() for tensor in reply.values())
     assert np.isfinite(float(metrics["train-loss"]))
 

@@ -11,6 +11,7 @@ from client.app import train_local_model
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData
 from fedmodel.models import build_model
+from tests.conftest import table_rows
 
 
 def _train(config: RunConfig, node: dict[str, str | int | float], data: TabularData) -> list:
@@ -20,7 +21,9 @@ def _train(config: RunConfig, node: dict[str, str | int | float], data: TabularD
     )  # fmt: skip
     torch.manual_seed(0)
     start = build_model(config.model, data.num_features).state_dict()
-    state, metrics = train_local_model(config, context, 0, data, start, server_round=1)
+    state, metrics = train_local_model(
+        config, context, table_rows(config, data), start, server_round=1
+    )
     assert metrics["epsilon"] > 0  # DP-SGD ran and was charged
     return [tensor.clone() for tensor in state.values()]
 
