@@ -16,7 +16,6 @@ Usage: python -m benchmarks.task_throughput [--quick] [--csv PATH] [--threads N]
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import statistics
 import sys
@@ -28,7 +27,9 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from benchmarks.dp_overhead import PLAIN, Step, time_steps
 from benchmarks.output import write_csv
+from fedmodel.config import RunConfig
 from fedmodel.task import Site, Task
+from fedmodel.task_loading import task_from_reference
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lesion_imaging"
 MODES = ("hooks", "ew")
@@ -40,15 +41,15 @@ BATCHES_PER_LOADER = 4
 def lesion_task() -> Task:
     """The example's Task, imported as a user's run would: its directory on the path."""
     sys.path.insert(0, str(EXAMPLE))
-    return importlib.import_module("lesion_task").task  # type: ignore[no-any-return]
+    return task_from_reference("lesion_task:task", RunConfig())
 
 
 def loader(task: Task, batch_size: int) -> DataLoader:
     """BATCHES_PER_LOADER full batches of the example's scans, from as many sites as needed."""
     per_site = len(task.train_data(Site(0, 1, seed=0)))  # type: ignore[arg-type]
     sites = -(-batch_size * BATCHES_PER_LOADER // per_site)
-    scans = ConcatDataset([task.train_data(Site(i, sites, seed=0)) for i in range(sites)])
-    return DataLoader(scans, batch_size=batch_size, drop_last=True)
+    scans = [task.train_data(Site(i, sites, seed=0)) for i in range(sites)]
+    return DataLoader(ConcatDataset(scans), batch_size=batch_size, drop_last=True)
 
 
 def make_step(task: Task, variant: str, batch_size: int, device: torch.device) -> Step:
