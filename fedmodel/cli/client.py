@@ -229,6 +229,19 @@ def approve_task(directory: NodeDir, name: TaskName) -> None:
     console.print(f"Approved {approved.name} {approved.version}: source SHA-256 {approved.sha256}")
 
 
+@client_app.command("tasks")
+def tasks(directory: NodeDir) -> None:
+    """List the tasks installed here (pip packages' fedmodel.tasks entry points included),
+    with their version and whether the owner's approval covers their source as it is."""
+    from client.tasks import approval_refusal, installed_tasks, load_approvals
+
+    approvals = load_approvals(directory)
+    for task in installed_tasks().values():
+        problem = approval_refusal(approvals, task.name, task.version)
+        state = "approved" if problem is None else f"NOT APPROVED: {problem}"
+        console.print(f"{task.name} {task.version}  ({state})")
+
+
 @client_app.command("approvals")
 def approvals(directory: NodeDir) -> None:
     """List the approved tasks, and whether their installed source still matches."""
