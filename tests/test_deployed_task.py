@@ -218,7 +218,6 @@ def test_a_node_trains_the_installed_task_with_dp_and_scores_its_holdout(
     installed: Path, tmp_path: Path
 ) -> None:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-
     from flwr.supercore.task_identity import TaskIdentity
 
     from client.app import train_handler
