@@ -28,6 +28,7 @@ from client.tasks import (
     load_approvals,
 )
 from fedmodel.config import RunConfig
+from fedmodel.data import row_count
 from fedmodel.errors import TaskError
 from fedmodel.privacy.ledger import COMMITTED, PENDING, PrivacyLedger
 from tests.conftest import deployed_node_context
@@ -248,13 +249,11 @@ def test_a_node_trains_the_installed_task_with_dp_and_scores_its_holdout(
 
     torch.manual_seed(0)
     model = task_from_reference(TASK, config).model()
-    shared = {CLIENT_INDEX_KEY: json.dumps({"1": 3}), SERVER_ROUND_KEY: 1}
-    content = RecordDict(
-        {ARRAYS_KEY: ArrayRecord(model.state_dict()), CONFIG_KEY: ConfigRecord(shared)}
-    )
+    shared = ConfigRecord({CLIENT_INDEX_KEY: json.dumps({"1": 3}), SERVER_ROUND_KEY: 1})
+    content = RecordDict({ARRAYS_KEY: ArrayRecord(model.state_dict()), CONFIG_KEY: shared})
     message = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
     rows = local_training_rows(context, message)
-    assert (rows.index, len(rows.data), rows.task.name) == (3, 96, TASK)  # 80% of 120
+    assert (rows.index, row_count(rows.data), rows.task.name) == (3, 96, TASK)  # 80% of 120
 
     reply = train_handler(local_training_rows)(message, context)
     assert not reply.has_error()

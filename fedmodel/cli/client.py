@@ -262,8 +262,20 @@ def revoke_approval(directory: NodeDir, name: TaskName) -> None:
 def start(
     directory: NodeDir,
     join: Annotated[Path, typer.Option(help="Join bundle from the operator.")],
-    data: Annotated[Path, typer.Option(help="Local CSV or Parquet file (never leaves here).")],
-    label: Annotated[str, typer.Option(help="Name of the binary label column.")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="Local CSV or Parquet file (never leaves here); for an installed task, the "
+            "file or directory its local_data reads."
+        ),
+    ],
+    label: Annotated[
+        str | None,
+        typer.Option(
+            help="Name of the binary label column, for FedModel's tabular task (without it, "
+            "the node serves installed tasks only)."
+        ),
+    ] = None,
     ca_fingerprint: Annotated[
         str | None,
         typer.Option(
@@ -296,6 +308,7 @@ def start(
         explain_exit,
         start_node,
     )
+    from fedmodel.errors import DataError
     from fedmodel.local_tables import load_table
     from fedmodel.runtime.processes import follow_log, free_port, stop_group
 
@@ -303,7 +316,9 @@ def start(
         console.print("[bold red]WARNING: --insecure: plaintext, no node key sent.[/bold red]")
     identity = node_identity(directory)
     bundle = trusted_join_bundle(join, identity, directory, ca_fingerprint)
-    table = load_table(data, label)  # fails here, before any connection, on a bad file
+    table = None if label is None else load_table(data, label)  # fails before connecting
+    if not data.exists():  # an installed task's local_data reads it, file or directory
+        raise DataError(f"data file {data} does not exist")
     check_device(device)
     policy = _changed_policy(directory, policy_changes)
     if policy is None:
@@ -311,16 +326,17 @@ def start(
             "this node has no privacy budget yet: add --budget-epsilon E (your epsilon for "
             "this dataset, over every run)"
         )
-    console.print(
-        f"{data}: {len(table)} rows, {table.num_features} features, "
-        f"{int(table.labels.sum())} positive '{label}'"
-    )
+    if table is not None:
+        console.print(
+            f"{data}: {len(table)} rows, {table.num_features} features, "
+            f"{int(table.labels.sum())} positive '{label}'"
+        )
     launch = NodeLaunch(
         directory=directory.absolute(),
         identity=identity,
         bundle=bundle,
         data_path=data.absolute(),
-        label=label,
+        label=label or "",
         device=device,
         port=port or free_port(),
         insecure=insecure,
