@@ -67,9 +67,9 @@ NODES_FILE = "nodes.json"  # node name -> client number, stable across --resume
 class DeployedSetting:
     """A run on the enrolled nodes, as `server.wiring.run_federation` wires it.
 
-    `join` runs the query round, which gives the tabular model its input width (None:
-    a user task, whose model is its own); then every member trains in every round and
-    scores each model on its own held-out rows.
+    `join` runs the query round, which gives the tabular model its input width (a user
+    task's model is its own: `statistics` is None); then every member trains in every
+    round and scores each model on its own held-out rows.
     """
 
     def __init__(
