@@ -18,6 +18,8 @@ from fedmodel.feature_statistics import MAX_CATEGORIES, FeatureStatistics
 if TYPE_CHECKING:
     import pandas as pd
 
+    from fedmodel.config.keys import Task
+
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 MAX_CLASSES = 100  # a multiclass label with more values is an identifier or a number
 _TRUE_LABELS = frozenset({"1", "1.0", "true", "yes", "y", "t"})
@@ -48,10 +50,11 @@ def table_statistics(path: str | Path, label: str) -> FeatureStatistics:
 
 
 def read_table(
-    path: str | Path, label: str, multiclass: bool = False
+    path: str | Path, label: str, task: Task = "binary"
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """The feature columns and the labels of a file, validated: 0/1 for a binary task,
-    class indices (in sorted order of the label's values) for a multiclass one."""
+    class indices (in sorted order of the label's values) for a multiclass one, the
+    numbers themselves for a regression."""
     import pandas as pd
 
     path = Path(path)
@@ -72,7 +75,7 @@ def read_table(
     if len(frame) == 0:
         raise DataError(f"data file {path} has no rows")
     _reject_missing_labels(frame[label], label, path)
-    labels = (_class_labels if multiclass else _binary_labels)(frame[label], label, path)
+    labels = _LABEL_READERS[task](frame[label], label, path)
     features = frame.drop(columns=[label])
     if features.shape[1] == 0:
         raise DataError(f"data file {path} has no feature columns besides '{label}'")
@@ -154,7 +157,8 @@ def _class_labels(column: pd.Series, label: str, path: Path) -> np.ndarray:
     if len(names) > MAX_CLASSES:
         raise DataError(
             f"label column '{label}' in {path} has {len(names)} distinct values (more than "
-            f"{MAX_CLASSES}): is it an identifier or a number to regress rather than a class?"
+            f"{MAX_CLASSES}): for a number to predict use --task regression; an identifier "
+            "is no label"
         )
     return indices.astype(np.float32)
 
@@ -164,8 +168,48 @@ def _binary_labels(column: pd.Series, label: str, path: Path) -> np.ndarray:
     ones, zeros = text.isin(_TRUE_LABELS), text.isin(_FALSE_LABELS)
     if not (ones | zeros).all():
         found = ", ".join(sorted(set(column.astype(str)))[:6])
+        hint = (
+            "for a number to predict use --task regression"
+            if _is_quantity(column)
+            else "for more than two classes use --task multiclass"
+        )
         raise DataError(
             f"label column '{label}' in {path} must be binary (0/1, true/false, yes/no); "
-            f"found: {found} (for more than two classes use --task multiclass)"
+            f"found: {found} ({hint})"
         )
     return ones.to_numpy().astype(np.float32)
+
+
+def _is_quantity(column: pd.Series) -> bool:
+    """A numeric label with fractions or more values than a class label has."""
+    if not _is_numeric(column):
+        return False
+    values = _numeric_values(column)
+    return bool((values != np.round(values)).any() or len(np.unique(values)) > MAX_CLASSES)
+
+
+def _continuous_labels(column: pd.Series, label: str, path: Path) -> np.ndarray:
+    """A regression's targets: finite numbers, as they are."""
+    import pandas as pd
+
+    if not _is_numeric(column):
+        text = column[pd.to_numeric(column, errors="coerce").isna()].astype(str)
+        found = ", ".join(sorted(set(text))[:6])
+        raise DataError(
+            f"label column '{label}' in {path} must be numeric for --task regression; "
+            f"found text: {found}"
+        )
+    values = _numeric_values(column)
+    if not np.isfinite(values).all():
+        raise DataError(
+            f"label column '{label}' in {path} has {int((~np.isfinite(values)).sum())} "
+            "infinite value(s); drop or fix those rows"
+        )
+    return values.astype(np.float32)
+
+
+_LABEL_READERS = {
+    "binary": _binary_labels,
+    "multiclass": _class_labels,
+    "regression": _continuous_labels,
+}

@@ -13,9 +13,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedmodel.errors import ExitCode, FedModelError
+from fedmodel.errors import ExitCode, FedModelError, TaskError
+
+if TYPE_CHECKING:
+    from fedmodel.task import Task
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"  # the run config; `--resume` starts again from it
@@ -33,6 +36,101 @@ class SummaryError(FedModelError):
     """A summary.json that is not JSON, lacks a key or has one no FedModel writes."""
 
     exit_code = ExitCode.RUN_DIRECTORY
+
+
+METRIC_LABELS = {
+    "auroc": "AUROC",
+    "auprc": "AUPRC",
+    "recall_at_1pct_fpr": "recall at 1% FPR",
+    "r2": "R2",
+    "mse": "MSE",
+    "mae": "MAE",
+}
+"""How reports write the built-in metrics; any other name is written as it is."""
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a run's models are scored: the task's metrics in report order, the one reports
+    lead with, and those where lower is better. "loss" is always scored besides them.
+
+    Plain names, so that reading a run directory imports no task (and no torch);
+    `Scoring.of(task)` builds it from a Task, and summary.json records it.
+    """
+
+    metric_names: tuple[str, ...]
+    headline: str
+    lower_is_better: frozenset[str]
+
+    @classmethod
+    def of(cls, task: Task) -> Scoring:
+        """The scoring of `task`; a headline the task does not score is a TaskError."""
+        from fedmodel.task import LOWER_IS_BETTER
+
+        names = task.metric_names
+        lower = LOWER_IS_BETTER.intersection((*names, "loss"))
+        scoring = cls(names, task.headline_metric, lower)
+        if scoring.headline not in scoring.columns:
+            raise TaskError(
+                f"task '{task.name}': headline '{scoring.headline}' is not one of its metrics "
+                f"({', '.join(scoring.columns)}); name one of them or leave headline empty"
+            )
+        return scoring
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every scored value, in report order: the task's metrics, then the loss."""
+        return (
+            (*self.metric_names, "loss") if "loss" not in self.metric_names else self.metric_names
+        )
+
+    @property
+    def headline_label(self) -> str:
+        """The headline metric as reports write it."""
+        return self.label(self.headline)
+
+    @staticmethod
+    def label(name: str) -> str:
+        """A metric's name as reports write it."""
+        return METRIC_LABELS.get(name, name)
+
+    def described(self, scores: Mapping[str, Any], skip_missing: bool = False) -> list[str]:
+        """Each scored value as 'LABEL value', the headline first; '-' for a None value
+        (undefined or not scored), or none at all with `skip_missing`."""
+        ordered = (self.headline, *(name for name in self.columns if name != self.headline))
+        return [
+            f"{self.label(name)} " + ("-" if scores.get(name) is None else f"{scores[name]:.4f}")
+            for name in ordered
+            if not (skip_missing and scores.get(name) is None)
+        ]
+
+    def improvement(self, name: str, difference: float) -> float:
+        """`difference` (new minus old) of metric `name` signed so that positive is better."""
+        return -difference if name in self.lower_is_better else difference
+
+    def to_json(self) -> JsonObject:
+        return {
+            "metrics": list(self.metric_names),
+            "headline": self.headline,
+            "lower_is_better": sorted(self.lower_is_better),
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any], source: Path | str = SUMMARY_FILE) -> Scoring:
+        """Read `to_json`'s form; anything else is a SummaryError naming the file."""
+        try:
+            return cls(
+                tuple(raw["metrics"]), str(raw["headline"]), frozenset(raw["lower_is_better"])
+            )
+        except (KeyError, TypeError) as error:
+            raise SummaryError(f"{source}: 'scoring' is malformed ({error})") from None
+
+
+CLASSIFIER_SCORING = Scoring(
+    ("auroc", "auprc", "recall_at_1pct_fpr", "accuracy"), "auroc", frozenset({"loss"})
+)
+"""The tabular classifier's scoring: deployed runs' (nodes score it on their hold-outs),
+and every run recorded before summaries named their scoring."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +162,7 @@ class RunSummary:
     rejected_updates: list[JsonObject] = field(default_factory=list)
     config: JsonObject
     software: dict[str, str] | None = None
+    scoring: Scoring = CLASSIFIER_SCORING  # what `final` and `per_round` hold
     # Added by `fedmodel simulate` once the run is over; absent from deployed runs
     seconds: float | None = None
     federation: JsonObject | None = None
@@ -73,7 +172,7 @@ class RunSummary:
     def to_json(self) -> JsonObject:
         """The JSON object on disk; the harness's blocks only where the harness wrote them."""
         return {
-            key.name: getattr(self, key.name)
+            key.name: self.scoring.to_json() if key.name == "scoring" else getattr(self, key.name)
             for key in fields(self)
             if not (key.name in _HARNESS_KEYS and getattr(self, key.name) is None)
         }
@@ -89,6 +188,8 @@ class RunSummary:
         for key in _REQUIRED_KEYS:
             if key not in raw:
                 raise SummaryError(f"{source}: missing key '{key}'")
+        if "scoring" in raw:
+            return cls(**{**raw, "scoring": Scoring.from_json(raw["scoring"], source)})
         return cls(**raw)
 
     @classmethod

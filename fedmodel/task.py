@@ -133,4 +133,4 @@ class ClientDatasets(Sequence[Dataset]):
             return [self[i] for i in range(*index.indices(self.clients))]
         if not -self.clients <= index < self.clients:
             raise IndexError(index)
-        return self.task.train_data(Site(index % self.clients, self.clients, self.seed))
+        return self.task.train_data(Site(int(index) % self.clients, self.clients, self.seed))

@@ -61,7 +61,13 @@ def task_from_reference(reference: str, config: RunConfig) -> Task:
     """The Task `reference` names, built for `config` if it is a factory."""
     found = import_reference(reference)
     if callable(found) and not isinstance(found, Task):
-        found = found(config)
+        try:
+            found = found(config)
+        except Exception as error:  # noqa: BLE001 - the user's function: say what it raised
+            raise TaskError(
+                f"'{reference}' is not a fedmodel.Task, and calling it with the run's "
+                f"RunConfig raised {type(error).__name__}: {error}"
+            ) from None
     if not isinstance(found, Task):
         raise TaskError(
             f"'{reference}' is a {type(found).__name__}, not a fedmodel.Task "

@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
-from fedmodel.run_directory import CHECKPOINTS_DIR, CONFIG_FILE
+from fedmodel.run_directory import CHECKPOINTS_DIR, CONFIG_FILE, Scoring
 from server.checkpoint import (
     ResumePoint,
     load_resume_point,
@@ -77,14 +77,17 @@ class ShiftedRounds(WrappingStrategy):
         return self.inner.aggregate_evaluate(server_round + self.offset, replies)
 
 
-def open_run_record(config: RunConfig, run_dir: Path) -> tuple[RunRecorder, ResumePoint | None]:
-    """The run's recorder, continuing the checkpointed record when `config.resume`."""
+def open_run_record(
+    config: RunConfig, run_dir: Path, scoring: Scoring
+) -> tuple[RunRecorder, ResumePoint | None]:
+    """The run's recorder (scoring each model as `scoring` says), continuing the
+    checkpointed record when `config.resume`."""
     if not config.resume:
-        return RunRecorder(run_dir, config), None
+        return RunRecorder(run_dir, config, scoring), None
     resume = load_resume_point(run_dir / CHECKPOINTS_DIR)
     if resume is None:
         raise RuntimeError(f"resume requested but {run_dir} holds no resumable checkpoint")
-    return RunRecorder(run_dir, config, resume.record_state), resume
+    return RunRecorder(run_dir, config, scoring, resume.record_state), resume
 
 
 def run_rounds(

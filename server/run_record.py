@@ -22,27 +22,21 @@ from flwr.common.logger import log
 from fedmodel.config import RunConfig
 from fedmodel.privacy.accountant import ACCOUNTANT
 from fedmodel.privacy.central import FEDERATION_LEDGER, CentralRelease
-from fedmodel.run_directory import CLIENTS_FILE, METRICS_FILE, RunSummary
+from fedmodel.run_directory import CLIENTS_FILE, METRICS_FILE, RunSummary, Scoring
 from fedmodel.runtime.flwr_run import PROGRESS_MARKER
 from server.reply_schema import TrainReport
 
-ROUND_COLUMNS = (
-    "round",
-    "auroc",
-    "accuracy",
-    "loss",
+RUN_COLUMNS = (
     "train_loss",
     "max_epsilon",
     "clients",
     "rejected",
-    "auprc",
-    "recall_at_1pct_fpr",
     # failures per round (issue 6): budget dropouts, error replies, no reply before the timeout
     "dropouts",
     "errors",
     "timeouts",
 )
-FINAL_METRICS = ("auroc", "accuracy", "loss", "auprc", "recall_at_1pct_fpr")
+"""What metrics.csv holds per round besides the round and its scoring's columns."""
 CLIENT_COLUMNS = ("round", "client", "num_examples", "train_loss", "epsilon")
 
 
@@ -50,16 +44,25 @@ class RunRecorder:
     """Collects per-client replies and per-round evaluations of one run into its directory."""
 
     def __init__(
-        self, run_dir: Path, config: RunConfig, resume_from: Mapping[str, Any] | None = None
+        self,
+        run_dir: Path,
+        config: RunConfig,
+        scoring: Scoring,
+        resume_from: Mapping[str, Any] | None = None,
     ) -> None:
-        """A fresh record, or (`resume_from`: a `state()`) the record of a resumed run."""
+        """A fresh record, or (`resume_from`: a `state()`) the record of a resumed run.
+
+        `scoring` names the metrics each evaluation holds; they are recorded in its order.
+        """
         self.run_dir = run_dir
         self.config = config
+        self.scoring = scoring
+        self.columns = ("round", *scoring.columns, *RUN_COLUMNS)
         self.rounds: list[dict[str, Any]] = []
         self.clients: dict[str, dict[str, Any]] = {}
         self._round_clients: dict[int, list[str]] = {}
         self._round_train_loss: dict[int, float] = {}
-        self.initial: dict[str, float] | None = None
+        self.initial: dict[str, float | None] | None = None
         self.dropouts: list[dict[str, Any]] = []
         self.rejections: list[dict[str, Any]] = []
         self.central_releases: list[dict[str, Any]] = []
@@ -68,7 +71,7 @@ class RunRecorder:
         if resume_from is not None:
             self._restore(resume_from)
             return
-        _start_csv(run_dir / METRICS_FILE, ROUND_COLUMNS)
+        _start_csv(run_dir / METRICS_FILE, self.columns)
         _start_csv(run_dir / CLIENTS_FILE, CLIENT_COLUMNS)
 
     _STATE = ("rounds", "clients", "initial", "dropouts", "rejections", "central_releases")
@@ -183,34 +186,36 @@ class RunRecorder:
         }
 
     def record_evaluation(self, server_round: int, metrics: Mapping[str, float]) -> None:
-        """Store the central evaluation after a round, refresh files, log one progress line."""
+        """Store the central evaluation after a round, refresh files, log one progress line.
+
+        A score that is undefined (AUROC of a one-class test set) or not scored (deployed
+        nodes score no AUPRC) is recorded as None.
+        """
+        scores = {name: _finite_or_none(metrics.get(name)) for name in self.scoring.columns}
         if server_round == 0:
-            self.initial = dict(metrics)
+            self.initial = scores
             return
         epsilons = [c["epsilon"] for c in self.clients.values() if c.get("epsilon") is not None]
         row = {
             "round": server_round,
-            "auroc": float(metrics["auroc"]),
-            "accuracy": float(metrics["accuracy"]),
-            "loss": float(metrics["loss"]),
+            **scores,
             "train_loss": self._round_train_loss.get(server_round),  # None: withheld
             "max_epsilon": max(epsilons) if epsilons else None,
             "clients": len(self._round_clients.get(server_round, [])),
             "rejected": sum(1 for r in self.rejections if r["round"] == server_round),
-            # imbalanced tasks (issue 3); None where undefined (a test set of one class)
-            "auprc": _finite_or_none(metrics.get("auprc")),
-            "recall_at_1pct_fpr": _finite_or_none(metrics.get("recall_at_1pct_fpr")),
             **self.failures.get(server_round, {"dropouts": 0, "errors": 0, "timeouts": 0}),
         }
         self.rounds.append(row)
-        _append_csv(self.run_dir / METRICS_FILE, [[row[c] for c in ROUND_COLUMNS]])
+        _append_csv(self.run_dir / METRICS_FILE, [[row[c] for c in self.columns]])
         self.write_summary(completed=False)
-        log(INFO, "%s%s", PROGRESS_MARKER, json.dumps({**row, "rounds": self.config.rounds}))
+        progress = {**row, "rounds": self.config.rounds, "scoring": self.scoring.to_json()}
+        log(INFO, "%s%s", PROGRESS_MARKER, json.dumps(progress))
 
     def write_summary(self, completed: bool, stopped_early: str | None = None) -> RunSummary:
         """Rewrite summary.json; `stopped_early` says why a run ended before its last round.
 
-        `final` is the last evaluated global model (the initial one when no round trained).
+        `final` is the last evaluated global model's scores (the initial one's when no
+        round trained).
         """
         final = self.rounds[-1] if self.rounds else self.initial
         sample_dp = self.config.sample_dp
@@ -227,7 +232,7 @@ class RunRecorder:
             target_epsilon=self.config.epsilon if sample_dp else None,
             accountant=ACCOUNTANT if sample_dp else None,
             client_level_dp=self._client_level_dp(),
-            final={k: final[k] for k in FINAL_METRICS} if final else None,
+            final={name: final[name] for name in self.scoring.columns} if final else None,
             initial=self.initial,
             per_round=self.rounds,
             clients=sorted(self.clients.values(), key=lambda c: int(c["client"])),
@@ -236,6 +241,7 @@ class RunRecorder:
             rejected_updates=self.rejections,
             config=asdict(self.config),
             software=software_versions(),
+            scoring=self.scoring,
         )
         summary.save(self.run_dir)
         return summary

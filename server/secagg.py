@@ -159,8 +159,8 @@ def run_secagg(
         save_checkpoint(recorder.run_dir / CHECKPOINTS_DIR, server_round, state)
         if metrics is None:  # nothing scored on the server
             return None
-        scores: dict[str, Scalar] = {
-            key: cast(float, metrics[key]) for key in ("auroc", "accuracy")
+        scores: dict[str, Scalar] = {  # whatever the task scores, besides the loss
+            key: cast(float, value) for key, value in metrics.items() if key != "loss"
         }
         return cast(float, metrics["loss"]), scores
 

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
 from fedmodel.evaluation import evaluate
+from fedmodel.run_directory import Scoring
 from fedmodel.task import Task
 from server.aggregators import build_aggregator
 from server.central_dp import with_central_dp
@@ -113,7 +114,9 @@ def run_federation(
         setting = DeployedSetting.join(grid, config)  # nodes hold all the data
     torch.manual_seed(config.seed)
     model = setting.task.model()
-    recorder, resume = open_run_record(config, Path(config.output_dir).absolute())
+    recorder, resume = open_run_record(
+        config, Path(config.output_dir).absolute(), Scoring.of(setting.task)
+    )
     evaluate_round = setting.begin(recorder, model)
     stopped: str | None = None
     try:

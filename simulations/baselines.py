@@ -18,7 +18,7 @@ sample of them (`max_sites`), because each needs its own noise calibration.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -31,11 +31,10 @@ from fedmodel.data import make_loader, row_count
 from fedmodel.evaluation import evaluate
 from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.calibration import calibrate_noise_multiplier
+from fedmodel.run_directory import Scoring
 from fedmodel.sampling import poisson_plan
 from fedmodel.task import Task
 from fedmodel.training import select_device, train_dp, train_plain
-
-METRICS = ("auroc", "auprc", "recall_at_1pct_fpr", "accuracy", "loss")
 
 
 def train_and_score(
@@ -101,9 +100,13 @@ def run_baselines(
         )
         for site in chosen
     ]
-    scored = [row for row in local if row["auroc"] is not None]
-    worst = min(scored, key=lambda row: row["auroc"]) if scored else None
-    mean = {name: _mean([row[name] for row in scored]) for name in METRICS} if scored else None
+    scoring = Scoring.of(task)
+    headline = scoring.headline
+    scored = [row for row in local if row[headline] is not None]
+    worst = min(scored, key=lambda row: scoring.improvement(headline, row[headline]), default=None)
+    mean = (
+        {name: _mean([row[name] for row in scored]) for name in scoring.columns} if scored else None
+    )
     baselines: dict[str, Any] = {
         "epochs": config.rounds * config.local_epochs,
         "central": central,
@@ -115,25 +118,8 @@ def run_baselines(
         "local": local,
         "seconds": round(time.monotonic() - started, 1),
     }
-    baselines["comparison"] = _comparison(federated, baselines)
+    baselines["comparison"] = compare_to_baselines(federated, baselines, headline)
     return baselines
-
-
-def _comparison(federated: dict[str, Any], baselines: dict[str, Any]) -> dict[str, Any]:
-    """AUROC differences the report states in words: gain over local, cost of privacy."""
-
-    def difference(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
-        if not a or not b or a.get("auroc") is None or b.get("auroc") is None:
-            return None
-        return float(a["auroc"] - b["auroc"])
-
-    return {
-        "federated_minus_local_mean_auroc": difference(federated, baselines["local_mean"]),
-        "federated_minus_local_worst_auroc": difference(federated, baselines["local_worst"]),
-        "central_minus_central_dp_auroc": difference(baselines["central"], baselines["central_dp"]),
-        "central_dp_minus_federated_auroc": difference(baselines["central_dp"], federated),
-        "central_minus_federated_auroc": difference(baselines["central"], federated),
-    }
 
 
 def _concatenate(parts: Sequence[Dataset]) -> Dataset:
@@ -152,3 +138,31 @@ def _mean(values: list[float | None]) -> float | None:
 
 def _finite_or_none(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
+
+
+def compare_to_baselines(
+    federated: Mapping[str, Any], baselines: Mapping[str, Any], headline: str
+) -> dict[str, Any]:
+    """The `comparison` block: differences in the `headline` metric that the report states
+    in words (gain over local training, cost of privacy), each None where a side lacks it.
+
+    Raw differences (first minus second, in the metric's units): the report knows whether
+    lower is better (summary.json `scoring`) and signs them for its sentences.
+    """
+
+    def difference(
+        first: Mapping[str, Any] | None, second: Mapping[str, Any] | None
+    ) -> float | None:
+        if not first or not second or first.get(headline) is None or second.get(headline) is None:
+            return None
+        return float(first[headline] - second[headline])
+
+    central, central_dp = baselines["central"], baselines["central_dp"]
+    return {
+        "metric": headline,
+        "federated_minus_local_mean": difference(federated, baselines["local_mean"]),
+        "federated_minus_local_worst": difference(federated, baselines["local_worst"]),
+        "central_minus_central_dp": difference(central, central_dp),
+        "central_dp_minus_federated": difference(central_dp, federated),
+        "central_minus_federated": difference(central, federated),
+    }

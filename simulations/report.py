@@ -1,11 +1,17 @@
-"""Human-readable run report: report.md with the result tables and two PNG plots."""
+"""Human-readable run report: report.md with the result tables and PNG plots.
+
+Every table and sentence follows the run's scoring (summary.json `scoring`): the task's
+metrics in its order, led by its headline metric, which the per-round plot shows.
+"""
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any
 
-from fedmodel.run_directory import REPORT_FILE, RunSummary
+from fedmodel.run_directory import REPORT_FILE, RunSummary, Scoring
 
 PRIVACY_COLUMNS = (
     "client",
@@ -34,7 +40,9 @@ def privacy_rows(summary: RunSummary) -> list[tuple[str, ...]]:
     return rows
 
 
-BASELINE_COLUMNS = ("model", "AUROC", "AUPRC", "recall at 1% FPR", "accuracy", "epsilon")
+def baseline_columns(scoring: Scoring) -> tuple[str, ...]:
+    """The baseline table's header: the model, the task's metrics, the epsilon spent."""
+    return ("model", *(scoring.label(name) for name in scoring.metric_names), "epsilon")
 
 
 def baseline_rows(summary: RunSummary) -> list[tuple[str, ...]]:
@@ -54,7 +62,7 @@ def baseline_rows(summary: RunSummary) -> list[tuple[str, ...]]:
     return [
         (
             name,
-            *(_format(metrics.get(key)) for key in METRIC_KEYS),
+            *(_format(metrics.get(key)) for key in summary.scoring.metric_names),
             "-" if epsilon is None else f"{epsilon:.3f}",
         )
         for name, metrics, epsilon in candidates
@@ -63,31 +71,38 @@ def baseline_rows(summary: RunSummary) -> list[tuple[str, ...]]:
 
 
 def baseline_verdict(summary: RunSummary) -> str:
-    """One sentence: what the federation gained over local-only, what privacy cost."""
+    """What the federation gained over local-only and what privacy cost, in the headline
+    metric, signed so that a positive gain (and a positive cost) is what the words say."""
     assert summary.baselines is not None, "only for a summary with baselines"
     comparison = summary.baselines["comparison"]
+    scoring = summary.scoring
+    metric = comparison["metric"]
+    label = scoring.label(metric)
+
+    def signed(key: str) -> str:
+        """Comparison `key` (first minus second) signed so that + means the first is better."""
+        return f"{scoring.improvement(metric, comparison[key]):+.4f}"
+
     parts = []
-    if comparison["federated_minus_local_mean_auroc"] is not None:
+    if metric in scoring.lower_is_better:
+        parts.append(f"Lower {label} is better; the differences below are signed accordingly.")
+    if comparison["federated_minus_local_mean"] is not None:
         parts.append(
-            f"The federation gained {comparison['federated_minus_local_mean_auroc']:+.4f} AUROC "
+            f"The federation improved {label} by {signed('federated_minus_local_mean')} "
             "over a site training alone (mean site), "
-            f"{comparison['federated_minus_local_worst_auroc']:+.4f} over the worst site."
+            f"by {signed('federated_minus_local_worst')} over the worst site."
         )
-    if comparison["central_minus_central_dp_auroc"] is not None:
+    if comparison["central_minus_central_dp"] is not None:
         parts.append(
-            f"Privacy cost {comparison['central_minus_central_dp_auroc']:+.4f} AUROC in central "
-            "training (no DP minus DP); federating under DP cost a further "
-            f"{comparison['central_dp_minus_federated_auroc']:+.4f} against central DP."
+            f"Privacy cost {signed('central_minus_central_dp')} {label} in central "
+            "training (no DP against DP); federating under DP cost a further "
+            f"{signed('central_dp_minus_federated')} against central DP."
         )
-    elif comparison["central_minus_federated_auroc"] is not None:
+    elif comparison["central_minus_federated"] is not None:
         parts.append(
-            "Federating cost "
-            f"{comparison['central_minus_federated_auroc']:+.4f} AUROC against central training."
+            f"Federating cost {signed('central_minus_federated')} {label} against central training."
         )
     return " ".join(parts)
-
-
-METRIC_KEYS = ("auroc", "auprc", "recall_at_1pct_fpr", "accuracy")
 
 
 def _format(value: float | None) -> str:
@@ -105,7 +120,9 @@ def write_report(run_dir: Path, summary: RunSummary) -> Path:
         from simulations.heterogeneity import write_heterogeneity_plot
 
         plots.append(write_heterogeneity_plot(run_dir, summary.heterogeneity))
-    final = summary.final_metrics
+    scoring = summary.scoring
+    headline, *others = scoring.described(summary.final_metrics)
+    labels = [scoring.label(name) for name in scoring.columns]
     lines = [
         f"# FedModel run: {summary.scenario} / {summary.dataset}",
         "",
@@ -118,26 +135,22 @@ def write_report(run_dir: Path, summary: RunSummary) -> Path:
         )
         + (" Client-level DP on the server (below)." if summary.client_level_dp else ""),
         "",
-        f"**Final test AUROC {_format(final['auroc'])}**, "
-        f"AUPRC {_format(final.get('auprc'))}, "
-        f"recall at 1% FPR {_format(final.get('recall_at_1pct_fpr'))}, "
-        f"accuracy {final['accuracy']:.4f}, loss {final['loss']:.4f}.",
+        f"**Final test {headline}**, {', '.join(others)}.",
         "",
         *_federation_lines(summary),
         *_baseline_lines(summary),
         *_heterogeneity_lines(summary),
         "## Rounds",
         "",
-        "| round | AUROC | AUPRC | recall at 1% FPR | accuracy | loss | train loss "
-        "| max epsilon | clients |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(("round", *labels, "train loss", "max epsilon", "clients")) + " |",
+        "|" + "---|" * (len(labels) + 4),
     ]
     for row in summary.per_round:
         epsilon = "-" if row["max_epsilon"] is None else f"{row['max_epsilon']:.3f}"
+        scores = (_format(row.get(name)) for name in scoring.columns)
         lines.append(
-            f"| {row['round']} | {_format(row['auroc'])} | {_format(row.get('auprc'))} "
-            f"| {_format(row.get('recall_at_1pct_fpr'))} | {row['accuracy']:.4f} "
-            f"| {row['loss']:.4f} | {_format(row['train_loss'])} | {epsilon} | {row['clients']} |"
+            f"| {row['round']} | " + " | ".join(scores) + f" | {_format(row['train_loss'])} "
+            f"| {epsilon} | {row['clients']} |"
         )
     lines += [
         "",
@@ -194,9 +207,10 @@ def _federation_lines(summary: RunSummary) -> list[str]:
             f"{len(federation['too_small_to_train'])} have fewer than "
             f"{federation['min_dp_rows']} training rows, too few to train under DP, and sat out."
         )
-    if federation.get("achievable_auroc") is not None:
+    auroc = summary.final_metrics.get("auroc")
+    if federation.get("achievable_auroc") is not None and auroc is not None:
         achievable = federation["achievable_auroc"]
-        share = (summary.final_metrics["auroc"] - 0.5) / (achievable - 0.5)
+        share = (auroc - 0.5) / (achievable - 0.5)
         lines.append(
             f"The ground-truth risk model reaches AUROC {achievable:.4f} on the test set; the "
             f"federated model achieved {share:.1%} of that gain over chance."
@@ -207,14 +221,15 @@ def _federation_lines(summary: RunSummary) -> list[str]:
 def _baseline_lines(summary: RunSummary) -> list[str]:
     if not summary.baselines:
         return []
+    columns = baseline_columns(summary.scoring)
     lines = [
         "## Baselines",
         "",
         "The same model trained with the same learning rate, batch size and passes over the "
         "data, scored on the same test set.",
         "",
-        "| " + " | ".join(BASELINE_COLUMNS) + " |",
-        "|" + "---|" * len(BASELINE_COLUMNS),
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in baseline_rows(summary)]
     return [*lines, "", baseline_verdict(summary), ""]
@@ -244,15 +259,19 @@ def _write_plots(run_dir: Path, summary: RunSummary) -> list[str]:
     import matplotlib.pyplot as plt
 
     names = []
+    headline = summary.scoring.headline
+    label = summary.scoring.headline_label
     rounds = [row["round"] for row in summary.per_round]
+    values = [math.nan if row.get(headline) is None else row[headline] for row in summary.per_round]
     figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot(rounds, [row["auroc"] for row in summary.per_round], marker="o")
-    axis.set(xlabel="round", ylabel="test AUROC", title="Global model AUROC per round")
+    axis.plot(rounds, values, marker="o")
+    axis.set(xlabel="round", ylabel=f"test {label}", title=f"Global model {label} per round")
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(run_dir / "auroc.png", dpi=100)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", headline) + ".png"  # auroc.png for classifiers
+    figure.savefig(run_dir / name, dpi=100)
     plt.close(figure)
-    names.append("auroc.png")
+    names.append(name)
     if summary.dp:
         figure, axis = plt.subplots(figsize=(6, 4))
         for client in summary.clients:

@@ -45,10 +45,11 @@ def test_baselines_on_breast_cancer_are_consistent_and_honest() -> None:
     assert baselines["local_worst"]["auroc"] == min(row["auroc"] for row in local)
     assert baselines["local_mean"]["auroc"] == pytest.approx(np.mean([r["auroc"] for r in local]))
     comparison = baselines["comparison"]
-    assert comparison["federated_minus_local_worst_auroc"] == pytest.approx(
+    assert comparison["metric"] == "auroc"
+    assert comparison["federated_minus_local_worst"] == pytest.approx(
         0.97 - baselines["local_worst"]["auroc"]
     )
-    assert comparison["central_minus_central_dp_auroc"] == pytest.approx(
+    assert comparison["central_minus_central_dp"] == pytest.approx(
         central["auroc"] - central_dp["auroc"]
     )
 
@@ -58,4 +59,4 @@ def test_without_dp_there_is_no_central_dp_baseline() -> None:
     baselines = run_baselines(config, *_task_data(config), {"auroc": 0.9}, 1)
     assert baselines["central_dp"] is None
     assert "epsilon" not in baselines["local"][0]
-    assert baselines["comparison"]["central_minus_central_dp_auroc"] is None
+    assert baselines["comparison"]["central_minus_central_dp"] is None

@@ -37,6 +37,7 @@ from fedmodel.privacy.central import (
 from fedmodel.privacy.ledger import PrivacyLedger
 from fedmodel.privacy.ledger_chain import COMMITTED, PENDING, verify_chain
 from fedmodel.protocol import PARTITION_ID_KEY
+from fedmodel.run_directory import CLASSIFIER_SCORING
 from server.central_dp import with_central_dp
 from server.checkpoint import restore_rng, rng_state
 from server.run_record import RunRecorder
@@ -82,7 +83,7 @@ def replies(global_model: np.ndarray, updates: list[np.ndarray]) -> list[Message
 
 def central_strategy(tmp_path: Path, clients: int, **settings: object) -> Strategy:
     config = RunConfig(clients=clients, dp="client", output_dir=str(tmp_path), **settings)  # type: ignore[arg-type]
-    recorder = RunRecorder(tmp_path, config)
+    recorder = RunRecorder(tmp_path, config, CLASSIFIER_SCORING)
     inner = FedAvg(min_train_nodes=clients, min_available_nodes=clients, fraction_evaluate=0.0)
     return with_central_dp(inner, config, recorder)
 
@@ -301,7 +302,7 @@ def test_inside_the_guard_the_dp_wrapper_sees_only_valid_replies(tmp_path: Path)
     """A NaN update is rejected and an error reply dropped before clipping and noise;
     Flower's wrapper would skip the whole round if it saw the error."""
     config = RunConfig(clients=3, dp="client", central_noise=1.0, output_dir=str(tmp_path))
-    recorder = RunRecorder(tmp_path, config)
+    recorder = RunRecorder(tmp_path, config, CLASSIFIER_SCORING)
     inner = FedAvg(min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)
     guarded = GuardedStrategy(with_central_dp(inner, config, recorder), recorder)
     global_model = np.zeros(DIMENSIONS)

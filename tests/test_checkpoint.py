@@ -28,6 +28,7 @@ from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
 from fedmodel.privacy.accountant import history_fields
 from fedmodel.protocol import PARTITION_ID_KEY
+from fedmodel.run_directory import CLASSIFIER_SCORING
 from server.aggregators import build_aggregator
 from server.central_dp import with_central_dp
 from server.checkpoint import (
@@ -115,7 +116,7 @@ def federate(run_dir: Path, config: RunConfig, dimensions: int = 2) -> NodesThat
     if not config.resume:  # as the CLI does
         run_dir.mkdir(parents=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_run_config()))
-    recorder, resume = open_run_record(config, run_dir)
+    recorder, resume = open_run_record(config, run_dir, CLASSIFIER_SCORING)
     inner = build_aggregator(
         config.aggregator, config.clients_per_round, 0, fraction_train=config.fraction,
         fraction_evaluate=0.0, min_train_nodes=config.clients_per_round,
@@ -260,7 +261,7 @@ def test_fedadam_moments_round_trip_through_a_checkpoint(tmp_path: Path) -> None
     point = load_resume_point(tmp_path)
     assert point is not None and point.completed_round == 3
     fresh = build_aggregator("fedadam", 2, 0)
-    guarded = GuardedStrategy(fresh, RunRecorder(tmp_path / "run", RunConfig()))
+    guarded = GuardedStrategy(fresh, RunRecorder(tmp_path / "run", RunConfig(), CLASSIFIER_SCORING))
     restore_strategy_state(guarded, point.strategy_state)  # found through the wrapper
     assert fresh.m_t is not None and fresh.v_t is not None
     np.testing.assert_array_equal(fresh.m_t["w"], strategy.m_t["w"])

@@ -22,6 +22,7 @@ from fedmodel.config import RunConfig
 from fedmodel.errors import DataError
 from fedmodel.feature_statistics import MAX_CATEGORIES, FeatureStatistics
 from fedmodel.protocol import PARTITION_ID_KEY
+from fedmodel.run_directory import CLASSIFIER_SCORING
 from server.federated_evaluation import combine_evaluations
 from server.reply_schema import (
     EvaluationReport,
@@ -154,7 +155,9 @@ def reply(node: int, metrics: dict[str, object], shift: float) -> Message:
 
 
 def deployed_strategy(tmp_path: Path) -> GuardedStrategy:
-    recorder = RunRecorder(tmp_path, RunConfig(scenario="deployment", clients=3))
+    recorder = RunRecorder(
+        tmp_path, RunConfig(scenario="deployment", clients=3), CLASSIFIER_SCORING
+    )
     members = Members(clients={11: "0", 12: "1", 13: "2"}, weight_caps={11: 1, 12: 1, 13: 1})
     strategy = GuardedStrategy(FedAvg(), recorder, min_clients=2, members=members)
     strategy._global_arrays = ArrayRecord({"w": torch.from_numpy(GLOBAL["w"])})

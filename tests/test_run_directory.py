@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from torch.utils.data import TensorDataset
 
-from fedmodel.errors import ExitCode
-from fedmodel.run_directory import SUMMARY_FILE, RunSummary, SummaryError
+from fedmodel.errors import ExitCode, TaskError
+from fedmodel.run_directory import (
+    CLASSIFIER_SCORING,
+    SUMMARY_FILE,
+    RunSummary,
+    Scoring,
+    SummaryError,
+)
+from fedmodel.task import Task
 
 # What server/run_record.py wrote before RunSummary existed (a deployed run: no harness blocks)
 WRITTEN_BY_THE_COORDINATOR: dict[str, Any] = {
@@ -34,6 +44,11 @@ WRITTEN_BY_THE_COORDINATOR: dict[str, Any] = {
     "rejected_updates": [],
     "config": {"ledger_dir": ""},
     "software": {"flwr": "1.39.0"},
+    "scoring": {
+        "metrics": ["auroc", "auprc", "recall_at_1pct_fpr", "accuracy"],
+        "headline": "auroc",
+        "lower_is_better": ["loss"],
+    },
 }
 
 
@@ -57,10 +72,57 @@ def test_a_summary_from_before_client_level_dp_still_loads() -> None:
     older = {
         key: value
         for key, value in WRITTEN_BY_THE_COORDINATOR.items()
-        if key not in {"dp_mode", "client_level_dp", "software", "rejected_updates"}
+        if key not in {"dp_mode", "client_level_dp", "software", "rejected_updates", "scoring"}
     }
     summary = RunSummary.from_json(older)
     assert summary.client_level_dp is None and summary.rejected_updates == []
+    assert summary.scoring == CLASSIFIER_SCORING  # every run before scoring was recorded
+
+
+def length_of_stay(headline: str = "") -> Task:
+    """A regression task (its data is never read: scoring needs names only)."""
+    rows = TensorDataset(torch.zeros(4, 2), torch.zeros(4))
+    return Task(
+        name="stay",
+        model=lambda: torch.nn.Linear(2, 1),
+        loss=lambda outputs, targets: (outputs[:, 0] - targets).square(),
+        train_data=lambda site: rows,
+        test_data=lambda seed: rows,
+        metrics="regression",
+        headline=headline,
+    )
+
+
+def test_a_regression_scoring_round_trips_and_leads_with_r2(tmp_path: Path) -> None:
+    scoring = Scoring.of(length_of_stay())
+    assert scoring.columns == ("r2", "mse", "mae", "loss") and scoring.headline == "r2"
+    assert scoring.lower_is_better == {"mse", "mae", "loss"}
+    summary = RunSummary.from_json({**WRITTEN_BY_THE_COORDINATOR, "scoring": scoring.to_json()})
+    summary.save(tmp_path)
+    assert RunSummary.load(tmp_path).scoring == scoring
+    final = {"r2": 0.5, "mse": 2.0, "mae": None, "loss": 2.0}
+    assert scoring.described(final) == ["R2 0.5000", "MSE 2.0000", "MAE -", "loss 2.0000"]
+    assert scoring.described(final, skip_missing=True) == ["R2 0.5000", "MSE 2.0000", "loss 2.0000"]
+    assert scoring.improvement("mse", -0.25) == 0.25 and scoring.improvement("r2", -0.25) == -0.25
+
+
+def test_a_binary_tasks_scoring_is_the_classifier_scoring_older_runs_default_to() -> None:
+    assert Scoring.of(replace(length_of_stay(), metrics="binary")) == CLASSIFIER_SCORING
+
+
+def test_a_headline_the_task_does_not_score_is_one_line_naming_it() -> None:
+    with pytest.raises(TaskError) as raised:
+        Scoring.of(length_of_stay(headline="auroc"))
+    assert str(raised.value) == (
+        "task 'stay': headline 'auroc' is not one of its metrics (r2, mse, mae, loss); "
+        "name one of them or leave headline empty"
+    )
+
+
+def test_a_malformed_scoring_is_one_line_naming_the_file() -> None:
+    raw = {**WRITTEN_BY_THE_COORDINATOR, "scoring": {"metrics": ["r2"]}}
+    with pytest.raises(SummaryError, match="^run/summary.json: 'scoring' is malformed"):
+        RunSummary.from_json(raw, "run/summary.json")
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
 from fedmodel.protocol import PARTITION_ID_KEY
+from fedmodel.run_directory import CLASSIFIER_SCORING
 from fedmodel.runtime.flower_app import write_flower_app
 from fedmodel.secagg import (
     CLIPPING_RANGE,
@@ -132,7 +133,9 @@ def _fit_result(partition: int, arrays: list[np.ndarray]) -> FitRes:
 
 def _strategy(tmp_path: Path) -> SecureFedAvg:
     recorder = RunRecorder(
-        tmp_path, RunConfig(secagg=True, clients=3, secagg_shares=3, secagg_threshold=2)
+        tmp_path,
+        RunConfig(secagg=True, clients=3, secagg_shares=3, secagg_threshold=2),
+        CLASSIFIER_SCORING,
     )
     return SecureFedAvg(recorder, {"shares": 3}, min_clients=1)
 

@@ -49,7 +49,7 @@ def _run(options: dict[str, Any]) -> None:
     """Build the RunConfig from the options (named like its fields) and launch the run."""
     from client.tasks import installed_task
     from fedmodel.protocol import REFUSAL_MARKER
-    from fedmodel.run_directory import SUMMARY_FILE
+    from fedmodel.run_directory import SUMMARY_FILE, Scoring
     from fedmodel.runtime.flwr_run import progress_line
     from server.aggregators import check_aggregator
     from server.enrollment import load_registry
@@ -96,10 +96,8 @@ def _run(options: dict[str, Any]) -> None:
     started = time.monotonic()
 
     def show_progress(row: dict[str, Any]) -> None:
-        measures = (
-            f"nodes {row['clients']}  AUROC {row['auroc']:.4f} (mean over nodes' hold-outs)  "
-            f"accuracy {row['accuracy']:.4f}"
-        )
+        scores = Scoring.from_json(row["scoring"]).described(row, skip_missing=True)
+        measures = f"nodes {row['clients']}  " + "  ".join(scores) + " (nodes' hold-outs)"
         console.print(progress_line(row, measures, time.monotonic() - started))
 
     names = {str(entry["node_id"]): name for name, entry in load_registry(federation).items()}

@@ -25,7 +25,13 @@ from fedmodel.cli.options import (
 )
 from fedmodel.config import TASK_SCENARIO, RunConfig, Section
 from fedmodel.errors import ConfigError
-from fedmodel.run_directory import CONFIG_FILE, SUMMARY_FILE, RunSummary, write_json_atomic
+from fedmodel.run_directory import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    RunSummary,
+    Scoring,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:  # importing tasks loads torch: the CLI imports them when it runs
     import inspect
@@ -253,7 +259,9 @@ def _simulate(
             check_aggregator(config.aggregator, config.clients_per_round, config.byzantine)
             clients = ClientDatasets(task, config.clients, config.seed)
             test_set = task.test_data(config.seed)
-            non_iid = heterogeneity(clients)
+            non_iid = heterogeneity(
+                clients, task.metrics if isinstance(task.metrics, str) else None
+            )
         for note in notes:
             console.print(note)
         config = config.replace(  # the engine runs elsewhere: paths must be absolute
@@ -273,11 +281,9 @@ def _simulate(
 
         def show_progress(row: dict[str, Any]) -> None:
             status.update(f"Training round {row['round'] + 1}/{row['rounds']}...")
-            measures = (
-                f"AUROC {_number(row['auroc'])}  AUPRC {_number(row.get('auprc'))}  "
-                f"accuracy {row['accuracy']:.4f}"
-            )
-            console.print(progress_line(row, measures, time.monotonic() - started))
+            measures = "  ".join(Scoring.from_json(row["scoring"]).described(row))
+            # one line per round, however many metrics the task scores
+            console.print(progress_line(row, measures, time.monotonic() - started), soft_wrap=True)
 
         try:
             summary = run_on_engine(
@@ -363,26 +369,19 @@ def _announce(config: RunConfig, task: Task, run_dir: Path) -> None:
     )
 
 
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
 def _print_summary(summary: RunSummary, run_dir: Path, report: Path) -> None:
     from simulations.report import (
-        BASELINE_COLUMNS,
         PRIVACY_COLUMNS,
+        baseline_columns,
         baseline_rows,
         baseline_verdict,
         privacy_rows,
     )
 
-    final = summary.final_metrics
+    headline, *others = summary.scoring.described(summary.final_metrics)
     console.print(
-        f"\n[bold]Final test AUROC {_number(final['auroc'])}[/bold]  "
-        f"AUPRC {_number(final.get('auprc'))}  "
-        f"recall at 1% FPR {_number(final.get('recall_at_1pct_fpr'))}  "
-        f"accuracy {final['accuracy']:.4f}  loss {final['loss']:.4f}  "
-        f"after {summary.rounds} rounds"
+        f"\n[bold]Final test {headline}[/bold]  {'  '.join(others)}  after {summary.rounds} rounds",
+        soft_wrap=True,
     )
     if len(summary.clients) <= MAX_PRINTED_CLIENTS:
         table = Table(title="Privacy spent per client", title_justify="left")
@@ -393,7 +392,7 @@ def _print_summary(summary: RunSummary, run_dir: Path, report: Path) -> None:
         console.print(table)
     if summary.baselines:
         table = Table(title="Federated model beside its baselines", title_justify="left")
-        for index, column in enumerate(BASELINE_COLUMNS):
+        for index, column in enumerate(baseline_columns(summary.scoring)):
             table.add_column(column, justify="left" if index == 0 else "right")
         for row in baseline_rows(summary):
             table.add_row(*row)

@@ -67,6 +67,12 @@ class RunConfig(RunKeys):
         _require(self.local_epochs >= 1, "--local-epochs must be at least 1", self.local_epochs)
         _require(self.batch_size >= 1, "--batch-size must be at least 1", self.batch_size)
         _require(_finite_positive(self.lr), "--lr must be a positive number", self.lr)
+        _require(
+            self.task != "regression" or self.partition == "iid",
+            "--partition dirichlet, shard and pathological split by class; a regression "
+            "label has none: use --partition iid or --partition-by COLUMN",
+            self.partition,
+        )
         if self.client_dp:
             self._validate_central_dp()
         _require(

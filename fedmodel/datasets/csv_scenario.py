@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedmodel.config.keys import Task
 from fedmodel.datasets.tables import Split, split_table
 from fedmodel.errors import ConfigError, DataError
 from fedmodel.local_tables import read_table
@@ -19,28 +20,26 @@ from fedmodel.local_tables import read_table
 NUMERIC_SHARE = 0.9  # a text column this numeric is a numeric column with bad cells
 
 
-def load_csv_split(path: str, label: str, partition_by: str | None, task: str = "binary") -> Split:
+def load_csv_split(path: str, label: str, partition_by: str | None, task: Task = "binary") -> Split:
     """The file's train/test split; with `partition_by`, each training row's client.
 
-    `task` "multiclass" reads the label's distinct values as classes (in sorted order).
+    `task` "multiclass" reads the label's distinct values as classes (in sorted order);
+    "regression" keeps its numbers.
     """
     if not path or not label:
         raise ConfigError("simulate csv needs --data FILE and --label COLUMN")
     try:
-        features, labels = read_table(Path(path), label, multiclass=task == "multiclass")
+        features, labels = read_table(Path(path), label, task)
     except DataError as error:
         raise ConfigError(str(error)) from None
-    classes = np.unique(labels)
-    if len(classes) < 2:
-        raise ConfigError(
-            f"label column '{label}' in {path} has only one class; "
-            "a classifier needs rows of at least two classes"
-        )
+    _require_a_varying_label(labels, label, path, task)
     _reject_garbage_in_numeric_columns(features, path)
     if partition_by is not None:
         _check_partition_column(features, partition_by, label, path)
     try:
-        split = split_table(features, labels, site_column=partition_by)
+        split = split_table(
+            features, labels, site_column=partition_by, regression=task == "regression"
+        )
     except DataError as error:
         raise ConfigError(str(error)) from None
     if split.train_sites is not None:
@@ -52,6 +51,21 @@ def load_csv_split(path: str, label: str, partition_by: str | None, task: str = 
                 f"rows ({shown}); merge those values into larger groups or drop their rows"
             )
     return split
+
+
+def _require_a_varying_label(labels: np.ndarray, label: str, path: str, task: Task) -> None:
+    """A classifier needs two classes; a regression a label that is not constant."""
+    if len(np.unique(labels)) >= 2:
+        return
+    if task == "regression":
+        raise ConfigError(
+            f"label column '{label}' in {path} is constant ({labels[0]:g}); "
+            "a regression needs a label that varies"
+        )
+    raise ConfigError(
+        f"label column '{label}' in {path} has only one class; "
+        "a classifier needs rows of at least two classes"
+    )
 
 
 def _reject_garbage_in_numeric_columns(features: pd.DataFrame, path: str) -> None:

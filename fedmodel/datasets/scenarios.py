@@ -26,6 +26,7 @@ from typing import overload
 import numpy as np
 
 from fedmodel.config import CSV_SCENARIO, RunConfig
+from fedmodel.config.keys import Task
 from fedmodel.data import TabularData, partition_indices
 from fedmodel.datasets.digits import load_mnist_5k
 from fedmodel.datasets.financial import load_credit_default, load_lending_club
@@ -158,7 +159,7 @@ def _federation(
     data: str,
     label: str,
     partition_by: str,
-    task: str,
+    task: Task,
 ) -> Federation:
     if scenario == CSV_SCENARIO:
         from fedmodel.datasets.csv_scenario import load_csv_split

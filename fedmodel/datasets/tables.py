@@ -56,14 +56,30 @@ def stratified_rows(
     return rng.permutation(np.flatnonzero(~test_rows)), np.flatnonzero(test_rows)
 
 
+def random_rows(
+    num_rows: int, test_fraction: float = TEST_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows shuffled, test rows) drawn at random: a continuous label has no classes
+    to stratify by."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(num_rows)
+    test_size = round(num_rows * test_fraction)
+    return order[test_size:], np.sort(order[:test_size])
+
+
 def split_table(
     features: pd.DataFrame,
     labels: np.ndarray,
     site_column: str | None = None,
     test_fraction: float = TEST_FRACTION,
+    regression: bool = False,
 ) -> Split:
-    """Stratified, shuffled train/test split of `features` (label already removed)."""
-    train_order, test_order = stratified_rows(labels, test_fraction)
+    """Shuffled train/test split of `features` (label already removed), stratified by
+    class; at random for a `regression`, whose parts have `num_classes` 1 (one output)."""
+    train_order, test_order = (
+        random_rows(len(labels), test_fraction)
+        if regression
+        else stratified_rows(labels, test_fraction)
+    )
     sites, site_names = None, ()
     if site_column is not None:
         all_sites = features[site_column].astype(str).to_numpy()
@@ -72,7 +88,7 @@ def split_table(
     train_frame = features.iloc[train_order].reset_index(drop=True)
     test_frame = features.iloc[test_order].reset_index(drop=True)
     statistics = describe_table(train_frame)
-    num_classes = max(2, int(labels.max()) + 1)  # labels are 0/1 or class indices
+    num_classes = 1 if regression else max(2, int(labels.max()) + 1)  # 0/1 or class indices
     return Split(
         encode_table(train_frame, labels[train_order].astype(np.float32), statistics, num_classes),
         encode_table(test_frame, labels[test_order].astype(np.float32), statistics, num_classes),

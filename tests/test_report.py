@@ -1,0 +1,84 @@
+"""report.md follows the run's scoring: a regression run reads in R2, MSE and MAE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedmodel.run_directory import RunSummary, Scoring
+from fedmodel.task import LOWER_IS_BETTER
+from simulations.baselines import compare_to_baselines
+from simulations.report import baseline_verdict, write_report
+
+REGRESSION = Scoring(("r2", "mse", "mae"), "r2", LOWER_IS_BETTER)
+
+
+def scores(r2: float, mse: float) -> dict[str, Any]:
+    return {"r2": r2, "mse": mse, "mae": mse / 2, "loss": mse}
+
+
+def regression_summary(scoring: Scoring) -> RunSummary:
+    """Two rounds; the federated model (R2 0.8, MSE 0.2) beats a site alone (0.5, 0.5)
+    and loses to central training without DP (0.9, 0.1)."""
+    federated = scores(0.8, 0.2)
+    baselines: dict[str, Any] = {
+        "central": scores(0.9, 0.1) | {"rows": 900},
+        "central_dp": scores(0.85, 0.15) | {"rows": 900, "epsilon": 0.99},
+        "local_mean": scores(0.5, 0.5),
+        "local_worst": scores(0.3, 0.7) | {"client": "2", "epsilon": 0.98},
+        "local_sites": 3,
+        "local_sites_total": 3,
+    }
+    baselines["comparison"] = compare_to_baselines(federated, baselines, scoring.headline)
+    return RunSummary(
+        scenario="csv",
+        dataset="stay.csv",
+        rounds=2,
+        planned_rounds=2,
+        completed=True,
+        num_clients=3,
+        dp=True,
+        delta=1e-5,
+        target_epsilon=1.0,
+        accountant="rdp",
+        final=federated,
+        initial=scores(0.0, 1.0),
+        per_round=[
+            {"round": 1, **scores(0.6, 0.4), "train_loss": 0.5, "max_epsilon": 0.7, "clients": 3},
+            {"round": 2, **federated, "train_loss": 0.3, "max_epsilon": 0.99, "clients": 3},
+        ],
+        clients=[],
+        config={},
+        scoring=scoring,
+        baselines=baselines,
+    )
+
+
+def test_a_regression_report_leads_with_r2_and_plots_it(tmp_path: Path) -> None:
+    report = write_report(tmp_path, regression_summary(REGRESSION)).read_text()
+    assert "**Final test R2 0.8000**, MSE 0.2000, MAE 0.1000, loss 0.2000." in report
+    assert "| round | R2 | MSE | MAE | loss | train loss | max epsilon | clients |" in report
+    assert "| 2 | 0.8000 | 0.2000 | 0.1000 | 0.2000 | 0.3000 | 0.990 | 3 |" in report
+    assert "| model | R2 | MSE | MAE | epsilon |" in report
+    assert "AUROC" not in report and "accuracy" not in report
+    assert "![r2.png](r2.png)" in report
+    assert (tmp_path / "r2.png").read_bytes().startswith(b"\x89PNG")
+    assert "The federation improved R2 by +0.3000 over a site training alone" in report
+
+
+def test_a_lower_is_better_headline_reads_as_an_improvement_when_it_fell() -> None:
+    """The federation's MSE is 0.3 below a site's alone: an improvement of +0.3; privacy
+    raised central MSE by 0.05: a cost of +0.05."""
+    summary = regression_summary(Scoring(("mse", "r2", "mae"), "mse", LOWER_IS_BETTER))
+    assert summary.baselines is not None
+    assert summary.baselines["comparison"]["federated_minus_local_mean"] == pytest.approx(-0.3)
+    verdict = baseline_verdict(summary)
+    assert verdict.startswith("Lower MSE is better")
+    assert "The federation improved MSE by +0.3000 over a site training alone (mean site)" in (
+        verdict
+    )
+    assert "by +0.5000 over the worst site" in verdict
+    assert "Privacy cost +0.0500 MSE in central training" in verdict
+    assert "a further +0.0500 against central DP" in verdict
