@@ -25,7 +25,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch.utils.data import Dataset, Subset
 
-from fedmodel.config import RunConfig
+from fedmodel.config import TABULAR_TASK, RunConfig
 from fedmodel.data import TabularData, row_count
 from fedmodel.errors import TaskError
 from fedmodel.evaluation import evaluate
@@ -43,7 +43,7 @@ from fedmodel.protocol import (
     STATISTICS_KEY,
     STATISTICS_RECORD_KEY,
 )
-from fedmodel.table_task import TABULAR_TASK, table_task
+from fedmodel.table_task import table_task
 from fedmodel.task import Task
 from fedmodel.task_loading import installed_task_references, task_from_reference
 

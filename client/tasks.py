@@ -28,12 +28,13 @@ from pathlib import Path
 
 import fedmodel
 from fedmodel.audit_log import utc_now
+from fedmodel.config import TABULAR_TASK
 from fedmodel.errors import ExitCode, FedModelError, TaskError
 from fedmodel.pki import write_private_file
 from fedmodel.task_loading import ENTRY_POINT_GROUP
 
 APPROVALS_FILE = "approvals.json"
-BUILTIN_TASK = "fedmodel-tabular"
+BUILTIN_TASK = TABULAR_TASK
 
 
 class UnknownTask(FedModelError):

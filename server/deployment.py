@@ -38,7 +38,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedmodel.config import RunConfig
+from fedmodel.config import TABULAR_TASK, RunConfig
 from fedmodel.errors import DataError
 from fedmodel.feature_statistics import FeatureStatistics
 from fedmodel.protocol import (
@@ -50,7 +50,7 @@ from fedmodel.protocol import (
     STATISTICS_RECORD_KEY,
 )
 from fedmodel.run_directory import write_json_atomic
-from fedmodel.table_task import TABULAR_TASK, table_task
+from fedmodel.table_task import table_task
 from fedmodel.task import Task
 from fedmodel.task_loading import task_from_reference
 from server.enrollment import load_registry

@@ -21,7 +21,7 @@ from fedmodel.cli.options import (
     parameter,
 )
 from fedmodel.cli.server import DirOption
-from fedmodel.config import RunConfig, Section
+from fedmodel.config import TABULAR_TASK, RunConfig, Section
 from fedmodel.errors import ConfigError
 
 console = Console(highlight=False, emoji=False, soft_wrap=True)  # paths stay greppable
@@ -136,7 +136,7 @@ run_command = command(
         *config_options((*SHARED_KEYS, "evaluation")),
         NO_DP,
         RESUME,
-        parameter("task", TaskName, "fedmodel-tabular"),
+        parameter("task", TaskName, TABULAR_TASK),
         parameter("output", Output, None),
         parameter("verbose", Verbose, False),
     ],
