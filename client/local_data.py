@@ -6,6 +6,11 @@ a fixed seed, into training rows and a held-out 20% on which the node scores the
 model (federated evaluation: the server has no test set). The encoding (means,
 deviations, category vocabularies) is the federation's, sent by the server after the
 query round, so every node produces the same feature columns.
+
+A run of an installed user task (`app-task` other than the built-in tabular one, already
+approved by the owner: client/policy.py) reads the node's rows with the task's own
+`local_data(data-path)` instead, and its query round describes nothing but the node's
+name: such a task's encoding is its own code's, not the federation's.
 """
 
 from __future__ import annotations
@@ -13,14 +18,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-from fedmodel.config import RunConfig
-from fedmodel.data import TabularData
+from fedmodel.config import TABULAR_TASK, RunConfig
+from fedmodel.data import TabularData, row_count
+from fedmodel.errors import TaskError
 from fedmodel.evaluation import evaluate
 from fedmodel.feature_statistics import FeatureStatistics
 from fedmodel.local_tables import load_table, table_statistics
@@ -38,6 +45,7 @@ from fedmodel.protocol import (
 )
 from fedmodel.table_task import table_task
 from fedmodel.task import Task
+from fedmodel.task_loading import installed_task_references, task_from_reference
 
 HOLDOUT_FRACTION = 0.2
 Metrics = dict[str, int | float | list[int] | list[float]]  # a MetricRecord's content
@@ -64,23 +72,31 @@ def local_training_rows(context: Context, msg: Message) -> ClientRows:
     A simulated client's rows come from the harness instead (simulations/apps.py).
     """
     shared = msg.content.config_records[CONFIG_KEY]
-    indices = json.loads(str(shared[CLIENT_INDEX_KEY]))
-    train, _ = _split_node_table(context, str(shared[STATISTICS_KEY]))
+    index = int(json.loads(str(shared[CLIENT_INDEX_KEY]))[str(context.node_id)])
     config = RunConfig.from_run_config(context.run_config)
+    if config.app_task != TABULAR_TASK:
+        task, train_rows, _ = _user_task_rows(config, _data_file(context)[0])
+        return ClientRows(index, train_rows, task)
+    train, _ = _split_node_table(context, str(shared[STATISTICS_KEY]))
     task = table_task(config, train.num_features, train.num_classes)
-    return ClientRows(int(indices[str(context.node_id)]), train.dataset(), task)
+    return ClientRows(index, train.dataset(), task)
+
+
+def installed_user_task(config: RunConfig) -> Task:
+    """The installed task the run names (`app-task`), never a module the coordinator
+    names: only the `fedmodel.tasks` entry points of this machine are looked up."""
+    if config.app_task not in installed_task_references():
+        raise TaskError(f"no task named '{config.app_task}' is installed on this node")
+    return task_from_reference(config.app_task, config)
 
 
 def describe_local_data(msg: Message, context: Context) -> Message:
-    """Query handler: this node's FeatureStatistics and name, for the federation's encoding."""
-    path, label = _data_file(context)
-    statistics = table_statistics(path, label)
-    answer = ConfigRecord(
-        {
-            STATISTICS_KEY: statistics.to_json(),
-            NODE_NAME_KEY: str(context.node_config.get(NODE_NAME_KEY, "")),
-        }
-    )
+    """Query handler: this node's name and, for the tabular task, its FeatureStatistics
+    (for the federation's encoding); a user task's node describes nothing of its rows."""
+    answer = ConfigRecord({NODE_NAME_KEY: str(context.node_config.get(NODE_NAME_KEY, ""))})
+    if RunConfig.from_run_config(context.run_config).app_task == TABULAR_TASK:
+        path, label = _data_file(context)
+        answer[STATISTICS_KEY] = table_statistics(path, label).to_json()
     return Message(RecordDict({STATISTICS_RECORD_KEY: answer}), reply_to=msg)
 
 
@@ -92,24 +108,36 @@ def evaluate_local_data(msg: Message, context: Context) -> Message:
 
 
 def holdout_metrics(msg: Message, context: Context, state: dict[str, torch.Tensor]) -> Metrics:
-    """Loss, accuracy and AUROC of the model `state` on this node's held-out rows."""
+    """Loss, accuracy and AUROC of the model `state` on this node's held-out rows.
+
+    A task without accuracy (regression, or the user's own metrics) reports none; one
+    without AUROC reports it with weight 0, as a one-class hold-out does
+    (server/reply_schema.py).
+    """
     torch.set_num_threads(1)
     config = RunConfig.from_run_config(context.run_config)
-    shared = msg.content.config_records[CONFIG_KEY]
-    _, holdout = _split_node_table(context, str(shared[STATISTICS_KEY]))
-    task = table_task(config, holdout.num_features, holdout.num_classes)
+    holdout: Dataset
+    if config.app_task != TABULAR_TASK:
+        task, _, holdout = _user_task_rows(config, _data_file(context)[0])
+    else:
+        shared = msg.content.config_records[CONFIG_KEY]
+        _, table = _split_node_table(context, str(shared[STATISTICS_KEY]))
+        task, holdout = table_task(config, table.num_features, table.num_classes), table.dataset()
     model = task.model()
     model.load_state_dict(state)
-    metrics = evaluate(model, holdout.dataset(), task.loss, task.metrics) if len(holdout) else {}
+    rows = row_count(holdout)
+    metrics = evaluate(model, holdout, task.loss, task.metrics) if rows else {}
     auroc = metrics.get("auroc", float("nan"))
-    return {
-        NUM_EXAMPLES_KEY: len(holdout),
+    scores: Metrics = {
+        NUM_EXAMPLES_KEY: rows,
         "loss": metrics.get("loss", 0.0),
-        "accuracy": metrics.get("accuracy", 0.0),
         # AUROC is undefined on a one-class holdout: report it with weight 0
         "auroc": auroc if np.isfinite(auroc) else 0.0,
-        "auroc-weight": len(holdout) if np.isfinite(auroc) else 0,
+        "auroc-weight": rows if np.isfinite(auroc) else 0,
     }
+    if "accuracy" in task.metric_names:
+        scores["accuracy"] = metrics.get("accuracy", 0.0)
+    return scores
 
 
 def _data_file(context: Context) -> tuple[str, str]:
@@ -127,3 +155,21 @@ def _split(path: str, label: str, statistics: str) -> tuple[TabularData, Tabular
     order = np.random.default_rng(HOLDOUT_SEED).permutation(len(data))
     held = int(len(data) * HOLDOUT_FRACTION)
     return data.subset(np.sort(order[held:])), data.subset(np.sort(order[:held]))
+
+
+@lru_cache(maxsize=2)
+def _user_task_rows(config: RunConfig, path: str) -> tuple[Task, Subset, Subset]:
+    """The run's user task and its rows of the node's file: training rows and the
+    held-out 20% (read once per run, not once per message)."""
+    task = installed_user_task(config)
+    if task.local_data is None:
+        raise TaskError(
+            f"task '{task.name}' has no local_data, so it cannot run on a deployed node; "
+            "give its Task a local_data(path) that reads the node's file"
+        )
+    data = task.local_data(Path(path))
+    rows = row_count(data)
+    order = np.random.default_rng(HOLDOUT_SEED).permutation(rows)
+    held = int(rows * HOLDOUT_FRACTION)
+    train, holdout = np.sort(order[held:]).tolist(), np.sort(order[:held]).tolist()
+    return task, Subset(data, train), Subset(data, holdout)

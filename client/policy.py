@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Message, MessageType
 
-from client.tasks import approval_refusal, load_approvals
+from client.tasks import BUILTIN_TASK, approval_refusal, load_approvals
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError, ExitCode, FedModelError
 from fedmodel.pki import write_private_file
@@ -145,7 +145,8 @@ def review(
         return (
             f"the run asks for {config.rounds} rounds; the owner allows at most {policy.max_rounds}"
         )
-    if message_type == MessageType.QUERY and not policy.release_statistics:
+    releases_statistics = config.app_task == BUILTIN_TASK  # a user task's query: a name only
+    if message_type == MessageType.QUERY and releases_statistics and not policy.release_statistics:
         return "the owner does not release feature statistics (they are not DP-protected)"
     if message_type == MessageType.EVALUATE and not policy.release_evaluation:
         return "the owner does not release evaluation metrics"

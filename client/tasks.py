@@ -8,26 +8,33 @@ the one the owner approved (`fedmodel client approve`). A changed file is a diff
 task until the owner approves it again. Like Fed-BioMed's training-plan approval, but
 keyed to the code that actually runs (the installed modules), not to what was sent.
 
-Today one task is installed: FedModel's own tabular ClientApp. User-written tasks (the
-Task API) register here the same way: a name, a version, an app reference and the
-source files that make it up.
+Installed tasks are FedModel's own tabular task and every `fedmodel.tasks` entry point
+(a user's Task, installed with pip). Each is a name, a version, the ClientApp that runs
+it and the source that makes it up: for a user's task, its package (or single module)
+plus FedModel's packages, since that code runs too. Listing, approving and checking a
+task never imports it: the source is located by the import system's finder, and the
+version is the installed distribution's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import fedmodel
 from fedmodel.audit_log import utc_now
-from fedmodel.errors import ExitCode, FedModelError
+from fedmodel.config import TABULAR_TASK
+from fedmodel.errors import ExitCode, FedModelError, TaskError
 from fedmodel.pki import write_private_file
+from fedmodel.task_loading import ENTRY_POINT_GROUP
 
 APPROVALS_FILE = "approvals.json"
-BUILTIN_TASK = "fedmodel-tabular"
+BUILTIN_TASK = TABULAR_TASK
 
 
 class UnknownTask(FedModelError):
@@ -44,14 +51,17 @@ class InstalledTask:
     version: str
     client_app: str  # "module:attribute" of the ClientApp
     secagg_client_app: str  # the same task behind Flower's SecAgg+ client mod
-    source_roots: tuple[Path, ...]  # every .py file under these is part of the task
+    # every .py file under these directories is part of the task, and each file root
+    source_roots: tuple[Path, ...]
 
     def source_digest(self) -> str:
-        """SHA-256 over each source file's path (relative to its root) and bytes."""
+        """SHA-256 over each source file's path (relative to its root's parent) and bytes."""
         digest = hashlib.sha256()
         for root in self.source_roots:
-            for path in sorted(root.rglob("*.py")):
-                relative = f"{root.name}/{path.relative_to(root).as_posix()}"
+            files = [root] if root.is_file() else sorted(root.rglob("*.py"))
+            for path in files:
+                inside = path.relative_to(root).as_posix()
+                relative = root.name if path == root else f"{root.name}/{inside}"
                 digest.update(f"{relative}\0{path.stat().st_size}\0".encode())
                 digest.update(path.read_bytes())
         return digest.hexdigest()
@@ -63,18 +73,57 @@ def _package_root(module_file: str | None) -> Path:
 
 
 def installed_tasks() -> dict[str, InstalledTask]:
-    """Every task installed on this node, by name (looked up on each call: files move)."""
+    """Every task installed on this node, by name (looked up on each call: files move).
+
+    Raises TaskError for an entry point named like the built-in task, or whose module
+    cannot be found: either would make the owner's approval mean something else.
+    """
     import client
 
+    # the ClientApp runs code from both packages: the role and the library
+    fedmodel_roots = (_package_root(client.__file__), _package_root(fedmodel.__file__))
     builtin = InstalledTask(
         name=BUILTIN_TASK,
         version=fedmodel.__version__,
         client_app="client.app:app",
         secagg_client_app="client.secagg_app:app",
-        # the ClientApp runs code from both packages: the role and the library
-        source_roots=(_package_root(client.__file__), _package_root(fedmodel.__file__)),
+        source_roots=fedmodel_roots,
     )
-    return {builtin.name: builtin}
+    tasks = {builtin.name: builtin}
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        if point.name in tasks:
+            raise TaskError(
+                f"the installed task entry point '{point.name}' ({point.value}) takes the name "
+                "of another task; rename it in its package's [project.entry-points]"
+            )
+        tasks[point.name] = InstalledTask(
+            name=point.name,
+            version=_distribution_version(point),
+            client_app=builtin.client_app,
+            secagg_client_app=builtin.secagg_client_app,
+            source_roots=(_task_source_root(point), *fedmodel_roots),
+        )
+    return tasks
+
+
+def _distribution_version(point: EntryPoint) -> str:
+    """The version pip installed: what the owner reviewed, read without running the task."""
+    if point.dist is None:
+        raise TaskError(f"the task entry point '{point.name}' belongs to no installed package")
+    return point.dist.version
+
+
+def _task_source_root(point: EntryPoint) -> Path:
+    """The directory of the task module's top-level package, or the module's own file."""
+    top_level = point.module.partition(".")[0]
+    spec = importlib.util.find_spec(top_level)  # locates it; imports nothing of the task
+    if spec is None or spec.origin is None:
+        raise TaskError(
+            f"the module '{top_level}' of installed task '{point.name}' cannot be found; "
+            "reinstall its package"
+        )
+    origin = Path(spec.origin).resolve()
+    return origin.parent if spec.submodule_search_locations is not None else origin
 
 
 def installed_task(name: str) -> InstalledTask:
@@ -134,7 +183,7 @@ def approval_refusal(approvals: list[ApprovedTask], name: str, version: str) -> 
         return f"task '{name}' version {version} is not approved by this node's owner"
     try:
         task = installed_task(name)
-    except UnknownTask as missing:
+    except (UnknownTask, TaskError) as missing:
         return str(missing)
     if task.version != version:
         return f"task '{name}' is installed here at version {task.version}, not {version}"

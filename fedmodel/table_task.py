@@ -14,14 +14,12 @@ import torch
 from torch.utils.data import Dataset
 
 from fedmodel import __version__
-from fedmodel.config import RunConfig
+from fedmodel.config import TABULAR_TASK, RunConfig
 from fedmodel.dp_modes import grad_sample_mode
 from fedmodel.errors import DataError
 from fedmodel.models import ClassifierLoss, build_model
 from fedmodel.task import MetricKind, PerSampleLoss, Site, Task
 from fedmodel.training import select_device
-
-TABULAR_TASK = "fedmodel-tabular"
 
 
 def _no_rows(_: object) -> Dataset:

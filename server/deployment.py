@@ -15,6 +15,11 @@ the registry does not is kept out. A node's name is the registry's. Statistics o
 `FeatureStatistics.bounds_violation`'s bounds leave their node out of the run, with the
 reason recorded (round 0 of `rejected_updates`). Weights are uniform, or capped by the
 `max_rows` the operator gave every member at enrollment; no node's report raises them.
+
+A run of a user's installed task (`fedmodel run --task NAME`) asks the nodes for their
+names only: the task's `local_data` encodes its own rows, and the model is the task's,
+built from the same task package installed on the coordinator's machine. The coordinator
+names the task; it never sends code (client/tasks.py checks the owner's approval).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedmodel.config import RunConfig
+from fedmodel.config import TABULAR_TASK, RunConfig
 from fedmodel.errors import DataError
 from fedmodel.feature_statistics import FeatureStatistics
 from fedmodel.protocol import (
@@ -46,6 +51,8 @@ from fedmodel.protocol import (
 )
 from fedmodel.run_directory import write_json_atomic
 from fedmodel.table_task import table_task
+from fedmodel.task import Task
+from fedmodel.task_loading import task_from_reference
 from server.enrollment import load_registry
 from server.federated_evaluation import EvaluatingInTraining
 from server.polling_grid import PollingGrid
@@ -60,8 +67,9 @@ NODES_FILE = "nodes.json"  # node name -> client number, stable across --resume
 class DeployedSetting:
     """A run on the enrolled nodes, as `server.wiring.run_federation` wires it.
 
-    `join` runs the query round, which gives the model its input width; then every
-    member trains in every round and scores each model on its own held-out rows.
+    `join` runs the query round, which gives the tabular model its input width (a user
+    task's model is its own: `statistics` is None); then every member trains in every
+    round and scores each model on its own held-out rows.
     """
 
     def __init__(
@@ -69,16 +77,16 @@ class DeployedSetting:
         grid: MemberGrid,
         config: RunConfig,
         enrolled: Mapping[int, EnrolledNode],
-        statistics: FeatureStatistics,
+        statistics: FeatureStatistics | None,
         left_out: Mapping[int, str],
+        task: Task,
     ) -> None:
         self.grid = grid
         self.config = config
         self.enrolled = enrolled
         self.statistics = statistics
         self.left_out = left_out
-        # a node's label column is binary: one logit on the federation's encoded columns
-        self.task = table_task(config, len(statistics.feature_names()), num_classes=2)
+        self.task = task
         self.shared: ConfigRecord | None = None  # the encoding and client numbers, once known
         self._names: dict[int, str] = {}
         self._positions: dict[int, int] = {}
@@ -86,12 +94,24 @@ class DeployedSetting:
 
     @classmethod
     def join(cls, grid: Grid, config: RunConfig) -> DeployedSetting:
-        """Wait for the enrolled nodes and merge their feature statistics."""
+        """Wait for the enrolled nodes and merge their feature statistics (tabular task).
+
+        A user task is loaded from the coordinator's own installation (its operator's
+        choice) before any node is asked, so a task missing here fails the run at once.
+        """
+        user_task = None
+        if config.app_task != TABULAR_TASK:
+            user_task = task_from_reference(config.app_task, config)
         enrolled = enrolled_nodes(config)
         # replies are picked up in 0.1 s, not Flower's 3 s; too few members end the run
         members = MemberGrid(grid, enrolled, config.min_clients, config.round_timeout)
         statistics, left_out = query_feature_statistics(members, config, enrolled)
-        return cls(members, config, enrolled, statistics, left_out)
+        if statistics is not None:  # a node's label column is binary: one logit per row
+            task = table_task(config, len(statistics.feature_names()), num_classes=2)
+        else:
+            assert user_task is not None  # only a user task's query returns no statistics
+            task = user_task
+        return cls(members, config, enrolled, statistics, left_out, task)
 
     def begin(self, recorder: RunRecorder, model: torch.nn.Module) -> RoundEvaluation:
         """Record who the query round left out and number the members; the server scores
@@ -101,9 +121,9 @@ class DeployedSetting:
         self._names = {node: self.enrolled[node].name for node in self.grid.get_node_ids()}
         self._positions = client_positions(recorder.run_dir, self._names)
         index = {str(node): position for node, position in self._positions.items()}
-        self.shared = ConfigRecord(
-            {STATISTICS_KEY: self.statistics.to_json(), CLIENT_INDEX_KEY: json.dumps(index)}
-        )
+        self.shared = ConfigRecord({CLIENT_INDEX_KEY: json.dumps(index)})
+        if self.statistics is not None:
+            self.shared[STATISTICS_KEY] = self.statistics.to_json()
         return lambda server_round, arrays: None
 
     def sampling(self, config: RunConfig) -> dict[str, float]:
@@ -231,13 +251,15 @@ def positions_by_name(run_dir: Path) -> dict[str, int]:
 
 def query_feature_statistics(
     grid: MemberGrid, config: RunConfig, enrolled: Mapping[int, EnrolledNode]
-) -> tuple[FeatureStatistics, dict[int, str]]:
+) -> tuple[FeatureStatistics | None, dict[int, str]]:
     """Wait for `clients` members (the grid gives up after --round-timeout), ask each
     for its statistics; merge the valid ones.
 
-    Returns the merge and, by node, why a node was left out (the grid's members are
-    then the nodes that described their data within bounds).
+    Returns the merge (None for a user task: its nodes answer with their names only)
+    and, by node, why a node was left out (the grid's members are then the nodes that
+    answered, with statistics within bounds).
     """
+    tabular = config.app_task == TABULAR_TASK
     try:
         while len(node_ids := list(grid.get_node_ids())) < config.clients:
             log(INFO, "Waiting for nodes: %d of %d connected", len(node_ids), config.clients)
@@ -255,8 +277,9 @@ def query_feature_statistics(
             log(WARN, "%s %d: %s", REFUSAL_MARKER, node, reply.error.reason)
             continue
         try:
-            local = _node_statistics(reply, enrolled[node].max_rows)
-            merged = local if merged is None else merged.merge(local)
+            if tabular:
+                local = _node_statistics(reply, enrolled[node].max_rows)
+                merged = local if merged is None else merged.merge(local)
         except DataError as error:
             left_out[node] = f"feature statistics: {error}"
             log(WARN, "node %d is left out of the run: %s", node, left_out[node])
@@ -264,13 +287,14 @@ def query_feature_statistics(
         described.add(node)
     for node in set(node_ids) - described:
         grid.leave(node)
-    if merged is None or len(described) < config.clients:
+    if (tabular and merged is None) or len(described) < config.clients:
         raise RuntimeError(
             f"only {len(described)} of {config.clients} nodes described their data (the others "
             "refused or failed: see their reasons above)"
         )
-    log(INFO, "Feature statistics of %d rows from %d nodes: %d features", merged.rows,
-        len(described), len(merged.feature_names()))  # fmt: skip
+    if merged is not None:
+        log(INFO, "Feature statistics of %d rows from %d nodes: %d features", merged.rows,
+            len(described), len(merged.feature_names()))  # fmt: skip
     return merged, left_out
 
 

@@ -14,7 +14,11 @@ minority of nodes cannot move past the honest nodes' range (Yin et al. 2018,
 
 The AUROC is a combination of the nodes' local AUROCs, not the AUROC of the pooled
 hold-outs (that would need every score on the server); it rests only on nodes where
-it is defined (`auroc_weight` > 0).
+it is defined (`auroc_weight` > 0), and accuracy only on nodes that report one. A task
+that is not a classifier (a regression, or a user's task with its own metrics) is
+scored by its loss alone, the mean of its per-sample loss on the hold-outs (for
+squared error, the MSE); its AUROC and accuracy are then 0, as any score no node can
+speak to.
 """
 
 from __future__ import annotations
@@ -52,7 +56,9 @@ def combine_evaluations(
     curves = [(report, min(report.auroc_weight, cap)) for report, cap in reports]
     scored = {
         "loss": [(report.loss, weight) for report, weight in rows],
-        "accuracy": [(report.accuracy, weight) for report, weight in rows],
+        "accuracy": [
+            (report.accuracy, weight) for report, weight in rows if report.accuracy is not None
+        ],
         "auroc": [(report.auroc, weight) for report, weight in curves],
     }
     combine = _median if method == "median" else _mean

@@ -34,7 +34,9 @@ MAX_COUNT = 10**9
 MAX_PARTITION_ID = 2**31 - 1
 # Mechanism segments one history may hold (one per round a dataset ever trained)
 MAX_HISTORY = 100_000
-EVALUATION_KEYS = (NUM_EXAMPLES_KEY, "loss", "accuracy", "auroc", "auroc-weight")
+EVALUATION_KEYS = (NUM_EXAMPLES_KEY, "loss", "auroc", "auroc-weight")
+# Reported by a classifier's node only: a regression or user-metric task has no accuracy
+OPTIONAL_EVALUATION_KEYS = ("accuracy",)
 
 Metrics = Mapping[str, object]
 
@@ -60,12 +62,13 @@ class EvaluationReport:
     """A node's score of a global model on its held-out rows.
 
     `auroc_weight` is the number of held-out rows AUROC was computed on (0 where it is
-    undefined, a one-class hold-out), never more than `num_examples`.
+    undefined: a one-class hold-out, or a task that is not a classifier), never more than
+    `num_examples`. `accuracy` is None for a task that has none (regression).
     """
 
     num_examples: int
     loss: float
-    accuracy: float
+    accuracy: float | None
     auroc: float
     auroc_weight: int
 
@@ -99,10 +102,11 @@ def evaluation_report(metrics: Metrics, prefix: str = "") -> EvaluationReport | 
     """Read an evaluation; None when the owner released none of it.
 
     `prefix` reads the evaluation riding on a deployed train reply (`eval-loss`, ...).
-    Part of an evaluation is as invalid as a wrong one: the keys come all or none.
+    Part of an evaluation is as invalid as a wrong one: the keys come all or none (but
+    accuracy, which only a classifier's node reports).
     """
     present = [key for key in EVALUATION_KEYS if prefix + key in metrics]
-    if not present:
+    if not present and not any(prefix + key in metrics for key in OPTIONAL_EVALUATION_KEYS):
         return None
     if len(present) < len(EVALUATION_KEYS):
         missing = sorted(prefix + key for key in set(EVALUATION_KEYS) - set(present))
@@ -111,7 +115,11 @@ def evaluation_report(metrics: Metrics, prefix: str = "") -> EvaluationReport | 
     return EvaluationReport(
         num_examples=examples,
         loss=_number(metrics, prefix + "loss"),
-        accuracy=_number(metrics, prefix + "accuracy", 0.0, 1.0),
+        accuracy=(
+            _number(metrics, prefix + "accuracy", 0.0, 1.0)
+            if prefix + "accuracy" in metrics
+            else None
+        ),
         auroc=_number(metrics, prefix + "auroc", 0.0, 1.0),
         auroc_weight=_count(metrics, prefix + "auroc-weight", 0, examples),
     )

@@ -144,14 +144,15 @@ def copy_source_tree(code: Path) -> None:
                         ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
 
 
-def start_server(server: Path) -> None:
-    """`server init` on 127.0.0.1 with free ports, then `server start --detach`."""
+def start_server(server: Path, env: dict[str, str] | None = None) -> None:
+    """`server init` on 127.0.0.1 with free ports, then `server start --detach` (in `env`:
+    the SuperLink and the ServerApps it starts import what its PYTHONPATH holds)."""
     from fedmodel.runtime.processes import free_port
 
     ports = ("--fleet-port", free_port(), "--control-port", free_port())
     made = fedmodel("server", "init", "--dir", server, "--address", "127.0.0.1", *ports)
     assert made.returncode == 0, made.stderr
-    started = fedmodel("server", "start", "--dir", server, "--detach", timeout=90)
+    started = fedmodel("server", "start", "--dir", server, "--detach", timeout=90, env=env)
     assert started.returncode == 0, started.stderr
 
 

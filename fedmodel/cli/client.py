@@ -229,6 +229,19 @@ def approve_task(directory: NodeDir, name: TaskName) -> None:
     console.print(f"Approved {approved.name} {approved.version}: source SHA-256 {approved.sha256}")
 
 
+@client_app.command("tasks")
+def tasks(directory: NodeDir) -> None:
+    """List the tasks installed here (pip packages' fedmodel.tasks entry points included),
+    with their version and whether the owner's approval covers their source as it is."""
+    from client.tasks import approval_refusal, installed_tasks, load_approvals
+
+    approvals = load_approvals(directory)
+    for task in installed_tasks().values():
+        problem = approval_refusal(approvals, task.name, task.version)
+        state = "approved" if problem is None else f"NOT APPROVED: {problem}"
+        console.print(f"{task.name} {task.version}  ({state})")
+
+
 @client_app.command("approvals")
 def approvals(directory: NodeDir) -> None:
     """List the approved tasks, and whether their installed source still matches."""
@@ -249,8 +262,20 @@ def revoke_approval(directory: NodeDir, name: TaskName) -> None:
 def start(
     directory: NodeDir,
     join: Annotated[Path, typer.Option(help="Join bundle from the operator.")],
-    data: Annotated[Path, typer.Option(help="Local CSV or Parquet file (never leaves here).")],
-    label: Annotated[str, typer.Option(help="Name of the binary label column.")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="Local CSV or Parquet file (never leaves here); for an installed task, the "
+            "file or directory its local_data reads."
+        ),
+    ],
+    label: Annotated[
+        str | None,
+        typer.Option(
+            help="Name of the binary label column, for FedModel's tabular task (without it, "
+            "the node serves installed tasks only)."
+        ),
+    ] = None,
     ca_fingerprint: Annotated[
         str | None,
         typer.Option(
@@ -283,6 +308,7 @@ def start(
         explain_exit,
         start_node,
     )
+    from fedmodel.errors import DataError
     from fedmodel.local_tables import load_table
     from fedmodel.runtime.processes import follow_log, free_port, stop_group
 
@@ -290,7 +316,9 @@ def start(
         console.print("[bold red]WARNING: --insecure: plaintext, no node key sent.[/bold red]")
     identity = node_identity(directory)
     bundle = trusted_join_bundle(join, identity, directory, ca_fingerprint)
-    table = load_table(data, label)  # fails here, before any connection, on a bad file
+    table = None if label is None else load_table(data, label)  # fails before connecting
+    if not data.exists():  # an installed task's local_data reads it, file or directory
+        raise DataError(f"data file {data} does not exist")
     check_device(device)
     policy = _changed_policy(directory, policy_changes)
     if policy is None:
@@ -298,16 +326,17 @@ def start(
             "this node has no privacy budget yet: add --budget-epsilon E (your epsilon for "
             "this dataset, over every run)"
         )
-    console.print(
-        f"{data}: {len(table)} rows, {table.num_features} features, "
-        f"{int(table.labels.sum())} positive '{label}'"
-    )
+    if table is not None:
+        console.print(
+            f"{data}: {len(table)} rows, {table.num_features} features, "
+            f"{int(table.labels.sum())} positive '{label}'"
+        )
     launch = NodeLaunch(
         directory=directory.absolute(),
         identity=identity,
         bundle=bundle,
         data_path=data.absolute(),
-        label=label,
+        label=label or "",
         device=device,
         port=port or free_port(),
         insecure=insecure,

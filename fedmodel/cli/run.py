@@ -21,7 +21,7 @@ from fedmodel.cli.options import (
     parameter,
 )
 from fedmodel.cli.server import DirOption
-from fedmodel.config import RunConfig, Section
+from fedmodel.config import TABULAR_TASK, RunConfig, Section
 from fedmodel.errors import ConfigError
 
 console = Console(highlight=False, emoji=False, soft_wrap=True)  # paths stay greppable
@@ -34,10 +34,20 @@ Output = Annotated[
 Verbose = Annotated[
     bool, typer.Option(help="Show every ServerApp log line.", rich_help_panel=OUTPUT)
 ]
+TaskName = Annotated[
+    str,
+    typer.Option(
+        "--task",
+        help="Installed task the nodes train: its name, at the version installed here (each "
+        "node must have it installed and approved).",
+        rich_help_panel=Section.RUN.value,
+    ),
+]
 
 
 def _run(options: dict[str, Any]) -> None:
     """Build the RunConfig from the options (named like its fields) and launch the run."""
+    from client.tasks import installed_task
     from fedmodel.protocol import REFUSAL_MARKER
     from fedmodel.run_directory import SUMMARY_FILE, Scoring
     from fedmodel.runtime.flwr_run import progress_line
@@ -48,6 +58,7 @@ def _run(options: dict[str, Any]) -> None:
     from server.superlink import Federation
 
     options = dict(options)
+    task = installed_task(options.pop("task"))  # named, never shipped: nodes run their own
     directory, resume = options.pop("directory"), options.pop("resume")
     output, verbose = options.pop("output"), options.pop("verbose")
     options["dp"] = dp_mode(options["dp"], options.pop("no_dp"))
@@ -56,6 +67,8 @@ def _run(options: dict[str, Any]) -> None:
         dataset="local",
         clients=options["min_clients"],
         run_uid=uuid.uuid4().hex,
+        app_task=task.name,
+        app_task_version=task.version,
         **options,
     )
     federation = Federation.load(directory)
@@ -123,6 +136,7 @@ run_command = command(
         *config_options((*SHARED_KEYS, "evaluation")),
         NO_DP,
         RESUME,
+        parameter("task", TaskName, TABULAR_TASK),
         parameter("output", Output, None),
         parameter("verbose", Verbose, False),
     ],

@@ -10,6 +10,7 @@ from fedmodel.config.run_config import (
     TASK_SCENARIO,
     RunConfig,
 )
+from fedmodel.config.run_keys import TABULAR_TASK
 
 __all__ = [
     "AGGREGATORS",
@@ -17,6 +18,7 @@ __all__ = [
     "EVALUATION_METHODS",
     "NATURAL_DATASETS",
     "SECAGG_MAX_CLIENTS_PER_ROUND",
+    "TABULAR_TASK",
     "TASK_SCENARIO",
     "ConfigKey",
     "RunConfig",

@@ -26,6 +26,10 @@ _PRIVACY, _CLIENT_DP, _ROBUSTNESS = Section.PRIVACY, Section.CLIENT_DP, Section.
 _SECAGG, _ENGINE, _OUTPUT, _RUN = Section.SECAGG, Section.ENGINE, Section.OUTPUT, Section.RUN
 
 
+TABULAR_TASK = "fedmodel-tabular"
+"""The built-in task: a registered model on table rows (fedmodel/table_task.py)."""
+
+
 @dataclass(frozen=True)
 class RunKeys:
     """The fields of `RunConfig`, flat (`config.epsilon`) because every role reads them.
@@ -166,5 +170,5 @@ class RunKeys:
     gpus_per_client: float = key(
         0.0, _ENGINE, "--engine ray: share of a GPU reserved for each client (0.25: four per GPU)."
     )
-    app_task: str = key("fedmodel-tabular", _RUN, "Installed task the nodes are asked to run.")
+    app_task: str = key(TABULAR_TASK, _RUN, "Installed task the nodes are asked to run.")
     app_task_version: str = key(__version__, _RUN, "Version of that task.")
