@@ -10,6 +10,10 @@ a plain model learns from, so a DP run that learns less measures the privacy cos
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +185,28 @@ def test_vitals_deterioration_is_a_trend_not_a_level() -> None:
         np.corrcoef(inputs[:, -1, 0].numpy(), labels.numpy())[0, 1]
         < np.corrcoef(rise, labels.numpy())[0, 1]
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("directory", sorted(REFERENCES))
+def test_each_example_runs_end_to_end_under_dp_and_its_audit_verifies(
+    directory: str, tmp_path: Path
+) -> None:
+    """The command its README gives, at the smallest settings: two clients, one round."""
+    environment = {**os.environ, "PYTHONPATH": str(EXAMPLES / directory)}
+    fedmodel = [sys.executable, "-m", "fedmodel.cli"]
+    small = ["--clients", "2", "--rounds", "1", "--lr", "0.1", "--no-baselines"]
+    run = subprocess.run(
+        [*fedmodel, "simulate", "task", REFERENCES[directory], *small, "--output", "run"],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    headline = summary["scoring"]["headline"]
+    assert summary["final"][headline] is not None and len(summary["clients"]) == 2
+    assert all(0 < client["epsilon"] <= 1.0 for client in summary["clients"])
+    audit = subprocess.run(
+        [*fedmodel, "audit", "ledgers", "run", "--json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert audit.returncode == 0 and json.loads(audit.stdout)["ok"] is True, audit.stdout

@@ -13,7 +13,7 @@ What the user wrote, and why:
 - **Max pooling over the whole map** before the last layer: a lesion counts wherever it is.
 - **One loss per scan** (`reduction="none"`): DP-SGD clips each scan's gradient.
 
-Run: PYTHONPATH=examples/lesion_imaging fedmodel simulate task lesion_task:task
+Run: PYTHONPATH=examples/lesion_imaging fedmodel simulate task lesion_task:task --lr 0.1
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 from fedmodel import Site, Task
 
 SIDE = 32  # pixels
-SCANS_PER_SITE = 300
+SCANS_PER_SITE = 1000
 TEST_SCANNERS, SCANS_PER_TEST_SCANNER = 8, 50
 LESION_RATE = 0.4
 SITE_STREAM, TEST_STREAM = 0, 1  # sites and the test set draw from separate streams
@@ -76,7 +76,7 @@ def scans(rng: np.random.Generator, count: int, scanner: Scanner) -> TensorDatas
     rows, columns = np.mgrid[0:SIDE, 0:SIDE]
     centre_row, centre_column = rng.uniform(6, SIDE - 6, size=(2, count, 1, 1))
     radius = rng.uniform(1.5, 3.0, size=(count, 1, 1))
-    peak = rng.uniform(0.5, 1.0, size=(count, 1, 1)) * labels[:, None, None]
+    peak = rng.uniform(0.8, 1.5, size=(count, 1, 1)) * labels[:, None, None]
     distance = (rows - centre_row) ** 2 + (columns - centre_column) ** 2
     lesions = torch.from_numpy((peak * np.exp(-distance / (2 * radius**2)))[:, None])
     tissue = blur(white_noise(rng, count), 3.0)
