@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/fedmodel simulate medical
 
+# One pytest worker per core (pytest-xdist); a file's tests stay on one worker, so a
+# module's fixtures (and its federation) start once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n auto --dist loadfile
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedmodel server client simulations tests benchmarks

@@ -130,7 +130,7 @@ def installed_task(name: str) -> InstalledTask:
     tasks = installed_tasks()
     if name not in tasks:
         raise UnknownTask(
-            f"no task named '{name}' is installed on this node (installed: {', '.join(tasks)})"
+            f"no task named '{name}' is installed here (installed: {', '.join(tasks)})"
         )
     return tasks[name]
 

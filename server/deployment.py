@@ -16,7 +16,7 @@ the registry does not is kept out. A node's name is the registry's. Statistics o
 reason recorded (round 0 of `rejected_updates`). Weights are uniform, or capped by the
 `max_rows` the operator gave every member at enrollment; no node's report raises them.
 
-A run of a user's installed task (`fedmodel run --task NAME`) asks the nodes for their
+A run of a user's installed task (`fedmodel run --installed-task NAME`) asks the nodes for their
 names only: the task's `local_data` encodes its own rows, and the model is the task's,
 built from the same task package installed on the coordinator's machine. The coordinator
 names the task; it never sends code (client/tasks.py checks the owner's approval).

@@ -31,7 +31,7 @@ from fedmodel.config import RunConfig
 from fedmodel.data import row_count
 from fedmodel.errors import TaskError
 from fedmodel.privacy.ledger import COMMITTED, PENDING, PrivacyLedger
-from tests.conftest import deployed_node_context
+from tests.conftest import assert_epsilons_recompute, deployed_node_context
 from tests.federation import (
     FEDMODEL,
     federation_workspace,
@@ -45,7 +45,8 @@ from tests.federation import (
 TASK = "sitetask"
 VERSION = "1.2.0"
 
-# What the user writes: a 2-layer MLP on the numeric columns of the node's flchain CSV.
+# What the user writes: a 2-layer MLP on the numeric columns of flchain: a deployed node's
+# own CSV, or in simulation the copy that ships with FedModel. One task, both places.
 TASK_MODULE = '''
 """A two-layer MLP predicting death from a node's flchain CSV (its numeric columns)."""
 
@@ -57,13 +58,34 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits
 from torch.utils.data import Dataset, TensorDataset
 
-from fedmodel.task import Task
+from fedmodel.datasets.medical import load_flchain_frame
+from fedmodel.task import Site, Task
 
 FEATURES = ["age", "kappa", "lambda", "flc.grp", "creatinine", "mgus"]
 
 
 def rows(path: Path) -> TensorDataset:
-    frame = pd.read_csv(path)
+    """A deployed node's rows: its own CSV."""
+    return table_rows(pd.read_csv(path))
+
+
+def site_rows(site: Site) -> TensorDataset:
+    """A simulated site's rows: its share of the 80% of flchain that ships with FedModel."""
+    frame = shipped_flchain()
+    train = frame.iloc[: int(0.8 * len(frame))]
+    return table_rows(train.iloc[site.partition_id :: site.num_partitions])
+
+
+def test_rows(seed: int) -> TensorDataset:
+    frame = shipped_flchain()
+    return table_rows(frame.iloc[int(0.8 * len(frame)) :])
+
+
+def shipped_flchain() -> pd.DataFrame:
+    return load_flchain_frame().sample(frac=1.0, random_state=1)
+
+
+def table_rows(frame: pd.DataFrame) -> TensorDataset:
     columns = frame[FEATURES].fillna(frame[FEATURES].median())
     inputs = torch.tensor(columns.to_numpy(), dtype=torch.float32)
     inputs = (inputs - inputs.mean(0)) / (inputs.std(0) + 1e-6)
@@ -83,8 +105,8 @@ def no_simulation(_: object) -> Dataset:
 
 
 task = Task(
-    name="sitetask", model=model, loss=loss, train_data=no_simulation,
-    test_data=no_simulation, local_data=rows, version="1.2.0",
+    name="sitetask", model=model, loss=loss, train_data=site_rows,
+    test_data=test_rows, local_data=rows, version="1.2.0",
 )
 simulation_only = Task(
     name="simulation-only", model=model, loss=loss, train_data=no_simulation,
@@ -333,7 +355,7 @@ def test_the_cli_lists_approves_and_names_installed_tasks(tmp_path: Path) -> Non
         in fedmodel("client", "tasks", "--dir", node, env=env).stdout
     )
 
-    unknown = fedmodel("run", "--dir", tmp_path / "srv", "--task", "nosuchtask", env=env)
+    unknown = fedmodel("run", "--dir", tmp_path / "srv", "--installed-task", "nosuchtask", env=env)
     assert unknown.returncode == 2
     (line,) = unknown.stderr.strip().splitlines()
     assert "no task named 'nosuchtask'" in line and f"{BUILTIN_TASK}, {TASK}" in line, line
@@ -363,7 +385,7 @@ def test_an_installed_task_trains_on_a_tls_federation_of_the_nodes_that_approved
         wait_until_online(server, 3)
         started = time.monotonic()
         run = fedmodel(
-            "run", "--dir", server, "--task", TASK, "--rounds", "2", "--epsilon", "2.0",
+            "run", "--dir", server, "--installed-task", TASK, "--rounds", "2", "--epsilon", "2.0",
             "--min-clients", "2", "--batch-size", "32", "--round-timeout", "120",
             "--output", tmp_path / "run", timeout=300, env=env,
         )  # fmt: skip
@@ -391,3 +413,26 @@ def test_an_installed_task_trains_on_a_tls_federation_of_the_nodes_that_approved
     )
     assert "clinic-c" in run.stdout and "not approved" in run.stdout
     print(f"2-round deployment of an installed user task on 3 nodes: {elapsed:.0f} s")
+
+
+@pytest.mark.slow
+def test_the_installed_task_simulates_by_its_name_and_its_audit_verifies(tmp_path: Path) -> None:
+    """The same installed task as the TLS run above, named by its entry point in a
+    simulation; a relative PYTHONPATH, as a user types it, reaches the engine's workers."""
+    install_task_package(tmp_path / "lib", {TASK: f"{TASK}:task"})
+    env = {**os.environ, "PYTHONPATH": "lib"}
+    small = ["--clients", "3", "--rounds", "2", "--epsilon", "1", "--baseline-sites", "2"]
+    run = subprocess.run(
+        [*FEDMODEL, "simulate", "task", TASK, *small, "--output", "run"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["federation"]["task"] == TASK and len(summary["clients"]) == 3
+    assert_epsilons_recompute(summary)
+    assert summary["final"]["auroc"] > 0.7  # flchain's mortality signal, learnt under DP
+    audit = subprocess.run(
+        [*FEDMODEL, "audit", "ledgers", "run", "--json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert audit.returncode == 0 and json.loads(audit.stdout)["ok"] is True, audit.stdout

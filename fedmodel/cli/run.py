@@ -37,7 +37,7 @@ Verbose = Annotated[
 TaskName = Annotated[
     str,
     typer.Option(
-        "--task",
+        "--installed-task",
         help="Installed task the nodes train: its name, at the version installed here (each "
         "node must have it installed and approved).",
         rich_help_panel=Section.RUN.value,
@@ -58,7 +58,7 @@ def _run(options: dict[str, Any]) -> None:
     from server.superlink import Federation
 
     options = dict(options)
-    task = installed_task(options.pop("task"))  # named, never shipped: nodes run their own
+    task = installed_task(options.pop("installed_task"))  # named, never shipped: nodes run their own
     directory, resume = options.pop("directory"), options.pop("resume")
     output, verbose = options.pop("output"), options.pop("verbose")
     options["dp"] = dp_mode(options["dp"], options.pop("no_dp"))
@@ -136,7 +136,7 @@ run_command = command(
         *config_options((*SHARED_KEYS, "evaluation")),
         NO_DP,
         RESUME,
-        parameter("task", TaskName, TABULAR_TASK),
+        parameter("installed_task", TaskName, TABULAR_TASK),
         parameter("output", Output, None),
         parameter("verbose", Verbose, False),
     ],
