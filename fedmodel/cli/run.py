@@ -58,7 +58,8 @@ def _run(options: dict[str, Any]) -> None:
     from server.superlink import Federation
 
     options = dict(options)
-    task = installed_task(options.pop("installed_task"))  # named, never shipped: nodes run their own
+    # named, never shipped: the nodes run their own installed copy
+    task = installed_task(options.pop("installed_task"))
     directory, resume = options.pop("directory"), options.pop("resume")
     output, verbose = options.pop("output"), options.pop("verbose")
     options["dp"] = dp_mode(options["dp"], options.pop("no_dp"))
