@@ -27,12 +27,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, overload
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+from fedmodel.lazy_sequence import LazySequence
 
 MetricKind = Literal["binary", "multiclass", "regression"]
 """Built-in scoring: binary (one logit per row), multiclass (one logit per class,
@@ -112,25 +114,6 @@ class Task:
         return tuple(self.metrics)
 
 
-class ClientDatasets(Sequence[Dataset]):
-    """Every simulated client's training rows, built only when indexed (1,000 generated
-    sites cost nothing until one is read)."""
-
-    def __init__(self, task: Task, clients: int, seed: int) -> None:
-        self.task, self.clients, self.seed = task, clients, seed
-
-    def __len__(self) -> int:
-        return self.clients
-
-    @overload
-    def __getitem__(self, index: int) -> Dataset: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[Dataset]: ...
-
-    def __getitem__(self, index: int | slice) -> Dataset | Sequence[Dataset]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self.clients))]
-        if not -self.clients <= index < self.clients:
-            raise IndexError(index)
-        return self.task.train_data(Site(int(index) % self.clients, self.clients, self.seed))
+def client_datasets(task: Task, clients: int, seed: int) -> Sequence[Dataset]:
+    """Every simulated client's training rows, built only when indexed."""
+    return LazySequence(clients, lambda index: task.train_data(Site(index, clients, seed)))

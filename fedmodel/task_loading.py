@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from fedmodel.config import TASK_SCENARIO, RunConfig
-from fedmodel.errors import TaskError
+from fedmodel.errors import ConfigError, TaskError
 from fedmodel.task import Task
 
 ENTRY_POINT_GROUP = "fedmodel.tasks"
@@ -74,6 +74,21 @@ def task_from_reference(reference: str, config: RunConfig) -> Task:
             "(or a function of the RunConfig that returns one)"
         )
     return found
+
+
+def resolve_clients(config: RunConfig, task: Task, clients_given: bool) -> RunConfig:
+    """`config` with `clients` set to the task's number of sites, when its data fixes it
+    (natural sites); an explicit --clients that disagrees is an error, not a silent change.
+    """
+    if task.num_sites is None:
+        return config
+    if clients_given and config.clients != task.num_sites:
+        raise ConfigError(
+            f"{config.dataset} is split by its natural sites ({task.num_sites} with enough "
+            f"rows to train under DP); --clients {config.clients} cannot change that: "
+            "leave --clients out"
+        )
+    return config.replace(clients=task.num_sites)
 
 
 @lru_cache(maxsize=4)

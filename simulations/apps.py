@@ -26,7 +26,7 @@ from client.secagg_app import secagg_client_app as build_secagg_client_app
 from fedmodel.config import RunConfig
 from fedmodel.data import row_count
 from fedmodel.protocol import PARTITION_ID_KEY
-from fedmodel.task import ClientDatasets, Site
+from fedmodel.task import Site, client_datasets
 from fedmodel.task_loading import load_task
 from server.wiring import CentralEvaluation, run_federation
 from simulations.attacks import simulated_attack_mod
@@ -45,7 +45,7 @@ def simulate_federation(grid: Grid, context: Context) -> None:
     config = RunConfig.from_run_config(context.run_config)
     task = load_task(config)
     # SecAgg+ divides weights by the largest client's size: the harness knows it
-    sizes = ClientDatasets(task, config.clients, config.seed) if config.secagg else None
+    sizes = client_datasets(task, config.clients, config.seed) if config.secagg else None
     largest = max(map(row_count, sizes)) if sizes is not None else None
     run_federation(
         grid, context, config, CentralEvaluation(task, task.test_data(config.seed)), largest

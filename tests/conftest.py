@@ -98,3 +98,10 @@ def table_rows(config: Any, data: TabularData, index: int = 0) -> Any:
     from fedmodel.table_task import table_task
 
     return ClientRows(index, data.dataset(), table_task(config, data.num_features, 2))
+
+
+def resolved_config(config: Any, clients_given: bool) -> Any:
+    """`config` with the client count its scenario's data fixes, as `simulate` resolves it."""
+    from fedmodel.task_loading import load_task, resolve_clients
+
+    return resolve_clients(config, load_task(config), clients_given)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -10,15 +12,15 @@ from torch.utils.data import Dataset
 
 from fedmodel.config import RunConfig
 from fedmodel.datasets.scenarios import federation
-from fedmodel.task import ClientDatasets, Task
+from fedmodel.task import Task, client_datasets
 from fedmodel.task_loading import load_task
 from simulations.baselines import run_baselines
 
 
-def _task_data(config: RunConfig) -> tuple[Task, ClientDatasets, Dataset]:
+def _task_data(config: RunConfig) -> tuple[Task, Sequence[Dataset], Dataset]:
     """The run's task, its clients' rows and its test set, as the CLI passes them."""
     task = load_task(config)
-    return task, ClientDatasets(task, config.clients, config.seed), task.test_data(config.seed)
+    return task, client_datasets(task, config.clients, config.seed), task.test_data(config.seed)
 
 
 def test_baselines_on_breast_cancer_are_consistent_and_honest() -> None:

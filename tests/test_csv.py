@@ -15,11 +15,12 @@ from fedmodel.cli.main import main
 from fedmodel.config import RunConfig
 from fedmodel.data import make_loader
 from fedmodel.datasets.csv_scenario import load_csv_split
-from fedmodel.datasets.scenarios import federation, resolve_clients
+from fedmodel.datasets.scenarios import federation
 from fedmodel.errors import ConfigError
 from fedmodel.evaluation import evaluate
 from fedmodel.models import ClassifierLoss, build_model
 from fedmodel.training import select_device, train_dp
+from tests.conftest import resolved_config
 
 LOSS = ClassifierLoss(reduction="none")
 
@@ -45,7 +46,7 @@ def test_a_users_csv_becomes_one_client_per_site(tmp_path: Path) -> None:
     config = RunConfig(
         scenario="csv", dataset=path.name, data=str(path), label="outcome", partition_by="site"
     )
-    config = resolve_clients(config, clients_given=False)
+    config = resolved_config(config, clients_given=False)
     clients = federation(config)
     assert config.clients == 3 and clients.site_names == ("east", "north", "south")
     assert sum(len(c) for c in clients.clients) + len(clients.test) == 600

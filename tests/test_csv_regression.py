@@ -17,7 +17,7 @@ from fedmodel.datasets.csv_scenario import load_csv_split
 from fedmodel.datasets.scenarios import federation
 from fedmodel.errors import ConfigError
 from fedmodel.models import build_model
-from fedmodel.task import ClientDatasets
+from fedmodel.task import client_datasets
 from fedmodel.task_loading import load_task
 from simulations.baselines import run_baselines
 
@@ -60,7 +60,7 @@ def test_regression_baselines_score_every_metric_and_compare_in_r2(tmp_path: Pat
         clients=3, rounds=1, lr=0.05,
     )  # fmt: skip
     task = load_task(config)
-    clients = ClientDatasets(task, config.clients, config.seed)
+    clients = client_datasets(task, config.clients, config.seed)
     federated = {"r2": 0.5, "mse": 1.0, "mae": 0.8, "loss": 1.0}
     baselines = run_baselines(config, task, clients, task.test_data(config.seed), federated)
     local = baselines["local"]

@@ -13,13 +13,13 @@ from fedmodel.datasets.financial import load_credit_default, load_lending_club
 from fedmodel.datasets.medical import load_breast_cancer, load_covid_clinics, load_flchain
 from fedmodel.datasets.scenarios import (
     MIN_DP_ROWS,
-    GeneratedSites,
     client_partitions,
     federation,
     global_test_set,
-    resolve_clients,
 )
 from fedmodel.errors import ConfigError
+from fedmodel.lazy_sequence import LazySequence
+from tests.conftest import resolved_config
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_every_bundled_table_loads_offline_with_its_documented_size(no_network: 
 
 
 def test_covid_clinics_uses_the_88_natural_clinics_without_leaky_columns() -> None:
-    config = resolve_clients(RunConfig(dataset="covid-clinics"), clients_given=False)
+    config = resolved_config(RunConfig(dataset="covid-clinics"), clients_given=False)
     clinics = federation(config)
     assert clinics.natural_sites == 88
     assert len(clinics.clients) + len(clinics.too_small) == 88
@@ -67,7 +67,7 @@ def test_covid_clinics_uses_the_88_natural_clinics_without_leaky_columns() -> No
 
 
 def test_lending_club_banks_are_the_50_states() -> None:
-    config = resolve_clients(
+    config = resolved_config(
         RunConfig(scenario="financial", dataset="lending-club"), clients_given=False
     )
     banks = federation(config)
@@ -80,7 +80,7 @@ def test_lending_club_banks_are_the_50_states() -> None:
 
 def test_clients_that_contradict_natural_sites_are_a_config_error() -> None:
     with pytest.raises(ConfigError, match="natural sites .* leave --clients out"):
-        resolve_clients(RunConfig(dataset="covid-clinics", clients=5), clients_given=True)
+        resolved_config(RunConfig(dataset="covid-clinics", clients=5), clients_given=True)
 
 
 def test_iid_partition_of_a_real_table_keeps_the_base_rate() -> None:
@@ -100,7 +100,7 @@ def test_dirichlet_partition_of_a_real_table_skews_label_rates() -> None:
 def test_generated_federation_builds_sites_lazily_and_tests_on_fixed_hospitals() -> None:
     config = RunConfig(dataset="synthetic-ehr", clients=1000)
     sites = client_partitions(config)
-    assert isinstance(sites, GeneratedSites) and len(sites) == 1000
+    assert isinstance(sites, LazySequence) and len(sites) == 1000
     np.testing.assert_array_equal(sites[999].labels, sites[-1].labels)
     with pytest.raises(IndexError):
         sites[1000]

@@ -244,9 +244,9 @@ def _simulate(
     # imports, loads and summarises the data (two cores busy instead of one).
     per_round = None if config.sites_from_data else config.clients_per_round
     with started_engine(config, run_dir, engine, per_round) as run_on_engine:
-        from fedmodel.task import ClientDatasets
+        from fedmodel.task import client_datasets
         from fedmodel.task_checks import check_task
-        from fedmodel.task_loading import load_task
+        from fedmodel.task_loading import load_task, resolve_clients
         from server.aggregators import check_aggregator
         from simulations.heterogeneity import heterogeneity
         from simulations.runner import check_device
@@ -254,10 +254,10 @@ def _simulate(
         check_device(config)  # a GPU that is not there: say so before loading any data
         with console.status("Loading the task's data and checking it..."):
             task = load_task(config)
-            config = _resolve_clients(config, task, clients_given)
+            config = resolve_clients(config, task, clients_given)
             notes = check_task(task, config)
             check_aggregator(config.aggregator, config.clients_per_round, config.byzantine)
-            clients = ClientDatasets(task, config.clients, config.seed)
+            clients = client_datasets(task, config.clients, config.seed)
             test_set = task.test_data(config.seed)
             non_iid = heterogeneity(
                 clients, task.metrics if isinstance(task.metrics, str) else None
@@ -316,21 +316,6 @@ def _simulate(
     _print_summary(summary, run_dir, report)
     if summary.stopped_early:
         console.print(f"Stopped early: {summary.stopped_early}")
-
-
-def _resolve_clients(config: RunConfig, task: Task, clients_given: bool) -> RunConfig:
-    """`config` with `clients` set to the task's number of sites, when its data fixes it.
-
-    An explicit --clients that disagrees with the data is an error, not a silent change.
-    """
-    if task.num_sites is None:
-        return config
-    if clients_given and config.clients != task.num_sites:
-        raise ConfigError(
-            f"{config.dataset} is split by its natural sites ({task.num_sites} that can train); "
-            f"--clients {config.clients} cannot change that: leave --clients out"
-        )
-    return config.replace(clients=task.num_sites)
 
 
 def _announce(config: RunConfig, task: Task, run_dir: Path) -> None:

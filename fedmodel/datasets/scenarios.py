@@ -21,7 +21,6 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import overload
 
 import numpy as np
 
@@ -34,6 +33,7 @@ from fedmodel.datasets.medical import load_breast_cancer, load_covid_clinics, lo
 from fedmodel.datasets.synthetic import EhrGenerator, FraudGenerator, SiteGenerator
 from fedmodel.datasets.tables import Split
 from fedmodel.errors import ConfigError, DataError
+from fedmodel.lazy_sequence import LazySequence
 
 MIN_DP_ROWS = 20
 
@@ -81,29 +81,6 @@ class Federation:
     achievable_auroc: float | None = None  # known only for generated data
 
 
-class GeneratedSites(Sequence[TabularData]):
-    """Clients of a generated federation: a site's rows exist only once someone asks."""
-
-    def __init__(self, generator: SiteGenerator, size: int) -> None:
-        self.generator, self.size = generator, size
-
-    def __len__(self) -> int:
-        return self.size
-
-    @overload
-    def __getitem__(self, index: int) -> TabularData: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[TabularData]: ...
-
-    def __getitem__(self, index: int | slice) -> TabularData | Sequence[TabularData]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self.size))]
-        if not -self.size <= index < self.size:
-            raise IndexError(index)
-        return self.generator.train_site(index % self.size)  # milliseconds: not cached
-
-
 def federation(config: RunConfig) -> Federation:
     """The federation `config` describes (cached: every simulated client asks for it)."""
     return _federation(
@@ -130,24 +107,6 @@ def global_test_set(config: RunConfig) -> TabularData:
     return federation(config).test
 
 
-def resolve_clients(config: RunConfig, clients_given: bool) -> RunConfig:
-    """`config` with `clients` set to the federation's real size.
-
-    With natural sites the data fixes the number of clients, so an explicit --clients
-    that disagrees is an error rather than a silent change.
-    """
-    if not config.sites_from_data:
-        return config
-    found = federation(config)
-    if clients_given and config.clients != len(found.clients):
-        raise ConfigError(
-            f"{config.dataset} is split by its natural sites ({found.natural_sites} in the data, "
-            f"{len(found.clients)} with at least {MIN_DP_ROWS} training rows); "
-            f"--clients {config.clients} cannot change that: leave --clients out"
-        )
-    return config.replace(clients=len(found.clients))
-
-
 @lru_cache(maxsize=4)
 def _federation(
     scenario: str,
@@ -172,7 +131,7 @@ def _federation(
     if dataset in GENERATED.get(scenario, {}):
         generator = GENERATED[scenario][dataset](seed)
         return Federation(
-            GeneratedSites(generator, clients),
+            LazySequence(clients, generator.train_site),  # milliseconds per site: built on use
             generator.test_set(clients),
             achievable_auroc=getattr(generator, "achievable_auroc", None),
         )
