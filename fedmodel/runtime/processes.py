@@ -50,6 +50,11 @@ def tool_environment(flwr_home: Path | None = None) -> dict[str, str]:
     environment["PATH"] = os.pathsep.join(
         [str(Path(sys.executable).parent), environment.get("PATH", "")]
     )
+    # They also run from directories of their own: a relative PYTHONPATH (where a user's
+    # task module lives, as typed on the command line) must name the same directories there.
+    if environment.get("PYTHONPATH"):
+        entries = environment["PYTHONPATH"].split(os.pathsep)
+        environment["PYTHONPATH"] = os.pathsep.join(str(Path(e).absolute()) for e in entries if e)
     if flwr_home is not None:
         environment["FLWR_HOME"] = str(flwr_home)
     return environment
