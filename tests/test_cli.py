@@ -26,6 +26,14 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["simulate", "medical", "--clients", "7000"], "use --clients 6299 or fewer"),
         (["simulate", "medical", "--partition", "random"], "--partition must be one of"),
         (["simulate", "medical", "--clients", "many"], "'many' is not a valid integer"),
+        (
+            ["simulate", "medical", "--epsilon", "2", "--no-dp"],
+            "--epsilon sets DP-SGD on the clients, which --no-dp turns off",
+        ),
+        (
+            ["simulate", "medical", "--max-grad-norm", "2", "--dp", "client"],
+            "drop one of --max-grad-norm and --dp client",
+        ),
     ],
 )
 def test_user_mistakes_print_one_line_and_fail(

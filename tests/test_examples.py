@@ -201,6 +201,7 @@ def test_each_example_runs_end_to_end_under_dp_and_its_audit_verifies(
         cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "for 1 round " in run.stdout and "after 1 round\n" in run.stdout  # not "1 rounds"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     headline = summary["scoring"]["headline"]
     assert summary["final"][headline] is not None and len(summary["clients"]) == 2

@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
+from click.core import ParameterSource
 
 from fedmodel.config import ConfigKey, RunConfig, Section
 from fedmodel.errors import ConfigError
@@ -120,13 +122,32 @@ RESUME = parameter(
 )
 
 
+SAMPLE_DP_KEYS = ("epsilon", "max_grad_norm")
+"""Options that only DP-SGD on the clients reads: set without it, they would do nothing."""
+
+
 def dp_mode(dp: str, no_dp: bool) -> str:
-    """--dp, or `off` with --no-dp; both at once must agree."""
-    if not no_dp:
-        return dp
-    if dp not in (RunConfig.config_keys()["dp"].default, "off"):
+    """--dp, or `off` with --no-dp; both at once must agree, and an option that only
+    DP-SGD reads (--epsilon, --max-grad-norm) typed without it is refused, not ignored."""
+    if no_dp and dp not in (RunConfig.config_keys()["dp"].default, "off"):
         raise ConfigError(f"--no-dp means --dp off; drop one of --no-dp and --dp {dp}")
-    return "off"
+    mode = "off" if no_dp else dp
+    if mode in ("off", "client"):
+        without = "--no-dp" if no_dp else f"--dp {mode}"
+        for name in SAMPLE_DP_KEYS:
+            if _typed(name):
+                flag = RunConfig.config_keys()[name].flag
+                raise ConfigError(
+                    f"{flag} sets DP-SGD on the clients, which {without} turns off; "
+                    f"drop one of {flag} and {without}"
+                )
+    return mode
+
+
+def _typed(name: str) -> bool:
+    """Whether option `name` was typed on this command line (not left at its default)."""
+    context = click.get_current_context(silent=True)
+    return context is not None and context.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
 
 def _flag(spec: ConfigKey) -> str:

@@ -322,15 +322,20 @@ def _announce(config: RunConfig, task: Task, run_dir: Path) -> None:
     """What is about to run: the federation, the privacy settings, where results go."""
     natural, too_small = task.notes.get("natural_sites"), task.notes.get("too_small_to_train")
     if natural is not None and isinstance(too_small, list):
+        rows = f"{task.notes['min_dp_rows']} training rows"
         console.print(
-            f"{config.dataset}: {natural} natural sites; {len(too_small)} have fewer than "
-            f"{task.notes['min_dp_rows']} training rows, too few to train under DP, and sit "
-            f"out; {config.clients} train"
+            f"{config.dataset}: {_count(natural, 'natural site')}; "
+            + (
+                f"{len(too_small)} of them have fewer than {rows}, too few for DP-SGD, and sit "
+                f"out; {config.clients} train"
+                if too_small
+                else f"each has at least {rows} and trains"
+            )
         )
     what = config.task_ref if config.scenario == TASK_SCENARIO else config.dataset
     console.print(
         f"Simulating {config.clients} {config.scenario} clients ({what}) for "
-        f"{config.rounds} rounds "
+        f"{_count(config.rounds, 'round')} "
         + (
             f"under DP-SGD (epsilon {config.epsilon}, delta {config.delta:g})"
             if config.sample_dp
@@ -365,7 +370,8 @@ def _print_summary(summary: RunSummary, run_dir: Path, report: Path) -> None:
 
     headline, *others = summary.scoring.described(summary.final_metrics)
     console.print(
-        f"\n[bold]Final test {headline}[/bold]  {'  '.join(others)}  after {summary.rounds} rounds",
+        f"\n[bold]Final test {headline}[/bold]  {'  '.join(others)}  "
+        f"after {_count(summary.rounds, 'round')}",
         soft_wrap=True,
     )
     if len(summary.clients) <= MAX_PRINTED_CLIENTS:
@@ -397,3 +403,8 @@ def _print_summary(summary: RunSummary, run_dir: Path, report: Path) -> None:
             f"{len(central['releases'])} releases)"
         )
     console.print(f"Report: {report}  Summary: {run_dir / SUMMARY_FILE}")
+
+
+def _count(number: object, noun: str) -> str:
+    """ "1 round", "3 rounds": never "1 rounds"."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"

@@ -20,9 +20,10 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 
 
 def progress_line(row: dict[str, Any], measures: str, elapsed_s: float) -> str:
-    """One completed round as the CLIs print it: round, `measures`, max epsilon, time."""
+    """One completed round as the CLIs print it: round, `measures`, max epsilon, and the
+    time since the run started (not the round's own duration, so it says "elapsed")."""
     epsilon = "" if row["max_epsilon"] is None else f"  max epsilon {row['max_epsilon']:.3f}"
-    return f"round {row['round']}/{row['rounds']}  {measures}{epsilon}  ({elapsed_s:.0f} s)"
+    return f"round {row['round']}/{row['rounds']}  {measures}{epsilon}  {elapsed_s:.0f} s elapsed"
 
 
 def progress_row(line: str) -> dict[str, Any] | None:
