@@ -24,6 +24,13 @@ PRIVACY_COLUMNS = (
 )
 
 
+def site_name(summary: RunSummary, client: str) -> str:
+    """A client's site name where the data names its sites (north, CA, ...), else its number."""
+    names = (summary.federation or {}).get("site_names") or []
+    index = int(client) if client.isdigit() else -1
+    return str(names[index]) if 0 <= index < len(names) else client
+
+
 def privacy_rows(summary: RunSummary) -> list[tuple[str, ...]]:
     """One row per client: what it trained on and the privacy it spent (formatted)."""
     rows: list[tuple[str, ...]] = []
@@ -35,7 +42,15 @@ def privacy_rows(summary: RunSummary) -> list[tuple[str, ...]]:
         epsilon = "no DP" if client.get("epsilon") is None else f"{client['epsilon']:.3f}"
         delta = "-" if client.get("delta") is None else f"{client['delta']:.0e}"
         rows.append(
-            (client["client"], str(client["num_examples"]), epsilon, delta, noise, rate, steps)
+            (
+                site_name(summary, client["client"]),
+                str(client["num_examples"]),
+                epsilon,
+                delta,
+                noise,
+                rate,
+                steps,
+            )
         )
     return rows
 
@@ -57,7 +72,11 @@ def baseline_rows(summary: RunSummary) -> list[tuple[str, ...]]:
         ("central, no DP", baselines["central"], None),
         ("central, DP", baselines["central_dp"], _epsilon(baselines["central_dp"])),
         (f"site alone ({dp}), mean of {sites}", baselines["local_mean"], None),
-        (f"site alone ({dp}), worst: {worst['client'] if worst else '-'}", worst, _epsilon(worst)),
+        (
+            f"site alone ({dp}), worst: {site_name(summary, worst['client']) if worst else '-'}",
+            worst,
+            _epsilon(worst),
+        ),
     ]
     return [
         (
@@ -72,35 +91,39 @@ def baseline_rows(summary: RunSummary) -> list[tuple[str, ...]]:
 
 def baseline_verdict(summary: RunSummary) -> str:
     """What the federation gained over local-only and what privacy cost, in the headline
-    metric, signed so that a positive gain (and a positive cost) is what the words say."""
+    metric, in words that carry the sign ("0.0029 AUROC better", "0.12 AUROC worse"): a
+    signed number after "gained" or "cost" reads wrong half the time."""
     assert summary.baselines is not None, "only for a summary with baselines"
     comparison = summary.baselines["comparison"]
     scoring = summary.scoring
     metric = comparison["metric"]
     label = scoring.label(metric)
 
-    def signed(key: str) -> str:
-        """Comparison `key` (first minus second) signed so that + means the first is better."""
-        return f"{scoring.improvement(metric, comparison[key]):+.4f}"
+    def judged(key: str, flip: bool = False) -> str:
+        """Comparison `key` (first minus second) as "X better" or "X worse" for the first
+        (for the second with `flip`), whichever way the metric improves."""
+        better = scoring.improvement(metric, comparison[key]) * (-1 if flip else 1)
+        return f"{abs(better):.4f} {label} {'better' if better >= 0 else 'worse'}"
 
     parts = []
     if metric in scoring.lower_is_better:
-        parts.append(f"Lower {label} is better; the differences below are signed accordingly.")
+        parts.append(f"Lower {label} is better.")
     if comparison["federated_minus_local_mean"] is not None:
         parts.append(
-            f"The federation improved {label} by {signed('federated_minus_local_mean')} "
-            "over a site training alone (mean site), "
-            f"by {signed('federated_minus_local_worst')} over the worst site."
+            f"The federated model scored {judged('federated_minus_local_mean')} than a site "
+            f"training alone (mean site) and {judged('federated_minus_local_worst')} than "
+            "the worst site."
         )
     if comparison["central_minus_central_dp"] is not None:
         parts.append(
-            f"Privacy cost {signed('central_minus_central_dp')} {label} in central "
-            "training (no DP against DP); federating under DP cost a further "
-            f"{signed('central_dp_minus_federated')} against central DP."
+            f"Central training under DP scored {judged('central_minus_central_dp', flip=True)} "
+            f"than without DP; the federated model {judged('central_dp_minus_federated', True)} "
+            "than central DP."
         )
     elif comparison["central_minus_federated"] is not None:
         parts.append(
-            f"Federating cost {signed('central_minus_federated')} {label} against central training."
+            f"The federated model scored {judged('central_minus_federated', flip=True)} than "
+            "central training."
         )
     return " ".join(parts)
 
@@ -276,9 +299,8 @@ def _write_plots(run_dir: Path, summary: RunSummary) -> list[str]:
         figure, axis = plt.subplots(figsize=(6, 4))
         for client in summary.clients:
             points = client["epsilon_by_round"]
-            axis.plot(
-                [p[0] for p in points], [p[1] for p in points], marker=".", label=client["client"]
-            )
+            name = site_name(summary, client["client"])
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name)
         if summary.target_epsilon is not None:
             axis.axhline(summary.target_epsilon, color="red", linestyle="--", label="target")
         axis.set(xlabel="round", ylabel="epsilon", title="Epsilon spent per client")

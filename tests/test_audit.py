@@ -115,6 +115,19 @@ def test_audit_recomputes_every_epsilon_and_agrees_with_the_live_numbers(ledgers
     assert all(Path(p).read_bytes().startswith(b"\x89PNG") for p in report.plots)
 
 
+def test_the_audit_command_writes_nothing_into_what_it_audits(
+    ledgers: Path, tmp_path: Path
+) -> None:
+    before = sorted(ledgers.rglob("*"))
+    assert audit_cli(str(ledgers), "--json").returncode == 0
+    assert sorted(ledgers.rglob("*")) == before  # an auditor's read leaves no trace
+    assert audit_cli(str(ledgers), "--plots", str(tmp_path / "plots")).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "epsilon-client-0.png",
+        "epsilon-client-1.png",
+    ]
+
+
 def test_audit_at_another_delta_reports_epsilon_at_that_delta_too(ledgers: Path) -> None:
     report = audit(ledgers / "client-1.sqlite", delta=1e-3)
     (owner,) = report.ledgers[0].owners

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from fedmodel.run_directory import RunSummary, Scoring
 from fedmodel.task import LOWER_IS_BETTER
 from simulations.baselines import compare_to_baselines
-from simulations.report import baseline_verdict, write_report
+from simulations.report import baseline_rows, baseline_verdict, privacy_rows, write_report
 
 REGRESSION = Scoring(("r2", "mse", "mae"), "r2", LOWER_IS_BETTER)
 
@@ -65,20 +66,41 @@ def test_a_regression_report_leads_with_r2_and_plots_it(tmp_path: Path) -> None:
     assert "AUROC" not in report and "accuracy" not in report
     assert "![r2.png](r2.png)" in report
     assert (tmp_path / "r2.png").read_bytes().startswith(b"\x89PNG")
-    assert "The federation improved R2 by +0.3000 over a site training alone" in report
+    assert "The federated model scored 0.3000 R2 better than a site training alone" in report
 
 
-def test_a_lower_is_better_headline_reads_as_an_improvement_when_it_fell() -> None:
-    """The federation's MSE is 0.3 below a site's alone: an improvement of +0.3; privacy
-    raised central MSE by 0.05: a cost of +0.05."""
+def test_a_lower_is_better_headline_reads_as_better_when_it_fell() -> None:
+    """The federation's MSE is 0.3 below a site's alone: 0.3 better; privacy raised
+    central MSE by 0.05: 0.05 worse."""
     summary = regression_summary(Scoring(("mse", "r2", "mae"), "mse", LOWER_IS_BETTER))
     assert summary.baselines is not None
     assert summary.baselines["comparison"]["federated_minus_local_mean"] == pytest.approx(-0.3)
     verdict = baseline_verdict(summary)
-    assert verdict.startswith("Lower MSE is better")
-    assert "The federation improved MSE by +0.3000 over a site training alone (mean site)" in (
-        verdict
+    assert verdict.startswith("Lower MSE is better.")
+    assert "scored 0.3000 MSE better than a site training alone (mean site)" in verdict
+    assert "and 0.5000 MSE better than the worst site" in verdict
+    assert "Central training under DP scored 0.0500 MSE worse than without DP" in verdict
+    assert "the federated model 0.0500 MSE worse than central DP" in verdict
+
+
+def test_tables_name_clients_by_their_sites_where_the_data_names_them() -> None:
+    summary = regression_summary(REGRESSION)
+    client = {"client": "2", "num_examples": 40, "epsilon": 0.98, "delta": 1e-5}
+    named = replace(
+        summary, clients=[client], federation={"site_names": ["north", "south", "east"]}
     )
-    assert "by +0.5000 over the worst site" in verdict
-    assert "Privacy cost +0.0500 MSE in central training" in verdict
-    assert "a further +0.0500 against central DP" in verdict
+    ((name, *_),) = privacy_rows(named)
+    assert name == "east"  # partition 2 is the third site the data names
+    assert any("worst: east" in row[0] for row in baseline_rows(named))
+    ((number, *_),) = privacy_rows(replace(summary, clients=[client]))
+    assert number == "2"  # no names in the data: the number
+
+
+def test_a_federation_that_lost_to_a_site_alone_says_worse_not_a_negative_gain() -> None:
+    summary = regression_summary(REGRESSION)
+    assert summary.baselines is not None
+    comparison = compare_to_baselines(scores(0.4, 0.6), summary.baselines, "r2")
+    lost = replace(summary, baselines={**summary.baselines, "comparison": comparison})
+    verdict = baseline_verdict(lost)
+    assert "scored 0.1000 R2 worse than a site training alone (mean site)" in verdict
+    assert "-0." not in verdict and "+" not in verdict

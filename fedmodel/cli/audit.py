@@ -30,7 +30,10 @@ class _PathOrSubcommand(TyperGroup):
 
 audit_app = typer.Typer(
     cls=_PathOrSubcommand,
-    help="Verify privacy ledgers (fedmodel audit PATH) or run an empirical canary audit.",
+    help="Verify privacy ledgers or run an empirical canary audit.\n\n"
+    "fedmodel audit PATH [--json] [--delta D] [--plots DIR] [--public-key node.pub] is "
+    "short for 'fedmodel audit ledgers PATH ...': 'fedmodel audit ledgers --help' "
+    "explains each option. It only reads PATH; plots are written only where --plots says.",
     no_args_is_help=True,
 )
 
@@ -49,7 +52,8 @@ def audit_ledgers(
         ),
     ] = None,
     plots: Annotated[
-        Path | None, typer.Option(help="Where to write the PNG plots (default PATH/audit).")
+        Path | None,
+        typer.Option(help="Write one PNG of epsilon per round per owner here (default: none)."),
     ] = None,
     public_key: Annotated[
         Path | None,
@@ -66,8 +70,7 @@ def audit_ledgers(
 
     if delta is not None and not 0 < delta < 1:
         raise ConfigError(f"--delta must be between 0 and 1 (got {delta})")
-    plot_dir = plots or (path if path.is_dir() else path.parent) / "audit"
-    report = audit(path, delta, plot_dir, public_key)
+    report = audit(path, delta, plots, public_key)  # an audit writes nothing into PATH
     if as_json:
         console.out(json.dumps(report.to_json(), indent=2, allow_nan=False))
     else:
