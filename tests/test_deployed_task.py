@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from client.local_data import installed_user_task
 from client.tasks import (
     BUILTIN_TASK,
     approval_refusal,
@@ -436,3 +437,14 @@ def test_the_installed_task_simulates_by_its_name_and_its_audit_verifies(tmp_pat
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert audit.returncode == 0 and json.loads(audit.stdout)["ok"] is True, audit.stdout
+
+
+def test_a_node_resolves_only_installed_task_names_never_a_module_reference(
+    installed: Path,
+) -> None:
+    """Behind the approval gate, a second wall: `app-task` is looked up among this
+    machine's installed tasks only, so a coordinator's module:attribute is never imported."""
+    for reference in ("os:system", "fedmodel.datasets.tabular_task:tabular_task"):
+        with pytest.raises(TaskError, match=f"no task named '{reference}' is installed"):
+            installed_user_task(RunConfig(app_task=reference))
+    assert installed_user_task(RunConfig(app_task=TASK)).name == TASK

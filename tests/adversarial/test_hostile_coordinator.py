@@ -164,6 +164,8 @@ BEYOND_POLICY = [
     ({"rounds": 101}, "asks for 101 rounds; the owner allows at most 100"),
     ({"app-task-version": "9.9.9"}, "task 'fedmodel-tabular' version 9.9.9 is not approved"),
     ({"app-task": "mallory-stealer"}, "task 'mallory-stealer' version"),
+    # code on the node's path, named as module:attribute instead of an installed task
+    ({"app-task": "os:system"}, "task 'os:system' version"),
 ]
 
 
