@@ -99,7 +99,7 @@ def epsilon_figure(summary: RunSummary) -> Figure:
         points = client["epsilon_by_round"]
         axis.plot(
             [p[0] for p in points], [p[1] for p in points],
-            color=f"C{index % 10}", linestyle="-" if index < 10 else "--", marker=".",
+            color=f"C{index % 10}", linestyle="-" if index < 10 else "--", marker="o", markersize=3,
             label=site_name(summary, client["client"]),
         )  # fmt: skip
     if summary.target_epsilon is not None:
@@ -151,8 +151,8 @@ def heterogeneity_figure(summary: RunSummary) -> Figure:
     axis.set(
         xlabel="training rows" + (" (log scale)" if logarithmic else ""),
         ylabel=f"label rate ({rate_is})",
-        title=f"{len(rows)} client{'s' if len(rows) != 1 else ''}: size Gini {statistics['size_gini']:.2f}, "
-        f"label-rate sd {statistics['label_rate_sd']:.3f}",
+        title=f"{len(rows)} client{'s' if len(rows) != 1 else ''}: size Gini "
+        f"{statistics['size_gini']:.2f}, label-rate sd {statistics['label_rate_sd']:.3f}",
     )
     axis.grid(alpha=0.3)
     figure.tight_layout()
