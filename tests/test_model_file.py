@@ -19,6 +19,7 @@ import torch
 
 from fedmodel.cli.main import main
 from fedmodel.config import TABULAR_TASK, RunConfig
+from fedmodel.datasets.csv_scenario import load_csv_split
 from fedmodel.errors import ExitCode
 from fedmodel.local_tables import describe_table
 from fedmodel.model_file import ModelMetadata, save_model_file
@@ -102,6 +103,33 @@ def test_predict_encodes_new_rows_with_the_training_statistics(model_dir: Path) 
     logits = trained.module(torch.tensor(by_hand(NEW_PATIENTS), dtype=torch.float32))
     expected = torch.sigmoid(logits.double())[:, 0].detach().numpy()
     np.testing.assert_allclose(scores["score"], expected, rtol=1e-6)
+
+
+def test_a_multiclass_model_gives_one_probability_per_class_in_the_label_order(
+    tmp_path: Path,
+) -> None:
+    rows = TRAINING.drop(columns=["death"]).assign(kind=["eel", "cat", "dog", "cat", "eel", "dog"])
+    path = tmp_path / "animals.csv"
+    rows.to_csv(path, index=False)
+    split = load_csv_split(str(path), "kind", None, "multiclass")
+    assert split.schema.classes == ("cat", "dog", "eel")  # the label's values, sorted
+    config = RunConfig(task="multiclass")
+    task = table_task(config, len(split.schema.feature_names), 3, table=split.schema)
+    metadata = ModelMetadata(
+        task_name=task.name,
+        task_version=task.version,
+        task_reference=TABULAR_TASK,
+        outputs="multiclass",
+        run_config=dict(config.to_run_config()),
+        table=split.schema,
+        privacy={},
+        run_id="test",
+        round=1,
+    )
+    save_model_file(tmp_path / "model", task.model().state_dict(), metadata)
+    scores = load_model(tmp_path / "model").predict(rows, source=path)
+    assert list(scores.columns) == ["p_cat", "p_dog", "p_eel"]
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-12)
 
 
 def test_onnx_export_scores_raw_numbers_like_load_model_within_1e_5(
