@@ -62,6 +62,8 @@ class TrainedModel:
         """Scores of a batch of model inputs: (rows,) for a binary label or a regression,
         (rows, outputs) otherwise (class probabilities; a custom task's raw outputs)."""
         tensor = torch.as_tensor(inputs)
+        if tensor.is_floating_point():  # the model's float32, also for a float64 array
+            tensor = tensor.float()
         outputs, _ = model_outputs(self.module, TensorDataset(tensor, torch.zeros(len(tensor))))
         values = outputs.double()
         kind = self.metadata.outputs
@@ -87,10 +89,9 @@ class TrainedModel:
         table = self.table
         ignored = [c for c in (label or table.label, id_column) if c and c in frame.columns]
         scores = self.score(table.encode(frame.drop(columns=ignored), source))
-        columns = self.score_columns or [
-            f"output_{i}" for i in range(scores.reshape(len(scores), -1).shape[1])
-        ]
-        result = pd.DataFrame(scores.reshape(len(scores), -1), columns=columns, index=frame.index)
+        scores = scores.reshape(len(scores), -1)
+        columns = self.score_columns or [f"output_{i}" for i in range(scores.shape[1])]
+        result = pd.DataFrame(scores, columns=columns, index=frame.index)
         if id_column and id_column in frame.columns:
             result.insert(0, id_column, frame[id_column])
         return result
