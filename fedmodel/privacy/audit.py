@@ -126,8 +126,8 @@ def find_ledgers(target: Path) -> tuple[list[Path], RunSummary | None]:
         return [target], None
     summary = RunSummary.load(target) if (target / SUMMARY_FILE).is_file() else None
     directories = [target, target / LEDGERS_DIR]
-    if summary and summary.config.get("ledger_dir"):
-        directories.append(Path(summary.config["ledger_dir"]))
+    if summary and summary.config.get("ledger_dir"):  # relative to the run (or, before, absolute)
+        directories.append(target / summary.config["ledger_dir"])
     paths = sorted({p for d in directories if d.is_dir() for p in d.glob("*.sqlite")})
     if not paths:
         raise FedModelError(f"no ledgers (*.sqlite) in {target} or {target / LEDGERS_DIR}")
