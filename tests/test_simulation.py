@@ -73,6 +73,7 @@ def test_three_hospitals_two_rounds_leave_a_complete_honest_run(tmp_path: Path) 
     result, run_dir = simulate(tmp_path, "--clients", "3", "--rounds", "2")
     assert "round 1/2" in result.stdout and "round 2/2" in result.stdout
     assert "Final test AUROC" in result.stdout
+    assert "INFO" not in result.stderr  # Flower's log goes to engine/flwr-run.log only
     # the baselines (central, central DP, each of 3 sites) report as they go, before the tables
     lines = result.stdout.splitlines()
     baselines = [line for line in lines if line.startswith("baseline ")]
