@@ -23,8 +23,8 @@ assert isinstance(SIMULATE, click.Group)
 SCENARIOS = {name: SIMULATE.commands[name] for name in ("medical", "financial", "digits", "csv")}
 # Differ on purpose: where each command writes, and whose log lines --verbose shows.
 PER_COMMAND = {"output", "verbose"}
-# The digits scenario trains a CNN on image shards with its own learning rate.
-SCENARIO_DEFAULTS = {"digits": {"lr", "partition", "model"}}
+# The digits scenario trains a CNN on label-skewed devices (dirichlet).
+SCENARIO_DEFAULTS = {"digits": {"partition", "model"}}
 CHOICE_KEYS = sorted(name for name, spec in RunConfig.config_keys().items() if spec.choices)
 
 

@@ -167,7 +167,7 @@ _scenario_command(
 _scenario_command(
     "digits",
     "Devices train a small CNN on 5,000 real MNIST digits (10 classes) under DP-SGD.",
-    config_options(("lr", "partition", "model"), lr=0.1, partition="shard", model="cnn"),
+    config_options(("partition", "model"), partition="dirichlet", model="cnn"),
     lambda options: options | {"dataset": "mnist-5k"},
 )
 _scenario_command(
