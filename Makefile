@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Debian's Chromium and its driver, for the tests that check pages in a real browser.
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+APT := DEBIAN_FRONTEND=noninteractive $(shell [ "$$(id -u)" = 0 ] || echo sudo) apt-get -y -q
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast browser lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +23,16 @@ demo: $(STAMP)
 
 # One pytest worker per core (pytest-xdist); a file's tests stay on one worker, so a
 # module's fixtures (and its federation) start once.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -ra -n auto --dist loadfile
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile
+
+# Installs only when missing; retries after refreshing the package lists.
+browser:
+	@ls $(BROWSER) > /dev/null 2>&1 || $(APT) install --no-install-recommends chromium chromium-driver \
+		|| ($(APT) update && $(APT) install --no-install-recommends chromium chromium-driver)
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedmodel server client simulations tests benchmarks

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +105,12 @@ def resolved_config(config: Any, clients_given: bool) -> Any:
     from fedmodel.task_loading import load_task, resolve_clients
 
     return resolve_clients(config, load_task(config), clients_given)
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    """A headless Chromium (Selenium WebDriver) for tests of pages in a real browser."""
+    from tests.browser import chromium
+
+    with chromium() as driver:
+        yield driver
