@@ -39,7 +39,7 @@ def launch_run(
     app_dir.mkdir(parents=True, exist_ok=True)
     config = config.replace(output_dir=str(run_dir.absolute()))
     if not config.resume:  # what `fedmodel run --resume` starts again from
-        write_json_atomic(run_dir / CONFIG_FILE, config.to_run_config())
+        write_json_atomic(run_dir / CONFIG_FILE, config.relative_to(run_dir).to_run_config())
     write_flower_app(app_dir, config, name="deployment")
     command = flwr_run_command(app_dir, CONNECTION)
     try:

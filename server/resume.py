@@ -157,7 +157,7 @@ def resume_config(run_dir: Path, scenario: str | None = None) -> RunConfig:
         raise ConfigError(
             f"--resume {run_dir}: no config.json there; pass the directory of a FedModel run"
         )
-    config = RunConfig.from_run_config(json.loads(config_path.read_text()))
+    config = RunConfig.from_run_config(json.loads(config_path.read_text())).located_in(run_dir)
     if scenario is not None and config.scenario != scenario:
         raise ConfigError(
             f"--resume {run_dir}: that run is a '{config.scenario}' run; use "

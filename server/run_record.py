@@ -8,11 +8,13 @@ shows instead of raw engine logs.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
+from functools import cache
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -239,7 +241,7 @@ class RunRecorder:
             stopped_early=stopped_early,
             dropouts=self.dropouts,
             rejected_updates=self.rejections,
-            config=asdict(self.config),
+            config=asdict(self.config.relative_to(self.run_dir)),
             software=software_versions(),
             scoring=self.scoring,
         )
@@ -252,13 +254,29 @@ def _finite_or_none(value: float | None) -> float | None:
 
 
 def software_versions() -> dict[str, str]:
-    """Versions of what produced the run, and where its code was imported from."""
+    """Versions of what produced the run, and a digest of the code itself (a version does
+    not change between commits; the code's path would name this machine)."""
     from importlib.metadata import version
 
     return {
         **{name: version(name) for name in ("fedmodel", "flwr", "opacus", "torch")},
-        "code_path": str(Path(__file__).resolve().parents[1]),
+        "code_digest": code_digest(Path(__file__).resolve().parents[1]),
     }
+
+
+CODE_PACKAGES = ("fedmodel", "server", "client", "simulations")
+
+
+@cache
+def code_digest(root: Path) -> str:
+    """SHA-256 (first 16 hex digits) of the Python sources of FedModel's packages under
+    `root`, by their paths relative to it: the same code gives the same digest anywhere."""
+    digest = hashlib.sha256()
+    for package in CODE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _start_csv(path: Path, columns: Iterable[str]) -> None:

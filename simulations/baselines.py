@@ -18,7 +18,7 @@ sample of them (`max_sites`), because each needs its own noise calibration.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -71,6 +71,10 @@ def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: i
     return calibrate_noise_multiplier(epsilon, delta, sample_rate, steps)
 
 
+BaselineProgress = Callable[[int, int, str, Mapping[str, Any]], None]
+"""Called after each baseline model: its number, how many there are, its name, its scores."""
+
+
 def run_baselines(
     config: RunConfig,
     task: Task,
@@ -78,27 +82,43 @@ def run_baselines(
     test: Dataset,
     federated: dict[str, Any],
     max_sites: int = 10,
+    on_progress: BaselineProgress | None = None,
 ) -> dict[str, Any]:
-    """The `baselines` block of summary.json: central, central-DP, local-only, and gains."""
+    """The `baselines` block of summary.json: central, central-DP, local-only, and gains.
+
+    At scale they take minutes (a DP model per sampled site), so `on_progress` hears of
+    each model as it is scored.
+    """
     started = time.monotonic()
     pooled = _concatenate(clients)
-    central = train_and_score(config, task, pooled, test, private=False, seed=config.seed)
-    central_dp = (
-        train_and_score(config, task, pooled, test, private=True, seed=config.seed)
-        if config.sample_dp
-        else None
-    )
     chosen = np.sort(
         np.random.default_rng(config.seed).choice(
             len(clients), size=min(max_sites, len(clients)), replace=False
         )
     )
-    local = [
-        {"client": str(site)}
-        | train_and_score(
-            config, task, clients[site], test, config.sample_dp, config.seed + int(site)
+    # (name, rows, private, seed) of each model, in the order they train
+    models = [("central, no DP", pooled, False, config.seed)]
+    if config.sample_dp:
+        models.append(("central, DP", pooled, True, config.seed))
+    models += [
+        (
+            f"site {_site_name(task, site)} alone",
+            clients[site],
+            config.sample_dp,
+            config.seed + site,
         )
-        for site in chosen
+        for site in map(int, chosen)
+    ]
+    scores = []
+    for number, (name, rows, private, seed) in enumerate(models, start=1):
+        scores.append(train_and_score(config, task, rows, test, private, seed))
+        if on_progress is not None:
+            on_progress(number, len(models), name, scores[-1])
+    central = scores[0]
+    central_dp = scores[1] if config.sample_dp else None
+    local = [
+        {"client": str(site)} | score
+        for site, score in zip(chosen, scores[len(models) - len(chosen) :], strict=True)
     ]
     scoring = Scoring.of(task)
     headline = scoring.headline
@@ -120,6 +140,10 @@ def run_baselines(
     }
     baselines["comparison"] = compare_to_baselines(federated, baselines, headline)
     return baselines
+
+
+def _site_name(task: Task, site: int) -> str:
+    return task.site_names[site] if site < len(task.site_names) else str(site)
 
 
 def _concatenate(parts: Sequence[Dataset]) -> Dataset:

@@ -323,13 +323,18 @@ def _flower_log(
     on_progress: Callable[[dict[str, Any]], None],
     on_log_line: Callable[[str], None] | None,
 ) -> Iterator[None]:
-    """Route Flower's logger to the run's log instead of the console, for this run."""
-    saved = flower_logger.handlers[:]
+    """Route Flower's logger to the run's log instead of the console, for this run.
+
+    Not to the root logger either: importing Opacus gives it a stderr handler
+    (opacus/utils/module_utils.py calls logging.basicConfig), which would print every
+    Flower line on the console again.
+    """
+    saved, propagated = flower_logger.handlers[:], flower_logger.propagate
     with path.open("w") as log_file:
         handler = _ProgressHandler(log_file, on_progress, on_log_line)
         handler.setLevel(logging.INFO)
-        flower_logger.handlers = [handler]
+        flower_logger.handlers, flower_logger.propagate = [handler], False
         try:
             yield
         finally:
-            flower_logger.handlers = saved
+            flower_logger.handlers, flower_logger.propagate = saved, propagated

@@ -294,11 +294,21 @@ def test_an_under_reported_epsilon_is_flagged_even_with_a_valid_chain(tmp_path: 
     assert any("entry #4 reports epsilon" in p for p in report.all_problems())
 
 
-def test_audit_cli_prints_the_owner_table_and_json(ledgers: Path) -> None:
+def test_audit_cli_prints_the_owner_table_and_json_and_its_progress_to_stderr(
+    ledgers: Path,
+) -> None:
     result = audit_cli(str(ledgers))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "client-0" in result.stdout and "verified" in result.stdout
-    report = json.loads(audit_cli(str(ledgers), "--json").stdout)
+    as_json = audit_cli(str(ledgers), "--json")
+    report = json.loads(as_json.stdout)  # progress lines would break the JSON
+    progress = [
+        re.sub(r"\d+ s elapsed$", "N s elapsed", line) for line in as_json.stderr.splitlines()
+    ]
+    assert progress == [
+        "ledger 1/2  client-0.sqlite  verified  N s elapsed",
+        "ledger 2/2  client-1.sqlite  verified  N s elapsed",
+    ]
     assert report["ok"] is True
     owners = {o["owner"]: o for ledger in report["ledgers"] for o in ledger["owners"]}
     assert owners["client-1"]["runs"] == 1 and owners["client-0"]["runs"] == 2

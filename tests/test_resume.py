@@ -1,4 +1,5 @@
-"""End to end: a simulation paused after round 2 of 4 and resumed spends as one never stopped.
+"""End to end: a simulation paused after round 2 of 4, moved to another directory and
+resumed there spends as one never stopped, and its files name no path of the machine.
 
 Three hospitals (breast-cancer, logistic regression) under DP-SGD, through the real CLI.
 """
@@ -6,6 +7,9 @@ Three hospitals (breast-cancer, logistic regression) under DP-SGD, through the r
 from __future__ import annotations
 
 import json
+import subprocess
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,7 @@ from opacus.accountants import RDPAccountant
 from fedmodel.privacy.calibration import calibrate_noise_multiplier
 from fedmodel.privacy.ledger import PrivacyLedger
 from tests.conftest import assert_epsilons_recompute, dp_accounting_epsilon
-from tests.test_simulation import simulate
+from tests.test_simulation import BIN, ROOT, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -27,13 +31,27 @@ def summary_of(run_dir: Path) -> dict[str, Any]:
     return dict(json.loads((run_dir / "summary.json").read_text()))
 
 
-def test_paused_and_resumed_run_spends_what_an_unbroken_run_spends(tmp_path: Path) -> None:
-    first, run_dir = simulate(tmp_path, *RUN, "--stop-after-round", "2")
+@dataclass(frozen=True)
+class MovedRun:
+    started_in: Path  # where the run was paused
+    run_dir: Path  # where it was moved to and resumed
+
+
+@pytest.fixture(scope="module")
+def moved_run(tmp_path_factory: pytest.TempPathFactory) -> MovedRun:
+    """One run for the module: paused after round 2, moved elsewhere, resumed there."""
+    started, elsewhere = tmp_path_factory.mktemp("started"), tmp_path_factory.mktemp("moved")
+    first, run_dir = simulate(started, *RUN, "--stop-after-round", "2")
     assert "paused after round 2 of 4" in first.stdout
     assert [row["round"] for row in summary_of(run_dir)["per_round"]] == [1, 2]
-    second, _ = simulate(tmp_path, "--resume", "run")
+    run_dir.rename(elsewhere / "run")
+    second, _ = simulate(elsewhere, "--resume", "run")
     assert "round 3/4" in second.stdout and "round 1/" not in second.stdout
+    return MovedRun(run_dir, elsewhere / "run")
 
+
+def test_paused_and_resumed_run_spends_what_an_unbroken_run_spends(moved_run: MovedRun) -> None:
+    run_dir = moved_run.run_dir
     summary = summary_of(run_dir)
     assert summary["rounds"] == 4 and summary["stopped_early"] is None
     assert [row["round"] for row in summary["per_round"]] == [1, 2, 3, 4]
@@ -59,3 +77,37 @@ def test_paused_and_resumed_run_spends_what_an_unbroken_run_spends(tmp_path: Pat
         assert client["epsilon"] == pytest.approx(dp_accounting_epsilon(history, 1e-5), rel=0.01)
         assert client["epsilon"] <= 1.0
     assert_epsilons_recompute(summary)
+
+
+def test_a_moved_run_directory_names_no_path_of_the_machine_and_still_audits(
+    moved_run: MovedRun,
+) -> None:
+    run_dir = moved_run.run_dir
+    machine_paths = {
+        str(path)
+        for path in (moved_run.started_in, run_dir, ROOT, Path.home(), Path(tempfile.gettempdir()))
+    }
+    files = [path for path in run_dir.rglob("*") if path.is_file()]
+    assert {"config.json", "summary.json", "metrics.csv", "report.md"} <= {p.name for p in files}
+    for path in files:
+        content = path.read_bytes()
+        assert not [p for p in machine_paths if p.encode() in content], path
+    summary = summary_of(run_dir)
+    assert summary["config"]["output_dir"] == "." and summary["config"]["ledger_dir"] == ""
+    assert json.loads((run_dir / "config.json").read_text())["output-dir"] == "."
+    assert set(summary["software"]) == {"fedmodel", "flwr", "opacus", "torch", "code_digest"}
+
+    audited = subprocess.run(
+        [str(BIN / "fedmodel"), "audit", str(run_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert audited.returncode == 0, audited.stdout + audited.stderr
+    report = json.loads(audited.stdout)
+    spent = sorted(
+        owner["spent_epsilon"] for ledger in report["ledgers"] for owner in ledger["owners"]
+    )
+    assert report["ok"] is True
+    assert spent == pytest.approx(sorted(client["epsilon"] for client in summary["clients"]))

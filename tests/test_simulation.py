@@ -24,6 +24,7 @@ from fedmodel.datasets.tables import stratified_rows
 from fedmodel.evaluation import auroc, evaluate
 from fedmodel.models import ClassifierLoss, build_model
 from server.checkpoint import load_checkpoint
+from server.run_record import CODE_PACKAGES, code_digest
 from tests.conftest import assert_epsilons_recompute
 
 pytestmark = pytest.mark.slow
@@ -80,6 +81,20 @@ def test_three_hospitals_two_rounds_leave_a_complete_honest_run(tmp_path: Path) 
     )  # fmt: skip
     assert "round 1/2" in result.stdout and "round 2/2" in result.stdout
     assert "Final test AUROC" in result.stdout
+    assert "INFO" not in result.stderr  # Flower's log goes to engine/flwr-run.log only
+    # the baselines (central, central DP, each of 3 sites) report as they go, before the tables
+    lines = result.stdout.splitlines()
+    baselines = [line for line in lines if line.startswith("baseline ")]
+    assert [line.split("  ")[:2] for line in baselines] == [
+        ["baseline 1/5", "central, no DP"],
+        ["baseline 2/5", "central, DP"],
+        *([f"baseline {n}/5", f"site {n - 3} alone"] for n in (3, 4, 5)),
+    ]
+    assert all(line.endswith(" s elapsed") and "AUROC 0." in line for line in baselines)
+    assert "epsilon" not in baselines[0] and "epsilon 0." in baselines[1]
+    rounds_done = max(i for i, line in enumerate(lines) if line.startswith("round 2/2"))
+    tables = min(i for i, line in enumerate(lines) if line.startswith("Final test"))
+    assert rounds_done < lines.index(baselines[0]) < lines.index(baselines[-1]) < tables
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["scenario"] == "medical" and summary["completed"] is True
@@ -244,7 +259,20 @@ def test_installed_wheel_runs_from_any_directory_without_dp(tmp_path: Path) -> N
         command=[sys.executable, "-m", "fedmodel.cli"],
     )
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["software"]["code_path"] == str(target)
+    # the wheel packs every source of the checkout, and the run imported it from the wheel
+    assert summary["software"]["code_digest"] == code_digest(ROOT)
+    where = (
+        "import importlib, sys; print(*(importlib.import_module(n).__file__ for n in sys.argv[1:]))"
+    )
+    origins = subprocess.run(
+        [sys.executable, "-c", where, *CODE_PACKAGES],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert [Path(line).parent.parent for line in origins.stdout.split()] == [target] * 4
     assert summary["dp"] is False and summary["clients"][0]["epsilon"] is None
     assert summary["final"]["auroc"] > 0.75
     assert "no DP" in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,6 +16,8 @@ from typer.core import TyperGroup
 from fedmodel.errors import ExitCode
 
 console = Console(highlight=False, emoji=False)
+progress = Console(stderr=True, highlight=False, emoji=False)  # keeps --json's stdout clean
+PROGRESS_LINES = 20  # about this many progress lines at most, however many ledgers
 
 VERIFY_COMMAND = "ledgers"
 
@@ -66,11 +69,21 @@ def audit_ledgers(
     when any check fails.
     """
     from fedmodel.errors import ConfigError
-    from fedmodel.privacy.audit import audit
+    from fedmodel.privacy.audit import LedgerAudit, audit
 
     if delta is not None and not 0 < delta < 1:
         raise ConfigError(f"--delta must be between 0 and 1 (got {delta})")
-    report = audit(path, delta, plots, public_key)  # an audit writes nothing into PATH
+    started = time.monotonic()
+
+    def show_progress(number: int, total: int, ledger: LedgerAudit) -> None:
+        if number == total or number % max(1, total // PROGRESS_LINES) == 0:
+            verdict = "verified" if ledger.ok else "FAILED"
+            elapsed = time.monotonic() - started
+            line = f"ledger {number}/{total}  {Path(ledger.path).name}  {verdict}"
+            progress.print(f"{line}  {elapsed:.0f} s elapsed", soft_wrap=True)
+
+    # an audit writes nothing into PATH
+    report = audit(path, delta, plots, public_key, show_progress)
     if as_json:
         console.out(json.dumps(report.to_json(), indent=2, allow_nan=False))
     else:

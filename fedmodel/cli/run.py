@@ -20,7 +20,6 @@ from fedmodel.cli.options import (
     dp_mode,
     parameter,
 )
-from fedmodel.cli.server import DirOption
 from fedmodel.config import TABULAR_TASK, RunConfig, Section
 from fedmodel.errors import ConfigError
 
@@ -33,6 +32,10 @@ Output = Annotated[
 ]
 Verbose = Annotated[
     bool, typer.Option(help="Show every ServerApp log line.", rich_help_panel=OUTPUT)
+]
+FederationDir = Annotated[
+    Path,
+    typer.Option("--dir", help="Federation directory.", rich_help_panel=Section.FEDERATION.value),
 ]
 TaskName = Annotated[
     str,
@@ -133,7 +136,7 @@ run_command = command(
     "run",
     "Train on the federation's enrolled nodes (the SuperLink must be running).",
     [
-        parameter("directory", DirOption, ...),
+        parameter("directory", FederationDir, ...),
         *config_options((*SHARED_KEYS, "evaluation")),
         NO_DP,
         RESUME,

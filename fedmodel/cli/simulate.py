@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -166,7 +166,7 @@ _scenario_command(
 _scenario_command(
     "digits",
     "Devices train a small CNN on 5,000 real MNIST digits (10 classes) under DP-SGD.",
-    config_options(("lr", "partition", "model"), lr=0.1, partition="shard", model="cnn"),
+    config_options(("partition", "model"), partition="dirichlet", model="cnn"),
     lambda options: options | {"dataset": "mnist-5k"},
 )
 _scenario_command(
@@ -268,7 +268,7 @@ def _simulate(
             ledger_dir=str(Path(config.ledger_dir).absolute()) if config.ledger_dir else "",
         )
         if not config.resume:  # a resumed run keeps the config.json it started with
-            write_json_atomic(run_dir / CONFIG_FILE, {**config.to_run_config()})
+            write_json_atomic(run_dir / CONFIG_FILE, config.relative_to(run_dir).to_run_config())
         _announce(config, task, run_dir)
         started = time.monotonic()
         status = console.status(
@@ -305,9 +305,23 @@ def _simulate(
         heterogeneity=non_iid,
     )
     if baseline_sites is not None:
+
+        def show_baseline(number: int, total: int, name: str, scores: Mapping[str, Any]) -> None:
+            measures = "  ".join(summary.scoring.described(scores, skip_missing=True))
+            spent = f"  epsilon {scores['epsilon']:.3f}" if "epsilon" in scores else ""
+            elapsed = time.monotonic() - started
+            line = f"baseline {number}/{total}  {name}  {measures}{spent}  {elapsed:.0f} s elapsed"
+            console.print(line, soft_wrap=True)
+
         with console.status("Training baselines (central, central DP, each site alone)..."):
             baselines = run_baselines(
-                config, task, clients, test_set, summary.final_metrics, baseline_sites
+                config,
+                task,
+                clients,
+                test_set,
+                summary.final_metrics,
+                baseline_sites,
+                show_baseline,
             )
         summary = replace(summary, baselines=baselines)
     summary.save(run_dir)

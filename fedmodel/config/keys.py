@@ -17,6 +17,12 @@ DpMode = Literal["off", "sample", "client", "both"]
 PartitionScheme = Literal["iid", "dirichlet", "shard", "pathological"]
 ModelName = Literal["mlp", "logreg", "cnn"]
 """The names of fedmodel/models.py's registry (a test keeps both equal)."""
+MODEL_USES: dict[ModelName, str] = {
+    "mlp": "tables: hidden layers 32-16",
+    "logreg": "tables: one linear layer",
+    "cnn": "28x28 images: Conv 32-64-64 + Dense 64",
+}
+"""What each registered model is for, without importing torch: --model's help lists them all."""
 AggregatorName = Literal[
     "fedavg", "fedprox", "fedadam", "median", "trimmed-mean", "krum", "multikrum", "bulyan"
 ]

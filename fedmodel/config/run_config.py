@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from fedmodel.config.keys import (
@@ -35,6 +37,8 @@ CSV_SCENARIO = "csv"
 TASK_SCENARIO = "task"  # a user's Task (fedmodel simulate task MODULE:ATTR)
 # datasets split by a column of their own (clinic, state): the data fixes the client count
 NATURAL_DATASETS = frozenset({"covid-clinics", "lending-club"})
+PATH_KEYS = ("output_dir", "ledger_dir", "data", "federation_dir")
+"""Keys naming a file or directory: a run directory stores them relative to itself."""
 
 
 @dataclass(frozen=True)
@@ -275,6 +279,30 @@ class RunConfig(RunKeys):
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+    def relative_to(self, run_dir: Path) -> RunConfig:
+        """This config as `run_dir` stores it: paths relative to the run directory, so that
+        the directory names no path of this machine and still works when it is moved."""
+        base = run_dir.absolute()
+        return self.replace(
+            **{
+                name: os.path.relpath(Path(value).absolute(), base)
+                for name in PATH_KEYS
+                if (value := getattr(self, name))
+            }
+        )
+
+    def located_in(self, run_dir: Path) -> RunConfig:
+        """`relative_to`'s inverse: the stored paths made absolute again (a run directory
+        written before paths were relative holds absolute ones; they stay as they are)."""
+        base = run_dir.absolute()
+        return self.replace(
+            **{
+                name: os.path.normpath(base / value)
+                for name in PATH_KEYS
+                if (value := getattr(self, name))
+            }
+        )
 
 
 @cache

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from fedmodel import __version__
 from fedmodel.config.keys import (
+    MODEL_USES,
     AggregatorName,
     AttackName,
     DpMode,
@@ -67,7 +68,7 @@ class RunKeys:
     alpha: float = key(0.5, _DATA, "Dirichlet concentration (smaller = more skewed).")
     seed: int = key(0, _TRAINING, "Seed for partitioning, generation and training.")
     model: ModelName = key(
-        "mlp", _TRAINING, "mlp or logreg (tables), cnn (images: Conv 32-64-64 + Dense 64)."
+        "mlp", _TRAINING, "; ".join(f"{name} ({use})" for name, use in MODEL_USES.items()) + "."
     )
     output_dir: str = key("runs/flwr-run", _RUN, "Run directory the ServerApp writes.")
     fraction: float = key(

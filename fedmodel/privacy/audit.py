@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,6 +93,10 @@ class LedgerAudit:
     owners: list[OwnerAudit] = field(default_factory=list)
     signed: int = 0
 
+    @property
+    def ok(self) -> bool:
+        return self.chain_ok and not self.problems and not any(o.problems for o in self.owners)
+
 
 @dataclass
 class AuditReport:
@@ -102,10 +107,7 @@ class AuditReport:
 
     @property
     def ok(self) -> bool:
-        return not self.problems and all(
-            ledger.chain_ok and not ledger.problems and not any(o.problems for o in ledger.owners)
-            for ledger in self.ledgers
-        )
+        return not self.problems and all(ledger.ok for ledger in self.ledgers)
 
     def all_problems(self) -> list[str]:
         found = list(self.problems)
@@ -121,6 +123,10 @@ class AuditReport:
         return {"ok": self.ok, "problems": self.all_problems(), **asdict(self)}
 
 
+LedgerProgress = Callable[[int, int, LedgerAudit], None]
+"""Called after each ledger: its number, how many there are, its audit."""
+
+
 def find_ledgers(target: Path) -> tuple[list[Path], RunSummary | None]:
     """Ledger files under `target` (a file, a directory of ledgers or a run directory)."""
     if not target.exists():
@@ -129,8 +135,8 @@ def find_ledgers(target: Path) -> tuple[list[Path], RunSummary | None]:
         return [target], None
     summary = RunSummary.load(target) if (target / SUMMARY_FILE).is_file() else None
     directories = [target, target / LEDGERS_DIR]
-    if summary and summary.config.get("ledger_dir"):
-        directories.append(Path(summary.config["ledger_dir"]))
+    if summary and summary.config.get("ledger_dir"):  # relative to the run (or, before, absolute)
+        directories.append(target / summary.config["ledger_dir"])
     paths = sorted({p for d in directories if d.is_dir() for p in d.glob("*.sqlite")})
     if not paths:
         raise FedModelError(f"no ledgers (*.sqlite) in {target} or {target / LEDGERS_DIR}")
@@ -142,13 +148,21 @@ def audit(
     delta: float | None = None,
     plot_dir: Path | None = None,
     public_key: Path | None = None,
+    on_progress: LedgerProgress | None = None,
 ) -> AuditReport:
     """Audit every ledger under `target`; write plots to `plot_dir` when given.
 
     With `public_key` (a node's `node.pub`) every entry must carry a valid signature.
+    A run of many sites has as many ledgers, each recomputed afresh (about a second):
+    `on_progress` hears of each one audited.
     """
     paths, summary = find_ledgers(target)
-    report = AuditReport(str(target), [audit_ledger(path, delta, public_key) for path in paths])
+    ledgers = []
+    for number, path in enumerate(paths, start=1):
+        ledgers.append(audit_ledger(path, delta, public_key))
+        if on_progress is not None:
+            on_progress(number, len(paths), ledgers[-1])
+    report = AuditReport(str(target), ledgers)
     if summary is not None:
         report.problems += check_against_summary(report, summary)
     if plot_dir is not None:
