@@ -31,8 +31,9 @@ th, td { border: 1px solid #d0d7de; padding: 4px 10px; text-align: right; white-
 th { background: #f6f8fa; }
 th:first-child, td:first-child { text-align: left; }
 tbody tr:nth-child(even) { background: #fafbfc; }
-figure { display: inline-block; margin: 8px 16px 8px 0; vertical-align: top; }
-figure img { max-width: 100%; border: 1px solid #d0d7de; }
+.plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 16px; }
+figure { margin: 0; }
+figure img { width: 100%; height: auto; border: 1px solid #d0d7de; }
 figcaption { color: #59636e; font-size: 0.9em; }
 """
 
@@ -67,7 +68,8 @@ def write_html_report(run_dir: Path, summary: RunSummary) -> Path:
             _paragraph(report.client_level_note(summary)),
             _table(report.CLIENT_LEVEL_COLUMNS, report.client_level_rows(summary)),
         ]
-    body += ["<h2>Plots</h2>", *(_figure(run_dir / name) for name in _plots(run_dir))]
+    figures = "\n".join(_figure(run_dir / name) for name in _plots(run_dir))
+    body += ["<h2>Plots</h2>", f'<div class="plots">\n{figures}\n</div>']
     page = (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
