@@ -13,10 +13,10 @@ README.md marks blocks with HTML comments (invisible on GitHub) on the line befo
 
 Small settings: the `fedmodel` on the scripts' PATH is this checkout's CLI with the
 flags of SMALL_SETTINGS appended (the later of two values wins), so a README run of 5
-rounds runs 1. Output is compared by shape, not numbers: every header of a table shown
-appears in a printed header with the same columns, every shown row has a printed row
-with as many cells, and every other shown line's words (numbers aside) appear in one
-printed line. `make` commands are out of scope.
+rounds runs 1, and `server init` gets free ports. Output is compared by shape, not
+numbers: every header of a table shown appears in a printed header with the same
+columns, every shown row has a printed row with as many cells, and every other shown
+line's words (numbers aside) appear in one printed line. `make` commands are out of scope.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from pathlib import Path
 
 import pytest
 
-from fedmodel.runtime.processes import free_port
 from tests.federation import processes_naming, wait_for_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,30 +70,31 @@ def marked_blocks(markdown: str) -> list[Block]:
     ]
 
 
-def small_settings() -> dict[tuple[str, ...], list[str]]:
-    """Flags appended to every command that starts with these words (after `fedmodel`)."""
-    return {
-        ("simulate",): ["--rounds", "1", "--local-epochs", "1", "--no-baselines"],
-        ("run",): ["--rounds", "1"],
-        ("server", "init"): ["--fleet-port", str(free_port()), "--control-port", str(free_port())],
-    }
+# Flags appended to every command that starts with these words (after `fedmodel`).
+SMALL_SETTINGS = {
+    ("simulate",): ["--rounds", "1", "--local-epochs", "1", "--no-baselines"],
+    ("run",): ["--rounds", "1"],
+}
+
+SHIM = """#!{python}
+import os, sys
+sys.path.insert(0, {root!r})
+from fedmodel.runtime.processes import free_port
+args = sys.argv[1:]
+extra = [flag for words, flags in {small!r}.items()
+         if tuple(args[: len(words)]) == words for flag in flags]
+if args[:2] == ["server", "init"]:  # ports free now, where the README's defaults may be taken
+    extra += ["--fleet-port", str(free_port()), "--control-port", str(free_port())]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), {root!r}]))
+os.execv(sys.executable, [sys.executable, "-m", "fedmodel.cli", *args, *extra])
+"""
 
 
 def write_fedmodel_shim(directory: Path) -> None:
-    """`fedmodel`: this checkout's CLI, with the small settings appended."""
+    """`fedmodel`: this checkout's CLI, at small settings."""
     directory.mkdir()
     shim = directory / "fedmodel"
-    shim.write_text(
-        f"#!{sys.executable}\n"
-        "import os, sys\n"
-        f"small = {small_settings()!r}\n"
-        "args = sys.argv[1:]\n"
-        "extra = [flag for words, flags in small.items()"
-        " if tuple(args[: len(words)]) == words for flag in flags]\n"
-        f"path = [os.environ.get('PYTHONPATH', ''), {str(ROOT)!r}]\n"
-        "os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, path))\n"
-        "os.execv(sys.executable, [sys.executable, '-m', 'fedmodel.cli', *args, *extra])\n"
-    )
+    shim.write_text(SHIM.format(python=sys.executable, root=str(ROOT), small=SMALL_SETTINGS))
     shim.chmod(0o755)
 
 
