@@ -60,8 +60,10 @@ def write_html_report(run_dir: Path, summary: RunSummary) -> Path:
         _table(report.round_columns(summary.scoring), report.round_rows(summary)),
         "<h2>Privacy spent per client</h2>",
         _paragraph(report.PRIVACY_NOTE),
-        _table(report.PRIVACY_COLUMNS, report.privacy_rows(summary)),
     ]
+    if (partial := report.partial_table_note(summary)) is not None:
+        body.append(_paragraph(partial))
+    body.append(_table(report.PRIVACY_COLUMNS, report.privacy_rows(summary)))
     if summary.client_level_dp:
         body += [
             "<h2>Client-level DP (server side)</h2>",
