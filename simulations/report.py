@@ -296,10 +296,15 @@ def federation_sentences(summary: RunSummary) -> list[str]:
     federation = summary.federation or {}
     lines = []
     if federation.get("natural_sites") is not None:
+        small, rows = len(federation["too_small_to_train"]), federation["min_dp_rows"]
         lines.append(
             f"Clients are the data's {federation['natural_sites']} natural sites; "
-            f"{len(federation['too_small_to_train'])} have fewer than "
-            f"{federation['min_dp_rows']} training rows, too few to train under DP, and sat out."
+            + (
+                f"{small} of them {'has' if small == 1 else 'have'} fewer than {rows} training "
+                "rows, too few to train under DP, and sat out."
+                if small
+                else f"each has at least {rows} training rows and trains."
+            )
         )
     auroc = summary.final_metrics.get("auroc")
     if federation.get("achievable_auroc") is not None and auroc is not None:

@@ -13,7 +13,13 @@ import pytest
 from fedmodel.run_directory import RunSummary, Scoring
 from fedmodel.task import LOWER_IS_BETTER
 from simulations.baselines import compare_to_baselines
-from simulations.report import baseline_rows, baseline_verdict, privacy_rows, write_report
+from simulations.report import (
+    baseline_rows,
+    baseline_verdict,
+    federation_sentences,
+    privacy_rows,
+    write_report,
+)
 from simulations.report_html import write_html_report
 
 REGRESSION = Scoring(("r2", "mse", "mae"), "r2", LOWER_IS_BETTER)
@@ -130,3 +136,16 @@ def test_report_html_escapes_site_names_and_embeds_the_plots_report_md_shows(
     for data, name in plots:
         assert base64.b64decode(data) == (tmp_path / name).read_bytes()
     assert "<th>R2</th><th>MSE</th><th>MAE</th>" in page
+
+
+def test_the_natural_sites_sentence_reads_right_whether_or_not_a_site_sat_out() -> None:
+    summary = regression_summary(REGRESSION)
+    notes = {"natural_sites": 3, "min_dp_rows": 20}
+    none_out = replace(summary, federation={**notes, "too_small_to_train": []})
+    assert federation_sentences(none_out) == [
+        "Clients are the data's 3 natural sites; each has at least 20 training rows and trains."
+    ]
+    one_out = replace(summary, federation={**notes, "too_small_to_train": ["7"]})
+    assert (
+        "; 1 of them has fewer than 20 training rows, too few" in federation_sentences(one_out)[0]
+    )
