@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"  # the run config; `--resume` starts again from it
 REPORT_FILE = "report.md"
+REPORT_HTML_FILE = "report.html"  # report.md as one self-contained page, plots inside
 METRICS_FILE = "metrics.csv"  # one row per round
 CLIENTS_FILE = "clients.csv"  # one row per client reply
 CHECKPOINTS_DIR = "checkpoints"

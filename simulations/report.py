@@ -12,6 +12,24 @@ from typing import Any
 from fedmodel.run_directory import REPORT_FILE, RunSummary, Scoring
 from simulations.sites import site_name, table_clients
 
+PRIVACY_NOTE = (
+    "Sample-level (epsilon, delta)-DP for each client's records, composed over every "
+    "round it trained in. The history is the exact (noise multiplier, sample rate, "
+    "steps) Opacus used, so anyone can recompute epsilon from it."
+)
+BASELINE_NOTE = (
+    "The same model trained with the same learning rate, batch size and passes over the "
+    "data, scored on the same test set."
+)
+CLIENT_LEVEL_COLUMNS = (
+    "round",
+    "noise multiplier",
+    "count noise",
+    "effective noise",
+    "clipping norm",
+    "sample rate",
+    "epsilon",
+)
 PRIVACY_COLUMNS = (
     "client",
     "records",
@@ -129,17 +147,13 @@ def _epsilon(metrics: dict[str, Any] | None) -> float | None:
     return None if metrics is None else metrics.get("epsilon")
 
 
-def write_report(run_dir: Path, summary: RunSummary) -> Path:
-    """Write report.md and its plots into `run_dir`; returns the report's path."""
-    from simulations.plots import write_plots  # matplotlib: only when a report is written
+def report_title(summary: RunSummary) -> str:
+    return f"FedModel run: {summary.scenario} / {summary.dataset}"
 
-    plots = write_plots(run_dir, summary)
-    scoring = summary.scoring
-    headline, *others = scoring.described(summary.final_metrics)
-    labels = [scoring.label(name) for name in scoring.columns]
-    lines = [
-        f"# FedModel run: {summary.scenario} / {summary.dataset}",
-        "",
+
+def run_description(summary: RunSummary) -> str:
+    """The run in one sentence: how many clients and rounds, and what DP it ran under."""
+    return (
         f"{summary.num_clients} clients, {summary.rounds} rounds, "
         + (
             f"DP-SGD per client at target epsilon {summary.target_epsilon} "
@@ -147,38 +161,67 @@ def write_report(run_dir: Path, summary: RunSummary) -> Path:
             if summary.dp
             else "no DP-SGD on the clients."
         )
-        + (" Client-level DP on the server (below)." if summary.client_level_dp else ""),
+        + (" Client-level DP on the server (below)." if summary.client_level_dp else "")
+    )
+
+
+def round_columns(scoring: Scoring) -> tuple[str, ...]:
+    """The per-round table's header: the task's metrics between the round and its costs."""
+    labels = (scoring.label(name) for name in scoring.columns)
+    return ("round", *labels, "train loss", "max epsilon", "clients")
+
+
+def round_rows(summary: RunSummary) -> list[tuple[str, ...]]:
+    """One formatted row per round: the global model's scores and what the round spent."""
+    return [
+        (
+            str(row["round"]),
+            *(_format(row.get(name)) for name in summary.scoring.columns),
+            _format(row["train_loss"]),
+            "-" if row["max_epsilon"] is None else f"{row['max_epsilon']:.3f}",
+            str(row["clients"]),
+        )
+        for row in summary.per_round
+    ]
+
+
+def _table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """A Markdown table's lines."""
+    return [
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def write_report(run_dir: Path, summary: RunSummary) -> Path:
+    """Write report.md and its plots into `run_dir`; returns the report's path."""
+    from simulations.plots import write_plots  # matplotlib: only when a report is written
+
+    plots = write_plots(run_dir, summary)
+    scoring = summary.scoring
+    headline, *others = scoring.described(summary.final_metrics)
+    lines = [
+        f"# {report_title(summary)}",
+        "",
+        run_description(summary),
         "",
         f"**Final test {headline}**, {', '.join(others)}.",
         "",
-        *_federation_lines(summary),
+        *(f"{sentence}\n" for sentence in federation_sentences(summary)),
         *_baseline_lines(summary),
         *_heterogeneity_lines(summary),
         "## Rounds",
         "",
-        "| " + " | ".join(("round", *labels, "train loss", "max epsilon", "clients")) + " |",
-        "|" + "---|" * (len(labels) + 4),
-    ]
-    for row in summary.per_round:
-        epsilon = "-" if row["max_epsilon"] is None else f"{row['max_epsilon']:.3f}"
-        scores = (_format(row.get(name)) for name in scoring.columns)
-        lines.append(
-            f"| {row['round']} | " + " | ".join(scores) + f" | {_format(row['train_loss'])} "
-            f"| {epsilon} | {row['clients']} |"
-        )
-    lines += [
+        *_table(round_columns(scoring), round_rows(summary)),
         "",
         "## Privacy spent per client",
         "",
-        "Sample-level (epsilon, delta)-DP for each client's records, composed over every "
-        "round it trained in. The history is the exact (noise multiplier, sample rate, "
-        "steps) Opacus used, so anyone can recompute epsilon from it.",
+        PRIVACY_NOTE,
         "",
         *_partial_table_lines(summary),
-        "| " + " | ".join(PRIVACY_COLUMNS) + " |",
-        "|" + "---|" * len(PRIVACY_COLUMNS),
+        *_table(PRIVACY_COLUMNS, privacy_rows(summary)),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in privacy_rows(summary)]
     lines += _client_level_lines(summary)
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     path = run_dir / REPORT_FILE
@@ -187,53 +230,81 @@ def write_report(run_dir: Path, summary: RunSummary) -> Path:
 
 
 def _partial_table_lines(summary: RunSummary) -> list[str]:
+    note = partial_table_note(summary)
+    return [] if note is None else [note, ""]
+
+
+def partial_table_note(summary: RunSummary) -> str | None:
     """Why the privacy table lists some clients only, where it does."""
     listed = len(table_clients(summary))
     if listed == len(summary.clients):
-        return []
-    return [
+        return None
+    return (
         f"{listed} of the {len(summary.clients)} clients: those that spent the most, the "
         "median and the least epsilon, the largest and the smallest, and the worst site "
-        "alone. clients.csv and summary.json hold every client.",
-        "",
-    ]
+        "alone. clients.csv and summary.json hold every client."
+    )
 
 
 def _client_level_lines(summary: RunSummary) -> list[str]:
     """The server's client-level DP releases (--dp client or both), one row per round."""
-    central = summary.client_level_dp
-    if not central:
+    if not summary.client_level_dp:
         return []
-    lines = [
+    return [
         "",
         "## Client-level DP (server side)",
         "",
+        client_level_note(summary),
+        "",
+        *_table(CLIENT_LEVEL_COLUMNS, client_level_rows(summary)),
+    ]
+
+
+def client_level_note(summary: RunSummary) -> str:
+    """What the server's client-level DP guarantees, and against whom."""
+    central = summary.client_level_dp
+    assert central, "only for a run with client-level DP"
+    return (
         f"(epsilon, delta)-DP for each client's whole contribution: epsilon "
         f"{central['epsilon']:.3f} at delta {central['delta']:g} "
         f"({central['accountant'].upper()}, ledger {central['ledger']}). It protects a client "
-        "from the other clients and anyone who sees a model, not from the coordinator.",
-        "",
-        "| round | noise multiplier | count noise | effective noise | clipping norm "
-        "| sample rate | epsilon |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['round']} | {r['noise_multiplier']:.4f} | {r['clipped_count_stddev']:g} "
-        f"| {r['effective_noise_multiplier']:.4f} | {r['clipping_norm']:.4f} "
-        f"| {r['sample_rate']:g} | {r['epsilon']:.3f} |"
+        "from the other clients and anyone who sees a model, not from the coordinator."
+    )
+
+
+def client_level_rows(summary: RunSummary) -> list[tuple[str, ...]]:
+    """One formatted row per client-level DP release of the server."""
+    central = summary.client_level_dp
+    assert central, "only for a run with client-level DP"
+    return [
+        (
+            str(r["round"]),
+            f"{r['noise_multiplier']:.4f}",
+            f"{r['clipped_count_stddev']:g}",
+            f"{r['effective_noise_multiplier']:.4f}",
+            f"{r['clipping_norm']:.4f}",
+            f"{r['sample_rate']:g}",
+            f"{r['epsilon']:.3f}",
+        )
         for r in central["releases"]
     ]
-    return lines
 
 
-def _federation_lines(summary: RunSummary) -> list[str]:
+def federation_sentences(summary: RunSummary) -> list[str]:
+    """Where the clients came from and, for synthetic data, how close the model came to
+    the ground truth."""
     federation = summary.federation or {}
     lines = []
     if federation.get("natural_sites") is not None:
+        small, rows = len(federation["too_small_to_train"]), federation["min_dp_rows"]
         lines.append(
             f"Clients are the data's {federation['natural_sites']} natural sites; "
-            f"{len(federation['too_small_to_train'])} have fewer than "
-            f"{federation['min_dp_rows']} training rows, too few to train under DP, and sat out."
+            + (
+                f"{small} of them {'has' if small == 1 else 'have'} fewer than {rows} training "
+                "rows, too few to train under DP, and sat out."
+                if small
+                else f"each has at least {rows} training rows and trains."
+            )
         )
     auroc = summary.final_metrics.get("auroc")
     if federation.get("achievable_auroc") is not None and auroc is not None:
@@ -243,38 +314,37 @@ def _federation_lines(summary: RunSummary) -> list[str]:
             f"The ground-truth risk model reaches AUROC {achievable:.4f} on the test set; the "
             f"federated model achieved {share:.1%} of that gain over chance."
         )
-    return [*lines, ""] if lines else []
+    return lines
 
 
 def _baseline_lines(summary: RunSummary) -> list[str]:
     if not summary.baselines:
         return []
-    columns = baseline_columns(summary.scoring)
     lines = [
         "## Baselines",
         "",
-        "The same model trained with the same learning rate, batch size and passes over the "
-        "data, scored on the same test set.",
+        BASELINE_NOTE,
         "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
+        *_table(baseline_columns(summary.scoring), baseline_rows(summary)),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in baseline_rows(summary)]
     return [*lines, "", baseline_verdict(summary), ""]
 
 
 def _heterogeneity_lines(summary: RunSummary) -> list[str]:
-    statistics = summary.heterogeneity
-    if not statistics:
+    if not summary.heterogeneity:
         return []
-    return [
-        "## Heterogeneity",
-        "",
+    return ["## Heterogeneity", "", heterogeneity_note(summary), ""]
+
+
+def heterogeneity_note(summary: RunSummary) -> str:
+    """How unevenly the data is spread across the clients, in three numbers."""
+    statistics = summary.heterogeneity
+    assert statistics, "only for a run with heterogeneity statistics"
+    return (
         f"Client sizes: Gini {statistics['size_gini']:.2f}, largest/median "
         f"{statistics['size_max_over_median']:.1f}. Label rate "
         f"({statistics['label_rate_is']}) sd across clients {statistics['label_rate_sd']:.3f}. "
         f"Mean covariate drift {statistics['mean_drift']:.3f} (RMS standardised difference "
         "between a client's feature means and the federation's; 0.2 small, 0.5 medium). "
-        "Per-client values are in summary.json; see heterogeneity.png.",
-        "",
-    ]
+        "Per-client values are in summary.json; see heterogeneity.png."
+    )

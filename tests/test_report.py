@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,14 @@ import pytest
 from fedmodel.run_directory import RunSummary, Scoring
 from fedmodel.task import LOWER_IS_BETTER
 from simulations.baselines import compare_to_baselines
-from simulations.report import baseline_rows, baseline_verdict, privacy_rows, write_report
+from simulations.report import (
+    baseline_rows,
+    baseline_verdict,
+    federation_sentences,
+    privacy_rows,
+    write_report,
+)
+from simulations.report_html import write_html_report
 
 REGRESSION = Scoring(("r2", "mse", "mae"), "r2", LOWER_IS_BETTER)
 
@@ -104,3 +113,39 @@ def test_a_federation_that_lost_to_a_site_alone_says_worse_not_a_negative_gain()
     verdict = baseline_verdict(lost)
     assert "scored 0.1000 R2 worse than a site training alone (mean site)" in verdict
     assert "-0." not in verdict and "+" not in verdict
+
+
+def test_report_html_escapes_site_names_and_embeds_the_plots_report_md_shows(
+    tmp_path: Path,
+) -> None:
+    """report.html names sites as text, never markup, and carries its plots inside."""
+    client = {"client": "2", "num_examples": 40, "epsilon": 0.98, "delta": 1e-5}
+    client["epsilon_by_round"] = [[1, 0.7], [2, 0.98]]
+    hostile = '<img src="https://x.example/p.png"> & co'
+    summary = replace(
+        regression_summary(REGRESSION),
+        clients=[client],
+        federation={"site_names": ["north", "south", hostile]},
+    )
+    write_report(tmp_path, summary)
+    page = write_html_report(tmp_path, summary).read_text()
+    assert page.count("&lt;img src=&quot;https://x.example/p.png&quot;&gt; &amp; co") == 2
+    assert '<img src="https' not in page  # the site's "image" is text in both tables
+    plots = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)">', page)
+    assert [name for _, name in plots] == ["r2.png", "epsilon.png"]
+    for data, name in plots:
+        assert base64.b64decode(data) == (tmp_path / name).read_bytes()
+    assert "<th>R2</th><th>MSE</th><th>MAE</th>" in page
+
+
+def test_the_natural_sites_sentence_reads_right_whether_or_not_a_site_sat_out() -> None:
+    summary = regression_summary(REGRESSION)
+    notes = {"natural_sites": 3, "min_dp_rows": 20}
+    none_out = replace(summary, federation={**notes, "too_small_to_train": []})
+    assert federation_sentences(none_out) == [
+        "Clients are the data's 3 natural sites; each has at least 20 training rows and trains."
+    ]
+    one_out = replace(summary, federation={**notes, "too_small_to_train": ["7"]})
+    assert (
+        "; 1 of them has fewer than 20 training rows, too few" in federation_sentences(one_out)[0]
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from simulations.report import PRIVACY_COLUMNS
+from tests.browser import save_screenshot
 from tests.conftest import assert_epsilons_recompute
 from tests.test_csv import clinic_table
 from tests.test_simulation import engine_processes
@@ -63,9 +66,19 @@ def test_covid_clinics_federate_the_clinics_big_enough_for_dp(tmp_path: Path) ->
     assert_epsilons_recompute(summary)
 
 
-def test_a_users_csv_runs_one_client_per_site(tmp_path: Path) -> None:
+# Site names come from the user's data: one that is markup-like stays text in every report.
+MARKUP_SITE = "St. Mary's & <East>"
+
+
+@pytest.fixture(scope="module")
+def csv_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
+    """A user's CSV of three clinics, one client per site, trained for 2 rounds: (summary,
+    report.md, run directory), shared by the tests that read it."""
+    tmp_path = tmp_path_factory.mktemp("csv-run")
     data = tmp_path / "clinics.csv"
-    clinic_table(rows=3000).to_csv(data, index=False)
+    table = clinic_table(rows=3000)
+    table["site"] = table["site"].replace({"east": MARKUP_SITE})
+    table.to_csv(data, index=False)
     summary, report, _ = simulate(
         tmp_path,
         "csv",
@@ -84,13 +97,47 @@ def test_a_users_csv_runs_one_client_per_site(tmp_path: Path) -> None:
         "--baseline-sites",
         "3",
     )
+    return summary, report, tmp_path / "run"
+
+
+def test_a_users_csv_runs_one_client_per_site(csv_run: tuple[dict[str, Any], str, Path]) -> None:
+    summary, report, run_dir = csv_run
     assert (summary["scenario"], summary["dataset"]) == ("csv", "clinics.csv")
     assert summary["num_clients"] == 3
-    assert summary["federation"]["site_names"] == ["east", "north", "south"]
+    assert summary["federation"]["site_names"] == [MARKUP_SITE, "north", "south"]
     assert sum(client["num_examples"] for client in summary["clients"]) == 2400
     assert summary["final"]["auroc"] > 0.65  # each site alone under DP reaches ~0.68-0.71
     assert summary["baselines"]["local_sites"] == 3
     assert_epsilons_recompute(summary)
     assert "site alone (DP)" in report
     assert len(summary["heterogeneity"]["clients"]) == 3 and "## Heterogeneity" in report
-    assert (tmp_path / "run" / "heterogeneity.png").read_bytes().startswith(b"\x89PNG")
+    assert (run_dir / "heterogeneity.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_report_html_opens_offline_in_chromium_with_its_tables_sites_and_plots(
+    csv_run: tuple[dict[str, Any], str, Path], browser: Any
+) -> None:
+    """report.html from a real run, as a mail client hands it to a browser: a file:// page
+    that requests nothing, shows every table and site by name (markup in a name stays
+    text) and decodes every embedded plot."""
+    summary, _, run_dir = csv_run
+    page = run_dir / "report.html"
+    assert not re.search(r"https?:", page.read_text())
+    browser.get(page.as_uri())
+    assert browser.title == "FedModel run: csv / clinics.csv"
+    headers = [cell.text for cell in browser.find_elements("tag name", "th")]
+    for column in (*PRIVACY_COLUMNS, "model", "round", "AUROC", "train loss"):
+        assert column in headers
+    text = browser.find_element("tag name", "body").text
+    for site in summary["federation"]["site_names"]:
+        assert site in text
+    worst = summary["baselines"]["local_worst"]["client"]
+    assert f"worst: {summary['federation']['site_names'][int(worst)]}" in text
+    assert browser.find_elements("tag name", "east") == []  # the name's "<East>" is no element
+    images = browser.find_elements("tag name", "img")
+    names = [image.get_attribute("alt") for image in images]
+    assert names == ["auroc.png", "epsilon.png", "heterogeneity.png"]
+    for image in images:
+        assert browser.execute_script("return arguments[0].naturalWidth", image) > 0
+    assert browser.execute_script("return performance.getEntriesByType('resource').length") == 0
+    save_screenshot(browser, "report-html")

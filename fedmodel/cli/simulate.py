@@ -27,6 +27,7 @@ from fedmodel.config import TASK_SCENARIO, RunConfig, Section
 from fedmodel.errors import ConfigError
 from fedmodel.run_directory import (
     CONFIG_FILE,
+    REPORT_HTML_FILE,
     SUMMARY_FILE,
     RunSummary,
     Scoring,
@@ -292,6 +293,7 @@ def _simulate(
             status.stop()
     from simulations.baselines import run_baselines
     from simulations.report import write_report
+    from simulations.report_html import write_html_report
 
     summary = replace(
         summary,
@@ -326,6 +328,7 @@ def _simulate(
         summary = replace(summary, baselines=baselines)
     summary.save(run_dir)
     report = write_report(run_dir, summary)
+    write_html_report(run_dir, summary)
     _print_summary(summary, run_dir, report)
     if summary.stopped_early:
         console.print(f"Stopped early: {summary.stopped_early}")
@@ -419,7 +422,10 @@ def _print_summary(summary: RunSummary, run_dir: Path, report: Path) -> None:
             f"delta {central['delta']:g} ({central['accountant'].upper()} accountant, "
             f"{len(central['releases'])} releases)"
         )
-    console.print(f"Report: {report}  Summary: {run_dir / SUMMARY_FILE}")
+    console.print(
+        f"Report: {report} (one page: {run_dir / REPORT_HTML_FILE})  "
+        f"Summary: {run_dir / SUMMARY_FILE}"
+    )
 
 
 def _count(number: object, noun: str) -> str:
