@@ -27,13 +27,13 @@ def console_command(
     ],
     port: Annotated[int, typer.Option(help="Port to serve on (0: any free port).")] = DEFAULT_PORT,
     bind: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Address to listen on. Anything but 127.0.0.1 needs --token; with a "
-            "federation directory, a non-loopback address is served over TLS with the "
-            "federation's certificate."
+            help="Serve on this address instead of 127.0.0.1; needs --token. With a "
+            "federation directory the console then serves TLS with the federation's "
+            "certificate (the one nodes already trust through its CA)."
         ),
-    ] = LOOPBACK,
+    ] = None,
     token: Annotated[
         str | None,
         typer.Option(
@@ -58,22 +58,23 @@ def console_command(
 
     if not path.is_dir():
         raise ConfigError(f"{path} is not a directory; give a run, runs or federation directory")
-    if bind != LOOPBACK and not token:
+    if bind is not None and not token:
         raise ConfigError(
-            f"--bind {bind} serves the console beyond 127.0.0.1: give a token too "
-            f"(--token or ${TOKEN_VARIABLE})"
+            f"--bind {bind} needs a token as well (--token or ${TOKEN_VARIABLE}), which "
+            "every request must then carry"
         )
     if allow_actions and not token:
         raise ConfigError(f"--allow-actions needs a token (--token or ${TOKEN_VARIABLE})")
     if not 0 <= port < 65536:
         raise ConfigError(f"--port must be between 0 and 65535 (got {port})")
-    tls = is_federation_directory(path) and not _is_loopback(bind)
+    address = bind or LOOPBACK
+    tls = bind is not None and is_federation_directory(path)
     certificate, key = _federation_certificate(path) if tls else (None, None)
-    listener = _listen(bind, port)
-    host = f"[{bind}]" if ":" in bind else bind
+    listener = _listen(address, port)
+    host = f"[{address}]" if ":" in address else address
     url = f"{'https' if tls else 'http'}://{host}:{listener.getsockname()[1]}/"
     console.print(f"FedModel console on {url}" + (" (open it with ?token=TOKEN)" if token else ""))
-    if not tls and not _is_loopback(bind):
+    if not tls and not _is_loopback(address):
         console.print(
             "[yellow]warning:[/yellow] plain HTTP beyond this machine: the token travels "
             "unencrypted (only a federation directory has a certificate)"

@@ -107,7 +107,7 @@ def _row(owner: OwnerAudit) -> OwnerRow:
 
 def empirical_audits(run_dir: Path) -> list[dict[str, Any]]:
     """The canary audits saved in `run_dir` (name, and the numbers that judge them)."""
-    found = []
+    found: list[dict[str, Any]] = []
     for path in sorted(run_dir.glob(EMPIRICAL_AUDITS)):
         try:
             raw = json.loads(path.read_text())

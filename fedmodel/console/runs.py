@@ -68,9 +68,9 @@ class RunsRoot:
         return [self.run(name) for name in self.names()]
 
 
-def _started_at(run_dir: Path) -> float:
+def _started_at(run_dir: Path) -> tuple[float, str]:
     config = run_dir / CONFIG_FILE
-    return (config if config.exists() else run_dir / SUMMARY_FILE).stat().st_mtime
+    return (config if config.exists() else run_dir / SUMMARY_FILE).stat().st_mtime, run_dir.name
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,7 @@ class RunView:
             "rounds": len(self.metric_rows),
             "planned_rounds": self.planned_rounds,
             "has_baselines": bool(self.summary and self.summary.baselines),
+            "files": self.files,
             "metrics": {
                 "rounds": [row.get("round") for row in self.metric_rows],
                 "series": {

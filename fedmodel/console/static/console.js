@@ -38,7 +38,7 @@ function setSeries(chart, series) {
 }
 
 /* The run page: poll the run's files (through the console) and redraw what changed. */
-function followRun(progressUrl, resultsUrl) {
+function followRun(progressUrl, resultsUrl, filesUrl) {
   let metrics, epsilon, hadBaselines = null;
   document.addEventListener("DOMContentLoaded", () => {
     metrics = lineChart("metrics-chart", "round", "test metric");
@@ -55,6 +55,17 @@ function followRun(progressUrl, resultsUrl) {
     }
   }
 
+  function showFiles(names) {
+    const files = document.getElementById("files");
+    if (files.querySelectorAll("a").length === names.length) { return; }
+    files.replaceChildren(...names.flatMap((name) => {
+      const link = document.createElement("a");
+      link.href = filesUrl + name;
+      link.textContent = name;
+      return [" \u00b7 ", link];
+    }));
+  }
+
   async function show(progress) {
     document.getElementById("status").textContent = progress.status;
     document.getElementById("rounds").textContent =
@@ -66,6 +77,7 @@ function followRun(progressUrl, resultsUrl) {
     }
     setSeries(metrics, series);
     setSeries(epsilon, progress.epsilon);
+    showFiles(progress.files);
     document.getElementById("metrics-chart").dataset.rounds = rounds.length;
     if (hadBaselines === false && progress.has_baselines) {
       const response = await fetch(resultsUrl, { cache: "no-store" });
