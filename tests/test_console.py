@@ -8,6 +8,7 @@ own files (or `fedmodel audit`'s library function) give.
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import sqlite3
@@ -214,8 +215,12 @@ def test_the_console_listens_on_127_0_0_1_only_by_default(console_url: str) -> N
 
 
 def test_a_token_guards_every_request_and_a_read_only_console_refuses_actions(
-    runs_root: Path,
+    tmp_path: Path,
 ) -> None:
+    """Also: a run whose summary.json no FedModel wrote is one line, not a broken page."""
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "summary.json").write_text('{"scenario": "medical"}')
+
     def status(url: str, **headers: str) -> tuple[int, str]:
         request = urllib.request.Request(url, headers=headers, method="GET")
         try:
@@ -224,7 +229,7 @@ def test_a_token_guards_every_request_and_a_read_only_console_refuses_actions(
         except urllib.error.HTTPError as error:
             return error.code, ""
 
-    with serving(runs_root, "--bind", "127.0.0.1", "--token", TOKEN) as url:
+    with serving(tmp_path, "--bind", "127.0.0.1", "--token", TOKEN) as url:
         for path in ("", "compare", "static/console.js", "api/runs/nothing/progress"):
             assert status(url + path)[0] == 401, path
         assert status(url + "?token=wrong")[0] == 401
@@ -241,6 +246,12 @@ def test_a_token_guards_every_request_and_a_read_only_console_refuses_actions(
             urllib.request.urlopen(revoke)
         assert refused.value.code == 403
         assert "--allow-actions" in refused.value.read().decode()
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        with urllib.request.urlopen(urllib.request.Request(url, headers=bearer)) as listed:
+            assert "summary.json: missing key 'dataset'" in html.unescape(listed.read().decode())
+        with pytest.raises(urllib.error.HTTPError) as broken:
+            urllib.request.urlopen(urllib.request.Request(f"{url}runs/broken", headers=bearer))
+        assert broken.value.read().decode().endswith("summary.json: missing key 'dataset'")
 
 
 def test_another_address_or_actions_without_a_token_is_a_one_line_error(

@@ -56,19 +56,27 @@ def create_app(path: Path, token: str | None = None, allow_actions: bool = False
             {"root": path, "federation": federation, "actions": allow_actions, **context},
         )
 
-    @app.exception_handler(UnknownRunError)
-    async def unknown_run(request: Request, error: UnknownRunError) -> Response:
-        return PlainTextResponse(str(error), status_code=404)
+    @app.exception_handler(FedModelError)
+    async def user_error(request: Request, error: FedModelError) -> Response:
+        """An unknown run (404), or a file a run left unreadable (summary.json with an
+        unknown key...): its one line, as the CLI would print it."""
+        return PlainTextResponse(str(error), 404 if isinstance(error, UnknownRunError) else 500)
+
+    def read_runs(names: list[str]) -> list[tuple[str, RunView | None, str | None]]:
+        """(name, run, None) per run, or (name, None, why) for one whose files are broken."""
+        read: list[tuple[str, RunView | None, str | None]] = []
+        for name in names:
+            try:
+                read.append((name, runs.run(name), None))
+            except UnknownRunError:
+                raise
+            except FedModelError as error:
+                read.append((name, None, str(error)))
+        return read
 
     @app.get("/", response_class=HTMLResponse)
     def runs_list(request: Request) -> HTMLResponse:
-        listed: list[tuple[str, RunView | None, str | None]] = []
-        for name in runs.names():
-            try:
-                listed.append((name, runs.run(name), None))
-            except FedModelError as error:
-                listed.append((name, None, str(error)))
-        return page(request, "runs.html", runs=listed)
+        return page(request, "runs.html", runs=read_runs(runs.names()))
 
     @app.get("/runs/{name}", response_class=HTMLResponse)
     def run_page(request: Request, name: str) -> HTMLResponse:
@@ -101,8 +109,12 @@ def create_app(path: Path, token: str | None = None, allow_actions: bool = False
 
     @app.get("/compare", response_class=HTMLResponse)
     def compare_page(request: Request) -> HTMLResponse:
-        chosen = [runs.run(name) for name in request.query_params.getlist("run") or runs.names()]
-        return page(request, "compare.html", runs=chosen, points=privacy_utility(chosen))
+        read = read_runs(request.query_params.getlist("run") or runs.names())
+        chosen = [run for _, run, _ in read if run is not None]
+        broken = [(name, error) for name, run, error in read if run is None]
+        return page(
+            request, "compare.html", runs=chosen, broken=broken, points=privacy_utility(chosen)
+        )
 
     @app.get("/federation", response_class=HTMLResponse)
     def federation_page(request: Request) -> Response:
