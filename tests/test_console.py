@@ -212,6 +212,12 @@ def test_the_console_listens_on_127_0_0_1_only_by_default(console_url: str) -> N
     port = int(console_url.rstrip("/").rsplit(":", 1)[1])
     assert console_url.startswith("http://127.0.0.1:")
     assert listening_addresses(port) == ["127.0.0.1"]
+    rebound = urllib.request.Request(console_url, headers={"Host": f"rebound.example:{port}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:  # DNS rebinding: another Host
+        urllib.request.urlopen(rebound)
+    assert refused.value.code == 400
+    with urllib.request.urlopen(console_url.replace("127.0.0.1", "localhost")) as reply:
+        assert reply.status == 200
 
 
 def test_a_token_guards_every_request_and_a_read_only_console_refuses_actions(

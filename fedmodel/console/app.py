@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from fedmodel.console.federation import FederationView, is_federation_directory, revoke
 from fedmodel.console.privacy import PrivacyView
@@ -32,6 +33,8 @@ from fedmodel.errors import FedModelError
 
 HERE = Path(__file__).parent
 TOKEN_COOKIE = "fedmodel_console_token"
+LOOPBACK_NAMES = ["127.0.0.1", "localhost"]
+"""The Host names a console without a token answers to: it is reached on 127.0.0.1 only."""
 
 templates = Jinja2Templates(directory=HERE / "templates")
 
@@ -48,6 +51,8 @@ def create_app(path: Path, token: str | None = None, allow_actions: bool = False
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     if token:
         app.middleware("http")(_token_check(token))
+    else:  # a page elsewhere could reach 127.0.0.1 through a DNS name rebound to it
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_NAMES)
 
     def page(request: Request, template: str, **context: Any) -> HTMLResponse:
         return templates.TemplateResponse(
