@@ -134,8 +134,10 @@ class RunView:
 
     @property
     def max_epsilon(self) -> float | None:
-        epsilons = [e for e in (_number(r.get("epsilon")) for r in self.client_rows) if e]
-        return max(epsilons) if epsilons else None
+        """The largest sample-level epsilon any client reported so far; None without any."""
+        epsilons = [_number(row.get("epsilon")) for row in self.client_rows]
+        reported = [epsilon for epsilon in epsilons if epsilon is not None]
+        return max(reported) if reported else None
 
     def progress(self) -> dict[str, Any]:
         """The live part of the page as JSON: status, rounds, and both charts' data."""
@@ -190,14 +192,20 @@ class RunView:
 
 
 def privacy_utility(runs: list[RunView]) -> list[dict[str, Any]]:
-    """One point per run that has both: its max epsilon and its last headline value."""
+    """One point per run with an epsilon and a last headline value. The epsilon is the
+    largest sample-level one over clients, else (--dp client) the client-level one."""
     points = []
     for run in runs:
         label, value = run.headline
-        if run.max_epsilon is not None and value is not None:
+        epsilon, level = run.max_epsilon, "sample"
+        central = run.summary.client_level_dp if run.summary else None
+        if epsilon is None and central:
+            epsilon, level = central.get("epsilon"), "client"
+        if epsilon is not None and value is not None:
             points.append(
-                {"run": run.name, "epsilon": run.max_epsilon, "metric": label, "value": value}
-            )
+                {"run": run.name, "epsilon": epsilon, "level": level, "metric": label,
+                 "value": value}
+            )  # fmt: skip
     return points
 
 

@@ -94,7 +94,8 @@ function privacyUtilityChart(id, points) {
       type: "scatter",
       data: {
         datasets: points.map((point, index) => ({
-          label: point.run + " (" + point.metric + ")",
+          label: point.run + " (" + point.metric
+                 + (point.level === "client" ? ", client-level epsilon" : "") + ")",
           data: [{ x: point.epsilon, y: point.value }],
           backgroundColor: colour(index),
           pointRadius: 6,
@@ -103,7 +104,7 @@ function privacyUtilityChart(id, points) {
       options: {
         animation: false,
         scales: {
-          x: { title: { display: true, text: "max epsilon over clients" } },
+          x: { title: { display: true, text: "epsilon: max over clients (sample-level DP)" } },
           y: { title: { display: true, text: "headline metric, last round" } },
         },
       },
