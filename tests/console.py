@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import IO
 
 FEDMODEL = [sys.executable, "-m", "fedmodel.cli"]
 
@@ -27,10 +29,17 @@ def serving(path: Path, *options: str) -> Iterator[str]:
         announced = process.stdout.readline()  # printed once the socket listens
         match = re.search(r"https?://\S+?/", announced)
         assert match, announced + process.stdout.read()
+        # keep reading what it logs (to the test's output), so a full pipe never blocks it
+        threading.Thread(target=_echo, args=(process.stdout,), daemon=True).start()
         yield match.group(0)
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def _echo(stream: IO[str]) -> None:
+    for line in stream:
+        sys.stderr.write(f"console: {line}")
 
 
 class _TableReader(HTMLParser):

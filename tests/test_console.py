@@ -98,7 +98,10 @@ def test_the_run_page_follows_a_running_simulation_and_shows_its_results_without
         lambda _: (run_dir / "config.json").exists() or process.poll() is not None
     )
     browser.get(f"{console_url}runs/{RUN}")  # type: ignore[attr-defined]
-    assert browser.find_elements(By.ID, "no-baselines"), "the run was over before the test"  # type: ignore[attr-defined]
+    WebDriverWait(browser, 60).until(
+        lambda driver: driver.execute_script("return document.readyState") == "complete"  # type: ignore[attr-defined]
+    )
+    assert browser.find_elements(By.ID, "no-baselines"), browser.page_source  # type: ignore[attr-defined]
     first_status = browser.find_element(By.ID, "status").text  # type: ignore[attr-defined]
     browser.execute_script("window.sameDocument = true")  # type: ignore[attr-defined]
 
