@@ -35,6 +35,7 @@ class ExitCode(IntEnum):
     LEDGER = 11, "A privacy ledger cannot be opened or read (not a FedModel ledger, corrupt)."
     SERVER = 12, "The federation directory or its SuperLink is not in the state a command needs."
     RUN_DIRECTORY = 13, "A run's summary.json is unreadable, lacks a key or has an unknown one."
+    MODEL_FILE = 14, "A model file is missing, not safetensors and JSON, or from a newer FedModel."
     INTERRUPTED = 130, "Interrupted (Ctrl-C or SIGTERM); processes the run started were stopped."
 
 

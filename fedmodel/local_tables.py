@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from fedmodel.config.keys import Task
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+BINARY_CLASSES = ("0", "1")
+"""A binary label's classes, in the order of their indices (1: true, yes)."""
 MAX_CLASSES = 100  # a multiclass label with more values is an identifier or a number
 _TRUE_LABELS = frozenset({"1", "1.0", "true", "yes", "y", "t"})
 _FALSE_LABELS = frozenset({"0", "0.0", "false", "no", "n", "f"})
@@ -37,7 +39,7 @@ def load_table(
     encoded with those means, deviations and vocabularies, so every client produces
     the same columns; without, with its own. Problems raise one-line DataErrors.
     """
-    frame, labels = read_table(path, label)
+    frame, labels, _ = read_table(path, label)
     if statistics is None:
         statistics = describe_table(frame)
     return encode_table(frame, labels, statistics)
@@ -45,19 +47,34 @@ def load_table(
 
 def table_statistics(path: str | Path, label: str) -> FeatureStatistics:
     """The FeatureStatistics of a file's features (the label is checked, not described)."""
-    frame, _ = read_table(path, label)
+    frame, _, _ = read_table(path, label)
     return describe_table(frame)
 
 
 def read_table(
     path: str | Path, label: str, task: Task = "binary"
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """The feature columns and the labels of a file, validated: 0/1 for a binary task,
-    class indices (in sorted order of the label's values) for a multiclass one, the
-    numbers themselves for a regression."""
+) -> tuple[pd.DataFrame, np.ndarray, tuple[str, ...]]:
+    """The feature columns, the labels and the classes of a file, validated: 0/1 for a
+    binary task (classes "0", "1"), class indices (in sorted order of the label's values,
+    which are the classes) for a multiclass one, the numbers themselves for a regression
+    (no classes)."""
+    path = Path(path)
+    frame = read_frame(path)
+    if label not in frame.columns:
+        shown = ", ".join(str(c) for c in list(frame.columns)[:12])
+        raise DataError(f"label column '{label}' is not in {path} (columns: {shown})")
+    _reject_missing_labels(frame[label], label, path)
+    labels, classes = _LABEL_READERS[task](frame[label], label, path)
+    features = frame.drop(columns=[label])
+    if features.shape[1] == 0:
+        raise DataError(f"data file {path} has no feature columns besides '{label}'")
+    return features, labels, classes
+
+
+def read_frame(path: Path) -> pd.DataFrame:
+    """Every column of a CSV or Parquet file with at least one row; DataError if not."""
     import pandas as pd
 
-    path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a directory; name the CSV or Parquet file inside it")
     if not path.is_file():
@@ -69,17 +86,9 @@ def read_table(
         frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
     except Exception as error:  # pandas raises many kinds; all mean "unreadable"
         raise DataError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
-    if label not in frame.columns:
-        shown = ", ".join(str(c) for c in list(frame.columns)[:12])
-        raise DataError(f"label column '{label}' is not in {path} (columns: {shown})")
     if len(frame) == 0:
         raise DataError(f"data file {path} has no rows")
-    _reject_missing_labels(frame[label], label, path)
-    labels = _LABEL_READERS[task](frame[label], label, path)
-    features = frame.drop(columns=[label])
-    if features.shape[1] == 0:
-        raise DataError(f"data file {path} has no feature columns besides '{label}'")
-    return features, labels
+    return frame
 
 
 def describe_table(frame: pd.DataFrame) -> FeatureStatistics:
@@ -152,7 +161,7 @@ def _reject_missing_labels(column: pd.Series, label: str, path: Path) -> None:
         )
 
 
-def _class_labels(column: pd.Series, label: str, path: Path) -> np.ndarray:
+def _class_labels(column: pd.Series, label: str, path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
     names, indices = np.unique(column.astype(str).str.strip().to_numpy(), return_inverse=True)
     if len(names) > MAX_CLASSES:
         raise DataError(
@@ -160,10 +169,10 @@ def _class_labels(column: pd.Series, label: str, path: Path) -> np.ndarray:
             f"{MAX_CLASSES}): for a number to predict use --task regression; an identifier "
             "is no label"
         )
-    return indices.astype(np.float32)
+    return indices.astype(np.float32), tuple(str(name) for name in names)
 
 
-def _binary_labels(column: pd.Series, label: str, path: Path) -> np.ndarray:
+def _binary_labels(column: pd.Series, label: str, path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
     text = column.astype(str).str.strip().str.lower()
     ones, zeros = text.isin(_TRUE_LABELS), text.isin(_FALSE_LABELS)
     if not (ones | zeros).all():
@@ -177,7 +186,7 @@ def _binary_labels(column: pd.Series, label: str, path: Path) -> np.ndarray:
             f"label column '{label}' in {path} must be binary (0/1, true/false, yes/no); "
             f"found: {found} ({hint})"
         )
-    return ones.to_numpy().astype(np.float32)
+    return ones.to_numpy().astype(np.float32), BINARY_CLASSES
 
 
 def _is_quantity(column: pd.Series) -> bool:
@@ -188,7 +197,9 @@ def _is_quantity(column: pd.Series) -> bool:
     return bool((values != np.round(values)).any() or len(np.unique(values)) > MAX_CLASSES)
 
 
-def _continuous_labels(column: pd.Series, label: str, path: Path) -> np.ndarray:
+def _continuous_labels(
+    column: pd.Series, label: str, path: Path
+) -> tuple[np.ndarray, tuple[str, ...]]:
     """A regression's targets: finite numbers, as they are."""
     import pandas as pd
 
@@ -205,7 +216,7 @@ def _continuous_labels(column: pd.Series, label: str, path: Path) -> np.ndarray:
             f"label column '{label}' in {path} has {int((~np.isfinite(values)).sum())} "
             "infinite value(s); drop or fix those rows"
         )
-    return values.astype(np.float32)
+    return values.astype(np.float32), ()
 
 
 _LABEL_READERS = {

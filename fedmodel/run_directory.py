@@ -26,6 +26,8 @@ REPORT_FILE = "report.md"
 METRICS_FILE = "metrics.csv"  # one row per round
 CLIENTS_FILE = "clients.csv"  # one row per client reply
 CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"  # the final model file (fedmodel.model_file): what `fedmodel predict` reads
+ROUND_MODELS_DIR = "models"  # with --save-round-models: round-NNNN/, one model file each
 LEDGERS_DIR = "ledgers"  # the simulated clients' privacy ledgers, unless --ledger-dir
 ENGINE_DIR = "engine"  # the engine's app and logs
 

@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedmodel.lazy_sequence import LazySequence
+from fedmodel.table_schema import TableSchema
 
 MetricKind = Literal["binary", "multiclass", "regression"]
 """Built-in scoring: binary (one logit per row), multiclass (one logit per class,
@@ -84,6 +85,9 @@ class Task:
     - `version` is what a node owner approves, with the hash of the installed source.
     - `grad_sample_mode`: how Opacus computes per-sample gradients ("hooks" works for
       every layer Opacus supports); it changes speed, never the privacy guarantee.
+    - `table`: when the model's inputs are a table's columns, which ones and how they are
+      encoded (fedmodel.table_schema); the saved model keeps it, so `fedmodel predict`
+      scores a raw CSV or Parquet file. None: the model scores tensors only.
     """
 
     name: str
@@ -98,6 +102,7 @@ class Task:
     local_data: Callable[[Path], Dataset] | None = None
     version: str = "0"
     grad_sample_mode: str = "hooks"
+    table: TableSchema | None = None
     notes: Mapping[str, object] = field(default_factory=dict)
     """Facts about the data that reports print (e.g. sites left out for size)."""
 

@@ -50,6 +50,7 @@ from fedmodel.protocol import (
     STATISTICS_RECORD_KEY,
 )
 from fedmodel.run_directory import write_json_atomic
+from fedmodel.table_schema import TableSchema
 from fedmodel.table_task import table_task
 from fedmodel.task import Task
 from fedmodel.task_loading import task_from_reference
@@ -62,6 +63,7 @@ from server.strategy import FederationStopped, GuardedStrategy, Members
 from server.superlink import Federation
 
 NODES_FILE = "nodes.json"  # node name -> client number, stable across --resume
+STATISTICS_FILE = "feature_statistics.json"  # the encoding every node was sent, kept on resume
 
 
 class DeployedSetting:
@@ -107,7 +109,11 @@ class DeployedSetting:
         members = MemberGrid(grid, enrolled, config.min_clients, config.round_timeout)
         statistics, left_out = query_feature_statistics(members, config, enrolled)
         if statistics is not None:  # a node's label column is binary: one logit per row
-            task = table_task(config, len(statistics.feature_names()), num_classes=2)
+            run_dir = Path(config.output_dir).absolute()
+            statistics = released_statistics(run_dir, statistics, config.resume)
+            # the model file keeps only what every node was sent: the merged statistics
+            schema = TableSchema(config.label, statistics=statistics)
+            task = table_task(config, len(statistics.feature_names()), 2, table=schema)
         else:
             assert user_task is not None  # only a user task's query returns no statistics
             task = user_task
@@ -242,6 +248,20 @@ def client_positions(run_dir: Path, names: dict[int, str]) -> dict[int, int]:
         known.setdefault(key[node], len(known))
     write_json_atomic(run_dir / NODES_FILE, known)
     return {node: known[key[node]] for node in names}
+
+
+def released_statistics(
+    run_dir: Path, merged: FeatureStatistics, resumed: bool
+) -> FeatureStatistics:
+    """The encoding of the whole run: the first query round's merge, kept in the run
+    directory. A resumed run, whose nodes may be fewer, encodes with it too: its model
+    was trained on that encoding, and the model file stores it."""
+    path = run_dir / STATISTICS_FILE
+    if resumed and path.is_file():
+        return FeatureStatistics.from_json(path.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, json.loads(merged.to_json()))
+    return merged
 
 
 def positions_by_name(run_dir: Path) -> dict[str, int]:

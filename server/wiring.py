@@ -36,6 +36,7 @@ from fedmodel.task import Task
 from server.aggregators import build_aggregator
 from server.central_dp import with_central_dp
 from server.deployment import DeployedSetting
+from server.model_files import write_model_files
 from server.resume import RoundEvaluation, open_run_record, run_rounds
 from server.run_record import RunRecorder
 from server.secagg import run_secagg
@@ -100,7 +101,8 @@ def run_federation(
     evaluation: Evaluation,
     largest_client: int | None = None,
 ) -> None:
-    """Run `config.rounds` rounds; leave summary, metrics and checkpoints in output-dir.
+    """Run `config.rounds` rounds; leave summary, metrics, checkpoints and the model file
+    (fedmodel.model_file) in output-dir.
 
     `largest_client`: the most examples any client trains on, which SecAgg+ divides the
     weights by so that no masked sum overflows. Only the harness knows it, so SecAgg+
@@ -150,7 +152,8 @@ def run_federation(
         log(WARNING, "stopping the run early: %s", stop)
         stopped = str(stop)
     setting.end(recorder, stopped is not None)
-    recorder.write_summary(completed=True, stopped_early=stopped)
+    summary = recorder.write_summary(completed=True, stopped_early=stopped)
+    write_model_files(recorder.run_dir, setting.task, config, summary)
 
 
 class CentralSetting:

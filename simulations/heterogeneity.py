@@ -1,4 +1,4 @@
-"""How non-IID a federation is: per-client size, label rate and covariate drift, plus a plot.
+"""How non-IID a federation is: per-client size, label rate and covariate drift.
 
 The drift statistic of a client is the root-mean-square, over features, of the
 standardised difference between the client's feature mean and the pooled mean
@@ -11,7 +11,6 @@ Any torch datasets of (input, target) rows will do: a table, images, a regressio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -95,38 +94,6 @@ def _label_rate(targets: np.ndarray, label_rate_is: str) -> float:
     if label_rate_is == COMMONEST_CLASS:
         return float(np.bincount(targets.astype(np.int64)).max() / len(targets))
     return float(targets.mean())  # the share of positives of 0/1 targets, or the mean target
-
-
-def write_heterogeneity_plot(run_dir: Path, statistics: dict[str, Any]) -> str:
-    """heterogeneity.png: client size against label rate, coloured by drift."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = statistics["clients"]
-    figure, axis = plt.subplots(figsize=(6, 4))
-    points = axis.scatter(
-        [row["rows"] for row in rows],
-        [row["label_rate"] for row in rows],
-        c=[row["drift"] for row in rows],
-        cmap="viridis",
-        s=18,
-    )
-    figure.colorbar(points, label="covariate drift (RMS effect size)")
-    axis.set(
-        xscale="log",
-        xlabel="training rows (log scale)",
-        ylabel=f"label rate ({statistics['label_rate_is']})",
-        title=f"{len(rows)} clients: size Gini {statistics['size_gini']:.2f}, "
-        f"label-rate sd {statistics['label_rate_sd']:.3f}",
-    )
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    name = "heterogeneity.png"
-    figure.savefig(run_dir / name, dpi=100)
-    plt.close(figure)
-    return name
 
 
 def _gini(values: np.ndarray) -> float:

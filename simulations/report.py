@@ -6,12 +6,11 @@ metrics in its order, led by its headline metric, which the per-round plot shows
 
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 from typing import Any
 
 from fedmodel.run_directory import REPORT_FILE, RunSummary, Scoring
+from simulations.sites import site_name, table_clients
 
 PRIVACY_COLUMNS = (
     "client",
@@ -24,17 +23,11 @@ PRIVACY_COLUMNS = (
 )
 
 
-def site_name(summary: RunSummary, client: str) -> str:
-    """A client's site name where the data names its sites (north, CA, ...), else its number."""
-    names = (summary.federation or {}).get("site_names") or []
-    index = int(client) if client.isdigit() else -1
-    return str(names[index]) if 0 <= index < len(names) else client
-
-
 def privacy_rows(summary: RunSummary) -> list[tuple[str, ...]]:
-    """One row per client: what it trained on and the privacy it spent (formatted)."""
+    """One row per client the table lists (`table_clients`): what it trained on and the
+    privacy it spent (formatted)."""
     rows: list[tuple[str, ...]] = []
-    for client in summary.clients:
+    for client in table_clients(summary):
         history = client.get("history") or []
         noise = ", ".join(f"{segment[0]:.3f}" for segment in history) or "-"
         rate = ", ".join(f"{segment[1]:.4f}" for segment in history) or "-"
@@ -138,11 +131,9 @@ def _epsilon(metrics: dict[str, Any] | None) -> float | None:
 
 def write_report(run_dir: Path, summary: RunSummary) -> Path:
     """Write report.md and its plots into `run_dir`; returns the report's path."""
-    plots = _write_plots(run_dir, summary)
-    if summary.heterogeneity:
-        from simulations.heterogeneity import write_heterogeneity_plot
+    from simulations.plots import write_plots  # matplotlib: only when a report is written
 
-        plots.append(write_heterogeneity_plot(run_dir, summary.heterogeneity))
+    plots = write_plots(run_dir, summary)
     scoring = summary.scoring
     headline, *others = scoring.described(summary.final_metrics)
     labels = [scoring.label(name) for name in scoring.columns]
@@ -183,6 +174,7 @@ def write_report(run_dir: Path, summary: RunSummary) -> Path:
         "round it trained in. The history is the exact (noise multiplier, sample rate, "
         "steps) Opacus used, so anyone can recompute epsilon from it.",
         "",
+        *_partial_table_lines(summary),
         "| " + " | ".join(PRIVACY_COLUMNS) + " |",
         "|" + "---|" * len(PRIVACY_COLUMNS),
     ]
@@ -192,6 +184,19 @@ def write_report(run_dir: Path, summary: RunSummary) -> Path:
     path = run_dir / REPORT_FILE
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _partial_table_lines(summary: RunSummary) -> list[str]:
+    """Why the privacy table lists some clients only, where it does."""
+    listed = len(table_clients(summary))
+    if listed == len(summary.clients):
+        return []
+    return [
+        f"{listed} of the {len(summary.clients)} clients: those that spent the most, the "
+        "median and the least epsilon, the largest and the smallest, and the worst site "
+        "alone. clients.csv and summary.json hold every client.",
+        "",
+    ]
 
 
 def _client_level_lines(summary: RunSummary) -> list[str]:
@@ -273,42 +278,3 @@ def _heterogeneity_lines(summary: RunSummary) -> list[str]:
         "Per-client values are in summary.json; see heterogeneity.png.",
         "",
     ]
-
-
-def _write_plots(run_dir: Path, summary: RunSummary) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
-    headline = summary.scoring.headline
-    label = summary.scoring.headline_label
-    rounds = [row["round"] for row in summary.per_round]
-    values = [math.nan if row.get(headline) is None else row[headline] for row in summary.per_round]
-    figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot(rounds, values, marker="o")
-    axis.set(xlabel="round", ylabel=f"test {label}", title=f"Global model {label} per round")
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", headline) + ".png"  # auroc.png for classifiers
-    figure.savefig(run_dir / name, dpi=100)
-    plt.close(figure)
-    names.append(name)
-    if summary.dp:
-        figure, axis = plt.subplots(figsize=(6, 4))
-        for client in summary.clients:
-            points = client["epsilon_by_round"]
-            name = site_name(summary, client["client"])
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name)
-        if summary.target_epsilon is not None:
-            axis.axhline(summary.target_epsilon, color="red", linestyle="--", label="target")
-        axis.set(xlabel="round", ylabel="epsilon", title="Epsilon spent per client")
-        axis.grid(alpha=0.3)
-        if len(summary.clients) <= 12:
-            axis.legend(title="client", fontsize="small")
-        figure.tight_layout()
-        figure.savefig(run_dir / "epsilon.png", dpi=100)
-        plt.close(figure)
-        names.append("epsilon.png")
-    return names

@@ -19,9 +19,14 @@ def test_flchain_is_the_full_cohort_without_leaky_columns(
     # 2,169 deaths in 7,874 patients; the stratified split keeps that rate on both sides
     assert train.labels.sum() + test.labels.sum() == 2169
     assert abs(train.labels.mean() - test.labels.mean()) < 0.005
-    # standardised with training statistics
-    np.testing.assert_allclose(train.features.mean(axis=0), 0.0, atol=1e-4)
-    np.testing.assert_allclose(train.features.std(axis=0), 1.0, atol=1e-3)
+    # numbers standardised with training statistics, sex one-hot (as a node's flchain CSV)
+    assert train.feature_names[-2:] == ("sex=F", "sex=M")
+    numeric = train.features[:, :-2]
+    np.testing.assert_allclose(numeric.mean(axis=0), 0.0, atol=1e-4)
+    # missing creatinine is the mean (0); the values present have unit deviation
+    present = [column[column != 0.0] for column in numeric.T]
+    np.testing.assert_allclose([column.std() for column in present], 1.0, atol=1e-3)
+    np.testing.assert_array_equal(train.features[:, -2:].sum(axis=1), 1.0)
 
 
 def test_iid_partitions_are_disjoint_shuffled_and_cover_every_row() -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from fedmodel.feature_statistics import FeatureStatistics
+from fedmodel.local_tables import table_statistics
 from fedmodel.pki import JoinBundle, create_node_identity, create_server_pki
 from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.ledger import PrivacyLedger
@@ -238,6 +240,22 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
         assert client["epsilon"] < spent <= 2.0 + 1e-6  # the planned 2.0, each round once
     assert not (root / "run" / "checkpoints" / "round-0003.pt").is_file()
     assert_epsilons_recompute(summary, rows=dict.fromkeys(sites, 96))  # 80% of each file
+    # The coordinator's model file: the model the run ended on, each owner's epsilon and,
+    # of the data, only the statistics the first query round merged and sent every node
+    # (the resumed run, with two nodes left, kept that encoding).
+    model = json.loads((root / "run" / "model" / "model.json").read_text())
+    assert sorted(path.name for path in (root / "run" / "model").iterdir()) == [
+        "model.json", "model.safetensors",
+    ]  # fmt: skip
+    assert model["round"] == 2 and sorted(model["privacy"]["epsilon_per_owner"]) == sites
+    stored = model["table"]["statistics"]
+    released = json.loads(merged_statistics([data[site] for site in sites]).to_json())
+    assert stored["rows"] == released["rows"] and stored["categories"] == released["categories"]
+    assert sorted(stored["numeric"]) == sorted(released["numeric"])
+    for column, sums in released["numeric"].items():  # merged in any order: last bits differ
+        assert stored["numeric"][column] == pytest.approx(sums, rel=1e-12)
+    scored = fedmodel("predict", root / "run", "--data", data["hospital-a"], "--label", "death")
+    assert scored.returncode == 0 and len(scored.stdout.splitlines()) == 1 + ROWS_PER_SITE
     print(f"3-round deployment run (revocation, node and coordinator crash): {elapsed:.0f} s")
 
     expected = {
@@ -275,6 +293,14 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
     )
     assert any(event.get("fingerprint") == strangers["unenrolled"].fingerprint for event in audit)
     assert "BEGIN" not in (server / "audit.jsonl").read_text()  # no key material
+
+
+def merged_statistics(files: list[Path]) -> FeatureStatistics:
+    """What the query round merges: each node's statistics of its whole file."""
+    merged = table_statistics(files[0], "death")
+    for path in files[1:]:
+        merged = merged.merge(table_statistics(path, "death"))
+    return merged
 
 
 def test_client_start_checks_data_and_bundle_before_connecting(tmp_path: Path) -> None:

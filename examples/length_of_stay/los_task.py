@@ -14,6 +14,9 @@ What the user wrote, and why:
   a model that predicts the mean, so R2 reads directly as variance explained. In a
   deployment the mean and spread would be federated statistics, not read off the table.
 - **One squared error per patient** (not their mean): DP-SGD clips each patient's gradient.
+- **A table a trained model can score.** `table` names the four columns the model reads as
+  they are, so `fedmodel predict RUN --data patients.csv` scores a file of patients (its
+  prediction is in standardised log days, like the target).
 
 Run: PYTHONPATH=examples/length_of_stay fedmodel simulate task los_task:task
 """
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedmodel import Site, Task
+from fedmodel import Site, TableSchema, Task
 from fedmodel.errors import DataError
 
 FEATURES = ("procedure", "sex", "age75", "admit")
@@ -87,4 +90,5 @@ task = Task(
     test_data=test_patients,
     metrics="regression",
     version="1",
+    table=TableSchema("los", classes=(), raw_columns=FEATURES),
 )

@@ -39,6 +39,7 @@ SHARED_KEYS = (
     "byzantine",
     "max_update_norm",
     "stop_after_round",
+    "save_round_models",
 )
 
 CLI_DEFAULTS: dict[str, Any] = {"min_clients": 2}

@@ -39,7 +39,6 @@ if TYPE_CHECKING:  # importing tasks loads torch: the CLI imports them when it r
     from fedmodel.task import Task
 
 DEFAULTS = RunConfig()
-MAX_PRINTED_CLIENTS = 20
 console = Console(highlight=False, emoji=False)
 
 simulate_app = typer.Typer(
@@ -374,11 +373,15 @@ def _print_summary(summary: RunSummary, run_dir: Path, report: Path) -> None:
         f"after {_count(summary.rounds, 'round')}",
         soft_wrap=True,
     )
-    if len(summary.clients) <= MAX_PRINTED_CLIENTS:
-        table = Table(title="Privacy spent per client", title_justify="left")
+    rows = privacy_rows(summary)
+    if rows:
+        listed = "" if len(rows) == len(summary.clients) else (
+            f" ({len(rows)} of {len(summary.clients)} that bound the spread; all in clients.csv)"
+        )  # fmt: skip
+        table = Table(title="Privacy spent per client" + listed, title_justify="left")
         for column in PRIVACY_COLUMNS:
             table.add_column(column, justify="left" if column == "client" else "right")
-        for row in privacy_rows(summary):
+        for row in rows:
             table.add_row(*row)
         console.print(table)
     if summary.baselines:

@@ -154,6 +154,11 @@ class RunKeys:
     stop_after_round: int = key(
         0, _OUTPUT, "End the run cleanly after this round; continue it with --resume (0: off)."
     )
+    save_round_models: bool = key(
+        False,
+        _OUTPUT,
+        "Also write each round's model file (models/round-NNNN/), not only the final one.",
+    )
     secagg: bool = key(
         False, _SECAGG, "Secure aggregation: the server sees only the sum of updates."
     )

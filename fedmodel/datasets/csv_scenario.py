@@ -29,7 +29,7 @@ def load_csv_split(path: str, label: str, partition_by: str | None, task: Task =
     if not path or not label:
         raise ConfigError("simulate csv needs --data FILE and --label COLUMN")
     try:
-        features, labels = read_table(Path(path), label, task)
+        features, labels, classes = read_table(Path(path), label, task)
     except DataError as error:
         raise ConfigError(str(error)) from None
     _require_a_varying_label(labels, label, path, task)
@@ -38,7 +38,12 @@ def load_csv_split(path: str, label: str, partition_by: str | None, task: Task =
         _check_partition_column(features, partition_by, label, path)
     try:
         split = split_table(
-            features, labels, site_column=partition_by, regression=task == "regression"
+            features,
+            labels,
+            label,
+            classes,
+            site_column=partition_by,
+            regression=task == "regression",
         )
     except DataError as error:
         raise ConfigError(str(error)) from None

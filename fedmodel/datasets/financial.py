@@ -20,7 +20,7 @@ def load_lending_club() -> Split:
     """
     frame = rdataset("modeldata", "lending_club").drop(columns=["rownames"])
     labels = (frame.pop("Class") == "bad").to_numpy(dtype=np.float32)
-    return split_table(frame, labels, site_column=LENDING_SITE)
+    return split_table(frame, labels, "Class", ("good", "bad"), site_column=LENDING_SITE)
 
 
 def load_credit_default() -> Split:
@@ -31,4 +31,4 @@ def load_credit_default() -> Split:
     """
     frame = rdataset("causaldata", "credit_cards").drop(columns=["rownames"])
     labels = frame.pop("LateSept").to_numpy(dtype=np.float32)
-    return split_table(frame, labels)
+    return split_table(frame, labels, "LateSept")

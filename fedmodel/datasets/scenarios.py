@@ -29,18 +29,14 @@ from fedmodel.config.keys import Task
 from fedmodel.data import TabularData, partition_indices
 from fedmodel.datasets.digits import load_mnist_5k
 from fedmodel.datasets.financial import load_credit_default, load_lending_club
-from fedmodel.datasets.medical import load_breast_cancer, load_covid_clinics, load_flchain
+from fedmodel.datasets.medical import load_breast_cancer, load_covid_clinics, load_flchain_split
 from fedmodel.datasets.synthetic import EhrGenerator, FraudGenerator, SiteGenerator
 from fedmodel.datasets.tables import Split
 from fedmodel.errors import ConfigError, DataError
 from fedmodel.lazy_sequence import LazySequence
+from fedmodel.table_schema import TableSchema
 
 MIN_DP_ROWS = 20
-
-
-def _flchain_split() -> Split:
-    train, test = load_flchain()
-    return Split(train, test)
 
 
 TableLoader = Callable[[], Split]
@@ -48,7 +44,7 @@ GeneratorFactory = Callable[[int], SiteGenerator]
 
 TABLES: dict[str, dict[str, TableLoader]] = {
     "medical": {
-        "flchain": _flchain_split,
+        "flchain": load_flchain_split,
         "covid-clinics": load_covid_clinics,
         "breast-cancer": load_breast_cancer,
     },
@@ -79,6 +75,7 @@ class Federation:
     too_small: tuple[str, ...] = ()  # sites with fewer than MIN_DP_ROWS training rows
     site_names: tuple[str, ...] = ()
     achievable_auroc: float | None = None  # known only for generated data
+    schema: TableSchema | None = None  # how a raw row becomes a model input
 
 
 def federation(config: RunConfig) -> Federation:
@@ -134,6 +131,7 @@ def _federation(
             LazySequence(clients, generator.train_site),  # milliseconds per site: built on use
             generator.test_set(clients),
             achievable_auroc=getattr(generator, "achievable_auroc", None),
+            schema=TableSchema("label", raw_columns=generator.feature_names),
         )
     split = _load_table(scenario, dataset)
     return _table_federation(split, clients, scheme, alpha, seed)
@@ -166,7 +164,9 @@ def _table_federation(
 ) -> Federation:
     if split.train_sites is None:
         indices = partition_indices(split.train.labels, clients, scheme, alpha, seed)
-        return Federation(tuple(split.train.subset(rows) for rows in indices), split.test)
+        return Federation(
+            tuple(split.train.subset(rows) for rows in indices), split.test, schema=split.schema
+        )
     by_site = natural_partitions(split.train_sites)
     kept = {name: rows for name, rows in by_site.items() if len(rows) >= MIN_DP_ROWS}
     if not kept:
@@ -180,6 +180,7 @@ def _table_federation(
         natural_sites=len(split.site_names),
         too_small=tuple(name for name in split.site_names if name not in kept),
         site_names=tuple(kept),
+        schema=split.schema,
     )
 
 

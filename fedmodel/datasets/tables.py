@@ -18,6 +18,7 @@ import pandas as pd
 from fedmodel.data import TabularData
 from fedmodel.errors import DataError
 from fedmodel.local_tables import describe_table, encode_table
+from fedmodel.table_schema import BINARY_CLASSES, TableSchema
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # fixed: the global test set must not move with --seed
@@ -25,10 +26,12 @@ SPLIT_SEED = 0  # fixed: the global test set must not move with --seed
 
 @dataclass(frozen=True)
 class Split:
-    """A scenario's training rows, its global test set and, if any, each training row's site."""
+    """A scenario's training rows, its global test set and, if any, each training row's site;
+    `schema` is how a raw row of the table becomes a model input (what a model file keeps)."""
 
     train: TabularData
     test: TabularData
+    schema: TableSchema
     train_sites: np.ndarray | None = None
     site_names: tuple[str, ...] = ()  # every site in the table, test-only ones included
 
@@ -69,12 +72,15 @@ def random_rows(
 def split_table(
     features: pd.DataFrame,
     labels: np.ndarray,
+    label: str,
+    classes: tuple[str, ...] = BINARY_CLASSES,
     site_column: str | None = None,
     test_fraction: float = TEST_FRACTION,
     regression: bool = False,
 ) -> Split:
-    """Shuffled train/test split of `features` (label already removed), stratified by
-    class; at random for a `regression`, whose parts have `num_classes` 1 (one output)."""
+    """Shuffled train/test split of `features` (the `label` column already removed, its
+    `classes` in the order of their indices), stratified by class; at random for a
+    `regression`, whose parts have `num_classes` 1 (one output)."""
     train_order, test_order = (
         random_rows(len(labels), test_fraction)
         if regression
@@ -92,6 +98,7 @@ def split_table(
     return Split(
         encode_table(train_frame, labels[train_order].astype(np.float32), statistics, num_classes),
         encode_table(test_frame, labels[test_order].astype(np.float32), statistics, num_classes),
+        TableSchema(label, () if regression else classes, statistics),
         sites,
         site_names,
     )

@@ -31,5 +31,6 @@ def tabular_task(config: RunConfig) -> Task:
         test_data=lambda seed: found.test.dataset(),
         num_sites=len(found.clients) if config.sites_from_data else None,
         site_names=found.site_names,
+        table=found.schema,
         notes=notes,
     )

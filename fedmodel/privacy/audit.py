@@ -27,7 +27,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedmodel.errors import FedModelError
 from fedmodel.privacy.accountant import Segment
@@ -43,6 +43,9 @@ from fedmodel.privacy.ledger_chain import (
     verify_chain,
 )
 from fedmodel.run_directory import LEDGERS_DIR, SUMMARY_FILE, RunSummary
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Absolute slack on epsilon: Opacus's PRV accountant's documented eps_error (0.01); our
 # notes measured the tight accountants (PRV, PLD) within that of each other.
@@ -293,41 +296,43 @@ def check_against_summary(report: AuditReport, summary: RunSummary) -> list[str]
 
 
 def write_plots(report: AuditReport, plot_dir: Path) -> list[str]:
-    """One PNG per owner: epsilon after every round (RDP, and PLD at run ends) and budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One PNG per owner with a timeline (`owner_figure`); returns their paths."""
+    from fedmodel.plotting import save  # matplotlib: only when plots are asked for
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for ledger in report.ledgers:
         for owner in ledger.owners:
-            if not owner.timeline:
-                continue
-            figure, axis = plt.subplots(figsize=(6, 4))
-            xs = list(range(1, len(owner.timeline) + 1))
-            axis.plot(xs, [p["epsilon"] for p in owner.timeline], marker=".", label="RDP")
-            pld = [(x, p["pld_epsilon"]) for x, p in zip(xs, owner.timeline, strict=True)]
-            pld = [(x, y) for x, y in pld if y is not None]
-            axis.plot([x for x, _ in pld], [y for _, y in pld], "s", label="PLD (run end)")
-            for x, (a, b) in enumerate(
-                zip(owner.timeline, owner.timeline[1:], strict=False), start=1
-            ):
-                if a["run_id"] != b["run_id"]:
-                    axis.axvline(x + 0.5, color="grey", linestyle=":")
-            if owner.budget_epsilon is not None:
-                axis.axhline(owner.budget_epsilon, color="red", linestyle="--", label="budget")
-            axis.set(
-                xlabel="round (all runs on this data; dotted: a new run)",
-                ylabel=f"epsilon at delta {owner.delta:g}",
-                title=f"Privacy spent: {owner.owner}",
-            )
-            axis.grid(alpha=0.3)
-            axis.legend(fontsize="small")
-            figure.tight_layout()
-            path = plot_dir / f"epsilon-{owner.owner.replace('/', '-')}.png"
-            figure.savefig(path, dpi=100)
-            plt.close(figure)
-            written.append(str(path))
+            if owner.timeline:
+                path = plot_dir / f"epsilon-{owner.owner.replace('/', '-')}.png"
+                save(owner_figure(owner), path)
+                written.append(str(path))
     return written
+
+
+def owner_figure(owner: OwnerAudit) -> Figure:
+    """An owner's epsilon after every round it trained (RDP, and PLD at run ends) and its
+    budget, over whole rounds counted across runs (a dotted line where a run starts)."""
+    from fedmodel.plotting import new_figure, round_axis
+
+    figure, axis = new_figure()
+    xs = list(range(1, len(owner.timeline) + 1))
+    axis.plot(xs, [p["epsilon"] for p in owner.timeline], marker=".", label="RDP")
+    pld = [(x, p["pld_epsilon"]) for x, p in zip(xs, owner.timeline, strict=True)]
+    pld = [(x, y) for x, y in pld if y is not None]
+    axis.plot([x for x, _ in pld], [y for _, y in pld], "s", label="PLD (run end)")
+    for x, (a, b) in enumerate(zip(owner.timeline, owner.timeline[1:], strict=False), start=1):
+        if a["run_id"] != b["run_id"]:
+            axis.axvline(x + 0.5, color="grey", linestyle=":")
+    if owner.budget_epsilon is not None:
+        axis.axhline(owner.budget_epsilon, color="red", linestyle="--", label="budget")
+    round_axis(axis, len(xs))
+    axis.set(
+        xlabel="round (all runs on this data; dotted: a new run)",
+        ylabel=f"epsilon at delta {owner.delta:g}",
+        title=f"Privacy spent: {owner.owner}",
+    )
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
