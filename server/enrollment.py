@@ -146,7 +146,10 @@ def list_nodes(federation: Federation) -> list[dict[str, Any]]:
     for entry in registry:
         node = live.get(entry["node_id"], {})
         status = "revoked" if entry["status"] == "revoked" else node.get("status", "unknown")
-        rows.append({**entry, "status": status, "online_at": node.get("online-at")})
+        rows.append(
+            {**entry, "status": status, "online_at": node.get("online-at"),
+             "offline_at": node.get("offline-at")}
+        )  # fmt: skip
     known = {entry["node_id"] for entry in registry}
     for node_id, node in live.items():
         if node_id not in known:

@@ -2,8 +2,9 @@
 
 pyproject.toml's [tool.importlinter] contracts encode the layers: the core `fedmodel`
 knows no role; `server` and `client` are independent and import neither the harness
-nor the CLI; only `fedmodel.cli` imports `simulations`. A contract that never fails
-guards nothing, so a temporary copy of the tree gets an upward import and must fail.
+nor the CLI; only the faces, `fedmodel.cli` and `fedmodel.console` (which only the CLI
+imports), import `simulations`. A contract that never fails guards nothing, so a
+temporary copy of the tree gets an upward import and must fail.
 """
 
 from __future__ import annotations
@@ -41,14 +42,23 @@ def test_the_tree_keeps_every_layer_contract() -> None:
 @pytest.mark.parametrize(
     ("module", "upward_import", "broken_contract"),
     [
-        ("fedmodel/models.py", "import simulations.runner", "Only the CLI imports the harness"),
+        (
+            "fedmodel/models.py",
+            "import simulations.runner",
+            "Only the CLI and the console import the harness",
+        ),
         (
             "fedmodel/config/run_config.py",
             "import server.strategy",
-            "Only the harness and the CLI import a role",
+            "Only the harness and the faces import a role",
         ),
         ("server/strategy.py", "import client.policy", "server and client are independent"),
         ("client/policy.py", "import fedmodel.cli.main", "Nothing imports the CLI"),
+        (
+            "fedmodel/privacy/audit.py",
+            "import fedmodel.console.app",
+            "Only the CLI imports the console",
+        ),
     ],
 )
 def test_an_upward_import_breaks_the_contract_that_forbids_it(

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from fedmodel.cli.audit import audit_app
 from fedmodel.cli.client import client_app
+from fedmodel.cli.console import console_command
 from fedmodel.cli.model import export_command, predict_command
 from fedmodel.cli.run import run_command
 from fedmodel.cli.server import server_app
@@ -32,6 +33,7 @@ app.command("run")(run_command)  # issue 4: train on enrolled nodes
 app.add_typer(audit_app, name="audit")
 app.command("predict")(predict_command)  # issue 16: use the trained model
 app.command("export")(export_command)
+app.command("console")(console_command)  # issue 19: the operator's and auditor's console
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """A deployed run never hangs: too few nodes end it cleanly, and stopping `fedmodel run`
-stops the run on the SuperLink too. The shared TLS federation of tests/conftest.py on
-127.0.0.1 (three nodes); site-z follows no plan here, so it is an honest node."""
+stops the run on the SuperLink too; and the operator's console shows that federation.
+The shared TLS federation of tests/conftest.py on 127.0.0.1 (three nodes); site-z
+follows no plan here, so it is an honest node."""
 
 from __future__ import annotations
 
@@ -8,14 +9,21 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+from selenium.webdriver.common.by import By
 
 from fedmodel.runtime.processes import executable
+from server.enrollment import verify_audit
 from server.superlink import CONNECTION, Federation, server_environment
+from tests.browser import save_screenshot
+from tests.console import serving, table_rows
 from tests.federation import (
     background,
     federation_workspace,
@@ -114,3 +122,37 @@ def test_a_revocation_below_min_clients_ends_the_run_cleanly(
     ), stop
     assert len(summary["per_round"]) < 20
     print(f"run ended {time.monotonic() - started:.0f} s after the revocation: {stop}")
+
+
+def test_the_console_shows_the_federation_over_tls_with_its_certificate(
+    shared_federation: SharedFederation, browser: object
+) -> None:
+    """Served beyond the default (--bind, with a token), a federation's console speaks
+    only TLS, with the certificate nodes already trust through the federation's CA; by
+    default, on 127.0.0.1 alone, plain HTTP (shown in the browser)."""
+    server, token = shared_federation.server, "federation-console-token"
+    trusted = ssl.create_default_context(cafile=str(server / "ca.crt"))
+    with serving(server, "--bind", "127.0.0.1", "--token", token) as url:
+        assert url.startswith("https://127.0.0.1:")
+        with urllib.request.urlopen(f"{url}federation?token={token}", context=trusted) as reply:
+            page = reply.read().decode()
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # no plain HTTP
+            urllib.request.urlopen(f"{url.replace('https', 'http', 1)}federation?token={token}")
+    registry = json.loads((server / "nodes.json").read_text())
+    nodes = {row[0]: row for row in table_rows(page, "nodes")}
+    for site in (*HONEST_SITES, HOSTILE_SITE):
+        name, node_id, status, last_seen, fingerprint = nodes[site][:5]
+        assert (node_id, fingerprint) == (registry[site]["node_id"], registry[site]["fingerprint"])
+        assert status == "online" and last_seen.startswith("now (online since")
+    events, head = verify_audit(Federation.load(server))
+    assert f"Verified: {len(events)} events; chain, MACs and recorded head intact." in page
+    assert head in page
+    shown = [row[1] for row in table_rows(page, "events")]
+    assert shown == [event["event"] for event in reversed(events)]
+    assert shown.count("enrolled") >= len(HONEST_SITES) + 1
+    with serving(server) as url:
+        assert url.startswith("http://127.0.0.1:")
+        browser.get(f"{url}federation")  # type: ignore[attr-defined]
+        statuses = browser.find_elements(By.CSS_SELECTOR, "#nodes tr.node-online")  # type: ignore[attr-defined]
+        assert len(statuses) >= len(HONEST_SITES) + 1
+        save_screenshot(browser, "console-federation")

@@ -1,0 +1,121 @@
+"""The privacy page's data: per owner budget, spent and remaining, as `fedmodel audit` finds them.
+
+It calls the audit itself (fedmodel.privacy.audit.audit, what `fedmodel audit PATH
+--json` prints): hash chains verified, every epsilon recomputed afresh with Opacus's RDP
+and dp-accounting's PLD, nothing read from the training path's cache. The federation
+ledger (client-level DP, central-dp.sqlite) is one of the ledgers it audits. Empirical
+canary audits are shown when a run directory holds the JSON `fedmodel audit empirical
+--json` prints, saved as empirical-audit*.json.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedmodel.errors import FedModelError
+from fedmodel.privacy.audit import AuditReport, OwnerAudit, audit
+from fedmodel.privacy.central import FEDERATION_LEDGER
+
+EMPIRICAL_AUDITS = "empirical-audit*.json"
+_EMPIRICAL_KEYS = (
+    "epsilon_lower_bound",
+    "accountant_epsilon",
+    "claimed_epsilon",
+    "canaries",
+    "guesses",
+    "correct",
+    "delta",
+    "accounting_bug",
+)
+
+
+@dataclass(frozen=True)
+class OwnerRow:
+    """One data owner at a glance; `problems` are the audit's failures, highlighted."""
+
+    owner: str
+    federation_ledger: bool  # the server's client-level DP ledger, not a data owner's
+    budget: float | None
+    spent: float
+    pld: float
+    remaining: float | None
+    delta: float
+    rounds: int
+    runs: int
+    problems: list[str]
+
+    @property
+    def used_share(self) -> float | None:
+        """Spent over budget, 0 to 1 (for the bar); None without a budget."""
+        if not self.budget:
+            return None
+        return min(self.spent / self.budget, 1.0)
+
+
+@dataclass(frozen=True)
+class PrivacyView:
+    """What `fedmodel audit` says of one run directory, or why it could say nothing."""
+
+    owners: list[OwnerRow]
+    ok: bool | None  # None: nothing to audit
+    problems: list[str]  # every failure, as the CLI prints them
+    entries: int
+    signed: int
+    unavailable: str | None  # why there is no audit (no ledgers), else None
+    empirical: list[dict[str, Any]]
+
+    @classmethod
+    def of_run(cls, run_dir: Path) -> PrivacyView:
+        empirical = empirical_audits(run_dir)
+        try:
+            report = audit(run_dir)
+        except FedModelError as error:
+            return cls([], None, [], 0, 0, str(error), empirical)
+        return cls.of_report(report, empirical)
+
+    @classmethod
+    def of_report(cls, report: AuditReport, empirical: list[dict[str, Any]]) -> PrivacyView:
+        owners = [_row(owner) for ledger in report.ledgers for owner in ledger.owners]
+        return cls(
+            owners,
+            report.ok,
+            report.all_problems(),
+            sum(ledger.entries for ledger in report.ledgers),
+            sum(ledger.signed for ledger in report.ledgers),
+            None,
+            empirical,
+        )
+
+
+def _row(owner: OwnerAudit) -> OwnerRow:
+    return OwnerRow(
+        owner=owner.owner,
+        federation_ledger=Path(owner.ledger).name == FEDERATION_LEDGER,
+        budget=owner.budget_epsilon,
+        spent=owner.spent_epsilon,
+        pld=owner.pld_epsilon,
+        remaining=owner.remaining,
+        delta=owner.delta,
+        rounds=owner.rounds,
+        runs=owner.runs,
+        problems=owner.problems,
+    )
+
+
+def empirical_audits(run_dir: Path) -> list[dict[str, Any]]:
+    """The canary audits saved in `run_dir` (name, and the numbers that judge them)."""
+    found: list[dict[str, Any]] = []
+    for path in sorted(run_dir.glob(EMPIRICAL_AUDITS)):
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            found.append({"file": path.name, "error": f"unreadable ({error})"})
+            continue
+        if not isinstance(raw, dict) or "epsilon_lower_bound" not in raw:
+            found.append({"file": path.name, "error": "not `fedmodel audit empirical --json`"})
+            continue
+        found.append({"file": path.name, **{key: raw.get(key) for key in _EMPIRICAL_KEYS}})
+    return found

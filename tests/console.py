@@ -1,0 +1,76 @@
+"""`fedmodel console` started for a test: the URL it announces, and a clean stop after."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import IO
+
+FEDMODEL = [sys.executable, "-m", "fedmodel.cli"]
+
+
+@contextmanager
+def serving(path: Path, *options: str) -> Iterator[str]:
+    """`fedmodel console PATH --port 0 OPTIONS` running; yields the URL it announces."""
+    process = subprocess.Popen(
+        [*FEDMODEL, "console", str(path), "--port", "0", *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        announced = process.stdout.readline()  # printed once the socket listens
+        match = re.search(r"https?://\S+?/", announced)
+        assert match, announced + process.stdout.read()
+        # keep reading what it logs (to the test's output), so a full pipe never blocks it
+        threading.Thread(target=_echo, args=(process.stdout,), daemon=True).start()
+        yield match.group(0)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _echo(stream: IO[str]) -> None:
+    for line in stream:
+        sys.stderr.write(f"console: {line}")
+
+
+class _TableReader(HTMLParser):
+    """The text of each body cell of the table with one id, row by row."""
+
+    def __init__(self, table_id: str) -> None:
+        super().__init__()
+        self.table_id, self.inside, self.in_body = table_id, False, False
+        self.rows: list[list[str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table" and ("id", self.table_id) in attrs:
+            self.inside = True
+        elif self.inside and tag == "tbody":
+            self.in_body = True
+        elif self.in_body and tag == "tr":
+            self.rows.append([])
+        elif self.in_body and tag == "td":
+            self.rows[-1].append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self.inside = self.in_body = False
+
+    def handle_data(self, data: str) -> None:
+        if self.in_body and self.rows and self.rows[-1]:
+            self.rows[-1][-1] += data.strip()
+
+
+def table_rows(page: str, table_id: str) -> list[list[str]]:
+    """The body rows of table `table_id` in `page`, as lists of cell texts."""
+    reader = _TableReader(table_id)
+    reader.feed(page)
+    return reader.rows
