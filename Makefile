@@ -21,13 +21,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/fedmodel simulate medical
 
-# One pytest worker per core (pytest-xdist); a file's tests stay on one worker, so a
+# One pytest worker per core (pytest-xdist); tests/conftest.py schedules the tests by file
+# (the shared_federation package is one group) and queues the slow files first, so a
 # module's fixtures (and its federation) start once.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -ra -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -ra -n auto --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP) browser
-	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile --no-loadscope-reorder
 
 # Installs only when missing; retries after refreshing the package lists.
 browser:

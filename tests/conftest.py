@@ -114,3 +114,33 @@ def browser() -> Iterator[object]:
 
     with chromium() as driver:
         yield driver
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Queue the files by their number of end-to-end (slow) tests, most first (run with
+    `--no-loadscope-reorder`): the longest work starts early instead of leaving one
+    worker busy at the end.
+    """
+    slow_count: dict[Path, int] = {}
+    for item in items:
+        slow = item.get_closest_marker("slow") is not None
+        slow_count[item.path] = slow_count.get(item.path, 0) + slow
+    items.sort(key=lambda item: -slow_count[item.path])
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile`, except that the shared_federation package is one unit, so its
+    federation starts once, on one worker. (xdist's `loadgroup` marks do not group
+    under pytest 9.2, which no longer reads the node ids xdist rewrites.)
+    """
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            shared = path.startswith("tests/shared_federation/")
+            return "tests/shared_federation" if shared else path
+
+    return FileScheduling(config, log)
