@@ -135,7 +135,8 @@ def model_metadata(
         task_version=task.version,
         task_reference=reference,
         outputs=task.metrics if isinstance(task.metrics, str) else "custom",
-        run_config=dict(config.to_run_config()),
+        # paths as the run directory stores them: the file names no path of this machine
+        run_config=dict(config.relative_to(Path(config.output_dir)).to_run_config()),
         table=task.table,
         privacy=privacy_spent(summary, server_round),
         run_id=config.run_uid or Path(config.output_dir).name,

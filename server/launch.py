@@ -1,7 +1,7 @@
 """`fedmodel run`: submit the FedModel app to a running federation and follow it.
 
 The Flower App handed to `flwr run` is the same generated pyproject that simulation
-uses (fedmodel.runtime.flower_app.write_flower_app), with scenario "deployment": the ServerApp
+uses (fedmodel.runtime.flower_app.staged_flower_app), with scenario "deployment": the ServerApp
 then asks the nodes to describe their data, trains on them and evaluates on them.
 The run directory is written by the ServerApp, on this (the SuperLink's) host.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedmodel.config import RunConfig
 from fedmodel.run_directory import CONFIG_FILE, ENGINE_DIR, RunSummary, write_json_atomic
-from fedmodel.runtime.flower_app import write_flower_app
+from fedmodel.runtime.flower_app import staged_flower_app
 from fedmodel.runtime.flwr_run import ProgressCallback, flwr_run_command, stream_run_output
 from fedmodel.runtime.processes import executable, plain_lines
 from server.superlink import CONNECTION, Federation, ServerError, is_healthy, server_environment
@@ -35,17 +35,16 @@ def launch_run(
             f"'fedmodel server start --dir {federation.directory}'"
         )
     engine_dir = run_dir / ENGINE_DIR
-    app_dir = engine_dir / "app"
-    app_dir.mkdir(parents=True, exist_ok=True)
+    engine_dir.mkdir(parents=True, exist_ok=True)
     config = config.replace(output_dir=str(run_dir.absolute()))
     if not config.resume:  # what `fedmodel run --resume` starts again from
         write_json_atomic(run_dir / CONFIG_FILE, config.relative_to(run_dir).to_run_config())
-    write_flower_app(app_dir, config, name="deployment")
-    command = flwr_run_command(app_dir, CONNECTION)
     try:
-        code = stream_run_output(
-            command, engine_dir, server_environment(federation), on_progress, on_log_line
-        )
+        with staged_flower_app(config, name="deployment") as app_dir:
+            code = stream_run_output(
+                flwr_run_command(app_dir, CONNECTION),
+                engine_dir, server_environment(federation), on_progress, on_log_line,
+            )  # fmt: skip
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the ServerApp would go on unfollowed
         stop_submitted_run(federation, engine_dir / "flwr-run.log")
         raise

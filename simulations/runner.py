@@ -18,7 +18,7 @@ from pathlib import Path
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError, SimulationError
 from fedmodel.run_directory import ENGINE_DIR, RunSummary
-from fedmodel.runtime.flower_app import write_flower_app
+from fedmodel.runtime.flower_app import staged_flower_app
 from fedmodel.runtime.flwr_run import ProgressCallback, flwr_run_command, stream_run_output
 from fedmodel.runtime.processes import (
     RUN_TOKEN_VARIABLE,
@@ -203,11 +203,10 @@ def _run_on_ray(
     on_log_line: Callable[[str], None] | None,
 ) -> None:
     """`flwr run` of a generated App on a simulation SuperLink of ours."""
-    app_dir = engine_dir / "app"
-    app_dir.mkdir(exist_ok=True)
-    write_flower_app(app_dir, config, server_app=SIMULATION_SERVER_APP,
-                     client_app=client_app_reference(config))  # fmt: skip
-    with local_superlink(engine_dir, environment) as port:
+    app = staged_flower_app(
+        config, server_app=SIMULATION_SERVER_APP, client_app=client_app_reference(config)
+    )
+    with app as app_dir, local_superlink(engine_dir, environment) as port:
         environment["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
         command = flwr_run_command(
             app_dir, "local", "--federation-config", federation_config(config)

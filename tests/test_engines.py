@@ -35,6 +35,10 @@ def test_local_engine_reproduces_the_ray_engine_on_a_seeded_dp_run(tmp_path: Pat
         (tmp_path / engine).mkdir()
         _, run_dir = simulate(tmp_path / engine, *args, "--no-baselines", "--engine", engine)
         summaries[engine] = json.loads((run_dir / "summary.json").read_text())
+        # A run directory can be moved or shared: only Ray's own logs name local paths.
+        for path in (path for path in run_dir.rglob("*") if path.is_file()):
+            if engine == "local" or "engine" not in path.relative_to(run_dir).parts:
+                assert str(tmp_path).encode() not in path.read_bytes(), f"{path} names a path"
     ray, local = summaries["ray"], summaries["local"]
     assert ray["completed"] and local["completed"] and ray["rounds"] == local["rounds"] == 2
     for ray_round, local_round in zip(ray["per_round"], local["per_round"], strict=True):

@@ -9,6 +9,9 @@ library imports no role.
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedmodel.config import RunConfig
@@ -50,6 +53,19 @@ def write_flower_app(
     ]
     lines += [f"{key} = {_toml_value(value)}" for key, value in config.to_run_config().items()]
     (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n")
+
+
+@contextmanager
+def staged_flower_app(config: RunConfig, **components: str) -> Iterator[Path]:
+    """The App written to a temporary directory for the length of `flwr run`, then removed.
+
+    Its run config must hold absolute paths (the ServerApp runs from another directory),
+    so it stays out of the run directory, which holds only relative ones and can be moved
+    or shared.
+    """
+    with tempfile.TemporaryDirectory(prefix="fedmodel-app-") as app_dir:
+        write_flower_app(Path(app_dir), config, **components)
+        yield Path(app_dir)
 
 
 def _toml_value(value: int | float | bool | str) -> str:
