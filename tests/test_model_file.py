@@ -11,6 +11,7 @@ import json
 import pickle
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,24 +46,31 @@ NEW_PATIENTS = pd.DataFrame(
 )
 
 
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    schema = TableSchema("death", statistics=describe_table(TRAINING.drop(columns=["death"])))
-    config = RunConfig()
-    task = table_task(config, len(schema.feature_names), 2, table=schema)
-    torch.manual_seed(0)
+def save_table_model(
+    path: Path, config: RunConfig, schema: TableSchema, classes: int, privacy: dict[str, Any]
+) -> Path:
+    """A freshly initialised built-in table model saved as a model file, as a run saves it."""
+    task = table_task(config, len(schema.feature_names), classes, table=schema)
     metadata = ModelMetadata(
         task_name=task.name,
         task_version=task.version,
         task_reference=TABULAR_TASK,
-        outputs="binary",
+        outputs=config.task,
         run_config=dict(config.to_run_config()),
         table=schema,
-        privacy={"epsilon_per_owner": {"hospital-a": 0.5}},
+        privacy=privacy,
         run_id="test",
         round=1,
     )
-    return save_model_file(tmp_path / "model", task.model().state_dict(), metadata)
+    return save_model_file(path, task.model().state_dict(), metadata)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    schema = TableSchema("death", statistics=describe_table(TRAINING.drop(columns=["death"])))
+    torch.manual_seed(0)
+    privacy = {"epsilon_per_owner": {"hospital-a": 0.5}}
+    return save_table_model(tmp_path / "model", RunConfig(), schema, 2, privacy)
 
 
 def fedmodel(
@@ -113,20 +121,7 @@ def test_a_multiclass_model_gives_one_probability_per_class_in_the_label_order(
     rows.to_csv(path, index=False)
     split = load_csv_split(str(path), "kind", None, "multiclass")
     assert split.schema.classes == ("cat", "dog", "eel")  # the label's values, sorted
-    config = RunConfig(task="multiclass")
-    task = table_task(config, len(split.schema.feature_names), 3, table=split.schema)
-    metadata = ModelMetadata(
-        task_name=task.name,
-        task_version=task.version,
-        task_reference=TABULAR_TASK,
-        outputs="multiclass",
-        run_config=dict(config.to_run_config()),
-        table=split.schema,
-        privacy={},
-        run_id="test",
-        round=1,
-    )
-    save_model_file(tmp_path / "model", task.model().state_dict(), metadata)
+    save_table_model(tmp_path / "model", RunConfig(task="multiclass"), split.schema, 3, {})
     scores = load_model(tmp_path / "model").predict(rows, source=path)
     assert list(scores.columns) == ["p_cat", "p_dog", "p_eel"]
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-12)

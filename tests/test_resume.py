@@ -7,7 +7,6 @@ Three hospitals (breast-cancer, logistic regression) under DP-SGD, through the r
 from __future__ import annotations
 
 import json
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,8 @@ from opacus.accountants import RDPAccountant
 from fedmodel.privacy.calibration import calibrate_noise_multiplier
 from fedmodel.privacy.ledger import PrivacyLedger
 from tests.conftest import assert_epsilons_recompute, dp_accounting_epsilon
-from tests.test_simulation import BIN, ROOT, simulate
+from tests.test_budget_e2e import audit_json
+from tests.test_simulation import ROOT, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -97,15 +97,7 @@ def test_a_moved_run_directory_names_no_path_of_the_machine_and_still_audits(
     assert json.loads((run_dir / "config.json").read_text())["output-dir"] == "."
     assert set(summary["software"]) == {"fedmodel", "flwr", "opacus", "torch", "code_digest"}
 
-    audited = subprocess.run(
-        [str(BIN / "fedmodel"), "audit", str(run_dir), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert audited.returncode == 0, audited.stdout + audited.stderr
-    report = json.loads(audited.stdout)
+    report = audit_json(run_dir)
     spent = sorted(
         owner["spent_epsilon"] for ledger in report["ledgers"] for owner in ledger["owners"]
     )
