@@ -318,6 +318,13 @@ def test_a_console_with_actions_stops_only_a_started_deployed_run(tmp_path: Path
         assert stop(url, "started")[0] == 401
         bearer = {"Authorization": f"Bearer {TOKEN}"}
         refusals = {name: stop(url, name, **bearer) for name in [*configs, "started", "nothing"]}
+        buttons = {}
+        for name in ("simulated", "started"):
+            with urllib.request.urlopen(
+                urllib.request.Request(url + f"runs/{name}", headers=bearer)
+            ) as page:
+                buttons[name] = 'id="stop"' in page.read().decode()
+    assert buttons == {"simulated": False, "started": True}  # a deployed run's page only
     assert refusals["simulated"] == (
         409, "run 'simulated' is a simulation (medical): stop it with Ctrl-C where it runs"
     )  # fmt: skip
