@@ -23,9 +23,13 @@ def stop_deployed_run(run_dir: Path) -> int:
     ServerError (one line) when the run is not a started, unfinished deployed run.
     """
     config_path = run_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise ServerError(f"{config_path} is missing, so the console cannot tell how it runs")
-    config = RunConfig.from_run_config(json.loads(config_path.read_text())).located_in(run_dir)
+    try:
+        stored = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        raise ServerError(
+            f"{config_path} is missing or not JSON, so the console cannot tell how the run runs"
+        ) from None
+    config = RunConfig.from_run_config(stored).located_in(run_dir)
     if config.scenario != "deployment":
         raise ServerError(
             f"run '{run_dir.name}' is a simulation ({config.scenario}): stop it with Ctrl-C "
