@@ -62,13 +62,19 @@ def launch_run(
 _STARTED_RUN = re.compile(r"Successfully started run (\d+)")
 
 
+def submitted_run_id(run_log: Path) -> int | None:
+    """The SuperLink's id of the run `flwr run` reported starting in `run_log`, if it did."""
+    started = _STARTED_RUN.search(run_log.read_text(errors="replace")) if run_log.exists() else None
+    return None if started is None else int(started.group(1))
+
+
 def stop_submitted_run(federation: Federation, run_log: Path) -> None:
     """Ask the SuperLink to stop the run `flwr run` reported starting, if it got that far."""
-    started = _STARTED_RUN.search(run_log.read_text(errors="replace")) if run_log.exists() else None
-    if started is None:
+    run_id = submitted_run_id(run_log)
+    if run_id is None:
         return
     subprocess.run(
-        [executable("flwr"), "stop", started.group(1), CONNECTION],
+        [executable("flwr"), "stop", str(run_id), CONNECTION],
         cwd=run_log.parent, env=server_environment(federation),
         capture_output=True, timeout=60, check=False,
     )  # fmt: skip

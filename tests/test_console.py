@@ -23,6 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from fedmodel.cli.console import console_command
+from fedmodel.config.run_config import RunConfig
 from fedmodel.errors import ConfigError
 from fedmodel.privacy.audit import audit
 from tests.browser import save_screenshot
@@ -275,3 +276,69 @@ def test_another_address_or_actions_without_a_token_is_a_one_line_error(
     assert result.stderr.count("\n") == 1
     with pytest.raises(ConfigError, match="--allow-actions needs a token"):
         console_command(runs_root, allow_actions=True)
+
+
+def test_a_console_with_actions_stops_only_a_started_deployed_run(tmp_path: Path) -> None:
+    """Each run it cannot stop is refused in one line that says why (the live stop is
+    tests/shared_federation/test_console_actions.py's)."""
+    federation = tmp_path / "fed"
+    made = subprocess.run(
+        [*FEDMODEL, "server", "init", "--dir", str(federation), "--address", "127.0.0.1"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    runs = tmp_path / "runs"
+    configs = {
+        "simulated": RunConfig(),
+        "deployed": RunConfig(
+            scenario="deployment", dataset="local", federation_dir=str(federation)
+        ),
+        "elsewhere": RunConfig(scenario="deployment", dataset="local", federation_dir=str(runs)),
+    }
+    for name, config in configs.items():
+        (runs / name / "engine").mkdir(parents=True)
+        (runs / name / "config.json").write_text(
+            json.dumps(config.relative_to(runs / name).to_run_config())
+        )
+    started = runs / "started"
+    shutil.copytree(runs / "deployed", started)
+    (started / "engine" / "flwr-run.log").write_text("🎊 Successfully started run 4242\n")
+
+    def stop(url: str, name: str, **headers: str) -> tuple[int, str]:
+        request = urllib.request.Request(
+            f"{url}api/runs/{name}/stop", method="POST", headers=headers
+        )
+        try:
+            with urllib.request.urlopen(request) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    with serving(runs, "--allow-actions", "--token", TOKEN) as url:
+        assert stop(url, "started")[0] == 401
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        refusals = {name: stop(url, name, **bearer) for name in [*configs, "started", "nothing"]}
+        buttons = {}
+        for name in ("simulated", "started"):
+            with urllib.request.urlopen(
+                urllib.request.Request(url + f"runs/{name}", headers=bearer)
+            ) as page:
+                buttons[name] = 'id="stop"' in page.read().decode()
+    assert buttons == {"simulated": False, "started": True}  # a deployed run's page only
+    assert refusals["simulated"] == (
+        409, "run 'simulated' is a simulation (medical): stop it with Ctrl-C where it runs"
+    )  # fmt: skip
+    assert refusals["deployed"] == (
+        409, f"{runs / 'deployed' / 'engine' / 'flwr-run.log'} shows no run started on the "
+        "SuperLink (yet); nothing to stop",
+    )  # fmt: skip
+    assert refusals["elsewhere"][0] == 409
+    assert refusals["elsewhere"][1].endswith(
+        f"federation_dir ({runs}) is not a federation directory; stop the run with Ctrl-C on "
+        "its 'fedmodel run'"
+    )
+    assert refusals["started"] == (
+        409, f"no SuperLink is answering for {federation} to stop 'started'; check it with "
+        f"'fedmodel server status --dir {federation}'",
+    )  # fmt: skip
+    assert refusals["nothing"] == (404, f"no run named 'nothing' under {runs}")

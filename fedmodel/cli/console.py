@@ -45,7 +45,9 @@ def console_command(
     allow_actions: Annotated[
         bool,
         typer.Option(
-            "--allow-actions", help="Allow revoking nodes from the console (needs --token)."
+            "--allow-actions",
+            help="Allow revoking nodes and stopping deployed runs from the console "
+            "(needs --token).",
         ),
     ] = False,
 ) -> None:

@@ -2,8 +2,9 @@
 
 Pages are rendered on the server (Jinja2 templates); the run page's live view and
 charts fetch JSON that is read afresh from the run's files on every request. Read-only
-unless built with `allow_actions`; with a `token`, every request must carry it (a
-`?token=` query once, kept in a same-site cookie, or an `Authorization: Bearer` header).
+unless built with `allow_actions` (revoke a node, stop a deployed run); with a `token`,
+every request must carry it (a `?token=` query once, kept in a same-site cookie, or an
+`Authorization: Bearer` header).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from fedmodel.console.runs import (
     UnknownRunError,
     privacy_utility,
 )
+from fedmodel.console.stop import stop_deployed_run
 from fedmodel.errors import FedModelError
 
 HERE = Path(__file__).parent
@@ -37,6 +39,7 @@ LOOPBACK_NAMES = ["127.0.0.1", "localhost"]
 """The Host names a console without a token answers to: it is reached on 127.0.0.1 only."""
 
 templates = Jinja2Templates(directory=HERE / "templates")
+READ_ONLY = "read-only console: start it with --allow-actions"
 
 
 def create_app(path: Path, token: str | None = None, allow_actions: bool = False) -> FastAPI:
@@ -127,10 +130,25 @@ def create_app(path: Path, token: str | None = None, allow_actions: bool = False
             return PlainTextResponse(f"{path} is not a federation directory", 404)
         return page(request, "federation.html", view=FederationView.read(federation))
 
+    @app.post("/api/runs/{name}/stop")
+    def stop_run(name: str) -> Response:
+        """Ask the SuperLink to stop deployed run `name` (refused, one line, otherwise)."""
+        if not allow_actions:
+            return PlainTextResponse(READ_ONLY, 403)
+        directory = runs.directory(name)
+        try:
+            run_id = stop_deployed_run(directory)
+        except FedModelError as error:
+            return PlainTextResponse(str(error), 409)
+        return JSONResponse(
+            {"run": name, "superlink_run_id": run_id,
+             "message": f"asked the SuperLink to stop run {run_id}; the page shows when it ends"}
+        )  # fmt: skip
+
     @app.post("/federation/nodes/{name}/revoke", response_class=HTMLResponse)
     async def revoke_page(request: Request, name: str) -> Response:
         if not allow_actions:
-            return PlainTextResponse("read-only console: start it with --allow-actions", 403)
+            return PlainTextResponse(READ_ONLY, 403)
         if federation is None:
             return PlainTextResponse(f"{path} is not a federation directory", 404)
         form = parse_qs((await request.body()).decode(errors="replace"))
