@@ -280,14 +280,15 @@ def test_another_address_or_actions_without_a_token_is_a_one_line_error(
 
 def test_a_console_with_actions_stops_only_a_started_deployed_run(tmp_path: Path) -> None:
     """Each run it cannot stop is refused in one line that says why (the live stop is
-    tests/shared_federation/test_console_actions.py's)."""
+    tests/shared_federation/test_console_actions.py's). The console is opened on the
+    federation directory: its runs/ are listed there."""
     federation = tmp_path / "fed"
     made = subprocess.run(
         [*FEDMODEL, "server", "init", "--dir", str(federation), "--address", "127.0.0.1"],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
-    runs = tmp_path / "runs"
+    runs = federation / "runs"  # where `fedmodel run` writes; listed by a console on FED/
     configs = {
         "simulated": RunConfig(),
         "deployed": RunConfig(
@@ -314,7 +315,7 @@ def test_a_console_with_actions_stops_only_a_started_deployed_run(tmp_path: Path
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode()
 
-    with serving(runs, "--allow-actions", "--token", TOKEN) as url:
+    with serving(federation, "--allow-actions", "--token", TOKEN) as url:
         assert stop(url, "started")[0] == 401
         bearer = {"Authorization": f"Bearer {TOKEN}"}
         refusals = {name: stop(url, name, **bearer) for name in [*configs, "started", "nothing"]}
@@ -341,4 +342,4 @@ def test_a_console_with_actions_stops_only_a_started_deployed_run(tmp_path: Path
         409, f"no SuperLink is answering for {federation} to stop 'started'; check it with "
         f"'fedmodel server status --dir {federation}'",
     )  # fmt: skip
-    assert refusals["nothing"] == (404, f"no run named 'nothing' under {runs}")
+    assert refusals["nothing"] == (404, f"no run named 'nothing' under {federation}")

@@ -43,23 +43,29 @@ def is_run_directory(path: Path) -> bool:
 @dataclass(frozen=True)
 class RunsRoot:
     """The runs under the console's PATH: PATH itself when it is a run directory, else
-    its subdirectories that are (one level down; a federation directory's runs too)."""
+    its subdirectories that are (one level down), and a federation directory's runs/."""
 
     path: Path
 
+    def _directories(self) -> dict[str, Path]:
+        """Run name -> directory, in the order the runs were started, newest last."""
+        if is_run_directory(self.path):
+            return {self.path.name: self.path}
+        parents = [self.path, self.path / "runs"]  # `fedmodel run` writes under FED/runs/
+        runs = [child for parent in parents if parent.is_dir() for child in parent.iterdir()]
+        runs = [child for child in runs if child.is_dir() and is_run_directory(child)]
+        return {run.name: run for run in sorted(runs, key=_started_at)}
+
     def names(self) -> list[str]:
         """Run names (directory names) in the order they were started, newest last."""
-        if is_run_directory(self.path):
-            return [self.path.name]
-        runs = [child for child in self.path.iterdir() if child.is_dir()]
-        runs = [child for child in runs if is_run_directory(child)]
-        return [run.name for run in sorted(runs, key=_started_at)]
+        return list(self._directories())
 
     def directory(self, name: str) -> Path:
         """The directory of run `name`; only names `names()` lists are accepted."""
-        if name not in self.names():
+        directories = self._directories()
+        if name not in directories:
             raise UnknownRunError(f"no run named '{name}' under {self.path}")
-        return self.path if is_run_directory(self.path) else self.path / name
+        return directories[name]
 
     def run(self, name: str) -> RunView:
         return RunView.read(name, self.directory(name))
