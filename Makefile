@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/fedmodel simulate medical
 
-# One pytest worker per core (pytest-xdist); tests/conftest.py schedules the tests by file
-# (the shared_federation package is one group) and queues the slow files first, so a
-# module's fixtures (and its federation) start once.
+# One pytest worker per core (pytest-xdist); a file's tests stay on one worker, so a
+# module's fixtures (and its federation) start once; tests/conftest.py queues the files
+# with the most end-to-end tests first.
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -ra -n auto --dist loadfile --no-loadscope-reorder
 

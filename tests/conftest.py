@@ -126,21 +126,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         slow = item.get_closest_marker("slow") is not None
         slow_count[item.path] = slow_count.get(item.path, 0) + slow
     items.sort(key=lambda item: -slow_count[item.path])
-
-
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """`--dist loadfile`, except that the shared_federation package is one unit, so its
-    federation starts once, on one worker. (xdist's `loadgroup` marks do not group
-    under pytest 9.2, which no longer reads the node ids xdist rewrites.)
-    """
-    if config.getvalue("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
-
-    class FileScheduling(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            shared = path.startswith("tests/shared_federation/")
-            return "tests/shared_federation" if shared else path
-
-    return FileScheduling(config, log)

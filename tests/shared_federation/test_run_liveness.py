@@ -60,6 +60,7 @@ def test_stopping_fedmodel_run_stops_its_run_on_the_superlink(
     shared_federation: SharedFederation, tmp_path: Path
 ) -> None:
     server = shared_federation.server
+    wait_until_online(server, ONLINE)  # so the ServerApp below waits for the 4th node only
     with federation_workspace(tmp_path) as space:  # stops what the test started
         # one node more than are online: the ServerApp waits for it
         run = background(
@@ -131,6 +132,7 @@ def test_the_console_shows_the_federation_over_tls_with_its_certificate(
     only TLS, with the certificate nodes already trust through the federation's CA; by
     default, on 127.0.0.1 alone, plain HTTP (shown in the browser)."""
     server, token = shared_federation.server, "federation-console-token"
+    wait_until_online(server, ONLINE)  # an earlier test's run may have kept a node busy
     trusted = ssl.create_default_context(cafile=str(server / "ca.crt"))
     with serving(server, "--bind", "127.0.0.1", "--token", token) as url:
         assert url.startswith("https://127.0.0.1:")
