@@ -25,7 +25,7 @@ demo: $(STAMP)
 # module's fixtures (and its federation) start once; tests/conftest.py queues the files
 # with the most end-to-end tests first.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -ra -n auto --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -ra -n auto --dist loadfile --no-loadscope-reorder --durations=25
 
 test-fast: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile --no-loadscope-reorder
