@@ -11,7 +11,6 @@ tests/test_console.py.
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,9 +21,9 @@ from fedmodel.pki import create_node_identity
 from server.enrollment import enroll_node, flwr_cli, load_registry, verify_audit
 from server.superlink import Federation
 from tests.console import serving, table_rows
-from tests.federation import background, federation_workspace, wait_for_text
+from tests.federation import federation_workspace
 from tests.shared_federation.conftest import SharedFederation
-from tests.shared_federation.test_run_liveness import ONLINE, run_statuses
+from tests.shared_federation.test_run_liveness import final_status, start_waiting_run
 
 pytestmark = pytest.mark.slow
 TOKEN = "console-actions-token"
@@ -89,22 +88,11 @@ def test_a_deployed_run_stopped_from_the_console_stops_on_the_superlink(
 ) -> None:
     server, runs = shared_federation.server, tmp_path / "runs"
     with federation_workspace(tmp_path) as space:  # stops what the test started
-        run = background(
-            "run", "--dir", server, "--min-clients", str(ONLINE + 1),
-            "--output", runs / "waiting", log=tmp_path / "waiting.out",
-        )  # fmt: skip
-        space.started.append(run)
-        run_log = runs / "waiting" / "engine" / "flwr-run.log"
-        wait_for_text(run_log, "Successfully started run", run, 120)
-        run_id = int(run_log.read_text().split("Successfully started run ")[1].split()[0])
+        run, run_id = start_waiting_run(space, server, runs / "waiting")
         with serving(runs, "--allow-actions", "--token", TOKEN) as url:
             code, reply = post(f"{url}api/runs/waiting/stop", "", Authorization=f"Bearer {TOKEN}")
         assert code == 200, reply
         assert json.loads(reply)["superlink_run_id"] == run_id
-        deadline = time.monotonic() + 60
-        while not (status := run_statuses(server)[run_id]).startswith("finished"):
-            assert time.monotonic() < deadline, f"run {run_id} is still {status}"
-            time.sleep(0.5)
-        assert status == "finished:stopped"
+        assert final_status(server, run_id) == "finished:stopped"
         assert run.wait(timeout=90) != 0  # `fedmodel run` saw its run end incomplete
-    assert "error: the run did not complete" in (tmp_path / "waiting.out").read_text()
+    assert "error: the run did not complete" in (runs / "waiting.out").read_text()

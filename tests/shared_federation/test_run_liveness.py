@@ -25,6 +25,7 @@ from server.superlink import CONNECTION, Federation, server_environment
 from tests.browser import save_screenshot
 from tests.console import serving, table_rows
 from tests.federation import (
+    Workspace,
     background,
     federation_workspace,
     fedmodel,
@@ -56,31 +57,44 @@ def run_statuses(server: Path) -> dict[int, str]:
     return {int(run["run-id"]): run["status"] for run in json.loads(listed.stdout)["runs"]}
 
 
+def start_waiting_run(
+    space: Workspace, server: Path, output: Path
+) -> tuple[subprocess.Popen[str], int]:
+    """`fedmodel run` asking for one node more than are online: its ServerApp waits for
+    it. Returns the process and the SuperLink's run id once the run has started."""
+    run = background(
+        "run", "--dir", server, "--min-clients", str(ONLINE + 1), "--output", output,
+        log=output.with_suffix(".out"),
+    )  # fmt: skip
+    space.started.append(run)
+    run_log = output / "engine" / "flwr-run.log"
+    wait_for_text(run_log, "Successfully started run", run, 120)
+    return run, int(run_log.read_text().split("Successfully started run ")[1].split()[0])
+
+
+def final_status(server: Path, run_id: int) -> str:
+    """The run's status once the SuperLink reports it finished (within a minute)."""
+    deadline = time.monotonic() + 60
+    while not (status := run_statuses(server)[run_id]).startswith("finished"):
+        assert time.monotonic() < deadline, f"run {run_id} is still {status}"
+        time.sleep(0.5)
+    return status
+
+
 def test_stopping_fedmodel_run_stops_its_run_on_the_superlink(
     shared_federation: SharedFederation, tmp_path: Path
 ) -> None:
     server = shared_federation.server
     wait_until_online(server, ONLINE)  # so the ServerApp below waits for the 4th node only
     with federation_workspace(tmp_path) as space:  # stops what the test started
-        # one node more than are online: the ServerApp waits for it
-        run = background(
-            "run", "--dir", server, "--min-clients", str(ONLINE + 1),
-            "--output", tmp_path / "waiting", log=tmp_path / "waiting.out",
-        )  # fmt: skip
-        space.started.append(run)
+        run, run_id = start_waiting_run(space, server, tmp_path / "waiting")
         run_log = tmp_path / "waiting" / "engine" / "flwr-run.log"
-        wait_for_text(run_log, "Successfully started run", run, 120)
         wait_for_text(run_log, f"Waiting for nodes: {ONLINE} of {ONLINE + 1} connected", run, 120)
-        run_id = int(run_log.read_text().split("Successfully started run ")[1].split()[0])
         assert run_statuses(server)[run_id].startswith("running")
         run.send_signal(signal.SIGINT)
         assert run.wait(timeout=90) == 130
     assert "interrupted" in (tmp_path / "waiting.out").read_text()
-    deadline = time.monotonic() + 60
-    while not (status := run_statuses(server)[run_id]).startswith("finished"):
-        assert time.monotonic() < deadline, f"run {run_id} is still {status}"
-        time.sleep(0.5)
-    assert status == "finished:stopped"
+    assert final_status(server, run_id) == "finished:stopped"
 
 
 def test_a_revocation_below_min_clients_ends_the_run_cleanly(
