@@ -27,7 +27,7 @@ from fedmodel.config.run_config import RunConfig
 from fedmodel.errors import ConfigError
 from fedmodel.privacy.audit import audit
 from tests.browser import save_screenshot
-from tests.console import FEDMODEL, serving
+from tests.console import FEDMODEL, serving, table_rows
 
 TOKEN = "console-test-token"
 RUN = "hospitals"
@@ -170,6 +170,35 @@ def test_the_privacy_page_shows_each_owner_and_highlights_a_failed_audit(
     flagged = browser.find_elements(By.CSS_SELECTOR, "#owners tbody tr.failed td:first-child")  # type: ignore[attr-defined]
     assert [cell.text for cell in flagged] == ["client-1"]
     save_screenshot(browser, "console-privacy-failed")
+
+
+@pytest.mark.slow
+def test_the_run_page_lists_each_refused_round_and_rejected_update_with_its_reason(
+    console_url: str, finished_run: Path
+) -> None:
+    """What summary.json records of a node's refusal or a rejected update is listed on the
+    run's page, escaped; a run without either says so."""
+    copy = finished_run.parent / "refusing"
+    shutil.copytree(finished_run, copy, ignore=shutil.ignore_patterns("engine", "checkpoints"))
+    summary = summary_of(copy)
+    summary["dropouts"] = [{"round": 2, "node_id": 7, "client": "1", "reason": "budget <spent>"}]
+    summary["rejected_updates"] = [{"round": 1, "node_id": 9, "client": None, "reason": "NaN"}]
+    (copy / "summary.json").write_text(json.dumps(summary))
+
+    def results(name: str) -> str:
+        with urllib.request.urlopen(f"{console_url}runs/{name}/results") as reply:
+            return str(reply.read().decode())
+
+    assert 'id="no-refusals"' in results(RUN)
+    try:
+        page = results("refusing")
+    finally:  # the compare test counts the module's runs
+        shutil.rmtree(copy)
+    assert table_rows(page, "refusals") == [
+        ["2", "1", "refused by its node", "budget <spent>"],
+        ["1", "node 9", "rejected by the coordinator", "NaN"],
+    ]
+    assert "budget &lt;spent&gt;" in page
 
 
 @pytest.mark.slow

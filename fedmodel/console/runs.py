@@ -196,6 +196,26 @@ class RunView:
         overall = {key: value for key, value in measured.items() if key != "clients"}
         return rows, overall
 
+    def refusals(self) -> list[dict[str, Any]]:
+        """Rounds a node refused (its owner's policy or budget) and updates the coordinator
+        rejected (malformed, non-finite, too large), each with its round and reason."""
+        if self.summary is None:
+            return []
+        kinds = (("refused by its node", self.summary.dropouts),
+                 ("rejected by the coordinator", self.summary.rejected_updates))  # fmt: skip
+        return [
+            {
+                "round": entry.get("round"),
+                "client": self._client_name(str(entry["client"]))
+                if entry.get("client") is not None
+                else f"node {entry.get('node_id')}",
+                "what": what,
+                "reason": entry.get("reason", ""),
+            }
+            for what, entries in kinds
+            for entry in entries
+        ]
+
 
 def privacy_utility(runs: list[RunView]) -> list[dict[str, Any]]:
     """One point per run with an epsilon and a last headline value. The epsilon is the
