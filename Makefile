@@ -22,13 +22,12 @@ demo: $(STAMP)
 	$(BIN)/fedmodel simulate medical
 
 # One pytest worker per core (pytest-xdist); a file's tests stay on one worker, so a
-# module's fixtures (and its federation) start once; tests/conftest.py queues the files
-# with the most end-to-end tests first.
+# module's fixtures (and its federation) start once.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -ra -n auto --dist loadfile --no-loadscope-reorder --durations=25
+	$(BIN)/python -m pytest -q -ra -n auto --dist loadfile --durations=25
 
 test-fast: $(STAMP) browser
-	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile
 
 # Installs only when missing; retries after refreshing the package lists.
 browser:

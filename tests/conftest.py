@@ -114,15 +114,3 @@ def browser() -> Iterator[object]:
 
     with chromium() as driver:
         yield driver
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Queue the files by their number of end-to-end (slow) tests, most first (run with
-    `--no-loadscope-reorder`): the longest work starts early instead of leaving one
-    worker busy at the end.
-    """
-    slow_count: dict[Path, int] = {}
-    for item in items:
-        slow = item.get_closest_marker("slow") is not None
-        slow_count[item.path] = slow_count.get(item.path, 0) + slow
-    items.sort(key=lambda item: -slow_count[item.path])

@@ -72,7 +72,7 @@ def marked_blocks(markdown: str) -> list[Block]:
 
 # Flags appended to every command that starts with these words (after `fedmodel`).
 SMALL_SETTINGS = {
-    ("simulate",): ["--rounds", "1", "--local-epochs", "1", "--no-baselines"],
+    ("simulate",): ["--rounds", "1", "--local-epochs", "1"],
     ("run",): ["--rounds", "1"],
 }
 

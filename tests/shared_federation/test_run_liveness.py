@@ -92,7 +92,7 @@ def test_stopping_fedmodel_run_stops_its_run_on_the_superlink(
         wait_for_text(run_log, f"Waiting for nodes: {ONLINE} of {ONLINE + 1} connected", run, 120)
         assert run_statuses(server)[run_id].startswith("running")
         run.send_signal(signal.SIGINT)
-        assert run.wait(timeout=90) == 130
+        assert run.wait(timeout=180) == 130  # after asking the SuperLink to stop it
     assert "interrupted" in (tmp_path / "waiting.out").read_text()
     assert final_status(server, run_id) == "finished:stopped"
 
