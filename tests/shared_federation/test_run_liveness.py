@@ -62,6 +62,7 @@ def start_waiting_run(
 ) -> tuple[subprocess.Popen[str], int]:
     """`fedmodel run` asking for one node more than are online: its ServerApp waits for
     it. Returns the process and the SuperLink's run id once the run has started."""
+    output.parent.mkdir(parents=True, exist_ok=True)  # for its log, beside it
     run = background(
         "run", "--dir", server, "--min-clients", str(ONLINE + 1), "--output", output,
         log=output.with_suffix(".out"),
