@@ -110,7 +110,7 @@ def test_a_revocation_below_min_clients_ends_the_run_cleanly(
         wait_until_online(server, ONLINE + 1)
         run = background(
             "run", "--dir", server, "--rounds", "20", "--min-clients", str(ONLINE + 1),
-            "--round-timeout", "15", "--batch-size", "32", "--output", tmp_path / "revoked",
+            "--round-timeout", "45", "--batch-size", "32", "--output", tmp_path / "revoked",
             log=tmp_path / "revoked.out",
         )  # fmt: skip
         space.started.append(run)
