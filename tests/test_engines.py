@@ -18,7 +18,8 @@ from simulations.local_engine import FIRST_NODE_ID, LocalGrid, WorkerPool
 from simulations.local_worker import run_client_app
 from simulations.runner import engine_environment
 from tests.conftest import assert_epsilons_recompute
-from tests.test_simulation import simulate
+from tests.test_simulation import engine_processes
+from tests.test_user_task import documented_task, run_cli
 
 # FedAvg sums the replies in arrival order, which differs between engines: the global
 # model may differ in the last float32 bits after a round, so round metrics agree to 1e-5
@@ -29,11 +30,21 @@ ROUND_METRICS = ("auroc", "accuracy", "loss", "train_loss", "max_epsilon", "aupr
 
 @pytest.mark.slow
 def test_local_engine_reproduces_the_ray_engine_on_a_seeded_dp_run(tmp_path: Path) -> None:
-    args = ("--dataset", "synthetic-ehr", "--clients", "4", "--rounds", "2", "--seed", "7")
+    """On a user's task, in a file outside the repository, found through a relative
+    PYTHONPATH as a user types it: Ray's workers, which run from directories of their
+    own, must see it too (the one Ray run of the suite, so it carries that check)."""
+    (tmp_path / "my-tasks").mkdir()
+    (tmp_path / "my-tasks" / "risk_task.py").write_text(documented_task())
+    args = ("--clients", "4", "--rounds", "2", "--seed", "7", "--no-baselines")
     summaries: dict[str, dict[str, Any]] = {}
     for engine in ("ray", "local"):
-        (tmp_path / engine).mkdir()
-        _, run_dir = simulate(tmp_path / engine, *args, "--no-baselines", "--engine", engine)
+        result = run_cli(
+            "simulate", "task", "risk_task:task", *args, "--engine", engine, "--output", engine,
+            cwd=tmp_path, pythonpath="my-tasks",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        run_dir = tmp_path / engine
+        assert engine_processes(run_dir) == []
         summaries[engine] = json.loads((run_dir / "summary.json").read_text())
         # A run directory can be moved or shared: only Ray's own logs name local paths.
         for path in (path for path in run_dir.rglob("*") if path.is_file()):

@@ -68,10 +68,9 @@ def test_a_task_outside_the_repository_trains_under_dp_and_its_audit_verifies(
     outside = tmp_path / "my-tasks"
     outside.mkdir()
     (outside / "risk_task.py").write_text(documented_task())
-    # a relative PYTHONPATH, as a user types it: Ray's workers, which run from directories
-    # of their own, must see it too (the local engine runs in test_examples.py)
+    # a relative PYTHONPATH, as a user types it (Ray's workers must see it too: the Ray
+    # run of tests/test_engines.py runs this task)
     common = ("--clients", "3", "--rounds", "2", "--epsilon", "1", "--baseline-sites", "2")
-    common += ("--engine", "ray")
     result = run_cli(
         "simulate", "task", "risk_task:task", *common, "--output", "run",
         cwd=tmp_path, pythonpath="my-tasks",
