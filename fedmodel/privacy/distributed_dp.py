@@ -46,7 +46,7 @@ def padded_dimension(dimension: int) -> int:
 def rounded_norm_bound(scaled_clip_norm: float, beta: float, dimension: int) -> float:
     """L2 norm bound on a client's rounded vector: its sensitivity in the integer domain.
 
-    DDG, Lemma 9 / Theorem 1: stochastic rounding of a vector of norm <= c moves it by
+    DDG's conditional randomized rounding: stochastic rounding of a vector of norm <= c moves it by
     less than sqrt(d), and its squared norm exceeds
     c^2 + d/4 + sqrt(2 log(1/beta)) (c + sqrt(d)/2) with probability <= beta, so
     rounding again until it does not (beta > 0) bounds the norm by the smaller of the two.
@@ -117,7 +117,7 @@ def overflow_probability_bound(parameters: DistributedDpParameters, clients: int
     Coordinate j of the sum is S_j = U_j + R_j + Z_j in integer steps: U_j, coordinate j of
     the rotated sum of clipped updates (norm <= n c), is a Rademacher sum, n^2 c^2 / (d
     gamma^2) sub-Gaussian over the random signs (Hoeffding); Z_j, the sum of n discrete
-    Gaussians, is n sigma^2 / gamma^2 sub-Gaussian (Canonne et al. 2020, Cor. 9); the
+    Gaussians, is n sigma^2 / gamma^2 sub-Gaussian (Canonne et al. 2020); the
     rounding R_j is below n in magnitude. With v the sum of the two variance proxies,
     P(|S_j| >= m/2) <= 2 exp(-(m/2 - n)^2 / (2 v)); a union bound over the d padded
     coordinates gives the result, capped at 1.
@@ -258,7 +258,7 @@ def decode(
 
 
 def rounding_error_bound(parameters: DistributedDpParameters, clients: int) -> float:
-    """L2 bound on |decoded - sum(clipped)| without noise and overflow: each client's
-    rounding moves each of the d padded coordinates by less than one step, and the
-    rotation keeps norms, so gamma n sqrt(d)."""
+    """L2 bound on |decode(modular sum of `quantize`d updates) - sum(clipped)|, no overflow:
+    each client's rounding moves each of the d padded coordinates by less than one step,
+    and the rotation keeps norms, so gamma n sqrt(d). Noise adds gamma R^T (its sum)."""
     return parameters.granularity * clients * math.sqrt(parameters.padded_dimension)
