@@ -61,6 +61,8 @@ def test_round_trip_of_rotation_scaling_rounding_and_modular_sum_recovers_the_cl
     )
     bound = rounding_error_bound(parameters, clients)
     assert 0 < error <= bound < 0.05 * np.linalg.norm(sum(clip(u, 1.0) for u in updates))
+    with pytest.raises(ValueError, match="non-finite"):  # not 1000 failed roundings
+        quantize(np.full(dimension, np.nan), parameters, 11, generator)
 
 
 def test_discrete_gaussian_sampler_matches_its_exact_variance() -> None:

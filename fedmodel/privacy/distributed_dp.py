@@ -46,10 +46,10 @@ def padded_dimension(dimension: int) -> int:
 def rounded_norm_bound(scaled_clip_norm: float, beta: float, dimension: int) -> float:
     """L2 norm bound on a client's rounded vector: its sensitivity in the integer domain.
 
-    DDG's conditional randomized rounding: stochastic rounding of a vector of norm <= c moves it by
-    less than sqrt(d), and its squared norm exceeds
-    c^2 + d/4 + sqrt(2 log(1/beta)) (c + sqrt(d)/2) with probability <= beta, so
-    rounding again until it does not (beta > 0) bounds the norm by the smaller of the two.
+    DDG's conditional randomized rounding: stochastic rounding of a vector of norm <= c
+    moves it by less than sqrt(d), and its squared norm exceeds
+    c^2 + d/4 + sqrt(2 log(1/beta)) (c + sqrt(d)/2) with probability <= beta, so rounding
+    again until it does not (beta > 0) bounds the norm by the smaller of the two.
     """
     deterministic = scaled_clip_norm + math.sqrt(dimension)
     if beta == 0:
@@ -147,6 +147,10 @@ def plan_granularity(
     finer steps round less but need more room for the same tails. Fewer clients than
     planned (drop-outs) only lower the bound.
     """
+    if not 0 < overflow_probability < 1:
+        raise ConfigError(
+            f"distributed DP overflow probability must be in (0, 1), got {overflow_probability}"
+        )
     modulus = 1 << bits
     if modulus / 2 <= clients:
         raise ConfigError(
@@ -220,6 +224,8 @@ def quantize(
         raise ValueError(
             f"expected an update of shape ({parameters.dimension},), got {update.shape}"
         )
+    if not np.isfinite(update).all():
+        raise ValueError("a non-finite update cannot be clipped or encoded")
     rotated = rotate(clip(update, parameters.clip_norm), rotation_seed)
     return conditional_round(rotated / parameters.granularity, parameters.norm_bound, generator)
 
