@@ -121,3 +121,13 @@ def dp_generators(
     noise_seed, sampling_seed = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64)
     noise = torch.Generator(device=device).manual_seed(int(noise_seed))
     return noise, torch.Generator().manual_seed(int(sampling_seed))
+
+
+def dp_numpy_generator(seed: int | None) -> np.random.Generator:
+    """A NumPy generator for DP noise drawn on the CPU (distributed DP's integer noise).
+
+    `seed=None` seeds it from the OS CSPRNG (`secrets`, 128 bits), what a deployed node
+    wants every round; a simulation passes one derived from its run seed. PCG64 is not a
+    CSPRNG either: as with `dp_generators`, the noise is as unpredictable as the seed.
+    """
+    return np.random.default_rng(secrets.randbits(128) if seed is None else seed)

@@ -3,11 +3,15 @@
 `FreshRdp` is Opacus's RDP analysis computed inside one audit; `RunningPld` is Google's
 dp-accounting PLD accountant (Doroshenko et al. 2022, "Connect the Dots"), code that
 shares nothing with Opacus. Neither reads the training path's on-disk accounting cache.
+`ddg_epsilon` is a second implementation of distributed discrete Gaussian accounting
+(dp-accounting has no such mechanism), written apart from
+fedmodel.privacy.distributed_accounting.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedmodel.privacy.accountant import Segment
+from fedmodel.privacy.distributed_accounting import DistributedRelease
 
 Mechanism = tuple[float, float]  # (noise multiplier, sample rate) of one DP-SGD step
 
@@ -106,3 +111,51 @@ class RunningPld:
 def pld_epsilon(history: Sequence[Segment], delta: float) -> float:
     """Epsilon of the Poisson-subsampled Gaussian mechanisms in `history`, by dp-accounting PLD."""
     return RunningPld().epsilon(spent_steps(history), delta)
+
+
+AUDIT_ORDERS = np.concatenate((np.linspace(1.01, 16, 1500), np.geomspace(16, 4096, 400)[1:]))
+
+
+def ddg_epsilon(releases: Sequence[DistributedRelease], delta: float) -> float:
+    """Epsilon at `delta` of distributed discrete Gaussian releases, recomputed from their
+    raw recorded numbers (clip norm, noise, granularity, beta, dimension, survivors).
+
+    Kairouz, Liu and Steinke 2021, Prop. 14 as a bound of the form
+    min(a rho_1 + xi, a rho_2) per release, summed at each of 1,899 orders in [1.01, 4096]
+    (denser and wider than the training path's), converted by dp-accounting's
+    `compute_epsilon` (Canonne et al. 2020, Prop. 12, with its KL bound near order 1).
+    """
+    if not releases:
+        return 0.0
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+    total = np.zeros_like(AUDIT_ORDERS)
+    for release in releases:
+        rho_1, xi, rho_2 = _ddg_zcdp(release)
+        total += np.minimum(AUDIT_ORDERS * rho_1 + xi, AUDIT_ORDERS * rho_2)
+    epsilon, _ = compute_epsilon(AUDIT_ORDERS, total, delta)
+    return max(float(epsilon), 0.0)
+
+
+def _ddg_zcdp(release: DistributedRelease) -> tuple[float, float, float]:
+    """(rho_1, xi, rho_2) of one release: D_a <= min(a rho_1 + xi, a rho_2)."""
+    used = release.parameters
+    sigma = used.local_stddev / used.granularity  # per client, in integer steps
+    dimension = 2 ** math.ceil(math.log2(used.dimension)) if used.dimension > 1 else 1
+    clip = used.clip_norm / used.granularity
+    l2_squared = (clip + math.sqrt(dimension)) ** 2
+    if used.beta > 0:
+        l2_squared = min(
+            l2_squared,
+            clip**2
+            + dimension / 4
+            + math.sqrt(2 * math.log(1 / used.beta)) * (clip + math.sqrt(dimension) / 2),
+        )
+    l1 = math.sqrt(l2_squared) * min(math.sqrt(dimension), math.sqrt(l2_squared))
+    tau = 10 * math.fsum(
+        math.exp(-2 * math.pi**2 * sigma**2 * k / (k + 1)) for k in range(1, release.clients)
+    )
+    variance = release.clients * sigma**2
+    rho_1 = l2_squared / (2 * variance)
+    rho_2 = rho_1 + tau * l1 / math.sqrt(variance) + tau**2 * dimension / 2
+    return rho_1, tau * dimension, rho_2
