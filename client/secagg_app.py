@@ -85,14 +85,16 @@ def secagg_client_app(
     partitions: PartitionLoader | None,
     mods: Sequence[Mod] = (),
     observe: UpdateObserver | None = None,
+    masking: Mod = secaggplus_mod,
 ) -> ClientApp:
     """The SecAgg+ ClientApp training on `partitions`, `mods` outermost; `observe` (a
-    test harness's) sees each plaintext update before it is masked."""
+    test harness's) sees each plaintext update before it is masked; `masking` is Flower's
+    SecAgg+ mod or one that runs it (client/distributed_dp_mod.py)."""
 
     def client_fn(context: Context) -> Client:
         return SecAggTrainingClient(context, partitions, observe).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[*mods, budget_refusal_mod, secaggplus_mod])
+    return ClientApp(client_fn=client_fn, mods=[*mods, budget_refusal_mod, masking])
 
 
 app = secagg_client_app(None)  # a deployed node has no SecAgg+ path: it refuses the run

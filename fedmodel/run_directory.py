@@ -29,6 +29,9 @@ CLIENTS_FILE = "clients.csv"  # one row per client reply
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"  # the final model file (fedmodel.model_file): what `fedmodel predict` reads
 ROUND_MODELS_DIR = "models"  # with --save-round-models: round-NNNN/, one model file each
+DISTRIBUTED_DP_FILE = (
+    "distributed-dp.json"  # --dp distributed: each release (fedmodel.privacy.distributed_ledger)
+)
 LEDGERS_DIR = "ledgers"  # the simulated clients' privacy ledgers, unless --ledger-dir
 ENGINE_DIR = "engine"  # the engine's app and logs
 

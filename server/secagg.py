@@ -145,7 +145,7 @@ def run_secagg(
         "clipping_range": CLIPPING_RANGE,
         "quantization_range": QUANTIZATION_RANGE,
         "modulus_range": MODULUS_RANGE,
-    }
+    }  # distributed DP replaces the ranges with its own (server.distributed_dp)
 
     def evaluate_fn(
         server_round: int, arrays: NDArrays, _: dict[str, Scalar]
@@ -164,25 +164,37 @@ def run_secagg(
         }
         return cast(float, metrics["loss"]), scores
 
-    strategy = SecureFedAvg(
-        recorder,
-        protocol,
-        config.min_clients,
-        fraction_fit=config.fraction,
-        fraction_evaluate=0.0,
-        min_fit_clients=config.clients_per_round,
-        min_available_clients=config.clients,
-        evaluate_fn=evaluate_fn,
-        on_fit_config_fn=lambda server_round: {SERVER_ROUND_KEY: server_round},
-        initial_parameters=ndarrays_to_parameters([t.cpu().numpy() for t in reference.values()]),
-    )
+    fedavg: dict[str, Any] = {
+        "fraction_fit": config.fraction,
+        "fraction_evaluate": 0.0,
+        "min_fit_clients": config.clients_per_round,
+        "min_available_clients": config.clients,
+        "evaluate_fn": evaluate_fn,
+        "initial_parameters": ndarrays_to_parameters([t.cpu().numpy() for t in reference.values()]),
+    }
+    strategy: SecureFedAvg
+    if config.distributed_dp:
+        # server.distributed_dp builds on SecureFedAvg, so it is imported here, not above
+        from server.distributed_dp import distributed_dp_strategy
+
+        strategy = distributed_dp_strategy(
+            config, recorder, protocol, sum(t.numel() for t in reference.values()), fedavg
+        )
+    else:
+        strategy = SecureFedAvg(
+            recorder,
+            protocol,
+            config.min_clients,
+            on_fit_config_fn=lambda server_round: {SERVER_ROUND_KEY: server_round},
+            **fedavg,
+        )
     workflow = SecAggPlusWorkflow(
         num_shares=config.secagg_shares,
         reconstruction_threshold=config.secagg_threshold,
         max_weight=float(protocol["max_weight"]),
-        clipping_range=CLIPPING_RANGE,
-        quantization_range=QUANTIZATION_RANGE,
-        modulus_range=MODULUS_RANGE,
+        clipping_range=protocol["clipping_range"],
+        quantization_range=protocol["quantization_range"],
+        modulus_range=protocol["modulus_range"],
         timeout=config.round_timeout,
     )
     legacy = LegacyContext(

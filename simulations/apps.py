@@ -21,6 +21,7 @@ from flwr.common import NDArrays
 from flwr.serverapp import Grid, ServerApp
 
 from client.app import train_handler
+from client.distributed_dp_mod import distributed_dp_mod
 from client.local_data import ClientRows
 from client.secagg_app import secagg_client_app as build_secagg_client_app
 from fedmodel.config import RunConfig
@@ -35,6 +36,9 @@ from simulations.dropouts import simulated_dropout_mod
 # Test only: a directory where each simulated SecAgg+ client writes its plaintext model,
 # so a test can compute plain FedAvg of the survivors. Never set it for a real run.
 UPDATE_DUMP_VARIABLE = "FEDMODEL_TEST_SECAGG_UPDATE_DIR"
+# Test only: where each simulated distributed-DP client writes its plaintext update, its
+# residues and its masked vector (what the coordinator receives). Never for a real run.
+ENCODING_DUMP_VARIABLE = "FEDMODEL_TEST_DISTRIBUTED_DP_DIR"
 
 server_app = ServerApp()
 
@@ -82,4 +86,26 @@ def dump_update_for_tests(
 
 secagg_client_app = build_secagg_client_app(
     partition, mods=[simulated_dropout_mod], observe=dump_update_for_tests
+)
+
+
+def dump_encoding_for_tests(
+    partition_id: int,
+    server_round: int,
+    update: np.ndarray,
+    residues: np.ndarray,
+    masked: np.ndarray,
+) -> None:
+    """Write a distributed-DP client's update, residues and masked vector, if asked to."""
+    directory = os.environ.get(ENCODING_DUMP_VARIABLE)
+    if directory:
+        path = Path(directory) / f"round-{server_round}-client-{partition_id}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, update=update, residues=residues, masked=masked)
+
+
+distributed_dp_client_app = build_secagg_client_app(
+    partition,
+    mods=[simulated_dropout_mod],
+    masking=distributed_dp_mod(dump_encoding_for_tests),
 )

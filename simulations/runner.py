@@ -154,7 +154,10 @@ SIMULATION_SERVER_APP = "simulations.apps:server_app"
 
 
 def client_app_reference(config: RunConfig) -> str:
-    """The simulation's ClientApp for `config`: SecAgg+ needs Flower's legacy client."""
+    """The simulation's ClientApp for `config`: SecAgg+ needs Flower's legacy client,
+    distributed DP FedModel's own SecAgg+ mod."""
+    if config.distributed_dp:
+        return "simulations.apps:distributed_dp_client_app"
     return "simulations.apps:" + ("secagg_client_app" if config.secagg else "client_app")
 
 

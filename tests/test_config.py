@@ -61,7 +61,7 @@ def test_every_key_declares_a_section_and_a_one_line_help() -> None:
 
 def test_choice_keys_are_literals_whose_values_include_the_default() -> None:
     choices = {name: spec.choices for name, spec in RunConfig.config_keys().items()}
-    assert choices["dp"] == ("off", "sample", "client", "both")
+    assert choices["dp"] == ("off", "sample", "client", "both", "distributed")
     assert choices["partition"] == ("iid", "dirichlet", "shard", "pathological")
     assert {"model", "aggregator", "evaluation", "attack", "task"} < {
         n for n in choices if choices[n]

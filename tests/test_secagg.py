@@ -54,7 +54,7 @@ from simulations.runner import SIMULATION_SERVER_APP, client_app_reference
         ({"aggregator": "median"}, "works only with --aggregator fedavg"),
         ({"max_update_norm": 5.0}, "no --max-update-norm"),
         ({"attack": "nan", "attackers": 0.25}, "no --attack"),
-        ({"dp": "client"}, "use --dp sample with --secagg"),
+        ({"dp": "client"}, "use --dp sample or --dp distributed with --secagg"),
         ({"clients": 2000}, "at most 1023 clients per round"),
     ],
 )

@@ -114,7 +114,8 @@ def _print_report(report: Any) -> None:
             rounds,
             str(owner.runs),
         )
-    console.print(table)
+    if owners:  # a --dp distributed run without DP-SGD has no owner ledgers
+        console.print(table)
     at_delta = [owner for owner in owners if owner.at_delta is not None]
     if at_delta:
         console.print(
@@ -131,6 +132,19 @@ def _print_report(report: Any) -> None:
         console.print(extra)
     entries = sum(ledger.entries for ledger in report.ledgers)
     signed = sum(ledger.signed for ledger in report.ledgers)
+    distributed = report.distributed
+    if distributed is not None:
+        console.print(
+            f"Distributed DP (client-level, against the coordinator): {distributed.releases} "
+            f"releases, epsilon {distributed.recorded_epsilon:.4f} recorded, "
+            f"{distributed.recomputed_epsilon:.4f} recomputed independently at delta "
+            f"{distributed.delta:g}"
+            + (
+                ""
+                if distributed.budget_epsilon is None
+                else f", budget {distributed.budget_epsilon:g}"
+            )
+        )
     if report.ok:
         console.print(
             f"[green]verified[/green]: {len(report.ledgers)} ledgers, {entries} entries "

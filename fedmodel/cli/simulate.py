@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +28,7 @@ from fedmodel.config import TASK_SCENARIO, RunConfig, Section
 from fedmodel.errors import ConfigError
 from fedmodel.run_directory import (
     CONFIG_FILE,
+    DISTRIBUTED_DP_FILE,
     REPORT_HTML_FILE,
     SUMMARY_FILE,
     RunSummary,
@@ -48,7 +50,8 @@ simulate_app = typer.Typer(
     no_args_is_help=True,
 )
 
-# Keys only a simulation has: sampling, data skew, attacks, SecAgg+, budgets, hardware.
+# Keys only a simulation has: sampling, data skew, attacks, SecAgg+ (and distributed DP
+# under it), budgets, hardware.
 SIMULATION_KEYS = (
     "fraction",
     "partition",
@@ -66,6 +69,10 @@ SIMULATION_KEYS = (
     "secagg_shares",
     "secagg_threshold",
     "secagg_dropouts",
+    "distributed_clip",
+    "distributed_noise",
+    "distributed_bits",
+    "distributed_epsilon",
     "device",
     "gpus_per_client",
 )
@@ -364,6 +371,13 @@ def _announce(config: RunConfig, task: Task, run_dir: Path) -> None:
             if config.client_dp
             else ""
         )
+        + (
+            f", client-level DP added by the clients under SecAgg+ (noise "
+            f"{config.distributed_noise:g}, clip {config.distributed_clip:g}, "
+            f"{config.distributed_bits} bits)"
+            if config.distributed_dp
+            else ""
+        )
         + (f", {config.fraction:g} of clients per round" if config.fraction < 1 else "")
         + (f", aggregator {config.aggregator}" if config.aggregator != "fedavg" else "")
         + (
@@ -421,6 +435,15 @@ def _print_summary(summary: RunSummary, run_dir: Path, report: Path) -> None:
             f"Client-level epsilon (whole clients, server-side DP): {central['epsilon']:.3f} at "
             f"delta {central['delta']:g} ({central['accountant'].upper()} accountant, "
             f"{len(central['releases'])} releases)"
+        )
+    distributed = run_dir / DISTRIBUTED_DP_FILE
+    if distributed.is_file():
+        record = json.loads(distributed.read_text())
+        releases = record["releases"]
+        console.print(
+            "Client-level epsilon (whole clients, against the coordinator too: distributed DP): "
+            f"{releases[-1]['epsilon'] if releases else 0.0:.3f} at delta {record['delta']:g} "
+            f"({len(releases)} releases, {distributed.name})"
         )
     console.print(
         f"Report: {report} (one page: {run_dir / REPORT_HTML_FILE})  "

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
-DpMode = Literal["off", "sample", "client", "both"]
-"""off | sample-level DP-SGD on clients | client-level DP on the server | both."""
+DpMode = Literal["off", "sample", "client", "both", "distributed"]
+"""off | sample-level DP-SGD on clients | client-level DP on the server | both |
+client-level DP added by the clients under SecAgg+ (distributed DP)."""
 PartitionScheme = Literal["iid", "dirichlet", "shard", "pathological"]
 ModelName = Literal["mlp", "logreg", "cnn"]
 """The names of fedmodel/models.py's registry (a test keeps both equal)."""
@@ -45,6 +46,7 @@ class Section(StrEnum):
     PRIVACY = "Privacy"
     CLIENT_DP = "Client-level DP on the server (--dp client or both)"
     ROBUSTNESS = "Robustness"
+    DISTRIBUTED_DP = "Client-level DP under SecAgg+ (--dp distributed)"
     SECAGG = "Secure aggregation (SecAgg+)"
     ENGINE = "Engine and hardware"
     OUTPUT = "Output and resume"

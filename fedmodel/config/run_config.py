@@ -55,6 +55,8 @@ class RunConfig(RunKeys):
         return _keys()
 
     def __post_init__(self) -> None:
+        if self.distributed_dp and not self.secagg:  # the clients' noise needs SecAgg+
+            object.__setattr__(self, "secagg", True)
         self.validate()
 
     def validate(self) -> None:
@@ -79,6 +81,8 @@ class RunConfig(RunKeys):
         )
         if self.client_dp:
             self._validate_central_dp()
+        if self.distributed_dp:
+            self._validate_distributed_dp()
         _require(
             _finite_positive(self.epsilon),
             "--epsilon must be a positive number (the privacy budget per client)",
@@ -161,9 +165,9 @@ class RunConfig(RunKeys):
         )
         _require(not self.resume, "--resume is not available with --secagg yet", self.resume)
         _require(
-            self.dp in ("sample", "off"),
+            not self.client_dp,
             "--dp client/both clips each update on the server, which --secagg hides; "
-            "use --dp sample with --secagg",
+            "use --dp sample or --dp distributed with --secagg",
             self.dp,
         )
         _require(
@@ -190,6 +194,36 @@ class RunConfig(RunKeys):
             f"--secagg-dropouts must be between 0 and shares - threshold = {tolerated}, "
             "the dropouts SecAgg+ survives",
             self.secagg_dropouts,
+        )
+
+    def _validate_distributed_dp(self) -> None:
+        """Distributed DP preconditions; SecAgg+'s own come from `_validate_secagg`."""
+        _require(
+            self.aggregator == "fedavg" and self.byzantine == 0,
+            "--dp distributed adds noise to a sum of clipped updates: it needs --aggregator "
+            "fedavg and no --byzantine",
+            (self.aggregator, self.byzantine),
+        )
+        _require(
+            _finite_positive(self.distributed_clip),
+            "--distributed-clip must be a positive number",
+            self.distributed_clip,
+        )
+        _require(
+            _finite_positive(self.distributed_noise),
+            "--distributed-noise must be a positive number",
+            self.distributed_noise,
+        )
+        _require(
+            2 <= self.distributed_bits <= 32,
+            "--distributed-bits must be between 2 and 32 (Flower's SecAgg+ modulus is at most "
+            "2**32)",
+            self.distributed_bits,
+        )
+        _require(
+            math.isfinite(self.distributed_epsilon) and self.distributed_epsilon >= 0,
+            "--distributed-epsilon must be 0 (no budget) or a positive number",
+            self.distributed_epsilon,
         )
 
     def _validate_central_dp(self) -> None:
@@ -246,6 +280,12 @@ class RunConfig(RunKeys):
     def client_dp(self) -> bool:
         """The server clips and noises client updates (client-level DP)."""
         return self.dp in ("client", "both")
+
+    @property
+    def distributed_dp(self) -> bool:
+        """Each client clips and noises its update under SecAgg+ (client-level DP that
+        holds against the server)."""
+        return self.dp == "distributed"
 
     @property
     def central_count_stddev_or_default(self) -> float:

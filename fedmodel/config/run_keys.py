@@ -25,6 +25,7 @@ from fedmodel.config.keys import (
 _DATA, _FEDERATION, _TRAINING = Section.DATA, Section.FEDERATION, Section.TRAINING
 _PRIVACY, _CLIENT_DP, _ROBUSTNESS = Section.PRIVACY, Section.CLIENT_DP, Section.ROBUSTNESS
 _SECAGG, _ENGINE, _OUTPUT, _RUN = Section.SECAGG, Section.ENGINE, Section.OUTPUT, Section.RUN
+_DISTRIBUTED_DP = Section.DISTRIBUTED_DP
 
 
 TABULAR_TASK = "fedmodel-tabular"
@@ -55,7 +56,8 @@ class RunKeys:
         "sample",
         _PRIVACY,
         "sample: DP-SGD on each client (protects records); client: the server clips and "
-        "noises client updates (protects whole clients); both; off.",
+        "noises client updates (protects whole clients); both; distributed: each client "
+        "clips and noises its update under SecAgg+ (whole clients, from the server too); off.",
     )
     epsilon: float = key(1.0, _PRIVACY, "Privacy budget of each client for this run.")
     delta: float = key(1e-5, _PRIVACY, "DP delta of each client (below 1/records).")
@@ -128,6 +130,23 @@ class RunKeys:
         0.0,
         _CLIENT_DP,
         "--dp client/both: client-level budget; stop before exceeding it (0: none).",
+    )
+    distributed_clip: float = key(
+        1.0, _DISTRIBUTED_DP, "--dp distributed: each client clips its update to this L2 norm."
+    )
+    distributed_noise: float = key(
+        1.0,
+        _DISTRIBUTED_DP,
+        "--dp distributed: noise multiplier of the sum over the clients per round (each adds "
+        "its 1/sqrt(n) share); drop-outs leave less noise, and are accounted.",
+    )
+    distributed_bits: int = key(
+        18, _DISTRIBUTED_DP, "--dp distributed: bits per coordinate SecAgg+ sums (modulus 2**bits)."
+    )
+    distributed_epsilon: float = key(
+        0.0,
+        _DISTRIBUTED_DP,
+        "--dp distributed: client-level budget; stop before exceeding it (0: none).",
     )
     round_timeout: float = key(
         600.0, _FEDERATION, "Seconds to wait for a round's replies; later ones count as failed."

@@ -34,6 +34,11 @@ from fedmodel.errors import FedModelError
 from fedmodel.privacy.accountant import Segment
 from fedmodel.privacy.audit_accounting import FreshRdp, Mechanism, RunningPld, spent_steps
 from fedmodel.privacy.central import mechanism_problem
+from fedmodel.privacy.distributed_ledger import (
+    DISTRIBUTED_LEDGER,
+    DistributedAudit,
+    audit_distributed,
+)
 from fedmodel.privacy.ledger import LedgerError, PrivacyLedger
 from fedmodel.privacy.ledger_chain import (
     COMMITTED,
@@ -104,13 +109,17 @@ class AuditReport:
     ledgers: list[LedgerAudit]
     problems: list[str] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
+    distributed: DistributedAudit | None = None  # a --dp distributed run's releases
 
     @property
     def ok(self) -> bool:
-        return not self.problems and all(ledger.ok for ledger in self.ledgers)
+        distributed_ok = self.distributed is None or self.distributed.ok
+        return not self.problems and distributed_ok and all(ledger.ok for ledger in self.ledgers)
 
     def all_problems(self) -> list[str]:
         found = list(self.problems)
+        if self.distributed is not None:
+            found += [f"distributed DP: {problem}" for problem in self.distributed.problems]
         for ledger in self.ledgers:
             found += ledger.problems
             for owner in ledger.owners:
@@ -138,7 +147,7 @@ def find_ledgers(target: Path) -> tuple[list[Path], RunSummary | None]:
     if summary and summary.config.get("ledger_dir"):  # relative to the run (or, before, absolute)
         directories.append(target / summary.config["ledger_dir"])
     paths = sorted({p for d in directories if d.is_dir() for p in d.glob("*.sqlite")})
-    if not paths:
+    if not paths and not (target / DISTRIBUTED_LEDGER).is_file():
         raise FedModelError(f"no ledgers (*.sqlite) in {target} or {target / LEDGERS_DIR}")
     return paths, summary
 
@@ -163,6 +172,8 @@ def audit(
         if on_progress is not None:
             on_progress(number, len(paths), ledgers[-1])
     report = AuditReport(str(target), ledgers)
+    if target.is_dir() and (target / DISTRIBUTED_LEDGER).is_file():
+        report.distributed = audit_distributed(target / DISTRIBUTED_LEDGER)
     if summary is not None:
         report.problems += check_against_summary(report, summary)
     if plot_dir is not None:
