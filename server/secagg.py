@@ -16,6 +16,7 @@ and update validation need individual updates, so the run config refuses them wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from logging import WARNING
 from typing import Any, cast
 
@@ -42,6 +43,11 @@ from server.run_record import RunRecorder
 from server.strategy import FederationStopped
 
 REPORT_FILE = "secagg.json"
+# (run, recorder, protocol to update with the workflow's ranges, model size, FedAvg's
+# arguments) -> the strategy: how a mechanism under SecAgg+ replaces SecureFedAvg
+SecureStrategyBuilder = Callable[
+    [RunConfig, RunRecorder, dict[str, Any], int, dict[str, Any]], "SecureFedAvg"
+]
 
 
 class SecureFedAvg(LegacyFedAvg):
@@ -130,11 +136,14 @@ def run_secagg(
     evaluate_round: RoundEvaluation,
     recorder: RunRecorder,
     largest_client: int,
+    strategy_builder: SecureStrategyBuilder | None = None,
 ) -> None:
     """Run `config.rounds` rounds of SecAgg+ FedAvg, evaluating and checkpointing each.
 
     `largest_client`: the most examples a client holds (the harness knows it); every
     client's weight n / largest_client is then at most 1, so no masked sum overflows.
+    `strategy_builder` replaces SecureFedAvg and the workflow's ranges in `protocol`
+    (distributed DP: server.distributed_dp.distributed_dp_strategy).
     Raises FederationStopped when too few clients are left.
     """
     reference = model.state_dict()
@@ -145,7 +154,7 @@ def run_secagg(
         "clipping_range": CLIPPING_RANGE,
         "quantization_range": QUANTIZATION_RANGE,
         "modulus_range": MODULUS_RANGE,
-    }  # distributed DP replaces the ranges with its own (server.distributed_dp)
+    }
 
     def evaluate_fn(
         server_round: int, arrays: NDArrays, _: dict[str, Scalar]
@@ -173,13 +182,9 @@ def run_secagg(
         "initial_parameters": ndarrays_to_parameters([t.cpu().numpy() for t in reference.values()]),
     }
     strategy: SecureFedAvg
-    if config.distributed_dp:
-        # server.distributed_dp builds on SecureFedAvg, so it is imported here, not above
-        from server.distributed_dp import distributed_dp_strategy
-
-        strategy = distributed_dp_strategy(
-            config, recorder, protocol, sum(t.numel() for t in reference.values()), fedavg
-        )
+    if strategy_builder is not None:
+        dimension = sum(t.numel() for t in reference.values())
+        strategy = strategy_builder(config, recorder, protocol, dimension, fedavg)
     else:
         strategy = SecureFedAvg(
             recorder,

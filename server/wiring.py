@@ -36,6 +36,7 @@ from fedmodel.task import Task
 from server.aggregators import build_aggregator
 from server.central_dp import with_central_dp
 from server.deployment import DeployedSetting
+from server.distributed_dp import distributed_dp_strategy
 from server.model_files import write_model_files
 from server.resume import RoundEvaluation, open_run_record, run_rounds
 from server.run_record import RunRecorder
@@ -124,7 +125,14 @@ def run_federation(
     try:
         if config.secagg and largest_client is not None:  # SecAgg+: the server sees only sums
             run_secagg(
-                setting.grid, context, config, model, evaluate_round, recorder, largest_client
+                setting.grid,
+                context,
+                config,
+                model,
+                evaluate_round,
+                recorder,
+                largest_client,
+                distributed_dp_strategy if config.distributed_dp else None,
             )
         else:
             sampling = setting.sampling(config)
