@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,30 @@ def test_distributed_dp_settings_that_cannot_work_are_refused_in_one_line(
     assert "\n" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["simulate", "medical", "--dp", "distributed", "--aggregator", "krum"], "fedavg"),
+        (["simulate", "medical", "--dp", "distributed", "--epsilon", "2"], "--dp distributed"),
+        (["run", "--dir", "fed", "--dp", "distributed"], "runs in simulation only"),
+    ],
+)
+def test_the_cli_refuses_distributed_dp_mistakes_in_one_line(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fedmodel.cli", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0]
+
+
 @pytest.mark.parametrize(("bits", "clients"), [(16, 3), (24, 100), (32, 1000)])
 def test_the_workflows_dequantized_mean_gives_back_the_residue_sum(bits: int, clients: int) -> None:
     """Flower's own arithmetic, as SecAggPlusWorkflow applies it after unmasking, on
@@ -127,13 +152,14 @@ def _flat_checkpoint(run_dir: Path, server_round: int) -> np.ndarray:
 def test_distributed_dp_run_shows_the_coordinator_only_masked_vectors_and_trains(
     tmp_path: Path,
 ) -> None:
-    """5 synthetic-ehr hospitals, 2 rounds, --dp distributed (noise 0.1, 18 bits).
+    """5 synthetic-ehr hospitals, 2 rounds, --dp distributed (noise 0.1, 18 bits), one
+    client dropping out of each round after sharing its keys.
 
-    Each client dumps (test only) its plaintext update, its residues and its masked
+    Each surviving client dumps (test only) its plaintext update, its residues and its masked
     vector, byte for byte what the coordinator receives. The masked vectors must not
     correlate with the residues; the model must move by the clients' clipped mean plus
     noise whose squared norm matches the summed discrete Gaussians' variance; the audit
-    must recompute each release; and the model must train.
+    must recompute each release, accounted with the 4 survivors; and the model must train.
     """
     from tests.test_simulation import simulate
 
@@ -143,21 +169,23 @@ def test_distributed_dp_run_shows_the_coordinator_only_masked_vectors_and_trains
         tmp_path,
         *("--dataset", "synthetic-ehr", "--clients", "5", "--rounds", "2"),
         *("--dp", "distributed", "--distributed-noise", "0.1", "--distributed-bits", "18"),
-        *("--no-baselines", "--engine", "local"),
+        *("--secagg-dropouts", "1", "--no-baselines", "--engine", "local"),
         env={**os.environ, ENCODING_DUMP_VARIABLE: str(dump)},
         command=[sys.executable, "-m", "fedmodel.cli"],  # this checkout's
     )
     print(f"distributed DP end-to-end: {time.monotonic() - started:.1f} s")
 
     record = json.loads((run_dir / DISTRIBUTED_LEDGER).read_text())
-    assert [r["clients"] for r in record["releases"]] == [5, 5]
+    assert [r["clients"] for r in record["releases"]] == [4, 4]  # partition 4 dropped out
     mechanism = DistributedDpParameters(**record["releases"][0]["parameters"])
     report = json.loads((run_dir / "secagg.json").read_text())
     assert [r["parameter_sets_received"] for r in report["rounds"]] == [1, 1]
+    assert [r["survivors"] for r in report["rounds"]] == [4, 4]
 
     noise_norm_ratios = []
     for server_round in (1, 2):
-        clients = [np.load(dump / f"round-{server_round}-client-{c}.npz") for c in range(5)]
+        clients = [np.load(dump / f"round-{server_round}-client-{c}.npz") for c in range(4)]
+        assert not (dump / f"round-{server_round}-client-4.npz").exists()
         masked = [c["masked"].astype(np.float64) for c in clients]
         residues = [c["residues"].astype(np.float64) for c in clients]
         pooled = np.corrcoef(np.concatenate(masked), np.concatenate(residues))[0, 1]
@@ -170,8 +198,8 @@ def test_distributed_dp_run_shows_the_coordinator_only_masked_vectors_and_trains
             run_dir, server_round - 1
         )
         error = moved - clipped_mean
-        # the mean's noise: 5 clients' discrete Gaussians, gamma-sized steps, over 5
-        variance = 5 * discrete_gaussian_variance(mechanism.integer_stddev) / 25
+        # the mean's noise: 4 survivors' discrete Gaussians, gamma-sized steps, over 4
+        variance = 4 * discrete_gaussian_variance(mechanism.integer_stddev) / 16
         expected = mechanism.dimension * variance * mechanism.granularity**2
         noise_norm_ratios.append(float(error @ error) / expected)
     print(f"squared error over the noise's expectation: {noise_norm_ratios}")

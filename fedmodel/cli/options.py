@@ -133,7 +133,7 @@ def dp_mode(dp: str, no_dp: bool) -> str:
     if no_dp and dp not in (RunConfig.config_keys()["dp"].default, "off"):
         raise ConfigError(f"--no-dp means --dp off; drop one of --no-dp and --dp {dp}")
     mode = "off" if no_dp else dp
-    if mode in ("off", "client"):
+    if mode in ("off", "client", "distributed"):
         without = "--no-dp" if no_dp else f"--dp {mode}"
         for name in SAMPLE_DP_KEYS:
             if _typed(name):
