@@ -11,34 +11,51 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.ndarrays_arithmetic import (
     factor_extract,
     parameters_addition,
     parameters_mod,
 )
 from flwr.common.secure_aggregation.quantization import dequantize
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
 
 from fedmodel.config import RunConfig
 from fedmodel.distributed_secagg import (
+    ROTATION_SEED_KEY,
     WORKFLOW_CLIPPING_RANGE,
     WORKFLOW_QUANTIZATION_RANGE,
+    distributed_parameters,
     residues_from_workflow,
 )
 from fedmodel.errors import ConfigError
 from fedmodel.privacy.audit import audit
 from fedmodel.privacy.discrete_gaussian import discrete_gaussian_variance
-from fedmodel.privacy.distributed_accounting import DistributedRelease
-from fedmodel.privacy.distributed_dp import DistributedDpParameters, clip, plan_granularity
+from fedmodel.privacy.distributed_accounting import DistributedRelease, distributed_epsilon
+from fedmodel.privacy.distributed_dp import (
+    DistributedDpParameters,
+    clip,
+    encode,
+    plan_granularity,
+    rounding_error_bound,
+)
 from fedmodel.privacy.distributed_ledger import (
     DISTRIBUTED_LEDGER,
     DistributedBudgetStop,
     DistributedLedger,
     audit_distributed,
 )
+from fedmodel.protocol import PARTITION_ID_KEY
+from fedmodel.run_directory import CLASSIFIER_SCORING
+from server.distributed_dp import distributed_dp_strategy
+from server.run_record import RunRecorder
+from server.strategy import FederationStopped
 from simulations.apps import ENCODING_DUMP_VARIABLE
 from simulations.runner import client_app_reference
 
@@ -141,6 +158,67 @@ def test_the_budget_stops_a_round_before_it_and_the_audit_catches_an_edited_reco
     (tmp_path / DISTRIBUTED_LEDGER).write_text(json.dumps(record))
     edited = audit_distributed(tmp_path / DISTRIBUTED_LEDGER)
     assert edited.problems and "round 2: records epsilon" in edited.problems[0]
+
+
+class _Node(ClientProxy):
+    """A client the strategy can sample; it is never asked anything."""
+
+    def get_properties(self, *args: object, **kwargs: object) -> Any:
+        raise NotImplementedError
+
+    get_parameters = fit = evaluate = reconnect = get_properties
+
+
+def test_strategy_applies_the_decoded_clipped_mean_and_stops_before_the_budget(
+    tmp_path: Path,
+) -> None:
+    """Three clients' real encodings, summed and dequantized as SecAggPlusWorkflow does;
+    the strategy must move the model by their clipped mean (within rounding and noise),
+    record the release, and refuse round 2 once it would pass the budget."""
+    dimension, clients = 6, 3
+    config = RunConfig(dp="distributed", clients=clients, secagg_shares=3, secagg_threshold=2)
+    mechanism = distributed_parameters(config.replace(distributed_noise=0.01), dimension)
+    once = distributed_epsilon([DistributedRelease(1, mechanism, clients)], config.delta)
+    both = [DistributedRelease(r, mechanism, clients) for r in (1, 2)]
+    twice = distributed_epsilon(both, config.delta)
+    config = config.replace(distributed_noise=0.01, distributed_epsilon=(once + twice) / 2)
+    global_model = [np.arange(dimension, dtype=np.float32).reshape(2, 3) / 10]
+    strategy = distributed_dp_strategy(
+        config,
+        RunRecorder(tmp_path, config, CLASSIFIER_SCORING),
+        {"shares": 3},
+        dimension,
+        {"initial_parameters": ndarrays_to_parameters(global_model), "fraction_evaluate": 0.0},
+    )
+    assert strategy.mechanism == mechanism
+    nodes = SimpleClientManager()
+    for node in range(clients):
+        nodes.register(_Node(str(node)))
+    sent = strategy.configure_fit(1, ndarrays_to_parameters(global_model), nodes)
+    rotation_seed = int(sent[0][1].config[ROTATION_SEED_KEY])
+
+    updates = np.random.default_rng(1).normal(0, 0.6, (clients, dimension))  # some clipped
+    generator = np.random.default_rng(2)
+    residues = [encode(update, mechanism, rotation_seed, generator) for update in updates]
+    summed = np.mod(np.sum(residues, axis=0), mechanism.modulus)
+    unmasked = (2 * WORKFLOW_CLIPPING_RANGE * summed - clients * WORKFLOW_CLIPPING_RANGE) / clients
+    results = []
+    for partition in range(clients):
+        reply: dict[str, Scalar] = {"num-examples": 50, PARTITION_ID_KEY: partition}
+        fit = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([unmasked]), 1, reply)
+        results.append((nodes.all()[str(partition)], fit))
+    parameters, metrics = strategy.aggregate_fit(1, results, [])
+    assert parameters is not None and metrics["client_level_epsilon"] == pytest.approx(once)
+    (moved,) = parameters_to_ndarrays(parameters)
+    expected = global_model[0].ravel() + np.mean([clip(u, 1.0) for u in updates], axis=0)
+    noise = 6 * mechanism.local_stddev * np.sqrt(clients * dimension) / clients
+    bound = rounding_error_bound(mechanism, clients) / clients + noise
+    error = float(np.linalg.norm(moved.ravel() - expected))
+    print(f"decoded mean off by {error:.2e} (bound {bound:.2e})")
+    assert error < bound < 0.1
+    assert json.loads((tmp_path / DISTRIBUTED_LEDGER).read_text())["releases"][0]["clients"] == 3
+    with pytest.raises(FederationStopped, match="round 2 would take epsilon"):
+        strategy.configure_fit(2, parameters, nodes)
 
 
 def _flat_checkpoint(run_dir: Path, server_round: int) -> np.ndarray:

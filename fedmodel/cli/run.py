@@ -50,6 +50,8 @@ TaskName = Annotated[
 
 def _run(options: dict[str, Any]) -> None:
     """Build the RunConfig from the options (named like its fields) and launch the run."""
+    if options["dp"] == "distributed":  # it needs SecAgg+, which deployed nodes lack yet
+        raise ConfigError("--dp distributed runs in simulation only for now (fedmodel simulate)")
     from client.tasks import installed_task
     from fedmodel.protocol import REFUSAL_MARKER
     from fedmodel.run_directory import SUMMARY_FILE, Scoring
@@ -66,8 +68,6 @@ def _run(options: dict[str, Any]) -> None:
     directory, resume = options.pop("directory"), options.pop("resume")
     output, verbose = options.pop("output"), options.pop("verbose")
     options["dp"] = dp_mode(options["dp"], options.pop("no_dp"))
-    if options["dp"] == "distributed":  # it needs SecAgg+, which deployed nodes lack yet
-        raise ConfigError("--dp distributed runs in simulation only for now (fedmodel simulate)")
     config = RunConfig(  # checked before the federation is loaded
         scenario="deployment",
         dataset="local",
