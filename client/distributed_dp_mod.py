@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import (
     bytes_to_ndarray,
     ndarray_to_bytes,
@@ -45,7 +45,13 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client.app import round_seed
 from fedmodel.config import RunConfig
-from fedmodel.distributed_secagg import ROTATION_SEED_KEY, distributed_parameters, flatten
+from fedmodel.distributed_secagg import (
+    ROTATION_SEED_KEY,
+    WORKFLOW_MAX_WEIGHT,
+    WORKFLOW_QUANTIZATION_RANGE,
+    distributed_parameters,
+    flatten,
+)
 from fedmodel.privacy.distributed_dp import encode
 from fedmodel.protocol import PARTITION_ID_KEY, SERVER_ROUND_KEY
 from fedmodel.sampling import dp_numpy_generator
@@ -55,7 +61,7 @@ EncodingObserver = Callable[[int, int, np.ndarray, np.ndarray, np.ndarray], None
 NOISE_STREAM = 18  # keeps the rounding and noise seed apart from DP-SGD's for the round
 
 
-def distributed_dp_mod(observe: EncodingObserver | None = None) -> Callable[..., Message]:
+def distributed_dp_mod(observe: EncodingObserver | None = None) -> Mod:
     """The mod; `observe` (a test harness's) sees each client's update, residues and
     masked vector, the last exactly as the coordinator receives it."""
 
@@ -70,9 +76,8 @@ def distributed_dp_mod(observe: EncodingObserver | None = None) -> Callable[...,
         reply = secaggplus_mod(msg, context, encode_reply)
         if not encoded or reply.has_error():
             return reply
-        (partition_id, server_round, update, residues), modulus = encoded[0], _modulus(context)
-        if modulus != 1 << RunConfig.from_run_config(context.run_config).distributed_bits:
-            raise ValueError(f"the coordinator's SecAgg+ modulus {modulus} is not 2**bits")
+        partition_id, server_round, update, residues = encoded[0]
+        modulus = _agreed_modulus(context)
         configs = reply.content.config_records[RECORD_KEY_CONFIGS]
         masked_bytes = cast(list[bytes], configs[Key.MASKED_PARAMETERS])
         factor, zero = (bytes_to_ndarray(b) for b in masked_bytes)
@@ -120,5 +125,17 @@ def _secagg_state(context: Context) -> dict[str, object]:
     return dict(context.state.config_records[RECORD_KEY_STATE])
 
 
-def _modulus(context: Context) -> int:
-    return int(_secagg_state(context)["mod_range"])  # type: ignore[call-overload]
+def _agreed_modulus(context: Context) -> int:
+    """The workflow's modulus, once its setup is checked to be the one agreed on
+    (fedmodel.distributed_secagg): otherwise the masked vector was not the residues'."""
+    state = _secagg_state(context)
+    modulus = 1 << RunConfig.from_run_config(context.run_config).distributed_bits
+    agreed = {
+        "mod_range": modulus,
+        "target_range": WORKFLOW_QUANTIZATION_RANGE,
+        "max_weight": WORKFLOW_MAX_WEIGHT,
+    }
+    for name, value in agreed.items():
+        if state[name] != value:
+            raise ValueError(f"the coordinator set SecAgg+'s {name} to {state[name]}, not {value}")
+    return modulus
