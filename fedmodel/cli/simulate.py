@@ -53,6 +53,7 @@ SIMULATION_KEYS = (
     "fraction",
     "partition",
     "alpha",
+    "validation_fraction",
     "budget_epsilon",
     "ledger_dir",
     "central_adaptive",
@@ -396,6 +397,12 @@ def _announce(config: RunConfig, task: Task, run_dir: Path) -> None:
         + (
             f", {config.attackers:g} of clients attacking ({config.attack})"
             if config.attack != "none" and config.attackers > 0
+            else ""
+        )
+        + (
+            f", scored on a validation split ({config.validation_fraction:g} of each client's "
+            "training rows, held out), not the test set"
+            if config.validation_fraction > 0
             else ""
         )
         + f"; run directory {run_dir}"
