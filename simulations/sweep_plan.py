@@ -78,7 +78,12 @@ class PlannedRun:
         ]
 
     def described(self) -> str:
-        return " ".join(f"{name}={value}" for name, value in self.config)
+        return described(self.config)
+
+
+def described(config: Config) -> str:
+    """`lr=0.1 aggregator=fedavg`, or `defaults` for the empty grid."""
+    return " ".join(f"{name}={value}" for name, value in config) or "defaults"
 
 
 def stage_one(definition: SweepDefinition) -> list[PlannedRun]:

@@ -16,10 +16,11 @@ from matplotlib.ticker import FixedLocator, NullLocator
 
 from fedmodel.plotting import new_figure, save
 from fedmodel.run_directory import Scoring
-from simulations.sweep_plan import ARMS, SweepDefinition
+from simulations.sweep_plan import ARMS, SweepDefinition, described
 from simulations.sweep_results import ARM_LABELS, ArmResult
 
 BEST_FILE, PLOT_FILE, REPORT_FILE = "best.csv", "privacy_utility.png", "sweep.md"
+BOUNDED_METRICS = frozenset({"auroc", "auprc", "accuracy", "recall_at_1pct_fpr"})
 OFFSET = 0.06  # each arm's shift along the log epsilon axis (a factor of 10**0.06 = 1.15)
 
 
@@ -41,7 +42,7 @@ def write_sweep_report(
                  _cell(result.validation), _cell(result.mean), _cell(low), _cell(high),
                  len(result.test_scores)]
             )  # fmt: skip
-    _plot(path / PLOT_FILE, definition, results, label)
+    _plot(path / PLOT_FILE, definition, results, metric)
     (path / REPORT_FILE).write_text(_markdown(definition, results, label, command))
 
 
@@ -51,13 +52,18 @@ def _interval(result: ArmResult) -> tuple[float | None, float | None]:
     return result.mean - result.half_width, result.mean + result.half_width
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
 def _plot(
-    path: Path, definition: SweepDefinition, results: Sequence[ArmResult], label: str
+    path: Path, definition: SweepDefinition, results: Sequence[ArmResult], metric: str
 ) -> None:
+    label = Scoring.label(metric)
     figure, axis = new_figure(6.5, 4.2)
     epsilons = sorted(definition.epsilons)
     for index, arm in enumerate(ARMS):
@@ -77,9 +83,12 @@ def _plot(
     axis.set_xticklabels([f"{epsilon:g}" for epsilon in epsilons])
     axis.set_xlim(epsilons[0] / 1.6, epsilons[-1] * 1.6)
     axis.set_xlabel("epsilon (per client, delta fixed)")
+    if metric in BOUNDED_METRICS:  # two seeds' t-interval can reach far outside [0, 1]
+        low, high = axis.get_ylim()
+        axis.set_ylim(max(0.0, low), min(1.0, high))
     axis.set_ylabel(f"test {label}")
-    seeds = len(definition.seeds)
-    axis.set_title(f"{definition.scenario}: mean over {seeds} seeds, 95% t-interval")
+    seeds = _count(len(definition.seeds), "seed")
+    axis.set_title(f"{definition.scenario}: mean over {seeds}, 95% t-interval")
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
@@ -99,28 +108,27 @@ def _markdown(
         command,
         "```",
         "",
-        f"Stage 1 ran {len(definition.configs())} configurations of the grid at each epsilon, "
-        f"one seed, each scored on a validation split ({definition.validation_fraction:g} of "
-        "each client's training rows, held out); the test set was not read. Each arm "
-        "(federated, central DP, site alone) took its own best configuration by validation "
-        f"{label}. Stage 2 reran those with {seeds} seeds on the full training rows, scored "
-        "on the test set: the mean and the 95% t-interval over seeds below, and in "
-        "privacy_utility.png. Every run is in sweep.csv; the choices in best.csv.",
+        f"Stage 1 ran {_count(len(definition.configs()), 'configuration')} of the grid at "
+        "each epsilon, one seed, each scored on a validation split "
+        f"({definition.validation_fraction:g} of each client's training rows, held out); the "
+        "test set was not read. Each arm (federated, central DP, site alone) took its own "
+        f"best configuration by validation {label}. Stage 2 reran those with "
+        f"{_count(seeds, 'seed')} on the full training rows, scored on the test set: the "
+        "mean and the 95% t-interval over seeds below, and in privacy_utility.png. Every "
+        "run is in sweep.csv; the choices in best.csv.",
         "",
-        f"| epsilon | arm | {' | '.join(definition.keys)} | validation {label} | "
-        f"test {label} (95% CI) |",
-        "|---|---|" + "---|" * len(definition.keys) + "---|---|",
+        f"| epsilon | arm | configuration | validation {label} | test {label} [95% CI] |",
+        "|---|---|---|---|---|",
     ]
     for result in results:
         low, high = _interval(result)
         test = (
             "-"
             if result.mean is None
-            else f"{result.mean:.4f}" + (f" ({low:.4f}-{high:.4f})" if low is not None else "")
+            else f"{result.mean:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None else "")
         )
-        values = " | ".join(value for _, value in result.config)
         lines.append(
-            f"| {result.epsilon:g} | {ARM_LABELS[result.arm]} | {values} | "
+            f"| {result.epsilon:g} | {ARM_LABELS[result.arm]} | {described(result.config)} | "
             f"{_cell(result.validation) or '-'} | {test} |"
         )
     lines += [

@@ -67,7 +67,7 @@ def sweep_command(
     Writes sweep.csv, best.csv, privacy_utility.png and sweep.md; resumable.
     """
     from simulations.sweep import run_sweep
-    from simulations.sweep_plan import PlannedRun, Row, SweepDefinition
+    from simulations.sweep_plan import PlannedRun, Row, SweepDefinition, described
     from simulations.sweep_results import ARM_LABELS
     from simulations.sweep_runs import SweepDirectory
 
@@ -99,7 +99,7 @@ def sweep_command(
     command = shlex.join(["fedmodel", *sys.argv[1:]])
     started = time.monotonic()
     console.print(
-        f"Sweeping {scenario}: {configs} configurations x {len(epsilons)} epsilons at seed "
+        f"Sweeping {scenario}: {configs} configuration(s) x {len(epsilons)} epsilon(s) at seed "
         f"{seed} (validation rows), then each epsilon's chosen configurations x {seeds} "
         f"seeds (test set); {jobs} at a time; directory {directory.path}"
     )
@@ -133,7 +133,7 @@ def sweep_command(
         table.add_row(
             f"{result.epsilon:g}",
             ARM_LABELS[result.arm],
-            " ".join(f"{k}={v}" for k, v in result.config),
+            described(result.config),
             "-" if result.validation is None else f"{result.validation:.4f}",
             "-" if result.mean is None else f"{result.mean:.4f}{interval}",
         )
