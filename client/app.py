@@ -187,8 +187,8 @@ def _train_private(
     )
     budget = owner_budget(config, context)
     run_id = ledger_run_id(config, context.run_id)
-    rows_count = row_count(rows.data)
-    plan = poisson_plan(rows_count, client_batch_size(rows_count, config.batch_size))  # as run
+    assert loader.batch_size is not None  # make_loader sets one: a small client's own
+    plan = poisson_plan(row_count(rows.data), loader.batch_size)  # what the sampler runs
     sample_rate, steps = plan.sample_rate, config.local_epochs * plan.steps_per_epoch
     with ledger:  # one connection for the round's ledger steps
         noise_multiplier = ledger.run_noise_multiplier(fingerprint, run_id)
