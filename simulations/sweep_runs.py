@@ -10,6 +10,7 @@ same directory is refused.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -22,7 +23,12 @@ from pathlib import Path
 
 from fedmodel.errors import ConfigError, SimulationError
 from fedmodel.run_directory import RunSummary, write_json_atomic
-from fedmodel.runtime.processes import start_detached, stop_group, tool_environment
+from fedmodel.runtime.processes import (
+    plain_lines,
+    start_detached,
+    stop_group,
+    tool_environment,
+)
 from simulations.sweep_plan import ARMS, PlannedRun, Row, SweepDefinition
 
 SWEEP_FILE, CSV_FILE, RUNS_DIR = "sweep.json", "sweep.csv", "runs"
@@ -140,14 +146,16 @@ def run_stage(
                 run_dir = directory.run_dir(key)
                 shutil.rmtree(run_dir, ignore_errors=True)  # a run interrupted midway
                 run_dir.parent.mkdir(parents=True, exist_ok=True)
+                _log(run_dir).unlink(missing_ok=True)
                 environment = tool_environment() | {"OMP_NUM_THREADS": str(len(slots[slot]))}
                 process = start_detached(
                     [*simulate, *run.arguments(definition, run_dir)],
-                    run_dir.parent / f"{key}.log",
+                    _log(run_dir),
                     environment,
                     die_with_parent=True,
                 )
-                os.sched_setaffinity(process.pid, slots[slot])  # before it starts its workers
+                with contextlib.suppress(ProcessLookupError):  # before it starts its workers
+                    os.sched_setaffinity(process.pid, slots[slot])
                 running[slot] = (run, key, time.monotonic(), process.pid)
                 threading.Thread(
                     target=lambda s=slot, p=process: replies.put((s, p.wait())), daemon=True
@@ -157,10 +165,11 @@ def run_stage(
             free.append(slot)
             summary = RunSummary.of_completed_run(directory.run_dir(key))
             if code != 0 or summary is None:
-                log = directory.run_dir(key).parent / f"{key}.log"
+                log = _log(directory.run_dir(key))
+                said = next((line for line in reversed(plain_lines(log.read_text())) if line), "")
                 raise SimulationError(
                     f"sweep run {run.described()} at epsilon {run.epsilon:g}, seed {run.seed} "
-                    f"failed (exit code {code}); its output is in {log}"
+                    f"failed (exit code {code}: {said}); its output is in {log}"
                 )
             row = directory.row_of(run, key, summary, time.monotonic() - started)
             directory.append(row)
@@ -172,6 +181,11 @@ def run_stage(
             stop_group(pid, STOP_TIMEOUT_S)
             shutil.rmtree(directory.run_dir(key), ignore_errors=True)
     return [finished[run.key(definition)] for run in runs]
+
+
+def _log(run_dir: Path) -> Path:
+    """Where a run's own output goes: beside its run directory (which a restart clears)."""
+    return run_dir.parent / f"{run_dir.name}.log"
 
 
 def core_slots(jobs: int) -> list[set[int]]:
