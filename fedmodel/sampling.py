@@ -53,7 +53,8 @@ def poisson_plan(rows: int, batch_size: int) -> PoissonPlan:
 
 
 MIN_STEPS_PER_EPOCH = 4
-"""A client's expected batch is at most this share (1/4) of its rows: see `client_batch_size`."""
+"""The fewest Poisson steps per epoch a small client takes (its expected batch: at most
+a quarter of its rows); see `client_batch_size`."""
 
 
 def client_batch_size(rows: int, batch_size: int) -> int:

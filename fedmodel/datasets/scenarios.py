@@ -166,11 +166,11 @@ def _table_federation(
     split: Split, clients: int, scheme: str, alpha: float, seed: int
 ) -> Federation:
     if split.train_sites is None:
-        rows = len(split.train)
-        if rows < clients * MIN_DP_ROWS:
+        total = len(split.train)
+        if total < clients * MIN_DP_ROWS:
             raise DataError(
-                f"{rows} training rows cannot make {clients} clients of at least {MIN_DP_ROWS} "
-                f"rows, the least DP-SGD can use; use --clients {max(1, rows // MIN_DP_ROWS)} "
+                f"{total} training rows cannot make {clients} clients of at least {MIN_DP_ROWS} "
+                f"rows, the least DP-SGD can use; use --clients {max(1, total // MIN_DP_ROWS)} "
                 "or fewer"
             )
         indices = partition_indices(
