@@ -55,7 +55,7 @@ from fedmodel.protocol import (
     TRAIN_LOSS_KEY,
 )
 from fedmodel.run_directory import LEDGERS_DIR
-from fedmodel.sampling import poisson_plan
+from fedmodel.sampling import client_batch_size, poisson_plan
 from fedmodel.training import TrainResult, select_device, train_dp, train_plain
 
 TrainMetrics = Metrics
@@ -126,7 +126,8 @@ def train_local_model(
     model = rows.task.model()
     model.load_state_dict(global_state)
     model.to(device)  # model and data move to the device once per call
-    loader = make_loader(data, config.batch_size, seed, device)
+    # a small client takes smaller batches (fedmodel.sampling.client_batch_size)
+    loader = make_loader(data, client_batch_size(row_count(data), config.batch_size), seed, device)
     metrics: TrainMetrics = {NUM_EXAMPLES_KEY: row_count(data), PARTITION_ID_KEY: partition_id}
     if config.sample_dp:
         result, budget = _train_private(
@@ -186,7 +187,8 @@ def _train_private(
     )
     budget = owner_budget(config, context)
     run_id = ledger_run_id(config, context.run_id)
-    plan = poisson_plan(row_count(rows.data), config.batch_size)  # what the sampler runs
+    assert loader.batch_size is not None  # make_loader sets one: a small client's own
+    plan = poisson_plan(row_count(rows.data), loader.batch_size)  # what the sampler runs
     sample_rate, steps = plan.sample_rate, config.local_epochs * plan.steps_per_epoch
     with ledger:  # one connection for the round's ledger steps
         noise_multiplier = ledger.run_noise_multiplier(fingerprint, run_id)

@@ -6,6 +6,7 @@ encodes with are `fedmodel.feature_statistics`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,12 +87,18 @@ def dataset_tensors(data: Dataset) -> tuple[torch.Tensor, ...]:
 
 
 def partition_indices(
-    labels: np.ndarray, num_partitions: int, scheme: str, alpha: float, seed: int
+    labels: np.ndarray,
+    num_partitions: int,
+    scheme: str,
+    alpha: float,
+    seed: int,
+    min_rows: int = 2,
 ) -> list[np.ndarray]:
     """Row indices of each partition, from flwr-datasets partitioners on a local table.
 
     Rows are shuffled first: the IID partitioner shards contiguously, and some tables
-    ship sorted by label.
+    ship sorted by label. `min_rows`: dirichlet draws again until every partition has
+    at least this many rows (the other schemes leave the check to the caller).
     """
     from datasets import Dataset
     from flwr_datasets.partitioner import (
@@ -117,7 +124,7 @@ def partition_indices(
             num_partitions=num_partitions,
             partition_by="label",
             alpha=alpha,
-            min_partition_size=2,
+            min_partition_size=min_rows,
             seed=seed,
         )
     elif scheme == "shard":  # McMahan et al. 2017: label-sorted shards, two per client
@@ -141,10 +148,12 @@ def partition_indices(
         )
     partitioner.dataset = table
     try:
-        return [
-            np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
-            for i in range(num_partitions)
-        ]
+        with warnings.catch_warnings():  # its retries under min_rows: our error says what to do
+            warnings.filterwarnings("ignore", message=".*min_partition_size.*")
+            return [
+                np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
+                for i in range(num_partitions)
+            ]
     except ValueError as error:
         raise DataError(
             f"{scheme} partitioning into {num_partitions} clients failed ({error}); "

@@ -52,6 +52,26 @@ def poisson_plan(rows: int, batch_size: int) -> PoissonPlan:
     return PoissonPlan(sample_rate=1 / steps, steps_per_epoch=steps)
 
 
+MIN_STEPS_PER_EPOCH = 4
+"""The fewest Poisson steps per epoch a small client takes (its expected batch: at most
+a quarter of its rows); see `client_batch_size`."""
+
+
+def client_batch_size(rows: int, batch_size: int) -> int:
+    """The batch a client of `rows` training rows uses when `batch_size` is requested:
+    min(batch_size, max(1, rows // 4)).
+
+    Why: with fewer rows than a few batches, Poisson sampling at the requested size takes
+    one or two steps per epoch at a sample rate near 1, which gives up the amplification
+    by subsampling; the calibrated noise then drowns the few updates (4 sites of ~45 rows
+    at batch 64: q = 1, noise multiplier 7). At most a quarter of its rows per batch, a
+    small client takes at least `MIN_STEPS_PER_EPOCH` steps per epoch at q <= 1/4. Clients
+    with 4 or more batches of rows keep `batch_size`; the plan and the accountant see the
+    batch that runs (`poisson_plan(rows, client_batch_size(rows, batch_size))`).
+    """
+    return min(batch_size, max(1, rows // MIN_STEPS_PER_EPOCH))
+
+
 class PoissonBatchSampler(Sampler[list[int]]):
     """Each epoch, `steps_per_epoch` batches, each holding every row independently with
     probability `sample_rate` (so a batch may be empty); masks come from `generator`.

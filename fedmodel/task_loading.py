@@ -23,6 +23,7 @@ from torch import nn
 from fedmodel.config import TASK_SCENARIO, RunConfig
 from fedmodel.errors import ConfigError, TaskError
 from fedmodel.task import Task
+from fedmodel.validation import validation_task
 
 ENTRY_POINT_GROUP = "fedmodel.tasks"
 
@@ -101,7 +102,9 @@ def load_task(config: RunConfig) -> Task:
 
         task = tabular_task(config)
     if config.fix_model:
-        return dataclasses.replace(task, model=FixedModel(task.model))
+        task = dataclasses.replace(task, model=FixedModel(task.model))
+    if config.validation_fraction > 0:
+        task = validation_task(task, config.validation_fraction, task.num_sites or config.clients)
     return task
 
 

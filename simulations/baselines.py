@@ -32,7 +32,7 @@ from fedmodel.evaluation import evaluate
 from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.calibration import calibrate_noise_multiplier
 from fedmodel.run_directory import Scoring
-from fedmodel.sampling import poisson_plan
+from fedmodel.sampling import client_batch_size, poisson_plan
 from fedmodel.task import Task
 from fedmodel.training import select_device, train_dp, train_plain
 
@@ -44,13 +44,14 @@ def train_and_score(
     scored on `test`; includes the epsilon actually spent when private."""
     torch.manual_seed(seed)
     model = task.model()
-    loader = make_loader(train, config.batch_size, seed)
+    rows = row_count(train)
+    batch_size = client_batch_size(rows, config.batch_size)  # a small site's, as in the run
+    loader = make_loader(train, batch_size, seed)
     epochs = config.rounds * config.local_epochs
     device = select_device("cpu")
-    rows = row_count(train)
     result: dict[str, Any] = {"rows": rows}
     if private:
-        plan = poisson_plan(rows, config.batch_size)
+        plan = poisson_plan(rows, batch_size)
         steps = epochs * plan.steps_per_epoch
         noise = _noise_multiplier(config.epsilon, config.delta, plan.sample_rate, steps)
         trained = train_dp(

@@ -49,10 +49,11 @@ def assert_epsilons_recompute(
     summary: Mapping[str, Any], rows: Mapping[str, int] | None = None
 ) -> None:
     """Every client's reported epsilon, recomputed from the mechanism its data size and
-    the run config imply: q = 1/L and L steps per local epoch (L = ceil(rows / batch
-    size)), for each round it trained; only the noise multiplier is the client's own
-    choice. Checked with a fresh Opacus accountant (exactly), with dp-accounting's RDP
-    (within 1%) and PLD (never above), after every round. `rows` overrides the counts
+    the run config imply: q = 1/L and L steps per local epoch (L = ceil(rows / batch),
+    the batch at most a quarter of the rows), for each round it trained; only the noise
+    multiplier is the client's own choice. Checked with a fresh Opacus accountant
+    (exactly), with dp-accounting's RDP (within 1%) and PLD (never above), after every
+    round. `rows` overrides the counts
     in the summary where the nodes released them rounded.
     """
     from opacus.accountants import RDPAccountant
@@ -60,7 +61,9 @@ def assert_epsilons_recompute(
     config = summary["config"]
     for client in summary["clients"]:
         examples = rows[client["node"]] if rows else client["num_examples"]
-        batches = -(-examples // config["batch_size"])
+        # a small client's batch is at most a quarter of its rows (docs/sweep.md#small-sites)
+        batch = min(config["batch_size"], max(1, examples // 4))
+        batches = -(-examples // batch)
         ((noise, rate, steps),) = client["history"]  # one run: one calibrated mechanism
         by_round = [epsilon for _, epsilon in client["epsilon_by_round"]]
         assert rate == 1 / batches, client

@@ -23,7 +23,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["simulate", "medical", "--epsilon", "-2"], "--epsilon must be a positive number"),
         (["simulate", "medical", "--delta", "1"], "--delta must be between 0 and 1"),
         (["simulate", "medical", "--delta", "0"], "--delta must be between 0 and 1"),
-        (["simulate", "medical", "--clients", "7000"], "use --clients 6299 or fewer"),
+        (["simulate", "medical", "--clients", "7000"], "use --clients 314 or fewer"),
         (["simulate", "medical", "--partition", "random"], "--partition must be one of"),
         (["simulate", "medical", "--clients", "many"], "'many' is not a valid integer"),
         (

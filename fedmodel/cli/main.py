@@ -17,6 +17,7 @@ from fedmodel.cli.model import export_command, predict_command
 from fedmodel.cli.run import run_command
 from fedmodel.cli.server import server_app
 from fedmodel.cli.simulate import simulate_app
+from fedmodel.cli.sweep import sweep_command
 from fedmodel.errors import ExitCode, FedModelError
 
 app = typer.Typer(
@@ -34,6 +35,9 @@ app.add_typer(audit_app, name="audit")
 app.command("predict")(predict_command)  # issue 16: use the trained model
 app.command("export")(export_command)
 app.command("console")(console_command)  # issue 19: the operator's and auditor's console
+app.command(  # issue 20: tune per epsilon; simulate's other options pass through
+    "sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)(sweep_command)
 
 
 def main() -> None:

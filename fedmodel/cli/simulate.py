@@ -56,6 +56,7 @@ SIMULATION_KEYS = (
     "fraction",
     "partition",
     "alpha",
+    "validation_fraction",
     "budget_epsilon",
     "ledger_dir",
     "central_adaptive",
@@ -269,8 +270,8 @@ def _simulate(
             non_iid = heterogeneity(
                 clients, task.metrics if isinstance(task.metrics, str) else None
             )
-        for note in notes:
-            console.print(note)
+        for note in [*notes, *_small_client_batches(config, clients, task.site_names)]:
+            console.print(note, soft_wrap=True)
         config = config.replace(  # the engine runs elsewhere: paths must be absolute
             output_dir=str(run_dir.absolute()),
             ledger_dir=str(Path(config.ledger_dir).absolute()) if config.ledger_dir else "",
@@ -341,6 +342,33 @@ def _simulate(
         console.print(f"Stopped early: {summary.stopped_early}")
 
 
+def _small_client_batches(
+    config: RunConfig, clients: Sequence[Any], site_names: Sequence[str]
+) -> list[str]:
+    """The line naming the clients that train with a smaller batch than --batch-size, and
+    why (fedmodel.sampling.client_batch_size); none when every client keeps it."""
+    from fedmodel.data import row_count
+    from fedmodel.sampling import MIN_STEPS_PER_EPOCH, client_batch_size
+
+    smaller = []
+    for index, data in enumerate(clients):
+        rows = row_count(data)
+        if (batch := client_batch_size(rows, config.batch_size)) < config.batch_size:
+            name = site_names[index] if index < len(site_names) else str(index)
+            smaller.append(f"{name} ({rows} rows) {batch}")
+    if not smaller:
+        return []
+    shown = ", ".join(smaller[:10]) + (
+        f" and {len(smaller) - 10} more" if len(smaller) > 10 else ""
+    )
+    return [
+        f"{_count(len(smaller), 'client')} hold fewer than {MIN_STEPS_PER_EPOCH} batches of "
+        f"--batch-size {config.batch_size} and train with an expected batch of at most a "
+        f"quarter of their rows (at least {MIN_STEPS_PER_EPOCH} DP-SGD steps per epoch): "
+        f"client (rows) batch: {shown}"
+    ]
+
+
 def _announce(config: RunConfig, task: Task, run_dir: Path) -> None:
     """What is about to run: the federation, the privacy settings, where results go."""
     natural, too_small = task.notes.get("natural_sites"), task.notes.get("too_small_to_train")
@@ -383,6 +411,12 @@ def _announce(config: RunConfig, task: Task, run_dir: Path) -> None:
         + (
             f", {config.attackers:g} of clients attacking ({config.attack})"
             if config.attack != "none" and config.attackers > 0
+            else ""
+        )
+        + (
+            f", scored on a validation split ({config.validation_fraction:g} of each client's "
+            "training rows, held out), not the test set"
+            if config.validation_fraction > 0
             else ""
         )
         + f"; run directory {run_dir}"

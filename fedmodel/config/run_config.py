@@ -131,6 +131,12 @@ class RunConfig(RunKeys):
             self.max_update_norm,
         )
         _require(
+            0.0 <= self.validation_fraction < 1.0,
+            "--validation-fraction must be in [0, 1): the share of each client's training "
+            "rows held out to score on (0: score on the test set)",
+            self.validation_fraction,
+        )
+        _require(
             math.isfinite(self.proximal_mu) and self.proximal_mu >= 0.0,
             "--proximal-mu must be 0 or a positive number",
             self.proximal_mu,

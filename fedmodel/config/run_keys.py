@@ -166,6 +166,12 @@ class RunKeys:
     max_update_norm: float = key(
         0.0, _ROBUSTNESS, "Reject updates farther than this from the global model (0: off)."
     )
+    validation_fraction: float = key(
+        0.0,
+        _DATA,
+        "Simulation: score on this share of each client's training rows, held out (a "
+        "validation split), never on the test set; fedmodel sweep selects on it (0: off).",
+    )
     proximal_mu: float = key(
         0.0, _TRAINING, "--aggregator fedprox: weight mu of the proximal term in local training."
     )

@@ -10,7 +10,10 @@ Three kinds of federation, one interface (`federation(config)`):
 
 Sites with fewer than `MIN_DP_ROWS` training rows are too small to train under DP and
 are left out of the federation (and reported): with a few records, every Poisson batch
-is nearly empty and the clipped-and-noised gradient is almost pure noise.
+is nearly empty and the clipped-and-noised gradient is almost pure noise. The same floor
+holds for a table split into `--clients` parts: a split that would make a client smaller
+is refused (dirichlet draws again until every client has the floor, as flwr-datasets'
+`min_partition_size` does), since a client cannot sit out of a split it was made for.
 The ClientApp and ServerApp call `client_partitions` and `global_test_set`.
 """
 
@@ -163,7 +166,23 @@ def _table_federation(
     split: Split, clients: int, scheme: str, alpha: float, seed: int
 ) -> Federation:
     if split.train_sites is None:
-        indices = partition_indices(split.train.labels, clients, scheme, alpha, seed)
+        total = len(split.train)
+        if total < clients * MIN_DP_ROWS:
+            raise DataError(
+                f"{total} training rows cannot make {clients} clients of at least {MIN_DP_ROWS} "
+                f"rows, the least DP-SGD can use; use --clients {max(1, total // MIN_DP_ROWS)} "
+                "or fewer"
+            )
+        indices = partition_indices(
+            split.train.labels, clients, scheme, alpha, seed, min_rows=MIN_DP_ROWS
+        )
+        small = [str(client) for client, part in enumerate(indices) if len(part) < MIN_DP_ROWS]
+        if small:
+            raise DataError(
+                f"{scheme} partitioning left client(s) {', '.join(small)} with fewer than "
+                f"{MIN_DP_ROWS} training rows, the least DP-SGD can use; use fewer --clients"
+                + (" or a larger --alpha" if scheme == "dirichlet" else "")
+            )
         return Federation(
             tuple(split.train.subset(rows) for rows in indices), split.test, schema=split.schema
         )

@@ -1,0 +1,128 @@
+"""What a sweep found: the configuration chosen per epsilon and arm, on validation scores
+only, and the chosen ones' test scores over seeds (mean and 95% t-interval).
+
+The choice is made from `ValidationScore`s, which carry a run's validation scores and
+nothing else: the code that chooses cannot see a test score (stage-1 runs compute none).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from scipy import stats
+
+from simulations.sweep_plan import ARMS, Config, Row, SweepDefinition
+
+ARM_LABELS = {"federated": "federated", "central_dp": "central DP", "site_alone": "site alone"}
+
+
+@dataclass(frozen=True)
+class ValidationScore:
+    """A stage-1 run's validation score for each arm (None: not scored, e.g. no baselines)."""
+
+    epsilon: float
+    config: Config
+    scores: Mapping[str, float | None]
+    higher_is_better: bool
+
+
+def validation_scores(rows: Sequence[Row], definition: SweepDefinition) -> list[ValidationScore]:
+    """The stage-1 rows' validation columns, and only those."""
+    return [
+        ValidationScore(
+            float(row["epsilon"]),
+            tuple((key, row[key]) for key in definition.keys),
+            {arm: _number(row[f"validation_{arm}"]) for arm in ARMS},
+            row["better"] != "lower",
+        )
+        for row in rows
+        if row["stage"] == "1"
+    ]
+
+
+def choose(scores: Sequence[ValidationScore]) -> dict[float, dict[str, Config]]:
+    """For each epsilon and arm, the configuration with the best validation score.
+
+    Ties (a baseline does not read the aggregator, so configurations that differ only
+    there score it the same) go to the federated choice, else to the earlier grid point,
+    so that stage 2 reruns as few configurations as it can.
+    """
+    chosen: dict[float, dict[str, Config]] = {}
+    for epsilon in dict.fromkeys(score.epsilon for score in scores):
+        at = [score for score in scores if score.epsilon == epsilon]
+        picks: dict[str, Config] = {}
+        for arm in ARMS:
+            scored = [score for score in at if score.scores[arm] is not None]
+            if not scored:
+                continue
+            best = max(_signed(score, arm) for score in scored)
+            tied = [score.config for score in scored if _signed(score, arm) == best]
+            preferred = picks.get("federated")
+            picks[arm] = preferred if preferred in tied else tied[0]
+        chosen[epsilon] = picks
+    return chosen
+
+
+def _signed(score: ValidationScore, arm: str) -> float:
+    value = score.scores[arm]
+    assert value is not None
+    return value if score.higher_is_better else -value
+
+
+@dataclass(frozen=True)
+class ArmResult:
+    """An arm's chosen configuration at one epsilon and its test scores over seeds."""
+
+    epsilon: float
+    arm: str
+    config: Config
+    validation: float | None
+    test_scores: tuple[float, ...]
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.test_scores) / len(self.test_scores) if self.test_scores else None
+
+    @property
+    def half_width(self) -> float | None:
+        """Half the 95% t-interval of the mean (Student's t, n - 1 degrees of freedom)."""
+        n = len(self.test_scores)
+        if n < 2:
+            return None
+        mean = sum(self.test_scores) / n
+        deviation = math.sqrt(sum((x - mean) ** 2 for x in self.test_scores) / (n - 1))
+        return float(stats.t.ppf(0.975, n - 1)) * deviation / math.sqrt(n)
+
+
+def arm_results(
+    rows: Sequence[Row],
+    definition: SweepDefinition,
+    chosen: Mapping[float, Mapping[str, Config]],
+) -> list[ArmResult]:
+    """Each epsilon's and arm's stage-2 test scores at its chosen configuration."""
+    validation = {
+        (score.epsilon, score.config): score.scores for score in validation_scores(rows, definition)
+    }
+    results = []
+    for epsilon, picks in chosen.items():
+        for arm, config in picks.items():
+            tests = [
+                value
+                for row in rows
+                if row["stage"] == "2"
+                and float(row["epsilon"]) == epsilon
+                and tuple((key, row[key]) for key in definition.keys) == config
+                and (value := _number(row[f"test_{arm}"])) is not None
+            ]
+            scores = validation.get((epsilon, config), {})
+            results.append(ArmResult(epsilon, arm, config, scores.get(arm), tuple(tests)))
+    return results
+
+
+def _number(text: str) -> float | None:
+    if not text:
+        return None
+    value = float(text)
+    return value if math.isfinite(value) else None

@@ -1,0 +1,153 @@
+"""`fedmodel sweep`: chosen on validation rows only, measured over seeds, resumable."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedmodel.cli.main import main
+from simulations.sweep_plan import SweepDefinition
+from simulations.sweep_results import choose, validation_scores
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFINITION = SweepDefinition("medical", (1.0, 2.0), (0, 1), (("lr", ("0.1", "0.5")),), (), 0.2)
+
+
+def _row(epsilon: str, lr: str, stage: str, validation: float, test: float) -> dict[str, str]:
+    """A sweep.csv row; stage 1 is scored on validation rows, stage 2 on the test set."""
+    scored = {"1": "validation", "2": "test"}[stage]
+    row = {"stage": stage, "epsilon": epsilon, "seed": "0", "lr": lr, "better": "higher"}
+    for arm in ("federated", "central_dp", "site_alone"):
+        row[f"validation_{arm}"] = row[f"test_{arm}"] = ""
+        row[f"{scored}_{arm}"] = str(validation if stage == "1" else test)
+    if stage == "1":  # a poisoned test column, as if someone had scored it: never read
+        row["test_federated"] = str(test)
+    return row
+
+
+def test_the_choice_reads_validation_scores_and_never_test_scores() -> None:
+    rows = [
+        _row("1", "0.1", "1", validation=0.70, test=0.99),
+        _row("1", "0.5", "1", validation=0.80, test=0.01),
+        _row("2", "0.1", "1", validation=0.75, test=0.01),
+        _row("2", "0.5", "1", validation=0.65, test=0.99),
+        _row("1", "0.1", "2", validation=0.0, test=0.99),  # stage 2: test scores only
+    ]
+    scores = validation_scores(rows, DEFINITION)
+    assert len(scores) == 4 and all(
+        set(score.scores) == {"federated", "central_dp", "site_alone"} for score in scores
+    )
+    chosen = choose(scores)
+    assert chosen[1.0]["federated"] == (("lr", "0.5"),)
+    assert chosen[2.0]["federated"] == (("lr", "0.1"),)
+    poisoned = [row | {"test_federated": "0.5"} for row in rows]
+    assert choose(validation_scores(poisoned, DEFINITION)) == chosen
+
+
+def test_a_baseline_tie_goes_to_the_federated_choice() -> None:
+    """A baseline ignores --aggregator: both grid points score it the same, and stage 2
+    then reruns one configuration, not two."""
+    definition = SweepDefinition(
+        "medical", (1.0,), (0,), (("aggregator", ("fedavg", "fedadam")),), (), 0.2
+    )
+    rows = [
+        {"stage": "1", "epsilon": "1", "aggregator": name, "better": "higher",
+         "validation_federated": federated, "validation_central_dp": "0.7",
+         "validation_site_alone": "0.6"}
+        for name, federated in (("fedavg", "0.71"), ("fedadam", "0.74"))
+    ]  # fmt: skip
+    chosen = choose(validation_scores(rows, definition))[1.0]
+    assert set(chosen.values()) == {(("aggregator", "fedadam"),)}
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ("colour=red,blue", "--grid colour: not an option the sweep can vary"),
+        ("epsilon=1,2", "--grid epsilon: not an option the sweep can vary"),
+        ("lr=0.1,fast", "--grid lr=fast: Invalid value for '--lr'"),
+        ("lr=0.1,-1", "--grid lr=-1: --lr must be a positive number"),
+        ("aggregator=fedavg,fedmagic", "--grid aggregator=fedmagic: --aggregator must be one of"),
+        ("lr", "--grid takes KEY=V1,V2"),
+    ],
+)
+def test_a_bad_grid_is_one_line_naming_the_key(
+    grid: str,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    arguments = ["fedmodel", "sweep", "medical", "--grid", grid, "--output", str(tmp_path / "s")]
+    monkeypatch.setattr(sys, "argv", arguments)
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
+    assert not (tmp_path / "s").exists()
+
+
+def fedmodel(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The CLI of this checkout, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedmodel.cli", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "300"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+SWEEP = (
+    *("sweep", "medical", "--dataset", "synthetic-ehr", "--clients", "2", "--rounds", "1"),
+    *("--baseline-sites", "1", "--epsilon", "1", "--seeds", "2", "--jobs", "2"),
+    *("--grid", "aggregator=fedavg,fedadam", "--output", "sweep"),
+)
+
+
+@pytest.mark.slow  # four simulate runs, two at a time: ~1-2 min on two cores
+def test_a_tiny_sweep_chooses_on_validation_measures_over_seeds_and_resumes(
+    tmp_path: Path,
+) -> None:
+    ran = fedmodel(*SWEEP, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    directory = tmp_path / "sweep"
+    with (directory / "sweep.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    first = [row for row in rows if row["stage"] == "1"]
+    second = [row for row in rows if row["stage"] == "2"]
+    assert sorted(row["aggregator"] for row in first) == ["fedadam", "fedavg"]
+    assert all(row["validation_federated"] and not row["test_federated"] for row in first)
+    best = max(first, key=lambda row: float(row["validation_federated"]))["aggregator"]
+    # the baselines ignore the aggregator: their tie goes to the federated choice
+    assert sorted((row["aggregator"], row["seed"]) for row in second) == [(best, "0"), (best, "1")]
+    assert all(row["test_federated"] and not row["validation_federated"] for row in second)
+    with (directory / "best.csv").open() as file:
+        chosen = {row["arm"]: row for row in csv.DictReader(file)}
+    assert set(chosen) == {"federated", "central_dp", "site_alone"}
+    tests = [float(row["test_federated"]) for row in second]
+    assert chosen["federated"]["aggregator"] == best
+    assert float(chosen["federated"]["test_auroc_mean"]) == pytest.approx(sum(tests) / 2, abs=1e-4)
+    assert float(chosen["federated"]["ci95_low"]) < sum(tests) / 2
+    assert (directory / "privacy_utility.png").read_bytes()[:4] == b"\x89PNG"
+    report = (directory / "sweep.md").read_text()
+    assert "Tuning is not counted in epsilon" in report and "--grid aggregator=fedavg" in report
+
+    again = fedmodel(*SWEEP, cwd=tmp_path)  # resume: everything is finished, nothing runs
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "run 1/" not in again.stdout
+    with (directory / "sweep.csv").open() as file:
+        assert list(csv.DictReader(file)) == rows
+    assert len(list((directory / "runs").glob("*.log"))) == 4
+
+    other = fedmodel(*SWEEP[:-4], "--grid", "lr=0.1,0.5", "--output", "sweep", cwd=tmp_path)
+    assert other.returncode == 2
+    assert "holds another sweep" in other.stderr and len(other.stderr.strip().splitlines()) == 1
