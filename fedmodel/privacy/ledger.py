@@ -41,7 +41,7 @@ from fedmodel.privacy.ledger_chain import (
 
 NODE_BUDGET = "node"  # a deployed node's budget key: all its data shares one budget
 SCHEMA_VERSION = 1
-BUSY_TIMEOUT_MS = 30_000
+BUSY_TIMEOUT_MS = 120_000  # a writer holds the lock while it checks the budget: seconds under load
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -98,7 +98,7 @@ class PrivacyLedger:
     """Append-only ledger file of one data owner; safe with concurrent writers.
 
     Every append runs in an IMMEDIATE transaction (one writer at a time, others wait up
-    to 30 s) in WAL mode, so the chain stays linear when several processes - Ray actors
+    to 2 min) in WAL mode, so the chain stays linear when several processes - Ray actors
     of a simulation, a restarted SuperNode - write the same file.
     """
 
