@@ -18,7 +18,10 @@ through `fedmodel.privacy.accountant.epsilon_of` would confirm an edited cache r
 
 On a run directory the ledgers are also checked against the server's summary.json:
 a ledger holding less epsilon than the server saw reported (a truncated or replaced
-ledger, which the chain alone cannot reveal) is flagged.
+ledger, which the chain alone cannot reveal) is flagged, for each owner and for the
+federation ledger's client-level epsilon. Distributed-DP releases in the federation
+ledger (fedmodel.privacy.distributed_ledger) are chained like every entry and
+recomputed with their own accountant, the DDG bound.
 """
 
 from __future__ import annotations
