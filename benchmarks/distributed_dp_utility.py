@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmodel.privacy.distributed_dp import DistributedDpParameters
-from fedmodel.run_directory import DISTRIBUTED_DP_FILE, SUMMARY_FILE
+from fedmodel.run_directory import SUMMARY_FILE
 
 
 def simulate(run_dir: Path, clients: int, rounds: int, extra: list[str]) -> dict[str, Any]:
@@ -70,14 +70,14 @@ def main() -> None:
                     str(bits),
                 ],
             )
-            record = json.loads((run_dir / DISTRIBUTED_DP_FILE).read_text())
-            mechanism = DistributedDpParameters(**record["releases"][-1]["parameters"])
+            protocol = json.loads((run_dir / "secagg.json").read_text())["protocol"]
+            mechanism = DistributedDpParameters(**protocol["distributed_dp"])
             dimension = mechanism.dimension
             upload = mechanism.padded_dimension * bits / (32 * mechanism.dimension)
             rows.append(
                 (
                     f"distributed, {bits} bits",
-                    record["releases"][-1]["epsilon"],
+                    summary["client_level_dp"]["epsilon"],
                     summary,
                     f"{upload:.2f}x",
                 )

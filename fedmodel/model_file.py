@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from fedmodel import __version__
 from fedmodel.config import TABULAR_TASK, TASK_SCENARIO, RunConfig
 from fedmodel.errors import ExitCode, FedModelError
-from fedmodel.run_directory import MODEL_DIR, RunSummary
+from fedmodel.run_directory import MODEL_DIR, RunSummary, client_level_mechanism
 from fedmodel.table_schema import TableSchema
 
 if TYPE_CHECKING:
@@ -146,7 +146,8 @@ def model_metadata(
 
 def privacy_spent(summary: RunSummary, server_round: int) -> dict[str, Any]:
     """The epsilon each owner had spent on the run by `server_round` (sample-level DP,
-    from the owners' reports), and the client-level epsilon of the whole run, if any."""
+    from the owners' reports), and the client-level epsilon of the whole run and its
+    mechanism (who added the noise: the coordinator, or the clients under SecAgg+), if any."""
     owners: dict[str, float | None] = {}
     for client in summary.clients:
         spent = [eps for rnd, eps in client.get("epsilon_by_round", []) if rnd <= server_round]
@@ -159,6 +160,7 @@ def privacy_spent(summary: RunSummary, server_round: int) -> dict[str, Any]:
         "accountant": summary.accountant,
         "epsilon_per_owner": owners if summary.dp else {},
         "client_level_epsilon": None if central is None else central.get("epsilon"),
+        "client_level_mechanism": None if central is None else client_level_mechanism(central),
     }
 
 

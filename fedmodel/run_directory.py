@@ -29,13 +29,20 @@ CLIENTS_FILE = "clients.csv"  # one row per client reply
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"  # the final model file (fedmodel.model_file): what `fedmodel predict` reads
 ROUND_MODELS_DIR = "models"  # with --save-round-models: round-NNNN/, one model file each
-DISTRIBUTED_DP_FILE = (
-    "distributed-dp.json"  # --dp distributed: each release (fedmodel.privacy.distributed_ledger)
-)
 LEDGERS_DIR = "ledgers"  # the simulated clients' privacy ledgers, unless --ledger-dir
 ENGINE_DIR = "engine"  # the engine's app and logs
 
 JsonObject = dict[str, Any]
+
+# summary.json's client_level_dp["mechanism"]: who adds the noise, hence whom it protects from
+CENTRAL_MECHANISM = "Gaussian on the coordinator"  # --dp client
+DISTRIBUTED_MECHANISM = "distributed discrete Gaussian under SecAgg+"  # --dp distributed
+
+
+def client_level_mechanism(block: JsonObject) -> str:
+    """A summary's client-level DP mechanism; summaries from before the field had only
+    the coordinator's."""
+    return str(block.get("mechanism", CENTRAL_MECHANISM))
 
 
 class SummaryError(FedModelError):
@@ -158,7 +165,7 @@ class RunSummary:
     delta: float | None  # the following three: None without sample-level DP
     target_epsilon: float | None
     accountant: str | None
-    client_level_dp: JsonObject | None = None  # epsilon and releases of server-side DP
+    client_level_dp: JsonObject | None = None  # client-level DP: mechanism, epsilon, releases
     final: JsonObject | None  # the last evaluated global model's metrics
     initial: JsonObject | None  # the initial model's, before any round
     per_round: list[JsonObject]

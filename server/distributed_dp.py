@@ -81,9 +81,9 @@ class DistributedDpFedAvg(SecureFedAvg):
         epsilon = None
         if results:
             survivors = len(results)
-            epsilon = self.ledger.record(
-                DistributedRelease(server_round, self.mechanism, survivors)
-            )
+            release = DistributedRelease(server_round, self.mechanism, survivors)
+            epsilon = self.ledger.record(release)
+            self.recorder.record_distributed_release(release, epsilon)
         unmasked, metrics = super().aggregate_fit(server_round, results, failures)
         if unmasked is None or epsilon is None:
             return None, {}
@@ -119,12 +119,13 @@ def distributed_dp_strategy(
         for server_round in range(1, config.rounds + 1)
     }
     budget = config.distributed_epsilon or None
+    run_id = config.run_uid or recorder.run_dir.name  # as the federation ledger keys runs
     return DistributedDpFedAvg(
         recorder,
         protocol,
         config.min_clients,
         mechanism,
-        DistributedLedger(recorder.run_dir, config.delta, budget),
+        DistributedLedger(recorder.run_dir, run_id, config.delta, budget),
         seeds,
         on_fit_config_fn=lambda server_round: {
             SERVER_ROUND_KEY: server_round,

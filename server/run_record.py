@@ -24,7 +24,16 @@ from flwr.common.logger import log
 from fedmodel.config import RunConfig
 from fedmodel.privacy.accountant import ACCOUNTANT
 from fedmodel.privacy.central import FEDERATION_LEDGER, CentralRelease
-from fedmodel.run_directory import CLIENTS_FILE, METRICS_FILE, RunSummary, Scoring
+from fedmodel.privacy.distributed_accounting import DistributedRelease
+from fedmodel.privacy.distributed_ledger import release_segment
+from fedmodel.run_directory import (
+    CENTRAL_MECHANISM,
+    CLIENTS_FILE,
+    DISTRIBUTED_MECHANISM,
+    METRICS_FILE,
+    RunSummary,
+    Scoring,
+)
 from fedmodel.runtime.flwr_run import PROGRESS_MARKER
 from server.reply_schema import TrainReport
 
@@ -172,17 +181,38 @@ class RunRecorder:
             }
         )
 
+    def record_distributed_release(self, release: DistributedRelease, epsilon: float) -> None:
+        """A round's distributed-DP release (--dp distributed), in the same rows as the
+        server's: the sum's noise over the clip norm, no count noise, every survivor."""
+        noise_multiplier = release_segment(release)[0]
+        self.central_releases.append(
+            {
+                "round": release.server_round,
+                "noise_multiplier": noise_multiplier,
+                "clipped_count_stddev": 0.0,
+                "effective_noise_multiplier": noise_multiplier,
+                "clipping_norm": release.parameters.clip_norm,
+                "sample_rate": 1.0,
+                "epsilon": epsilon,
+                "survivors": release.clients,
+            }
+        )
+
     def _client_level_dp(self) -> dict[str, Any] | None:
-        """Client-level epsilon (cumulative, RDP) and every release; None without it."""
-        if not self.config.client_dp:
+        """Client-level epsilon (cumulative) and every release, for the server's Gaussian
+        mechanism (--dp client) or the clients' distributed one; None without either."""
+        config = self.config
+        if not (config.client_dp or config.distributed_dp):
             return None
         releases = self.central_releases
+        budget = config.distributed_epsilon if config.distributed_dp else config.central_epsilon
         return {
+            "mechanism": DISTRIBUTED_MECHANISM if config.distributed_dp else CENTRAL_MECHANISM,
             "epsilon": releases[-1]["epsilon"] if releases else 0.0,
-            "delta": self.config.delta,
-            "budget_epsilon": self.config.central_epsilon or None,
-            "accountant": ACCOUNTANT,
-            "adaptive_clipping": self.config.central_adaptive,
+            "delta": config.delta,
+            "budget_epsilon": budget or None,
+            "accountant": ACCOUNTANT,  # RDP, composed over rounds, for both
+            "adaptive_clipping": config.central_adaptive,
             "ledger": FEDERATION_LEDGER,
             "releases": releases,
         }

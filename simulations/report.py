@@ -9,7 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedmodel.run_directory import REPORT_FILE, RunSummary, Scoring
+from fedmodel.run_directory import (
+    DISTRIBUTED_MECHANISM,
+    REPORT_FILE,
+    RunSummary,
+    Scoring,
+    client_level_mechanism,
+)
 from simulations.sites import site_name, table_clients
 
 PRIVACY_NOTE = (
@@ -29,7 +35,9 @@ CLIENT_LEVEL_COLUMNS = (
     "clipping norm",
     "sample rate",
     "epsilon",
+    "survivors",
 )
+CLIENT_LEVEL_HEADING = "Client-level DP"
 PRIVACY_COLUMNS = (
     "client",
     "records",
@@ -161,7 +169,11 @@ def run_description(summary: RunSummary) -> str:
             if summary.dp
             else "no DP-SGD on the clients."
         )
-        + (" Client-level DP on the server (below)." if summary.client_level_dp else "")
+        + (
+            f" Client-level DP: {client_level_mechanism(summary.client_level_dp)} (below)."
+            if summary.client_level_dp
+            else ""
+        )
     )
 
 
@@ -247,12 +259,12 @@ def partial_table_note(summary: RunSummary) -> str | None:
 
 
 def _client_level_lines(summary: RunSummary) -> list[str]:
-    """The server's client-level DP releases (--dp client or both), one row per round."""
+    """The client-level DP releases (--dp client, distributed or both), one row per round."""
     if not summary.client_level_dp:
         return []
     return [
         "",
-        "## Client-level DP (server side)",
+        f"## {CLIENT_LEVEL_HEADING}",
         "",
         client_level_note(summary),
         "",
@@ -261,14 +273,22 @@ def _client_level_lines(summary: RunSummary) -> list[str]:
 
 
 def client_level_note(summary: RunSummary) -> str:
-    """What the server's client-level DP guarantees, and against whom."""
+    """What the client-level DP guarantees, and against whom."""
     central = summary.client_level_dp
     assert central, "only for a run with client-level DP"
+    mechanism = client_level_mechanism(central)
+    against = (
+        "It protects a client from the coordinator too: the clients add the noise before "
+        "secure aggregation, and each release is accounted with the survivors whose noise "
+        "is in its sum."
+        if mechanism == DISTRIBUTED_MECHANISM
+        else "It protects a client from the other clients and anyone who sees a model, not "
+        "from the coordinator."
+    )
     return (
-        f"(epsilon, delta)-DP for each client's whole contribution: epsilon "
-        f"{central['epsilon']:.3f} at delta {central['delta']:g} "
-        f"({central['accountant'].upper()}, ledger {central['ledger']}). It protects a client "
-        "from the other clients and anyone who sees a model, not from the coordinator."
+        f"{mechanism[0].upper()}{mechanism[1:]}: (epsilon, delta)-DP for each client's whole "
+        f"contribution, epsilon {central['epsilon']:.3f} at delta {central['delta']:g} "
+        f"({central['accountant'].upper()}, ledger {central['ledger']}). {against}"
     )
 
 
@@ -285,6 +305,7 @@ def client_level_rows(summary: RunSummary) -> list[tuple[str, ...]]:
             f"{r['clipping_norm']:.4f}",
             f"{r['sample_rate']:g}",
             f"{r['epsilon']:.3f}",
+            str(r.get("survivors", "-")),  # distributed DP: the clients whose noise is in it
         )
         for r in central["releases"]
     ]

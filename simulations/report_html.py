@@ -66,7 +66,7 @@ def write_html_report(run_dir: Path, summary: RunSummary) -> Path:
     body.append(_table(report.PRIVACY_COLUMNS, report.privacy_rows(summary)))
     if summary.client_level_dp:
         body += [
-            "<h2>Client-level DP (server side)</h2>",
+            f"<h2>{report.CLIENT_LEVEL_HEADING}</h2>",
             _paragraph(report.client_level_note(summary)),
             _table(report.CLIENT_LEVEL_COLUMNS, report.client_level_rows(summary)),
         ]

@@ -4,12 +4,15 @@ masked vectors and still moves the model by the clients' clipped mean plus the n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
 from fedmodel.config import RunConfig
+from fedmodel.console.privacy import PrivacyView
 from fedmodel.distributed_secagg import (
     ROTATION_SEED_KEY,
     WORKFLOW_CLIPPING_RANGE,
@@ -35,24 +39,26 @@ from fedmodel.distributed_secagg import (
     residues_from_workflow,
 )
 from fedmodel.errors import ConfigError
-from fedmodel.privacy.audit import audit
+from fedmodel.model_file import read_model_file
+from fedmodel.privacy.audit import audit, audit_ledger
+from fedmodel.privacy.central import FEDERATION_LEDGER
 from fedmodel.privacy.discrete_gaussian import discrete_gaussian_variance
 from fedmodel.privacy.distributed_accounting import DistributedRelease, distributed_epsilon
 from fedmodel.privacy.distributed_dp import (
-    DistributedDpParameters,
     clip,
     encode,
     plan_granularity,
     rounding_error_bound,
 )
 from fedmodel.privacy.distributed_ledger import (
-    DISTRIBUTED_LEDGER,
     DistributedBudgetStop,
     DistributedLedger,
-    audit_distributed,
+    release_of,
 )
+from fedmodel.privacy.ledger import PrivacyLedger
+from fedmodel.privacy.ledger_chain import COMMITTED, LedgerEntry
 from fedmodel.protocol import PARTITION_ID_KEY
-from fedmodel.run_directory import CLASSIFIER_SCORING
+from fedmodel.run_directory import CLASSIFIER_SCORING, DISTRIBUTED_MECHANISM
 from server.distributed_dp import distributed_dp_strategy
 from server.run_record import RunRecorder
 from server.strategy import FederationStopped
@@ -134,30 +140,56 @@ def _release(server_round: int, clients: int) -> DistributedRelease:
     return DistributedRelease(server_round, plan_granularity(1.0, 0.5, 18, 10, 100), clients)
 
 
-def test_the_budget_stops_a_round_before_it_and_the_audit_catches_an_edited_record(
+def _releases(ledger_path: Path) -> list[DistributedRelease]:
+    entries = PrivacyLedger.open_existing(ledger_path).entries()
+    return [release_of(entry) for entry in entries if entry.status == COMMITTED]
+
+
+def _rewrite(ledger_path: Path, entries: list[LedgerEntry]) -> None:
+    """Store `entries` in place of the ledger's, as someone editing the SQLite file would."""
+    with closing(sqlite3.connect(ledger_path)) as connection, connection:
+        for entry in entries:
+            columns = dataclasses.asdict(entry)
+            assignments = ", ".join(f"{column} = :{column}" for column in columns)
+            connection.execute(f"UPDATE entries SET {assignments} WHERE seq = :seq", columns)
+
+
+def test_the_budget_stops_a_round_and_the_audit_catches_an_edited_or_rewritten_chain(
     tmp_path: Path,
 ) -> None:
-    ledger = DistributedLedger(tmp_path, 1e-5, None)
+    """Releases go into the federation ledger's hash chain: an edited entry breaks it, and
+    a chain rewritten with fresh hashes (the simulation's ledger is unsigned) is still
+    caught by the independent recompute of its epsilon."""
+    ledger = DistributedLedger(tmp_path, "run", 1e-5, None)
     first = ledger.record(_release(1, 10))
     second = ledger.record(_release(2, 6))  # 4 dropped out: less noise, more epsilon
-    (tmp_path / "full").mkdir()
-    full = DistributedLedger(tmp_path / "full", 1e-5, None)
+    full = DistributedLedger(tmp_path / "full", "run", 1e-5, None)
     full.record(_release(1, 10))
     assert second > 1.1 * full.record(_release(2, 10))
-    (tmp_path / "limited").mkdir()
-    limited = DistributedLedger(tmp_path / "limited", 1e-5, (first + second) / 2)
+    limited = DistributedLedger(tmp_path / "limited", "run", 1e-5, (first + second) / 2)
     limited.record(_release(1, 10))
     with pytest.raises(DistributedBudgetStop, match="round 2 would take epsilon from"):
         limited.check(_release(2, 10))
 
-    found = audit_distributed(tmp_path / DISTRIBUTED_LEDGER)
-    assert found.ok and found.releases == 2
-    assert found.recomputed_epsilon == pytest.approx(second, rel=0.005)
-    record = json.loads((tmp_path / DISTRIBUTED_LEDGER).read_text())
-    record["releases"][1]["clients"] = 3  # hides how few survivors the sum held
-    (tmp_path / DISTRIBUTED_LEDGER).write_text(json.dumps(record))
-    edited = audit_distributed(tmp_path / DISTRIBUTED_LEDGER)
-    assert edited.problems and "round 2: records epsilon" in edited.problems[0]
+    path = tmp_path / FEDERATION_LEDGER
+    found = audit_ledger(path)
+    assert found.ok and found.distributed is not None and found.distributed.releases == 2
+    assert found.distributed.recomputed_epsilon == pytest.approx(second, rel=0.005)
+    assert [r.clients for r in _releases(path)] == [10, 6]
+
+    entries = PrivacyLedger.open_existing(path).entries()
+    edited = dataclasses.replace(entries[3], epsilon=second / 2)  # round 2's commit, halved
+    _rewrite(path, [edited])
+    broken = audit_ledger(path)
+    assert not broken.ok and broken.first_bad_entry == 4
+    assert "entry #4 content does not match its SHA-256" in broken.problems[0]
+
+    rehashed = dataclasses.replace(edited, entry_hash=edited.computed_hash())
+    _rewrite(path, [rehashed])  # the last entry: nothing after it links to its hash
+    rewritten = audit_ledger(path)
+    assert rewritten.chain_ok and not rewritten.ok
+    assert rewritten.distributed is not None
+    assert "round 2: records epsilon" in rewritten.distributed.problems[0]
 
 
 class _Node(ClientProxy):
@@ -216,7 +248,7 @@ def test_strategy_applies_the_decoded_clipped_mean_and_stops_before_the_budget(
     error = float(np.linalg.norm(moved.ravel() - expected))
     print(f"decoded mean off by {error:.2e} (bound {bound:.2e})")
     assert error < bound < 0.1
-    assert json.loads((tmp_path / DISTRIBUTED_LEDGER).read_text())["releases"][0]["clients"] == 3
+    assert [r.clients for r in _releases(tmp_path / FEDERATION_LEDGER)] == [3]
     with pytest.raises(FederationStopped, match="round 2 would take epsilon"):
         strategy.configure_fit(2, parameters, nodes)
 
@@ -226,21 +258,14 @@ def _flat_checkpoint(run_dir: Path, server_round: int) -> np.ndarray:
     return np.concatenate([t.double().numpy().ravel() for t in saved["state_dict"].values()])
 
 
-@pytest.mark.slow
-def test_distributed_dp_run_shows_the_coordinator_only_masked_vectors_and_trains(
-    tmp_path: Path,
-) -> None:
+@pytest.fixture(scope="module")
+def distributed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """5 synthetic-ehr hospitals, 2 rounds, --dp distributed (noise 0.1, 18 bits), one
-    client dropping out of each round after sharing its keys.
-
-    Each surviving client dumps (test only) its plaintext update, its residues and its masked
-    vector, byte for byte what the coordinator receives. The masked vectors must not
-    correlate with the residues; the model must move by the clients' clipped mean plus
-    noise whose squared norm matches the summed discrete Gaussians' variance; the audit
-    must recompute each release, accounted with the 4 survivors; and the model must train.
-    """
+    client dropping out of each round after sharing its keys; returns (run directory,
+    the surviving clients' dumps: test only)."""
     from tests.test_simulation import simulate
 
+    tmp_path = tmp_path_factory.mktemp("distributed")
     dump = tmp_path / "encodings"
     started = time.monotonic()
     _, run_dir = simulate(
@@ -252,10 +277,23 @@ def test_distributed_dp_run_shows_the_coordinator_only_masked_vectors_and_trains
         command=[sys.executable, "-m", "fedmodel.cli"],  # this checkout's
     )
     print(f"distributed DP end-to-end: {time.monotonic() - started:.1f} s")
+    return run_dir, dump
 
-    record = json.loads((run_dir / DISTRIBUTED_LEDGER).read_text())
-    assert [r["clients"] for r in record["releases"]] == [4, 4]  # partition 4 dropped out
-    mechanism = DistributedDpParameters(**record["releases"][0]["parameters"])
+
+@pytest.mark.slow
+def test_distributed_dp_run_shows_the_coordinator_only_masked_vectors_and_trains(
+    distributed_run: tuple[Path, Path],
+) -> None:
+    """Each surviving client dumps (test only) its plaintext update, its residues and its
+    masked vector, byte for byte what the coordinator receives. The masked vectors must not
+    correlate with the residues; the model must move by the clients' clipped mean plus
+    noise whose squared norm matches the summed discrete Gaussians' variance; the audit
+    must recompute each release, accounted with the 4 survivors; and the model must train.
+    """
+    run_dir, dump = distributed_run
+    releases = _releases(run_dir / FEDERATION_LEDGER)
+    assert [r.clients for r in releases] == [4, 4]  # partition 4 dropped out
+    mechanism = releases[0].parameters
     report = json.loads((run_dir / "secagg.json").read_text())
     assert [r["parameter_sets_received"] for r in report["rounds"]] == [1, 1]
     assert [r["survivors"] for r in report["rounds"]] == [4, 4]
@@ -291,20 +329,53 @@ def test_distributed_dp_run_shows_the_coordinator_only_masked_vectors_and_trains
     audited = audit(run_dir)
     assert audited.ok and audited.distributed is not None
     assert audited.distributed.releases == 2
-    assert audited.distributed.recomputed_epsilon == pytest.approx(
-        record["releases"][-1]["epsilon"], rel=0.005
-    )
+    recorded = audited.distributed.recorded_epsilon
+    assert audited.distributed.recomputed_epsilon == pytest.approx(recorded, rel=0.005)
     print(
-        f"epsilon {record['releases'][-1]['epsilon']:.4f} recorded, "
-        f"{audited.distributed.recomputed_epsilon:.4f} recomputed"
+        f"epsilon {recorded:.4f} recorded, {audited.distributed.recomputed_epsilon:.4f} recomputed"
     )
-    tampered = tmp_path / "tampered"
-    shutil.copytree(run_dir, tampered)
-    record["releases"][-1]["epsilon"] /= 2
-    (tampered / DISTRIBUTED_LEDGER).write_text(json.dumps(record))
-    assert not audit(tampered).ok
 
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"AUROC {summary['initial']['auroc']:.3f} -> {summary['final']['auroc']:.3f}")
     assert summary["completed"] and summary["rounds"] == 2
     assert summary["final"]["auroc"] > summary["initial"]["auroc"] + 0.2
+
+
+@pytest.mark.slow
+def test_the_distributed_epsilon_shows_everywhere_and_a_truncated_ledger_fails_the_audit(
+    distributed_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """summary.json's client-level block, report.md, report.html, the model file and the
+    console's privacy view show the distributed epsilon (the ledger's); a ledger cut back
+    to round 1 keeps an intact chain, and the audit catches it against summary.json."""
+    run_dir, _ = distributed_run
+    started = time.monotonic()
+    epsilon = PrivacyLedger.open_existing(run_dir / FEDERATION_LEDGER).entries()[-1].epsilon
+    block = json.loads((run_dir / "summary.json").read_text())["client_level_dp"]
+    assert block["mechanism"] == DISTRIBUTED_MECHANISM
+    assert block["epsilon"] == epsilon and block["ledger"] == FEDERATION_LEDGER
+    assert [(r["round"], r["survivors"]) for r in block["releases"]] == [(1, 4), (2, 4)]
+    mechanism = _releases(run_dir / FEDERATION_LEDGER)[0].parameters
+    sum_noise = 2 * mechanism.local_stddev / mechanism.clip_norm  # sqrt(4 survivors) sigma / c
+    assert block["releases"][0]["noise_multiplier"] == pytest.approx(sum_noise)
+    report = (run_dir / "report.md").read_text()
+    assert f"epsilon {epsilon:.3f} at delta" in report and "from the coordinator too" in report
+    assert f"| 2 | {sum_noise:.4f} |" in report and report.count(f"| {epsilon:.3f} | 4 |") == 1
+    page = (run_dir / "report.html").read_text()
+    assert "Distributed discrete Gaussian under SecAgg+" in page and f"{epsilon:.3f}" in page
+    metadata, _ = read_model_file(run_dir / "model")
+    assert metadata.privacy["client_level_epsilon"] == epsilon
+    assert metadata.privacy["client_level_mechanism"] == DISTRIBUTED_MECHANISM
+    view = PrivacyView.of_run(run_dir)
+    [row] = [row for row in view.owners if DISTRIBUTED_MECHANISM in row.owner]
+    assert view.ok and row.federation_ledger and row.rounds == 2
+    assert row.spent == pytest.approx(epsilon, rel=0.005)
+
+    tampered = tmp_path / "truncated"
+    shutil.copytree(run_dir, tampered)
+    with closing(sqlite3.connect(tampered / FEDERATION_LEDGER)) as connection, connection:
+        connection.execute("DELETE FROM entries WHERE server_round = 2")
+    truncated = audit(tampered)
+    assert all(ledger.chain_ok for ledger in truncated.ledgers) and not truncated.ok
+    assert "summary.json records (entries removed or ledger replaced)" in truncated.problems[0]
+    print(f"epsilon shown and truncation caught: {time.monotonic() - started:.1f} s")

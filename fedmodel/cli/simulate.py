@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -28,11 +27,11 @@ from fedmodel.config import TASK_SCENARIO, RunConfig, Section
 from fedmodel.errors import ConfigError
 from fedmodel.run_directory import (
     CONFIG_FILE,
-    DISTRIBUTED_DP_FILE,
     REPORT_HTML_FILE,
     SUMMARY_FILE,
     RunSummary,
     Scoring,
+    client_level_mechanism,
     write_json_atomic,
 )
 
@@ -466,18 +465,9 @@ def _print_summary(summary: RunSummary, run_dir: Path, report: Path) -> None:
     if summary.client_level_dp:
         central = summary.client_level_dp
         console.print(
-            f"Client-level epsilon (whole clients, server-side DP): {central['epsilon']:.3f} at "
-            f"delta {central['delta']:g} ({central['accountant'].upper()} accountant, "
-            f"{len(central['releases'])} releases)"
-        )
-    distributed = run_dir / DISTRIBUTED_DP_FILE
-    if distributed.is_file():
-        record = json.loads(distributed.read_text())
-        releases = record["releases"]
-        console.print(
-            "Client-level epsilon (whole clients, against the coordinator too: distributed DP): "
-            f"{releases[-1]['epsilon'] if releases else 0.0:.3f} at delta {record['delta']:g} "
-            f"({len(releases)} releases, {distributed.name})"
+            f"Client-level epsilon (whole clients, {client_level_mechanism(central)}): "
+            f"{central['epsilon']:.3f} at delta {central['delta']:g} "
+            f"({central['accountant'].upper()} accountant, {len(central['releases'])} releases)"
         )
     console.print(
         f"Report: {report} (one page: {run_dir / REPORT_HTML_FILE})  "

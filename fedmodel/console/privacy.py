@@ -18,6 +18,8 @@ from typing import Any
 from fedmodel.errors import FedModelError
 from fedmodel.privacy.audit import AuditReport, OwnerAudit, audit
 from fedmodel.privacy.central import FEDERATION_LEDGER
+from fedmodel.privacy.distributed_ledger import DistributedAudit
+from fedmodel.run_directory import DISTRIBUTED_MECHANISM
 
 EMPIRICAL_AUDITS = "empirical-audit*.json"
 _EMPIRICAL_KEYS = (
@@ -40,7 +42,7 @@ class OwnerRow:
     federation_ledger: bool  # the server's client-level DP ledger, not a data owner's
     budget: float | None
     spent: float
-    pld: float
+    pld: float | None  # None for distributed DP: dp-accounting has no discrete Gaussian
     remaining: float | None
     delta: float
     rounds: int
@@ -79,6 +81,11 @@ class PrivacyView:
     @classmethod
     def of_report(cls, report: AuditReport, empirical: list[dict[str, Any]]) -> PrivacyView:
         owners = [_row(owner) for ledger in report.ledgers for owner in ledger.owners]
+        owners += [
+            _distributed_row(ledger.distributed)
+            for ledger in report.ledgers
+            if ledger.distributed is not None
+        ]
         return cls(
             owners,
             report.ok,
@@ -102,6 +109,24 @@ def _row(owner: OwnerAudit) -> OwnerRow:
         rounds=owner.rounds,
         runs=owner.runs,
         problems=owner.problems,
+    )
+
+
+def _distributed_row(found: DistributedAudit) -> OwnerRow:
+    """The --dp distributed releases of the federation ledger, as one client-level row."""
+    return OwnerRow(
+        owner=f"{Path(found.path).stem} ({DISTRIBUTED_MECHANISM})",
+        federation_ledger=True,
+        budget=found.budget_epsilon,
+        spent=found.recomputed_epsilon,
+        pld=None,
+        remaining=None
+        if found.budget_epsilon is None
+        else max(found.budget_epsilon - found.recomputed_epsilon, 0.0),
+        delta=found.delta,
+        rounds=found.releases,
+        runs=1,  # a --dp distributed run cannot be resumed: one run per ledger
+        problems=found.problems,
     )
 
 

@@ -18,7 +18,10 @@ through `fedmodel.privacy.accountant.epsilon_of` would confirm an edited cache r
 
 On a run directory the ledgers are also checked against the server's summary.json:
 a ledger holding less epsilon than the server saw reported (a truncated or replaced
-ledger, which the chain alone cannot reveal) is flagged.
+ledger, which the chain alone cannot reveal) is flagged, for each owner and for the
+federation ledger's client-level epsilon. Distributed-DP releases in the federation
+ledger (fedmodel.privacy.distributed_ledger) are chained like every entry and
+recomputed with their own accountant, the DDG bound.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 from fedmodel.errors import FedModelError
 from fedmodel.privacy.accountant import Segment
 from fedmodel.privacy.audit_accounting import FreshRdp, Mechanism, RunningPld, spent_steps
-from fedmodel.privacy.central import mechanism_problem
+from fedmodel.privacy.central import FEDERATION_LEDGER, mechanism_problem
 from fedmodel.privacy.distributed_ledger import (
-    DISTRIBUTED_LEDGER,
+    DISTRIBUTED_FINGERPRINT,
     DistributedAudit,
     audit_distributed,
 )
@@ -97,10 +100,13 @@ class LedgerAudit:
     problems: list[str] = field(default_factory=list)
     owners: list[OwnerAudit] = field(default_factory=list)
     signed: int = 0
+    distributed: DistributedAudit | None = None  # a --dp distributed run's releases
 
     @property
     def ok(self) -> bool:
-        return self.chain_ok and not self.problems and not any(o.problems for o in self.owners)
+        distributed_ok = self.distributed is None or self.distributed.ok
+        owners_ok = not any(o.problems for o in self.owners)
+        return self.chain_ok and not self.problems and owners_ok and distributed_ok
 
 
 @dataclass
@@ -109,19 +115,22 @@ class AuditReport:
     ledgers: list[LedgerAudit]
     problems: list[str] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
-    distributed: DistributedAudit | None = None  # a --dp distributed run's releases
 
     @property
     def ok(self) -> bool:
-        distributed_ok = self.distributed is None or self.distributed.ok
-        return not self.problems and distributed_ok and all(ledger.ok for ledger in self.ledgers)
+        return not self.problems and all(ledger.ok for ledger in self.ledgers)
+
+    @property
+    def distributed(self) -> DistributedAudit | None:
+        """The distributed-DP releases audited, if a ledger holds any."""
+        return next((ledger.distributed for ledger in self.ledgers if ledger.distributed), None)
 
     def all_problems(self) -> list[str]:
         found = list(self.problems)
-        if self.distributed is not None:
-            found += [f"distributed DP: {problem}" for problem in self.distributed.problems]
         for ledger in self.ledgers:
             found += ledger.problems
+            if ledger.distributed is not None:
+                found += [f"distributed DP: {problem}" for problem in ledger.distributed.problems]
             for owner in ledger.owners:
                 found += [f"{owner.owner}: {problem}" for problem in owner.problems]
         return found
@@ -147,7 +156,7 @@ def find_ledgers(target: Path) -> tuple[list[Path], RunSummary | None]:
     if summary and summary.config.get("ledger_dir"):  # relative to the run (or, before, absolute)
         directories.append(target / summary.config["ledger_dir"])
     paths = sorted({p for d in directories if d.is_dir() for p in d.glob("*.sqlite")})
-    if not paths and not (target / DISTRIBUTED_LEDGER).is_file():
+    if not paths:
         raise FedModelError(f"no ledgers (*.sqlite) in {target} or {target / LEDGERS_DIR}")
     return paths, summary
 
@@ -172,8 +181,6 @@ def audit(
         if on_progress is not None:
             on_progress(number, len(paths), ledgers[-1])
     report = AuditReport(str(target), ledgers)
-    if target.is_dir() and (target / DISTRIBUTED_LEDGER).is_file():
-        report.distributed = audit_distributed(target / DISTRIBUTED_LEDGER)
     if summary is not None:
         report.problems += check_against_summary(report, summary)
     if plot_dir is not None:
@@ -204,7 +211,12 @@ def audit_ledger(
     result.signed = sum(1 for e in entries if e.signature)
     if problem is not None:
         result.problems.append(f"{path.name}: entry #{problem.seq} {problem.reason}")
-    fingerprints = list(dict.fromkeys(entry.fingerprint for entry in entries))
+    distributed = [entry for entry in entries if entry.fingerprint == DISTRIBUTED_FINGERPRINT]
+    if distributed:  # discrete Gaussian releases: recomputed by their own accountant
+        result.distributed = audit_distributed(str(path), distributed)
+    fingerprints = list(
+        dict.fromkeys(e.fingerprint for e in entries if e.fingerprint != DISTRIBUTED_FINGERPRINT)
+    )
     for fingerprint in fingerprints:
         owner = path.stem if len(fingerprints) == 1 else f"{path.stem}/{fingerprint[:12]}"
         mine = [entry for entry in entries if entry.fingerprint == fingerprint]
@@ -298,12 +310,13 @@ def _count_spent(
 
 
 def check_against_summary(report: AuditReport, summary: RunSummary) -> list[str]:
-    """The server's record of each client's reported epsilon must be covered by its ledger."""
+    """The server's record of each client's reported epsilon, and of the run's client-level
+    epsilon, must be covered by the ledgers: a truncated or replaced ledger holds less."""
+    problems = _check_client_level(report, summary)
     if not summary.dp or summary.delta is None:
-        return []
+        return problems
     by_name = {Path(o.ledger).stem: o for ledger in report.ledgers for o in ledger.owners}
     rdp = FreshRdp()
-    problems = []
     for client in summary.clients:
         name = f"client-{client['client']}"
         owner = by_name.get(name)
@@ -318,6 +331,25 @@ def check_against_summary(report: AuditReport, summary: RunSummary) -> list[str]
                 "server recorded (entries removed or ledger replaced)"
             )
     return problems
+
+
+def _check_client_level(report: AuditReport, summary: RunSummary) -> list[str]:
+    """The federation ledger's client-level epsilon against summary.json's."""
+    recorded = summary.client_level_dp
+    if not recorded or not recorded.get("releases"):
+        return []
+    federation = [found for found in report.ledgers if Path(found.path).name == FEDERATION_LEDGER]
+    held = 0.0
+    for ledger in federation:  # its chain and every recorded epsilon are checked already
+        if ledger.distributed is not None:
+            held = max(held, ledger.distributed.recorded_epsilon)
+        held = max([held, *(owner.spent_epsilon for owner in ledger.owners)])
+    if held < recorded["epsilon"] * (1 - RDP_CONSISTENCY):
+        return [
+            f"{FEDERATION_LEDGER}: holds client-level epsilon {held:.4f}, less than the "
+            f"{recorded['epsilon']:.4f} summary.json records (entries removed or ledger replaced)"
+        ]
+    return []
 
 
 def write_plots(report: AuditReport, plot_dir: Path) -> list[str]:

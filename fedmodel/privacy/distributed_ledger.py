@@ -1,17 +1,20 @@
-"""The record of a run's distributed-DP releases, its budget, and its audit.
+"""A run's distributed-DP releases in the federation ledger, their budget, and their audit.
 
-Federation ledger entries (fedmodel.privacy.central) are Gaussian segments; a distributed
-discrete Gaussian release is not one, so it has its own record: each round's public
-`DistributedDpParameters` and the survivors whose noise is in its sum
-(`DistributedRelease`), with the cumulative epsilon the coordinator computed
-(fedmodel.privacy.distributed_accounting). The budget is checked before each round at
-the planned cohort; a release is recorded once its sum is unmasked, whatever it costs
-(the coordinator has seen it), so drop-outs in the last round can take epsilon past the
-budget by that round's shortfall, and the run then stops. `audit_distributed` recomputes
-every epsilon with the audit's independent implementation (`ddg_epsilon`).
+Each round's noisy sum is one entry pair (pending, then committed) in the run's federation
+ledger (fedmodel.privacy.central's `PrivacyLedger` file, the one `--dp client` writes), under
+its own key `DISTRIBUTED_FINGERPRINT`: the same hash chain, so an edited or reordered entry
+breaks it, and `fedmodel audit` checks the chain's client-level epsilon against the
+summary's, so a truncated chain is caught too. A discrete Gaussian release is not a
+Gaussian segment: the entry's `mechanism` holds the public `DistributedDpParameters` and
+the survivors whose noise is in the sum (`DistributedRelease`), and its segment carries the
+noise multiplier of that sum (`sqrt(n) sigma / c`, rate 1) for reading only; the epsilon is
+the cumulative DDG one (fedmodel.privacy.distributed_accounting).
 
-The record is a JSON file in the run directory, written atomically; unlike the SQLite
-ledgers it is not hash-chained or signed yet.
+The budget is checked before each round at the planned cohort; a release is recorded once
+its sum is unmasked, whatever it costs (the coordinator has seen it), so drop-outs in the
+last round can take epsilon past the budget by that round's shortfall, and the run then
+stops. `audit_distributed` recomputes every epsilon with the audit's independent
+implementation (`ddg_epsilon`).
 """
 
 from __future__ import annotations
@@ -19,16 +22,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fedmodel.errors import FedModelError
+from fedmodel.privacy.accountant import Segment
+from fedmodel.privacy.central import FEDERATION_LEDGER
 from fedmodel.privacy.distributed_accounting import DistributedRelease, distributed_epsilon
 from fedmodel.privacy.distributed_dp import DistributedDpParameters
-from fedmodel.run_directory import DISTRIBUTED_DP_FILE, write_json_atomic
+from fedmodel.privacy.ledger import PrivacyLedger
+from fedmodel.privacy.ledger_chain import COMMITTED, PENDING, LedgerEntry
+from fedmodel.run_directory import DISTRIBUTED_MECHANISM
 
-DISTRIBUTED_LEDGER = DISTRIBUTED_DP_FILE  # in the run directory
+DISTRIBUTED_FINGERPRINT = "client-level-distributed"  # the ledger key of these releases
 AUDIT_TOLERANCE = 0.005  # relative: the two implementations agree within 0.5% (tests)
 
 
@@ -36,11 +43,41 @@ class DistributedBudgetStop(Exception):
     """The next release would take client-level epsilon past --distributed-epsilon."""
 
 
-class DistributedLedger:
-    """A run's distributed-DP releases, appended as their sums are unmasked."""
+def release_segment(release: DistributedRelease) -> Segment:
+    """The sum's noise multiplier (its noise over the clip norm), at rate 1: for reading."""
+    parameters = release.parameters
+    multiplier = math.sqrt(release.clients) * parameters.local_stddev / parameters.clip_norm
+    return (multiplier, 1.0, 1)
 
-    def __init__(self, run_dir: Path, delta: float, budget: float | None) -> None:
-        self.path = Path(run_dir) / DISTRIBUTED_LEDGER
+
+def release_json(release: DistributedRelease) -> str:
+    """The entry's `mechanism`: everything the audit needs to recompute the release."""
+    return json.dumps(
+        {
+            "kind": DISTRIBUTED_MECHANISM,
+            "clients": release.clients,
+            "parameters": dataclasses.asdict(release.parameters),
+        },
+        sort_keys=True,
+    )
+
+
+def release_of(entry: LedgerEntry) -> DistributedRelease:
+    """The release an entry records (raises ValueError, KeyError, TypeError or ConfigError
+    when it holds none)."""
+    recorded = json.loads(entry.mechanism or "")
+    if recorded["kind"] != DISTRIBUTED_MECHANISM:
+        raise ValueError(f"mechanism {recorded['kind']!r}")
+    parameters = DistributedDpParameters(**recorded["parameters"])
+    return DistributedRelease(entry.server_round, parameters, int(recorded["clients"]))
+
+
+class DistributedLedger:
+    """A run's distributed-DP releases, appended to its federation ledger as sums are unmasked."""
+
+    def __init__(self, run_dir: Path, run_id: str, delta: float, budget: float | None) -> None:
+        self.ledger = PrivacyLedger(Path(run_dir) / FEDERATION_LEDGER)
+        self.run_id = run_id
         self.delta = delta
         self.budget = budget
         self.releases: list[DistributedRelease] = []
@@ -61,30 +98,28 @@ class DistributedLedger:
 
     def record(self, release: DistributedRelease) -> float:
         """Append an unmasked sum's release; returns the cumulative client-level epsilon."""
-        self.releases.append(release)
-        self.epsilons.append(distributed_epsilon(self.releases, self.delta))
-        write_json_atomic(
-            self.path,
-            {
-                "delta": self.delta,
-                "budget_epsilon": self.budget,
-                "releases": [
-                    {
-                        "round": r.server_round,
-                        "clients": r.clients,
-                        "parameters": dataclasses.asdict(r.parameters),
-                        "epsilon": epsilon,
-                    }
-                    for r, epsilon in zip(self.releases, self.epsilons, strict=True)
-                ],
-            },
+        epsilon = distributed_epsilon([*self.releases, release], self.delta)
+        segment = release_segment(release)
+        pending, _ = self.ledger.write_ahead(
+            DISTRIBUTED_FINGERPRINT,
+            self.run_id,
+            release.server_round,
+            segment,
+            release.parameters.clip_norm,
+            self.delta,
+            self.budget,
+            lambda _: epsilon,
+            release_json(release),
         )
-        return self.epsilons[-1]
+        self.ledger.commit(pending, segment, epsilon)
+        self.releases.append(release)
+        self.epsilons.append(epsilon)
+        return epsilon
 
 
 @dataclass
 class DistributedAudit:
-    """What `fedmodel audit` found in a run's distributed-DP record."""
+    """What `fedmodel audit` found in a ledger's distributed-DP releases."""
 
     path: str
     releases: int
@@ -99,47 +134,41 @@ class DistributedAudit:
         return not self.problems
 
 
-def audit_distributed(path: Path) -> DistributedAudit:
+def audit_distributed(path: str, entries: Sequence[LedgerEntry]) -> DistributedAudit:
     """Recompute every recorded cumulative epsilon with `ddg_epsilon` (independent code).
 
-    A recorded epsilon below the recompute beyond AUDIT_TOLERANCE is under-reporting; a
-    final epsilon over the budget is overspending.
+    `entries` are one ledger's `DISTRIBUTED_FINGERPRINT` entries, their chain verified by
+    the caller. What counts is what `spent_history` counts: every commit, and a pending
+    entry never committed. A recorded epsilon below the recompute beyond AUDIT_TOLERANCE
+    is under-reporting; a final epsilon over the budget is overspending.
     """
     from fedmodel.privacy.audit_accounting import ddg_epsilon
 
-    try:
-        record: dict[str, Any] = json.loads(path.read_text())
-        delta = float(record["delta"])
-        entries = record["releases"]
-        releases = [
-            DistributedRelease(
-                int(entry["round"]),
-                DistributedDpParameters(**entry["parameters"]),
-                int(entry["clients"]),
-            )
-            for entry in entries
-        ]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise FedModelError(f"{path}: not a distributed-DP record ({error})") from None
-    problems, recomputed = [], 0.0
-    for index, entry in enumerate(entries):
-        recomputed = ddg_epsilon(releases[: index + 1], delta)
-        recorded = float(entry["epsilon"])
-        if recorded < recomputed * (1 - AUDIT_TOLERANCE):
+    committed = {entry.refers_to for entry in entries if entry.status == COMMITTED}
+    spent = [
+        entry
+        for entry in entries
+        if entry.status == COMMITTED or (entry.status == PENDING and entry.seq not in committed)
+    ]
+    problems: list[str] = []
+    releases: list[DistributedRelease] = []
+    recomputed = 0.0
+    for entry in spent:
+        try:
+            releases.append(release_of(entry))
+        except (ValueError, KeyError, TypeError, FedModelError) as error:
+            problems.append(f"entry #{entry.seq} records no distributed release ({error})")
+            continue
+        recomputed = ddg_epsilon(releases, entry.delta)
+        if entry.epsilon < recomputed * (1 - AUDIT_TOLERANCE):
             problems.append(
-                f"round {entry['round']}: records epsilon {recorded:.6g}, the independent "
-                f"recompute gives {recomputed:.6g}"
+                f"round {entry.server_round}: records epsilon {entry.epsilon:.6g}, the "
+                f"independent recompute gives {recomputed:.6g}"
             )
-    recorded_final = float(entries[-1]["epsilon"]) if entries else 0.0
-    budget = record.get("budget_epsilon")
-    if (
-        budget is not None
-        and max(recorded_final, recomputed) > budget
-        and not math.isclose(max(recorded_final, recomputed), budget)
-    ):
-        problems.append(
-            f"epsilon {max(recorded_final, recomputed):.6g} is over the budget {budget:g}"
-        )
-    return DistributedAudit(
-        str(path), len(entries), delta, budget, recorded_final, recomputed, problems
-    )
+    last = entries[-1]
+    recorded = spent[-1].epsilon if spent else 0.0
+    budget = last.budget_epsilon
+    worst = max(recorded, recomputed)
+    if budget is not None and worst > budget and not math.isclose(worst, budget):
+        problems.append(f"epsilon {worst:.6g} is over the budget {budget:g}")
+    return DistributedAudit(path, len(spent), last.delta, budget, recorded, recomputed, problems)
