@@ -33,6 +33,14 @@ Output = Annotated[
 Verbose = Annotated[
     bool, typer.Option(help="Show every ServerApp log line.", rich_help_panel=OUTPUT)
 ]
+RecordMessages = Annotated[  # a debug aid: what the coordinator saw, kept in the run directory
+    bool,
+    typer.Option(
+        help="Keep every reply the ServerApp receives in RUN/received/.",
+        hidden=True,
+        rich_help_panel=OUTPUT,
+    ),
+]
 FederationDir = Annotated[
     Path,
     typer.Option("--dir", help="Federation directory.", rich_help_panel=Section.FEDERATION.value),
@@ -95,6 +103,7 @@ def _run(options: dict[str, Any]) -> None:
             else "without DP-SGD"
         )
         + (f", client-level DP (noise {config.central_noise:g})" if config.client_dp else "")
+        + (", secure aggregation (SecAgg+)" if config.secagg else "")
         + f"; run directory {run_dir}"
     )
     started = time.monotonic()
@@ -137,12 +146,15 @@ run_command = command(
     "Train on the federation's enrolled nodes (the SuperLink must be running).",
     [
         parameter("directory", FederationDir, ...),
-        *config_options((*SHARED_KEYS, "evaluation")),
+        *config_options(
+            (*SHARED_KEYS, "evaluation", "secagg", "secagg_shares", "secagg_threshold")
+        ),
         NO_DP,
         RESUME,
         parameter("installed_task", TaskName, TABULAR_TASK),
         parameter("output", Output, None),
         parameter("verbose", Verbose, False),
+        parameter("record_messages", RecordMessages, False),
     ],
     _run,
 )

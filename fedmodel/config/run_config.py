@@ -159,6 +159,12 @@ class RunConfig(RunKeys):
             "no --max-update-norm and no --attack",
             (self.aggregator, self.max_update_norm, self.attack),
         )
+        _require(
+            self.byzantine == 0,
+            "--secagg hides individual updates, which --byzantine needs to tolerate malicious "
+            "clients; drop one of them",
+            self.byzantine,
+        )
         _require(not self.resume, "--resume is not available with --secagg yet", self.resume)
         _require(
             self.dp in ("sample", "off"),
