@@ -153,6 +153,7 @@ class NodeExecutor:
         status, details = SubStatus.FAILED, "the node could not read the task"
         try:
             message, context = pull_task(runtime)
+            stage = secagg_stage(message)  # before secaggplus_mod takes it out of the message
             started = time.monotonic()
             try:
                 reply, refusal = self._decide(message, context)
@@ -162,7 +163,7 @@ class NodeExecutor:
                 reply = Message(Error(POLICY_REFUSED_CODE, refusal), reply_to=message)
             push_message(runtime, reply, context)
             status, details = SubStatus.COMPLETED, ""
-            self._record(context, message, refusal, time.monotonic() - started)
+            self._record(context, message, stage, refusal, time.monotonic() - started)
         finally:
             push_task_output(runtime, context, status, details)
             heartbeat.stop()
@@ -202,10 +203,14 @@ class NodeExecutor:
         return self._apps[reference]
 
     def _record(
-        self, context: Context, message: Message, refusal: str | None, seconds: float
+        self,
+        context: Context,
+        message: Message,
+        stage: str | None,
+        refusal: str | None,
+        seconds: float,
     ) -> None:
         kind = message.metadata.message_type
-        stage = secagg_stage(message)
         if stage is not None:
             kind = f"{kind} ({stage})"
         if refusal is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, MessageType
 from flwr.client import Client, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -31,6 +31,7 @@ from client.app import train_local_model
 from client.local_data import (
     ClientRows,
     Metrics,
+    describe_local_data,
     holdout_metrics,
     is_deployed,
     node_training_rows,
@@ -133,6 +134,14 @@ def keep_update(context: Context, server_round: int, arrays: NDArrays) -> None:
         np.savez(path, *arrays)
 
 
+def query_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A deployed run's query round (the node's statistics and name), which Flower's
+    legacy clients cannot answer: the same answer as client/app.py's."""
+    if msg.metadata.message_type == MessageType.QUERY:
+        return describe_local_data(msg, context)
+    return call_next(msg, context)
+
+
 def budget_refusal_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """A spent budget is an error reply with our code (a dropout to SecAgg+), not a crash."""
     try:
@@ -152,7 +161,9 @@ def secagg_client_app(
     def client_fn(context: Context) -> Client:
         return SecAggTrainingClient(context, partitions, observe).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[*mods, budget_refusal_mod, secaggplus_mod])
+    return ClientApp(
+        client_fn=client_fn, mods=[*mods, query_mod, budget_refusal_mod, secaggplus_mod]
+    )
 
 
 app = secagg_client_app(None)  # what a deployed node runs: its own file, weight 1
