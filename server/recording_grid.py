@@ -42,7 +42,7 @@ class RecordingGrid(PollingGrid):
     def _keep(self, reply: Message) -> None:
         self._count += 1
         meta = reply.metadata
-        name = f"{self._count:06d}-node-{meta.src_node_id}.pb"
+        name = f"{self._count:06d}-node-{meta.src_node_id}.pb" if reply.has_content() else None
         entry = {
             "file": name,
             "node_id": meta.src_node_id,
@@ -50,7 +50,7 @@ class RecordingGrid(PollingGrid):
             "group_id": meta.group_id,
             "error": reply.error.reason if reply.has_error() else None,
         }
-        if reply.has_content():
+        if name is not None:
             (self.directory / name).write_bytes(
                 recorddict_to_proto(reply.content).SerializeToString()
             )
@@ -67,7 +67,7 @@ def received_index(directory: Path) -> Iterator[dict[str, object]]:
 
 
 def received_content(directory: Path, entry: dict[str, object]) -> RecordDict:
-    """The content of the reply `entry` names."""
+    """The content of the reply `entry` names (one with content: no error)."""
     proto = ProtoRecordDict()
     proto.ParseFromString((directory / str(entry["file"])).read_bytes())
     return recorddict_from_proto(proto)

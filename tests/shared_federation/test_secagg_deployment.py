@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -46,10 +47,11 @@ from tests.shared_federation.conftest import (
 pytestmark = pytest.mark.slow
 SHARED_SITES = (*HONEST_SITES, HOSTILE_SITE)
 DROPPED = "site-s"  # the test's own node, killed mid-round
+COLLECTED = "(collect_masked_vectors): answered"
 
 
 def masked_vectors(run_dir: Path) -> dict[int, np.ndarray]:
-    """Each node's masked vector as the ServerApp received it, flattened, by node ID."""
+    """Each node's masked model vector as the ServerApp received it, flattened, by node ID."""
     received = run_dir / RECEIVED_DIR
     vectors = {}
     for entry in received_index(received):
@@ -57,7 +59,9 @@ def masked_vectors(run_dir: Path) -> dict[int, np.ndarray]:
             continue
         record = received_content(received, entry).config_records.get(RECORD_KEY_CONFIGS)
         if record is not None and Key.MASKED_PARAMETERS in record:
-            parts = [bytes_to_ndarray(part) for part in record[Key.MASKED_PARAMETERS]]  # type: ignore[union-attr]
+            masked = cast(list[bytes], record[Key.MASKED_PARAMETERS])
+            # the first part is the node's weight, masked too; the model's weights follow
+            parts = [bytes_to_ndarray(part) for part in masked[1:]]
             vectors[int(str(entry["node_id"]))] = np.concatenate([p.ravel() for p in parts])
     return vectors
 
@@ -70,23 +74,32 @@ def kept_update(node: Path) -> list[np.ndarray]:
 
 
 def run_secagg_and_kill_dropped(
-    started: list[subprocess.Popen[str]], server: Path, dropped: Path, tmp_path: Path
+    started: list[subprocess.Popen[str]], server: Path, dropped: Path, survivor: Path
 ) -> None:
-    """`fedmodel run --secagg` on four nodes, one round; once `dropped` has answered the
-    share-keys stage, its executor is paused and its SuperNode killed."""
+    """`fedmodel run --secagg` on four nodes, one round, in `dropped`'s parent directory.
+
+    Once `dropped` has answered the share-keys stage its executor is paused, so it never
+    trains; once `survivor` has sent its masked vector (its shares, `dropped`'s among
+    them, went through the coordinator), `dropped`'s SuperNode is killed. (Killed any
+    sooner, its key shares might never leave it: Flower 1.39's neighbours then fail to
+    unmask, and the round halts.)
+    """
+    work = dropped.parent
+    before = (survivor / "executor.log").read_text().count(COLLECTED)
     run = background(
         "run", "--dir", server, "--secagg", "--secagg-shares", "3",
         "--secagg-threshold", "2", "--min-clients", "3", "--rounds", "1",
         "--round-timeout", "30", "--batch-size", "32", "--record-messages",
-        "--output", tmp_path / "secagg", log=tmp_path / "secagg.out",
+        "--output", work / "secagg", log=work / "secagg.out",
     )  # fmt: skip
     started.append(run)
     wait_for_text(dropped / "executor.log", "(share_keys): answered", run, 240)
     executor = int((dropped / "executor.pid").read_text())
     os.killpg(executor, signal.SIGSTOP)
     try:
+        wait_for_text(survivor / "executor.log", COLLECTED, run, 240, count=before + 1)
         os.kill(int((dropped / "supernode.pid").read_text()), signal.SIGKILL)
-        assert run.wait(timeout=300) == 0, (tmp_path / "secagg.out").read_text()
+        assert run.wait(timeout=300) == 0, (work / "secagg.out").read_text()
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(executor, signal.SIGKILL)
@@ -105,7 +118,8 @@ def test_secagg_run_shows_the_coordinator_masked_vectors_only_and_survives_a_kil
             for node in nodes.values():
                 (node / UPDATES_DIR).mkdir(parents=True, exist_ok=True)
             wait_until_online(server, len(nodes))
-            run_secagg_and_kill_dropped(space.started, server, nodes[DROPPED], tmp_path)
+            survivor = nodes[HONEST_SITES[0]]
+            run_secagg_and_kill_dropped(space.started, server, nodes[DROPPED], survivor)
         updates = {name: kept_update(node) for name, node in nodes.items() if name != DROPPED}
     finally:
         for name in SHARED_SITES:  # the shared nodes keep nothing after this test
@@ -133,8 +147,8 @@ def test_secagg_run_shows_the_coordinator_masked_vectors_only_and_survives_a_kil
              for name in SHARED_SITES]  # fmt: skip
     for masked, update in pairs:
         assert masked.dtype.kind in "iu" and masked.shape == update.shape
-    # pooled over the three nodes (about 900 weights each): |r| of independent vectors
-    # that long exceeds 0.05 with probability about 1%
+    # pooled over the three nodes (865 weights each): |r| of independent vectors that
+    # long exceeds 0.05 with probability about 1% (one node's alone: about 14%)
     masked = np.concatenate([m.astype(np.float64) for m, _ in pairs])
     update = np.concatenate([u.astype(np.float64) for _, u in pairs])
     r = float(np.corrcoef(masked, update)[0, 1])
