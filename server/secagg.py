@@ -89,6 +89,7 @@ class SecureFedAvg(LegacyFedAvg):
         self.nodes = nodes
         self.rounds: list[dict[str, Any]] = []
         self._sampled = 0
+        self._survivors: set[str] = set()  # who sent a masked vector in the last round
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -113,6 +114,7 @@ class SecureFedAvg(LegacyFedAvg):
             record_node_scores(
                 self, previous, scored, self.nodes.members.weight_caps, EVALUATION_PREFIX
             )
+        self._survivors = {proxy.cid for proxy, _ in results}
         reports = {}
         for proxy, fitres in results:  # the sum is taken already; an invalid report is not kept
             try:
@@ -147,11 +149,13 @@ class SecureFedAvg(LegacyFedAvg):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        """Only a deployed run's last model is evaluated apart: the nodes score the others
-        on the next round's train message."""
+        """Only a deployed run's last model is evaluated apart (the nodes score the others
+        on the next round's train message), by the nodes that survived its round: one that
+        dropped out would only be waited for until --round-timeout."""
         if self.nodes is None or server_round < self.recorder.config.rounds:
             return []
-        return super().configure_evaluate(server_round, parameters, client_manager)
+        sampled = super().configure_evaluate(server_round, parameters, client_manager)
+        return [(proxy, ins) for proxy, ins in sampled if proxy.cid in self._survivors]
 
     def aggregate_evaluate(
         self,

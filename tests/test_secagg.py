@@ -135,6 +135,11 @@ def _fit_result(partition: int, arrays: list[np.ndarray]) -> FitRes:
     return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 50, legacy_metrics(metrics))
 
 
+def _proxy(node: int) -> GridClientProxy:
+    """The proxy of node `node` as Flower's legacy workflow hands it to the strategy."""
+    return GridClientProxy(node, None, 0)  # type: ignore[arg-type]  # no grid: never called
+
+
 def _strategy(tmp_path: Path) -> SecureFedAvg:
     recorder = RunRecorder(
         tmp_path,
@@ -150,7 +155,7 @@ def test_strategy_gets_one_unmasked_mean_and_records_each_clients_epsilon(tmp_pa
     for partition in range(3):
         fit = _fit_result(partition, [np.zeros(4, dtype=np.float32)])
         fit.parameters = mean  # what SecAggPlusWorkflow hands over for every survivor
-        results.append((object(), fit))
+        results.append((_proxy(partition), fit))
     strategy = _strategy(tmp_path)
     parameters, metrics = strategy.aggregate_fit(1, results, [])  # type: ignore[arg-type]
     assert isinstance(parameters, Parameters) and parameters.tensors == mean.tensors
@@ -180,15 +185,16 @@ def test_deployed_strategy_names_clients_by_registry_and_records_the_nodes_score
     for node, claimed in ((11, 7), (12, 7), (99, 0)):  # both claim client 7; 99 is no member
         fit = _fit_result(claimed, [np.zeros(4, dtype=np.float32)])
         fit.parameters, fit.metrics = mean, fit.metrics | (scores if node != 99 else {})
-        results.append((GridClientProxy(node, None, 0), fit))  # type: ignore[arg-type]
+        results.append((_proxy(node), fit))
     strategy.aggregate_fit(1, results, [])  # type: ignore[arg-type]
     assert sorted(strategy.recorder.clients) == ["0", "1"]
-    assert strategy.recorder.initial["auroc"] == 0.75  # round 0's model, scored by the nodes
+    initial = strategy.recorder.initial  # round 0's model, scored by the nodes
+    assert initial is not None and initial["auroc"] == 0.75
 
 
 def test_strategy_refuses_individual_updates(tmp_path: Path) -> None:
     results = [
-        (object(), _fit_result(partition, [np.full(4, partition, dtype=np.float32)]))
+        (_proxy(partition), _fit_result(partition, [np.full(4, partition, dtype=np.float32)]))
         for partition in range(2)
     ]
     with pytest.raises(RuntimeError, match="SecAgg\\+ is not in effect"):
