@@ -176,10 +176,12 @@ class NodeExecutor:
         refusal = review(self.directory, policy, context.run_config, kind)
         if refusal is None and kind in (MessageType.TRAIN, MessageType.EVALUATE):
             refusal = content_refusal(message)
-        server_round = training_round(message) if kind == MessageType.TRAIN else None
-        if refusal is None and server_round is not None:
-            run_id = ledger_run_id(RunConfig.from_run_config(context.run_config), context.run_id)
-            refusal = replay_refusal(self.directory, run_id, server_round)
+        if refusal is None and kind == MessageType.TRAIN:
+            config = RunConfig.from_run_config(context.run_config)
+            server_round = training_round(message, config.secagg)
+            if server_round is not None:
+                run_id = ledger_run_id(config, context.run_id)
+                refusal = replay_refusal(self.directory, run_id, server_round)
         if refusal is not None:
             return Message(Error(POLICY_REFUSED_CODE, refusal), reply_to=message), refusal
         context.node_config["budget-epsilon"] = policy.budget_epsilon
@@ -225,20 +227,20 @@ class NodeExecutor:
         )
 
 
-def training_round(message: Message) -> int | None:
+def training_round(message: Message, secagg: bool) -> int | None:
     """The round a train message asks this node to train for; None for a message that
     trains nothing (SecAgg+'s key and unmask stages).
 
-    Only a message that carries a training instruction counts for the replay rule:
-    FedModel's train config, or the legacy FitIns config that SecAgg+'s stage of
-    collecting masked vectors carries. A message that carries neither cannot train:
-    both ClientApps read the round from that config, and fail without it.
+    Only a message with a training instruction counts for the replay rule, and the round
+    counted is the one the run's ClientApp trains for: FedModel's train config, or in a
+    SecAgg+ run the legacy FitIns config of the stage that collects masked vectors. A
+    message without that round cannot train: both ClientApps read it there, and fail
+    without it.
     """
-    for name in (CONFIG_KEY, LEGACY_FIT_CONFIG):
-        record = message.content.config_records.get(name)
-        if record is not None and SERVER_ROUND_KEY in record:
-            return int(str(record[SERVER_ROUND_KEY]))
-    return None
+    record = message.content.config_records.get(LEGACY_FIT_CONFIG if secagg else CONFIG_KEY)
+    if record is None or SERVER_ROUND_KEY not in record:
+        return None
+    return int(str(record[SERVER_ROUND_KEY]))
 
 
 def secagg_stage(message: Message) -> str | None:

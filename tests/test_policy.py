@@ -181,8 +181,13 @@ def test_only_the_secagg_stage_that_trains_counts_for_the_replay_rule() -> None:
 
     fit = ConfigRecord({"server-round": 3})
     for name in (Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK):
-        assert training_round(stage(name)) is None and secagg_stage(stage(name)) == name
+        assert training_round(stage(name), secagg=True) is None
+        assert secagg_stage(stage(name)) == name
     collect = stage(Stage.COLLECT_MASKED_VECTORS, **{"fitins.config": fit})
-    assert training_round(collect) == 3
+    assert training_round(collect, secagg=True) == 3
+    # the round counted is the one the run's ClientApp trains for, whatever else is sent
+    fresh = ConfigRecord({"server-round": 9})
+    decoy = stage(Stage.COLLECT_MASKED_VECTORS, **{"fitins.config": fit, "config": fresh})
+    assert training_round(decoy, secagg=True) == 3
     plain = Message(RecordDict({"config": ConfigRecord({"server-round": 2})}), 1, "train")
-    assert (training_round(plain), secagg_stage(plain)) == (2, None)
+    assert (training_round(plain, secagg=False), secagg_stage(plain)) == (2, None)
