@@ -47,7 +47,7 @@ LABEL = "death"
 RUN_EPSILON = 50.0
 BUDGET_EPSILON = 100.0  # the owner's; with empty ledgers per run it never stops one
 BUDGET_DELTA = 1e-5
-PROGRESS = re.compile(r"round (\d+)/(\d+).*\((\d+) s\)")
+PROGRESS = re.compile(r"round (\d+)/(\d+) .*\b(\d+) s elapsed")
 STARTED = time.monotonic()
 
 
