@@ -5,7 +5,7 @@ For each node count, one TLS federation on 127.0.0.1 made with the fedmodel CLI
 two runs of the same rounds on it: `fedmodel run` (plain FedAvg, one train message per
 node and round) and `fedmodel run --secagg --secagg-shares 3 --secagg-threshold 2`
 (SecAgg+: four train messages per node and round, setup, share keys, collect masked
-vectors, unmask). Every run starts with empty privacy ledgers.
+vectors, unmask), each at epsilon 30 so that both fit in the owners' budget of 100.
 
 A round's time is the time between successive `fedmodel run` progress lines, rounds
 3..R (round 1 also holds start-up and the query round); medians over those rounds.
@@ -27,23 +27,23 @@ from pathlib import Path
 
 from benchmarks.deployment_federation import (
     ROWS_PER_NODE,
-    RUN_EPSILON,
     STARTED,
     Federation,
     federation_on_loopback,
     make_federation,
-    reset_ledgers,
     run_federation,
     say,
     start_fedmodel_nodes,
     stop_fedmodel_nodes,
     wait_for_online,
-    wait_until_offline,
 )
 from benchmarks.output import write_csv
 
 PLAIN, SECURE = "plain FedAvg", "SecAgg+"
 SECAGG_OPTIONS = ("--secagg", "--secagg-shares", "3", "--secagg-threshold", "2")
+# both runs fit in each owner's budget (the ledger keeps what the first spent)
+RUN_EPSILON = 30.0
+RUN_OPTIONS = ("--epsilon", str(RUN_EPSILON))
 
 
 @dataclass(frozen=True)
@@ -57,18 +57,11 @@ class RoundTime:
 
 
 def measure(federation: Federation, variant: str, rounds: int) -> list[RoundTime]:
-    """One run of `variant` on fresh ledgers; the time of each round 3..R."""
-    reset_ledgers(federation)
-    start_fedmodel_nodes(federation)
-    try:
-        wait_for_online(federation, len(federation.nodes))
-        say(f"{len(federation.nodes)} nodes, {variant}: {rounds} rounds")
-        output = federation.root / "runs" / f"{len(federation.nodes)}-{variant.split()[0]}"
-        options = SECAGG_OPTIONS if variant == SECURE else ()
-        arrived = run_federation(federation, rounds, output, options)
-    finally:
-        stop_fedmodel_nodes(federation)
-        wait_until_offline(federation)
+    """One run of `variant` on the running nodes; the time of each round 3..R."""
+    say(f"{len(federation.nodes)} nodes, {variant}: {rounds} rounds")
+    output = federation.root / "runs" / f"{len(federation.nodes)}-{variant.split()[0]}"
+    options = (*RUN_OPTIONS, *(SECAGG_OPTIONS if variant == SECURE else ()))
+    arrived = run_federation(federation, rounds, output, options)
     return [
         RoundTime(len(federation.nodes), variant, t, arrived[t - 1] - arrived[t - 2])
         for t in range(3, rounds + 1)
@@ -110,8 +103,13 @@ def main() -> None:
     for nodes in args.nodes:
         with federation_on_loopback(nodes, args.keep) as federation:
             make_federation(federation)
-            for variant in (PLAIN, SECURE):
-                times += measure(federation, variant, args.rounds)
+            start_fedmodel_nodes(federation)
+            try:
+                wait_for_online(federation, nodes)
+                for variant in (PLAIN, SECURE):
+                    times += measure(federation, variant, args.rounds)
+            finally:
+                stop_fedmodel_nodes(federation)
     print()
     print_table(times, args.rounds)
     if args.csv is not None:
