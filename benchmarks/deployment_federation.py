@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +47,7 @@ LABEL = "death"
 RUN_EPSILON = 50.0
 BUDGET_EPSILON = 100.0  # the owner's; with empty ledgers per run it never stops one
 BUDGET_DELTA = 1e-5
-PROGRESS = re.compile(r"round (\d+)/(\d+).*\((\d+) s\)")
+PROGRESS = re.compile(r"round (\d+)/(\d+) .*\b(\d+) s elapsed")
 STARTED = time.monotonic()
 
 
@@ -256,12 +256,15 @@ def reset_ledgers(federation: Federation) -> None:
             path.unlink()
 
 
-def run_federation(federation: Federation, rounds: int, output: Path) -> dict[int, float]:
-    """`fedmodel run` to completion; when each round's progress line arrived (monotonic)."""
+def run_federation(
+    federation: Federation, rounds: int, output: Path, options: Sequence[str] = ()
+) -> dict[int, float]:
+    """`fedmodel run` (with `options`) to completion; when each round's progress line
+    arrived (monotonic)."""
     command = [
         executable("fedmodel"), "run", "--dir", str(federation.server),
         "--rounds", str(rounds), "--epsilon", str(RUN_EPSILON),
-        "--min-clients", str(len(federation.nodes)), "--output", str(output),
+        "--min-clients", str(len(federation.nodes)), "--output", str(output), *options,
     ]  # fmt: skip
     arrived: dict[int, float] = {}
     lines: list[str] = []

@@ -81,7 +81,7 @@ def train_handler(training_rows: TrainingRows) -> ClientAppCallable:
         global_state = msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
         evaluation: TrainMetrics = {}
         if is_deployed(context):  # score what was received first: no evaluate message needed
-            scores = holdout_metrics(msg, context, global_state)
+            scores = holdout_metrics(round_config, context, global_state)
             evaluation = {EVALUATION_PREFIX + key: value for key, value in scores.items()}
         try:
             state, metrics = train_local_model(

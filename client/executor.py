@@ -25,13 +25,16 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
-from flwr.app import Context, Error, Message, MessageType, MetricRecord
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SubStatus
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.common.serde import context_from_proto
 from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
 from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
@@ -91,6 +94,12 @@ _AUTHENTICATED_METHODS = frozenset(
 _COUNT_KEYS = frozenset(
     prefix + key for key in (NUM_EXAMPLES_KEY, "auroc-weight") for prefix in ("", EVALUATION_PREFIX)
 )
+# Records of Flower's legacy messages (flwr.compat's RecordDict form of FitIns, FitRes and
+# EvaluateRes), which SecAgg+ runs use
+LEGACY_FIT_CONFIG = "fitins.config"
+LEGACY_FIT_METRICS = "fitres.metrics"
+LEGACY_EVALUATE_METRICS = "evaluateres.metrics"
+LEGACY_EVALUATE_COUNT = "evaluateres.num_examples"
 
 
 class NodeExecutor:
@@ -144,6 +153,7 @@ class NodeExecutor:
         status, details = SubStatus.FAILED, "the node could not read the task"
         try:
             message, context = pull_task(runtime)
+            stage = secagg_stage(message)  # before secaggplus_mod takes it out of the message
             started = time.monotonic()
             try:
                 reply, refusal = self._decide(message, context)
@@ -153,7 +163,7 @@ class NodeExecutor:
                 reply = Message(Error(POLICY_REFUSED_CODE, refusal), reply_to=message)
             push_message(runtime, reply, context)
             status, details = SubStatus.COMPLETED, ""
-            self._record(context, message, refusal, time.monotonic() - started)
+            self._record(context, message, stage, refusal, time.monotonic() - started)
         finally:
             push_task_output(runtime, context, status, details)
             heartbeat.stop()
@@ -168,9 +178,10 @@ class NodeExecutor:
             refusal = content_refusal(message)
         if refusal is None and kind == MessageType.TRAIN:
             config = RunConfig.from_run_config(context.run_config)
-            server_round = int(str(message.content.config_records[CONFIG_KEY][SERVER_ROUND_KEY]))
-            run_id = ledger_run_id(config, context.run_id)
-            refusal = replay_refusal(self.directory, run_id, server_round)
+            server_round = training_round(message, config.secagg)
+            if server_round is not None:
+                run_id = ledger_run_id(config, context.run_id)
+                refusal = replay_refusal(self.directory, run_id, server_round)
         if refusal is not None:
             return Message(Error(POLICY_REFUSED_CODE, refusal), reply_to=message), refusal
         context.node_config["budget-epsilon"] = policy.budget_epsilon
@@ -194,9 +205,16 @@ class NodeExecutor:
         return self._apps[reference]
 
     def _record(
-        self, context: Context, message: Message, refusal: str | None, seconds: float
+        self,
+        context: Context,
+        message: Message,
+        stage: str | None,
+        refusal: str | None,
+        seconds: float,
     ) -> None:
         kind = message.metadata.message_type
+        if stage is not None:
+            kind = f"{kind} ({stage})"
         if refusal is None:
             print(f"run {context.run_id} {kind}: answered in {seconds:.2f} s", flush=True)
         else:
@@ -209,24 +227,72 @@ class NodeExecutor:
         )
 
 
+def training_round(message: Message, secagg: bool) -> int | None:
+    """The round a train message asks this node to train for; None for a message that
+    trains nothing (SecAgg+'s key and unmask stages).
+
+    Only a message with a training instruction counts for the replay rule, and the round
+    counted is the one the run's ClientApp trains for: FedModel's train config, or in a
+    SecAgg+ run the legacy FitIns config of the stage that collects masked vectors. A
+    message without that round cannot train: both ClientApps read it there, and fail
+    without it.
+    """
+    record = message.content.config_records.get(LEGACY_FIT_CONFIG if secagg else CONFIG_KEY)
+    if record is None or SERVER_ROUND_KEY not in record:
+        return None
+    return int(str(record[SERVER_ROUND_KEY]))
+
+
+def secagg_stage(message: Message) -> str | None:
+    """The SecAgg+ stage a message asks for (setup, share_keys, ...), if it is one."""
+    if message.metadata.message_type != MessageType.TRAIN:
+        return None
+    record = message.content.config_records.get(RECORD_KEY_CONFIGS)
+    stage = None if record is None else record.get(SecAggKey.STAGE)
+    return stage if isinstance(stage, str) else None
+
+
 def released(policy: OwnerPolicy, reply: Message) -> Message:
     """The reply as the owner's release rules allow: counts rounded, loss withheld,
-    evaluation metrics only when the owner releases them."""
-    if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
+    evaluation metrics only when the owner releases them.
+
+    Legacy replies (SecAgg+'s) carry their metrics in a ConfigRecord and the example
+    count in its own record; the same rules shape them. A train reply's legacy count is
+    its weight in the secure sum (1 on a deployed node), not a count of rows.
+    """
+    if reply.has_error():
         return reply
-    metrics = reply.content.metric_records[METRICS_KEY]
-    shaped = MetricRecord()
+    records = reply.content
+    if METRICS_KEY in records.metric_records:
+        records[METRICS_KEY] = MetricRecord(_shaped(policy, records.metric_records[METRICS_KEY]))
+    for name in (LEGACY_FIT_METRICS, LEGACY_EVALUATE_METRICS):
+        if name in records.config_records:
+            records[name] = ConfigRecord(_shaped(policy, records.config_records[name]))
+    if LEGACY_EVALUATE_COUNT in records.metric_records:
+        count = records.metric_records[LEGACY_EVALUATE_COUNT]
+        records[LEGACY_EVALUATE_COUNT] = MetricRecord(
+            {key: _rounded(policy, value) for key, value in count.items()}
+        )
+    return reply
+
+
+def _shaped(policy: OwnerPolicy, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    shaped = {}
     for key, value in metrics.items():
         if key == TRAIN_LOSS_KEY and not policy.release_train_loss:
             continue
         if key.startswith(EVALUATION_PREFIX) and not policy.release_evaluation:
             continue
-        if key in _COUNT_KEYS and isinstance(value, int | float) and value > 0:
-            step = policy.count_rounding
-            value = max(step, step * round(float(value) / step))
-        shaped[key] = value
-    reply.content[METRICS_KEY] = shaped
-    return reply
+        shaped[key] = _rounded(policy, value) if key in _COUNT_KEYS else value
+    return shaped
+
+
+def _rounded(policy: OwnerPolicy, value: Any) -> Any:
+    """A count of rows as it leaves the node: rounded to the owner's step, at least one step."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        step = policy.count_rounding
+        return max(step, step * round(float(value) / step))
+    return value
 
 
 def pull_task(runtime: RuntimeHttpClient) -> tuple[Message, Context]:

@@ -16,9 +16,11 @@ name: such a task's encoding is its own code's, not the federation's.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +73,12 @@ def local_training_rows(context: Context, msg: Message) -> ClientRows:
 
     A simulated client's rows come from the harness instead (simulations/apps.py).
     """
-    shared = msg.content.config_records[CONFIG_KEY]
+    return node_training_rows(context, msg.content.config_records[CONFIG_KEY])
+
+
+def node_training_rows(context: Context, shared: Mapping[str, Any]) -> ClientRows:
+    """`local_training_rows` from the run's shared config (client numbers, encoding):
+    a message's config record, or a legacy FitIns config (client/secagg_app.py)."""
     index = int(json.loads(str(shared[CLIENT_INDEX_KEY]))[str(context.node_id)])
     config = RunConfig.from_run_config(context.run_config)
     if config.app_task != TABULAR_TASK:
@@ -103,12 +110,15 @@ def describe_local_data(msg: Message, context: Context) -> Message:
 def evaluate_local_data(msg: Message, context: Context) -> Message:
     """Evaluate handler: score the global model on this node's held-out rows."""
     state = msg.content.array_records[ARRAYS_KEY].to_torch_state_dict()
-    record = MetricRecord(holdout_metrics(msg, context, state))
+    record = MetricRecord(holdout_metrics(msg.content.config_records[CONFIG_KEY], context, state))
     return Message(RecordDict({METRICS_KEY: record}), reply_to=msg)
 
 
-def holdout_metrics(msg: Message, context: Context, state: dict[str, torch.Tensor]) -> Metrics:
-    """Loss, accuracy and AUROC of the model `state` on this node's held-out rows.
+def holdout_metrics(
+    shared: Mapping[str, Any], context: Context, state: dict[str, torch.Tensor]
+) -> Metrics:
+    """Loss, accuracy and AUROC of the model `state` on this node's held-out rows
+    (`shared`: the run's shared config, which carries the tabular task's encoding).
 
     A task without accuracy (regression, or the user's own metrics) reports none; one
     without AUROC reports it with weight 0, as a one-class hold-out does
@@ -120,7 +130,6 @@ def holdout_metrics(msg: Message, context: Context, state: dict[str, torch.Tenso
     if config.app_task != TABULAR_TASK:
         task, _, holdout = _user_task_rows(config, _data_file(context)[0])
     else:
-        shared = msg.content.config_records[CONFIG_KEY]
         _, table = _split_node_table(context, str(shared[STATISTICS_KEY]))
         task, holdout = table_task(config, table.num_features, table.num_classes), table.dataset()
     model = task.model()

@@ -4,6 +4,8 @@ Everything a run carries (its run config, its messages, its app bundle) is a req
 from the coordinator. The policy, set by the owner with `fedmodel client init/start`
 and kept in NODE/policy.json (0600), decides which requests the node serves:
 - DP-SGD is required unless the owner allowed otherwise (`--allow-no-dp`);
+- secure aggregation (SecAgg+) is required if the owner asked for it (`--require-secagg`):
+  the coordinator then sees only the sum of the nodes' updates, never this node's;
 - the owner's budget epsilon, at the owner's delta, caps everything ever spent on the
   data; a run whose delta is above the owner's is refused, and the node accounts at
   the owner's delta, never at the run's;
@@ -50,6 +52,7 @@ class OwnerPolicy:
     budget_epsilon: float
     budget_delta: float = 1e-5
     require_dp: bool = True
+    require_secagg: bool = False
     max_local_epochs: int = 5
     max_rounds: int = 100
     release_statistics: bool = True  # query round: column sums (not DP-protected)
@@ -126,6 +129,11 @@ def review(
         return (
             f"the run asks for DP mode '{config.dp}', but the owner requires DP-SGD on this "
             "node (--allow-no-dp lifts it)"
+        )
+    if policy.require_secagg and not config.secagg:
+        return (
+            "the run does not use secure aggregation, which the owner requires on this node "
+            "(fedmodel run --secagg; --allow-plain-aggregation lifts it)"
         )
     if config.delta > policy.budget_delta:
         return (

@@ -57,6 +57,7 @@ from fedmodel.task_loading import task_from_reference
 from server.enrollment import load_registry
 from server.federated_evaluation import EvaluatingInTraining
 from server.polling_grid import PollingGrid
+from server.recording_grid import RECEIVED_DIR, RecordingGrid
 from server.resume import RoundEvaluation
 from server.run_record import RunRecorder
 from server.strategy import FederationStopped, GuardedStrategy, Members
@@ -105,6 +106,8 @@ class DeployedSetting:
         if config.app_task != TABULAR_TASK:
             user_task = task_from_reference(config.app_task, config)
         enrolled = enrolled_nodes(config)
+        if config.record_messages:
+            grid = RecordingGrid(grid, Path(config.output_dir).absolute() / RECEIVED_DIR)
         # replies are picked up in 0.1 s, not Flower's 3 s; too few members end the run
         members = MemberGrid(grid, enrolled, config.min_clients, config.round_timeout)
         statistics, left_out = query_feature_statistics(members, config, enrolled)
@@ -139,18 +142,22 @@ class DeployedSetting:
             everyone, config.clients
         )
 
-    def guard(self, strategy: Strategy, recorder: RunRecorder) -> GuardedStrategy:
-        """Identity and weight of a reply are the registry's (`Members`), not the node's."""
+    def members(self) -> Members:
+        """Identity and weight of a reply are the registry's, not the node's."""
         members = {node: self.enrolled[node] for node in self._names}
+        return Members(
+            clients={node: str(position) for node, position in self._positions.items()},
+            weight_caps=weight_caps(members),
+        )
+
+    def guard(self, strategy: Strategy, recorder: RunRecorder) -> GuardedStrategy:
+        """`strategy` behind the reply checks, with the registry's `members`."""
         self._strategy = EvaluatingInTraining(
             strategy,
             recorder,
             min_clients=self.config.min_clients,
             max_update_norm=self.config.max_update_norm or None,
-            members=Members(
-                clients={node: str(position) for node, position in self._positions.items()},
-                weight_caps=weight_caps(members),
-            ),
+            members=self.members(),
         )
         return self._strategy
 

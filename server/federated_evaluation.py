@@ -24,7 +24,8 @@ speak to.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -38,6 +39,7 @@ from fedmodel.protocol import (
     SERVER_ROUND_KEY,
 )
 from server.reply_schema import EvaluationReport, InvalidReply, evaluation_report
+from server.run_record import RunRecorder
 from server.strategy import FederationStopped, GuardedStrategy
 
 SCORES = ("auroc", "accuracy", "loss")
@@ -72,6 +74,48 @@ def _mean(values: list[tuple[float, int]]) -> float:
 
 def _median(values: list[tuple[float, int]]) -> float:
     return float(statistics.median(value for value, _ in values)) if values else 0.0
+
+
+class Rejecting(Protocol):
+    """Who records a node's invalid reply (a GuardedStrategy, or SecAgg+'s strategy)."""
+
+    recorder: RunRecorder
+
+    def reject(self, server_round: int, node: int, reason: str, client: str | None = None) -> None:
+        """Log and record why `node`'s reply in `server_round` is not used."""
+        ...
+
+
+def record_node_scores(
+    judge: Rejecting,
+    model_round: int,
+    scored: Iterable[tuple[int, Mapping[str, Any] | None]],
+    weight_caps: Mapping[int, int],
+    prefix: str = "",
+) -> dict[str, float] | None:
+    """Validate each (node, metrics) score of `model_round`'s model, capped by the node's
+    weight cap; record their combination (None when no node scored it).
+
+    `prefix`: scores riding on train replies (`eval-loss`, ...), which may carry none; an
+    evaluate reply without metrics, or from a node that is not a member, is rejected.
+    """
+    reports = []
+    for node, metrics in scored:
+        try:
+            if metrics is None and not prefix:
+                raise InvalidReply("no MetricRecord 'metrics'")
+            report = None if metrics is None else evaluation_report(metrics, prefix)
+            if report is not None:
+                if node not in weight_caps:
+                    raise InvalidReply(f"node {node} is not a member of this run")
+                reports.append((report, weight_caps[node]))
+        except InvalidReply as invalid:
+            judge.reject(model_round, node, f"evaluation of round {model_round}: {invalid}")
+    if not reports:
+        return None
+    scores = combine_evaluations(reports, judge.recorder.config.evaluation)
+    judge.recorder.record_evaluation(model_round, scores)
+    return scores
 
 
 class EvaluatingInTraining(GuardedStrategy):
@@ -133,30 +177,13 @@ class EvaluatingInTraining(GuardedStrategy):
 
         `prefix`: the scores ride on train replies, whose own checks follow separately.
         """
-        reports = []
-        for reply in replies:
-            if reply.has_error():
-                continue
-            node = reply.metadata.src_node_id
-            try:
-                metrics = reply.content.metric_records.get(METRICS_KEY)
-                if metrics is None and not prefix:
-                    raise InvalidReply("no MetricRecord 'metrics'")
-                report = None if metrics is None else evaluation_report(metrics, prefix)
-                if report is not None:
-                    reports.append((report, self._weight_cap(node)))
-            except InvalidReply as invalid:
-                self.reject(model_round, node, f"evaluation of round {model_round}: {invalid}")
-        if not reports:
-            return None
-        scores = combine_evaluations(reports, self.recorder.config.evaluation)
-        self.recorder.record_evaluation(model_round, scores)
-        return scores
-
-    def _weight_cap(self, node: int) -> int:
-        if self.members is None or node not in self.members.weight_caps:
-            raise InvalidReply(f"node {node} is not a member of this run")
-        return self.members.weight_caps[node]
+        scored = [
+            (reply.metadata.src_node_id, reply.content.metric_records.get(METRICS_KEY))
+            for reply in replies
+            if not reply.has_error()
+        ]
+        caps = {} if self.members is None else self.members.weight_caps
+        return record_node_scores(self, model_round, scored, caps, prefix)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -12,18 +12,34 @@ run record are wired as for every run (server/wiring.py). Per-client metrics (ep
 mechanism history) arrive in plaintext, because they are not secret. Robust aggregation
 and update validation need individual updates, so the run config refuses them with
 `--secagg`.
+
+In a deployed federation (`SecAggNodes`) the run's members are the enrolled nodes, known
+by their authenticated node IDs; every node weighs its update 1 (`max_weight` 1), so the
+unmasked sum is the plain sum of the updates and tells nothing of any node's size. The
+nodes score each model they receive on their held-out rows before training (the scores
+ride in plaintext beside the masked vector), and the last round's model in a legacy
+evaluate round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from logging import WARNING
 from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context
-from flwr.common import FitRes, NDArrays, Parameters, Scalar, ndarrays_to_parameters
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+)
 from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import ClientManager
@@ -33,14 +49,15 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from fedmodel.config import RunConfig
-from fedmodel.protocol import SERVER_ROUND_KEY
+from fedmodel.protocol import EVALUATION_PREFIX, SERVER_ROUND_KEY
 from fedmodel.run_directory import CHECKPOINTS_DIR, write_json_atomic
 from fedmodel.secagg import CLIPPING_RANGE, MODULUS_RANGE, QUANTIZATION_RANGE, metrics_from_legacy
 from server.checkpoint import save_checkpoint
+from server.federated_evaluation import record_node_scores
 from server.reply_schema import InvalidReply, train_report
 from server.resume import RoundEvaluation
 from server.run_record import RunRecorder
-from server.strategy import FederationStopped
+from server.strategy import FederationStopped, Members
 
 REPORT_FILE = "secagg.json"
 # (run, recorder, protocol to update with the workflow's ranges, model size, FedAvg's
@@ -50,18 +67,35 @@ SecureStrategyBuilder = Callable[
 ]
 
 
+@dataclass(frozen=True)
+class SecAggNodes:
+    """A deployed run's side of SecAgg+: its members (client numbers by node ID, the
+    registry's, never a node's word) and what every message carries (client numbers and
+    the encoding: server/deployment.py)."""
+
+    members: Members
+    shared: ConfigRecord
+
+
 class SecureFedAvg(LegacyFedAvg):
     """Legacy FedAvg over what SecAgg+ reveals: one weighted mean, never a single update."""
 
     def __init__(
-        self, recorder: RunRecorder, protocol: dict[str, Any], min_clients: int, **fedavg: Any
+        self,
+        recorder: RunRecorder,
+        protocol: dict[str, Any],
+        min_clients: int,
+        nodes: SecAggNodes | None = None,
+        **fedavg: Any,
     ) -> None:
         super().__init__(**fedavg)
         self.recorder = recorder
         self.protocol = protocol
         self.min_clients = min_clients
+        self.nodes = nodes
         self.rounds: list[dict[str, Any]] = []
         self._sampled = 0
+        self._survivors: set[str] = set()  # who sent a masked vector in the last round
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -80,16 +114,24 @@ class SecureFedAvg(LegacyFedAvg):
         parameter_sets = {tuple(fitres.parameters.tensors) for _, fitres in results}
         if len(parameter_sets) > 1:
             raise RuntimeError("SecAgg+ is not in effect: the strategy got individual updates")
+        previous = server_round - 1
+        if self.nodes is not None and previous not in {r["round"] for r in self.recorder.rounds}:
+            scored = [(proxy.node_id, metrics_from_legacy(res.metrics)) for proxy, res in results]
+            record_node_scores(
+                self, previous, scored, self.nodes.members.weight_caps, EVALUATION_PREFIX
+            )
+        self._survivors = {proxy.cid for proxy, _ in results}
         reports = {}
-        for _, fitres in results:  # the sum is taken already; an invalid report is not kept
+        for proxy, fitres in results:  # the sum is taken already; an invalid report is not kept
             try:
                 report = train_report(
                     metrics_from_legacy(fitres.metrics), self.recorder.config.sample_dp
                 )
+                client = self._client(proxy, report.partition_id)
             except InvalidReply as invalid:
                 log(WARNING, "secure aggregation round %d: %s", server_round, invalid)
                 continue
-            reports[str(report.partition_id)] = report
+            reports[client] = report
         self.recorder.record_replies(server_round, reports)
         reasons = sorted({_reason(failure) for failure in failures})
         for reason in reasons:
@@ -109,6 +151,49 @@ class SecureFedAvg(LegacyFedAvg):
         if not results:
             return None, {}
         return results[0][1].parameters, {"clients": len(results)}
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Only a deployed run's last model is evaluated apart (the nodes score the others
+        on the next round's train message), by the nodes that survived its round: one that
+        dropped out would only be waited for until --round-timeout."""
+        if self.nodes is None or server_round < self.recorder.config.rounds:
+            return []
+        sampled = super().configure_evaluate(server_round, parameters, client_manager)
+        return [(proxy, ins) for proxy, ins in sampled if proxy.cid in self._survivors]
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """The nodes' scores of the last model, validated and capped (never Flower's mean,
+        which weighs nodes by their own counts)."""
+        if self.nodes is None:
+            return None, {}
+        scored = [(proxy.node_id, dict(res.metrics)) for proxy, res in results]
+        scores = record_node_scores(self, server_round, scored, self.nodes.members.weight_caps)
+        if scores is None:
+            return None, {}
+        return scores["loss"], {key: value for key, value in scores.items() if key != "loss"}
+
+    def reject(self, server_round: int, node: int, reason: str, client: str | None = None) -> None:
+        """Log and record why `node`'s reply in `server_round` is not used."""
+        log(WARNING, "rejected the reply of node %d: %s", node, reason)
+        if self.nodes is not None:
+            client = self.nodes.members.clients.get(node, client)
+        self.recorder.record_rejection(server_round, node, client, reason)
+
+    def _client(self, proxy: ClientProxy, claimed: int) -> str:
+        """The client a reply is from: the registry's number for a deployed node, the
+        partition the harness set for a simulated one."""
+        if self.nodes is None:
+            return str(claimed)
+        if proxy.node_id not in self.nodes.members.clients:
+            raise InvalidReply(f"node {proxy.node_id} is not a member of this run")
+        return self.nodes.members.clients[proxy.node_id]
 
     def note_round_without_aggregate(self, server_round: int) -> None:
         """SecAgg+ halts a round (too few survivors) without calling aggregate_fit: no
@@ -135,22 +220,24 @@ def run_secagg(
     model: torch.nn.Module,
     evaluate_round: RoundEvaluation,
     recorder: RunRecorder,
-    largest_client: int,
+    max_weight: int,
+    nodes: SecAggNodes | None = None,
     strategy_builder: SecureStrategyBuilder | None = None,
 ) -> None:
     """Run `config.rounds` rounds of SecAgg+ FedAvg, evaluating and checkpointing each.
 
-    `largest_client`: the most examples a client holds (the harness knows it); every
-    client's weight n / largest_client is then at most 1, so no masked sum overflows.
-    `strategy_builder` replaces SecureFedAvg and the workflow's ranges in `protocol`
-    (distributed DP: server.distributed_dp.distributed_dp_strategy).
-    Raises FederationStopped when too few clients are left.
+    `max_weight`: the largest weight a client gives its update (in simulation its example
+    count, which the harness knows; 1 on deployed nodes), so no masked sum overflows.
+    `nodes`: a deployed run's members and shared config. `strategy_builder` replaces
+    SecureFedAvg and the workflow's ranges in `protocol` (distributed DP, in simulation:
+    server.distributed_dp.distributed_dp_strategy). Raises FederationStopped when too few
+    clients are left.
     """
     reference = model.state_dict()
     protocol: dict[str, Any] = {
         "shares": config.secagg_shares,
         "threshold": config.secagg_threshold,
-        "max_weight": largest_client,
+        "max_weight": max_weight,
         "clipping_range": CLIPPING_RANGE,
         "quantization_range": QUANTIZATION_RANGE,
         "modulus_range": MODULUS_RANGE,
@@ -173,11 +260,15 @@ def run_secagg(
         }
         return cast(float, metrics["loss"]), scores
 
+    shared: dict[str, Scalar] = {} if nodes is None else dict(nodes.shared)  # type: ignore[arg-type]
+    # a deployed run goes on with its --min-clients, as a plain one does
+    least = config.clients_per_round if nodes is None else config.min_clients
     fedavg: dict[str, Any] = {
-        "fraction_fit": config.fraction,
-        "fraction_evaluate": 0.0,
-        "min_fit_clients": config.clients_per_round,
-        "min_available_clients": config.clients,
+        "fraction_fit": config.fraction if nodes is None else 1.0,
+        "fraction_evaluate": 0.0 if nodes is None else 1.0,
+        "min_fit_clients": least,
+        "min_evaluate_clients": least,
+        "min_available_clients": config.clients if nodes is None else least,
         "evaluate_fn": evaluate_fn,
         "initial_parameters": ndarrays_to_parameters([t.cpu().numpy() for t in reference.values()]),
     }
@@ -190,7 +281,9 @@ def run_secagg(
             recorder,
             protocol,
             config.min_clients,
-            on_fit_config_fn=lambda server_round: {SERVER_ROUND_KEY: server_round},
+            nodes,
+            on_fit_config_fn=lambda server_round: {SERVER_ROUND_KEY: server_round, **shared},
+            on_evaluate_config_fn=lambda server_round: {SERVER_ROUND_KEY: server_round, **shared},
             **fedavg,
         )
     workflow = SecAggPlusWorkflow(
@@ -202,9 +295,8 @@ def run_secagg(
         modulus_range=protocol["modulus_range"],
         timeout=config.round_timeout,
     )
-    legacy = LegacyContext(
-        context, config=ServerConfig(num_rounds=config.rounds), strategy=strategy
-    )
+    server_config = ServerConfig(num_rounds=config.rounds, round_timeout=config.round_timeout)
+    legacy = LegacyContext(context, config=server_config, strategy=strategy)
     DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
 
 

@@ -40,7 +40,7 @@ from server.distributed_dp import distributed_dp_strategy
 from server.model_files import write_model_files
 from server.resume import RoundEvaluation, open_run_record, run_rounds
 from server.run_record import RunRecorder
-from server.secagg import run_secagg
+from server.secagg import SecAggNodes, run_secagg
 from server.strategy import FederationStopped, GuardedStrategy, aggregate_train_metrics
 
 
@@ -105,12 +105,12 @@ def run_federation(
     """Run `config.rounds` rounds; leave summary, metrics, checkpoints and the model file
     (fedmodel.model_file) in output-dir.
 
-    `largest_client`: the most examples any client trains on, which SecAgg+ divides the
-    weights by so that no masked sum overflows. Only the harness knows it, so SecAgg+
-    runs only where the harness passes it (simulation).
+    `largest_client`: in simulation, the most examples any client trains on, which SecAgg+
+    divides the weights by so that no masked sum overflows (the harness knows it). Deployed
+    nodes weigh their updates 1 under SecAgg+, so none of their sizes is needed.
     """
-    if config.secagg and largest_client is None:
-        raise ConfigError("--secagg runs in simulation only")
+    if config.secagg and isinstance(evaluation, CentralEvaluation) and largest_client is None:
+        raise ConfigError("a simulated --secagg run needs its largest client's size")
     if isinstance(evaluation, CentralEvaluation):
         setting: RunSetting = CentralSetting(grid, evaluation.task, evaluation.test_set)
     else:
@@ -123,17 +123,16 @@ def run_federation(
     evaluate_round = setting.begin(recorder, model)
     stopped: str | None = None
     try:
-        if config.secagg and largest_client is not None:  # SecAgg+: the server sees only sums
+        if config.secagg:  # SecAgg+: the server sees only sums
+            nodes = None
+            if isinstance(setting, DeployedSetting):
+                assert setting.shared is not None  # begin() set it
+                nodes = SecAggNodes(setting.members(), setting.shared)
             run_secagg(
-                setting.grid,
-                context,
-                config,
-                model,
-                evaluate_round,
-                recorder,
-                largest_client,
+                setting.grid, context, config, model, evaluate_round, recorder,
+                largest_client or 1, nodes,
                 distributed_dp_strategy if config.distributed_dp else None,
-            )
+            )  # fmt: skip
         else:
             sampling = setting.sampling(config)
             rule = build_aggregator(

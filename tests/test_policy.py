@@ -7,10 +7,13 @@ import stat
 from pathlib import Path
 
 import pytest
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import Code, EvaluateRes, FitRes, Parameters, Scalar, Status
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.executor import released
+from client.executor import released, secagg_stage, training_round
 from client.policy import OwnerPolicy, PolicyError, load_policy, review, save_policy
 from client.tasks import (
     BUILTIN_TASK,
@@ -136,3 +139,55 @@ def test_counts_leave_rounded_and_the_training_loss_withheld() -> None:
     open_policy = policy.replace(release_train_loss=True, count_rounding=1)
     kept = released(open_policy, _train_reply({"num-examples": 96, "train-loss": 0.5}))
     assert dict(kept.content["metrics"]) == {"num-examples": 96, "train-loss": 0.5}
+
+
+def test_a_node_requiring_secure_aggregation_refuses_a_plain_run(node: Path) -> None:
+    policy = load_policy(node).replace(require_secagg=True)
+    refusal = review(node, policy, honest(), MessageType.TRAIN)
+    assert refusal is not None and "requires" in refusal and "--secagg" in refusal
+    secure = honest(secagg=True, clients=3, secagg_shares=3, secagg_threshold=2)
+    assert review(node, policy, secure, MessageType.TRAIN) is None
+
+
+def _legacy_reply(content: RecordDict) -> Message:
+    request = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+    request.metadata.__dict__["_message_id"] = request.object_id
+    return Message(content, reply_to=request)
+
+
+def test_a_secagg_reply_leaves_as_the_owner_releases_a_plain_one() -> None:
+    """Legacy (SecAgg+) replies carry metrics in their own records; the same rules apply,
+    and a train reply's weight in the secure sum (1) is not a count to round."""
+    policy = OwnerPolicy(budget_epsilon=1.0)
+    metrics: dict[str, Scalar] = {"num-examples": 96, "train-loss": 0.5, "eval-num-examples": 24}
+    fit = FitRes(Status(Code.OK, ""), Parameters([], ""), 1, metrics)
+    shaped = released(policy, _legacy_reply(compat.fitres_to_recorddict(fit, True)))
+    fitres = compat.recorddict_to_fitres(shaped.content, True)
+    assert fitres.num_examples == 1
+    assert fitres.metrics == {"num-examples": 100, "eval-num-examples": 20}
+    scored = EvaluateRes(Status(Code.OK, ""), 0.4, 24, {"num-examples": 24, "loss": 0.4})
+    shaped = released(policy, _legacy_reply(compat.evaluateres_to_recorddict(scored)))
+    evaluateres = compat.recorddict_to_evaluateres(shaped.content)
+    assert (evaluateres.num_examples, evaluateres.metrics["num-examples"]) == (20, 20)
+
+
+def test_only_the_secagg_stage_that_trains_counts_for_the_replay_rule() -> None:
+    """SecAgg+ sends four train messages per round; only the one with the fit
+    instruction (collect masked vectors) trains, so only it counts as the round's."""
+
+    def stage(name: str, **records: ConfigRecord) -> Message:
+        content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({Key.STAGE: name}), **records})
+        return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+    fit = ConfigRecord({"server-round": 3})
+    for name in (Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK):
+        assert training_round(stage(name), secagg=True) is None
+        assert secagg_stage(stage(name)) == name
+    collect = stage(Stage.COLLECT_MASKED_VECTORS, **{"fitins.config": fit})
+    assert training_round(collect, secagg=True) == 3
+    # the round counted is the one the run's ClientApp trains for, whatever else is sent
+    fresh = ConfigRecord({"server-round": 9})
+    decoy = stage(Stage.COLLECT_MASKED_VECTORS, **{"fitins.config": fit, "config": fresh})
+    assert training_round(decoy, secagg=True) == 3
+    plain = Message(RecordDict({"config": ConfigRecord({"server-round": 2})}), 1, "train")
+    assert (training_round(plain, secagg=False), secagg_stage(plain)) == (2, None)

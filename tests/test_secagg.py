@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.ndarrays_arithmetic import (
     factor_combine,
@@ -22,6 +23,7 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
 )
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+from flwr.server.compat.grid_client_proxy import GridClientProxy
 
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
@@ -37,8 +39,8 @@ from fedmodel.secagg import (
     quantization_error_bound,
 )
 from server.run_record import RunRecorder
-from server.secagg import REPORT_FILE, SecureFedAvg
-from server.strategy import FederationStopped
+from server.secagg import REPORT_FILE, SecAggNodes, SecureFedAvg
+from server.strategy import FederationStopped, Members
 from simulations.apps import UPDATE_DUMP_VARIABLE
 from simulations.runner import SIMULATION_SERVER_APP, client_app_reference
 
@@ -55,6 +57,8 @@ from simulations.runner import SIMULATION_SERVER_APP, client_app_reference
         ({"max_update_norm": 5.0}, "no --max-update-norm"),
         ({"attack": "nan", "attackers": 0.25}, "no --attack"),
         ({"dp": "client"}, "use --dp sample or --dp distributed with --secagg"),
+        ({"dp": "both"}, "use --dp sample or --dp distributed with --secagg"),
+        ({"byzantine": 1}, "which --byzantine needs"),
         ({"clients": 2000}, "at most 1023 clients per round"),
     ],
 )
@@ -131,6 +135,11 @@ def _fit_result(partition: int, arrays: list[np.ndarray]) -> FitRes:
     return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 50, legacy_metrics(metrics))
 
 
+def _proxy(node: int) -> GridClientProxy:
+    """The proxy of node `node` as Flower's legacy workflow hands it to the strategy."""
+    return GridClientProxy(node, None, 0)  # type: ignore[arg-type]  # no grid: never called
+
+
 def _strategy(tmp_path: Path) -> SecureFedAvg:
     recorder = RunRecorder(
         tmp_path,
@@ -146,7 +155,7 @@ def test_strategy_gets_one_unmasked_mean_and_records_each_clients_epsilon(tmp_pa
     for partition in range(3):
         fit = _fit_result(partition, [np.zeros(4, dtype=np.float32)])
         fit.parameters = mean  # what SecAggPlusWorkflow hands over for every survivor
-        results.append((object(), fit))
+        results.append((_proxy(partition), fit))
     strategy = _strategy(tmp_path)
     parameters, metrics = strategy.aggregate_fit(1, results, [])  # type: ignore[arg-type]
     assert isinstance(parameters, Parameters) and parameters.tensors == mean.tensors
@@ -157,9 +166,35 @@ def test_strategy_gets_one_unmasked_mean_and_records_each_clients_epsilon(tmp_pa
     assert report["rounds"][0]["parameter_sets_received"] == 1
 
 
+def test_deployed_strategy_names_clients_by_registry_and_records_the_nodes_scores(
+    tmp_path: Path,
+) -> None:
+    """On a deployed run a reply's client is its authenticated node's, never the number it
+    claims; the scores of the previous model riding on it are recorded, capped."""
+    members = Members(clients={11: "0", 12: "1"}, weight_caps={11: 1, 12: 1})
+    strategy = _strategy(tmp_path)
+    strategy.nodes = SecAggNodes(members, ConfigRecord({}))
+    mean = ndarrays_to_parameters([np.full(4, 0.25, dtype=np.float32)])
+    scores = {
+        "eval-loss": 0.5,
+        "eval-auroc": 0.75,
+        "eval-auroc-weight": 20,
+        "eval-num-examples": 20,
+    }
+    results = []
+    for node, claimed in ((11, 7), (12, 7), (99, 0)):  # both claim client 7; 99 is no member
+        fit = _fit_result(claimed, [np.zeros(4, dtype=np.float32)])
+        fit.parameters, fit.metrics = mean, fit.metrics | (scores if node != 99 else {})
+        results.append((_proxy(node), fit))
+    strategy.aggregate_fit(1, results, [])  # type: ignore[arg-type]
+    assert sorted(strategy.recorder.clients) == ["0", "1"]
+    initial = strategy.recorder.initial  # round 0's model, scored by the nodes
+    assert initial is not None and initial["auroc"] == 0.75
+
+
 def test_strategy_refuses_individual_updates(tmp_path: Path) -> None:
     results = [
-        (object(), _fit_result(partition, [np.full(4, partition, dtype=np.float32)]))
+        (_proxy(partition), _fit_result(partition, [np.full(4, partition, dtype=np.float32)]))
         for partition in range(2)
     ]
     with pytest.raises(RuntimeError, match="SecAgg\\+ is not in effect"):

@@ -44,6 +44,13 @@ AllowNoDp = Annotated[
         "Serve runs without DP-SGD (default: require it).", "--allow-no-dp/--require-dp"
     ),
 ]
+RequireSecAgg = Annotated[
+    bool | None,
+    _policy_option(
+        "Serve only runs with secure aggregation, fedmodel run --secagg (default: not required).",
+        "--require-secagg/--allow-plain-aggregation",
+    ),
+]
 MaxEpochs = Annotated[int | None, _policy_option("Most local epochs per round (default 5).")]
 MaxRounds = Annotated[int | None, _policy_option("Most rounds per run (default 100).")]
 ReleaseStatistics = Annotated[
@@ -62,6 +69,7 @@ POLICY_OPTIONS: dict[str, Any] = {
     "budget_epsilon": BudgetEpsilon,
     "budget_delta": BudgetDelta,
     "allow_no_dp": AllowNoDp,
+    "require_secagg": RequireSecAgg,
     "max_local_epochs": MaxEpochs,
     "max_rounds": MaxRounds,
     "release_statistics": ReleaseStatistics,
@@ -95,6 +103,7 @@ def _policy_changes(
     budget_epsilon: float | None,
     budget_delta: float | None,
     allow_no_dp: bool | None,
+    require_secagg: bool | None,
     max_local_epochs: int | None,
     max_rounds: int | None,
     release_statistics: bool | None,
@@ -106,6 +115,7 @@ def _policy_changes(
         "budget_epsilon": budget_epsilon,
         "budget_delta": budget_delta,
         "require_dp": None if allow_no_dp is None else not allow_no_dp,
+        "require_secagg": require_secagg,
         "max_local_epochs": max_local_epochs,
         "max_rounds": max_rounds,
         "release_statistics": release_statistics,
@@ -131,7 +141,8 @@ def _changed_policy(directory: Path, changes: dict[str, Any]) -> OwnerPolicy | N
 def _show_policy(policy: OwnerPolicy) -> None:
     console.print(
         f"Policy: budget epsilon {policy.budget_epsilon:g} at delta {policy.budget_delta:g}; "
-        f"DP-SGD {'required' if policy.require_dp else 'optional'}; at most "
+        f"DP-SGD {'required' if policy.require_dp else 'optional'}; secure aggregation "
+        f"{'required' if policy.require_secagg else 'optional'}; at most "
         f"{policy.max_local_epochs} local epochs and {policy.max_rounds} rounds per run"
     )
     released = [

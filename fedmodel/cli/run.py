@@ -33,6 +33,14 @@ Output = Annotated[
 Verbose = Annotated[
     bool, typer.Option(help="Show every ServerApp log line.", rich_help_panel=OUTPUT)
 ]
+RecordMessages = Annotated[  # a debug aid: what the coordinator saw, kept in the run directory
+    bool,
+    typer.Option(
+        help="Keep every reply the ServerApp receives in RUN/received/.",
+        hidden=True,
+        rich_help_panel=OUTPUT,
+    ),
+]
 FederationDir = Annotated[
     Path,
     typer.Option("--dir", help="Federation directory.", rich_help_panel=Section.FEDERATION.value),
@@ -50,7 +58,7 @@ TaskName = Annotated[
 
 def _run(options: dict[str, Any]) -> None:
     """Build the RunConfig from the options (named like its fields) and launch the run."""
-    if options["dp"] == "distributed":  # it needs SecAgg+, which deployed nodes lack yet
+    if options["dp"] == "distributed":  # a deployed node masks plain updates only, for now
         raise ConfigError("--dp distributed runs in simulation only for now (fedmodel simulate)")
     from client.tasks import installed_task
     from fedmodel.protocol import REFUSAL_MARKER
@@ -97,6 +105,7 @@ def _run(options: dict[str, Any]) -> None:
             else "without DP-SGD"
         )
         + (f", client-level DP (noise {config.central_noise:g})" if config.client_dp else "")
+        + (", secure aggregation (SecAgg+)" if config.secagg else "")
         + f"; run directory {run_dir}"
     )
     started = time.monotonic()
@@ -139,12 +148,15 @@ run_command = command(
     "Train on the federation's enrolled nodes (the SuperLink must be running).",
     [
         parameter("directory", FederationDir, ...),
-        *config_options((*SHARED_KEYS, "evaluation")),
+        *config_options(
+            (*SHARED_KEYS, "evaluation", "secagg", "secagg_shares", "secagg_threshold")
+        ),
         NO_DP,
         RESUME,
         parameter("installed_task", TaskName, TABULAR_TASK),
         parameter("output", Output, None),
         parameter("verbose", Verbose, False),
+        parameter("record_messages", RecordMessages, False),
     ],
     _run,
 )

@@ -169,6 +169,12 @@ class RunConfig(RunKeys):
             "no --max-update-norm and no --attack",
             (self.aggregator, self.max_update_norm, self.attack),
         )
+        _require(
+            self.byzantine == 0,
+            "--secagg hides individual updates, which --byzantine needs to tolerate malicious "
+            "clients; drop one of them",
+            self.byzantine,
+        )
         _require(not self.resume, "--resume is not available with --secagg yet", self.resume)
         _require(
             not self.client_dp,

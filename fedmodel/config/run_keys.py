@@ -185,6 +185,9 @@ class RunKeys:
         _OUTPUT,
         "Also write each round's model file (models/round-NNNN/), not only the final one.",
     )
+    record_messages: bool = key(
+        False, _OUTPUT, "Debug: keep every reply the ServerApp receives (run dir received/)."
+    )
     secagg: bool = key(
         False, _SECAGG, "Secure aggregation: the server sees only the sum of updates."
     )
