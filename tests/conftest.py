@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,14 @@ def browser() -> Iterator[object]:
 
     with chromium() as driver:
         yield driver
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests press Ctrl-C (SIGINT) on the commands they start, as a user's terminal does.
+    A suite started as a background job of a script inherits SIGINT ignored, and so would
+    every command it starts (Python then never raises KeyboardInterrupt): restore it."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class _SharedFederationScheduling(LoadFileScheduling):

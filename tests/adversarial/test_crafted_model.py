@@ -22,6 +22,7 @@ from fedmodel.data import TabularData
 from fedmodel.models import ClassifierLoss, build_model
 from fedmodel.privacy.calibration import calibrate_noise_multiplier
 from fedmodel.privacy.ledger import PrivacyLedger
+from fedmodel.sampling import client_batch_size, poisson_plan
 from tests.conftest import deployed_node_context, dp_accounting_epsilon, table_rows
 
 DELTA = 1e-5
@@ -56,7 +57,7 @@ def test_a_crafted_overflow_model_gets_a_finite_reply_charged_normally(
     others = torch.arange(len(data)) != target
     assert not losses[target].isfinite() and losses[others].isfinite().all()  # the probe works
 
-    # batch size >= rows: sample rate 1, the target is in every step
+    # batch size >= rows: the client takes a quarter of its rows per batch (small-site rule)
     config = RunConfig(epsilon=1.0, rounds=2, local_epochs=2, batch_size=512, device="cpu")
     ledger_path = tmp_path / "privacy-ledger.sqlite"
     context = deployed_node_context(tmp_path, config, budget_epsilon=3.0)
@@ -67,9 +68,11 @@ def test_a_crafted_overflow_model_gets_a_finite_reply_charged_normally(
     assert np.isfinite(float(metrics["train-loss"]))
 
     # charged as planned: the ledger's mechanism, from the config alone, recomputed twice
-    noise = calibrate_noise_multiplier(1.0, DELTA, 1.0, config.rounds * config.local_epochs)
+    plan = poisson_plan(len(data), client_batch_size(len(data), config.batch_size))
+    steps = config.local_epochs * plan.steps_per_epoch
+    noise = calibrate_noise_multiplier(1.0, DELTA, plan.sample_rate, config.rounds * steps)
     (entry,) = [e for e in PrivacyLedger(ledger_path).entries() if e.status == "committed"]
-    assert entry.segment == (noise, 1.0, config.local_epochs)
+    assert entry.segment == (noise, plan.sample_rate, steps) == (noise, 0.25, 8)
     accountant = RDPAccountant()
     accountant.history = [entry.segment]
     assert float(metrics["epsilon"]) == accountant.get_epsilon(DELTA)
