@@ -4,9 +4,6 @@ for every partition, with the privacy accounting still exact."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,21 +15,7 @@ from fedmodel.datasets.scenarios import MIN_DP_ROWS, federation
 from fedmodel.errors import DataError
 from fedmodel.sampling import client_batch_size, poisson_plan
 from tests.conftest import assert_epsilons_recompute
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def fedmodel(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The CLI of this checkout (not whatever `fedmodel` script is installed)."""
-    return subprocess.run(
-        [sys.executable, "-m", "fedmodel.cli", *args],
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "400"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+from tests.test_sweep import fedmodel  # this checkout's CLI, as a user runs it
 
 
 def wine_like_table(sites: int = 4, rows_per_site: int = 56, seed: int = 0) -> pd.DataFrame:
