@@ -128,11 +128,7 @@ def run_rounds(
                 "record": recorder.state(),
             },
         )
-        if 0 < config.stop_after_round == server_round < config.rounds:
-            raise RunPaused(
-                f"paused after round {server_round} of {config.rounds} (--stop-after-round); "
-                f"continue with --resume {recorder.run_dir}"
-            )
+        pause_after(config, server_round, recorder.run_dir)
         return metrics
 
     if resume is not None:
@@ -145,6 +141,15 @@ def run_rounds(
         evaluate_fn=after_round,
         **start_options,
     )
+
+
+def pause_after(config: RunConfig, server_round: int, run_dir: Path) -> None:
+    """Raise RunPaused when `server_round` (checkpointed) is the run's `stop-after-round`."""
+    if 0 < config.stop_after_round == server_round < config.rounds:
+        raise RunPaused(
+            f"paused after round {server_round} of {config.rounds} (--stop-after-round); "
+            f"continue with --resume {run_dir}"
+        )
 
 
 def resume_config(run_dir: Path, scenario: str | None = None) -> RunConfig:
@@ -163,8 +168,6 @@ def resume_config(run_dir: Path, scenario: str | None = None) -> RunConfig:
             f"--resume {run_dir}: that run is a '{config.scenario}' run; use "
             f"'fedmodel simulate {config.scenario} --resume {run_dir}'"
         )
-    if config.secagg:
-        raise ConfigError(f"--resume {run_dir}: SecAgg+ runs cannot be resumed yet")
     resume = load_resume_point(run_dir / CHECKPOINTS_DIR)
     if resume is None:
         raise ConfigError(

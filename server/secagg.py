@@ -23,6 +23,7 @@ evaluate round.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from logging import WARNING
@@ -45,6 +46,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
@@ -52,10 +54,10 @@ from fedmodel.config import RunConfig
 from fedmodel.protocol import EVALUATION_PREFIX, SERVER_ROUND_KEY
 from fedmodel.run_directory import CHECKPOINTS_DIR, write_json_atomic
 from fedmodel.secagg import CLIPPING_RANGE, MODULUS_RANGE, QUANTIZATION_RANGE, metrics_from_legacy
-from server.checkpoint import save_checkpoint
+from server.checkpoint import ResumePoint, restore_rng, rng_state, save_checkpoint
 from server.federated_evaluation import record_node_scores
 from server.reply_schema import InvalidReply, train_report
-from server.resume import RoundEvaluation
+from server.resume import RoundEvaluation, pause_after
 from server.run_record import RunRecorder
 from server.strategy import FederationStopped, Members
 
@@ -213,6 +215,54 @@ class SecureFedAvg(LegacyFedAvg):
         )
 
 
+class ShiftedLegacyRounds(LegacyStrategy):
+    """Presents round k of Flower's `DefaultWorkflow` (which counts from 1) to `inner` as
+    round `offset + k`: a resumed run's rounds keep their numbers, which the nodes'
+    ledgers and replay rule key on. Round 0, the initial model, was evaluated and
+    checkpointed before the run stopped, so a resumed run does not evaluate it again.
+    """
+
+    def __init__(self, inner: SecureFedAvg, offset: int) -> None:
+        self.inner = inner
+        self.offset = offset
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.inner.initialize_parameters(client_manager)
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, Any]]:
+        return self.inner.configure_fit(server_round + self.offset, parameters, client_manager)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        return self.inner.aggregate_fit(server_round + self.offset, results, failures)
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return self.inner.configure_evaluate(server_round + self.offset, parameters, client_manager)
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        return self.inner.aggregate_evaluate(server_round + self.offset, results, failures)
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        if self.offset and server_round == 0:
+            return None
+        return self.inner.evaluate(server_round + self.offset, parameters)
+
+
 def run_secagg(
     grid: Grid,
     context: Context,
@@ -223,17 +273,24 @@ def run_secagg(
     max_weight: int,
     nodes: SecAggNodes | None = None,
     strategy_builder: SecureStrategyBuilder | None = None,
+    resume: ResumePoint | None = None,
 ) -> None:
-    """Run `config.rounds` rounds of SecAgg+ FedAvg, evaluating and checkpointing each.
+    """Run the rounds of SecAgg+ FedAvg still to run, evaluating and checkpointing each.
 
     `max_weight`: the largest weight a client gives its update (in simulation its example
     count, which the harness knows; 1 on deployed nodes), so no masked sum overflows.
     `nodes`: a deployed run's members and shared config. `strategy_builder` replaces
     SecureFedAvg and the workflow's ranges in `protocol` (distributed DP, in simulation:
-    server.distributed_dp.distributed_dp_strategy). Raises FederationStopped when too few
-    clients are left.
+    server.distributed_dp.distributed_dp_strategy). `resume`: the last completed round's
+    checkpoint, which the run goes on from; every round after it draws new keys, masks and
+    noise (Flower's SecAgg+ clients draw them afresh from the OS in every round, and no
+    checkpoint holds them). Raises FederationStopped when too few clients are left, and
+    RunPaused after `stop-after-round`.
     """
     reference = model.state_dict()
+    offset = 0 if resume is None else resume.completed_round
+    if resume is not None:
+        reference = resume.state_dict
     protocol: dict[str, Any] = {
         "shares": config.secagg_shares,
         "threshold": config.secagg_threshold,
@@ -252,7 +309,13 @@ def run_secagg(
             for name, array in zip(reference, arrays, strict=True)
         }
         metrics = evaluate_round(server_round, ArrayRecord(state))
-        save_checkpoint(recorder.run_dir / CHECKPOINTS_DIR, server_round, state)
+        save_checkpoint(
+            recorder.run_dir / CHECKPOINTS_DIR,
+            server_round,
+            state,
+            {"strategy": {}, "rng": rng_state(), "record": recorder.state()},
+        )
+        pause_after(config, server_round, recorder.run_dir)
         if metrics is None:  # nothing scored on the server
             return None
         scores: dict[str, Scalar] = {  # whatever the task scores, besides the loss
@@ -295,9 +358,23 @@ def run_secagg(
         modulus_range=protocol["modulus_range"],
         timeout=config.round_timeout,
     )
-    server_config = ServerConfig(num_rounds=config.rounds, round_timeout=config.round_timeout)
-    legacy = LegacyContext(context, config=server_config, strategy=strategy)
+    if resume is not None:
+        strategy.rounds = [r for r in _reported_rounds(recorder) if r["round"] <= offset]
+        restore_rng(resume.rng_state)  # the last thing before the next round samples
+    server_config = ServerConfig(
+        num_rounds=config.rounds - offset, round_timeout=config.round_timeout
+    )
+    shifted = ShiftedLegacyRounds(strategy, offset)
+    legacy = LegacyContext(context, config=server_config, strategy=shifted)
     DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
+
+
+def _reported_rounds(recorder: RunRecorder) -> list[dict[str, Any]]:
+    """The rounds secagg.json holds (none when the run stopped before its first)."""
+    path = recorder.run_dir / REPORT_FILE
+    if not path.is_file():
+        return []
+    return list(json.loads(path.read_text())["rounds"])
 
 
 def _reason(failure: tuple[ClientProxy, FitRes] | BaseException) -> str:

@@ -131,7 +131,7 @@ def run_federation(
             run_secagg(
                 setting.grid, context, config, model, evaluate_round, recorder,
                 largest_client or 1, nodes,
-                distributed_dp_strategy if config.distributed_dp else None,
+                distributed_dp_strategy if config.distributed_dp else None, resume,
             )  # fmt: skip
         else:
             sampling = setting.sampling(config)

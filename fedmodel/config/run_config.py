@@ -175,7 +175,6 @@ class RunConfig(RunKeys):
             "clients; drop one of them",
             self.byzantine,
         )
-        _require(not self.resume, "--resume is not available with --secagg yet", self.resume)
         _require(
             not self.client_dp,
             "--dp client/both clips each update on the server, which --secagg hides; "

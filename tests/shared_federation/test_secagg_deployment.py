@@ -1,10 +1,12 @@
 """`fedmodel run --secagg` on the shared TLS federation: the coordinator sees masked
-vectors only, and the unmasked sum is the survivors' when a node dies mid-round.
+vectors only, the unmasked sum is the survivors' when a node dies mid-round, and a run
+interrupted mid-round resumes with new keys.
 
-Four nodes: the three shared ones and site-s, which the test joins and kills after it
-has shared its keys, before it sends its masked vector. Every node keeps its plaintext
-updates in its own directory (client/secagg_app.py `keep_update`), never sent anywhere;
-the run keeps every reply the ServerApp receives (`--record-messages`).
+Four nodes each time: the three shared ones and one the test joins itself (site-t,
+site-s), which it pauses or kills mid-round. Every node keeps its plaintext updates in
+its own directory (client/secagg_app.py `keep_update`), never sent anywhere; the run
+keeps every reply the ServerApp receives (`--record-messages`). The resume test comes
+first: a node killed by the other would still look online to the SuperLink for a while.
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ import os
 import shutil
 import signal
 import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import cast
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from client.secagg_app import UPDATES_DIR
+from fedmodel.privacy.ledger import PrivacyLedger
 from fedmodel.secagg import quantization_error_bound
 from server.checkpoint import load_checkpoint
 from server.enrollment import load_registry
@@ -32,6 +39,7 @@ from server.superlink import Federation
 from tests.federation import (
     background,
     federation_workspace,
+    fedmodel,
     join_node,
     wait_for_text,
     wait_until_online,
@@ -47,23 +55,149 @@ from tests.shared_federation.conftest import (
 pytestmark = pytest.mark.slow
 SHARED_SITES = (*HONEST_SITES, HOSTILE_SITE)
 DROPPED = "site-s"  # the test's own node, killed mid-round
+PAUSED = "site-t"  # the resume test's own node, paused mid-round
 COLLECTED = "(collect_masked_vectors): answered"
+SHARED_KEYS = "(share_keys): answered"
 
 
-def masked_vectors(run_dir: Path) -> dict[int, np.ndarray]:
-    """Each node's masked model vector as the ServerApp received it, flattened, by node ID."""
+def secagg_replies(run_dir: Path, key: str) -> list[tuple[int, ConfigRecord]]:
+    """(node ID, SecAgg+ record) of each reply the ServerApp received carrying `key`, in
+    the order received."""
     received = run_dir / RECEIVED_DIR
-    vectors = {}
+    replies = []
     for entry in received_index(received):
         if entry["error"] is not None:
             continue
         record = received_content(received, entry).config_records.get(RECORD_KEY_CONFIGS)
-        if record is not None and Key.MASKED_PARAMETERS in record:
-            masked = cast(list[bytes], record[Key.MASKED_PARAMETERS])
-            # the first part is the node's weight, masked too; the model's weights follow
-            parts = [bytes_to_ndarray(part) for part in masked[1:]]
-            vectors[int(str(entry["node_id"]))] = np.concatenate([p.ravel() for p in parts])
+        if record is not None and key in record:
+            replies.append((int(str(entry["node_id"])), record))
+    return replies
+
+
+def masked_vectors(run_dir: Path) -> dict[int, np.ndarray]:
+    """Each node's masked model vector as the ServerApp received it, flattened, by node ID."""
+    vectors = {}
+    for node, record in secagg_replies(run_dir, Key.MASKED_PARAMETERS):
+        masked = cast(list[bytes], record[Key.MASKED_PARAMETERS])
+        # the first part is the node's weight, masked too; the model's weights follow
+        parts = [bytes_to_ndarray(part) for part in masked[1:]]
+        vectors[node] = np.concatenate([p.ravel() for p in parts])
     return vectors
+
+
+def node_ids(server: Path, names: Iterable[str]) -> dict[str, int]:
+    registry = load_registry(Federation.load(server))
+    return {name: int(registry[name]["node_id"]) for name in names}
+
+
+def serverapps(server: Path) -> list[int]:
+    """The ServerApp processes (`flwr-serverapp`) the SuperLink started that still live."""
+    parents, commands = {}, {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit():
+                # stat: "pid (command) state ppid ...", and the command may hold spaces
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry.name)] = int(stat[1])
+                commands[int(entry.name)] = (entry / "cmdline").read_bytes()
+    superlink = int((server / "superlink.pid").read_text())
+
+    def started_by_superlink(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == superlink:
+                return True
+        return False
+
+    return [
+        pid for pid, command in commands.items()
+        if b"flwr-serverapp" in command and started_by_superlink(pid)
+    ]  # fmt: skip
+
+
+def test_a_secagg_run_interrupted_mid_round_resumes_with_new_keys_for_that_round(
+    shared_federation: SharedFederation, tmp_path: Path
+) -> None:
+    """Round 2 of 2 is interrupted (Ctrl-C) after every node but site-t has shared its
+    keys: site-t's executor is paused after the setup stage, so the round waits for it.
+    `fedmodel run --resume` then runs round 2 again on the three shared nodes, which
+    never trained it (their replay rule would refuse a round they had): new key pairs,
+    so new pairwise masks, and new encrypted shares of new mask seeds."""
+    server = shared_federation.server
+    run_dir = tmp_path / "resumed"
+    names = (*SHARED_SITES, PAUSED)
+    node = {name: server.parent / name for name in SHARED_SITES} | {PAUSED: tmp_path / PAUSED}
+    with federation_workspace(tmp_path) as space:  # stops the test's runs and its node
+        data = write_sites(tmp_path, list(names))[PAUSED]
+        join_node(space, server, node[PAUSED], data, SHARED_BUDGET)
+        wait_until_online(server, len(names))
+        before = {name: (node[name] / "executor.log").read_text().count(SHARED_KEYS)
+                  for name in SHARED_SITES}  # fmt: skip
+        run = background(
+            "run", "--dir", server, "--secagg", "--secagg-shares", "3",
+            "--secagg-threshold", "2", "--min-clients", "3", "--rounds", "2",
+            "--round-timeout", "120", "--batch-size", "32", "--record-messages",
+            "--output", run_dir, log=tmp_path / "interrupted.out",
+        )  # fmt: skip
+        space.started.append(run)
+        wait_for_text(node[PAUSED] / "executor.log", "(setup): answered", run, 240, count=2)
+        executor = int((node[PAUSED] / "executor.pid").read_text())
+        os.killpg(executor, signal.SIGSTOP)
+        try:
+            for name in SHARED_SITES:  # round 2's keys are shared; no node has trained it
+                log = node[name] / "executor.log"
+                wait_for_text(log, SHARED_KEYS, run, 240, count=before[name] + 2)
+            assert serverapps(server)  # the run's ServerApp, waiting for site-t
+            run.send_signal(signal.SIGINT)
+            assert run.wait(timeout=180) == 130, (tmp_path / "interrupted.out").read_text()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(executor, signal.SIGKILL)
+        revoked = fedmodel("server", "revoke", PAUSED, "--dir", server)
+        assert revoked.returncode == 0, revoked.stderr
+        deadline = time.monotonic() + 120  # the stopped run's ServerApp exits
+        while serverapps(server):
+            assert time.monotonic() < deadline, "the stopped run's ServerApp still runs"
+            time.sleep(0.5)
+        assert not (run_dir / "checkpoints" / "round-0002.pt").exists()
+        resumed = background(
+            "run", "--dir", server, "--resume", run_dir, log=tmp_path / "resumed.out"
+        )  # fmt: skip
+        space.started.append(resumed)
+        assert resumed.wait(timeout=400) == 0, (tmp_path / "resumed.out").read_text()
+
+    output = (tmp_path / "resumed.out").read_text()
+    # round 1's model is scored by the nodes on the next train message: only now
+    assert "Resuming" in output and "round 2/2  nodes 3" in output
+    assert "replayed-round" not in output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["completed"] and not summary["stopped_early"]
+    assert [row["round"] for row in summary["per_round"]] == [1, 2]
+    report = json.loads((run_dir / "secagg.json").read_text())
+    assert [(r["round"], r["survivors"]) for r in report["rounds"]] == [(1, 4), (2, 3)]
+
+    ids = node_ids(server, names)
+    keys: dict[int, list[bytes]] = {ids[name]: [] for name in names}
+    for sender, record in secagg_replies(run_dir, Key.PUBLIC_KEY_1):
+        keys[sender].append(cast(bytes, record[Key.PUBLIC_KEY_1]))
+        keys[sender].append(cast(bytes, record[Key.PUBLIC_KEY_2]))
+    shares: dict[int, list[bytes]] = {ids[name]: [] for name in names}
+    for sender, record in secagg_replies(run_dir, Key.CIPHERTEXT_LIST):
+        shares[sender].extend(cast(list[bytes], record[Key.CIPHERTEXT_LIST]))
+    for name in SHARED_SITES:
+        # setup replies: round 1, interrupted round 2, resumed round 2: two keys each
+        sent = keys[ids[name]]
+        assert len(sent) == 6 and len(set(sent)) == 6, name
+        # share-keys replies: two encrypted shares each (3 shares) in each of the three
+        assert len(shares[ids[name]]) == 6 and len(set(shares[ids[name]])) == 6, name
+    # masked vectors: round 1 from all four, resumed round 2 from the three shared nodes
+    received = Counter(sender for sender, _ in secagg_replies(run_dir, Key.MASKED_PARAMETERS))
+    assert received == {ids[name]: 1 if name == PAUSED else 2 for name in names}
+    run_uid = json.loads((run_dir / "config.json").read_text())["run-uid"]
+    for name in SHARED_SITES:  # each owner trained each round once, in its own ledger
+        entries = PrivacyLedger(node[name] / "privacy-ledger.sqlite").entries()
+        trained = [e.server_round for e in entries if (e.run_id, e.status) == (run_uid, "pending")]
+        assert trained == [1, 2], (name, trained)
 
 
 def kept_update(node: Path) -> list[np.ndarray]:
@@ -139,11 +273,10 @@ def test_secagg_run_shows_the_coordinator_masked_vectors_only_and_survives_a_kil
 
     # The coordinator received a masked vector from each survivor and none from site-s,
     # and none of them resembles its node's update.
-    registry = load_registry(Federation.load(server))
-    node_ids = {name: int(registry[name]["node_id"]) for name in nodes}
+    ids = node_ids(server, nodes)
     vectors = masked_vectors(run_dir)
-    assert set(vectors) == {node_ids[name] for name in SHARED_SITES}
-    pairs = [(vectors[node_ids[name]], np.concatenate([a.ravel() for a in updates[name]]))
+    assert set(vectors) == {ids[name] for name in SHARED_SITES}
+    pairs = [(vectors[ids[name]], np.concatenate([a.ravel() for a in updates[name]]))
              for name in SHARED_SITES]  # fmt: skip
     for masked, update in pairs:
         assert masked.dtype.kind in "iu" and masked.shape == update.shape
