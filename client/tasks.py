@@ -28,10 +28,9 @@ from pathlib import Path
 
 import fedmodel
 from fedmodel.audit_log import utc_now
-from fedmodel.config import TABULAR_TASK
+from fedmodel.config import TABULAR_TASK, TASK_ENTRY_POINTS
 from fedmodel.errors import ExitCode, FedModelError, TaskError
 from fedmodel.pki import write_private_file
-from fedmodel.task_loading import ENTRY_POINT_GROUP
 
 APPROVALS_FILE = "approvals.json"
 BUILTIN_TASK = TABULAR_TASK
@@ -90,7 +89,7 @@ def installed_tasks() -> dict[str, InstalledTask]:
         source_roots=fedmodel_roots,
     )
     tasks = {builtin.name: builtin}
-    for point in entry_points(group=ENTRY_POINT_GROUP):
+    for point in entry_points(group=TASK_ENTRY_POINTS):
         if point.name in tasks:
             raise TaskError(
                 f"the installed task entry point '{point.name}' ({point.value}) takes the name "

@@ -20,17 +20,15 @@ from typing import Any
 
 from torch import nn
 
-from fedmodel.config import TASK_SCENARIO, RunConfig
+from fedmodel.config import TASK_ENTRY_POINTS, TASK_SCENARIO, RunConfig
 from fedmodel.errors import ConfigError, TaskError
 from fedmodel.task import Task
 from fedmodel.validation import validation_task
 
-ENTRY_POINT_GROUP = "fedmodel.tasks"
-
 
 def installed_task_references() -> dict[str, str]:
     """Installed tasks by name: each `fedmodel.tasks` entry point's `module:attribute`."""
-    return {point.name: point.value for point in entry_points(group=ENTRY_POINT_GROUP)}
+    return {point.name: point.value for point in entry_points(group=TASK_ENTRY_POINTS)}
 
 
 def import_reference(reference: str) -> Any:

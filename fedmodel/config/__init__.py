@@ -10,7 +10,7 @@ from fedmodel.config.run_config import (
     TASK_SCENARIO,
     RunConfig,
 )
-from fedmodel.config.run_keys import TABULAR_TASK
+from fedmodel.config.run_keys import TABULAR_TASK, TASK_ENTRY_POINTS
 
 __all__ = [
     "AGGREGATORS",
@@ -19,6 +19,7 @@ __all__ = [
     "NATURAL_DATASETS",
     "SECAGG_MAX_CLIENTS_PER_ROUND",
     "TABULAR_TASK",
+    "TASK_ENTRY_POINTS",
     "TASK_SCENARIO",
     "ConfigKey",
     "RunConfig",

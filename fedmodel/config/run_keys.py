@@ -30,6 +30,8 @@ _DISTRIBUTED_DP = Section.DISTRIBUTED_DP
 
 TABULAR_TASK = "fedmodel-tabular"
 """The built-in task: a registered model on table rows (fedmodel/table_task.py)."""
+TASK_ENTRY_POINTS = "fedmodel.tasks"
+"""The packaging entry-point group a pip-installed task registers under (docs/tasks.md)."""
 
 
 @dataclass(frozen=True)
