@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from fedmodel.errors import DataError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading and checking a
+    # table (`fedmodel client start`, `predict`) needs only NumPy and pandas
+    import torch
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class TabularData:
         )
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         return (
             torch.as_tensor(self.features, dtype=torch.float32),
             torch.as_tensor(self.labels, dtype=torch.float32),
@@ -53,6 +59,8 @@ class TabularData:
 
     def dataset(self) -> TensorDataset:
         """(features, labels) rows as float32 tensors: what training and scoring take."""
+        from torch.utils.data import TensorDataset
+
         return TensorDataset(*self.tensors())
 
 
@@ -65,6 +73,9 @@ def make_loader(
     per batch); other datasets are batched on the CPU and moved per step. The shuffling
     generator stays on the CPU, as samplers need.
     """
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
     if isinstance(data, TensorDataset) and device is not None:
         data = TensorDataset(*(tensor.to(device) for tensor in data.tensors))
     generator = torch.Generator().manual_seed(seed)
@@ -81,6 +92,8 @@ def dataset_tensors(data: Dataset) -> tuple[torch.Tensor, ...]:
 
     A TensorDataset's own tensors; any other dataset is read item by item once.
     """
+    from torch.utils.data import TensorDataset, default_collate
+
     if isinstance(data, TensorDataset):
         return tuple(data.tensors)
     return tuple(default_collate([data[i] for i in range(len(data))]))  # type: ignore[arg-type]

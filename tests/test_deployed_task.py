@@ -422,7 +422,7 @@ def test_the_installed_task_simulates_by_its_name_and_its_audit_verifies(tmp_pat
     simulation; a relative PYTHONPATH, as a user types it, reaches the engine's workers."""
     install_task_package(tmp_path / "lib", {TASK: f"{TASK}:task"})
     env = {**os.environ, "PYTHONPATH": "lib"}
-    small = ["--clients", "3", "--rounds", "2", "--epsilon", "1", "--baseline-sites", "2"]
+    small = ["--clients", "3", "--rounds", "2", "--epsilon", "1", "--no-baselines"]
     run = subprocess.run(
         [*FEDMODEL, "simulate", "task", TASK, *small, "--output", "run"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
