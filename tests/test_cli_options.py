@@ -63,6 +63,13 @@ def test_min_clients_defaults_to_two_in_run_and_simulate() -> None:
     assert options(SCENARIOS["medical"])["min_clients"].default == 2
 
 
+def test_digits_defaults_to_label_skewed_devices_and_the_cnn() -> None:
+    """Not `shard`, which stays at chance accuracy (README, docs/simulation.md)."""
+    digits = options(SCENARIOS["digits"])
+    assert (digits["partition"].default, digits["model"].default) == ("dirichlet", "cnn")
+    assert options(SCENARIOS["medical"])["partition"].default == RunConfig().partition
+
+
 def test_every_option_of_run_and_simulate_sits_in_a_help_panel() -> None:
     """Forty-odd options in one flat list are unreadable: each sits under its section."""
     for command in (RUN, *EVERY_SCENARIO):
