@@ -300,7 +300,7 @@ def deployed_copy(run_dir: Path, target: Path, withheld: str) -> Path:
 
 @pytest.mark.slow
 def test_a_deployed_runs_privacy_shows_each_nodes_released_budget_and_the_federation_the_latest(
-    finished_run: Path, federation: Path
+    browser: object, finished_run: Path, federation: Path
 ) -> None:
     """A deployed run's directory holds no owner's ledger: its privacy page shows, by node,
     what each node released with its train replies, and 'not released' where one withheld
@@ -325,6 +325,13 @@ def test_a_deployed_runs_privacy_shows_each_nodes_released_budget_and_the_federa
         ["hospital-c", "not released", "2"],
     ]
     assert "no ledgers (*.sqlite)" in page  # and nothing of a node's ledger is claimed
+    progress = json.loads(fetch(federation, "/api/runs/newer/progress"))
+    assert sorted(progress["epsilon"]) == list(NODES)  # the run page names nodes too
+    with serving(federation) as url:
+        browser.get(f"{url}runs/newer/privacy")  # type: ignore[attr-defined]
+        withheld = browser.find_elements(By.CSS_SELECTOR, "#released tr.not-released td")  # type: ignore[attr-defined]
+        assert [cell.text for cell in withheld] == ["hospital-c", "not released", "2"]
+        save_screenshot(browser, "console-privacy-deployed")
     page = fetch(federation, "/federation")
     assert table_rows(page, "released") == [
         ["hospital-a", *released("client-0"), "newer", "2"],
