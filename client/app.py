@@ -43,6 +43,7 @@ from fedmodel.privacy.ledger import NODE_BUDGET, PrivacyLedger, dataset_fingerpr
 from fedmodel.privacy.signing import LedgerSigner
 from fedmodel.protocol import (
     ARRAYS_KEY,
+    BUDGET_KEYS,
     CONFIG_KEY,
     DELTA_KEY,
     EPSILON_KEY,
@@ -259,8 +260,5 @@ def owner_budget(config: RunConfig, context: Context) -> OwnerBudget:
 def _budget_metrics(result: TrainResult, budget: OwnerBudget) -> dict[str, float]:
     assert budget.epsilon is not None
     spent = epsilon_of(result.history, budget.delta)
-    return {
-        "budget-epsilon": budget.epsilon,
-        "budget-delta": budget.delta,
-        "budget-left": max(budget.epsilon - spent, 0.0),
-    }
+    left = max(budget.epsilon - spent, 0.0)
+    return dict(zip(BUDGET_KEYS, (budget.epsilon, budget.delta, left), strict=True))

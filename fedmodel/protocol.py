@@ -32,6 +32,9 @@ EPSILON_KEY = "epsilon"
 DELTA_KEY = "delta"
 # The DP mechanism's segments (noise multiplier, sample rate, steps), one list each
 HISTORY_KEYS = ("history-noise-multiplier", "history-sample-rate", "history-steps")
+# The owner's budget as its node releases it (epsilon, delta, what is left): shown to
+# the operator, never enforced by the coordinator (the node enforces it)
+BUDGET_KEYS = ("budget-epsilon", "budget-delta", "budget-left")
 
 # Node config: the simulation engine sets the partition (Flower's own key, as in
 # flwr.common.constant, which is slow to import; also echoed in train metrics);

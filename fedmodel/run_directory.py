@@ -31,6 +31,7 @@ MODEL_DIR = "model"  # the final model file (fedmodel.model_file): what `fedmode
 ROUND_MODELS_DIR = "models"  # with --save-round-models: round-NNNN/, one model file each
 LEDGERS_DIR = "ledgers"  # the simulated clients' privacy ledgers, unless --ledger-dir
 ENGINE_DIR = "engine"  # the engine's app and logs
+NODES_FILE = "nodes.json"  # a deployed run's node name -> client number, stable across --resume
 
 JsonObject = dict[str, Any]
 

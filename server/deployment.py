@@ -49,7 +49,7 @@ from fedmodel.protocol import (
     STATISTICS_KEY,
     STATISTICS_RECORD_KEY,
 )
-from fedmodel.run_directory import write_json_atomic
+from fedmodel.run_directory import NODES_FILE, write_json_atomic
 from fedmodel.table_schema import TableSchema
 from fedmodel.table_task import table_task
 from fedmodel.task import Task
@@ -63,7 +63,6 @@ from server.run_record import RunRecorder
 from server.strategy import FederationStopped, GuardedStrategy, Members
 from server.superlink import Federation
 
-NODES_FILE = "nodes.json"  # node name -> client number, stable across --resume
 STATISTICS_FILE = "feature_statistics.json"  # the encoding every node was sent, kept on resume
 
 

@@ -177,7 +177,8 @@ def flwr_cli(federation: Federation, *arguments: str, verbose: bool = False) -> 
     payload = _json_object(done.stdout)
     if done.returncode != 0 or not payload.get("success", False):
         reason = payload.get("error-message") or _last(done.stderr) or _last(done.stdout)
-        if "Connection refused" in reason or "ConnectError" in reason:
+        unreachable = ("Connection refused", "ConnectError", "SuperLink is unavailable")
+        if any(sign in reason for sign in unreachable):
             reason = (
                 f"the SuperLink is not running; start it with "
                 f"'fedmodel server start --dir {federation.directory}'"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from fedmodel.privacy.accountant import Segment
 from fedmodel.protocol import (
+    BUDGET_KEYS,
     DELTA_KEY,
     EPSILON_KEY,
     EVALUATION_PREFIX,
@@ -46,6 +47,19 @@ class InvalidReply(ValueError):
 
 
 @dataclass(frozen=True)
+class ReleasedBudget:
+    """The owner's budget as its node states it: what the operator is shown of it.
+
+    The node enforces its budget; the coordinator cannot check these numbers (it never
+    sees the owner's ledger) and acts on none of them.
+    """
+
+    epsilon: float
+    delta: float
+    left: float
+
+
+@dataclass(frozen=True)
 class TrainReport:
     """A training reply's metrics as validated; None where the owner withheld a field."""
 
@@ -55,6 +69,7 @@ class TrainReport:
     epsilon: float | None  # None: the run trains without DP-SGD
     delta: float | None
     history: tuple[Segment, ...]
+    budget: ReleasedBudget | None = None  # None: not released (or no DP-SGD)
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,7 @@ def train_report(metrics: Metrics, sample_dp: bool) -> TrainReport:
         epsilon=_number(metrics, EPSILON_KEY),
         delta=delta,
         history=_history(metrics),
+        budget=_budget(metrics),
     )
 
 
@@ -128,6 +144,23 @@ def evaluation_report(metrics: Metrics, prefix: str = "") -> EvaluationReport | 
 def riding_evaluation(metrics: Metrics) -> EvaluationReport | None:
     """The evaluation a deployed node's train reply carries (see EVALUATION_PREFIX)."""
     return evaluation_report(metrics, EVALUATION_PREFIX)
+
+
+def _budget(metrics: Metrics) -> ReleasedBudget | None:
+    """The budget a sample-DP reply states: all three keys or none (as an evaluation)."""
+    present = [key for key in BUDGET_KEYS if key in metrics]
+    if not present:
+        return None
+    if len(present) < len(BUDGET_KEYS):
+        raise InvalidReply(
+            f"budget is incomplete: missing {sorted(set(BUDGET_KEYS) - set(present))}"
+        )
+    epsilon_key, delta_key, left_key = BUDGET_KEYS
+    epsilon = _number(metrics, epsilon_key)
+    delta = _number(metrics, delta_key, 0.0, 1.0)
+    if epsilon == 0.0 or delta in (0.0, 1.0):
+        raise InvalidReply(f"'{epsilon_key}' must be positive and '{delta_key}' within (0, 1)")
+    return ReleasedBudget(epsilon, delta, _number(metrics, left_key, 0.0, epsilon))
 
 
 def _scalar(metrics: Metrics, key: str) -> float:

@@ -134,10 +134,12 @@ class RunRecorder:
                     "delta": report.delta,
                     "accountant": ACCOUNTANT,
                     "history": [list(segment) for segment in report.history],
+                    "budget": asdict(report.budget) if report.budget else None,
                 }
                 entry["epsilon_by_round"].append([server_round, report.epsilon])
             else:
-                entry |= {"epsilon": None, "delta": None, "accountant": None, "history": []}
+                entry |= {"epsilon": None, "delta": None, "accountant": None, "history": [],
+                          "budget": None}  # fmt: skip
             if report.train_loss is not None:  # deployed owners withhold it by default
                 losses.append(report.train_loss * weight)
                 loss_weights.append(weight)

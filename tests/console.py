@@ -1,7 +1,9 @@
-"""`fedmodel console` started for a test: the URL it announces, and a clean stop after."""
+"""`fedmodel console` for a test: started (the URL it announces, a clean stop after), or
+its app asked in this process; and the tables of a page."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -11,6 +13,10 @@ from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import IO
+
+import httpx
+
+from fedmodel.console.app import create_app
 
 FEDMODEL = [sys.executable, "-m", "fedmodel.cli"]
 
@@ -37,13 +43,28 @@ def serving(path: Path, *options: str) -> Iterator[str]:
         process.wait(timeout=30)
 
 
+def fetch(path: Path, page: str) -> str:
+    """GET `page` of a console over `path` in this process (the whole app: middleware,
+    views and templates, as `fedmodel console PATH` serves them, minus the socket)."""
+
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=create_app(path))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            return await client.get(page)
+
+    reply = asyncio.run(get())
+    assert reply.status_code == 200, reply.text
+    return reply.text
+
+
 def _echo(stream: IO[str]) -> None:
     for line in stream:
         sys.stderr.write(f"console: {line}")
 
 
 class _TableReader(HTMLParser):
-    """The text of each body cell of the table with one id, row by row."""
+    """The text of each body cell of the table with one id, row by row (as read: spaces
+    and line breaks between its parts included)."""
 
     def __init__(self, table_id: str) -> None:
         super().__init__()
@@ -66,11 +87,12 @@ class _TableReader(HTMLParser):
 
     def handle_data(self, data: str) -> None:
         if self.in_body and self.rows and self.rows[-1]:
-            self.rows[-1][-1] += data.strip()
+            self.rows[-1][-1] += data
 
 
 def table_rows(page: str, table_id: str) -> list[list[str]]:
-    """The body rows of table `table_id` in `page`, as lists of cell texts."""
+    """The body rows of table `table_id` in `page`, as lists of cell texts, each with its
+    white space collapsed as a browser shows it."""
     reader = _TableReader(table_id)
     reader.feed(page)
-    return reader.rows
+    return [[" ".join(cell.split()) for cell in row] for row in reader.rows]

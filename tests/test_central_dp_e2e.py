@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from fedmodel.privacy.audit import audit
 from fedmodel.privacy.central import FEDERATION_LEDGER
 from fedmodel.privacy.ledger import PrivacyLedger
 from tests.conftest import dp_accounting_epsilon
+from tests.console import fetch, table_rows
 from tests.test_simulation import simulate
 
 pytestmark = pytest.mark.slow
@@ -68,6 +70,13 @@ def test_client_level_dp_run_is_accounted_stops_at_its_budget_and_audits(tmp_pat
     [owner] = [owner for ledger in report.ledgers for owner in ledger.owners]
     assert owner.owner == "central-dp" and owner.rounds == 2
     assert owner.spent_epsilon == pytest.approx(central["epsilon"], rel=1e-9)
+    privacy_page = f"/runs/{run_dir.name}/privacy"  # the console's, on this run directory
+    [row] = table_rows(fetch(run_dir, privacy_page), "owners")
+    assert row[:5] == [
+        "central-dp (federation ledger: client-level DP)", "8.000",
+        f"{owner.spent_epsilon:.4f}", f"{owner.pld_epsilon:.4f}", f"{owner.remaining:.4f}",
+    ]  # fmt: skip
+    assert row[-3:] == ["2", "1", "ok"]  # rounds, runs, audit
 
     ledger_path = run_dir / FEDERATION_LEDGER
     target = PrivacyLedger(ledger_path).entries()[2]  # entry #3: round 2's write-ahead entry
@@ -80,3 +89,6 @@ def test_client_level_dp_run_is_accounted_stops_at_its_budget_and_audits(tmp_pat
     result = audit_cli(run_dir)
     assert result.returncode == 1
     assert f"{FEDERATION_LEDGER}: entry #3 content does not match its SHA-256" in result.stdout
+    page = fetch(run_dir, privacy_page)
+    assert re.search(r'<tr class="failed">\s*<td>central-dp <em>\(federation ledger', page)
+    assert "entry #3 content does not match its SHA-256" in table_rows(page, "owners")[0][-1]

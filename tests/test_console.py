@@ -10,24 +10,34 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import re
 import shutil
 import sqlite3
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from fedmodel.canaries import EmpiricalAudit, one_run_epsilon_lower_bound
 from fedmodel.cli.console import console_command
 from fedmodel.config.run_config import RunConfig
+from fedmodel.console.federation import _with_last_seen
 from fedmodel.errors import ConfigError
+from fedmodel.pki import create_node_identity
 from fedmodel.privacy.audit import audit
+from fedmodel.runtime.processes import free_port
+from server.enrollment import append_audit, registry_lock, save_registry
+from server.superlink import init_federation
 from tests.browser import save_screenshot
-from tests.console import FEDMODEL, serving, table_rows
+from tests.console import FEDMODEL, fetch, serving, table_rows
+from tests.test_enrollment import superlink_2004_line
 
 TOKEN = "console-test-token"
 RUN = "hospitals"
@@ -76,6 +86,46 @@ def tampered_run(finished_run: Path) -> Path:
         ledger.execute("UPDATE entries SET epsilon = epsilon / 2 WHERE seq = (SELECT MAX(seq) "
                        "FROM entries)")  # fmt: skip
     return copy
+
+
+NODES = ("hospital-a", "hospital-b", "hospital-c")  # the simulation's clients 0, 1, 2
+REVOKED = "hospital-r"  # enrolled, revoked, refused since; in no run
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A federation directory as `server init`, `server enroll` and `server revoke` leave
+    it (no SuperLink started): four nodes, one revoked, whose key the SuperLink's log then
+    shows refused three times, besides two plaintext handshakes and one keyless node."""
+    root = tmp_path_factory.mktemp("federation")
+    federation, _ = init_federation(
+        root / "fed", ["127.0.0.1"], fleet_port=free_port(), control_port=free_port()
+    )
+    nodes = {name: create_node_identity(root / name) for name in (*NODES, REVOKED)}
+    registry = {}
+    for number, (name, node) in enumerate(nodes.items()):
+        registry[name] = {
+            "name": name, "node_id": str(1000 + number), "fingerprint": node.fingerprint,
+            "status": "enrolled", "enrolled_at": f"2026-11-0{number + 1}T10:00:00Z",
+            "max_rows": None,
+        }  # fmt: skip
+    registry[REVOKED] |= {"status": "revoked", "revoked_at": "2026-11-05T10:00:00Z"}
+    with registry_lock(federation):
+        save_registry(federation, registry)
+        for entry in registry.values():
+            append_audit(federation, "enrolled", node=entry["name"], node_id=entry["node_id"],
+                         fingerprint=entry["fingerprint"], max_rows=None)  # fmt: skip
+        append_audit(federation, "revoked", node=REVOKED, node_id=registry[REVOKED]["node_id"],
+                     fingerprint=registry[REVOKED]["fingerprint"])  # fmt: skip
+    plaintext = (
+        "I1128 14:58:19.555948 17611 ssl_transport_security.cc:2563] Handshake failed with "
+        "error SSL_ERROR_SSL: error:100000f7:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER"
+    )
+    keyless = "ERROR : [/flwr.proto.Fleet/ActivateNode][ApiError:2001] no key"
+    refused = superlink_2004_line(nodes[REVOKED].public_key)
+    lines = ["INFO : started", refused, plaintext, refused, keyless, plaintext, refused]
+    federation.path("superlink.log").write_text("\n".join(lines) + "\n")
+    return federation.directory
 
 
 def summary_of(run_dir: Path) -> dict:
@@ -225,6 +275,139 @@ def test_the_compare_page_puts_runs_side_by_side_and_plots_epsilon_against_auroc
     assert label == f"{RUN} (AUROC)"
     assert (point["x"], point["y"]) == pytest.approx((epsilon, summary["final"]["auroc"]))
     save_screenshot(browser, "console-compare")
+
+
+def deployed_copy(run_dir: Path, target: Path, withheld: str) -> Path:
+    """`run_dir` as `fedmodel run` would have left it on NODES: no ledger (each stays on
+    its node), the clients named by node as server/deployment.py names them, and the
+    budget of node `withheld` not released."""
+    shutil.copytree(
+        run_dir, target, ignore=shutil.ignore_patterns("engine", "checkpoints", "ledgers")
+    )
+    summary = summary_of(target)
+    summary["scenario"] = summary["config"]["scenario"] = "deployment"
+    for client in summary["clients"]:
+        client |= {
+            "node": NODES[int(client["client"])],
+            "node_id": str(1000 + int(client["client"])),
+        }
+        if client["node"] == withheld:
+            client["budget"] = None
+    (target / "summary.json").write_text(json.dumps(summary))
+    (target / "nodes.json").write_text(json.dumps({name: n for n, name in enumerate(NODES)}))
+    return target
+
+
+@pytest.mark.slow
+def test_a_deployed_runs_privacy_shows_each_nodes_released_budget_and_the_federation_the_latest(
+    browser: object, finished_run: Path, federation: Path
+) -> None:
+    """A deployed run's directory holds no owner's ledger: its privacy page shows, by node,
+    what each node released with its train replies, and 'not released' where one withheld
+    it; the Federation page each enrolled node's latest release over runs/. The releases
+    are the simulation's clients' own (real Opacus): they must agree with their ledgers."""
+    owners = {o.owner: o for ledger in audit(finished_run).ledgers for o in ledger.owners}
+    older = deployed_copy(finished_run, federation / "runs" / "older", withheld="hospital-a")
+    deployed_copy(finished_run, federation / "runs" / "newer", withheld="hospital-c")
+    started = (older / "config.json").stat().st_mtime - 60  # the order runs are listed in
+    os.utime(older / "config.json", (started, started))
+
+    def released(owner: str) -> list[str]:
+        """The row the ledger of `owner` implies: budget, spent, remaining, bar, delta."""
+        spent = owners[owner]
+        return [f"{spent.budget_epsilon:.3f}", f"{spent.spent_epsilon:.4f}",
+                f"{spent.remaining:.4f}", "", f"{spent.delta:g}"]  # fmt: skip
+
+    page = fetch(federation, "/runs/newer/privacy")
+    assert table_rows(page, "released") == [
+        ["hospital-a", *released("client-0"), "2"],
+        ["hospital-b", *released("client-1"), "2"],
+        ["hospital-c", "not released", "2"],
+    ]
+    assert "no ledgers (*.sqlite)" in page  # and nothing of a node's ledger is claimed
+    progress = json.loads(fetch(federation, "/api/runs/newer/progress"))
+    assert sorted(progress["epsilon"]) == list(NODES)  # the run page names nodes too
+    with serving(federation) as url:
+        browser.get(f"{url}runs/newer/privacy")  # type: ignore[attr-defined]
+        withheld = browser.find_elements(By.CSS_SELECTOR, "#released tr.not-released td")  # type: ignore[attr-defined]
+        assert [cell.text for cell in withheld] == ["hospital-c", "not released", "2"]
+        save_screenshot(browser, "console-privacy-deployed")
+    page = fetch(federation, "/federation")
+    assert table_rows(page, "released") == [
+        ["hospital-a", *released("client-0"), "newer", "2"],
+        ["hospital-b", *released("client-1"), "newer", "2"],
+        ["hospital-c", *released("client-2"), "older", "2"],  # withheld in the newer run
+        [REVOKED, "no deployed run under runs/ yet", "-", "-"],
+    ]
+
+
+def test_the_federation_page_counts_refused_connections_by_reason_and_names_the_node(
+    federation: Path,
+) -> None:
+    """The SuperLink's log is scanned into the audit log, then shown counted by reason;
+    with no SuperLink answering, each node's status is the registry's, and the page says
+    why the live status is missing."""
+    page = fetch(federation, "/federation")
+    assert dict(table_rows(page, "refusals")) == {
+        "unknown or revoked node key (ApiError 2004)": "3",
+        "TLS handshake failed (client did not speak TLS: plaintext node)": "2",
+        "node presented no authentication key (ApiError 2001)": "1",
+    }
+    [refused] = [row[2] for row in table_rows(page, "events") if "2004" in row[2]]
+    assert f"node={REVOKED} node_status=revoked" in refused and "count=3" in refused
+    assert 'id="log-verdict" class="verified"' in page
+    statuses = {row[0]: row[2] for row in table_rows(page, "nodes")}
+    assert statuses == {**dict.fromkeys(NODES, "enrolled"), REVOKED: "revoked"}
+    assert (
+        "Live status unavailable: flwr supernode list failed: the SuperLink is not running; "
+        f"start it with 'fedmodel server start --dir {federation}'"
+    ) in html.unescape(page)
+
+
+def test_an_offline_node_shows_when_flower_last_saw_it() -> None:
+    """Flower's status of a node (as `list_nodes` joins it to the registry), worded."""
+    seen = {"online_at": "2026-11-30T05:00:00Z", "offline_at": "2026-11-30T05:10:00Z"}
+    assert _with_last_seen({"status": "offline", **seen})["last_seen"] == seen["offline_at"]
+    assert _with_last_seen({"status": "online", **seen, "offline_at": None})["last_seen"] == (
+        "now (online since 2026-11-30T05:00:00Z)"
+    )
+    never = {"status": "registered", "online_at": None, "offline_at": None}
+    assert _with_last_seen(never)["last_seen"] == "never"
+
+
+def test_the_privacy_page_lists_empirical_canary_audits_and_highlights_a_failed_one(
+    tmp_path: Path,
+) -> None:
+    """Each `fedmodel audit empirical --json` saved in the run directory is a row; one
+    whose lower bound exceeds the epsilon it tested, or a file that is no such JSON, is
+    highlighted."""
+    run_dir = tmp_path / "audited"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(RunConfig().to_run_config()))
+    bound = one_run_epsilon_lower_bound(1000, 100, 90, 1e-5)  # 90 of 100 guesses right
+    measured = EmpiricalAudit(
+        canaries=1000, included=500, guesses=100, correct=90, beta=0.05, delta=1e-5,
+        epsilon_lower_bound=bound, ceiling=one_run_epsilon_lower_bound(1000, 100, 100, 1e-5),
+        dp=True, accountant_epsilon=2.0, pld_epsilon=1.8, noise_multiplier=1.0,
+        sample_rate=0.01, steps=100,
+    )  # fmt: skip
+    claimed = replace(measured, claimed_epsilon=1.0)  # under-reported: the attack proves more
+    for name, result in (("accountant", measured), ("claim", claimed)):
+        (run_dir / f"empirical-audit-{name}.json").write_text(
+            json.dumps(result.to_json(), indent=2)  # as the command prints it
+        )
+    (run_dir / "empirical-audit-notes.json").write_text('{"note": "not an audit"}')
+    page = fetch(tmp_path, "/runs/audited/privacy")
+    assert 1.0 < bound < 2.0
+    shown = f"{bound:.3f}"
+    assert table_rows(page, "empirical") == [
+        ["empirical-audit-accountant.json", shown, "2.000", "-", "1000", "100", "90", "ok"],
+        ["empirical-audit-claim.json", shown, "2.000", "1.000", "1000", "100", "90",
+         "FAILED: the lower bound exceeds the epsilon tested"],
+        ["empirical-audit-notes.json", "not `fedmodel audit empirical --json`"],
+    ]  # fmt: skip
+    highlighted = re.findall(r'<tr class="failed">\s*<td>([^<]+)</td>', page)
+    assert highlighted == ["empirical-audit-claim.json", "empirical-audit-notes.json"]
 
 
 def listening_addresses(port: int) -> list[str]:

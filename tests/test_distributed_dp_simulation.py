@@ -31,6 +31,7 @@ from flwr.server.client_proxy import ClientProxy
 
 from fedmodel.config import RunConfig
 from fedmodel.console.privacy import PrivacyView
+from fedmodel.console.runs import RunView
 from fedmodel.distributed_secagg import (
     ROTATION_SEED_KEY,
     WORKFLOW_CLIPPING_RANGE,
@@ -366,7 +367,7 @@ def test_the_distributed_epsilon_shows_everywhere_and_a_truncated_ledger_fails_t
     metadata, _ = read_model_file(run_dir / "model")
     assert metadata.privacy["client_level_epsilon"] == epsilon
     assert metadata.privacy["client_level_mechanism"] == DISTRIBUTED_MECHANISM
-    view = PrivacyView.of_run(run_dir)
+    view = PrivacyView.of_run(RunView.read(run_dir.name, run_dir))
     [row] = [row for row in view.owners if DISTRIBUTED_MECHANISM in row.owner]
     assert view.ok and row.federation_ledger and row.rounds == 2
     assert row.spent == pytest.approx(epsilon, rel=0.005)

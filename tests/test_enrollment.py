@@ -25,7 +25,7 @@ def _federation(tmp_path: Path) -> Federation:
     return Federation(tmp_path, ("127.0.0.1",), "127.0.0.1", 29092, 29093)
 
 
-def _superlink_2004_line(public_key_path: Path) -> str:
+def superlink_2004_line(public_key_path: Path) -> str:
     """The line Flower 1.39's SuperLink logs for an unknown key (format copied from it)."""
     key = serialization.load_ssh_public_key(public_key_path.read_bytes())
     pem = key.public_bytes(
@@ -45,7 +45,7 @@ def test_unknown_key_refusal_names_the_revoked_node_without_key_material(tmp_pat
         {"hospital-c": {"name": "hospital-c", "node_id": "7", "fingerprint": node.fingerprint,
                         "status": "revoked"}},
     )  # fmt: skip
-    line = _superlink_2004_line(node.public_key)
+    line = superlink_2004_line(node.public_key)
     (tmp_path / "superlink.log").write_text("INFO : started\n" + (line + "\n") * 3)
     assert record_refusals(federation) == 1  # a retrying node is one event with a count
     assert record_refusals(federation) == 0  # the scan resumes where it stopped

@@ -21,12 +21,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedmodel.config import RunConfig
 from fedmodel.errors import DataError
 from fedmodel.feature_statistics import MAX_CATEGORIES, FeatureStatistics
-from fedmodel.protocol import PARTITION_ID_KEY
+from fedmodel.protocol import BUDGET_KEYS, PARTITION_ID_KEY
 from fedmodel.run_directory import CLASSIFIER_SCORING
 from server.federated_evaluation import combine_evaluations
 from server.reply_schema import (
     EvaluationReport,
     InvalidReply,
+    ReleasedBudget,
     evaluation_report,
     riding_evaluation,
     train_report,
@@ -43,6 +44,9 @@ HONEST = {
     "history-noise-multiplier": [1.1],
     "history-sample-rate": [0.01],
     "history-steps": [100],
+    "budget-epsilon": 1.0,
+    "budget-delta": 1e-5,
+    "budget-left": 0.2,
 }
 EVALUATION = {"num-examples": 30, "loss": 0.4, "accuracy": 0.8, "auroc": 0.7, "auroc-weight": 30}
 
@@ -69,6 +73,10 @@ MALFORMED = [
     ({"history-sample-rate": [2.0]}, "'history-sample-rate[0]' must be within [0, 1]"),
     ({"history-noise-multiplier": [math.nan]}, "'history-noise-multiplier[0]' must be finite"),
     ({"history-steps": [1.5]}, "'history-steps[0]' must be a whole number"),
+    ({"budget-left": None}, "budget is incomplete: missing ['budget-left']"),
+    ({"budget-left": 1.5}, "'budget-left' must be within [0, 1]"),
+    ({"budget-epsilon": 0.0}, "'budget-epsilon' must be positive"),
+    ({"budget-delta": 1.0}, "'budget-delta' within (0, 1)"),
 ]
 
 
@@ -92,6 +100,8 @@ def test_fields_the_owner_may_withhold_are_read_as_withheld() -> None:
     assert report.num_examples is None and report.train_loss is None
     assert report.epsilon == 0.8 and report.history == ((1.1, 0.01, 100),)
     assert train_report(forged({"num-examples": 100.0}), sample_dp=True).num_examples == 100
+    assert train_report(HONEST, sample_dp=True).budget == ReleasedBudget(1.0, 1e-5, 0.2)
+    assert train_report(forged(dict.fromkeys(BUDGET_KEYS)), sample_dp=True).budget is None
 
 
 def test_a_run_without_dp_sgd_asks_for_no_privacy_fields() -> None:

@@ -113,7 +113,7 @@ def create_app(path: Path, token: str | None = None, allow_actions: bool = False
     @app.get("/runs/{name}/privacy", response_class=HTMLResponse)
     def privacy_page(request: Request, name: str) -> HTMLResponse:
         run = runs.run(name)
-        return page(request, "privacy.html", run=run, privacy=PrivacyView.of_run(run.directory))
+        return page(request, "privacy.html", run=run, privacy=PrivacyView.of_run(run))
 
     @app.get("/compare", response_class=HTMLResponse)
     def compare_page(request: Request) -> HTMLResponse:

@@ -3,7 +3,9 @@
 Through the same functions `fedmodel server nodes`, `server audit` and `server revoke`
 use (server/enrollment.py), so the console shows and does exactly what the CLI does:
 live status from Flower's registry, the audit log checked (chain, MACs, head) before a
-line of it is shown, refusals read from the SuperLink's log first.
+line of it is shown, refusals read from the SuperLink's log first. Each node's privacy
+budget is what it last released in a run under the federation's runs/ (summary.json):
+the owners' ledgers stay on their nodes.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmodel.console.privacy import ReleasedBudgetRow, latest_released
+from fedmodel.console.runs import RunsRoot, RunView
 from fedmodel.errors import FedModelError
 from server.enrollment import (
+    NOT_ENROLLED,
     list_nodes,
     load_registry,
     record_refusals,
@@ -41,6 +46,7 @@ class FederationView:
     head: str
     log_problem: str | None  # the verification failure, highlighted; None when verified
     refusals: dict[str, int]  # refused connections by reason, counted
+    budgets: list[ReleasedBudgetRow]  # per enrolled node, as it last released its budget
 
     @classmethod
     def read(cls, directory: Path) -> FederationView:
@@ -64,7 +70,23 @@ class FederationView:
         for event in events:
             if event["event"] == "refused":
                 refusals[str(event.get("reason"))] += int(event.get("count", 1))
-        return cls(directory, nodes, nodes_unavailable, events, head, problem, dict(refusals))
+        enrolled = [node["name"] for node in nodes if node["name"] != NOT_ENROLLED]
+        budgets = latest_released(_readable_runs(RunsRoot(directory)), enrolled)
+        return cls(
+            directory, nodes, nodes_unavailable, events, head, problem, dict(refusals), budgets
+        )
+
+
+def _readable_runs(root: RunsRoot) -> list[RunView]:
+    """The runs under `root`, oldest first, but those whose files are broken (the runs
+    page names their error)."""
+    runs = []
+    for name in root.names():
+        try:
+            runs.append(root.run(name))
+        except FedModelError:
+            continue
+    return runs
 
 
 def _with_last_seen(node: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,10 @@ and dp-accounting's PLD, nothing read from the training path's cache. The federa
 ledger (client-level DP, central-dp.sqlite) is one of the ledgers it audits. Empirical
 canary audits are shown when a run directory holds the JSON `fedmodel audit empirical
 --json` prints, saved as empirical-audit*.json.
+
+A deployed run's directory holds no owner's ledger (each stays on its node): for it, the
+page shows what each node released of its budget with its train replies, as summary.json
+keeps it; unverifiable by the coordinator, and said so.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmodel.console.runs import RunView
 from fedmodel.errors import FedModelError
 from fedmodel.privacy.audit import AuditReport, OwnerAudit, audit
 from fedmodel.privacy.central import FEDERATION_LEDGER
@@ -58,6 +63,63 @@ class OwnerRow:
 
 
 @dataclass(frozen=True)
+class ReleasedBudgetRow:
+    """One node's budget at a glance, as it released it with its last train reply of a
+    run: the owner's budget, the epsilon it has spent (all runs, at the owner's delta) and
+    what is left. None where the node released nothing of it."""
+
+    owner: str  # the node's name
+    run: str | None  # None: no deployed run of this node under the federation's runs/
+    round: int | None  # the last round it trained in that run
+    budget: float | None
+    spent: float | None
+    remaining: float | None
+    delta: float | None
+
+    @property
+    def used_share(self) -> float | None:
+        """Spent over budget, 0 to 1 (for the bar); None where not released."""
+        if self.budget is None or self.remaining is None:
+            return None
+        return min(max(1.0 - self.remaining / self.budget, 0.0), 1.0)
+
+
+def released_budgets(run: RunView) -> list[ReleasedBudgetRow]:
+    """Each client's released budget in `run`, by node name, from summary.json alone."""
+    if run.summary is None:
+        return []
+    rows = []
+    for client in run.summary.clients:
+        budget = client.get("budget") or {}
+        rounds = client.get("epsilon_by_round") or []
+        rows.append(
+            ReleasedBudgetRow(
+                owner=str(client.get("node") or run.client_name(str(client["client"]))),
+                run=run.name,
+                round=int(rounds[-1][0]) if rounds else None,
+                budget=budget.get("epsilon"),
+                spent=client.get("epsilon") if budget else None,
+                remaining=budget.get("left"),
+                delta=budget.get("delta"),
+            )
+        )
+    return sorted(rows, key=lambda row: row.owner)
+
+
+def latest_released(runs: list[RunView], nodes: list[str]) -> list[ReleasedBudgetRow]:
+    """Each of `nodes` with its budget as last released over `runs` (oldest first): the
+    latest run where it released one, else its latest run, else a row with no run."""
+    latest: dict[str, ReleasedBudgetRow] = {}
+    for run in runs:
+        for row in released_budgets(run) if run.deployed else []:
+            known = latest.get(row.owner)
+            if known is None or known.budget is None or row.budget is not None:
+                latest[row.owner] = row
+    return [latest.get(node, ReleasedBudgetRow(node, None, None, None, None, None, None))
+            for node in nodes]  # fmt: skip
+
+
+@dataclass(frozen=True)
 class PrivacyView:
     """What `fedmodel audit` says of one run directory, or why it could say nothing."""
 
@@ -68,19 +130,28 @@ class PrivacyView:
     signed: int
     unavailable: str | None  # why there is no audit (no ledgers), else None
     empirical: list[dict[str, Any]]
+    released: list[ReleasedBudgetRow]  # a deployed run's, as its nodes released them
 
     @classmethod
-    def of_run(cls, run_dir: Path) -> PrivacyView:
-        empirical = empirical_audits(run_dir)
+    def of_run(cls, run: RunView) -> PrivacyView:
+        empirical = empirical_audits(run.directory)
+        released = released_budgets(run) if run.deployed else []
         try:
-            report = audit(run_dir)
+            report = audit(run.directory)
         except FedModelError as error:
-            return cls([], None, [], 0, 0, str(error), empirical)
-        return cls.of_report(report, empirical)
+            return cls([], None, [], 0, 0, str(error), empirical, released)
+        return cls.of_report(report, empirical, released)
 
     @classmethod
-    def of_report(cls, report: AuditReport, empirical: list[dict[str, Any]]) -> PrivacyView:
-        owners = [_row(owner) for ledger in report.ledgers for owner in ledger.owners]
+    def of_report(
+        cls,
+        report: AuditReport,
+        empirical: list[dict[str, Any]],
+        released: list[ReleasedBudgetRow],
+    ) -> PrivacyView:
+        owners = [
+            _row(owner, ledger.problems) for ledger in report.ledgers for owner in ledger.owners
+        ]
         owners += [
             _distributed_row(ledger.distributed)
             for ledger in report.ledgers
@@ -94,10 +165,13 @@ class PrivacyView:
             sum(ledger.signed for ledger in report.ledgers),
             None,
             empirical,
+            released,
         )
 
 
-def _row(owner: OwnerAudit) -> OwnerRow:
+def _row(owner: OwnerAudit, ledger_problems: list[str]) -> OwnerRow:
+    """`owner` at a glance; a failure of its ledger file (a broken hash chain) is its too:
+    none of the ledger's numbers can then be trusted."""
     return OwnerRow(
         owner=owner.owner,
         federation_ledger=Path(owner.ledger).name == FEDERATION_LEDGER,
@@ -108,7 +182,7 @@ def _row(owner: OwnerAudit) -> OwnerRow:
         delta=owner.delta,
         rounds=owner.rounds,
         runs=owner.runs,
-        problems=owner.problems,
+        problems=[*ledger_problems, *owner.problems],
     )
 
 

@@ -20,6 +20,7 @@ from fedmodel.run_directory import (
     CLIENTS_FILE,
     CONFIG_FILE,
     METRICS_FILE,
+    NODES_FILE,
     REPORT_FILE,
     SUMMARY_FILE,
     RunSummary,
@@ -89,6 +90,7 @@ class RunView:
     config: dict[str, Any]
     metric_rows: list[dict[str, float | None]]  # metrics.csv, one per evaluated round
     client_rows: list[dict[str, Any]]  # clients.csv, one per client reply
+    node_names: dict[str, str]  # a deployed run's client number -> node name
 
     @classmethod
     def read(cls, name: str, directory: Path) -> RunView:
@@ -101,7 +103,13 @@ class RunView:
             config,
             [_numbers(row) for row in _read_csv(directory / METRICS_FILE)],
             _read_csv(directory / CLIENTS_FILE),
+            _node_names(directory),
         )
+
+    @property
+    def deployed(self) -> bool:
+        """A run of `fedmodel run` on enrolled nodes (its owners' ledgers stay on them)."""
+        return self.config.get("scenario") == "deployment"
 
     @property
     def scoring(self) -> Scoring:
@@ -170,11 +178,15 @@ class RunView:
         for row in self.client_rows:
             epsilon = _number(row.get("epsilon"))
             if epsilon is not None:
-                client = self._client_name(str(row["client"]))
+                client = self.client_name(str(row["client"]))
                 points.setdefault(client, []).append([float(row["round"]), epsilon])
         return dict(sorted(points.items()))
 
-    def _client_name(self, client: str) -> str:
+    def client_name(self, client: str) -> str:
+        """A deployed client's node name, a simulated one's site name where the data
+        names its sites, else its number."""
+        if client in self.node_names:
+            return self.node_names[client]
         return site_name(self.summary, client) if self.summary else client
 
     def baselines(self) -> tuple[tuple[str, ...], list[tuple[str, ...]], str] | None:
@@ -192,7 +204,7 @@ class RunView:
         measured = self.summary.heterogeneity if self.summary else None
         if not measured:
             return None
-        rows = [{**row, "client": self._client_name(row["client"])} for row in measured["clients"]]
+        rows = [{**row, "client": self.client_name(row["client"])} for row in measured["clients"]]
         overall = {key: value for key, value in measured.items() if key != "clients"}
         return rows, overall
 
@@ -206,7 +218,7 @@ class RunView:
         return [
             {
                 "round": entry.get("round"),
-                "client": self._client_name(str(entry["client"]))
+                "client": self.client_name(str(entry["client"]))
                 if entry.get("client") is not None
                 else f"node {entry.get('node_id')}",
                 "what": what,
@@ -233,6 +245,18 @@ def privacy_utility(runs: list[RunView]) -> list[dict[str, Any]]:
                  "value": value}
             )  # fmt: skip
     return points
+
+
+def _node_names(directory: Path) -> dict[str, str]:
+    """Client number -> node name, from the nodes.json a deployed run writes as it starts
+    (its coordinator's numbering); empty for a simulation or an unreadable file."""
+    try:
+        positions = json.loads((directory / NODES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(positions, dict):
+        return {}
+    return {str(number): str(name) for name, number in positions.items()}
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
