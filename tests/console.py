@@ -96,3 +96,11 @@ def table_rows(page: str, table_id: str) -> list[list[str]]:
     reader = _TableReader(table_id)
     reader.feed(page)
     return [[" ".join(cell.split()) for cell in row] for row in reader.rows]
+
+
+def series(browser: object, chart: str) -> dict[str, list[float]]:
+    """Each dataset of a Chart.js chart on the page: label -> y values."""
+    found = browser.execute_script(  # type: ignore[attr-defined]
+        f"return Chart.getChart('{chart}').data.datasets.map(d => [d.label, d.data.map(p => p.y)])"
+    )
+    return dict(found)

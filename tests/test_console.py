@@ -36,7 +36,7 @@ from fedmodel.runtime.processes import free_port
 from server.enrollment import append_audit, registry_lock, save_registry
 from server.superlink import init_federation
 from tests.browser import save_screenshot
-from tests.console import FEDMODEL, fetch, serving, table_rows
+from tests.console import FEDMODEL, fetch, series, serving, table_rows
 from tests.test_enrollment import superlink_2004_line
 
 TOKEN = "console-test-token"
@@ -130,14 +130,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def summary_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
-
-
-def series(browser: object, chart: str) -> dict[str, list[float]]:
-    """Each dataset of a Chart.js chart on the page: label -> y values."""
-    found = browser.execute_script(  # type: ignore[attr-defined]
-        f"return Chart.getChart('{chart}').data.datasets.map(d => [d.label, d.data.map(p => p.y)])"
-    )
-    return dict(found)
 
 
 @pytest.mark.slow

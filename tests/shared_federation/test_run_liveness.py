@@ -20,12 +20,13 @@ from typing import Any
 
 import pytest
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.wait import WebDriverWait
 
 from fedmodel.runtime.processes import executable
 from server.enrollment import verify_audit
 from server.superlink import CONNECTION, Federation, server_environment
 from tests.browser import save_screenshot
-from tests.console import serving, table_rows
+from tests.console import series, serving, table_rows
 from tests.federation import (
     Workspace,
     background,
@@ -180,6 +181,57 @@ def test_the_console_shows_the_federation_over_tls_with_its_certificate(
                 break
         assert len(statuses) >= len(HONEST_SITES) + 1
         save_screenshot(browser, "console-federation")
+
+
+def test_the_console_follows_a_deployed_run_and_shows_what_its_nodes_released(
+    shared_federation: SharedFederation, browser: object, tmp_path: Path
+) -> None:
+    """A run on the live federation, written where `fedmodel run` writes (the federation's
+    runs/): its page follows it to the end without a reload, charts the nodes' scores and
+    each node's epsilon by name, and its privacy page shows what each node released."""
+    server = shared_federation.server
+    wait_until_online(server, ONLINE)
+    run_dir = server / "runs" / "followed"
+    with federation_workspace(tmp_path) as space, serving(server) as url:
+        run = background(
+            "run", "--dir", server, "--rounds", "2", "--min-clients", str(ONLINE),
+            "--batch-size", "32", "--output", run_dir, log=tmp_path / "followed.out",
+        )  # fmt: skip
+        space.started.append(run)
+        WebDriverWait(browser, 300, poll_frequency=0.2).until(
+            lambda _: (run_dir / "config.json").exists() or run.poll() is not None
+        )
+        browser.get(f"{url}runs/followed")  # type: ignore[attr-defined]
+        first_status = browser.find_element(By.ID, "status").text  # type: ignore[attr-defined]
+        browser.execute_script("window.sameDocument = true")  # type: ignore[attr-defined]
+        WebDriverWait(browser, 400, poll_frequency=0.5).until(
+            lambda driver: driver.find_element(By.ID, "status").text == "completed"  # type: ignore[attr-defined]
+        )
+        assert run.wait(timeout=120) == 0, (tmp_path / "followed.out").read_text()
+        assert browser.execute_script("return window.sameDocument === true"), "it reloaded"  # type: ignore[attr-defined]
+        assert first_status in ("starting", "running", "completed")
+        assert browser.find_element(By.ID, "rounds").text == "2/2"  # type: ignore[attr-defined]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rows = summary["per_round"]
+        assert series(browser, "metrics-chart")["AUROC"] == pytest.approx(
+            [row["auroc"] for row in rows]
+        )
+        nodes = {client["node"]: client for client in summary["clients"]}
+        assert (
+            sorted(series(browser, "epsilon-chart"))
+            == sorted(nodes)
+            == sorted((*HONEST_SITES, HOSTILE_SITE))
+        )
+        save_screenshot(browser, "console-deployed-run")
+        browser.get(f"{url}runs/followed/privacy")  # type: ignore[attr-defined]
+        page = browser.page_source  # type: ignore[attr-defined]
+    released = {row[0]: row for row in table_rows(page, "released")}
+    for name, client in nodes.items():  # as the node released them with its replies
+        budget = client["budget"]
+        assert budget["epsilon"] == SHARED_BUDGET, client
+        assert released[name][1:4] == [
+            f"{SHARED_BUDGET:.3f}", f"{client['epsilon']:.4f}", f"{budget['left']:.4f}"
+        ]  # fmt: skip
 
 
 # The console asks the SuperLink's Control API for live status on each page load; on a
