@@ -57,7 +57,7 @@ from fedmodel.privacy.distributed_ledger import (
 )
 from fedmodel.privacy.ledger import PrivacyLedger
 from fedmodel.privacy.ledger_chain import COMMITTED, LedgerEntry
-from fedmodel.protocol import PARTITION_ID_KEY
+from fedmodel.protocol import PARTITION_ID_KEY, SERVER_ROUND_KEY
 from fedmodel.run_directory import CLASSIFIER_SCORING, DISTRIBUTED_MECHANISM
 from server.distributed_dp import distributed_dp_strategy
 from server.run_record import RunRecorder
@@ -98,7 +98,7 @@ def test_distributed_dp_settings_that_cannot_work_are_refused_in_one_line(
     [
         (["simulate", "medical", "--dp", "distributed", "--aggregator", "krum"], "fedavg"),
         (["simulate", "medical", "--dp", "distributed", "--epsilon", "2"], "--dp distributed"),
-        (["run", "--dir", "fed", "--dp", "distributed"], "runs in simulation only"),
+        (["run", "--dir", "fed", "--dp", "distributed", "--byzantine", "1"], "no --byzantine"),
     ],
 )
 def test_the_cli_refuses_distributed_dp_mistakes_in_one_line(
@@ -220,7 +220,11 @@ def test_strategy_applies_the_decoded_clipped_mean_and_stops_before_the_budget(
         RunRecorder(tmp_path, config, CLASSIFIER_SCORING),
         {"shares": 3},
         dimension,
-        {"initial_parameters": ndarrays_to_parameters(global_model), "fraction_evaluate": 0.0},
+        {
+            "initial_parameters": ndarrays_to_parameters(global_model),
+            "fraction_evaluate": 0.0,
+            "on_fit_config_fn": lambda server_round: {SERVER_ROUND_KEY: server_round},
+        },
     )
     assert strategy.mechanism == mechanism
     nodes = SimpleClientManager()

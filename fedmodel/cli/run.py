@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmodel.cli.options import (
+    DISTRIBUTED_DP_KEYS,
     NO_DP,
     RESUME,
     SHARED_KEYS,
@@ -58,8 +59,6 @@ TaskName = Annotated[
 
 def _run(options: dict[str, Any]) -> None:
     """Build the RunConfig from the options (named like its fields) and launch the run."""
-    if options["dp"] == "distributed":  # a deployed node masks plain updates only, for now
-        raise ConfigError("--dp distributed runs in simulation only for now (fedmodel simulate)")
     from client.tasks import installed_task
     from fedmodel.protocol import REFUSAL_MARKER
     from fedmodel.run_directory import SUMMARY_FILE, Scoring
@@ -92,6 +91,8 @@ def _run(options: dict[str, Any]) -> None:
             federation_dir=str(federation.directory)
         )
         output = resume
+        if config.distributed_dp:  # as simulate: its rounds' releases are not resumable yet
+            raise ConfigError(f"{resume} is a --dp distributed run, which cannot be resumed")
     check_aggregator(config.aggregator, config.clients, config.byzantine)  # as simulate does
     run_dir = (output or federation.path("runs") / time.strftime("%Y%m%d-%H%M%S")).absolute()
     if not config.resume and run_dir.exists() and any(run_dir.iterdir()):
@@ -105,6 +106,12 @@ def _run(options: dict[str, Any]) -> None:
             else "without DP-SGD"
         )
         + (f", client-level DP (noise {config.central_noise:g})" if config.client_dp else "")
+        + (
+            f", distributed DP (each node clips to {config.distributed_clip:g} and adds its "
+            f"share of noise {config.distributed_noise:g}, {config.distributed_bits} bits)"
+            if config.distributed_dp
+            else ""
+        )
         + (", secure aggregation (SecAgg+)" if config.secagg else "")
         + f"; run directory {run_dir}"
     )
@@ -149,7 +156,14 @@ run_command = command(
     [
         parameter("directory", FederationDir, ...),
         *config_options(
-            (*SHARED_KEYS, "evaluation", "secagg", "secagg_shares", "secagg_threshold")
+            (
+                *SHARED_KEYS,
+                "evaluation",
+                "secagg",
+                "secagg_shares",
+                "secagg_threshold",
+                *DISTRIBUTED_DP_KEYS,
+            )
         ),
         NO_DP,
         RESUME,

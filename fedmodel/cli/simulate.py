@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmodel.cli.options import (
+    DISTRIBUTED_DP_KEYS,
     NO_DP,
     RESUME,
     SHARED_KEYS,
@@ -69,10 +70,7 @@ SIMULATION_KEYS = (
     "secagg_shares",
     "secagg_threshold",
     "secagg_dropouts",
-    "distributed_clip",
-    "distributed_noise",
-    "distributed_bits",
-    "distributed_epsilon",
+    *DISTRIBUTED_DP_KEYS,
     "device",
     "gpus_per_client",
 )
