@@ -61,7 +61,7 @@ def _run(options: dict[str, Any]) -> None:
     """Build the RunConfig from the options (named like its fields) and launch the run."""
     from client.tasks import installed_task
     from fedmodel.protocol import REFUSAL_MARKER
-    from fedmodel.run_directory import SUMMARY_FILE, Scoring
+    from fedmodel.run_directory import SUMMARY_FILE, Scoring, describe_client_level_dp
     from fedmodel.runtime.flwr_run import progress_line
     from server.aggregators import check_aggregator
     from server.enrollment import load_registry
@@ -145,6 +145,8 @@ def _run(options: dict[str, Any]) -> None:
             "-" if client.get("delta") is None else f"{client['delta']:g}",
         )
     console.print(table)
+    if summary.client_level_dp:  # --dp client or distributed: whole nodes, this run
+        console.print(describe_client_level_dp(summary.client_level_dp))
     if summary.stopped_early:
         console.print(f"Stopped early: {summary.stopped_early}")
     console.print(f"Summary: {run_dir / SUMMARY_FILE}")

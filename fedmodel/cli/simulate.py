@@ -32,7 +32,7 @@ from fedmodel.run_directory import (
     SUMMARY_FILE,
     RunSummary,
     Scoring,
-    client_level_mechanism,
+    describe_client_level_dp,
     write_json_atomic,
 )
 
@@ -461,12 +461,7 @@ def _print_summary(summary: RunSummary, run_dir: Path, report: Path) -> None:
             f"(target {summary.target_epsilon}, {str(summary.accountant).upper()} accountant)"
         )
     if summary.client_level_dp:
-        central = summary.client_level_dp
-        console.print(
-            f"Client-level epsilon (whole clients, {client_level_mechanism(central)}): "
-            f"{central['epsilon']:.3f} at delta {central['delta']:g} "
-            f"({central['accountant'].upper()} accountant, {len(central['releases'])} releases)"
-        )
+        console.print(describe_client_level_dp(summary.client_level_dp))
     console.print(
         f"Report: {report} (one page: {run_dir / REPORT_HTML_FILE})  "
         f"Summary: {run_dir / SUMMARY_FILE}"

@@ -365,6 +365,7 @@ def test_distributed_dp_run_is_refused_by_default_and_shows_the_coordinator_nois
         for node in nodes.values():
             shutil.rmtree(node / UPDATES_DIR, ignore_errors=True)
     assert "distributed DP" in ran.stdout
+    assert "Client-level epsilon (whole clients, distributed discrete Gaussian" in ran.stdout
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["completed"] and not summary["stopped_early"]
