@@ -31,6 +31,7 @@ from flwr.app import ConfigRecord
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
+from client.ledger_guard import DISTRIBUTED_ROUNDS_FILE
 from client.secagg_app import UPDATES_DIR
 from fedmodel.privacy.audit import audit
 from fedmodel.privacy.ledger import PrivacyLedger
@@ -406,10 +407,12 @@ def test_distributed_dp_run_is_refused_by_default_and_shows_the_coordinator_nois
     assert summary["client_level_dp"]["epsilon"] == pytest.approx(recorded)
     print(f"client-level epsilon {recorded:.3f} recorded and recomputed")
     run_uid = json.loads((run_dir / "config.json").read_text())["run-uid"]
-    for node in nodes.values():  # no DP-SGD on the nodes: their owner ledgers hold nothing
-        path = node / "privacy-ledger.sqlite"
+    for node in nodes.values():  # no DP-SGD on the nodes: their owner ledgers hold nothing,
+        path = node / "privacy-ledger.sqlite"  # but each noted the round for its replay rule
         spent = PrivacyLedger(path).entries() if path.is_file() else []
         assert not [entry for entry in spent if entry.run_id == run_uid]
+        noted = (node / DISTRIBUTED_ROUNDS_FILE).read_text().splitlines()
+        assert [json.loads(line) for line in noted].count([run_uid, 1]) == 1
 
     auroc = summary["per_round"][-1]["auroc"]  # the nodes' scores on their hold-outs
     print(f"AUROC on the nodes' hold-outs: {summary['initial']['auroc']:.3f} -> {auroc:.3f}")
