@@ -17,7 +17,8 @@ masking the residues would give; the weight factor (1) stays Flower's.
 The mechanism's parameters come from the client's own run config
 (fedmodel.distributed_secagg), only the public rotation seed from the coordinator.
 Rounding and noise draw from a seed per client and round in simulation (reproducible),
-from the OS CSPRNG on a deployed node (client.app.round_seed).
+from a generator seeded with 128 bits of the OS CSPRNG on a deployed node
+(fedmodel.sampling.dp_numpy_generator), every round.
 """
 
 from __future__ import annotations
@@ -109,9 +110,7 @@ def _encode_update(
     parameters = distributed_parameters(config, update.size)
     partition_id = int(str(context.node_config.get(PARTITION_ID_KEY, -1)))
     server_round = int(instructions.config[SERVER_ROUND_KEY])
-    seed = round_seed(config, context, partition_id, server_round)
-    stream = np.random.SeedSequence((seed, NOISE_STREAM)).generate_state(2, np.uint64)
-    generator = dp_numpy_generator(int(stream[0]) << 64 | int(stream[1]))
+    generator = dp_numpy_generator(_simulation_seed(config, context, partition_id, server_round))
     rotation_seed = int(instructions.config[ROTATION_SEED_KEY])
     residues = encode(update, parameters, rotation_seed, generator)
     encoded.append((partition_id, server_round, update, residues))
@@ -119,6 +118,19 @@ def _encode_update(
     result.parameters = ndarrays_to_parameters([np.full(residues.shape, -clipping)])
     result.num_examples = 1  # weight factor round(1 / max_weight * 1) = 1
     return Message(compat.fitres_to_recorddict(result, keep_input=True), reply_to=msg)
+
+
+def _simulation_seed(
+    config: RunConfig, context: Context, partition_id: int, server_round: int
+) -> int | None:
+    """A simulated client's rounding and noise seed (reproducible, apart from DP-SGD's);
+    None on a deployed node, whose generator is then seeded from the OS CSPRNG, so that
+    nothing the coordinator sends (run config, rotation seed) bears on its noise."""
+    if PARTITION_ID_KEY not in context.node_config:
+        return None
+    seed = round_seed(config, context, partition_id, server_round)
+    stream = np.random.SeedSequence((seed, NOISE_STREAM)).generate_state(2, np.uint64)
+    return int(stream[0]) << 64 | int(stream[1])
 
 
 def _secagg_state(context: Context) -> dict[str, object]:

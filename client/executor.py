@@ -60,7 +60,13 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from client.ledger_guard import check_ledger, ledger_run_id, record_head, replay_refusal
+from client.ledger_guard import (
+    check_ledger,
+    ledger_run_id,
+    record_distributed_round,
+    record_head,
+    replay_refusal,
+)
 from client.policy import OwnerPolicy, content_refusal, load_policy, review
 from client.supernode import SECRET_FILE
 from client.tasks import installed_task
@@ -176,24 +182,27 @@ class NodeExecutor:
         refusal = review(self.directory, policy, context.run_config, kind)
         if refusal is None and kind in (MessageType.TRAIN, MessageType.EVALUATE):
             refusal = content_refusal(message)
-        if refusal is None and kind == MessageType.TRAIN:
-            config = RunConfig.from_run_config(context.run_config)
-            server_round = training_round(message, config.secagg)
-            if server_round is not None:
-                run_id = ledger_run_id(config, context.run_id)
-                refusal = replay_refusal(self.directory, run_id, server_round)
         if refusal is not None:
-            return Message(Error(POLICY_REFUSED_CODE, refusal), reply_to=message), refusal
+            return _refusal(message, refusal), refusal
+        config = RunConfig.from_run_config(context.run_config)  # review() parsed it
+        run_id = ledger_run_id(config, context.run_id)
+        server_round = training_round(message, config.secagg) if kind == MessageType.TRAIN else None
+        if server_round is not None:
+            refusal = replay_refusal(self.directory, run_id, server_round)
+            if refusal is not None:
+                return _refusal(message, refusal), refusal
         context.node_config["budget-epsilon"] = policy.budget_epsilon
         context.node_config["budget-delta"] = policy.budget_delta
         try:
-            reply = self._app(RunConfig.from_run_config(context.run_config))(message, context)
+            reply = self._app(config)(message, context)
         except Exception as error:  # the coordinator learns that it failed, not why
             print(f"the ClientApp raised {type(error).__name__}: {error}", flush=True)
             failed = Error(CLIENT_APP_FAILED_CODE, "the node failed to run the task")
             return Message(failed, reply_to=message), None
         finally:
             record_head(self.directory)  # whatever the round wrote to the ledger
+        if server_round is not None and config.distributed_dp and not reply.has_error():
+            record_distributed_round(self.directory, run_id, server_round)  # before it leaves
         return released(policy, reply), None
 
     def _app(self, config: RunConfig) -> ClientApp:
@@ -225,6 +234,10 @@ class NodeExecutor:
             message=kind,
             **({} if refusal is None else {"reason": refusal}),
         )
+
+
+def _refusal(message: Message, reason: str) -> Message:
+    return Message(Error(POLICY_REFUSED_CODE, reason), reply_to=message)
 
 
 def training_round(message: Message, secagg: bool) -> int | None:

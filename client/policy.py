@@ -4,6 +4,11 @@ Everything a run carries (its run config, its messages, its app bundle) is a req
 from the coordinator. The policy, set by the owner with `fedmodel client init/start`
 and kept in NODE/policy.json (0600), decides which requests the node serves:
 - DP-SGD is required unless the owner allowed otherwise (`--allow-no-dp`);
+- distributed DP (`--dp distributed`: no DP-SGD, the node clips and noises its whole
+  update under SecAgg+) is refused unless the owner accepted it
+  (`--accept-distributed-dp`), with a noise multiplier of at least the owner's
+  (`--min-distributed-noise`); an owner may require it (`--require-distributed-dp`),
+  and the node then serves no other mode;
 - secure aggregation (SecAgg+) is required if the owner asked for it (`--require-secagg`):
   the coordinator then sees only the sum of the nodes' updates, never this node's;
 - the owner's budget epsilon, at the owner's delta, caps everything ever spent on the
@@ -53,6 +58,9 @@ class OwnerPolicy:
     budget_delta: float = 1e-5
     require_dp: bool = True
     require_secagg: bool = False
+    accept_distributed_dp: bool = False
+    require_distributed_dp: bool = False  # implies accepting it
+    min_distributed_noise: float = 0.0  # the least --distributed-noise served
     max_local_epochs: int = 5
     max_rounds: int = 100
     release_statistics: bool = True  # query round: column sums (not DP-protected)
@@ -71,6 +79,9 @@ class OwnerPolicy:
             )
             and self.budget_epsilon > 0,
             "budget delta must be between 0 and 1 (--budget-delta)": 0 < self.budget_delta < 1,
+            "min distributed noise must be 0 or a positive number (--min-distributed-noise)": (
+                math.isfinite(self.min_distributed_noise) and self.min_distributed_noise >= 0
+            ),
             "max local epochs must be at least 1 (--max-local-epochs)": self.max_local_epochs >= 1,
             "max rounds must be at least 1 (--max-rounds)": self.max_rounds >= 1,
             "count rounding must be at least 1 (--count-rounding)": self.count_rounding >= 1,
@@ -125,11 +136,9 @@ def review(
     refusal = approval_refusal(load_approvals(directory), config.app_task, config.app_task_version)
     if refusal is not None:
         return refusal
-    if policy.require_dp and not config.sample_dp:
-        return (
-            f"the run asks for DP mode '{config.dp}', but the owner requires DP-SGD on this "
-            "node (--allow-no-dp lifts it)"
-        )
+    refusal = _dp_mode_refusal(policy, config)
+    if refusal is not None:
+        return refusal
     if policy.require_secagg and not config.secagg:
         return (
             "the run does not use secure aggregation, which the owner requires on this node "
@@ -158,6 +167,33 @@ def review(
         return "the owner does not release feature statistics (they are not DP-protected)"
     if message_type == MessageType.EVALUATE and not policy.release_evaluation:
         return "the owner does not release evaluation metrics"
+    return None
+
+
+def _dp_mode_refusal(policy: OwnerPolicy, config: RunConfig) -> str | None:
+    """Why the owner does not serve the run's DP mode (and its distributed noise)."""
+    if policy.require_distributed_dp and not config.distributed_dp:
+        return (
+            f"the run asks for DP mode '{config.dp}', but the owner requires distributed DP "
+            "on this node (fedmodel run --dp distributed; --allow-other-dp-modes lifts it)"
+        )
+    if config.distributed_dp:
+        if not (policy.accept_distributed_dp or policy.require_distributed_dp):
+            return (
+                "the run asks for distributed DP (no DP-SGD; this node's noise is a share of "
+                "the sum's), which the owner has not accepted (--accept-distributed-dp)"
+            )
+        if config.distributed_noise < policy.min_distributed_noise:
+            return (
+                f"the run's distributed noise {config.distributed_noise:g} is below the "
+                f"owner's minimum {policy.min_distributed_noise:g} (--min-distributed-noise)"
+            )
+        return None
+    if policy.require_dp and not config.sample_dp:
+        return (
+            f"the run asks for DP mode '{config.dp}', but the owner requires DP-SGD on this "
+            "node (--allow-no-dp lifts it)"
+        )
     return None
 
 

@@ -6,6 +6,10 @@ ledger and budget) and Flower's `secaggplus_mod` masks what it returns: the coor
 receives masked integers, never the weights. Metrics (loss, epsilon and the mechanism
 history) are not secret and travel in plaintext beside the masked vector.
 
+A deployed run with `--dp distributed` masks differently (`masking_for_run`): the node
+trains without DP-SGD, as in simulation, and FedModel's own mod
+(client/distributed_dp_mod.py) clips, encodes and noises the update before it is masked.
+
 A simulated client trains on the partition the harness gives it (simulations/apps.py)
 and weighs its update by its example count. A deployed node trains on its own file
 (client/local_data.py), scores the model it received on its held-out rows first (as
@@ -28,6 +32,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import NDArrays, Scalar
 
 from client.app import train_local_model
+from client.distributed_dp_mod import distributed_dp_mod
 from client.local_data import (
     ClientRows,
     Metrics,
@@ -150,6 +155,18 @@ def budget_refusal_mod(msg: Message, context: Context, call_next: ClientAppCalla
         return Message(error=Error(BUDGET_EXHAUSTED_CODE, str(refusal)), reply_to=msg)
 
 
+def masking_for_run(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """What a deployed node masks with: FedModel's distributed-DP mod for a run whose
+    config says `--dp distributed` (the owner's policy has accepted it: client/policy.py),
+    Flower's `secaggplus_mod` for any other SecAgg+ run."""
+    if RunConfig.from_run_config(context.run_config).distributed_dp:
+        return DISTRIBUTED_DP_MASKING(msg, context, call_next)
+    return secaggplus_mod(msg, context, call_next)
+
+
+DISTRIBUTED_DP_MASKING = distributed_dp_mod()
+
+
 def secagg_client_app(
     partitions: PartitionLoader | None,
     mods: Sequence[Mod] = (),
@@ -166,4 +183,5 @@ def secagg_client_app(
     return ClientApp(client_fn=client_fn, mods=[*mods, query_mod, budget_refusal_mod, masking])
 
 
-app = secagg_client_app(None)  # what a deployed node runs: its own file, weight 1
+# what a deployed node runs: its own file, weight 1, masking as its run asks
+app = secagg_client_app(None, masking=masking_for_run)

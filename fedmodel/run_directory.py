@@ -46,6 +46,15 @@ def client_level_mechanism(block: JsonObject) -> str:
     return str(block.get("mechanism", CENTRAL_MECHANISM))
 
 
+def describe_client_level_dp(block: JsonObject) -> str:
+    """A summary's client-level DP in one console line: epsilon, and who added the noise."""
+    return (
+        f"Client-level epsilon (whole clients, {client_level_mechanism(block)}): "
+        f"{block['epsilon']:.3f} at delta {block['delta']:g} "
+        f"({str(block['accountant']).upper()} accountant, {len(block['releases'])} releases)"
+    )
+
+
 class SummaryError(FedModelError):
     """A summary.json that is not JSON, lacks a key or has one no FedModel writes."""
 

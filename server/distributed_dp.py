@@ -34,7 +34,6 @@ from fedmodel.distributed_secagg import (
 from fedmodel.privacy.distributed_accounting import DistributedRelease
 from fedmodel.privacy.distributed_dp import DistributedDpParameters, decode
 from fedmodel.privacy.distributed_ledger import DistributedBudgetStop, DistributedLedger
-from fedmodel.protocol import SERVER_ROUND_KEY
 from server.run_record import RunRecorder
 from server.secagg import SecureFedAvg
 from server.strategy import FederationStopped
@@ -103,8 +102,10 @@ def distributed_dp_strategy(
 ) -> DistributedDpFedAvg:
     """The strategy for `config`, and `protocol` set to the workflow ranges it needs.
 
-    Each round's rotation seed is drawn before the round from the run seed (simulation:
-    reproducible, and independent of the updates, which is what the overflow bound needs).
+    Each round's rotation seed is drawn before the round from the run seed (reproducible,
+    and independent of the updates, which is what the overflow bound needs); it is public
+    and rides with each round's fit config (`fedavg`'s, which carries a deployed run's
+    shared config too). The clients' noise never depends on it.
     """
     mechanism = distributed_parameters(config, dimension)
     protocol.update(
@@ -120,6 +121,7 @@ def distributed_dp_strategy(
     }
     budget = config.distributed_epsilon or None
     run_id = config.run_uid or recorder.run_dir.name  # as the federation ledger keys runs
+    fit_config = fedavg.pop("on_fit_config_fn")
     return DistributedDpFedAvg(
         recorder,
         protocol,
@@ -128,7 +130,7 @@ def distributed_dp_strategy(
         DistributedLedger(recorder.run_dir, run_id, config.delta, budget),
         seeds,
         on_fit_config_fn=lambda server_round: {
-            SERVER_ROUND_KEY: server_round,
+            **fit_config(server_round),
             ROTATION_SEED_KEY: seeds[server_round],
         },
         **fedavg,

@@ -168,6 +168,11 @@ def resume_config(run_dir: Path, scenario: str | None = None) -> RunConfig:
             f"--resume {run_dir}: that run is a '{config.scenario}' run; use "
             f"'fedmodel simulate {config.scenario} --resume {run_dir}'"
         )
+    if config.distributed_dp:
+        raise ConfigError(
+            f"--resume {run_dir}: a --dp distributed run cannot be resumed yet (its releases "
+            "are accounted by round as the run goes); start a new run"
+        )
     resume = load_resume_point(run_dir / CHECKPOINTS_DIR)
     if resume is None:
         raise ConfigError(

@@ -66,7 +66,7 @@ REPORT_FILE = "secagg.json"
 # arguments) -> the strategy: how a mechanism under SecAgg+ replaces SecureFedAvg
 SecureStrategyBuilder = Callable[
     [RunConfig, RunRecorder, dict[str, Any], int, dict[str, Any]], "SecureFedAvg"
-]
+]  # FedAvg's arguments include `nodes` (SecAggNodes | None) and the fit and evaluate configs
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,7 @@ def run_secagg(
     `max_weight`: the largest weight a client gives its update (in simulation its example
     count, which the harness knows; 1 on deployed nodes), so no masked sum overflows.
     `nodes`: a deployed run's members and shared config. `strategy_builder` replaces
-    SecureFedAvg and the workflow's ranges in `protocol` (distributed DP, in simulation:
+    SecureFedAvg and the workflow's ranges in `protocol` (distributed DP:
     server.distributed_dp.distributed_dp_strategy). `resume`: the last completed round's
     checkpoint, which the run goes on from; every round after it draws new keys, masks and
     noise (Flower's SecAgg+ clients draw them afresh from the OS in every round, and no
@@ -335,20 +335,17 @@ def run_secagg(
         "evaluate_fn": evaluate_fn,
         "initial_parameters": ndarrays_to_parameters([t.cpu().numpy() for t in reference.values()]),
     }
+    fedavg |= {
+        "nodes": nodes,
+        "on_fit_config_fn": lambda server_round: {SERVER_ROUND_KEY: server_round, **shared},
+        "on_evaluate_config_fn": lambda server_round: {SERVER_ROUND_KEY: server_round, **shared},
+    }
     strategy: SecureFedAvg
     if strategy_builder is not None:
         dimension = sum(t.numel() for t in reference.values())
         strategy = strategy_builder(config, recorder, protocol, dimension, fedavg)
     else:
-        strategy = SecureFedAvg(
-            recorder,
-            protocol,
-            config.min_clients,
-            nodes,
-            on_fit_config_fn=lambda server_round: {SERVER_ROUND_KEY: server_round, **shared},
-            on_evaluate_config_fn=lambda server_round: {SERVER_ROUND_KEY: server_round, **shared},
-            **fedavg,
-        )
+        strategy = SecureFedAvg(recorder, protocol, config.min_clients, **fedavg)
     workflow = SecAggPlusWorkflow(
         num_shares=config.secagg_shares,
         reconstruction_threshold=config.secagg_threshold,

@@ -58,9 +58,10 @@ from fedmodel.privacy.distributed_ledger import (
 )
 from fedmodel.privacy.ledger import PrivacyLedger
 from fedmodel.privacy.ledger_chain import COMMITTED, LedgerEntry
-from fedmodel.protocol import PARTITION_ID_KEY
+from fedmodel.protocol import PARTITION_ID_KEY, SERVER_ROUND_KEY
 from fedmodel.run_directory import CLASSIFIER_SCORING, DISTRIBUTED_MECHANISM
 from server.distributed_dp import distributed_dp_strategy
+from server.resume import resume_config
 from server.run_record import RunRecorder
 from server.strategy import FederationStopped
 from simulations.apps import ENCODING_DUMP_VARIABLE
@@ -73,6 +74,18 @@ def test_dp_distributed_implies_secagg_with_fedmodels_own_client_mod() -> None:
     assert not config.client_dp
     assert RunConfig.from_run_config(config.to_run_config()) == config
     assert client_app_reference(config) == "simulations.apps:distributed_dp_client_app"
+
+
+def test_a_distributed_dp_run_is_not_resumed(tmp_path: Path) -> None:
+    """Nor is a SecAgg+ run's resume refused for being SecAgg+: only distributed DP's."""
+    secagg = RunConfig(secagg=True, clients=3, secagg_shares=3, secagg_threshold=2)
+    for config, name in ((RunConfig(dp="distributed"), "distributed"), (secagg, "secagg")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config.to_run_config()))
+    with pytest.raises(ConfigError, match="a --dp distributed run cannot be resumed yet"):
+        resume_config(tmp_path / "distributed")
+    with pytest.raises(ConfigError, match="no resumable checkpoint"):
+        resume_config(tmp_path / "secagg")
 
 
 @pytest.mark.parametrize(
@@ -99,7 +112,7 @@ def test_distributed_dp_settings_that_cannot_work_are_refused_in_one_line(
     [
         (["simulate", "medical", "--dp", "distributed", "--aggregator", "krum"], "fedavg"),
         (["simulate", "medical", "--dp", "distributed", "--epsilon", "2"], "--dp distributed"),
-        (["run", "--dir", "fed", "--dp", "distributed"], "runs in simulation only"),
+        (["run", "--dir", "fed", "--dp", "distributed", "--byzantine", "1"], "no --byzantine"),
     ],
 )
 def test_the_cli_refuses_distributed_dp_mistakes_in_one_line(
@@ -221,7 +234,11 @@ def test_strategy_applies_the_decoded_clipped_mean_and_stops_before_the_budget(
         RunRecorder(tmp_path, config, CLASSIFIER_SCORING),
         {"shares": 3},
         dimension,
-        {"initial_parameters": ndarrays_to_parameters(global_model), "fraction_evaluate": 0.0},
+        {
+            "initial_parameters": ndarrays_to_parameters(global_model),
+            "fraction_evaluate": 0.0,
+            "on_fit_config_fn": lambda server_round: {SERVER_ROUND_KEY: server_round},
+        },
     )
     assert strategy.mechanism == mechanism
     nodes = SimpleClientManager()

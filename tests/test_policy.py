@@ -149,6 +149,26 @@ def test_a_node_requiring_secure_aggregation_refuses_a_plain_run(node: Path) -> 
     assert review(node, policy, secure, MessageType.TRAIN) is None
 
 
+def test_distributed_dp_is_served_only_as_the_owner_agreed(node: Path) -> None:
+    """Refused by default (the node would train without DP-SGD); accepted at or above the
+    owner's least noise; an owner who requires it refuses every other DP mode."""
+    secure = {"clients": 3, "secagg_shares": 3, "secagg_threshold": 2}
+    distributed = honest(dp="distributed", distributed_noise=0.8, **secure)
+    policy = load_policy(node)
+    refusal = review(node, policy, distributed, MessageType.QUERY)
+    assert refusal is not None and "--accept-distributed-dp" in refusal
+    accepting = policy.replace(accept_distributed_dp=True)
+    assert review(node, accepting, distributed, MessageType.TRAIN) is None
+    demanding = accepting.replace(min_distributed_noise=1.0)
+    refusal = review(node, demanding, distributed, MessageType.TRAIN)
+    assert refusal is not None and "noise 0.8 is below the owner's minimum 1" in refusal
+    requiring = policy.replace(require_distributed_dp=True)  # accepts it too
+    assert review(node, requiring, distributed, MessageType.TRAIN) is None
+    for other in (honest(), honest(secagg=True, **secure)):  # DP-SGD, with SecAgg+ or not
+        refusal = review(node, requiring, other, MessageType.QUERY)
+        assert refusal is not None and "requires distributed DP" in refusal
+
+
 def _legacy_reply(content: RecordDict) -> Message:
     request = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
     request.metadata.__dict__["_message_id"] = request.object_id

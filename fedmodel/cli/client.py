@@ -51,6 +51,25 @@ RequireSecAgg = Annotated[
         "--require-secagg/--allow-plain-aggregation",
     ),
 ]
+AcceptDistributedDp = Annotated[
+    bool | None,
+    _policy_option(
+        "Serve runs with distributed DP, fedmodel run --dp distributed: no DP-SGD, this node "
+        "clips and noises its whole update under SecAgg+ (default: refuse).",
+        "--accept-distributed-dp/--refuse-distributed-dp",
+    ),
+]
+RequireDistributedDp = Annotated[
+    bool | None,
+    _policy_option(
+        "Serve only runs with distributed DP (default: not required).",
+        "--require-distributed-dp/--allow-other-dp-modes",
+    ),
+]
+MinDistributedNoise = Annotated[
+    float | None,
+    _policy_option("Least --distributed-noise a distributed-DP run may ask for (default 0)."),
+]
 MaxEpochs = Annotated[int | None, _policy_option("Most local epochs per round (default 5).")]
 MaxRounds = Annotated[int | None, _policy_option("Most rounds per run (default 100).")]
 ReleaseStatistics = Annotated[
@@ -70,6 +89,9 @@ POLICY_OPTIONS: dict[str, Any] = {
     "budget_delta": BudgetDelta,
     "allow_no_dp": AllowNoDp,
     "require_secagg": RequireSecAgg,
+    "accept_distributed_dp": AcceptDistributedDp,
+    "require_distributed_dp": RequireDistributedDp,
+    "min_distributed_noise": MinDistributedNoise,
     "max_local_epochs": MaxEpochs,
     "max_rounds": MaxRounds,
     "release_statistics": ReleaseStatistics,
@@ -104,6 +126,9 @@ def _policy_changes(
     budget_delta: float | None,
     allow_no_dp: bool | None,
     require_secagg: bool | None,
+    accept_distributed_dp: bool | None,
+    require_distributed_dp: bool | None,
+    min_distributed_noise: float | None,
     max_local_epochs: int | None,
     max_rounds: int | None,
     release_statistics: bool | None,
@@ -116,6 +141,9 @@ def _policy_changes(
         "budget_delta": budget_delta,
         "require_dp": None if allow_no_dp is None else not allow_no_dp,
         "require_secagg": require_secagg,
+        "accept_distributed_dp": accept_distributed_dp,
+        "require_distributed_dp": require_distributed_dp,
+        "min_distributed_noise": min_distributed_noise,
         "max_local_epochs": max_local_epochs,
         "max_rounds": max_rounds,
         "release_statistics": release_statistics,
@@ -142,8 +170,9 @@ def _show_policy(policy: OwnerPolicy) -> None:
     console.print(
         f"Policy: budget epsilon {policy.budget_epsilon:g} at delta {policy.budget_delta:g}; "
         f"DP-SGD {'required' if policy.require_dp else 'optional'}; secure aggregation "
-        f"{'required' if policy.require_secagg else 'optional'}; at most "
-        f"{policy.max_local_epochs} local epochs and {policy.max_rounds} rounds per run"
+        f"{'required' if policy.require_secagg else 'optional'}; distributed DP "
+        f"{_distributed_dp_stance(policy)}; at most {policy.max_local_epochs} local epochs "
+        f"and {policy.max_rounds} rounds per run"
     )
     released = [
         f"counts rounded to {policy.count_rounding}",
@@ -152,6 +181,15 @@ def _show_policy(policy: OwnerPolicy) -> None:
         "feature statistics (not DP)" if policy.release_statistics else "no feature statistics",
     ]
     console.print("Releases: " + ", ".join(released))
+
+
+def _distributed_dp_stance(policy: OwnerPolicy) -> str:
+    if not (policy.accept_distributed_dp or policy.require_distributed_dp):
+        return "refused"
+    stance = "required" if policy.require_distributed_dp else "accepted"
+    if policy.min_distributed_noise > 0:
+        stance += f" (noise at least {policy.min_distributed_noise:g})"
+    return stance
 
 
 @client_app.command("init")
@@ -211,6 +249,22 @@ def status(directory: NodeDir) -> None:
         f"{policy.ledger_head[:16]}...); start checks the ledger still extends it"
     )
     _show_approvals(directory)
+
+
+@client_app.command("policy")
+@_with_policy_options
+def policy(directory: NodeDir, *, policy_changes: dict[str, Any]) -> None:
+    """Change this node's policy, running or not: it applies from the node's next message."""
+    from client.policy import PolicyError, save_policy
+
+    changed = _changed_policy(directory, policy_changes)
+    if changed is None:
+        raise PolicyError(
+            f"{directory} has no owner policy yet; set one with "
+            f"'fedmodel client init --dir {directory} --budget-epsilon E'"
+        )
+    save_policy(directory, changed)
+    _show_policy(changed)
 
 
 def _show_approvals(directory: Path) -> None:

@@ -41,6 +41,13 @@ SHARED_KEYS = (
     "stop_after_round",
     "save_round_models",
 )
+# --dp distributed's parameters, which both take too (beside their SecAgg+ options)
+DISTRIBUTED_DP_KEYS = (
+    "distributed_clip",
+    "distributed_noise",
+    "distributed_bits",
+    "distributed_epsilon",
+)
 
 CLI_DEFAULTS: dict[str, Any] = {"min_clients": 2}
 """Where the command line is stricter than the library (and pyproject's run config):

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmodel.cli.options import (
+    DISTRIBUTED_DP_KEYS,
     NO_DP,
     RESUME,
     SHARED_KEYS,
@@ -58,11 +59,9 @@ TaskName = Annotated[
 
 def _run(options: dict[str, Any]) -> None:
     """Build the RunConfig from the options (named like its fields) and launch the run."""
-    if options["dp"] == "distributed":  # a deployed node masks plain updates only, for now
-        raise ConfigError("--dp distributed runs in simulation only for now (fedmodel simulate)")
     from client.tasks import installed_task
     from fedmodel.protocol import REFUSAL_MARKER
-    from fedmodel.run_directory import SUMMARY_FILE, Scoring
+    from fedmodel.run_directory import SUMMARY_FILE, Scoring, describe_client_level_dp
     from fedmodel.runtime.flwr_run import progress_line
     from server.aggregators import check_aggregator
     from server.enrollment import load_registry
@@ -105,6 +104,12 @@ def _run(options: dict[str, Any]) -> None:
             else "without DP-SGD"
         )
         + (f", client-level DP (noise {config.central_noise:g})" if config.client_dp else "")
+        + (
+            f", distributed DP (each node clips to {config.distributed_clip:g} and adds its "
+            f"share of noise {config.distributed_noise:g}, {config.distributed_bits} bits)"
+            if config.distributed_dp
+            else ""
+        )
         + (", secure aggregation (SecAgg+)" if config.secagg else "")
         + f"; run directory {run_dir}"
     )
@@ -138,6 +143,8 @@ def _run(options: dict[str, Any]) -> None:
             "-" if client.get("delta") is None else f"{client['delta']:g}",
         )
     console.print(table)
+    if summary.client_level_dp:  # --dp client or distributed: whole nodes, this run
+        console.print(describe_client_level_dp(summary.client_level_dp))
     if summary.stopped_early:
         console.print(f"Stopped early: {summary.stopped_early}")
     console.print(f"Summary: {run_dir / SUMMARY_FILE}")
@@ -149,7 +156,14 @@ run_command = command(
     [
         parameter("directory", FederationDir, ...),
         *config_options(
-            (*SHARED_KEYS, "evaluation", "secagg", "secagg_shares", "secagg_threshold")
+            (
+                *SHARED_KEYS,
+                "evaluation",
+                "secagg",
+                "secagg_shares",
+                "secagg_threshold",
+                *DISTRIBUTED_DP_KEYS,
+            )
         ),
         NO_DP,
         RESUME,

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedmodel.cli.options import (
+    DISTRIBUTED_DP_KEYS,
     NO_DP,
     RESUME,
     SHARED_KEYS,
@@ -31,7 +32,7 @@ from fedmodel.run_directory import (
     SUMMARY_FILE,
     RunSummary,
     Scoring,
-    client_level_mechanism,
+    describe_client_level_dp,
     write_json_atomic,
 )
 
@@ -69,10 +70,7 @@ SIMULATION_KEYS = (
     "secagg_shares",
     "secagg_threshold",
     "secagg_dropouts",
-    "distributed_clip",
-    "distributed_noise",
-    "distributed_bits",
-    "distributed_epsilon",
+    *DISTRIBUTED_DP_KEYS,
     "device",
     "gpus_per_client",
 )
@@ -463,12 +461,7 @@ def _print_summary(summary: RunSummary, run_dir: Path, report: Path) -> None:
             f"(target {summary.target_epsilon}, {str(summary.accountant).upper()} accountant)"
         )
     if summary.client_level_dp:
-        central = summary.client_level_dp
-        console.print(
-            f"Client-level epsilon (whole clients, {client_level_mechanism(central)}): "
-            f"{central['epsilon']:.3f} at delta {central['delta']:g} "
-            f"({central['accountant'].upper()} accountant, {len(central['releases'])} releases)"
-        )
+        console.print(describe_client_level_dp(summary.client_level_dp))
     console.print(
         f"Report: {report} (one page: {run_dir / REPORT_HTML_FILE})  "
         f"Summary: {run_dir / SUMMARY_FILE}"

@@ -1,8 +1,10 @@
 """`fedmodel run --secagg` on the shared TLS federation: the coordinator sees masked
 vectors only, the unmasked sum is the survivors' when a node dies mid-round, and a run
-interrupted mid-round resumes with new keys.
+interrupted mid-round resumes with new keys. Last, `fedmodel run --dp distributed`:
+refused by the nodes' default policies, then run on the three shared nodes once their
+owners accept it.
 
-Four nodes each time: the three shared ones and one the test joins itself (site-t,
+Four nodes in the first two: the three shared ones and one the test joins itself (site-t,
 site-s), which it pauses or kills mid-round. Every node keeps its plaintext updates in
 its own directory (client/secagg_app.py `keep_update`), never sent anywhere; the run
 keeps every reply the ServerApp receives (`--record-messages`). The resume test comes
@@ -29,8 +31,11 @@ from flwr.app import ConfigRecord
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
+from client.ledger_guard import DISTRIBUTED_ROUNDS_FILE
 from client.secagg_app import UPDATES_DIR
+from fedmodel.privacy.audit import audit
 from fedmodel.privacy.ledger import PrivacyLedger
+from fedmodel.protocol import REFUSAL_MARKER
 from fedmodel.secagg import quantization_error_bound
 from server.checkpoint import load_checkpoint
 from server.enrollment import load_registry
@@ -299,3 +304,116 @@ def test_secagg_run_shows_the_coordinator_masked_vectors_only_and_survives_a_kil
     )
     print(f"unmasked mean vs survivors' mean: {error:.2e} (bound {bound:.2e})")
     assert error <= bound
+
+
+def set_policy(nodes: Iterable[Path], *options: str) -> None:
+    """`fedmodel client policy` on each node, running: it applies from the next message."""
+    for node in nodes:
+        changed = fedmodel("client", "policy", "--dir", node, *options)
+        assert changed.returncode == 0, changed.stderr
+
+
+def test_distributed_dp_run_is_refused_by_default_and_shows_the_coordinator_noisy_masked_residues(
+    shared_federation: SharedFederation, tmp_path: Path
+) -> None:
+    """`fedmodel run --dp distributed` on the three shared nodes. With their default
+    policies each refuses it at once, and the operator reads why, by node name. Once their
+    owners accept it (`fedmodel client policy --accept-distributed-dp`), each node clips,
+    encodes and noises its update (OS CSPRNG) before SecAgg+ masks it: the coordinator
+    receives residues modulo 2**bits that look uniform and unlike the node's model, the
+    release is in the run's federation ledger and `fedmodel audit` recomputes it, and
+    the nodes score the model it trained. Nodes the earlier tests left enrolled (killed or
+    revoked) are revoked first, so that no round waits for them."""
+    server = shared_federation.server
+    nodes = {name: server.parent / name for name in SHARED_SITES}
+    for name, entry in load_registry(Federation.load(server)).items():
+        if name not in SHARED_SITES and entry["status"] != "revoked":
+            revoked = fedmodel("server", "revoke", name, "--dir", server)
+            assert revoked.returncode == 0, revoked.stderr
+    bits = 18
+    distributed = (
+        "run", "--dir", server, "--dp", "distributed", "--distributed-bits", str(bits),
+        "--distributed-noise", "0.05",
+        "--secagg-shares", "3", "--secagg-threshold", "2", "--min-clients", "3",
+        "--rounds", "1", "--round-timeout", "120", "--batch-size", "32",
+    )  # fmt: skip
+    started = time.monotonic()
+    refused = fedmodel(*distributed, "--output", tmp_path / "refused", timeout=300)
+    print(f"refused run: {time.monotonic() - started:.0f} s")
+    assert refused.returncode != 0
+    for name in SHARED_SITES:  # in one line, by name, with the owner's option
+        lines = [
+            line for line in refused.stdout.splitlines() if f"{REFUSAL_MARKER} {name}:" in line
+        ]
+        assert lines, refused.stdout
+        assert all("has not accepted" in line and "--accept-distributed-dp" in line
+                   for line in lines), lines  # fmt: skip
+
+    run_dir = tmp_path / "distributed"
+    try:
+        set_policy(nodes.values(), "--accept-distributed-dp")
+        for node in nodes.values():
+            (node / UPDATES_DIR).mkdir(exist_ok=True)
+        started = time.monotonic()
+        ran = fedmodel(
+            *distributed, "--record-messages", "--output", run_dir, timeout=400
+        )  # fmt: skip
+        print(f"distributed run, 1 round on 3 nodes: {time.monotonic() - started:.0f} s")
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        updates = {name: kept_update(node) for name, node in nodes.items()}
+    finally:  # the shared nodes go back to their default policy and keep nothing
+        set_policy(nodes.values(), "--refuse-distributed-dp")
+        for node in nodes.values():
+            shutil.rmtree(node / UPDATES_DIR, ignore_errors=True)
+    assert "distributed DP" in ran.stdout
+    assert "Client-level epsilon (whole clients, distributed discrete Gaussian" in ran.stdout
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["completed"] and not summary["stopped_early"]
+    report = json.loads((run_dir / "secagg.json").read_text())
+    assert report["protocol"]["modulus_range"] == 2**bits
+    assert [(r["sampled"], r["survivors"]) for r in report["rounds"]] == [(3, 3)]
+
+    # The coordinator's view: one masked vector per node, residues modulo 2**bits that
+    # look uniform. A node's unmasked residues (its small noisy integers) would lie within
+    # a quarter of the modulus of 0 nearly everywhere; a uniform vector, half the time
+    # (1,024 coordinates: within 0.1 of it at 6 standard errors).
+    ids = node_ids(server, SHARED_SITES)
+    vectors = masked_vectors(run_dir)
+    assert set(vectors) == set(ids.values())
+    pooled_masked, pooled_update = [], []
+    for name, node in ids.items():
+        masked = vectors[node]
+        update = np.concatenate([a.ravel() for a in updates[name]])
+        assert masked.dtype.kind in "iu" and masked.size >= update.size
+        assert masked.min() >= 0 and masked.max() < 2**bits
+        near_zero = float(np.mean(np.minimum(masked, 2**bits - masked) < 2**bits / 4))
+        print(f"{name}: {near_zero:.3f} of its masked residues within 2**bits/4 of 0")
+        assert abs(near_zero - 0.5) < 0.1, name
+        pooled_masked.append(masked[: update.size].astype(np.float64))
+        pooled_update.append(update.astype(np.float64))
+    r = float(np.corrcoef(np.concatenate(pooled_masked), np.concatenate(pooled_update))[0, 1])
+    print(f"masked residues vs the nodes' trained weights: r = {r:.4f}")
+    assert abs(r) < 0.05
+
+    # The release is in the run's federation ledger; the audit recomputes it on its own
+    audited = fedmodel("audit", run_dir, timeout=120)
+    assert audited.returncode == 0, audited.stdout + audited.stderr
+    assert "Distributed DP (client-level, against the coordinator): 1 releases" in audited.stdout
+    found = audit(run_dir)
+    assert found.ok and found.distributed is not None and found.distributed.releases == 1
+    recorded = found.distributed.recorded_epsilon
+    assert found.distributed.recomputed_epsilon == pytest.approx(recorded, rel=0.005)
+    assert summary["client_level_dp"]["epsilon"] == pytest.approx(recorded)
+    print(f"client-level epsilon {recorded:.3f} recorded and recomputed")
+    run_uid = json.loads((run_dir / "config.json").read_text())["run-uid"]
+    for node in nodes.values():  # no DP-SGD on the nodes: their owner ledgers hold nothing,
+        path = node / "privacy-ledger.sqlite"  # but each noted the round for its replay rule
+        spent = PrivacyLedger(path).entries() if path.is_file() else []
+        assert not [entry for entry in spent if entry.run_id == run_uid]
+        noted = (node / DISTRIBUTED_ROUNDS_FILE).read_text().splitlines()
+        assert [json.loads(line) for line in noted].count([run_uid, 1]) == 1
+
+    auroc = summary["per_round"][-1]["auroc"]  # the nodes' scores on their hold-outs
+    print(f"AUROC on the nodes' hold-outs: {summary['initial']['auroc']:.3f} -> {auroc:.3f}")
+    assert 0 < auroc < 1 and auroc > summary["initial"]["auroc"]  # noise 0.05: it trains
