@@ -218,13 +218,14 @@ class SecureFedAvg(LegacyFedAvg):
 class ShiftedLegacyRounds(LegacyStrategy):
     """Presents round k of Flower's `DefaultWorkflow` (which counts from 1) to `inner` as
     round `offset + k`: a resumed run's rounds keep their numbers, which the nodes'
-    ledgers and replay rule key on. Round 0, the initial model, was evaluated and
-    checkpointed before the run stopped, so a resumed run does not evaluate it again.
+    ledgers and replay rule key on. A resumed run (`resumed`) does not evaluate again the
+    model it starts from: that was evaluated and checkpointed before the run stopped.
     """
 
-    def __init__(self, inner: SecureFedAvg, offset: int) -> None:
+    def __init__(self, inner: SecureFedAvg, offset: int, resumed: bool) -> None:
         self.inner = inner
         self.offset = offset
+        self.resumed = resumed
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return self.inner.initialize_parameters(client_manager)
@@ -258,7 +259,7 @@ class ShiftedLegacyRounds(LegacyStrategy):
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
-        if self.offset and server_round == 0:
+        if self.resumed and server_round == 0:
             return None
         return self.inner.evaluate(server_round + self.offset, parameters)
 
@@ -361,7 +362,7 @@ def run_secagg(
     server_config = ServerConfig(
         num_rounds=config.rounds - offset, round_timeout=config.round_timeout
     )
-    shifted = ShiftedLegacyRounds(strategy, offset)
+    shifted = ShiftedLegacyRounds(strategy, offset, resumed=resume is not None)
     legacy = LegacyContext(context, config=server_config, strategy=shifted)
     DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
 
