@@ -16,7 +16,7 @@ import dataclasses
 from typing import Any
 
 import numpy as np
-from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 
@@ -35,7 +35,7 @@ from fedmodel.privacy.distributed_accounting import DistributedRelease
 from fedmodel.privacy.distributed_dp import DistributedDpParameters, decode
 from fedmodel.privacy.distributed_ledger import DistributedBudgetStop, DistributedLedger
 from server.run_record import RunRecorder
-from server.secagg import SecureFedAvg
+from server.secagg import FitFailures, FitReplies, SecureFedAvg
 from server.strategy import FederationStopped
 
 
@@ -71,10 +71,7 @@ class DistributedDpFedAvg(SecureFedAvg):
         return instructions
 
     def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+        self, server_round: int, results: FitReplies, failures: FitFailures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Record the release (the sum is unmasked already), then apply its mean update."""
         epsilon = None

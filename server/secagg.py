@@ -62,6 +62,11 @@ from server.run_record import RunRecorder
 from server.strategy import FederationStopped, Members
 
 REPORT_FILE = "secagg.json"
+# What Flower's legacy workflows hand a strategy after a stage: replies, and failures
+FitReplies = list[tuple[ClientProxy, FitRes]]
+FitFailures = list[tuple[ClientProxy, FitRes] | BaseException]
+EvaluateReplies = list[tuple[ClientProxy, EvaluateRes]]
+EvaluateFailures = list[tuple[ClientProxy, EvaluateRes] | BaseException]
 # (run, recorder, protocol to update with the workflow's ranges, model size, FedAvg's
 # arguments) -> the strategy: how a mechanism under SecAgg+ replaces SecureFedAvg
 SecureStrategyBuilder = Callable[
@@ -107,10 +112,7 @@ class SecureFedAvg(LegacyFedAvg):
         return instructions
 
     def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+        self, server_round: int, results: FitReplies, failures: FitFailures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Record the survivors' metrics and pass on the unmasked mean, the only update."""
         parameter_sets = {tuple(fitres.parameters.tensors) for _, fitres in results}
@@ -166,10 +168,7 @@ class SecureFedAvg(LegacyFedAvg):
         return [(proxy, ins) for proxy, ins in sampled if proxy.cid in self._survivors]
 
     def aggregate_evaluate(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, EvaluateRes]],
-        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+        self, server_round: int, results: EvaluateReplies, failures: EvaluateFailures
     ) -> tuple[float | None, dict[str, Scalar]]:
         """The nodes' scores of the last model, validated and capped (never Flower's mean,
         which weighs nodes by their own counts)."""
@@ -236,10 +235,7 @@ class ShiftedLegacyRounds(LegacyStrategy):
         return self.inner.configure_fit(server_round + self.offset, parameters, client_manager)
 
     def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+        self, server_round: int, results: FitReplies, failures: FitFailures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         return self.inner.aggregate_fit(server_round + self.offset, results, failures)
 
@@ -249,10 +245,7 @@ class ShiftedLegacyRounds(LegacyStrategy):
         return self.inner.configure_evaluate(server_round + self.offset, parameters, client_manager)
 
     def aggregate_evaluate(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, EvaluateRes]],
-        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+        self, server_round: int, results: EvaluateReplies, failures: EvaluateFailures
     ) -> tuple[float | None, dict[str, Scalar]]:
         return self.inner.aggregate_evaluate(server_round + self.offset, results, failures)
 
