@@ -269,10 +269,13 @@ def test_the_compare_page_puts_runs_side_by_side_and_plots_epsilon_against_auroc
     save_screenshot(browser, "console-compare")
 
 
-def deployed_copy(run_dir: Path, target: Path, withheld: str) -> Path:
+def deployed_copy(
+    run_dir: Path, target: Path, withheld: str, refused: dict[int, list[str]]
+) -> Path:
     """`run_dir` as `fedmodel run` would have left it on NODES: no ledger (each stays on
-    its node), the clients named by node as server/deployment.py names them, and the
-    budget of node `withheld` not released."""
+    its node), the clients named by node as server/deployment.py names them, the budget
+    of node `withheld` not released, and the rounds `refused` (client number -> the
+    reason its node gave, per round) recorded as the coordinator records a refusal."""
     shutil.copytree(
         run_dir, target, ignore=shutil.ignore_patterns("engine", "checkpoints", "ledgers")
     )
@@ -285,6 +288,11 @@ def deployed_copy(run_dir: Path, target: Path, withheld: str) -> Path:
         }
         if client["node"] == withheld:
             client["budget"] = None
+    summary["dropouts"] = [
+        {"round": number, "node_id": 1000 + client, "client": str(client), "reason": reason}
+        for client, reasons in refused.items()
+        for number, reason in enumerate(reasons, start=1)
+    ]
     (target / "summary.json").write_text(json.dumps(summary))
     (target / "nodes.json").write_text(json.dumps({name: n for n, name in enumerate(NODES)}))
     return target
@@ -299,8 +307,15 @@ def test_a_deployed_runs_privacy_shows_each_nodes_released_budget_and_the_federa
     it; the Federation page each enrolled node's latest release over runs/. The releases
     are the simulation's clients' own (real Opacus): they must agree with their ledgers."""
     owners = {o.owner: o for ledger in audit(finished_run).ledgers for o in ledger.owners}
-    older = deployed_copy(finished_run, federation / "runs" / "older", withheld="hospital-a")
-    deployed_copy(finished_run, federation / "runs" / "newer", withheld="hospital-c")
+    epochs = "the run asks for 6 local epochs; the owner allows at most 5"
+    dp_off = "the run asks for DP mode 'off', but the owner requires DP-SGD"
+    older = deployed_copy(
+        finished_run, federation / "runs" / "older", "hospital-a", refused={1: [epochs]}
+    )
+    deployed_copy(
+        finished_run, federation / "runs" / "newer", "hospital-c",
+        refused={1: [epochs, epochs], 2: [dp_off]},
+    )  # fmt: skip
     started = (older / "config.json").stat().st_mtime - 60  # the order runs are listed in
     os.utime(older / "config.json", (started, started))
 
@@ -330,6 +345,11 @@ def test_a_deployed_runs_privacy_shows_each_nodes_released_budget_and_the_federa
         ["hospital-b", *released("client-1"), "newer", "2"],
         ["hospital-c", *released("client-2"), "older", "2"],  # withheld in the newer run
         [REVOKED, "no deployed run under runs/ yet", "-", "-"],
+    ]
+    # the rounds nodes refused over both runs, by node and reason, most frequent first
+    assert table_rows(page, "node-refusals") == [
+        ["hospital-b", epochs, "3", "older newer"],
+        ["hospital-c", dp_off, "1", "newer"],
     ]
 
 

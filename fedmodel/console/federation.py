@@ -4,8 +4,9 @@ Through the same functions `fedmodel server nodes`, `server audit` and `server r
 use (server/enrollment.py), so the console shows and does exactly what the CLI does:
 live status from Flower's registry, the audit log checked (chain, MACs, head) before a
 line of it is shown, refusals read from the SuperLink's log first. Each node's privacy
-budget is what it last released in a run under the federation's runs/ (summary.json):
-the owners' ledgers stay on their nodes.
+budget is what it last released in a run under the federation's runs/ (summary.json),
+and the rounds it refused there are counted by reason: the owners' ledgers and logs stay
+on their nodes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmodel.console.privacy import ReleasedBudgetRow, latest_released
-from fedmodel.console.runs import RunsRoot, RunView
+from fedmodel.console.runs import REFUSED_BY_NODE, RunsRoot, RunView
 from fedmodel.errors import FedModelError
 from server.enrollment import (
     NOT_ENROLLED,
@@ -47,6 +48,7 @@ class FederationView:
     log_problem: str | None  # the verification failure, highlighted; None when verified
     refusals: dict[str, int]  # refused connections by reason, counted
     budgets: list[ReleasedBudgetRow]  # per enrolled node, as it last released its budget
+    node_refusals: list[NodeRefusals]  # rounds nodes refused in the runs under runs/
 
     @classmethod
     def read(cls, directory: Path) -> FederationView:
@@ -71,10 +73,40 @@ class FederationView:
             if event["event"] == "refused":
                 refusals[str(event.get("reason"))] += int(event.get("count", 1))
         enrolled = [node["name"] for node in nodes if node["name"] != NOT_ENROLLED]
-        budgets = latest_released(_readable_runs(RunsRoot(directory)), enrolled)
+        runs = _readable_runs(RunsRoot(directory))
         return cls(
-            directory, nodes, nodes_unavailable, events, head, problem, dict(refusals), budgets
-        )
+            directory, nodes, nodes_unavailable, events, head, problem, dict(refusals),
+            latest_released(runs, enrolled), node_refusals(runs),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class NodeRefusals:
+    """How many rounds `node` refused for `reason` (its owner's policy or budget), in which
+    runs: what each run's summary.json recorded of the node's reply."""
+
+    node: str
+    reason: str
+    rounds: int
+    runs: tuple[str, ...]
+
+
+def node_refusals(runs: list[RunView]) -> list[NodeRefusals]:
+    """The rounds refused in `runs`, by node and reason, most frequent first."""
+    rounds: Counter[tuple[str, str]] = Counter()
+    seen_in: dict[tuple[str, str], list[str]] = {}
+    for run in runs:
+        for refusal in run.refusals():
+            if refusal["what"] != REFUSED_BY_NODE:
+                continue
+            key = (str(refusal["client"]), str(refusal["reason"]))
+            rounds[key] += 1
+            if run.name not in seen_in.setdefault(key, []):
+                seen_in[key].append(run.name)
+    return [
+        NodeRefusals(node, reason, count, tuple(seen_in[node, reason]))
+        for (node, reason), count in sorted(rounds.items(), key=lambda item: (-item[1], item[0]))
+    ]
 
 
 def _readable_runs(root: RunsRoot) -> list[RunView]:

@@ -41,6 +41,9 @@ def is_run_directory(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() or (path / SUMMARY_FILE).is_file()
 
 
+REFUSED_BY_NODE = "refused by its node"  # a round its owner's policy or budget refused
+
+
 @dataclass(frozen=True)
 class RunsRoot:
     """The runs under the console's PATH: PATH itself when it is a run directory, else
@@ -213,7 +216,7 @@ class RunView:
         rejected (malformed, non-finite, too large), each with its round and reason."""
         if self.summary is None:
             return []
-        kinds = (("refused by its node", self.summary.dropouts),
+        kinds = ((REFUSED_BY_NODE, self.summary.dropouts),
                  ("rejected by the coordinator", self.summary.rejected_updates))  # fmt: skip
         return [
             {
