@@ -110,7 +110,7 @@ def _encode_update(
     parameters = distributed_parameters(config, update.size)
     partition_id = int(str(context.node_config.get(PARTITION_ID_KEY, -1)))
     server_round = int(instructions.config[SERVER_ROUND_KEY])
-    generator = dp_numpy_generator(_simulation_seed(config, context, partition_id, server_round))
+    generator = dp_numpy_generator(noise_seed(config, context, partition_id, server_round))
     rotation_seed = int(instructions.config[ROTATION_SEED_KEY])
     residues = encode(update, parameters, rotation_seed, generator)
     encoded.append((partition_id, server_round, update, residues))
@@ -120,7 +120,7 @@ def _encode_update(
     return Message(compat.fitres_to_recorddict(result, keep_input=True), reply_to=msg)
 
 
-def _simulation_seed(
+def noise_seed(
     config: RunConfig, context: Context, partition_id: int, server_round: int
 ) -> int | None:
     """A simulated client's rounding and noise seed (reproducible, apart from DP-SGD's);

@@ -158,6 +158,8 @@ def test_a_foreign_app_never_runs_on_the_node(coordinator: Coordinator) -> None:
 # What a hostile coordinator asks for, and the reason the node gives for refusing it
 BEYOND_POLICY = [
     ({"dp": "off"}, "asks for DP mode 'off', but the owner requires DP-SGD"),
+    # client-level noise instead of DP-SGD: the owner never accepted it
+    ({"dp": "distributed"}, "asks for distributed DP (no DP-SGD"),
     ({"delta": 0.5}, "delta 0.5 is above the owner's delta 1e-05"),
     ({"epsilon": 50.0}, "plans epsilon 50, above the owner's whole budget 3"),
     ({"local-epochs": 6}, "asks for 6 local epochs; the owner allows at most 5"),
