@@ -14,8 +14,10 @@ $(BIN)/python:
 	# torch first, pinned: the CPU build on this machine's disk (anything else downloads GBs)
 	$(BIN)/pip install --quiet torch==2.13.0
 
+# uv installs the same packages as pip would (pip freeze identical), in seconds, not minutes
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet "uv>=0.9,<1"
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e ".[test]"
 	touch $(STAMP)
 
 demo: $(STAMP)
