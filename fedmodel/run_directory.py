@@ -192,6 +192,12 @@ class RunSummary:
     heterogeneity: JsonObject | None = None
     baselines: JsonObject | None = None
 
+    @property
+    def scored_on(self) -> str:
+        """What `final` and `per_round` were scored on: "validation" rows held out of the
+        clients' training rows (`--validation-fraction`, a sweep's stage 1) or the "test" set."""
+        return "validation" if self.config.get("validation_fraction", 0) > 0 else "test"
+
     def to_json(self) -> JsonObject:
         """The JSON object on disk; the harness's blocks only where the harness wrote them."""
         return {

@@ -23,10 +23,7 @@ PRIVACY_NOTE = (
     "round it trained in. The history is the exact (noise multiplier, sample rate, "
     "steps) Opacus used, so anyone can recompute epsilon from it."
 )
-BASELINE_NOTE = (
-    "The same model trained with the same learning rate, batch size and passes over the "
-    "data, scored on the same test set."
-)
+
 CLIENT_LEVEL_COLUMNS = (
     "round",
     "noise multiplier",
@@ -218,7 +215,7 @@ def write_report(run_dir: Path, summary: RunSummary) -> Path:
         "",
         run_description(summary),
         "",
-        f"**Final test {headline}**, {', '.join(others)}.",
+        f"**Final {summary.scored_on} {headline}**, {', '.join(others)}.",
         "",
         *(f"{sentence}\n" for sentence in federation_sentences(summary)),
         *_baseline_lines(summary),
@@ -332,10 +329,23 @@ def federation_sentences(summary: RunSummary) -> list[str]:
         achievable = federation["achievable_auroc"]
         share = (auroc - 0.5) / (achievable - 0.5)
         lines.append(
-            f"The ground-truth risk model reaches AUROC {achievable:.4f} on the test set; the "
+            f"The ground-truth risk model reaches AUROC {achievable:.4f} on the "
+            f"{_rows_scored(summary)}; the "
             f"federated model achieved {share:.1%} of that gain over chance."
         )
     return lines
+
+
+def baseline_note(summary: RunSummary) -> str:
+    """How the baselines compare: same training settings, same rows scored."""
+    return (
+        "The same model trained with the same learning rate, batch size and passes over the "
+        f"data, scored on the same {_rows_scored(summary)}."
+    )
+
+
+def _rows_scored(summary: RunSummary) -> str:
+    return "test set" if summary.scored_on == "test" else "validation rows"
 
 
 def _baseline_lines(summary: RunSummary) -> list[str]:
@@ -344,7 +354,7 @@ def _baseline_lines(summary: RunSummary) -> list[str]:
     lines = [
         "## Baselines",
         "",
-        BASELINE_NOTE,
+        baseline_note(summary),
         "",
         *_table(baseline_columns(summary.scoring), baseline_rows(summary)),
     ]

@@ -49,7 +49,7 @@ def write_html_report(run_dir: Path, summary: RunSummary) -> Path:
     if summary.baselines:
         body += [
             "<h2>Baselines</h2>",
-            _paragraph(report.BASELINE_NOTE),
+            _paragraph(report.baseline_note(summary)),
             _table(report.baseline_columns(summary.scoring), report.baseline_rows(summary)),
             _paragraph(report.baseline_verdict(summary)),
         ]
@@ -93,7 +93,8 @@ def _plots(run_dir: Path) -> list[str]:
 def _headline(summary: RunSummary) -> str:
     headline, *others = summary.scoring.described(summary.final_metrics)
     rest = "".join(f", {escape(score)}" for score in others)
-    return f'<p class="headline"><strong>Final test {escape(headline)}</strong>{rest}.</p>'
+    title = f"Final {summary.scored_on} {headline}"
+    return f'<p class="headline"><strong>{escape(title)}</strong>{rest}.</p>'
 
 
 def _paragraph(text: str) -> str:

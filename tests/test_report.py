@@ -149,3 +149,19 @@ def test_the_natural_sites_sentence_reads_right_whether_or_not_a_site_sat_out() 
     assert (
         "; 1 of them has fewer than 20 training rows, too few" in federation_sentences(one_out)[0]
     )
+
+
+def test_a_run_scored_on_validation_rows_never_calls_its_scores_test_scores(
+    tmp_path: Path,
+) -> None:
+    """A sweep's stage-1 run (`--validation-fraction`) is scored on held-out training rows:
+    its reports say so, in the headline and the baselines' note alike."""
+    summary = replace(regression_summary(REGRESSION), config={"validation_fraction": 0.2})
+    (tmp_path / "md").mkdir()
+    markdown = write_report(tmp_path / "md", summary).read_text()
+    html = write_html_report(tmp_path / "md", summary).read_text()
+    for report in (markdown, html):
+        assert "Final validation R2" in report and "scored on the same validation rows" in report
+        assert "Final test" not in report and "test set" not in report
+    plain = write_report(tmp_path, regression_summary(REGRESSION)).read_text()
+    assert "scored on the same test set" in plain

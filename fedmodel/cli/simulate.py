@@ -431,7 +431,7 @@ def _print_summary(summary: RunSummary, run_dir: Path, report: Path) -> None:
 
     headline, *others = summary.scoring.described(summary.final_metrics)
     console.print(
-        f"\n[bold]Final test {headline}[/bold]  {'  '.join(others)}  "
+        f"\n[bold]Final {summary.scored_on} {headline}[/bold]  {'  '.join(others)}  "
         f"after {_count(summary.rounds, 'round')}",
         soft_wrap=True,
     )
