@@ -39,6 +39,9 @@ from fedmodel.privacy.budget import (
     new_segments,
 )
 from fedmodel.privacy.calibration import calibrate_noise_multiplier
+from fedmodel.privacy.distributed_accounting import DistributedRelease, owner_segment
+from fedmodel.privacy.distributed_dp import DistributedDpParameters
+from fedmodel.privacy.distributed_ledger import owner_release_json
 from fedmodel.privacy.ledger import NODE_BUDGET, PrivacyLedger, dataset_fingerprint
 from fedmodel.privacy.signing import LedgerSigner
 from fedmodel.protocol import (
@@ -50,6 +53,7 @@ from fedmodel.protocol import (
     EVALUATION_PREFIX,
     LEDGER_PATH_KEY,
     METRICS_KEY,
+    NOISE_SHARES_KEY,
     NUM_EXAMPLES_KEY,
     PARTITION_ID_KEY,
     SERVER_ROUND_KEY,
@@ -219,6 +223,33 @@ def _train_private(
         (used,) = new_segments(before, result.history)
         ledger.commit(pending, used, epsilon_of(result.history, budget.delta))
     return result, budget
+
+
+def charge_distributed_round(
+    config: RunConfig, context: Context, parameters: DistributedDpParameters, server_round: int
+) -> float:
+    """Charge a deployed owner's budget for one distributed-DP round, before its noisy
+    update leaves the node; returns the owner's epsilon after it.
+
+    The charge counts only the noise shares the owner's policy trusts (node config
+    `distributed-noise-shares`, set from it by the executor), never the coordinator's
+    cohort (fedmodel.privacy.distributed_accounting.owner_segment), so a coordinator
+    asking for round after round stops at the owner's budget as DP-SGD rounds do. Raises
+    BudgetExhausted, writing nothing, when the round would overspend.
+    """
+    shares = int(str(context.node_config.get(NOISE_SHARES_KEY, 1)))
+    planned = owner_segment(parameters, shares)
+    budget = owner_budget(config, context)
+    run_id = ledger_run_id(config, context.run_id)
+    release = owner_release_json(DistributedRelease(server_round, parameters, shares))
+    with PrivacyLedger(ledger_path(config, context), ledger_signer(context)) as ledger:
+        pending, before = ledger.write_ahead(
+            NODE_BUDGET, run_id, server_round, planned, parameters.clip_norm,
+            budget.delta, budget.epsilon, budget.projector(planned), release,
+        )  # fmt: skip
+        epsilon = epsilon_of([*before, planned], budget.delta)
+        ledger.commit(pending, planned, epsilon)
+    return epsilon
 
 
 def ledger_path(config: RunConfig, context: Context) -> Path:

@@ -18,7 +18,9 @@ The mechanism's parameters come from the client's own run config
 (fedmodel.distributed_secagg), only the public rotation seed from the coordinator.
 Rounding and noise draw from a seed per client and round in simulation (reproducible),
 from a generator seeded with 128 bits of the OS CSPRNG on a deployed node
-(fedmodel.sampling.dp_numpy_generator), every round.
+(fedmodel.sampling.dp_numpy_generator), every round. A deployed node charges its owner's
+budget for the round before encoding (client.app.charge_distributed_round) and refuses
+the round, as DP-SGD rounds are refused, when the budget cannot pay.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from typing import cast
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
@@ -44,7 +46,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from client.app import round_seed
+from client.app import charge_distributed_round, round_seed
 from fedmodel.config import RunConfig
 from fedmodel.distributed_secagg import (
     ROTATION_SEED_KEY,
@@ -53,6 +55,7 @@ from fedmodel.distributed_secagg import (
     distributed_parameters,
     flatten,
 )
+from fedmodel.privacy.budget import BUDGET_EXHAUSTED_CODE, BudgetExhausted
 from fedmodel.privacy.distributed_dp import encode
 from fedmodel.protocol import PARTITION_ID_KEY, SERVER_ROUND_KEY
 from fedmodel.sampling import dp_numpy_generator
@@ -110,6 +113,11 @@ def _encode_update(
     parameters = distributed_parameters(config, update.size)
     partition_id = int(str(context.node_config.get(PARTITION_ID_KEY, -1)))
     server_round = int(instructions.config[SERVER_ROUND_KEY])
+    if PARTITION_ID_KEY not in context.node_config:  # a deployed owner's budget pays first
+        try:
+            charge_distributed_round(config, context, parameters, server_round)
+        except BudgetExhausted as refusal:
+            return Message(error=Error(BUDGET_EXHAUSTED_CODE, str(refusal)), reply_to=msg)
     generator = dp_numpy_generator(noise_seed(config, context, partition_id, server_round))
     rotation_seed = int(instructions.config[ROTATION_SEED_KEY])
     residues = encode(update, parameters, rotation_seed, generator)

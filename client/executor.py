@@ -63,7 +63,6 @@ from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 from client.ledger_guard import (
     check_ledger,
     ledger_run_id,
-    record_distributed_round,
     record_head,
     replay_refusal,
 )
@@ -77,6 +76,7 @@ from fedmodel.protocol import (
     CONFIG_KEY,
     EVALUATION_PREFIX,
     METRICS_KEY,
+    NOISE_SHARES_KEY,
     NUM_EXAMPLES_KEY,
     POLICY_REFUSED_CODE,
     SERVER_ROUND_KEY,
@@ -193,6 +193,7 @@ class NodeExecutor:
                 return _refusal(message, refusal), refusal
         context.node_config["budget-epsilon"] = policy.budget_epsilon
         context.node_config["budget-delta"] = policy.budget_delta
+        context.node_config[NOISE_SHARES_KEY] = policy.distributed_noise_shares
         try:
             reply = self._app(config)(message, context)
         except Exception as error:  # the coordinator learns that it failed, not why
@@ -201,8 +202,6 @@ class NodeExecutor:
             return Message(failed, reply_to=message), None
         finally:
             record_head(self.directory)  # whatever the round wrote to the ledger
-        if server_round is not None and config.distributed_dp and not reply.has_error():
-            record_distributed_round(self.directory, run_id, server_round)  # before it leaves
         return released(policy, reply), None
 
     def _app(self, config: RunConfig) -> ClientApp:

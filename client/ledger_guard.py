@@ -9,14 +9,12 @@ is fine (the node stopped between a round and the head's update).
 
 The ledger also names every (run, round) the node trained: a second train request for
 one of them - a coordinator replaying a round to average away the noise - is refused.
-A round trained under distributed DP writes no ledger entry (no DP-SGD), so the node
-notes it in NODE/distributed-rounds.jsonl, which the same rule reads.
+A distributed-DP round is in it too: the owner's budget pays for it before its noisy
+update leaves (client.app.charge_distributed_round).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from client.policy import OwnerPolicy, PolicyError, load_policy, save_policy
@@ -25,7 +23,6 @@ from fedmodel.privacy.ledger import PrivacyLedger
 from fedmodel.privacy.ledger_chain import verify_chain
 
 LEDGER_FILE = "privacy-ledger.sqlite"
-DISTRIBUTED_ROUNDS_FILE = "distributed-rounds.jsonl"  # (run, round) pairs, one a line
 REPLAYED_ROUND = "replayed-round"
 
 
@@ -82,31 +79,9 @@ def replay_refusal(directory: Path, run_id: str, server_round: int) -> str | Non
     """Why a train request for (run, round) is refused when the node already trained it."""
     path = ledger_path(directory)
     seq = PrivacyLedger(path).trained_round(run_id, server_round) if path.is_file() else None
-    if seq is not None:
-        where = f"ledger entry #{seq}"
-    elif [run_id, server_round] in _distributed_rounds(directory):
-        where = DISTRIBUTED_ROUNDS_FILE
-    else:
+    if seq is None:
         return None
     return (
         f"{REPLAYED_ROUND}: round {server_round} of run {run_id} was already trained on "
-        f"this node ({where}); each round is trained once"
+        f"this node (ledger entry #{seq}); each round is trained once"
     )
-
-
-def record_distributed_round(directory: Path, run_id: str, server_round: int) -> None:
-    """Note (run, round) as trained under distributed DP, before its reply leaves the node:
-    two noisy sums of one update would average the node's noise down."""
-    path = directory / DISTRIBUTED_ROUNDS_FILE
-    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(handle, (json.dumps([run_id, server_round]) + "\n").encode())
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-def _distributed_rounds(directory: Path) -> list[list[str | int]]:
-    path = directory / DISTRIBUTED_ROUNDS_FILE
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return [json.loads(line) for line in lines if line]

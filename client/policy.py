@@ -8,7 +8,9 @@ and kept in NODE/policy.json (0600), decides which requests the node serves:
   update under SecAgg+) is refused unless the owner accepted it
   (`--accept-distributed-dp`), with a noise multiplier of at least the owner's
   (`--min-distributed-noise`); an owner may require it (`--require-distributed-dp`),
-  and the node then serves no other mode;
+  and the node then serves no other mode. Each distributed round is charged to the
+  owner's budget as if only `--distributed-noise-shares` clients' noise (default 1:
+  this node's own) protected the sum, whatever cohort the coordinator claims;
 - secure aggregation (SecAgg+) is required if the owner asked for it (`--require-secagg`):
   the coordinator then sees only the sum of the nodes' updates, never this node's;
 - the owner's budget epsilon, at the owner's delta, caps everything ever spent on the
@@ -61,6 +63,8 @@ class OwnerPolicy:
     accept_distributed_dp: bool = False
     require_distributed_dp: bool = False  # implies accepting it
     min_distributed_noise: float = 0.0  # the least --distributed-noise served
+    # the clients' noise (this node's included) the ledger counts on in each distributed sum
+    distributed_noise_shares: int = 1
     max_local_epochs: int = 5
     max_rounds: int = 100
     release_statistics: bool = True  # query round: column sums (not DP-protected)
@@ -81,6 +85,9 @@ class OwnerPolicy:
             "budget delta must be between 0 and 1 (--budget-delta)": 0 < self.budget_delta < 1,
             "min distributed noise must be 0 or a positive number (--min-distributed-noise)": (
                 math.isfinite(self.min_distributed_noise) and self.min_distributed_noise >= 0
+            ),
+            "distributed noise shares must be at least 1 (--distributed-noise-shares)": (
+                self.distributed_noise_shares >= 1
             ),
             "max local epochs must be at least 1 (--max-local-epochs)": self.max_local_epochs >= 1,
             "max rounds must be at least 1 (--max-rounds)": self.max_rounds >= 1,

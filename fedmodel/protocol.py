@@ -44,3 +44,5 @@ DATA_PATH_KEY = "data-path"
 LABEL_KEY = "label"
 NODE_NAME_KEY = "node-name"
 LEDGER_PATH_KEY = "ledger-path"  # the owner's privacy ledger
+# the node's executor sets these from the owner's policy, for each message
+NOISE_SHARES_KEY = "distributed-noise-shares"  # what a distributed round is charged at

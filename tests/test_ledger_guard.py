@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +10,12 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import train_local_model
-from client.ledger_guard import (
-    DISTRIBUTED_ROUNDS_FILE,
-    check_ledger,
-    ledger_path,
-    record_distributed_round,
-    record_head,
-    replay_refusal,
-)
+from client.app import charge_distributed_round, train_local_model
+from client.ledger_guard import check_ledger, ledger_path, record_head, replay_refusal
 from client.policy import OwnerPolicy, PolicyError, content_refusal, load_policy, save_policy
 from fedmodel.config import RunConfig
 from fedmodel.data import TabularData
+from fedmodel.distributed_secagg import distributed_parameters
 from fedmodel.models import build_model
 from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget
 from fedmodel.privacy.ledger import NODE_BUDGET, LedgerError, PrivacyLedger
@@ -96,16 +89,21 @@ def test_a_trained_round_is_not_trained_again(node: Path) -> None:
     assert replay_refusal(node, "run-b", 1) is None
 
 
-def test_a_distributed_round_without_a_ledger_entry_is_not_trained_again(tmp_path: Path) -> None:
-    """Distributed DP trains without DP-SGD, so no ledger holds its rounds; the node's own
-    note of them (0600) must refuse a replay all the same, on a node with no ledger yet."""
-    record_distributed_round(tmp_path, "run-d", 1)
+def test_a_distributed_round_is_not_trained_again(tmp_path: Path) -> None:
+    """Distributed DP trains without DP-SGD, but its owner's ledger pays for each round
+    before the noisy update leaves: the same entry refuses a replay, on a node whose
+    ledger held nothing before."""
+    config = RunConfig(
+        dp="distributed", secagg=True, secagg_shares=3, secagg_threshold=2, clients=3,
+        distributed_noise=4.0, run_uid="run-d",
+    )  # fmt: skip
+    context = deployed_node_context(tmp_path, config, budget_epsilon=100.0)
+    charge_distributed_round(config, context, distributed_parameters(config, 100), 1)
     refusal = replay_refusal(tmp_path, "run-d", 1)
     assert refusal is not None and refusal.startswith("replayed-round: round 1 of run run-d")
-    assert DISTRIBUTED_ROUNDS_FILE in refusal
+    assert "ledger entry #1" in refusal
     assert replay_refusal(tmp_path, "run-d", 2) is None
     assert replay_refusal(tmp_path, "run-e", 1) is None
-    assert stat.S_IMODE((tmp_path / DISTRIBUTED_ROUNDS_FILE).stat().st_mode) == 0o600
 
 
 def test_a_mechanism_larger_than_planned_is_never_committed(tmp_path: Path) -> None:

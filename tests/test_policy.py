@@ -53,6 +53,7 @@ def test_policy_file_is_private_and_round_trips(node: Path) -> None:
         {"budget_epsilon": 0.0},
         {"budget_epsilon": math.inf},
         {"budget_epsilon": 1, "budget_delta": 1},
+        {"budget_epsilon": 1, "distributed_noise_shares": 0},
     ],
 )
 def test_an_invalid_policy_is_a_one_line_error(values: dict[str, float]) -> None:

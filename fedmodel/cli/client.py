@@ -70,6 +70,13 @@ MinDistributedNoise = Annotated[
     float | None,
     _policy_option("Least --distributed-noise a distributed-DP run may ask for (default 0)."),
 ]
+DistributedNoiseShares = Annotated[
+    int | None,
+    _policy_option(
+        "Clients' noise (this node's included) the ledger counts on in each distributed-DP "
+        "sum; it charges each round as if only these protected it (default 1: its own)."
+    ),
+]
 MaxEpochs = Annotated[int | None, _policy_option("Most local epochs per round (default 5).")]
 MaxRounds = Annotated[int | None, _policy_option("Most rounds per run (default 100).")]
 ReleaseStatistics = Annotated[
@@ -92,6 +99,7 @@ POLICY_OPTIONS: dict[str, Any] = {
     "accept_distributed_dp": AcceptDistributedDp,
     "require_distributed_dp": RequireDistributedDp,
     "min_distributed_noise": MinDistributedNoise,
+    "distributed_noise_shares": DistributedNoiseShares,
     "max_local_epochs": MaxEpochs,
     "max_rounds": MaxRounds,
     "release_statistics": ReleaseStatistics,
@@ -129,6 +137,7 @@ def _policy_changes(
     accept_distributed_dp: bool | None,
     require_distributed_dp: bool | None,
     min_distributed_noise: float | None,
+    distributed_noise_shares: int | None,
     max_local_epochs: int | None,
     max_rounds: int | None,
     release_statistics: bool | None,
@@ -144,6 +153,7 @@ def _policy_changes(
         "accept_distributed_dp": accept_distributed_dp,
         "require_distributed_dp": require_distributed_dp,
         "min_distributed_noise": min_distributed_noise,
+        "distributed_noise_shares": distributed_noise_shares,
         "max_local_epochs": max_local_epochs,
         "max_rounds": max_rounds,
         "release_statistics": release_statistics,
@@ -189,7 +199,8 @@ def _distributed_dp_stance(policy: OwnerPolicy) -> str:
     stance = "required" if policy.require_distributed_dp else "accepted"
     if policy.min_distributed_noise > 0:
         stance += f" (noise at least {policy.min_distributed_noise:g})"
-    return stance
+    shares = policy.distributed_noise_shares
+    return stance + f", charged counting {shares} noise share{'s' if shares > 1 else ''}"
 
 
 @client_app.command("init")

@@ -41,6 +41,8 @@ from fedmodel.privacy.distributed_ledger import (
     DISTRIBUTED_FINGERPRINT,
     DistributedAudit,
     audit_distributed,
+    is_owner_release,
+    owner_release_problem,
 )
 from fedmodel.privacy.ledger import LedgerError, PrivacyLedger
 from fedmodel.privacy.ledger_chain import (
@@ -224,6 +226,14 @@ def audit_ledger(
     return result
 
 
+def _mechanism_problem(entry: LedgerEntry) -> str | None:
+    """Why an entry's accounted noise does not follow from the mechanism it records: a
+    distributed round an owner charged, or a client-level release."""
+    if is_owner_release(entry):
+        return owner_release_problem(entry)
+    return mechanism_problem(entry)
+
+
 def audit_owner(
     ledger: str, owner: str, entries: list[LedgerEntry], delta: float | None
 ) -> OwnerAudit:
@@ -245,7 +255,7 @@ def audit_owner(
                 f"entry #{entry.seq} reports epsilon {entry.epsilon:.6g}, but its recorded "
                 f"mechanisms give {recomputed:.6g} ({entry.accountant.upper()})"
             )
-        if (reason := mechanism_problem(entry)) is not None:
+        if (reason := _mechanism_problem(entry)) is not None:
             problems.append(f"entry #{entry.seq} {reason}")
         last_of_run = index + 1 == len(entries) or entries[index + 1].run_id != entry.run_id
         if entry.status == COMMITTED or (entry.status == PENDING and last_of_run):

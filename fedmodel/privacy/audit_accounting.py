@@ -137,8 +137,20 @@ def ddg_epsilon(releases: Sequence[DistributedRelease], delta: float) -> float:
     return max(float(epsilon), 0.0)
 
 
-def _ddg_zcdp(release: DistributedRelease) -> tuple[float, float, float]:
-    """(rho_1, xi, rho_2) of one release: D_a <= min(a rho_1 + xi, a rho_2)."""
+def ddg_owner_multiplier(release: DistributedRelease, orders: Sequence[float]) -> float:
+    """The largest Gaussian noise multiplier (rate 1, one step) whose RDP covers, at each
+    of `orders`, one owner's record-level loss in `release` (`release.clients`: the noise
+    shares it counts on; the shift: up to twice the norm bound): what its ledger may
+    charge at most (fedmodel.privacy.distributed_accounting.owner_segment)."""
+    rho_1, xi, rho_2 = _ddg_zcdp(release, shift_scale=2.0)
+    alphas = np.asarray(orders, dtype=np.float64)
+    rdp = np.minimum(alphas * rho_1 + xi, alphas * rho_2)
+    return float(np.min(np.sqrt(alphas / (2 * rdp))))
+
+
+def _ddg_zcdp(release: DistributedRelease, shift_scale: float = 1.0) -> tuple[float, float, float]:
+    """(rho_1, xi, rho_2) of one release, for a shift up to `shift_scale` times the
+    rounded vector's norm bound: D_a <= min(a rho_1 + xi, a rho_2)."""
     used = release.parameters
     sigma = used.local_stddev / used.granularity  # per client, in integer steps
     dimension = 2 ** math.ceil(math.log2(used.dimension)) if used.dimension > 1 else 1
@@ -151,6 +163,7 @@ def _ddg_zcdp(release: DistributedRelease) -> tuple[float, float, float]:
             + dimension / 4
             + math.sqrt(2 * math.log(1 / used.beta)) * (clip + math.sqrt(dimension) / 2),
         )
+    l2_squared *= shift_scale**2
     l1 = math.sqrt(l2_squared) * min(math.sqrt(dimension), math.sqrt(l2_squared))
     tau = 10 * math.fsum(
         math.exp(-2 * math.pi**2 * sigma**2 * k / (k + 1)) for k in range(1, release.clients)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedmodel.privacy.accountant import Segment
 from fedmodel.privacy.analysis import RDP_ORDERS
 from fedmodel.privacy.distributed_dp import DistributedDpParameters
 
@@ -79,6 +80,32 @@ class DistributedRelease:
             self.clients,
             dimension,
         )
+
+
+def owner_segment(parameters: DistributedDpParameters, noise_shares: int) -> Segment:
+    """What a deployed owner's ledger charges for one distributed round of its data.
+
+    The owner trusts no survivor count from the coordinator: it counts only
+    `noise_shares` clients' noise in the sum (its policy; 1 = its own), each as large as
+    its own. Its budget is per record, like DP-SGD's: two neighbouring datasets may give
+    updates anywhere in the clipping ball, so the shift is up to twice the norm bound.
+    The DDG RDP of that release is charged as the Gaussian mechanism (rate 1, one step)
+    whose RDP is at least as large at every order the accountant uses, so it composes
+    with the owner's DP-SGD rounds in one history and one epsilon.
+    """
+    orders = np.array(RDP_ORDERS)
+    dimension = parameters.padded_dimension
+    shift = 2 * parameters.norm_bound
+    rdp = ddg_rdp(
+        orders,
+        shift,
+        shift * min(math.sqrt(dimension), shift),
+        parameters.integer_stddev,
+        noise_shares,
+        dimension,
+    )
+    multiplier = float(np.sqrt(orders / (2 * rdp)).min())  # a / (2 z^2) >= rdp at every a
+    return (multiplier, 1.0, 1)
 
 
 def distributed_epsilon(releases: Sequence[DistributedRelease], delta: float) -> float:

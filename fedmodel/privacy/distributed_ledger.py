@@ -28,6 +28,7 @@ from pathlib import Path
 
 from fedmodel.errors import FedModelError
 from fedmodel.privacy.accountant import Segment
+from fedmodel.privacy.analysis import RDP_ORDERS
 from fedmodel.privacy.central import FEDERATION_LEDGER
 from fedmodel.privacy.distributed_accounting import DistributedRelease, distributed_epsilon
 from fedmodel.privacy.distributed_dp import DistributedDpParameters
@@ -36,6 +37,8 @@ from fedmodel.privacy.ledger_chain import COMMITTED, PENDING, LedgerEntry
 from fedmodel.run_directory import DISTRIBUTED_MECHANISM
 
 DISTRIBUTED_FINGERPRINT = "client-level-distributed"  # the ledger key of these releases
+OWNER_RELEASE_KIND = "distributed discrete Gaussian, charged per record by its owner"
+OWNER_MULTIPLIER_TOLERANCE = 1e-6  # relative: two implementations of the same bound
 AUDIT_TOLERANCE = 0.005  # relative: the two implementations agree within 0.5% (tests)
 
 
@@ -70,6 +73,50 @@ def release_of(entry: LedgerEntry) -> DistributedRelease:
         raise ValueError(f"mechanism {recorded['kind']!r}")
     parameters = DistributedDpParameters(**recorded["parameters"])
     return DistributedRelease(entry.server_round, parameters, int(recorded["clients"]))
+
+
+def owner_release_json(release: DistributedRelease) -> str:
+    """An owner's ledger entry's `mechanism` for a distributed round (`owner_segment`):
+    the public parameters and the noise shares the owner counts on, for the audit."""
+    return json.dumps(
+        {
+            "kind": OWNER_RELEASE_KIND,
+            "noise_shares": release.clients,
+            "parameters": dataclasses.asdict(release.parameters),
+        },
+        sort_keys=True,
+    )
+
+
+def owner_release_problem(entry: LedgerEntry) -> str | None:
+    """Why an owner's distributed-round entry charges less than its release costs, by the
+    audit's own DDG implementation; None when its noise multiplier is covered."""
+    from fedmodel.privacy.audit_accounting import ddg_owner_multiplier
+
+    recorded = json.loads(entry.mechanism or "")
+    release = DistributedRelease(
+        entry.server_round,
+        DistributedDpParameters(**recorded["parameters"]),
+        int(recorded["noise_shares"]),
+    )
+    allowed = ddg_owner_multiplier(release, RDP_ORDERS)
+    if entry.segment != (entry.noise_multiplier, 1.0, 1) or entry.noise_multiplier > allowed * (
+        1 + OWNER_MULTIPLIER_TOLERANCE
+    ):
+        return (
+            f"charges a distributed round as noise multiplier {entry.noise_multiplier:.6g} at "
+            f"sample rate {entry.sample_rate:g} over {entry.steps} step(s), but its release "
+            f"({release.clients} noise share(s)) allows at most {allowed:.6g} at rate 1, one step"
+        )
+    return None
+
+
+def is_owner_release(entry: LedgerEntry) -> bool:
+    """Whether `entry` is an owner's charge for a distributed round."""
+    if entry.mechanism is None:
+        return False
+    recorded = json.loads(entry.mechanism)
+    return isinstance(recorded, dict) and recorded.get("kind") == OWNER_RELEASE_KIND
 
 
 class DistributedLedger:

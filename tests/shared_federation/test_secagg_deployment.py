@@ -31,10 +31,13 @@ from flwr.app import ConfigRecord
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from client.ledger_guard import DISTRIBUTED_ROUNDS_FILE
 from client.secagg_app import UPDATES_DIR
 from fedmodel.privacy.audit import audit
+from fedmodel.privacy.central import FEDERATION_LEDGER
+from fedmodel.privacy.distributed_accounting import owner_segment
+from fedmodel.privacy.distributed_ledger import DISTRIBUTED_FINGERPRINT, release_of
 from fedmodel.privacy.ledger import PrivacyLedger
+from fedmodel.privacy.ledger_chain import COMMITTED
 from fedmodel.protocol import REFUSAL_MARKER
 from fedmodel.secagg import quantization_error_bound
 from server.checkpoint import load_checkpoint
@@ -321,8 +324,9 @@ def test_distributed_dp_run_is_refused_by_default_and_shows_the_coordinator_nois
     owners accept it (`fedmodel client policy --accept-distributed-dp`), each node clips,
     encodes and noises its update (OS CSPRNG) before SecAgg+ masks it: the coordinator
     receives residues modulo 2**bits that look uniform and unlike the node's model, the
-    release is in the run's federation ledger and `fedmodel audit` recomputes it, and
-    the nodes score the model it trained. Nodes the earlier tests left enrolled (killed or
+    release is in the run's federation ledger and `fedmodel audit` recomputes it, each
+    owner's ledger paid for the round at the noise shares its policy counts on, and the
+    nodes score the model it trained. Nodes the earlier tests left enrolled (killed or
     revoked) are revoked first, so that no round waits for them."""
     server = shared_federation.server
     nodes = {name: server.parent / name for name in SHARED_SITES}
@@ -351,7 +355,12 @@ def test_distributed_dp_run_is_refused_by_default_and_shows_the_coordinator_nois
 
     run_dir = tmp_path / "distributed"
     try:
-        set_policy(nodes.values(), "--accept-distributed-dp")
+        # noise 0.05 lets one round visibly train, and costs each record about a thousand
+        # epsilon counting 3 noise shares: these owners grant it for this run only
+        set_policy(
+            nodes.values(), "--accept-distributed-dp", "--distributed-noise-shares", "3",
+            "--budget-epsilon", "20000",
+        )  # fmt: skip
         for node in nodes.values():
             (node / UPDATES_DIR).mkdir(exist_ok=True)
         started = time.monotonic()
@@ -362,7 +371,10 @@ def test_distributed_dp_run_is_refused_by_default_and_shows_the_coordinator_nois
         assert ran.returncode == 0, ran.stdout + ran.stderr
         updates = {name: kept_update(node) for name, node in nodes.items()}
     finally:  # the shared nodes go back to their default policy and keep nothing
-        set_policy(nodes.values(), "--refuse-distributed-dp")
+        set_policy(
+            nodes.values(), "--refuse-distributed-dp", "--distributed-noise-shares", "1",
+            "--budget-epsilon", str(SHARED_BUDGET),
+        )  # fmt: skip
         for node in nodes.values():
             shutil.rmtree(node / UPDATES_DIR, ignore_errors=True)
     assert "distributed DP" in ran.stdout
@@ -407,12 +419,22 @@ def test_distributed_dp_run_is_refused_by_default_and_shows_the_coordinator_nois
     assert summary["client_level_dp"]["epsilon"] == pytest.approx(recorded)
     print(f"client-level epsilon {recorded:.3f} recorded and recomputed")
     run_uid = json.loads((run_dir / "config.json").read_text())["run-uid"]
-    for node in nodes.values():  # no DP-SGD on the nodes: their owner ledgers hold nothing,
-        path = node / "privacy-ledger.sqlite"  # but each noted the round for its replay rule
-        spent = PrivacyLedger(path).entries() if path.is_file() else []
-        assert not [entry for entry in spent if entry.run_id == run_uid]
-        noted = (node / DISTRIBUTED_ROUNDS_FILE).read_text().splitlines()
-        assert [json.loads(line) for line in noted].count([run_uid, 1]) == 1
+    # Each owner paid for the round before its update left, counting its own policy's 3
+    # noise shares on the mechanism the coordinator recorded; its ledger audits clean.
+    (release,) = [
+        release_of(entry)
+        for entry in PrivacyLedger(run_dir / FEDERATION_LEDGER).entries()
+        if entry.fingerprint == DISTRIBUTED_FINGERPRINT and entry.status == COMMITTED
+    ]
+    charged = owner_segment(release.parameters, 3)
+    for name, node in nodes.items():
+        path = node / "privacy-ledger.sqlite"
+        mine = [entry for entry in PrivacyLedger(path).entries() if entry.run_id == run_uid]
+        assert [(e.server_round, e.status) for e in mine] == [(1, "pending"), (1, COMMITTED)]
+        assert mine[-1].segment == pytest.approx(charged)
+        owner = audit(path)
+        assert owner.ok, owner.all_problems()
+        print(f"{name}: charged epsilon {mine[-1].epsilon:.1f} for the round")
 
     auroc = summary["per_round"][-1]["auroc"]  # the nodes' scores on their hold-outs
     print(f"AUROC on the nodes' hold-outs: {summary['initial']['auroc']:.3f} -> {auroc:.3f}")
