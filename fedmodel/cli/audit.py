@@ -108,7 +108,7 @@ def _print_report(report: Any) -> None:
             owner.owner,
             budget,
             f"{owner.spent_epsilon:.4f}",
-            f"{owner.pld_epsilon:.4f}",
+            _number(owner.pld_epsilon),
             remaining,
             f"{owner.delta:g}",
             rounds,
@@ -127,7 +127,7 @@ def _print_report(report: Any) -> None:
             extra.add_column(column, justify="left" if column == "owner" else "right")
         for owner in at_delta:
             extra.add_row(
-                owner.owner, f"{owner.epsilon_at_delta:.4f}", f"{owner.pld_epsilon_at_delta:.4f}"
+                owner.owner, f"{owner.epsilon_at_delta:.4f}", _number(owner.pld_epsilon_at_delta)
             )
         console.print(extra)
     entries = sum(ledger.entries for ledger in report.ledgers)
@@ -249,3 +249,8 @@ def audit_empirical(
                 f"the {tested} epsilon {result.tested_epsilon:.3f}"
             )
         raise typer.Exit(code=ExitCode.FAILED)
+
+
+def _number(value: float | None) -> str:
+    """A PLD epsilon, or "-" where PLD does not apply (a distributed-DP charge)."""
+    return "-" if value is None else f"{value:.4f}"

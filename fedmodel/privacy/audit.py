@@ -71,7 +71,9 @@ class OwnerAudit:
     `delta` is the owner's (the last entry's: the delta its budget was set at), and
     `spent_epsilon`, `pld_epsilon` and `remaining` are at that delta. An audit asked for
     another delta reports the same spending there too (`at_delta`, `epsilon_at_delta`,
-    `pld_epsilon_at_delta`); the budget is still checked at the owner's delta.
+    `pld_epsilon_at_delta`); the budget is still checked at the owner's delta. The PLD
+    numbers are None for a history holding a distributed-DP charge: PLD is tight for
+    Gaussian mechanisms, and that charge is a Gaussian that covers the release in RDP only.
     """
 
     ledger: str
@@ -80,7 +82,7 @@ class OwnerAudit:
     delta: float
     budget_epsilon: float | None
     spent_epsilon: float
-    pld_epsilon: float
+    pld_epsilon: float | None
     remaining: float | None
     rounds: int
     runs: int
@@ -247,6 +249,7 @@ def audit_owner(
     timeline: list[dict[str, Any]] = []
     spent: Counter[Mechanism] = Counter()
     open_pending: dict[int, Segment] = {}
+    tight = not any(is_owner_release(entry) for entry in entries)  # see OwnerAudit
     for index, entry in enumerate(entries):
         _count_spent(entry, spent, open_pending)
         recomputed = rdp.epsilon(spent, entry.delta)
@@ -263,7 +266,7 @@ def audit_owner(
                 {"seq": entry.seq, "run_id": entry.run_id, "round": entry.server_round,
                  "status": entry.status, "epsilon": recomputed, "pld_epsilon": None}
             )  # fmt: skip
-        if last_of_run:
+        if last_of_run and tight:
             run_pld = pld.epsilon(spent, entry.delta)
             if timeline:
                 timeline[-1]["pld_epsilon"] = run_pld
@@ -288,7 +291,7 @@ def audit_owner(
         delta=last.delta,
         budget_epsilon=budget,
         spent_epsilon=spent_epsilon,
-        pld_epsilon=pld.epsilon(spent, last.delta),
+        pld_epsilon=pld.epsilon(spent, last.delta) if tight else None,
         remaining=None if budget is None else max(budget - spent_epsilon, 0.0),
         rounds=sum(1 for e in entries if e.status == PENDING),
         runs=len({e.run_id for e in entries}),
@@ -298,7 +301,7 @@ def audit_owner(
         problems=problems,
         at_delta=delta,
         epsilon_at_delta=None if delta is None else rdp.epsilon(spent, delta),
-        pld_epsilon_at_delta=None if delta is None else pld.epsilon(spent, delta),
+        pld_epsilon_at_delta=None if delta is None or not tight else pld.epsilon(spent, delta),
     )
 
 
