@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
 import sqlite3
 import struct
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +25,9 @@ from fedmodel.privacy.audit import audit
 from fedmodel.privacy.budget import BudgetExhausted, OwnerBudget
 from fedmodel.privacy.ledger import PrivacyLedger
 from fedmodel.privacy.ledger_chain import spent_history
+from tests.conftest import dp_accounting_epsilon
+from tests.federation import FEDMODEL
 
-BIN = Path(sys.executable).parent
 DELTA = 1e-5
 RUN_A = (1.3, 0.02, 50)  # the mechanism of one round: (noise multiplier, sample rate, steps)
 RUN_B = (1.5, 0.04, 25)
@@ -77,10 +80,11 @@ def poison_rdp_curves(cache: Path, factor: float) -> None:
     accountant._rdp_per_step.cache_clear()  # as a new process reading the file would
 
 
-@pytest.fixture
-def ledgers(tmp_path: Path) -> Path:
-    """Two hospitals; hospital 0 trained in two runs, hospital 1 in one."""
-    directory = tmp_path / "ledgers"
+@pytest.fixture(scope="module")
+def written_ledgers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two hospitals; hospital 0 trained in two runs, hospital 1 in one. Never modified:
+    tests that edit ledgers get a copy (`ledgers`)."""
+    directory = tmp_path_factory.mktemp("written") / "ledgers"
     first = PrivacyLedger(directory / "client-0.sqlite")
     spend(first, "a" * 64, "run-a", 3, RUN_A, budget=5.0)
     spend(first, "a" * 64, "run-b", 2, RUN_B, budget=5.0)
@@ -88,14 +92,48 @@ def ledgers(tmp_path: Path) -> Path:
     return directory
 
 
+@pytest.fixture
+def ledgers(written_ledgers: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the two hospitals' ledgers, free to edit."""
+    return Path(shutil.copytree(written_ledgers, tmp_path / "ledgers"))
+
+
 def audit_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN / "fedmodel"), "audit", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+        [*FEDMODEL, "audit", *args], capture_output=True, text=True, timeout=300, check=False
     )
+
+
+def contents(directory: Path) -> dict[str, str]:
+    """Every file under `directory` (SQLite's -wal and -journal files too) by its SHA-256."""
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+@dataclass(frozen=True)
+class CommandAudit:
+    """`fedmodel audit` on the two hospitals' ledgers: a table with plots, and JSON."""
+
+    before: dict[str, str]
+    after: dict[str, str]
+    table: subprocess.CompletedProcess[str]
+    as_json: subprocess.CompletedProcess[str]
+    plots: Path
+
+
+@pytest.fixture(scope="module")
+def audited_by_command(
+    written_ledgers: Path, tmp_path_factory: pytest.TempPathFactory
+) -> CommandAudit:
+    """Two runs of the command, checked by several tests: each recomputes every epsilon."""
+    plots = tmp_path_factory.mktemp("command") / "plots"
+    before = contents(written_ledgers)
+    table = audit_cli(str(written_ledgers), "--plots", str(plots))
+    as_json = audit_cli(str(written_ledgers), "--json")
+    return CommandAudit(before, contents(written_ledgers), table, as_json, plots)
 
 
 def test_audit_recomputes_every_epsilon_and_agrees_with_the_live_numbers(ledgers: Path) -> None:
@@ -109,6 +147,9 @@ def test_audit_recomputes_every_epsilon_and_agrees_with_the_live_numbers(ledgers
     assert owner.spent_epsilon == pytest.approx(rdp, rel=1e-9)  # the live number
     assert owner.pld_epsilon <= owner.spent_epsilon <= 1.8 * owner.pld_epsilon
     assert owner.pld_epsilon == pytest.approx(prv, rel=0.05)  # two tight accountants
+    assert owner.pld_epsilon == pytest.approx(
+        dp_accounting_epsilon(history, DELTA, pld=True), rel=1e-12
+    )  # dp-accounting's own PLDAccountant
     assert (owner.rounds, owner.runs, owner.uncommitted) == (5, 2, 0)
     assert owner.remaining == pytest.approx(5.0 - rdp)
     assert len(report.plots) == 2
@@ -116,13 +157,12 @@ def test_audit_recomputes_every_epsilon_and_agrees_with_the_live_numbers(ledgers
 
 
 def test_the_audit_command_writes_nothing_into_what_it_audits(
-    ledgers: Path, tmp_path: Path
+    audited_by_command: CommandAudit,
 ) -> None:
-    before = sorted(ledgers.rglob("*"))
-    assert audit_cli(str(ledgers), "--json").returncode == 0
-    assert sorted(ledgers.rglob("*")) == before  # an auditor's read leaves no trace
-    assert audit_cli(str(ledgers), "--plots", str(tmp_path / "plots")).returncode == 0
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+    done = audited_by_command
+    assert done.table.returncode == 0 and done.as_json.returncode == 0, done.table.stderr
+    assert done.after == done.before  # an auditor's read leaves no trace, not even a -wal
+    assert sorted(p.name for p in done.plots.iterdir()) == [
         "epsilon-client-0.png",
         "epsilon-client-1.png",
     ]
@@ -295,12 +335,11 @@ def test_an_under_reported_epsilon_is_flagged_even_with_a_valid_chain(tmp_path: 
 
 
 def test_audit_cli_prints_the_owner_table_and_json_and_its_progress_to_stderr(
-    ledgers: Path,
+    audited_by_command: CommandAudit,
 ) -> None:
-    result = audit_cli(str(ledgers))
+    result, as_json = audited_by_command.table, audited_by_command.as_json
     assert result.returncode == 0, result.stdout + result.stderr
     assert "client-0" in result.stdout and "verified" in result.stdout
-    as_json = audit_cli(str(ledgers), "--json")
     report = json.loads(as_json.stdout)  # progress lines would break the JSON
     progress = [
         re.sub(r"\d+ s elapsed$", "N s elapsed", line) for line in as_json.stderr.splitlines()

@@ -118,6 +118,15 @@ def test_many_rounds_merge_into_one_segment_so_checks_stay_fast(tmp_path: Path) 
     assert epsilon == pytest.approx(dp_accounting_epsilon([(3.0, 0.01, 3_000)], DELTA), rel=0.01)
 
 
+def separate_processes() -> multiprocessing.context.ForkServerContext:
+    """Writers in processes of their own, forked from one server that imported the
+    accounting (Opacus, hence torch) once: spawning imported it in every writer, inside
+    its first write lock."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tests.test_ledger", "opacus.accountants.analysis.rdp"])
+    return context
+
+
 def _writer(path: str, worker: int) -> None:
     ledger = PrivacyLedger(Path(path))
     for server_round in range(1, 11):
@@ -127,12 +136,12 @@ def _writer(path: str, worker: int) -> None:
 def test_concurrent_writers_keep_one_linear_chain(tmp_path: Path) -> None:
     path = tmp_path / "owner.sqlite"
     PrivacyLedger(path)
-    context = multiprocessing.get_context("spawn")
+    context = separate_processes()
     workers = [context.Process(target=_writer, args=(str(path), w)) for w in range(3)]
     for worker in workers:
         worker.start()
     for worker in workers:
-        worker.join(timeout=120)
+        worker.join(timeout=300)  # a loaded machine: the first writer waits for the preload
         assert worker.exitcode == 0
     entries = PrivacyLedger(path).entries()
     assert len(entries) == 3 * 10 * 2
@@ -171,7 +180,7 @@ def test_concurrent_writers_cannot_both_squeeze_into_the_last_round_of_budget(
         spend_round(ledger, "data", "run-race", server_round)
     three, four = (epsilon_of([(1.1, 0.02, 50 * n)], DELTA) for n in (3, 4))
     budget = (three + four) / 2  # one more round fits, a second does not
-    context = multiprocessing.get_context("spawn")
+    context = separate_processes()
     start, outcomes = context.Barrier(RACERS), context.Queue()
     racers = [
         context.Process(target=_racer, args=(str(path), budget, start, outcomes))
