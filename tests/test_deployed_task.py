@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -163,13 +164,37 @@ def install_task_package(
     return target / project / "__init__.py"
 
 
-@pytest.fixture
-def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """The task package installed into tmp_path/site-packages, on sys.path; its module file."""
-    module = install_task_package(
-        tmp_path / "site-packages",
-        {TASK: f"{TASK}:task", "simulation-only": f"{TASK}:simulation_only"},
+@pytest.fixture(scope="module")
+def both_tasks_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package with both tasks as entry points, pip-installed once for the module
+    (pip costs seconds of CPU): its directory, which tests copy (`copied`) and change."""
+    target = tmp_path_factory.mktemp("both") / "site-packages"
+    install_task_package(
+        target, {TASK: f"{TASK}:task", "simulation-only": f"{TASK}:simulation_only"}
     )
+    return target
+
+
+@pytest.fixture(scope="module")
+def task_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package with the deployable task alone, pip-installed once for the module."""
+    target = tmp_path_factory.mktemp("one") / "site-packages"
+    install_task_package(target, {TASK: f"{TASK}:task"})
+    return target
+
+
+def copied(installation: Path, target: Path) -> Path:
+    """A copy at `target` of a pip installation (what pip puts there); its module file."""
+    shutil.copytree(installation, target)
+    return target / TASK / "__init__.py"
+
+
+@pytest.fixture
+def installed(
+    both_tasks_package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """The task package installed into tmp_path/site-packages, on sys.path; its module file."""
+    module = copied(both_tasks_package, tmp_path / "site-packages")
     monkeypatch.syspath_prepend(str(tmp_path / "site-packages"))
     yield module
     sys.modules.pop(TASK, None)  # the next test installs and imports its own copy
@@ -336,8 +361,10 @@ def test_a_regression_evaluation_is_scored_by_its_loss_alone() -> None:
 
 
 @pytest.mark.slow  # five CLI processes
-def test_the_cli_lists_approves_and_names_installed_tasks(tmp_path: Path) -> None:
-    install_task_package(tmp_path / "lib", {TASK: f"{TASK}:task"})
+def test_the_cli_lists_approves_and_names_installed_tasks(
+    task_package: Path, tmp_path: Path
+) -> None:
+    copied(task_package, tmp_path / "lib")
     env = with_install(tmp_path / "lib")
     node = tmp_path / "node"
     assert fedmodel("client", "init", "--dir", node, env=env).returncode == 0
@@ -364,11 +391,11 @@ def test_the_cli_lists_approves_and_names_installed_tasks(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_an_installed_task_trains_on_a_tls_federation_of_the_nodes_that_approved_it(
-    tmp_path: Path,
+    task_package: Path, tmp_path: Path
 ) -> None:
     """Three owners install the task with pip; two approve it. The coordinator, which has
     it installed too, names it: the two train it under DP, the third refuses."""
-    install_task_package(tmp_path / "lib", {TASK: f"{TASK}:task"})
+    copied(task_package, tmp_path / "lib")
     env = with_install(tmp_path / "lib")
     sites = ["clinic-a", "clinic-b", "clinic-c"]
     with federation_workspace(tmp_path) as space:
@@ -417,10 +444,12 @@ def test_an_installed_task_trains_on_a_tls_federation_of_the_nodes_that_approved
 
 
 @pytest.mark.slow
-def test_the_installed_task_simulates_by_its_name_and_its_audit_verifies(tmp_path: Path) -> None:
+def test_the_installed_task_simulates_by_its_name_and_its_audit_verifies(
+    task_package: Path, tmp_path: Path
+) -> None:
     """The same installed task as the TLS run above, named by its entry point in a
     simulation; a relative PYTHONPATH, as a user types it, reaches the engine's workers."""
-    install_task_package(tmp_path / "lib", {TASK: f"{TASK}:task"})
+    copied(task_package, tmp_path / "lib")
     env = {**os.environ, "PYTHONPATH": "lib"}
     small = ["--clients", "3", "--rounds", "2", "--epsilon", "1", "--no-baselines"]
     run = subprocess.run(

