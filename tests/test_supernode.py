@@ -3,6 +3,7 @@ never outliving the `fedmodel client start` that owns it."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
+from client.executor import poll_waits
 from client.supernode import SuperNodeError, node_config_toml
 from tests.federation import (
     background,
@@ -41,6 +43,12 @@ def test_a_path_that_is_not_utf8_is_refused_in_one_line() -> None:
     with pytest.raises(SuperNodeError, match="not valid UTF-8") as caught:
         node_config_toml({"data-path": undecodable})
     assert "\n" not in str(caught.value)
+
+
+def test_an_idle_node_polls_its_supernode_less_often_but_twice_a_second_at_least() -> None:
+    """Each poll costs the SuperNode and the executor CPU (at 0.1 s, ~6% of a core per idle
+    node); after a task the next one may follow soon, so waits restart short."""
+    assert list(itertools.islice(poll_waits(), 6)) == [0.1, 0.2, 0.4, 0.5, 0.5, 0.5]
 
 
 def _alive(pid: int) -> bool:
@@ -74,6 +82,8 @@ def test_a_killed_client_start_takes_its_supernode_and_executor_with_it(tmp_path
         )  # fmt: skip
         space.started.append(client)
         wait_for_text(node / "executor.log", "node executor serving", client, 120)
+        # logged once activated: then one listing (a CLI call, ~3 s CPU) confirms it
+        wait_for_text(node / "supernode.log", "SuperNode ID", client, 120)
         wait_until_online(server, 1)
         children = [int((node / f"{role}.pid").read_text()) for role in ("supernode", "executor")]
         assert all(map(_alive, children))
