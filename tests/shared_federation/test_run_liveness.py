@@ -225,7 +225,9 @@ def test_the_console_follows_a_deployed_run_and_shows_what_its_nodes_released(
         save_screenshot(browser, "console-deployed-run")
         browser.get(f"{url}runs/followed/privacy")  # type: ignore[attr-defined]
         page = browser.page_source  # type: ignore[attr-defined]
+        shown = browser.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
     released = {row[0]: row for row in table_rows(page, "released")}
+    assert sorted(released) == sorted(nodes), f"the privacy page showed:\n{shown}"
     for name, client in nodes.items():  # as the node released them with its replies
         budget = client["budget"]
         assert budget["epsilon"] == SHARED_BUDGET, client
