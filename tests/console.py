@@ -12,13 +12,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from fedmodel.console.app import create_app
 
 FEDMODEL = [sys.executable, "-m", "fedmodel.cli"]
+PAGE_WAIT_S = 120
+
+
+def open_page(browser: Any, url: str, ready: str, count: int = 1) -> None:
+    """Load `url` in `browser` and wait until its DOM holds `count` elements matching CSS
+    `ready`. In loaded suites (CI stop 28, and 3 of 3 in a run with 3 workers) the privacy
+    page's tables were missing from the DOM right after `get` returned, and there a moment
+    later."""
+    browser.get(url)
+    WebDriverWait(browser, PAGE_WAIT_S, poll_frequency=0.2).until(
+        lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ready)) >= count,
+        f"{url}: fewer than {count} of {ready!r} after {PAGE_WAIT_S} s",
+    )
 
 
 @contextmanager

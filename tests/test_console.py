@@ -36,7 +36,7 @@ from fedmodel.runtime.processes import free_port
 from server.enrollment import append_audit, registry_lock, save_registry
 from server.superlink import init_federation
 from tests.browser import save_screenshot
-from tests.console import FEDMODEL, fetch, series, serving, table_rows
+from tests.console import FEDMODEL, fetch, open_page, series, serving, table_rows
 from tests.test_enrollment import superlink_2004_line
 
 TOKEN = "console-test-token"
@@ -189,7 +189,7 @@ def test_the_privacy_page_shows_each_owner_and_highlights_a_failed_audit(
 ) -> None:
     failed = audit(tampered_run)  # the oracle for both pages: the edit changed no mechanism
     owners = [owner for ledger in failed.ledgers for owner in ledger.owners]
-    browser.get(f"{console_url}runs/{RUN}/privacy")  # type: ignore[attr-defined]
+    open_page(browser, f"{console_url}runs/{RUN}/privacy", "#owners tbody tr", len(owners))
     rows = browser.find_elements(By.CSS_SELECTOR, "#owners tbody tr")  # type: ignore[attr-defined]
     assert len(rows) == len(owners) == 3
     for row, owner in zip(rows, owners, strict=True):
@@ -203,7 +203,7 @@ def test_the_privacy_page_shows_each_owner_and_highlights_a_failed_audit(
     assert browser.find_element(By.ID, "verdict").text.startswith("Verified: 3 owners")  # type: ignore[attr-defined]
     save_screenshot(browser, "console-privacy")
 
-    browser.get(f"{console_url}runs/tampered/privacy")  # type: ignore[attr-defined]
+    open_page(browser, f"{console_url}runs/tampered/privacy", "#owners tbody tr.failed")
     assert not failed.ok
     verdict = browser.find_element(By.ID, "verdict")  # type: ignore[attr-defined]
     assert "failed" in verdict.get_attribute("class")
@@ -335,7 +335,7 @@ def test_a_deployed_runs_privacy_shows_each_nodes_released_budget_and_the_federa
     progress = json.loads(fetch(federation, "/api/runs/newer/progress"))
     assert sorted(progress["epsilon"]) == list(NODES)  # the run page names nodes too
     with serving(federation) as url:
-        browser.get(f"{url}runs/newer/privacy")  # type: ignore[attr-defined]
+        open_page(browser, f"{url}runs/newer/privacy", "#released tbody tr", 3)
         withheld = browser.find_elements(By.CSS_SELECTOR, "#released tr.not-released td")  # type: ignore[attr-defined]
         assert [cell.text for cell in withheld] == ["hospital-c", "not released", "2"]
         save_screenshot(browser, "console-privacy-deployed")

@@ -26,7 +26,7 @@ from fedmodel.runtime.processes import executable
 from server.enrollment import verify_audit
 from server.superlink import CONNECTION, Federation, server_environment
 from tests.browser import save_screenshot
-from tests.console import series, serving, table_rows
+from tests.console import open_page, series, serving, table_rows
 from tests.federation import (
     Workspace,
     background,
@@ -223,7 +223,7 @@ def test_the_console_follows_a_deployed_run_and_shows_what_its_nodes_released(
             == sorted((*HONEST_SITES, HOSTILE_SITE))
         )
         save_screenshot(browser, "console-deployed-run")
-        browser.get(f"{url}runs/followed/privacy")  # type: ignore[attr-defined]
+        open_page(browser, f"{url}runs/followed/privacy", "#released tbody tr", len(nodes))
         page = browser.page_source  # type: ignore[attr-defined]
         shown = browser.find_element(By.TAG_NAME, "body").text  # type: ignore[attr-defined]
     released = {row[0]: row for row in table_rows(page, "released")}
