@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -154,6 +155,31 @@ def test_audit_recomputes_every_epsilon_and_agrees_with_the_live_numbers(ledgers
     assert owner.remaining == pytest.approx(5.0 - rdp)
     assert len(report.plots) == 2
     assert all(Path(p).read_bytes().startswith(b"\x89PNG") for p in report.plots)
+
+
+def test_a_fresh_process_audits_with_opacus_numbers_without_importing_torch_or_opacus(
+    ledgers: Path,
+) -> None:
+    """The audit loads Opacus's RDP analysis module alone (fedmodel.privacy.analysis): a
+    process that audits never imports torch or the Opacus package (about 6 s of CPU), and
+    its epsilons are what Opacus's own RDPAccountant gives."""
+    script = (
+        "import json, sys; from pathlib import Path; from fedmodel.privacy.audit import audit; "
+        "report = audit(Path(sys.argv[1])); "
+        "print(json.dumps({'imported': sorted(m for m in ('torch', 'opacus') if m in sys.modules),"
+        " 'spent': {o.owner: o.spent_epsilon for l in report.ledgers for o in l.owners}}))"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script, str(ledgers)], capture_output=True, text=True, check=True
+    )
+    shown = json.loads(ran.stdout.splitlines()[-1])
+    assert shown["imported"] == []
+    owners = [owner for ledger in audit(ledgers).ledgers for owner in ledger.owners]
+    assert sorted(shown["spent"]) == sorted(owner.owner for owner in owners) != []
+    for owner in owners:
+        assert shown["spent"][owner.owner] == pytest.approx(
+            opacus_rdp_epsilon(owner.history), rel=1e-12
+        )
 
 
 def test_the_audit_command_writes_nothing_into_what_it_audits(

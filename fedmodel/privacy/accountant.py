@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmodel.privacy.analysis import RDP_ORDERS
+from fedmodel.privacy.analysis import RDP_ORDERS, opacus_rdp
 
 ACCOUNTANT = "rdp"
 
@@ -36,26 +36,22 @@ def epsilon_of(history: Sequence[Segment], delta: float) -> float:
     """
     if not history:
         return 0.0
-    from opacus.accountants.analysis.rdp import get_privacy_spent
-
     rdp = sum(
         _rdp_per_step(float(noise), float(rate)) * int(steps) for noise, rate, steps in history
     )
-    epsilon, _ = get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
+    epsilon, _ = opacus_rdp().get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
     return max(float(epsilon), 0.0)  # Opacus goes below 0 at large delta: (0, delta) holds
 
 
 @lru_cache(maxsize=4096)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """Opacus's RDP of one step at every order; memoised per process and per machine."""
-    from opacus.accountants.analysis.rdp import compute_rdp
-
     from fedmodel.privacy.accounting_cache import remembered
 
     curve = remembered(
         "rdp-per-step",
         (noise_multiplier, sample_rate, *RDP_ORDERS),
-        lambda: compute_rdp(
+        lambda: opacus_rdp().compute_rdp(
             q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
         ),
     )

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedmodel.privacy.accountant import Segment
+from fedmodel.privacy.analysis import RDP_ORDERS, opacus_rdp
 from fedmodel.privacy.distributed_accounting import DistributedRelease
 
 Mechanism = tuple[float, float]  # (noise multiplier, sample rate) of one DP-SGD step
@@ -37,11 +38,12 @@ class FreshRdp:
     """Opacus's RDP accountant, recomputed inside one audit from the recorded mechanisms.
 
     Each mechanism's per-step RDP comes from Opacus's RDP analysis (`compute_rdp` at
-    `RDPAccountant.DEFAULT_ALPHAS`, as `RDPAccountant.get_epsilon` calls it), computed in
-    this process and kept only by this object: no disk cache, no memo the training path
-    shares. RDP composes by addition, so every entry of a long ledger costs one conversion
-    (microseconds) rather than a new accountant (about 45 ms per mechanism); the numbers
-    are a new `RDPAccountant`'s to rounding (tests/test_audit.py checks).
+    `RDPAccountant.DEFAULT_ALPHAS`, which RDP_ORDERS equals, as `RDPAccountant.get_epsilon`
+    calls it), computed in this process and kept only by this object: no disk cache, no
+    memo the training path shares. RDP composes by addition, so every entry of a long
+    ledger costs one conversion (microseconds) rather than a new accountant (about 45 ms
+    per mechanism); the numbers are a new `RDPAccountant`'s to rounding
+    (tests/test_audit.py checks).
     """
 
     def __init__(self) -> None:
@@ -57,20 +59,14 @@ class FreshRdp:
         if not curves:
             return 0.0
         rdp = sum(curves[1:], start=curves[0])
-        from opacus.accountants import RDPAccountant
-        from opacus.accountants.analysis.rdp import get_privacy_spent
-
-        epsilon, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+        epsilon, _ = opacus_rdp().get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
         return max(float(epsilon), 0.0)
 
     def _curve(self, mechanism: Mechanism) -> np.ndarray:
         if mechanism not in self._per_step:
-            from opacus.accountants import RDPAccountant
-            from opacus.accountants.analysis.rdp import compute_rdp
-
             noise, rate = mechanism
-            self._per_step[mechanism] = compute_rdp(
-                q=rate, noise_multiplier=noise, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+            self._per_step[mechanism] = opacus_rdp().compute_rdp(
+                q=rate, noise_multiplier=noise, steps=1, orders=list(RDP_ORDERS)
             )
         return self._per_step[mechanism]
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedmodel.privacy.accountant import Segment
-from fedmodel.privacy.analysis import RDP_ORDERS
+from fedmodel.privacy.analysis import RDP_ORDERS, opacus_rdp
 from fedmodel.privacy.distributed_dp import DistributedDpParameters
 
 
@@ -112,9 +112,7 @@ def distributed_epsilon(releases: Sequence[DistributedRelease], delta: float) ->
     """Client-level epsilon at `delta` after `releases` (0 when there are none)."""
     if not releases:
         return 0.0
-    from opacus.accountants.analysis.rdp import get_privacy_spent
-
     orders = np.array(RDP_ORDERS)
     rdp = sum(release.rdp(orders) for release in releases)
-    epsilon, _ = get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
+    epsilon, _ = opacus_rdp().get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
     return max(float(epsilon), 0.0)
