@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,7 @@ from fedmodel.protocol import (
     SERVER_ROUND_KEY,
     TRAIN_LOSS_KEY,
 )
+from fedmodel.runtime.polling import backoff_waits
 
 AUDIT_FILE = "node-audit.jsonl"
 # Between AcquireTask calls on the local Runtime API: 0.1 s after a task, doubling while
@@ -135,13 +136,14 @@ class NodeExecutor:
     def serve(self, keep_going: Callable[[], bool]) -> None:
         """Poll for tasks while `keep_going()` (the SuperNode is alive)."""
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
-        waits = poll_waits()
+        waits = backoff_waits(POLL_INTERVAL_S, IDLE_POLL_INTERVAL_S)
         while keep_going():
             try:
                 acquired = self._tasks.AcquireTask(request)
                 if acquired.HasField("task") and acquired.token:
                     self.answer(acquired.token)
-                    waits = poll_waits()  # a run is on: its next message may follow soon
+                    # a run is on: its next message may follow soon
+                    waits = backoff_waits(POLL_INTERVAL_S, IDLE_POLL_INTERVAL_S)
                     continue
             except httpx.HTTPError as error:  # the SuperNode is starting or stopping
                 print(f"runtime API unavailable: {error}", flush=True)
@@ -239,14 +241,6 @@ class NodeExecutor:
             message=kind,
             **({} if refusal is None else {"reason": refusal}),
         )
-
-
-def poll_waits() -> Iterator[float]:
-    """The waits between empty polls: POLL_INTERVAL_S, doubling up to IDLE_POLL_INTERVAL_S."""
-    wait = POLL_INTERVAL_S
-    while True:
-        yield wait
-        wait = min(2 * wait, IDLE_POLL_INTERVAL_S)
 
 
 def _refusal(message: Message, reason: str) -> Message:

@@ -1,11 +1,12 @@
-"""A Grid that checks for replies every 0.1 s instead of Flower's 3 s, and gives up
+"""A Grid that checks for replies within 0.1-0.5 s instead of Flower's 3 s, and gives up
 waiting for nodes that do not come.
 
 Flower 1.39's deployment Grid (`flwr.superlink.grid.http_grid`) sleeps 3 s between
 pulls in `send_and_receive`, so every message round trip of a deployed run paid up to
 3 s after the last node had answered. This wrapper uses the Grid's own push and pull
-calls (the public API, no patching) with a short interval; everything else is the
-wrapped Grid's.
+calls (the public API, no patching): 0.1 s after a push or a reply, doubling up to 0.5 s
+while nodes train (at a steady 0.1 s, ten pulls a second cost the ServerApp and the
+SuperLink CPU for nothing); everything else is the wrapped Grid's.
 
 Flower's node sampling waits, with no deadline, until enough nodes are connected: after
 a revocation or a dropout below the run's minimum, a run would hang forever. Here the
@@ -23,9 +24,11 @@ from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedmodel.runtime.polling import backoff_waits
 from server.strategy import FederationStopped
 
-REPLY_POLL_INTERVAL_S = 0.1
+REPLY_POLL_INTERVAL_S = 0.1  # after a push or a reply
+SLOW_REPLY_POLL_INTERVAL_S = 0.5  # the longest wait, while nodes train
 
 
 class PollingGrid(Grid):
@@ -36,10 +39,10 @@ class PollingGrid(Grid):
         grid: Grid,
         min_nodes: int = 0,
         node_wait_s: float = float("inf"),
-        interval: float = REPLY_POLL_INTERVAL_S,
+        intervals: tuple[float, float] = (REPLY_POLL_INTERVAL_S, SLOW_REPLY_POLL_INTERVAL_S),
     ) -> None:
         self._grid = grid
-        self._interval = interval
+        self._intervals = intervals
         self._min_nodes, self._node_wait_s = min_nodes, node_wait_s
         self._short_since: float | None = None  # since when too few nodes are connected
 
@@ -93,14 +96,18 @@ class PollingGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Push, then pull every `interval` until all replied or `timeout` passed."""
+        """Push, then pull until all replied or `timeout` passed: after waits that grow
+        from the first of `intervals` to the second, and start short after a reply."""
         waiting = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
+        waits = backoff_waits(*self._intervals)
         while waiting and (deadline is None or time.monotonic() < deadline):
             pulled = list(self.pull_messages(waiting))
             replies.extend(pulled)
             waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if pulled:
+                waits = backoff_waits(*self._intervals)
             if waiting:
-                time.sleep(self._interval)
+                time.sleep(next(waits))
         return replies

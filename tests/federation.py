@@ -124,11 +124,14 @@ def joined_federation(
     with federation_workspace(path) as space:
         start_server(path / "srv")
         data = write_sites(path, [site.name for site in sites], rows)
+        started = {}
         for site in sites:
             env = None if site.code is None else {**os.environ, "PYTHONPATH": str(site.code)}
-            join_node(
+            started[site.name] = join_node(
                 space, path / "srv", path / site.name, data[site.name], site.budget_epsilon, env
             )
+        for name, node in started.items():
+            wait_until_activated(path / name, node)
         wait_until_online(path / "srv", len(sites))
         yield space, path / "srv"
 
@@ -182,9 +185,10 @@ def join_node(
     data: Path,
     budget_epsilon: float,
     env: dict[str, str] | None = None,
-) -> None:
+) -> subprocess.Popen[str]:
     """A data owner joins as the README says: `client init`, the operator's `server
-    enroll`, then `client start` (pinning the operator's CA) in the background.
+    enroll`, then `client start` (pinning the operator's CA) in the background (returned,
+    and stopped with `space`).
 
     Commands run from `node`'s parent: `python -m` puts the working directory first on
     the path, so a node given PYTHONPATH (a changed copy of FedModel) runs, and its owner
@@ -197,11 +201,17 @@ def join_node(
     assert made.returncode == 0, made.stderr
     made = fedmodel("server", "enroll", node / "node.pub", "--name", node.name, "--dir", server)
     assert made.returncode == 0, made.stderr
-    space.started.append(
-        background(
-            "client", "start", "--dir", node, "--join", server / "bundles" / f"{node.name}.join",
-            "--data", data, "--label", "death", "--device", "cpu",
-            "--ca-fingerprint", operator_ca_fingerprint(server),
-            log=node.parent / f"{node.name}.out", env=env, cwd=node.parent,
-        )
+    started = background(
+        "client", "start", "--dir", node, "--join", server / "bundles" / f"{node.name}.join",
+        "--data", data, "--label", "death", "--device", "cpu",
+        "--ca-fingerprint", operator_ca_fingerprint(server),
+        log=node.parent / f"{node.name}.out", env=env, cwd=node.parent,
     )  # fmt: skip
+    space.started.append(started)
+    return started
+
+
+def wait_until_activated(node: Path, started: subprocess.Popen[str]) -> None:
+    """Until the SuperNode of `node` has its ID from the SuperLink: a read of its log,
+    where a `server nodes` listing costs about 2 s of CPU (flwr's CLI)."""
+    wait_for_text(node / "supernode.log", "SuperNode ID", started, 180)

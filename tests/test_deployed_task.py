@@ -40,6 +40,7 @@ from tests.federation import (
     fedmodel,
     join_node,
     start_server,
+    wait_until_activated,
     wait_until_online,
     write_sites,
 )
@@ -402,14 +403,17 @@ def test_an_installed_task_trains_on_a_tls_federation_of_the_nodes_that_approved
         server = tmp_path / "srv"
         start_server(server, env)  # the ServerApp builds the task's model from its own copy
         data = write_sites(tmp_path, sites)
+        started = {}
         for site in sites:
-            join_node(space, server, tmp_path / site, data[site], 3.0, env)
+            started[site] = join_node(space, server, tmp_path / site, data[site], 3.0, env)
             if site != "clinic-c":
                 approved = subprocess.run(
                     [*FEDMODEL, "client", "approve", "--dir", tmp_path / site, TASK],
                     capture_output=True, text=True, timeout=60, env=env,
                 )  # fmt: skip
                 assert approved.returncode == 0, approved.stderr
+        for site, node in started.items():
+            wait_until_activated(tmp_path / site, node)
         wait_until_online(server, 3)
         started = time.monotonic()
         run = fedmodel(

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from client.executor import poll_waits
+from client.executor import IDLE_POLL_INTERVAL_S, POLL_INTERVAL_S
 from client.supernode import SuperNodeError, node_config_toml
+from fedmodel.runtime.polling import backoff_waits
 from tests.federation import (
     background,
     federation_workspace,
@@ -48,7 +49,8 @@ def test_a_path_that_is_not_utf8_is_refused_in_one_line() -> None:
 def test_an_idle_node_polls_its_supernode_less_often_but_twice_a_second_at_least() -> None:
     """Each poll costs the SuperNode and the executor CPU (at 0.1 s, ~6% of a core per idle
     node); after a task the next one may follow soon, so waits restart short."""
-    assert list(itertools.islice(poll_waits(), 6)) == [0.1, 0.2, 0.4, 0.5, 0.5, 0.5]
+    waits = backoff_waits(POLL_INTERVAL_S, IDLE_POLL_INTERVAL_S)
+    assert list(itertools.islice(waits, 6)) == [0.1, 0.2, 0.4, 0.5, 0.5, 0.5]
 
 
 def _alive(pid: int) -> bool:

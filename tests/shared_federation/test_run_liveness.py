@@ -34,6 +34,7 @@ from tests.federation import (
     fedmodel,
     join_node,
     wait_for_text,
+    wait_until_activated,
     wait_until_online,
     write_sites,
 )
@@ -109,7 +110,9 @@ def test_a_revocation_below_min_clients_ends_the_run_cleanly(
     with federation_workspace(tmp_path) as space:  # stops the test's run and its node
         # rows after those of the shared sites
         data = write_sites(tmp_path, [*HONEST_SITES, HOSTILE_SITE, REVOKED])[REVOKED]
-        join_node(space, server, tmp_path / REVOKED, data, SHARED_BUDGET)
+        wait_until_activated(
+            tmp_path / REVOKED, join_node(space, server, tmp_path / REVOKED, data, SHARED_BUDGET)
+        )
         wait_until_online(server, ONLINE + 1)
         run = background(
             "run", "--dir", server, "--rounds", "20", "--min-clients", str(ONLINE + 1),

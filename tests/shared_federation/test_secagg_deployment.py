@@ -50,6 +50,7 @@ from tests.federation import (
     fedmodel,
     join_node,
     wait_for_text,
+    wait_until_activated,
     wait_until_online,
     write_sites,
 )
@@ -137,7 +138,9 @@ def test_a_secagg_run_interrupted_mid_round_resumes_with_new_keys_for_that_round
     node = {name: server.parent / name for name in SHARED_SITES} | {PAUSED: tmp_path / PAUSED}
     with federation_workspace(tmp_path) as space:  # stops the test's runs and its node
         data = write_sites(tmp_path, list(names))[PAUSED]
-        join_node(space, server, node[PAUSED], data, SHARED_BUDGET)
+        wait_until_activated(
+            node[PAUSED], join_node(space, server, node[PAUSED], data, SHARED_BUDGET)
+        )
         wait_until_online(server, len(names))
         before = {name: (node[name] / "executor.log").read_text().count(SHARED_KEYS)
                   for name in SHARED_SITES}  # fmt: skip
@@ -256,9 +259,10 @@ def test_secagg_run_shows_the_coordinator_masked_vectors_only_and_survives_a_kil
     try:
         with federation_workspace(tmp_path) as space:  # stops the test's run and its node
             data = write_sites(tmp_path, [*SHARED_SITES, DROPPED])[DROPPED]
-            join_node(space, server, nodes[DROPPED], data, SHARED_BUDGET)
+            dropped = join_node(space, server, nodes[DROPPED], data, SHARED_BUDGET)
             for node in nodes.values():
                 (node / UPDATES_DIR).mkdir(parents=True, exist_ok=True)
+            wait_until_activated(nodes[DROPPED], dropped)
             wait_until_online(server, len(nodes))
             survivor = nodes[HONEST_SITES[0]]
             run_secagg_and_kill_dropped(space.started, server, nodes[DROPPED], survivor)
