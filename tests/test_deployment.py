@@ -33,6 +33,7 @@ from tests.federation import (
     fedmodel,
     operator_ca_fingerprint,
     wait_for_text,
+    wait_until_activated,
     wait_until_online,
     write_sites,
 )
@@ -160,8 +161,8 @@ def test_tls_federation_trains_on_enrolled_nodes_and_refuses_everyone_else(
     # for a coordinator that is gone. Restarted, `run --resume` asks for round 3 again
     # from round 2's checkpoint: a and b refuse it as a replay (their ledgers hold it), so
     # each owner spends round 3 once and the run ends on round 2's model.
-    for site in sites:  # logged once activated: then one listing suffices (each costs ~3 s CPU)
-        wait_for_text(root / site / "supernode.log", "SuperNode ID", nodes[site], 180)
+    for site in sites:  # logged once activated: then one listing suffices
+        wait_until_activated(root / site, nodes[site])
     wait_until_online(server, 4)
     started_at = time.monotonic()
     run = background(

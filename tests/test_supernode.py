@@ -22,6 +22,7 @@ from tests.federation import (
     operator_ca_fingerprint,
     start_server,
     wait_for_text,
+    wait_until_activated,
     wait_until_online,
     write_sites,
 )
@@ -84,8 +85,7 @@ def test_a_killed_client_start_takes_its_supernode_and_executor_with_it(tmp_path
         )  # fmt: skip
         space.started.append(client)
         wait_for_text(node / "executor.log", "node executor serving", client, 120)
-        # logged once activated: then one listing (a CLI call, ~3 s CPU) confirms it
-        wait_for_text(node / "supernode.log", "SuperNode ID", client, 120)
+        wait_until_activated(node, client)  # then one listing confirms it
         wait_until_online(server, 1)
         children = [int((node / f"{role}.pid").read_text()) for role in ("supernode", "executor")]
         assert all(map(_alive, children))

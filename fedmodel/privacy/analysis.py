@@ -4,7 +4,9 @@ Pure maths below the accountant (as Opacus keeps `accountants/analysis/rdp.py`):
 formulas as Opacus's RDP analysis (Mironov, Talwar and Zhang 2019, "Renyi Differential
 Privacy of the Sampled Gaussian Mechanism"), computed for all 151 orders at once in
 NumPy, which agrees with Opacus to about 1e-13. fedmodel.privacy.calibration decides
-its search with it and leaves values near a decision to Opacus.
+its search with it and leaves values near a decision to Opacus. `opacus_rdp` gives
+Opacus's own analysis module, which the accountant and the audit call, without the rest
+of Opacus.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def opacus_rdp() -> ModuleType:
     if package is None or package.origin is None:
         raise ModuleNotFoundError("opacus is not installed", name="opacus")
     source = Path(package.origin).parent / "accountants" / "analysis" / "rdp.py"
-    spec = importlib.util.spec_from_file_location(f"fedmodel.privacy._{OPACUS_RDP}", source)
+    spec = importlib.util.spec_from_file_location("fedmodel_opacus_rdp", source)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
