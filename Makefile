@@ -24,12 +24,13 @@ demo: $(STAMP)
 	$(BIN)/fedmodel simulate medical
 
 # One pytest worker per core (pytest-xdist); a file's tests stay on one worker, so a
-# module's fixtures (and its federation) start once.
+# module's fixtures (and its federation) start once. Files go out in collection order,
+# slow end-to-end files first (tests/conftest.py), so the quick ones fill the end.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -ra -n auto --dist loadfile --durations=25
+	$(BIN)/python -m pytest -q -ra -n auto --dist loadfile --no-loadscope-reorder --durations=25
 
 test-fast: $(STAMP) browser
-	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile --no-loadscope-reorder
 
 # Installs only when missing; retries after refreshing the package lists.
 browser:

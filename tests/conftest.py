@@ -129,6 +129,18 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files that hold slow end-to-end tests first, each file's tests in their order.
+
+    Under `--dist loadfile --no-loadscope-reorder` (`make test`) xdist hands out files in
+    this order: the long, mostly waiting federations start early and the quick files fill
+    the end, so no worker finishes minutes before the other (xdist's own order, most
+    tests first, left the README run and others last).
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: False sorts first
+
+
 class _SharedFederationScheduling(LoadFileScheduling):
     """`--dist loadfile`, except that the files of tests/shared_federation/ are one unit:
     they then run on one worker, one after another, and start their package-scoped

@@ -146,9 +146,10 @@ def test_twenty_sgd_steps_lower_the_loss_on_a_batch(task: Task) -> None:
 
 
 @pytest.mark.slow
-def test_lesion_cnn_learns_pooled_scans_to_auroc_above_0_8_on_unseen_scanners() -> None:
+def test_lesion_cnn_learns_one_sites_scans_to_auroc_above_0_8_on_unseen_scanners() -> None:
     task = load_example("lesion_imaging")
-    model = fit_with_adam(task, pooled(task, 3), epochs=1, lr=1e-3)  # AUROC 0.997 (measured)
+    one_site = task.train_data(Site(0, 3, seed=0))  # 1,000 scans: AUROC 0.988 (measured)
+    model = fit_with_adam(task, one_site, epochs=1, lr=1e-3)
     assert evaluate(model, task.test_data(0), task.loss, task.metrics)["auroc"] > 0.8
 
 
@@ -174,7 +175,7 @@ def test_length_of_stay_refuses_more_clients_than_hospitals() -> None:
 @pytest.mark.slow
 def test_vitals_lstm_learns_deterioration_to_auroc_above_0_75_on_unseen_wards() -> None:
     task = load_example("vital_signs")
-    model = fit_with_adam(task, pooled(task, 3), epochs=5, lr=1e-2)
+    model = fit_with_adam(task, pooled(task, 3), epochs=2, lr=1e-2)  # AUROC 0.824 (measured)
     assert evaluate(model, task.test_data(0), task.loss, task.metrics)["auroc"] > 0.75
 
 
