@@ -14,9 +14,10 @@ Robust rules tolerate up to `byzantine` arbitrary (malicious or broken) updates 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdam,
@@ -58,6 +59,27 @@ def check_aggregator(name: str, replies_per_round: int, byzantine: int) -> None:
         )
 
 
+class DtypeKeepingFedAdam(FedAdam):
+    """FedAdam whose new global model keeps the model's dtypes.
+
+    Flower 1.39's step scales by a float64 NumPy scalar, which NumPy 2 lets turn float32
+    arrays into float64: every float32 reply to the next round would then fail the reply
+    check (wrong dtype) and the run would stop after round 1.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        dtypes = {name: array.dtype for name, array in (self.current_arrays or {}).items()}
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        kept = {
+            name: array.numpy().astype(dtypes[name], copy=False) for name, array in arrays.items()
+        }
+        return ArrayRecord({name: Array(value) for name, value in kept.items()}), metrics
+
+
 def build_aggregator(
     name: str, replies_per_round: int, byzantine: int, proximal_mu: float = 0.0, **common: Any
 ) -> FedAvg:
@@ -69,7 +91,7 @@ def build_aggregator(
     builders: dict[str, Callable[[], FedAvg]] = {
         "fedavg": lambda: FedAvg(**common),
         "fedprox": lambda: FedProx(proximal_mu=proximal_mu, **common),
-        "fedadam": lambda: FedAdam(**common),
+        "fedadam": lambda: DtypeKeepingFedAdam(**common),
         "median": lambda: FedMedian(**common),
         "trimmed-mean": lambda: FedTrimmedAvg(beta=TRIMMED_MEAN_BETA, **common),
         "krum": lambda: Krum(num_malicious_nodes=byzantine, **common),

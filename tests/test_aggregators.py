@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmodel.errors import ConfigError
 from server.aggregators import AGGREGATORS, build_aggregator, check_aggregator
+from tests.test_central_dp import NodesGrid
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +50,21 @@ def test_fedavg_is_dragged_by_the_hostile_update() -> None:
     arrays, _ = build_aggregator("fedavg", 7, 0).aggregate_train(1, replies([*HONEST, ATTACK]))
     assert arrays is not None
     np.testing.assert_allclose(arrays["w"].numpy(), (sum(HONEST) + ATTACK) / 7, rtol=1e-5)
+
+
+def test_fedadam_steps_towards_the_replies_and_keeps_the_models_float32() -> None:
+    """Each round's replies are checked against the global model's dtypes: a float64
+    model would have every float32 reply of round 2 rejected."""
+    strategy = build_aggregator("fedadam", 6, 0)
+    model = ArrayRecord({"w": torch.zeros(2, dtype=torch.float32)})
+    for server_round in (1, 2):
+        grid = NodesGrid(6)  # FedAvg's sampling asks it which nodes are connected
+        strategy.configure_train(server_round, model, ConfigRecord(), grid)  # type: ignore[arg-type]
+        arrays, _ = strategy.aggregate_train(server_round, replies(HONEST))
+        assert arrays is not None and arrays["w"].dtype == "float32"
+        step = arrays["w"].numpy() - model["w"].numpy()
+        assert np.all(step > 0)  # towards the replies (all above zero), by Adam's step
+        model = arrays
 
 
 def test_bulyan_needs_four_f_plus_three_replies() -> None:
