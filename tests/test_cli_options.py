@@ -12,6 +12,7 @@ import typer
 
 from fedmodel.cli.main import app, main
 from fedmodel.cli.options import CLI_DEFAULTS, SHARED_KEYS, dp_mode
+from fedmodel.cli.simulate import with_dataset_defaults
 from fedmodel.config import RunConfig
 from fedmodel.errors import ConfigError
 
@@ -24,8 +25,13 @@ SCENARIOS = {name: SIMULATE.commands[name] for name in ("medical", "financial", 
 EVERY_SCENARIO = list(SIMULATE.commands.values())  # task too
 # Differ on purpose: where each command writes, and whose log lines --verbose shows.
 PER_COMMAND = {"output", "verbose"}
-# The digits scenario trains logistic regression at lr 2 on label-skewed devices (dirichlet).
-SCENARIO_DEFAULTS = {"digits": {"partition", "model", "lr"}}
+# The digits scenario trains logistic regression at lr 2 on label-skewed devices (dirichlet);
+# medical and financial leave --model and --lr to each dataset (DATASET_DEFAULTS).
+SCENARIO_DEFAULTS = {
+    "digits": {"partition", "model", "lr"},
+    "medical": {"model", "lr"},
+    "financial": {"model", "lr"},
+}
 CHOICE_KEYS = sorted(name for name, spec in RunConfig.config_keys().items() if spec.choices)
 
 
@@ -68,8 +74,25 @@ def test_digits_defaults_to_label_skewed_devices_and_logistic_regression_at_lr_2
     digits = options(SCENARIOS["digits"])
     defaults = (digits["partition"].default, digits["model"].default, digits["lr"].default)
     assert defaults == ("dirichlet", "logreg", 2.0)
-    assert options(SCENARIOS["medical"])["lr"].default == RunConfig().lr == 0.5
     assert options(SCENARIOS["medical"])["partition"].default == RunConfig().partition
+
+
+def test_a_dataset_tuned_by_issue_20_defaults_to_its_settings_and_a_given_option_wins() -> None:
+    left_out = {"model": None, "lr": None, "clients": None}
+    for dataset, expected in (
+        ("flchain", ("mlp", 0.5, 8)),  # the shared defaults
+        ("synthetic-ehr", ("logreg", 2.0, 8)),
+        ("synthetic-fraud", ("logreg", 0.5, 50)),
+    ):
+        resolved = with_dataset_defaults({"dataset": dataset, **left_out})
+        assert (resolved["model"], resolved["lr"], resolved["clients"]) == expected, dataset
+    given = with_dataset_defaults({"dataset": "synthetic-ehr", "model": "mlp", "lr": None,
+                                    "clients": 3})  # fmt: skip
+    assert (given["model"], given["lr"], given["clients"]) == ("mlp", 2.0, 3)
+    assert RunConfig().model == "mlp" and RunConfig().lr == 0.5 and RunConfig().clients == 8
+    shown = options(SCENARIOS["financial"])["dataset"].help
+    assert shown is not None and "synthetic-fraud defaults to --model logreg --clients 50" in shown
+    assert options(SCENARIOS["medical"])["lr"].help.endswith("(default 0.5).")
 
 
 def test_every_option_of_run_and_simulate_sits_in_a_help_panel() -> None:

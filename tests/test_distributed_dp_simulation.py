@@ -289,6 +289,7 @@ def distributed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     _, run_dir = simulate(
         tmp_path,
         *("--dataset", "synthetic-ehr", "--clients", "5", "--rounds", "2"),
+        *("--model", "mlp", "--lr", "0.5"),  # 1,024 coordinates: the checks below need many
         *("--dp", "distributed", "--distributed-noise", "0.1", "--distributed-bits", "18"),
         *("--secagg-dropouts", "1", "--no-baselines", "--engine", "local"),
         env={**os.environ, ENCODING_DUMP_VARIABLE: str(dump)},

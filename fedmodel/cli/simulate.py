@@ -144,10 +144,43 @@ def _scenario_command(
     simulate_app.command(scenario)(command(f"simulate_{scenario}", summary, parameters, body))
 
 
-def _dataset(default: str, choices: str) -> inspect.Parameter:
-    """--dataset: each scenario has its own."""
-    option = typer.Option(help=f"{choices}.", rich_help_panel=Section.DATA.value)
-    return parameter("dataset", Annotated[str, option], default)
+# Issue 20's sweeps (docs/simulation.md): a dataset whose tuned settings differ from its
+# scenario's defaults has them as its own defaults; an option given on the command line
+# wins. Its scenario's --model, --lr and --clients default to None so that a given value
+# can be told from a default.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "synthetic-ehr": {"model": "logreg", "lr": 2.0},
+    "synthetic-fraud": {"model": "logreg", "clients": 50},
+}
+DATASET_DEFAULT_KEYS = ("model", "lr", "clients")
+
+
+def _dataset(default: str, datasets: Sequence[str]) -> list[inspect.Parameter]:
+    """--dataset (each scenario has its own), and the options its datasets tune."""
+    tuned = [
+        f"{name} defaults to "
+        + " ".join(
+            f"--{key} {value:g}" if isinstance(value, float) else f"--{key} {value}"
+            for key, value in DATASET_DEFAULTS[name].items()
+        )  # fmt: skip
+        for name in datasets
+        if name in DATASET_DEFAULTS
+    ]
+    choices = f"{', '.join(datasets[:-1])} or {datasets[-1]}"
+    text = f"{choices}." + "".join(f" {line}." for line in tuned)
+    option = typer.Option(help=text, rich_help_panel=Section.DATA.value)
+    own = config_options(("model", "lr"), model=None, lr=None) if tuned else []
+    return [parameter("dataset", Annotated[str, option], default), *own]
+
+
+def with_dataset_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    """Options left out take the dataset's tuned default, else the shared one."""
+    tuned = DATASET_DEFAULTS.get(options.get("dataset", ""), {})
+    return options | {
+        key: tuned.get(key, getattr(DEFAULTS, key))
+        for key in DATASET_DEFAULT_KEYS
+        if key in options and options[key] is None
+    }
 
 
 def _prepare_csv(options: dict[str, Any]) -> dict[str, Any]:
@@ -162,12 +195,12 @@ def _prepare_csv(options: dict[str, Any]) -> dict[str, Any]:
 _scenario_command(
     "medical",
     "Hospitals train a risk model under DP-SGD (default: flchain mortality).",
-    [_dataset("flchain", "flchain, covid-clinics, breast-cancer or synthetic-ehr")],
+    _dataset("flchain", ("flchain", "covid-clinics", "breast-cancer", "synthetic-ehr")),
 )
 _scenario_command(
     "financial",
     "Banks train a credit-risk or fraud model under DP-SGD (default: lending-club).",
-    [_dataset("lending-club", "lending-club, credit-default or synthetic-fraud")],
+    _dataset("lending-club", ("lending-club", "credit-default", "synthetic-fraud")),
 )
 _scenario_command(
     "digits",
@@ -215,7 +248,7 @@ def _run(scenario: str, options: dict[str, Any]) -> None:
     engine = options.pop("engine")
     baseline_sites, no_baselines = options.pop("baseline_sites"), options.pop("no_baselines")
     clients_given = options["clients"] is not None
-    options["clients"] = options["clients"] or DEFAULTS.clients
+    options = with_dataset_defaults(options)
     options["dp"] = dp_mode(options["dp"], options.pop("no_dp"))
     resume = options.pop("resume")
     if resume is not None:
