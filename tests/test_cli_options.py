@@ -81,8 +81,8 @@ def test_a_dataset_tuned_by_issue_20_defaults_to_its_settings_and_a_given_option
     left_out = {"model": None, "lr": None, "clients": None}
     for dataset, expected in (
         ("flchain", ("mlp", 0.5, 8)),  # the shared defaults
-        ("synthetic-ehr", ("logreg", 2.0, 8)),
-        ("synthetic-fraud", ("logreg", 0.5, 50)),
+        ("synthetic-ehr", ("logreg", 2.0, 25)),
+        ("synthetic-fraud", ("logreg", 1.0, 100)),
     ):
         resolved = with_dataset_defaults({"dataset": dataset, **left_out})
         assert (resolved["model"], resolved["lr"], resolved["clients"]) == expected, dataset
@@ -91,7 +91,7 @@ def test_a_dataset_tuned_by_issue_20_defaults_to_its_settings_and_a_given_option
     assert (given["model"], given["lr"], given["clients"]) == ("mlp", 2.0, 3)
     assert RunConfig().model == "mlp" and RunConfig().lr == 0.5 and RunConfig().clients == 8
     shown = options(SCENARIOS["financial"])["dataset"].help
-    assert shown is not None and "synthetic-fraud defaults to --model logreg --clients 50" in shown
+    assert shown is not None and "synthetic-fraud defaults to --model logreg --lr 1 --clients 100" in shown
     assert options(SCENARIOS["medical"])["lr"].help.endswith("(default 0.5).")
 
 

@@ -149,8 +149,8 @@ def _scenario_command(
 # wins. Its scenario's --model, --lr and --clients default to None so that a given value
 # can be told from a default.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "synthetic-ehr": {"model": "logreg", "lr": 2.0},
-    "synthetic-fraud": {"model": "logreg", "clients": 50},
+    "synthetic-ehr": {"model": "logreg", "lr": 2.0, "clients": 25},
+    "synthetic-fraud": {"model": "logreg", "lr": 1.0, "clients": 100},
 }
 DATASET_DEFAULT_KEYS = ("model", "lr", "clients")
 
