@@ -91,7 +91,8 @@ def test_a_dataset_tuned_by_issue_20_defaults_to_its_settings_and_a_given_option
     assert (given["model"], given["lr"], given["clients"]) == ("mlp", 2.0, 3)
     assert RunConfig().model == "mlp" and RunConfig().lr == 0.5 and RunConfig().clients == 8
     shown = options(SCENARIOS["financial"])["dataset"].help
-    assert shown is not None and "synthetic-fraud defaults to --model logreg --lr 1 --clients 100" in shown
+    tuned = "synthetic-fraud defaults to --model logreg --lr 1 --clients 100"
+    assert shown is not None and tuned in shown
     assert options(SCENARIOS["medical"])["lr"].help.endswith("(default 0.5).")
 
 
