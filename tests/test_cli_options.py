@@ -31,6 +31,7 @@ SCENARIO_DEFAULTS = {
     "digits": {"partition", "model", "lr"},
     "medical": {"model", "lr"},
     "financial": {"model", "lr"},
+    "csv": {"model"},
 }
 CHOICE_KEYS = sorted(name for name, spec in RunConfig.config_keys().items() if spec.choices)
 
@@ -75,6 +76,12 @@ def test_digits_defaults_to_label_skewed_devices_and_logistic_regression_at_lr_2
     defaults = (digits["partition"].default, digits["model"].default, digits["lr"].default)
     assert defaults == ("dirichlet", "logreg", 2.0)
     assert options(SCENARIOS["medical"])["partition"].default == RunConfig().partition
+
+
+def test_a_users_table_trains_the_linear_model_by_default() -> None:
+    """Issue 20's measurements on seven tables (docs/sweep.md)."""
+    csv = options(SCENARIOS["csv"])
+    assert (csv["model"].default, csv["lr"].default) == ("logreg", RunConfig().lr)
 
 
 def test_a_dataset_tuned_by_issue_20_defaults_to_its_settings_and_a_given_option_wins() -> None:
