@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks.simulation import MODEL_FLAGS
 from fedmodel.privacy.distributed_dp import DistributedDpParameters
 from fedmodel.run_directory import SUMMARY_FILE
 
@@ -29,7 +30,8 @@ def simulate(run_dir: Path, clients: int, rounds: int, extra: list[str]) -> dict
     command = [
         *(sys.executable, "-m", "fedmodel.cli", "simulate", "medical"),
         *("--dataset", "synthetic-ehr", "--clients", str(clients), "--rounds", str(rounds)),
-        *("--no-baselines", "--engine", "local", "--output", str(run_dir), *extra),
+        *("--no-baselines", *MODEL_FLAGS, "--engine", "local", "--output", str(run_dir)),
+        *extra,
     ]
     subprocess.run(command, check=True, capture_output=True, text=True)
     return dict(json.loads((run_dir / SUMMARY_FILE).read_text()))

@@ -28,7 +28,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.output import write_csv
-from benchmarks.simulation import GIB, SCENARIO, Case, peak_tree_memory, sampled
+from benchmarks.simulation import (
+    GIB,
+    MODEL_FLAGS,
+    SCENARIO,
+    Case,
+    peak_tree_memory,
+    sampled,
+)
 from fedmodel.privacy.accounting_cache import CACHE_DIR_VARIABLE
 from fedmodel.runtime.processes import start_detached
 
@@ -74,7 +81,7 @@ def measure(case: Case, device: str, run_dir: Path, timeout: float) -> dict[str,
     command = [
         sys.executable, "-m", "fedmodel.cli", "simulate", scenario, "--dataset", dataset,
         "--clients", str(case.clients), "--fraction", str(case.fraction),
-        "--rounds", str(case.rounds), "--no-baselines", "--engine", "local",
+        "--rounds", str(case.rounds), "--no-baselines", *MODEL_FLAGS, "--engine", "local",
         "--device", device, "--output", str(output),
     ]  # fmt: skip
     environment = {**os.environ, CACHE_DIR_VARIABLE: str(run_dir / "cache")}
