@@ -81,17 +81,23 @@ class DtypeKeepingFedAdam(FedAdam):
 
 
 def build_aggregator(
-    name: str, replies_per_round: int, byzantine: int, proximal_mu: float = 0.0, **common: Any
+    name: str,
+    replies_per_round: int,
+    byzantine: int,
+    proximal_mu: float = 0.0,
+    server_lr: float = 0.1,
+    **common: Any,
 ) -> FedAvg:
     """The Flower Message-API strategy for `name`; `common` are FedAvg's sampling arguments.
 
-    `proximal_mu` is FedProx's mu (sent to the clients in each round's config).
+    `proximal_mu` is FedProx's mu (sent to the clients in each round's config);
+    `server_lr` is FedAdam's step size (eta).
     """
     check_aggregator(name, replies_per_round, byzantine)
     builders: dict[str, Callable[[], FedAvg]] = {
         "fedavg": lambda: FedAvg(**common),
         "fedprox": lambda: FedProx(proximal_mu=proximal_mu, **common),
-        "fedadam": lambda: DtypeKeepingFedAdam(**common),
+        "fedadam": lambda: DtypeKeepingFedAdam(eta=server_lr, **common),
         "median": lambda: FedMedian(**common),
         "trimmed-mean": lambda: FedTrimmedAvg(beta=TRIMMED_MEAN_BETA, **common),
         "krum": lambda: Krum(num_malicious_nodes=byzantine, **common),

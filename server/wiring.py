@@ -140,6 +140,7 @@ def run_federation(
                 int(sampling["min_train_nodes"]),  # the replies the rule's precondition counts
                 config.byzantine,
                 config.proximal_mu,
+                config.server_lr,
                 train_metrics_aggr_fn=aggregate_train_metrics,
                 **sampling,
             )

@@ -67,6 +67,19 @@ def test_fedadam_steps_towards_the_replies_and_keeps_the_models_float32() -> Non
         model = arrays
 
 
+def test_fedadams_step_scales_with_the_server_lr() -> None:
+    model = ArrayRecord({"w": torch.zeros(2, dtype=torch.float32)})
+    steps = []
+    for server_lr in (0.1, 0.2):
+        strategy = build_aggregator("fedadam", 6, 0, server_lr=server_lr)
+        strategy.configure_train(1, model, ConfigRecord(), NodesGrid(6))  # type: ignore[arg-type]
+        arrays, _ = strategy.aggregate_train(1, replies(HONEST))
+        assert arrays is not None
+        steps.append(arrays["w"].numpy())
+    np.testing.assert_allclose(steps[1], 2 * steps[0], rtol=1e-6)
+    assert np.all(steps[0] > 0.05)  # about the server lr per coordinate: Adam's sign step
+
+
 def test_bulyan_needs_four_f_plus_three_replies() -> None:
     with pytest.raises(ConfigError, match="bulyan tolerating 1 Byzantine clients needs at least 7"):
         check_aggregator("bulyan", replies_per_round=6, byzantine=1)

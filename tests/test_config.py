@@ -43,6 +43,8 @@ def test_run_config_round_trips_through_flower_form() -> None:
         ({"rounds": 0}, "--rounds"),
         ({"batch_size": 0}, "--batch-size"),
         ({"partition": "random"}, "--partition"),
+        ({"server_lr": 0.0}, "--server-lr"),
+        ({"server_lr": float("inf")}, "--server-lr"),
     ],
 )
 def test_invalid_values_name_the_option(change: dict[str, object], flag: str) -> None:

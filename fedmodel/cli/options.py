@@ -36,6 +36,7 @@ SHARED_KEYS = (
     "central_clipping_norm",
     "central_epsilon",
     "aggregator",
+    "server_lr",
     "byzantine",
     "max_update_norm",
     "stop_after_round",

@@ -137,6 +137,11 @@ class RunConfig(RunKeys):
             self.validation_fraction,
         )
         _require(
+            math.isfinite(self.server_lr) and self.server_lr > 0.0,
+            "--server-lr must be a positive number (FedAdam's step size)",
+            self.server_lr,
+        )
+        _require(
             math.isfinite(self.proximal_mu) and self.proximal_mu >= 0.0,
             "--proximal-mu must be 0 or a positive number",
             self.proximal_mu,

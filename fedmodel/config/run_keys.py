@@ -162,6 +162,12 @@ class RunKeys:
         "Deployment: how the nodes' scores combine (mean: weights capped like training's).",
     )
     aggregator: AggregatorName = key("fedavg", _ROBUSTNESS, "Aggregation rule.")
+    server_lr: float = key(
+        0.1,
+        _ROBUSTNESS,
+        "--aggregator fedadam: the server optimizer's learning rate (Adam's step size on "
+        "the averaged update; Flower's default).",
+    )
     byzantine: int = key(0, _ROBUSTNESS, "Malicious clients per round to tolerate.")
     attack: AttackName = key("none", _ROBUSTNESS, "Simulated attack the attackers send.")
     attackers: float = key(0.0, _ROBUSTNESS, "Simulation: fraction of clients that attack.")
