@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +81,33 @@ def test_fedadams_step_scales_with_the_server_lr() -> None:
         steps.append(arrays["w"].numpy())
     np.testing.assert_allclose(steps[1], 2 * steps[0], rtol=1e-6)
     assert np.all(steps[0] > 0.05)  # about the server lr per coordinate: Adam's sign step
+
+
+@pytest.mark.slow
+def test_a_fedadam_run_completes_every_round_with_the_server_lr_it_was_given(
+    tmp_path: Path,
+) -> None:
+    """The user's path that broke: round 2 rejected every reply of a fedadam run. Adam's
+    first step moves a weight by at most about 0.74 x the server lr; at the default 0.1
+    the largest move would be ~0.07, so a move under 0.01 shows that 0.01 arrived."""
+    from tests.test_simulation import simulate
+
+    result, run_dir = simulate(
+        tmp_path,
+        *("--dataset", "breast-cancer", "--clients", "2", "--rounds", "2", "--no-baselines"),
+        *("--aggregator", "fedadam", "--server-lr", "0.01"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["completed"] and summary["stopped_early"] is None
+    assert [row["clients"] for row in summary["per_round"]] == [2, 2]
+    assert summary["rejected_updates"] == []
+    before, after = (
+        torch.load(run_dir / "checkpoints" / f"round-{n:04d}.pt", weights_only=True)["state_dict"]
+        for n in (0, 1)
+    )
+    largest = max(float((after[key] - before[key]).abs().max()) for key in before)
+    assert 0.005 < largest < 0.01, largest
 
 
 def test_bulyan_needs_four_f_plus_three_replies() -> None:
