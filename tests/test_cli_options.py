@@ -87,7 +87,8 @@ def test_a_users_table_trains_the_linear_model_by_default() -> None:
 def test_a_dataset_tuned_by_issue_20_defaults_to_its_settings_and_a_given_option_wins() -> None:
     left_out = {"model": None, "lr": None, "clients": None}
     for dataset, expected in (
-        ("flchain", ("mlp", 0.5, 8)),  # the shared defaults
+        ("flchain", ("logreg", 0.5, 8)),
+        ("lending-club", ("mlp", 0.5, 8)),  # the shared defaults
         ("synthetic-ehr", ("logreg", 2.0, 25)),
         ("synthetic-fraud", ("logreg", 1.0, 100)),
     ):
@@ -97,10 +98,17 @@ def test_a_dataset_tuned_by_issue_20_defaults_to_its_settings_and_a_given_option
                                     "clients": 3})  # fmt: skip
     assert (given["model"], given["lr"], given["clients"]) == ("mlp", 2.0, 3)
     assert RunConfig().model == "mlp" and RunConfig().lr == 0.5 and RunConfig().clients == 8
-    shown = options(SCENARIOS["financial"])["dataset"].help
-    tuned = "synthetic-fraud defaults to --model logreg --lr 1 --clients 100"
-    assert shown is not None and tuned in shown
-    assert options(SCENARIOS["medical"])["lr"].help.endswith("(default 0.5).")
+
+
+def test_the_help_names_each_datasets_defaults_where_the_option_is() -> None:
+    medical, financial = options(SCENARIOS["medical"]), options(SCENARIOS["financial"])
+    shown = financial["dataset"].help
+    assert shown is not None and "credit-default: --model logreg;" in shown
+    assert "synthetic-fraud: --model logreg --lr 1 --clients 100." in shown
+    assert "lending-club: --model mlp;" in shown
+    assert financial["model"].help.endswith("(default mlp, or the dataset's: see --dataset).")
+    assert medical["model"].help.endswith("(default logreg).")  # every medical dataset's
+    assert medical["lr"].help.endswith("(default 0.5, or the dataset's: see --dataset).")
 
 
 def test_every_option_of_run_and_simulate_sits_in_a_help_panel() -> None:

@@ -57,17 +57,21 @@ a round aggregated from one client releases that client's own update."""
 _KEY_DEFAULT: Any = object()
 
 
-def config_option(name: str, default: Any = _KEY_DEFAULT) -> inspect.Parameter:
+def config_option(
+    name: str, default: Any = _KEY_DEFAULT, shown_default: Any = None
+) -> inspect.Parameter:
     """The option for RunConfig field `name`: `--name-with-dashes`, in its section's panel.
 
     `default` replaces the key's default for one command (a scenario's own); None makes
-    the option optional and its help names the default the run then uses.
+    the option optional and its help names the default the run then uses: the key's, or
+    `shown_default` where the command chooses another.
     """
     spec = RunConfig.config_keys()[name]
     value = CLI_DEFAULTS.get(name, spec.default) if default is _KEY_DEFAULT else default
     text = spec.help
-    if value is None and spec.default:
-        text = f"{text.rstrip('.')} (default {spec.default})."
+    shown = spec.default if shown_default is None else shown_default
+    if value is None and shown:
+        text = f"{text.rstrip('.')} (default {shown})."
     option = typer.Option(
         _flag(spec),
         help=text,

@@ -144,33 +144,50 @@ def _scenario_command(
     simulate_app.command(scenario)(command(f"simulate_{scenario}", summary, parameters, body))
 
 
-# Issue 20's sweeps (docs/simulation.md): a dataset whose tuned settings differ from its
-# scenario's defaults has them as its own defaults; an option given on the command line
-# wins. Its scenario's --model, --lr and --clients default to None so that a given value
-# can be told from a default.
+# Issue 20's measurements (docs/simulation.md): each dataset's tuned settings are its
+# defaults; an option given on the command line wins. The scenario's --model, --lr and
+# --clients default to None so that a given value can be told from a default.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "flchain": {"model": "logreg"},
+    "covid-clinics": {"model": "logreg"},
+    "breast-cancer": {"model": "logreg"},
     "synthetic-ehr": {"model": "logreg", "lr": 2.0, "clients": 25},
+    "lending-club": {"model": "mlp"},
+    "credit-default": {"model": "logreg"},
     "synthetic-fraud": {"model": "logreg", "lr": 1.0, "clients": 100},
 }
 DATASET_DEFAULT_KEYS = ("model", "lr", "clients")
 
 
+def _flags(settings: Mapping[str, Any]) -> str:
+    return " ".join(
+        f"--{key} {value:g}" if isinstance(value, float) else f"--{key} {value}"
+        for key, value in settings.items()
+    )
+
+
 def _dataset(default: str, datasets: Sequence[str]) -> list[inspect.Parameter]:
-    """--dataset (each scenario has its own), and the options its datasets tune."""
-    tuned = [
-        f"{name} defaults to "
-        + " ".join(
-            f"--{key} {value:g}" if isinstance(value, float) else f"--{key} {value}"
-            for key, value in DATASET_DEFAULTS[name].items()
-        )  # fmt: skip
-        for name in datasets
-        if name in DATASET_DEFAULTS
-    ]
-    choices = f"{', '.join(datasets[:-1])} or {datasets[-1]}"
-    text = f"{choices}." + "".join(f" {line}." for line in tuned)
+    """--dataset (each scenario has its own), which names each dataset's tuned settings,
+    and the options they tune, whose help points there."""
+    by_settings: dict[str, list[str]] = {}
+    for name in datasets:
+        by_settings.setdefault(_flags(DATASET_DEFAULTS[name]), []).append(name)
+    tuned = "; ".join(f"{', '.join(names)}: {flags}" for flags, names in by_settings.items())
+    text = f"{', '.join(datasets[:-1])} or {datasets[-1]}. Each dataset's defaults: {tuned}."
     option = typer.Option(help=text, rich_help_panel=Section.DATA.value)
-    own = config_options(("model", "lr"), model=None, lr=None) if tuned else []
+    own = [
+        config_option(key, None, shown_default=_shown_default(key, datasets))
+        for key in DATASET_DEFAULT_KEYS
+    ]
     return [parameter("dataset", Annotated[str, option], default), *own]
+
+
+def _shown_default(key: str, datasets: Sequence[str]) -> Any:
+    """What --KEY's help names as its default: the datasets' value where they all agree."""
+    values = {DATASET_DEFAULTS[name].get(key, getattr(DEFAULTS, key)) for name in datasets}
+    if len(values) == 1:
+        return next(iter(values))
+    return f"{getattr(DEFAULTS, key)}, or the dataset's: see --dataset"
 
 
 def with_dataset_defaults(options: dict[str, Any]) -> dict[str, Any]:
