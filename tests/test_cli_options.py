@@ -88,7 +88,8 @@ def test_a_dataset_tuned_by_issue_20_defaults_to_its_settings_and_a_given_option
     left_out = {"model": None, "lr": None, "clients": None}
     for dataset, expected in (
         ("flchain", ("logreg", 0.5, 8)),
-        ("lending-club", ("mlp", 0.5, 8)),  # the shared defaults
+        ("covid-clinics", ("mlp", 0.5, 8)),  # the shared defaults
+        ("lending-club", ("logreg", 2.0, 8)),
         ("synthetic-ehr", ("logreg", 2.0, 25)),
         ("synthetic-fraud", ("logreg", 1.0, 100)),
     ):
@@ -105,10 +106,10 @@ def test_the_help_names_each_datasets_defaults_where_the_option_is() -> None:
     shown = financial["dataset"].help
     assert shown is not None and "credit-default: --model logreg;" in shown
     assert "synthetic-fraud: --model logreg --lr 1 --clients 100." in shown
-    assert "lending-club: --model mlp;" in shown
-    assert financial["model"].help.endswith("(default mlp, or the dataset's: see --dataset).")
-    assert medical["model"].help.endswith("(default logreg).")  # every medical dataset's
-    assert medical["lr"].help.endswith("(default 0.5, or the dataset's: see --dataset).")
+    assert "lending-club: --model logreg --lr 2;" in shown
+    assert financial["model"].help.endswith("(default logreg).")  # every financial dataset's
+    assert medical["model"].help.endswith("(default set by --dataset).")
+    assert medical["lr"].help.endswith("(default 0.5, or set by --dataset).")
 
 
 def test_every_option_of_run_and_simulate_sits_in_a_help_panel() -> None:

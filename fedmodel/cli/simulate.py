@@ -144,15 +144,16 @@ def _scenario_command(
     simulate_app.command(scenario)(command(f"simulate_{scenario}", summary, parameters, body))
 
 
-# Issue 20's measurements (docs/simulation.md): each dataset's tuned settings are its
-# defaults; an option given on the command line wins. The scenario's --model, --lr and
+# Issue 20's sweeps (docs/simulation.md): each dataset's defaults are the settings that
+# `fedmodel sweep` chose for its federation on validation rows; an option given on the
+# command line wins. The scenario's --model, --lr and
 # --clients default to None so that a given value can be told from a default.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "flchain": {"model": "logreg"},
-    "covid-clinics": {"model": "logreg"},
+    "covid-clinics": {"model": "mlp"},
     "breast-cancer": {"model": "logreg"},
     "synthetic-ehr": {"model": "logreg", "lr": 2.0, "clients": 25},
-    "lending-club": {"model": "mlp"},
+    "lending-club": {"model": "logreg", "lr": 2.0},
     "credit-default": {"model": "logreg"},
     "synthetic-fraud": {"model": "logreg", "lr": 1.0, "clients": 100},
 }
@@ -183,11 +184,14 @@ def _dataset(default: str, datasets: Sequence[str]) -> list[inspect.Parameter]:
 
 
 def _shown_default(key: str, datasets: Sequence[str]) -> Any:
-    """What --KEY's help names as its default: the datasets' value where they all agree."""
-    values = {DATASET_DEFAULTS[name].get(key, getattr(DEFAULTS, key)) for name in datasets}
+    """What --KEY's help names as its default: one value where the datasets agree."""
+    own = [DATASET_DEFAULTS[name].get(key) for name in datasets]
+    values = {getattr(DEFAULTS, key) if value is None else value for value in own}
     if len(values) == 1:
         return next(iter(values))
-    return f"{getattr(DEFAULTS, key)}, or the dataset's: see --dataset"
+    if None not in own:
+        return "set by --dataset"
+    return f"{getattr(DEFAULTS, key)}, or set by --dataset"
 
 
 def with_dataset_defaults(options: dict[str, Any]) -> dict[str, Any]:
