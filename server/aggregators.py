@@ -7,6 +7,9 @@ Robust rules tolerate up to `byzantine` arbitrary (malicious or broken) updates 
   (Blanchard et al. 2017, "Machine Learning with Adversaries"); needs n >= 2f+3.
 - bulyan: Krum selection then trimmed mean (El Mhamdi et al. 2018); needs n >= 4f+3.
 - fedadam: adaptive server optimiser (Reddi et al. 2021, "Adaptive Federated Optimization").
+- fedavgm: FedAvg whose server step keeps momentum (Hsu et al. 2019; McMahan et al. 2018
+  used it for DP-FedAvg): the step is the averaged update plus `server_momentum` times the
+  previous step. Post-processing of what the clients released, so it costs no privacy.
 - fedprox: FedAvg on the server; each client adds mu/2 * ||w - w_global||^2 to its local
   loss (Li et al. 2020, "Federated Optimization in Heterogeneous Networks"; the client's
   side is fedmodel.training._ProximalTerm).
@@ -22,6 +25,7 @@ from flwr.serverapp.strategy import (
     Bulyan,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -86,18 +90,20 @@ def build_aggregator(
     byzantine: int,
     proximal_mu: float = 0.0,
     server_lr: float = 0.1,
+    server_momentum: float = 0.9,
     **common: Any,
 ) -> FedAvg:
     """The Flower Message-API strategy for `name`; `common` are FedAvg's sampling arguments.
 
     `proximal_mu` is FedProx's mu (sent to the clients in each round's config);
-    `server_lr` is FedAdam's step size (eta).
+    `server_lr` is FedAdam's step size (eta), `server_momentum` FedAvgM's momentum.
     """
     check_aggregator(name, replies_per_round, byzantine)
     builders: dict[str, Callable[[], FedAvg]] = {
         "fedavg": lambda: FedAvg(**common),
         "fedprox": lambda: FedProx(proximal_mu=proximal_mu, **common),
         "fedadam": lambda: DtypeKeepingFedAdam(eta=server_lr, **common),
+        "fedavgm": lambda: FedAvgM(server_momentum=server_momentum, **common),
         "median": lambda: FedMedian(**common),
         "trimmed-mean": lambda: FedTrimmedAvg(beta=TRIMMED_MEAN_BETA, **common),
         "krum": lambda: Krum(num_malicious_nodes=byzantine, **common),

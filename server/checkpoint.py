@@ -2,11 +2,11 @@
 
 Every round writes `round-NNNN.pt` (the global model) and refreshes `latest.pt`, which
 also holds what a resumed run needs to go on exactly where this one stopped: the
-strategy's internal state (FedAdam's moments), the random generators' states (Flower
-samples nodes with Python's `random`) and the run record. Client-level DP noise is drawn
-from none of these generators (server.central_dp), so a resumed round cannot replay it.
-Files are written to a temporary name and renamed (`os.replace`), so a reader sees the
-old file or the new one, never half of one.
+strategy's internal state (FedAdam's moments, FedAvgM's momentum), the random generators'
+states (Flower samples nodes with Python's `random`) and the run record. Client-level DP
+noise is drawn from none of these generators (server.central_dp), so a resumed round
+cannot replay it. Files are written to a temporary name and renamed (`os.replace`), so a
+reader sees the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import torch
 
 LATEST = "latest.pt"
 # Attributes of Flower strategies that carry state from round to round: the FedOpt
-# family's (FedAdam, FedYogi, FedAdagrad) moments of the server update, and adaptive
-# clipping's current norm. Wrappers (ours, Flower's DP ones) hold the next strategy in
-# `inner` or `strategy`; the whole chain is searched.
-STRATEGY_STATE_ATTRIBUTES = ("m_t", "v_t", "clipping_norm")
+# family's (FedAdam, FedYogi, FedAdagrad) moments of the server update, FedAvgM's
+# momentum (a list of arrays, in the model's order) and adaptive clipping's current norm.
+# Wrappers (ours, Flower's DP ones) hold the next strategy in `inner` or `strategy`; the
+# whole chain is searched.
+STRATEGY_STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "clipping_norm")
 WRAPPED_STRATEGY_ATTRIBUTES = ("inner", "strategy")
-StrategyState = dict[str, dict[str, torch.Tensor] | float]
+StrategyState = dict[str, dict[str, torch.Tensor] | list[torch.Tensor] | float]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ def strategy_state(strategy: object) -> StrategyState:
             value = getattr(layer, name, None)
             if isinstance(value, dict) and value:
                 state[name] = {key: torch.from_numpy(np.array(a)) for key, a in value.items()}
+            elif isinstance(value, list) and value:
+                state[name] = [torch.from_numpy(np.array(a)) for a in value]
             elif isinstance(value, float):
                 state[name] = value
     return state
@@ -123,6 +126,8 @@ def restore_strategy_state(strategy: object, state: Mapping[str, Any]) -> None:
             raise ValueError(f"the checkpoint holds strategy state {name!r} this strategy lacks")
         if isinstance(value, dict):
             value = {key: tensor.numpy() for key, tensor in value.items()}
+        elif isinstance(value, list):
+            value = [tensor.numpy() for tensor in value]
         setattr(layer, name, value)
 
 

@@ -141,6 +141,7 @@ def run_federation(
                 config.byzantine,
                 config.proximal_mu,
                 config.server_lr,
+                config.server_momentum,
                 train_metrics_aggr_fn=aggregate_train_metrics,
                 **sampling,
             )

@@ -83,6 +83,26 @@ def test_fedadams_step_scales_with_the_server_lr() -> None:
     assert np.all(steps[0] > 0.05)  # about the server lr per coordinate: Adam's sign step
 
 
+def test_fedavgms_second_step_is_the_mean_update_plus_momentum_times_the_first() -> None:
+    """Server momentum, computed here independently: step_t = mean_t + beta * step_{t-1},
+    where mean_t is the average reply minus the current model; float32 throughout."""
+    beta = 0.5
+    strategy = build_aggregator("fedavgm", 6, 0, server_momentum=beta)
+    model = ArrayRecord({"w": torch.zeros(2, dtype=torch.float32)})
+    previous_step = np.zeros(2)
+    for server_round, offset in ((1, 0.0), (2, 3.0)):
+        strategy.configure_train(server_round, model, ConfigRecord(), NodesGrid(6))  # type: ignore[arg-type]
+        arrays, _ = strategy.aggregate_train(server_round, replies([v + offset for v in HONEST]))
+        assert arrays is not None and arrays["w"].dtype == "float32"
+        mean_update = np.mean([v + offset for v in HONEST], axis=0) - model["w"].numpy()
+        expected_step = mean_update + beta * previous_step
+        np.testing.assert_allclose(
+            arrays["w"].numpy() - model["w"].numpy(), expected_step, rtol=1e-5
+        )
+        previous_step, model = expected_step, arrays
+    assert np.all(previous_step > mean_update)  # momentum carried round 1's step into round 2
+
+
 @pytest.mark.slow
 def test_a_fedadam_run_completes_every_round_with_the_server_lr_it_was_given(
     tmp_path: Path,

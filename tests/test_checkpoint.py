@@ -139,8 +139,13 @@ def federate(run_dir: Path, config: RunConfig, dimensions: int = 2) -> NodesThat
     return grid
 
 
-def test_resumed_run_equals_an_unbroken_one_with_fedadam_and_sampling(tmp_path: Path) -> None:
-    config = FEDERATION.replace(rounds=4, run_uid="fixed")
+@pytest.mark.parametrize(
+    ("aggregator", "state"), [("fedadam", {"m_t", "v_t"}), ("fedavgm", {"momentum_vector"})]
+)
+def test_resumed_run_equals_an_unbroken_one_with_a_server_optimizer_and_sampling(
+    tmp_path: Path, aggregator: str, state: set[str]
+) -> None:
+    config = FEDERATION.replace(rounds=4, run_uid="fixed", aggregator=aggregator)
     random.seed(7)
     federate(tmp_path / "unbroken", config)
 
@@ -158,7 +163,7 @@ def test_resumed_run_equals_an_unbroken_one_with_fedadam_and_sampling(tmp_path: 
     assert broken.completed_round == 4
     torch.testing.assert_close(broken.state_dict, unbroken.state_dict, rtol=0, atol=0)
     torch.testing.assert_close(broken.strategy_state, unbroken.strategy_state, rtol=0, atol=0)
-    assert set(unbroken.strategy_state) == {"m_t", "v_t"}
+    assert set(unbroken.strategy_state) == state
 
     summaries = [
         json.loads((tmp_path / d / "summary.json").read_text()) for d in ("unbroken", "broken")

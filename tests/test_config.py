@@ -45,6 +45,8 @@ def test_run_config_round_trips_through_flower_form() -> None:
         ({"partition": "random"}, "--partition"),
         ({"server_lr": 0.0}, "--server-lr"),
         ({"server_lr": float("inf")}, "--server-lr"),
+        ({"server_momentum": 1.0}, "--server-momentum"),
+        ({"server_momentum": -0.1}, "--server-momentum"),
     ],
 )
 def test_invalid_values_name_the_option(change: dict[str, object], flag: str) -> None:

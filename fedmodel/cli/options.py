@@ -37,6 +37,7 @@ SHARED_KEYS = (
     "central_epsilon",
     "aggregator",
     "server_lr",
+    "server_momentum",
     "byzantine",
     "max_update_norm",
     "stop_after_round",

@@ -25,7 +25,15 @@ MODEL_USES: dict[ModelName, str] = {
 }
 """What each registered model is for, without importing torch: --model's help lists them all."""
 AggregatorName = Literal[
-    "fedavg", "fedprox", "fedadam", "median", "trimmed-mean", "krum", "multikrum", "bulyan"
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedavgm",
+    "median",
+    "trimmed-mean",
+    "krum",
+    "multikrum",
+    "bulyan",
 ]
 AttackName = Literal["none", "sign-flip", "scaled", "gaussian", "nan"]
 EvaluationMethod = Literal["mean", "median"]

@@ -142,6 +142,11 @@ class RunConfig(RunKeys):
             self.server_lr,
         )
         _require(
+            0.0 <= self.server_momentum < 1.0,
+            "--server-momentum must be in [0, 1) (fedavgm's momentum)",
+            self.server_momentum,
+        )
+        _require(
             math.isfinite(self.proximal_mu) and self.proximal_mu >= 0.0,
             "--proximal-mu must be 0 or a positive number",
             self.proximal_mu,

@@ -168,6 +168,12 @@ class RunKeys:
         "--aggregator fedadam: the server optimizer's learning rate (Adam's step size on "
         "the averaged update; Flower's default).",
     )
+    server_momentum: float = key(
+        0.9,
+        _ROBUSTNESS,
+        "--aggregator fedavgm: momentum of the server's step, which is the averaged update "
+        "plus this times the previous step (McMahan et al. 2018 used 0.9 under DP).",
+    )
     byzantine: int = key(0, _ROBUSTNESS, "Malicious clients per round to tolerate.")
     attack: AttackName = key("none", _ROBUSTNESS, "Simulated attack the attackers send.")
     attackers: float = key(0.0, _ROBUSTNESS, "Simulation: fraction of clients that attack.")
