@@ -32,6 +32,7 @@ class SweepDefinition:
     grid: tuple[tuple[str, tuple[str, ...]], ...]  # (simulate option name, its values)
     passthrough: tuple[str, ...]  # other simulate options, given to every run
     validation_fraction: float
+    metric: str = ""  # what chooses and is reported; empty: the scenario's headline
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -43,7 +44,10 @@ class SweepDefinition:
         return [tuple(zip(self.keys, point, strict=True)) for point in values]
 
     def to_json(self) -> dict[str, object]:
-        return json.loads(json.dumps(asdict(self)))  # tuples as lists, as the file holds them
+        stored = json.loads(json.dumps(asdict(self)))  # tuples as lists, as the file holds them
+        if not self.metric:  # as sweeps before --metric stored it, so that they resume
+            del stored["metric"]
+        return stored
 
 
 @dataclass(frozen=True)

@@ -86,9 +86,15 @@ class SweepDirectory:
         return self.path / RUNS_DIR / key
 
     def row_of(self, run: PlannedRun, key: str, summary: RunSummary, seconds: float) -> Row:
-        """The CSV row of a finished run: its headline metric for each arm, under
-        validation_ (stage 1) or test_ (stage 2); the other three stay empty."""
-        headline = summary.scoring.headline
+        """The CSV row of a finished run: the sweep's metric (the scenario's headline unless
+        --metric names another) for each arm, under validation_ (stage 1) or test_ (stage
+        2); the other three stay empty."""
+        headline = self.definition.metric or summary.scoring.headline
+        if headline not in summary.scoring.columns:
+            raise ConfigError(
+                f"--metric {headline}: this scenario's runs score "
+                f"{', '.join(summary.scoring.columns)}; name one of them"
+            )
         baselines = summary.baselines or {}
         scores = {
             "federated": summary.final_metrics.get(headline),

@@ -6,13 +6,17 @@ import csv
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from fedmodel.cli.main import main
-from simulations.sweep_plan import SweepDefinition
+from fedmodel.errors import ConfigError
+from fedmodel.run_directory import RunSummary
+from simulations.sweep_plan import PlannedRun, SweepDefinition
 from simulations.sweep_results import choose, validation_scores
+from simulations.sweep_runs import SweepDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFINITION = SweepDefinition("medical", (1.0, 2.0), (0, 1), (("lr", ("0.1", "0.5")),), (), 0.2)
@@ -63,6 +67,47 @@ def test_a_baseline_tie_goes_to_the_federated_choice() -> None:
     ]  # fmt: skip
     chosen = choose(validation_scores(rows, definition))[1.0]
     assert set(chosen.values()) == {(("aggregator", "fedadam"),)}
+
+
+def _summary(federated: dict[str, float]) -> RunSummary:
+    """A finished stage-1 run's summary, as `fedmodel simulate` writes it."""
+    return RunSummary(
+        scenario="medical", dataset="flchain", rounds=1, planned_rounds=1, completed=True,
+        num_clients=2, dp=True, delta=1e-5, target_epsilon=1.0, accountant="rdp",
+        final=federated, initial=None, per_round=[], clients=[],
+        config={"validation_fraction": 0.2},
+        baselines={"central_dp": {"auroc": 0.8, "loss": 0.5},
+                   "local_mean": {"auroc": 0.7, "loss": 0.6}},
+    )  # fmt: skip
+
+
+def test_metric_loss_chooses_the_lowest_loss_where_auroc_would_choose_otherwise(
+    tmp_path: Path,
+) -> None:
+    """The fedavgm trade-off (docs/simulation.md): better ranking, worse probabilities."""
+    by_loss = SweepDefinition(
+        "medical", (1.0,), (0,), (("aggregator", ("fedavg", "fedavgm")),), (), 0.2, "loss"
+    )
+    scored = {"fedavg": {"auroc": 0.84, "loss": 0.43}, "fedavgm": {"auroc": 0.85, "loss": 0.70}}
+    chosen = {}
+    for definition in (by_loss, replace(by_loss, metric="")):
+        directory = SweepDirectory(tmp_path / definition.metric, definition)
+        rows = [
+            directory.row_of(run, run.key(definition), _summary(scored[run.config[0][1]]), 1.0)
+            for run in (PlannedRun(1, 1.0, 0, config) for config in definition.configs())
+        ]
+        chosen[definition.metric] = choose(validation_scores(rows, definition))[1.0]
+        if definition.metric == "loss":
+            assert [(row["metric"], row["better"]) for row in rows] == [("loss", "lower")] * 2
+            assert [row["validation_federated"] for row in rows] == ["0.43", "0.7"]
+    assert chosen["loss"]["federated"] == (("aggregator", "fedavg"),)
+    assert chosen[""]["federated"] == (("aggregator", "fedavgm"),)  # the headline, AUROC
+
+    typo = SweepDirectory(tmp_path / "typo", replace(by_loss, metric="brier"))
+    with pytest.raises(ConfigError, match="--metric brier: this scenario's runs score auroc, "):
+        typo.row_of(PlannedRun(1, 1.0, 0, by_loss.configs()[0]), "k", _summary({}), 1.0)
+    assert "metric" not in DEFINITION.to_json()  # a sweep from before --metric resumes
+    assert by_loss.to_json()["metric"] == "loss"
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,14 @@ def sweep_command(
         typer.Option(help="Share of each client's training rows stage 1 holds out to score on."),
     ] = 0.2,
     seed: Annotated[int, typer.Option(help="The first seed (stage 1 runs at it).")] = 0,
+    metric: Annotated[
+        str,
+        typer.Option(
+            help="The metric that chooses and is reported, e.g. loss to choose calibrated "
+            "probabilities (default: the scenario's own, AUROC for binary tables).",
+            show_default=False,
+        ),
+    ] = "",
     output: Annotated[
         Path | None,
         typer.Option(help="Sweep directory (default sweeps/SCENARIO); rerun to resume."),
@@ -85,6 +93,7 @@ def sweep_command(
         parsed_grid,
         passthrough,
         validation_fraction,
+        metric,
     )
     configs = len(definition.configs())
     if configs > max_configs:
