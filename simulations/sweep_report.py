@@ -20,7 +20,8 @@ from simulations.sweep_plan import ARMS, SweepDefinition, described
 from simulations.sweep_results import ARM_LABELS, ArmResult
 
 BEST_FILE, PLOT_FILE, REPORT_FILE = "best.csv", "privacy_utility.png", "sweep.md"
-BOUNDED_METRICS = frozenset({"auroc", "auprc", "accuracy", "recall_at_1pct_fpr"})
+UNIT_INTERVAL_METRICS = frozenset({"auroc", "auprc", "accuracy", "recall_at_1pct_fpr"})
+NONNEGATIVE_METRICS = UNIT_INTERVAL_METRICS | {"loss", "mse", "mae"}
 OFFSET = 0.06  # each arm's shift along the log epsilon axis (a factor of 10**0.06 = 1.15)
 
 
@@ -83,9 +84,12 @@ def _plot(
     axis.set_xticklabels([f"{epsilon:g}" for epsilon in epsilons])
     axis.set_xlim(epsilons[0] / 1.6, epsilons[-1] * 1.6)
     axis.set_xlabel("epsilon (per client, delta fixed)")
-    if metric in BOUNDED_METRICS:  # two seeds' t-interval can reach far outside [0, 1]
-        low, high = axis.get_ylim()
-        axis.set_ylim(max(0.0, low), min(1.0, high))
+    low, high = axis.get_ylim()  # a few seeds' t-interval can reach past what can be
+    if metric in NONNEGATIVE_METRICS:
+        low = max(0.0, low)
+    if metric in UNIT_INTERVAL_METRICS:
+        high = min(1.0, high)
+    axis.set_ylim(low, high)
     axis.set_ylabel(f"test {label}")
     seeds = _count(len(definition.seeds), "seed")
     axis.set_title(f"{definition.scenario}: mean over {seeds}, 95% t-interval")
