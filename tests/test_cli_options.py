@@ -29,8 +29,8 @@ PER_COMMAND = {"output", "verbose"}
 # medical and financial leave --model and --lr to each dataset (DATASET_DEFAULTS).
 SCENARIO_DEFAULTS = {
     "digits": {"partition", "model", "lr"},
-    "medical": {"model", "lr"},
-    "financial": {"model", "lr"},
+    "medical": {"model", "lr", "local_epochs", "max_grad_norm"},
+    "financial": {"model", "lr", "local_epochs", "max_grad_norm"},
     "csv": {"model"},
 }
 CHOICE_KEYS = sorted(name for name, spec in RunConfig.config_keys().items() if spec.choices)
@@ -85,19 +85,20 @@ def test_a_users_table_trains_the_linear_model_by_default() -> None:
 
 
 def test_a_dataset_tuned_by_issue_20_defaults_to_its_settings_and_a_given_option_wins() -> None:
-    left_out = {"model": None, "lr": None, "clients": None}
+    left_out = dict.fromkeys(("model", "lr", "local_epochs", "max_grad_norm", "clients"))
     for dataset, expected in (
-        ("flchain", ("logreg", 0.5, 8)),
-        ("covid-clinics", ("mlp", 0.5, 8)),  # the shared defaults
-        ("lending-club", ("logreg", 2.0, 8)),
-        ("synthetic-ehr", ("logreg", 2.0, 25)),
-        ("synthetic-fraud", ("logreg", 1.0, 100)),
+        ("flchain", ("logreg", 0.5, 1, 1.0, 8)),  # the shared defaults but the model
+        ("covid-clinics", ("mlp", 0.5, 1, 0.5, 8)),
+        ("breast-cancer", ("logreg", 0.25, 2, 0.5, 8)),
+        ("lending-club", ("logreg", 2.0, 1, 1.0, 8)),
+        ("synthetic-ehr", ("logreg", 2.0, 1, 1.0, 25)),
+        ("synthetic-fraud", ("logreg", 1.0, 1, 1.0, 100)),
     ):
         resolved = with_dataset_defaults({"dataset": dataset, **left_out})
-        assert (resolved["model"], resolved["lr"], resolved["clients"]) == expected, dataset
-    given = with_dataset_defaults({"dataset": "synthetic-ehr", "model": "mlp", "lr": None,
-                                    "clients": 3})  # fmt: skip
-    assert (given["model"], given["lr"], given["clients"]) == ("mlp", 2.0, 3)
+        assert tuple(resolved[key] for key in left_out) == expected, dataset
+    given = with_dataset_defaults({**left_out, "dataset": "breast-cancer", "model": "mlp",
+                                   "max_grad_norm": 2.0})  # fmt: skip
+    assert (given["model"], given["lr"], given["max_grad_norm"]) == ("mlp", 0.25, 2.0)
     assert RunConfig().model == "mlp" and RunConfig().lr == 0.5 and RunConfig().clients == 8
 
 
@@ -105,6 +106,11 @@ def test_the_help_names_each_datasets_defaults_where_the_option_is() -> None:
     medical, financial = options(SCENARIOS["medical"]), options(SCENARIOS["financial"])
     shown = financial["dataset"].help
     assert shown is not None and "credit-default: --model logreg;" in shown
+    medical_shown = medical["dataset"].help
+    assert medical_shown is not None
+    assert "breast-cancer: --model logreg --lr 0.25 --local-epochs 2 --max-grad-norm 0.5;" in (
+        medical_shown
+    )
     assert "synthetic-fraud: --model logreg --lr 1 --clients 100." in shown
     assert "lending-club: --model logreg --lr 2;" in shown
     assert financial["model"].help.endswith("(default logreg).")  # every financial dataset's
