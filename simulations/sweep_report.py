@@ -84,7 +84,7 @@ def _plot(
     axis.set_xticklabels([f"{epsilon:g}" for epsilon in epsilons])
     axis.set_xlim(epsilons[0] / 1.6, epsilons[-1] * 1.6)
     axis.set_xlabel("epsilon (per client, delta fixed)")
-    low, high = axis.get_ylim()  # a few seeds' t-interval can reach past what can be
+    low, high = axis.get_ylim()  # a few seeds' t-interval can reach values the metric cannot
     if metric in NONNEGATIVE_METRICS:
         low = max(0.0, low)
     if metric in UNIT_INTERVAL_METRICS:

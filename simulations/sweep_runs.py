@@ -89,17 +89,17 @@ class SweepDirectory:
         """The CSV row of a finished run: the sweep's metric (the scenario's headline unless
         --metric names another) for each arm, under validation_ (stage 1) or test_ (stage
         2); the other three stay empty."""
-        headline = self.definition.metric or summary.scoring.headline
-        if headline not in summary.scoring.columns:
+        metric = self.definition.metric or summary.scoring.headline
+        if metric not in summary.scoring.columns:
             raise ConfigError(
-                f"--metric {headline}: this scenario's runs score "
+                f"--metric {metric}: this scenario's runs score "
                 f"{', '.join(summary.scoring.columns)}; name one of them"
             )
         baselines = summary.baselines or {}
         scores = {
-            "federated": summary.final_metrics.get(headline),
-            "central_dp": (baselines.get("central_dp") or {}).get(headline),
-            "site_alone": (baselines.get("local_mean") or {}).get(headline),
+            "federated": summary.final_metrics.get(metric),
+            "central_dp": (baselines.get("central_dp") or {}).get(metric),
+            "site_alone": (baselines.get("local_mean") or {}).get(metric),
         }
         scored_on = "validation" if run.stage == 1 else "test"
         row: Row = {column: "" for column in self.columns}
@@ -109,8 +109,8 @@ class SweepDirectory:
             "epsilon": f"{run.epsilon:g}",
             "seed": str(run.seed),
             **dict(run.config),
-            "metric": headline,
-            "better": "lower" if headline in summary.scoring.lower_is_better else "higher",
+            "metric": metric,
+            "better": "lower" if metric in summary.scoring.lower_is_better else "higher",
             **{f"{scored_on}_{arm}": "" if v is None else f"{v:.6g}" for arm, v in scores.items()},
             "seconds": f"{seconds:.1f}",
             "run": str(self.run_dir(key).relative_to(self.path)),

@@ -146,8 +146,8 @@ def _scenario_command(
 
 # Issue 20's sweeps (docs/simulation.md): each dataset's defaults are the settings that
 # `fedmodel sweep` chose for its federation on validation rows, where they won by more
-# than 0.001 AUROC; an option given on the command line wins. The scenario's --model, --lr and
-# --clients default to None so that a given value can be told from a default.
+# than 0.001 AUROC; an option given on the command line wins. The scenario's options for
+# these keys default to None so that a given value can be told from a default.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "flchain": {"model": "logreg"},
     "covid-clinics": {"model": "mlp", "max_grad_norm": 0.5},
