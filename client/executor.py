@@ -49,7 +49,10 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
 )
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectPullError,
+    pull_and_inflate_object_from_tree,
+)
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -91,6 +94,11 @@ AUDIT_FILE = "node-audit.jsonl"
 POLL_INTERVAL_S = 0.1
 IDLE_POLL_INTERVAL_S = 0.5
 OBJECT_RETRY_S = 0.02  # first wait for a message object the SuperNode is still receiving
+# How long a task's message objects may take to arrive. Flower 1.39's SuperNode keeps the
+# task of a message whose run ended while it was receiving it, with objects that never
+# come (start_client_internal's RunNotRunningException branch): without a bound this
+# executor would wait on that task, and leave every later one (a resumed run's) unserved.
+MESSAGE_PULL_MAX_S = 60.0
 # Flower's own code for "the ClientApp raised"; the reason sent is generic on purpose
 CLIENT_APP_FAILED_CODE = 1
 # The methods Flower's Runtime API guards with the SuperExec secret
@@ -166,7 +174,11 @@ class NodeExecutor:
         context: Context | None = None
         status, details = SubStatus.FAILED, "the node could not read the task"
         try:
-            message, context = pull_task(runtime)
+            try:
+                message, context = pull_task(runtime)
+            except ObjectPullError as error:  # answered as failed (below); the next task waits
+                print(f"task dropped: its message never arrived ({error})", flush=True)
+                return
             stage = secagg_stage(message)  # before secaggplus_mod takes it out of the message
             started = time.monotonic()
             try:
@@ -339,6 +351,7 @@ def pull_task(runtime: RuntimeHttpClient) -> tuple[Message, Context]:
             runtime.ConfirmMessageReceived, node, context.run_id
         ),
         return_type=Message,
+        max_time=MESSAGE_PULL_MAX_S,
         initial_backoff=OBJECT_RETRY_S,
         backoff_cap=0.5,
     )
