@@ -1,6 +1,7 @@
 """A sweep's plan: its definition (grid, epsilons, seeds), and the runs of each stage.
 
-Stage 1: every grid point at every epsilon, at the first seed, scored on validation rows.
+Stage 1: every grid point at every epsilon, at the first seed (or the first
+`validation_seeds` seeds), scored on validation rows.
 Stage 2: the configurations chosen at each epsilon (simulations/sweep_results.py), every
 seed, scored on the test set. A run's key is a hash of everything that decides its
 result, so a resumed sweep recognises the runs it has finished.
@@ -33,6 +34,7 @@ class SweepDefinition:
     passthrough: tuple[str, ...]  # other simulate options, given to every run
     validation_fraction: float
     metric: str = ""  # what chooses and is reported; empty: the scenario's headline
+    validation_seeds: int = 1  # stage 1's seeds, from the first: the choice reads their mean
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -43,10 +45,18 @@ class SweepDefinition:
         values = itertools.product(*(choices for _, choices in self.grid))
         return [tuple(zip(self.keys, point, strict=True)) for point in values]
 
+    @property
+    def stage_one_seeds(self) -> tuple[int, ...]:
+        first = self.seeds[0]
+        return tuple(range(first, first + self.validation_seeds))
+
     def to_json(self) -> dict[str, object]:
         stored = json.loads(json.dumps(asdict(self)))  # tuples as lists, as the file holds them
-        if not self.metric:  # as sweeps before --metric stored it, so that they resume
+        # as sweeps before --metric and --validation-seeds stored it, so that they resume
+        if not self.metric:
             del stored["metric"]
+        if self.validation_seeds == 1:
+            del stored["validation_seeds"]
         return stored
 
 
@@ -91,11 +101,12 @@ def described(config: Config) -> str:
 
 
 def stage_one(definition: SweepDefinition) -> list[PlannedRun]:
-    """Every grid point at every epsilon, at the first seed."""
+    """Every grid point at every epsilon, at each validation seed."""
     return [
-        PlannedRun(1, epsilon, definition.seeds[0], config)
+        PlannedRun(1, epsilon, seed, config)
         for epsilon in definition.epsilons
         for config in definition.configs()
+        for seed in definition.stage_one_seeds
     ]
 
 

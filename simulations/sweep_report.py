@@ -57,6 +57,12 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
+def _validation_seeds(definition: SweepDefinition) -> str:
+    if definition.validation_seeds == 1:
+        return "one seed"
+    return f"{definition.validation_seeds} seeds (the choice reads their mean)"
+
+
 def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
@@ -113,7 +119,7 @@ def _markdown(
         "```",
         "",
         f"Stage 1 ran {_count(len(definition.configs()), 'configuration')} of the grid at "
-        "each epsilon, one seed, each scored on a validation split "
+        f"each epsilon, {_validation_seeds(definition)}, each scored on a validation split "
         f"({definition.validation_fraction:g} of each client's training rows, held out); the "
         "test set was not read. Each arm (federated, central DP, site alone) took its own "
         f"best configuration by validation {label}. Stage 2 reran those with "

@@ -1,8 +1,9 @@
 """What a sweep found: the configuration chosen per epsilon and arm, on validation scores
-only, and the chosen ones' test scores over seeds (mean and 95% t-interval).
+only (their mean over the validation seeds), and the chosen ones' test scores over seeds
+(mean and 95% t-interval).
 
-The choice is made from `ValidationScore`s, which carry a run's validation scores and
-nothing else: the code that chooses cannot see a test score (stage-1 runs compute none).
+The choice is made from `ValidationScore`s, which carry validation scores and nothing
+else: the code that chooses cannot see a test score (stage-1 runs compute none).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ ARM_LABELS = {"federated": "federated", "central_dp": "central DP", "site_alone"
 
 @dataclass(frozen=True)
 class ValidationScore:
-    """A stage-1 run's validation score for each arm (None: not scored, e.g. no baselines)."""
+    """A configuration's stage-1 validation score for each arm (None: not scored, e.g. no
+    baselines)."""
 
     epsilon: float
     config: Config
@@ -29,17 +31,29 @@ class ValidationScore:
 
 
 def validation_scores(rows: Sequence[Row], definition: SweepDefinition) -> list[ValidationScore]:
-    """The stage-1 rows' validation columns, and only those."""
+    """The stage-1 rows' validation columns, and only those: one score per epsilon and
+    configuration, each arm's the mean over the validation seeds (None if a seed did not
+    score it, as a run that diverged)."""
+    runs: dict[tuple[float, Config], list[Row]] = {}
+    for row in rows:
+        if row["stage"] == "1":
+            config = tuple((key, row[key]) for key in definition.keys)
+            runs.setdefault((float(row["epsilon"]), config), []).append(row)
     return [
         ValidationScore(
-            float(row["epsilon"]),
-            tuple((key, row[key]) for key in definition.keys),
-            {arm: _number(row[f"validation_{arm}"]) for arm in ARMS},
-            row["better"] != "lower",
+            epsilon,
+            config,
+            {arm: _mean([_number(row[f"validation_{arm}"]) for row in seeds]) for arm in ARMS},
+            seeds[0]["better"] != "lower",
         )
-        for row in rows
-        if row["stage"] == "1"
+        for (epsilon, config), seeds in runs.items()
     ]
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    if any(value is None for value in values):
+        return None
+    return sum(value for value in values if value is not None) / len(values)
 
 
 def choose(scores: Sequence[ValidationScore]) -> dict[float, dict[str, Config]]:

@@ -14,7 +14,7 @@ import pytest
 from fedmodel.cli.main import main
 from fedmodel.errors import ConfigError
 from fedmodel.run_directory import RunSummary
-from simulations.sweep_plan import PlannedRun, SweepDefinition
+from simulations.sweep_plan import PlannedRun, SweepDefinition, stage_one
 from simulations.sweep_results import choose, validation_scores
 from simulations.sweep_runs import SweepDirectory
 
@@ -51,6 +51,37 @@ def test_the_choice_reads_validation_scores_and_never_test_scores() -> None:
     assert chosen[2.0]["federated"] == (("lr", "0.1"),)
     poisoned = [row | {"test_federated": "0.5"} for row in rows]
     assert choose(validation_scores(poisoned, DEFINITION)) == chosen
+
+
+def test_validation_seeds_choose_by_the_mean_over_seeds() -> None:
+    """One seed's noise can outweigh the difference between configurations (lending-club's
+    federated AUROC spans 0.57-0.67 over seeds at one configuration): the mean decides."""
+    definition = replace(DEFINITION, epsilons=(1.0,), validation_seeds=2)
+    runs = stage_one(definition)
+    assert [(run.config[0][1], run.seed) for run in runs] == [
+        ("0.1", 0), ("0.1", 1), ("0.5", 0), ("0.5", 1)
+    ]  # fmt: skip
+    assert len({run.key(definition) for run in runs}) == 4
+    seed_0 = [_row("1", "0.1", "1", 0.72, 0.0), _row("1", "0.5", "1", 0.70, 0.0)]
+    seed_1 = [
+        _row("1", "0.1", "1", 0.60, 0.0) | {"seed": "1"},
+        _row("1", "0.5", "1", 0.75, 0.0) | {"seed": "1"},
+    ]
+    assert choose(validation_scores(seed_0, definition))[1.0]["federated"] == (("lr", "0.1"),)
+    scores = validation_scores(seed_0 + seed_1, definition)
+    assert [round(score.scores["federated"] or 0, 3) for score in scores] == [0.66, 0.725]
+    assert choose(scores)[1.0]["federated"] == (("lr", "0.5"),)
+    diverged = seed_1[1] | {"validation_federated": ""}  # a seed that did not score lr 0.5
+    scores = validation_scores([*seed_0, seed_1[0], diverged], definition)
+    assert scores[1].scores["federated"] is None
+    assert choose(scores)[1.0]["federated"] == (("lr", "0.1"),)
+    assert "validation_seeds" not in DEFINITION.to_json()  # a sweep from before resumes
+    assert definition.to_json()["validation_seeds"] == 2
+    assert [run.key(DEFINITION) for run in stage_one(DEFINITION)] == [
+        PlannedRun(1, epsilon, 0, config).key(DEFINITION)
+        for epsilon in DEFINITION.epsilons
+        for config in DEFINITION.configs()
+    ]  # one validation seed: the runs (and keys) of a sweep from before
 
 
 def test_a_baseline_tie_goes_to_the_federated_choice() -> None:
@@ -161,6 +192,19 @@ def test_a_bad_grid_is_one_line_naming_the_key(
     assert not (tmp_path / "s").exists()
 
 
+def test_no_validation_seeds_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "s"
+    arguments = ["fedmodel", "sweep", "medical", "--validation-seeds", "0", "--output", str(output)]
+    monkeypatch.setattr(sys, "argv", arguments)
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --validation-seeds must be at least 1 (got 0)"
+    assert not output.exists()
+
+
 def fedmodel(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """The CLI of this checkout, as a user runs it."""
     return subprocess.run(
@@ -176,12 +220,13 @@ def fedmodel(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 SWEEP = (
     *("sweep", "medical", "--dataset", "synthetic-ehr", "--clients", "2", "--rounds", "1"),
-    *("--baseline-sites", "1", "--epsilon", "1", "--seeds", "2", "--jobs", "2"),
+    *("--baseline-sites", "1", "--epsilon", "1", "--seeds", "2", "--validation-seeds", "2"),
+    *("--jobs", "2"),
     *("--grid", "aggregator=fedavg,fedadam", "--output", "sweep"),
 )
 
 
-@pytest.mark.slow  # four simulate runs, two at a time: ~1-2 min on two cores
+@pytest.mark.slow  # six simulate runs, two at a time: ~1-2 min on two cores
 def test_a_tiny_sweep_chooses_on_validation_measures_over_seeds_and_resumes(
     tmp_path: Path,
 ) -> None:
@@ -192,9 +237,16 @@ def test_a_tiny_sweep_chooses_on_validation_measures_over_seeds_and_resumes(
         rows = list(csv.DictReader(file))
     first = [row for row in rows if row["stage"] == "1"]
     second = [row for row in rows if row["stage"] == "2"]
-    assert sorted(row["aggregator"] for row in first) == ["fedadam", "fedavg"]
+    assert sorted((row["aggregator"], row["seed"]) for row in first) == [
+        ("fedadam", "0"), ("fedadam", "1"), ("fedavg", "0"), ("fedavg", "1")
+    ]  # fmt: skip
     assert all(row["validation_federated"] and not row["test_federated"] for row in first)
-    best = max(first, key=lambda row: float(row["validation_federated"]))["aggregator"]
+    validation = {
+        name: sum(float(row["validation_federated"]) for row in first if row["aggregator"] == name)
+        / 2
+        for name in ("fedavg", "fedadam")
+    }
+    best = max(validation, key=lambda name: validation[name])
     # the baselines ignore the aggregator: their tie goes to the federated choice
     assert sorted((row["aggregator"], row["seed"]) for row in second) == [(best, "0"), (best, "1")]
     assert all(row["test_federated"] and not row["validation_federated"] for row in second)
@@ -203,18 +255,20 @@ def test_a_tiny_sweep_chooses_on_validation_measures_over_seeds_and_resumes(
     assert set(chosen) == {"federated", "central_dp", "site_alone"}
     tests = [float(row["test_federated"]) for row in second]
     assert chosen["federated"]["aggregator"] == best
+    assert float(chosen["federated"]["validation_auroc"]) == pytest.approx(validation[best], 1e-3)
     assert float(chosen["federated"]["test_auroc_mean"]) == pytest.approx(sum(tests) / 2, abs=1e-4)
     assert float(chosen["federated"]["ci95_low"]) < sum(tests) / 2
     assert (directory / "privacy_utility.png").read_bytes()[:4] == b"\x89PNG"
     report = (directory / "sweep.md").read_text()
     assert "Tuning is not counted in epsilon" in report and "--grid aggregator=fedavg" in report
+    assert "at each epsilon, 2 seeds (the choice reads their mean)" in report
 
     again = fedmodel(*SWEEP, cwd=tmp_path)  # resume: everything is finished, nothing runs
     assert again.returncode == 0, again.stdout + again.stderr
     assert "run 1/" not in again.stdout
     with (directory / "sweep.csv").open() as file:
         assert list(csv.DictReader(file)) == rows
-    assert len(list((directory / "runs").glob("*.log"))) == 4
+    assert len(list((directory / "runs").glob("*.log"))) == 6
 
     other = fedmodel(*SWEEP[:-4], "--grid", "lr=0.1,0.5", "--output", "sweep", cwd=tmp_path)
     assert other.returncode == 2

@@ -54,7 +54,14 @@ def sweep_command(
         float,
         typer.Option(help="Share of each client's training rows stage 1 holds out to score on."),
     ] = 0.2,
-    seed: Annotated[int, typer.Option(help="The first seed (stage 1 runs at it).")] = 0,
+    seed: Annotated[int, typer.Option(help="The first seed of each stage.")] = 0,
+    validation_seeds: Annotated[
+        int,
+        typer.Option(
+            help="Seeds of every configuration in stage 1, from --seed: the choice reads "
+            "their mean, steadier where seeds differ more than configurations."
+        ),
+    ] = 1,
     metric: Annotated[
         str,
         typer.Option(
@@ -82,6 +89,8 @@ def sweep_command(
     epsilons = _numbers("--epsilon", epsilon)
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1 (got {seeds})")
+    if validation_seeds < 1:
+        raise ConfigError(f"--validation-seeds must be at least 1 (got {validation_seeds})")
     if not 0 < validation_fraction < 1:
         raise ConfigError(f"--validation-fraction must be in (0, 1) (got {validation_fraction})")
     passthrough = tuple(context.args)
@@ -94,6 +103,7 @@ def sweep_command(
         passthrough,
         validation_fraction,
         metric,
+        validation_seeds,
     )
     configs = len(definition.configs())
     if configs > max_configs:
@@ -108,9 +118,9 @@ def sweep_command(
     command = shlex.join(["fedmodel", *sys.argv[1:]])
     started = time.monotonic()
     console.print(
-        f"Sweeping {scenario}: {configs} configuration(s) x {len(epsilons)} epsilon(s) at seed "
-        f"{seed} (validation rows), then each epsilon's chosen configurations x {seeds} "
-        f"seeds (test set); {jobs} at a time; directory {directory.path}"
+        f"Sweeping {scenario}: {configs} configuration(s) x {len(epsilons)} epsilon(s) at "
+        f"{_seeds_from(seed, validation_seeds)} (validation rows), then each epsilon's chosen "
+        f"configurations x {seeds} seeds (test set); {jobs} at a time; directory {directory.path}"
     )
     finished_here: list[float] = []
 
@@ -151,6 +161,10 @@ def sweep_command(
         f"Report: {directory.path / 'sweep.md'}  Plot: {directory.path / 'privacy_utility.png'}"
         f"  All runs: {directory.path / 'sweep.csv'}"
     )
+
+
+def _seeds_from(first: int, count: int) -> str:
+    return f"seed {first}" if count == 1 else f"seeds {first}-{first + count - 1}"
 
 
 def _numbers(flag: str, text: str) -> tuple[float, ...]:
