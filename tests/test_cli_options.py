@@ -90,7 +90,7 @@ def test_a_dataset_tuned_by_issue_20_defaults_to_its_settings_and_a_given_option
         ("flchain", ("logreg", 0.5, 1, 1.0, 8)),  # the shared defaults but the model
         ("covid-clinics", ("mlp", 0.5, 1, 0.5, 8)),
         ("breast-cancer", ("logreg", 0.25, 2, 0.5, 8)),
-        ("lending-club", ("logreg", 2.0, 1, 1.0, 8)),
+        ("lending-club", ("logreg", 0.5, 1, 1.0, 8)),
         ("synthetic-ehr", ("logreg", 2.0, 1, 1.0, 25)),
         ("synthetic-fraud", ("logreg", 1.0, 1, 1.0, 100)),
     ):
@@ -112,7 +112,7 @@ def test_the_help_names_each_datasets_defaults_where_the_option_is() -> None:
         medical_shown
     )
     assert "synthetic-fraud: --model logreg --lr 1 --clients 100." in shown
-    assert "lending-club: --model logreg --lr 2;" in shown
+    assert "lending-club, credit-default: --model logreg;" in shown  # grouped: equal
     assert financial["model"].help.endswith("(default logreg).")  # every financial dataset's
     assert medical["model"].help.endswith("(default set by --dataset).")
     assert medical["lr"].help.endswith("(default 0.5, or set by --dataset).")
