@@ -29,22 +29,21 @@ def write_sweep_report(
     path: Path, definition: SweepDefinition, results: Sequence[ArmResult], metric: str, command: str
 ) -> None:
     """best.csv, privacy_utility.png and sweep.md for `results` in sweep directory `path`."""
-    label = Scoring.label(metric)
     with (path / BEST_FILE).open("w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(
             ["epsilon", "arm", *definition.keys, f"validation_{metric}", f"test_{metric}_mean",
-             "ci95_low", "ci95_high", "seeds"]
+             "ci95_low", "ci95_high", "seeds", "test_loss_mean"]
         )  # fmt: skip
         for result in results:
             low, high = _interval(result)
             writer.writerow(
                 [f"{result.epsilon:g}", result.arm, *(value for _, value in result.config),
                  _cell(result.validation), _cell(result.mean), _cell(low), _cell(high),
-                 len(result.test_scores)]
+                 len(result.test_scores), _cell(result.mean_loss)]
             )  # fmt: skip
     _plot(path / PLOT_FILE, definition, results, metric)
-    (path / REPORT_FILE).write_text(_markdown(definition, results, label, command))
+    (path / REPORT_FILE).write_text(_markdown(definition, results, metric, command))
 
 
 def _interval(result: ArmResult) -> tuple[float | None, float | None]:
@@ -106,8 +105,9 @@ def _plot(
 
 
 def _markdown(
-    definition: SweepDefinition, results: Sequence[ArmResult], label: str, command: str
+    definition: SweepDefinition, results: Sequence[ArmResult], metric: str, command: str
 ) -> str:
+    label = Scoring.label(metric)
     seeds = len(definition.seeds)
     lines = [
         f"# Sweep: {definition.scenario}",
@@ -127,8 +127,9 @@ def _markdown(
         "mean and the 95% t-interval over seeds below, and in privacy_utility.png. Every "
         "run is in sweep.csv; the choices in best.csv.",
         "",
-        f"| epsilon | arm | configuration | validation {label} | test {label} [95% CI] |",
-        "|---|---|---|---|---|",
+        f"| epsilon | arm | configuration | validation {label} | test {label} [95% CI] "
+        "| test log-loss (mean) |",
+        "|---|---|---|---|---|---|",
     ]
     for result in results:
         low, high = _interval(result)
@@ -139,8 +140,15 @@ def _markdown(
         )
         lines.append(
             f"| {result.epsilon:g} | {ARM_LABELS[result.arm]} | {described(result.config)} | "
-            f"{_cell(result.validation) or '-'} | {test} |"
+            f"{_cell(result.validation) or '-'} | {test} | {_cell(result.mean_loss) or '-'} |"
         )
+    if metric != "loss":
+        lines += [
+            "",
+            f"The log-loss says how good the probabilities are, which a choice by {label} "
+            "does not see: a setting that ranks better can give overconfident probabilities "
+            "(--metric loss chooses by it).",
+        ]
     lines += [
         "",
         "## Tuning is not counted in epsilon",

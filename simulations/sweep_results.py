@@ -9,7 +9,7 @@ else: the code that chooses cannot see a test score (stage-1 runs compute none).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from scipy import stats
@@ -43,14 +43,14 @@ def validation_scores(rows: Sequence[Row], definition: SweepDefinition) -> list[
         ValidationScore(
             epsilon,
             config,
-            {arm: _mean([_number(row[f"validation_{arm}"]) for row in seeds]) for arm in ARMS},
+            {arm: _mean_or_none([_number(r[f"validation_{arm}"]) for r in seeds]) for arm in ARMS},
             seeds[0]["better"] != "lower",
         )
         for (epsilon, config), seeds in runs.items()
     ]
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
     if any(value is None for value in values):
         return None
     return sum(value for value in values if value is not None) / len(values)
@@ -94,10 +94,15 @@ class ArmResult:
     config: Config
     validation: float | None
     test_scores: tuple[float, ...]
+    test_losses: tuple[float, ...] = ()  # the log-loss beside the metric (none: not kept)
 
     @property
     def mean(self) -> float | None:
-        return sum(self.test_scores) / len(self.test_scores) if self.test_scores else None
+        return _average(self.test_scores)
+
+    @property
+    def mean_loss(self) -> float | None:
+        return _average(self.test_losses)
 
     @property
     def half_width(self) -> float | None:
@@ -122,17 +127,34 @@ def arm_results(
     results = []
     for epsilon, picks in chosen.items():
         for arm, config in picks.items():
-            tests = [
-                value
+            runs = [
+                row
                 for row in rows
                 if row["stage"] == "2"
                 and float(row["epsilon"]) == epsilon
                 and tuple((key, row[key]) for key in definition.keys) == config
-                and (value := _number(row[f"test_{arm}"])) is not None
             ]
             scores = validation.get((epsilon, config), {})
-            results.append(ArmResult(epsilon, arm, config, scores.get(arm), tuple(tests)))
+            results.append(
+                ArmResult(
+                    epsilon,
+                    arm,
+                    config,
+                    scores.get(arm),
+                    _present(row[f"test_{arm}"] for row in runs),
+                    # a sweep from before the loss column has none
+                    _present(row.get(f"test_loss_{arm}") or "" for row in runs),
+                )
+            )
     return results
+
+
+def _present(cells: Iterable[str]) -> tuple[float, ...]:
+    return tuple(value for cell in cells if (value := _number(cell)) is not None)
+
+
+def _average(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _number(text: str) -> float | None:

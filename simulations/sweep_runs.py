@@ -43,7 +43,7 @@ class SweepDirectory:
         self.columns = [
             "key", "stage", "epsilon", "seed", *definition.keys, "metric", "better",
             *(f"validation_{arm}" for arm in ARMS), *(f"test_{arm}" for arm in ARMS),
-            "seconds", "run",
+            "seconds", "run", *(f"test_loss_{arm}" for arm in ARMS),
         ]  # fmt: skip
 
     def open(self, command: str) -> None:
@@ -88,19 +88,14 @@ class SweepDirectory:
     def row_of(self, run: PlannedRun, key: str, summary: RunSummary, seconds: float) -> Row:
         """The CSV row of a finished run: the sweep's metric (the scenario's headline unless
         --metric names another) for each arm, under validation_ (stage 1) or test_ (stage
-        2); the other three stay empty."""
+        2); the other three stay empty. Stage 2 also keeps each arm's test log-loss, which
+        shows what a choice by ranking did to the probabilities."""
         metric = self.definition.metric or summary.scoring.headline
         if metric not in summary.scoring.columns:
             raise ConfigError(
                 f"--metric {metric}: this scenario's runs score "
                 f"{', '.join(summary.scoring.columns)}; name one of them"
             )
-        baselines = summary.baselines or {}
-        scores = {
-            "federated": summary.final_metrics.get(metric),
-            "central_dp": (baselines.get("central_dp") or {}).get(metric),
-            "site_alone": (baselines.get("local_mean") or {}).get(metric),
-        }
         scored_on = "validation" if run.stage == 1 else "test"
         row: Row = {column: "" for column in self.columns}
         row |= {
@@ -111,11 +106,24 @@ class SweepDirectory:
             **dict(run.config),
             "metric": metric,
             "better": "lower" if metric in summary.scoring.lower_is_better else "higher",
-            **{f"{scored_on}_{arm}": "" if v is None else f"{v:.6g}" for arm, v in scores.items()},
+            **{f"{scored_on}_{arm}": score for arm, score in _arm_scores(summary, metric)},
             "seconds": f"{seconds:.1f}",
             "run": str(self.run_dir(key).relative_to(self.path)),
         }
+        if run.stage == 2:
+            row |= {f"test_loss_{arm}": loss for arm, loss in _arm_scores(summary, "loss")}
         return row
+
+
+def _arm_scores(summary: RunSummary, metric: str) -> list[tuple[str, str]]:
+    """(arm, `metric` as the CSV writes it: empty where that arm has none) for each arm."""
+    baselines = summary.baselines or {}
+    scores = {
+        "federated": summary.final_metrics.get(metric),
+        "central_dp": (baselines.get("central_dp") or {}).get(metric),
+        "site_alone": (baselines.get("local_mean") or {}).get(metric),
+    }
+    return [(arm, "" if value is None else f"{value:.6g}") for arm, value in scores.items()]
 
 
 Progress = Callable[[PlannedRun, Row, int, int], None]

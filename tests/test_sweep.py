@@ -141,6 +141,38 @@ def test_metric_loss_chooses_the_lowest_loss_where_auroc_would_choose_otherwise(
     assert by_loss.to_json()["metric"] == "loss"
 
 
+def test_the_report_keeps_the_test_log_loss_beside_a_ranking_metric(tmp_path: Path) -> None:
+    """lr 2 and lr 0.5 tie on lending-club's AUROC; only the log-loss tells them apart."""
+    from simulations.sweep_report import write_sweep_report
+    from simulations.sweep_results import arm_results
+
+    definition = replace(DEFINITION, epsilons=(1.0,))
+    directory = SweepDirectory(tmp_path, definition)
+    config = definition.configs()[0]
+    rows = [
+        directory.row_of(PlannedRun(stage, 1.0, seed, config), f"k{stage}{seed}",
+                         _summary({"auroc": 0.62, "loss": loss}), 1.0)
+        for stage, seed, loss in ((1, 0, 0.9), (2, 0, 0.25), (2, 1, 0.27))
+    ]  # fmt: skip
+    assert [row["test_loss_federated"] for row in rows] == ["", "0.25", "0.27"]
+    assert rows[1]["test_loss_central_dp"] == "0.5" and rows[1]["test_loss_site_alone"] == "0.6"
+    chosen = choose(validation_scores(rows, definition))
+    results = {result.arm: result for result in arm_results(rows, definition, chosen)}
+    assert results["federated"].mean_loss == pytest.approx(0.26)  # stage 2's, not stage 1's
+    assert results["site_alone"].mean_loss == pytest.approx(0.6)
+    write_sweep_report(tmp_path, definition, list(results.values()), "auroc", "fedmodel sweep")
+    with (tmp_path / "best.csv").open() as file:
+        best = {row["arm"]: row for row in csv.DictReader(file)}
+    assert best["federated"]["test_loss_mean"] == "0.2600"
+    report = (tmp_path / "sweep.md").read_text()
+    assert "| test log-loss (mean) |" in report and "| 0.2600 |" in report
+
+    before = [{k: v for k, v in row.items() if not k.startswith("test_loss")} for row in rows]
+    old = arm_results(before, definition, chosen)  # a sweep.csv from before the column
+    assert [result.mean_loss for result in old] == [None, None, None]
+    assert [result.mean for result in old] == [pytest.approx(0.62), 0.8, 0.7]
+
+
 def test_the_plot_of_a_loss_keeps_its_axis_at_zero_or_above(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -250,6 +282,8 @@ def test_a_tiny_sweep_chooses_on_validation_measures_over_seeds_and_resumes(
     # the baselines ignore the aggregator: their tie goes to the federated choice
     assert sorted((row["aggregator"], row["seed"]) for row in second) == [(best, "0"), (best, "1")]
     assert all(row["test_federated"] and not row["validation_federated"] for row in second)
+    assert all(row["test_loss_federated"] for row in second)
+    assert not any(row["test_loss_federated"] for row in first)
     with (directory / "best.csv").open() as file:
         chosen = {row["arm"]: row for row in csv.DictReader(file)}
     assert set(chosen) == {"federated", "central_dp", "site_alone"}

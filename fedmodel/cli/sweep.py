@@ -145,7 +145,8 @@ def sweep_command(
     )
     label = Scoring.label(outcome.metric)
     table = Table(title=f"Test {label}, mean over {seeds} seeds (± half the 95% t-interval)")
-    for column in ("epsilon", "arm", "configuration", f"validation {label}", f"test {label}"):
+    columns = ("epsilon", "arm", "configuration", f"validation {label}", f"test {label}")
+    for column in (*columns, "test log-loss"):
         table.add_column(column)
     for result in outcome.results:
         interval = f" ± {result.half_width:.4f}" if result.half_width is not None else ""
@@ -155,6 +156,7 @@ def sweep_command(
             described(result.config),
             "-" if result.validation is None else f"{result.validation:.4f}",
             "-" if result.mean is None else f"{result.mean:.4f}{interval}",
+            "-" if result.mean_loss is None else f"{result.mean_loss:.4f}",
         )
     console.print(table)
     console.print(
