@@ -82,7 +82,7 @@ def sweep_command(
     Writes sweep.csv, best.csv, privacy_utility.png and sweep.md; resumable.
     """
     from simulations.sweep import run_sweep
-    from simulations.sweep_plan import PlannedRun, Row, SweepDefinition, described
+    from simulations.sweep_plan import PlannedRun, Row, SweepDefinition
     from simulations.sweep_results import ARM_LABELS
     from simulations.sweep_runs import SweepDirectory
 
@@ -147,13 +147,13 @@ def sweep_command(
     table = Table(title=f"Test {label}, mean over {seeds} seeds (± half the 95% t-interval)")
     columns = ("epsilon", "arm", "configuration", f"validation {label}", f"test {label}")
     for column in (*columns, "test log-loss"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a narrow terminal folds, never cuts
     for result in outcome.results:
         interval = f" ± {result.half_width:.4f}" if result.half_width is not None else ""
         table.add_row(
             f"{result.epsilon:g}",
             ARM_LABELS[result.arm],
-            described(result.config),
+            "\n".join(f"{key}={value}" for key, value in result.config) or "defaults",
             "-" if result.validation is None else f"{result.validation:.4f}",
             "-" if result.mean is None else f"{result.mean:.4f}{interval}",
             "-" if result.mean_loss is None else f"{result.mean_loss:.4f}",
