@@ -7,7 +7,10 @@ the same model trained
 - centrally without DP (all training rows pooled: the ceiling),
 - centrally with DP-SGD at the same (epsilon, delta) (the cost of privacy alone),
 - at each site alone with DP at the same budget (what a site gets without the
-  federation; mean and worst site).
+  federation; mean and worst site),
+- and beside no model at all: one constant output for every row, the one that best fits
+  the pooled training rows (for a yes/no outcome, its base rate). A loss above the
+  constant's means the model's probabilities are worse than knowing no feature.
 
 Every model sees each training row `rounds x local_epochs` times, like a client that
 takes part in every round, with the same learning rate and batch size, and is scored on
@@ -24,11 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, Dataset, TensorDataset
+from torch import Tensor, nn
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from fedmodel.config import RunConfig
 from fedmodel.data import make_loader, row_count
-from fedmodel.evaluation import evaluate
+from fedmodel.evaluation import evaluate, predict
 from fedmodel.privacy.accountant import epsilon_of
 from fedmodel.privacy.calibration import calibrate_noise_multiplier
 from fedmodel.run_directory import Scoring
@@ -65,6 +69,39 @@ def train_and_score(
     return result | {name: _finite_or_none(value) for name, value in metrics.items()}
 
 
+class ConstantModel(nn.Module):
+    """Gives every row the same `output` (one row's output of the task's model)."""
+
+    def __init__(self, output: Tensor) -> None:
+        super().__init__()
+        self.output = nn.Parameter(output, requires_grad=False)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.output.expand(len(inputs), *self.output.shape)
+
+
+def constant_prediction(task: Task, train: Dataset, test: Dataset) -> dict[str, Any]:
+    """Scores on `test` of the constant output that minimises the task's mean loss on
+    `train`: the base rate for a yes/no outcome, class shares, a regression's mean.
+
+    Fitted numerically with the task's own loss, so a user's task gets its own reference.
+    """
+    shape = predict(task.model(), Subset(train, [0]))[0].shape[1:]
+    _, targets = predict(ConstantModel(torch.zeros(shape)), train)
+    output = torch.zeros(shape, requires_grad=True)
+    optimizer = torch.optim.LBFGS([output], max_iter=100, line_search_fn="strong_wolfe")
+
+    def mean_loss() -> Tensor:
+        optimizer.zero_grad()
+        value = task.loss(output.expand(len(targets), *shape), targets).mean()
+        value.backward()
+        return value
+
+    optimizer.step(mean_loss)
+    metrics = evaluate(ConstantModel(output.detach()), test, task.loss, task.metrics)
+    return {name: _finite_or_none(value) for name, value in metrics.items()}
+
+
 @lru_cache(maxsize=256)
 def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """Calibration is the slow part (a search over RDP epsilons); small sites share
@@ -85,7 +122,8 @@ def run_baselines(
     max_sites: int = 10,
     on_progress: BaselineProgress | None = None,
 ) -> dict[str, Any]:
-    """The `baselines` block of summary.json: central, central-DP, local-only, and gains.
+    """The `baselines` block of summary.json: central, central-DP, local-only, the constant
+    prediction, and gains.
 
     At scale they take minutes (a DP model per sampled site), so `on_progress` hears of
     each model as it is scored.
@@ -130,6 +168,7 @@ def run_baselines(
     )
     baselines: dict[str, Any] = {
         "epochs": config.rounds * config.local_epochs,
+        "constant": constant_prediction(task, pooled, test),
         "central": central,
         "central_dp": central_dp,
         "local_mean": mean,

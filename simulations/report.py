@@ -24,6 +24,7 @@ PRIVACY_NOTE = (
     "steps) Opacus used, so anyone can recompute epsilon from it."
 )
 
+CONSTANT_ROW = "constant prediction (no model)"
 CLIENT_LEVEL_COLUMNS = (
     "round",
     "noise multiplier",
@@ -72,8 +73,8 @@ def privacy_rows(summary: RunSummary) -> list[tuple[str, ...]]:
 
 
 def baseline_columns(scoring: Scoring) -> tuple[str, ...]:
-    """The baseline table's header: the model, the task's metrics, the epsilon spent."""
-    return ("model", *(scoring.label(name) for name in scoring.metric_names), "epsilon")
+    """The baseline table's header: the model, the task's metrics and loss, the epsilon spent."""
+    return ("model", *(scoring.label(name) for name in scoring.columns), "epsilon")
 
 
 def baseline_rows(summary: RunSummary) -> list[tuple[str, ...]]:
@@ -93,11 +94,12 @@ def baseline_rows(summary: RunSummary) -> list[tuple[str, ...]]:
             worst,
             _epsilon(worst),
         ),
+        (CONSTANT_ROW, baselines.get("constant"), None),  # absent before session 22
     ]
     return [
         (
             name,
-            *(_format(metrics.get(key)) for key in summary.scoring.metric_names),
+            *(_format(metrics.get(key)) for key in summary.scoring.columns),
             "-" if epsilon is None else f"{epsilon:.3f}",
         )
         for name, metrics, epsilon in candidates
@@ -108,7 +110,8 @@ def baseline_rows(summary: RunSummary) -> list[tuple[str, ...]]:
 def baseline_verdict(summary: RunSummary) -> str:
     """What the federation gained over local-only and what privacy cost, in the headline
     metric, in words that carry the sign ("0.0029 AUROC better", "0.12 AUROC worse"): a
-    signed number after "gained" or "cost" reads wrong half the time."""
+    signed number after "gained" or "cost" reads wrong half the time. Then its loss beside
+    the constant prediction's."""
     assert summary.baselines is not None, "only for a summary with baselines"
     comparison = summary.baselines["comparison"]
     scoring = summary.scoring
@@ -141,7 +144,23 @@ def baseline_verdict(summary: RunSummary) -> str:
             f"The federated model scored {judged('central_minus_federated', flip=True)} than "
             "central training."
         )
+    parts.extend(_loss_against_constant(summary))
     return " ".join(parts)
+
+
+def _loss_against_constant(summary: RunSummary) -> list[str]:
+    """The federated model's loss beside the constant prediction's: whether its outputs,
+    read as probabilities (or values), beat knowing no feature at all."""
+    constant = (summary.baselines or {}).get("constant") or {}
+    ours, theirs = (summary.final or {}).get("loss"), constant.get("loss")
+    if ours is None or theirs is None:
+        return []
+    worse = ours > theirs
+    return [
+        f"The federated model's loss, {ours:.4f}, is {abs(ours - theirs):.4f} "
+        f"{'higher' if worse else 'lower'} than the constant prediction's ({theirs:.4f})"
+        + (": judged by its loss, it is worse than no model." if worse else ".")
+    ]
 
 
 def _format(value: float | None) -> str:
@@ -340,7 +359,9 @@ def baseline_note(summary: RunSummary) -> str:
     """How the baselines compare: same training settings, same rows scored."""
     return (
         "The same model trained with the same learning rate, batch size and passes over the "
-        f"data, scored on the same {_rows_scored(summary)}."
+        f"data, scored on the same {_rows_scored(summary)}. The constant prediction gives every "
+        "row the one output that best fits the pooled training rows (for a yes/no outcome, "
+        "their base rate): the score of knowing no feature."
     )
 
 

@@ -13,20 +13,17 @@ Runs, resumption and the CSV: simulations/sweep_runs.py; the plan: sweep_plan.py
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from simulations.sweep_plan import stage_one, stage_two
 from simulations.sweep_report import write_sweep_report
-from simulations.sweep_results import ArmResult, arm_results, choose, validation_scores
+from simulations.sweep_results import (
+    SweepOutcome,
+    arm_results,
+    choose,
+    constant_loss,
+    validation_scores,
+)
 from simulations.sweep_runs import Progress, SweepDirectory, run_stage
-
-
-@dataclass(frozen=True)
-class SweepOutcome:
-    """What a finished sweep found, and which metric it measured."""
-
-    results: list[ArmResult]
-    metric: str
 
 
 def run_sweep(
@@ -45,5 +42,6 @@ def run_sweep(
     second = run_stage(directory, plan, jobs, simulate, on_progress)
     results = arm_results([*first, *second], definition, chosen)
     metric = first[0]["metric"]
-    write_sweep_report(directory.path, definition, results, metric, command)
-    return SweepOutcome(results, metric)
+    outcome = SweepOutcome(results, metric, constant_loss(second))
+    write_sweep_report(directory.path, definition, outcome, command)
+    return outcome

@@ -17,7 +17,7 @@ from matplotlib.ticker import FixedLocator, NullLocator
 from fedmodel.plotting import new_figure, save
 from fedmodel.run_directory import Scoring
 from simulations.sweep_plan import ARMS, SweepDefinition, described
-from simulations.sweep_results import ARM_LABELS, ArmResult
+from simulations.sweep_results import ARM_LABELS, ArmResult, SweepOutcome
 
 BEST_FILE, PLOT_FILE, REPORT_FILE = "best.csv", "privacy_utility.png", "sweep.md"
 UNIT_INTERVAL_METRICS = frozenset({"auroc", "auprc", "accuracy", "recall_at_1pct_fpr"})
@@ -26,9 +26,10 @@ OFFSET = 0.06  # each arm's shift along the log epsilon axis (a factor of 10**0.
 
 
 def write_sweep_report(
-    path: Path, definition: SweepDefinition, results: Sequence[ArmResult], metric: str, command: str
+    path: Path, definition: SweepDefinition, outcome: SweepOutcome, command: str
 ) -> None:
-    """best.csv, privacy_utility.png and sweep.md for `results` in sweep directory `path`."""
+    """best.csv, privacy_utility.png and sweep.md for `outcome` in sweep directory `path`."""
+    results, metric = outcome.results, outcome.metric
     with (path / BEST_FILE).open("w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(
@@ -43,7 +44,7 @@ def write_sweep_report(
                  len(result.test_scores), _cell(result.mean_loss)]
             )  # fmt: skip
     _plot(path / PLOT_FILE, definition, results, metric)
-    (path / REPORT_FILE).write_text(_markdown(definition, results, metric, command))
+    (path / REPORT_FILE).write_text(_markdown(definition, outcome, command))
 
 
 def _interval(result: ArmResult) -> tuple[float | None, float | None]:
@@ -104,9 +105,8 @@ def _plot(
     save(figure, path)
 
 
-def _markdown(
-    definition: SweepDefinition, results: Sequence[ArmResult], metric: str, command: str
-) -> str:
+def _markdown(definition: SweepDefinition, outcome: SweepOutcome, command: str) -> str:
+    results, metric = outcome.results, outcome.metric
     label = Scoring.label(metric)
     seeds = len(definition.seeds)
     lines = [
@@ -148,6 +148,13 @@ def _markdown(
             f"The log-loss says how good the probabilities are, which a choice by {label} "
             "does not see: a setting that ranks better can give overconfident probabilities "
             "(--metric loss chooses by it).",
+        ]
+    if outcome.constant_loss is not None:
+        lines += [
+            "",
+            "No model at all, every test row given the one output that best fits the training "
+            "rows (for a yes/no outcome, their base rate), scores a test log-loss of "
+            f"{outcome.constant_loss:.4f}: a log-loss above that is worse than no model.",
         ]
     lines += [
         "",

@@ -115,6 +115,15 @@ class ArmResult:
         return float(stats.t.ppf(0.975, n - 1)) * deviation / math.sqrt(n)
 
 
+@dataclass(frozen=True)
+class SweepOutcome:
+    """What a finished sweep found, and which metric it measured."""
+
+    results: list[ArmResult]
+    metric: str
+    constant_loss: float | None  # no model's test log-loss: the bar for the probabilities
+
+
 def arm_results(
     rows: Sequence[Row],
     definition: SweepDefinition,
@@ -147,6 +156,14 @@ def arm_results(
                 )
             )
     return results
+
+
+def constant_loss(rows: Sequence[Row]) -> float | None:
+    """The constant prediction's test log-loss (no model), averaged over stage 2's runs;
+    None for a sweep from before the column."""
+    return _average(
+        _present(row.get("test_loss_constant") or "" for row in rows if row["stage"] == "2")
+    )
 
 
 def _present(cells: Iterable[str]) -> tuple[float, ...]:

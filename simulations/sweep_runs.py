@@ -32,6 +32,7 @@ from fedmodel.runtime.processes import (
 from simulations.sweep_plan import ARMS, PlannedRun, Row, SweepDefinition
 
 SWEEP_FILE, CSV_FILE, RUNS_DIR = "sweep.json", "sweep.csv", "runs"
+CONSTANT_LOSS_COLUMN = "test_loss_constant"
 STOP_TIMEOUT_S = 30.0
 
 
@@ -43,7 +44,7 @@ class SweepDirectory:
         self.columns = [
             "key", "stage", "epsilon", "seed", *definition.keys, "metric", "better",
             *(f"validation_{arm}" for arm in ARMS), *(f"test_{arm}" for arm in ARMS),
-            "seconds", "run", *(f"test_loss_{arm}" for arm in ARMS),
+            "seconds", "run", *(f"test_loss_{arm}" for arm in ARMS), CONSTANT_LOSS_COLUMN,
         ]  # fmt: skip
 
     def open(self, command: str) -> None:
@@ -89,7 +90,8 @@ class SweepDirectory:
         """The CSV row of a finished run: the sweep's metric (the scenario's headline unless
         --metric names another) for each arm, under validation_ (stage 1) or test_ (stage
         2); the other three stay empty. Stage 2 also keeps each arm's test log-loss, which
-        shows what a choice by ranking did to the probabilities."""
+        shows what a choice by ranking did to the probabilities, and the constant
+        prediction's (no model), which says what log-loss the base rate alone gets."""
         metric = self.definition.metric or summary.scoring.headline
         if metric not in summary.scoring.columns:
             raise ConfigError(
@@ -112,6 +114,8 @@ class SweepDirectory:
         }
         if run.stage == 2:
             row |= {f"test_loss_{arm}": loss for arm, loss in _arm_scores(summary, "loss")}
+            constant = ((summary.baselines or {}).get("constant") or {}).get("loss")
+            row[CONSTANT_LOSS_COLUMN] = "" if constant is None else f"{constant:.6g}"
         return row
 
 

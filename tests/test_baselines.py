@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from fedmodel.config import RunConfig
 from fedmodel.datasets.scenarios import federation
 from fedmodel.task import Task, client_datasets
 from fedmodel.task_loading import load_task
-from simulations.baselines import run_baselines
+from simulations.baselines import constant_prediction, run_baselines
 
 
 def _task_data(config: RunConfig) -> tuple[Task, Sequence[Dataset], Dataset]:
@@ -55,6 +55,15 @@ def test_baselines_on_breast_cancer_are_consistent_and_honest() -> None:
         central["auroc"] - central_dp["auroc"]
     )
 
+    # No model: every test row given the pooled training rows' base rate, scored by hand.
+    base_rate = pooled_labels.mean()
+    test_labels = clients.test.labels
+    log_loss = -np.mean(test_labels * np.log(base_rate) + (1 - test_labels) * np.log(1 - base_rate))
+    constant = baselines["constant"]
+    assert constant["loss"] == pytest.approx(log_loss, rel=1e-4)
+    assert constant["auroc"] == 0.5
+    assert constant["accuracy"] == pytest.approx(max(test_labels.mean(), 1 - test_labels.mean()))
+
 
 def test_without_dp_there_is_no_central_dp_baseline() -> None:
     config = RunConfig(dataset="breast-cancer", clients=2, rounds=1, dp="off")
@@ -62,3 +71,16 @@ def test_without_dp_there_is_no_central_dp_baseline() -> None:
     assert baselines["central_dp"] is None
     assert "epsilon" not in baselines["local"][0]
     assert baselines["comparison"]["central_minus_central_dp"] is None
+
+
+def test_the_constant_prediction_of_ten_classes_is_their_training_shares() -> None:
+    """Cross-entropy of the class shares, computed by hand: the constant's loss is the
+    entropy of the test labels measured against the training shares."""
+    config = RunConfig(scenario="digits", dataset="mnist-5k", clients=2, partition="shard")
+    task, clients, test = _task_data(config)
+    train_labels = np.concatenate([c.tensors[1].numpy() for c in clients]).astype(int)  # type: ignore[attr-defined]
+    test_labels = test.tensors[1].numpy().astype(int)  # type: ignore[attr-defined]
+    shares = np.bincount(train_labels, minlength=10) / len(train_labels)
+    constant = constant_prediction(task, ConcatDataset(clients), test)
+    assert constant["loss"] == pytest.approx(-np.mean(np.log(shares[test_labels])), rel=1e-4)
+    assert constant["accuracy"] == pytest.approx(np.mean(test_labels == shares.argmax()))

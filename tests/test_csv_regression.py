@@ -72,6 +72,12 @@ def test_regression_baselines_score_every_metric_and_compare_in_r2(tmp_path: Pat
     assert comparison["federated_minus_local_mean"] == pytest.approx(
         0.5 - baselines["local_mean"]["r2"]
     )
+    # No model: the training rows' mean for every test row, scored by hand.
+    train_mean = np.concatenate([client.tensors[1].numpy() for client in clients]).mean()  # type: ignore[attr-defined]
+    test_labels = task.test_data(config.seed).tensors[1].numpy()  # type: ignore[attr-defined]
+    constant = baselines["constant"]
+    assert constant["mse"] == pytest.approx(np.mean((test_labels - train_mean) ** 2), rel=1e-4)
+    assert constant["r2"] <= 0.0  # no better than the test set's own mean
 
 
 @pytest.mark.parametrize(

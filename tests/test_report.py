@@ -40,6 +40,7 @@ def regression_summary(scoring: Scoring) -> RunSummary:
         "local_worst": scores(0.3, 0.7) | {"client": "2", "epsilon": 0.98},
         "local_sites": 3,
         "local_sites_total": 3,
+        "constant": scores(-0.01, 1.0),
     }
     baselines["comparison"] = compare_to_baselines(federated, baselines, scoring.headline)
     return RunSummary(
@@ -71,7 +72,8 @@ def test_a_regression_report_leads_with_r2_and_plots_it(tmp_path: Path) -> None:
     assert "**Final test R2 0.8000**, MSE 0.2000, MAE 0.1000, loss 0.2000." in report
     assert "| round | R2 | MSE | MAE | loss | train loss | max epsilon | clients |" in report
     assert "| 2 | 0.8000 | 0.2000 | 0.1000 | 0.2000 | 0.3000 | 0.990 | 3 |" in report
-    assert "| model | R2 | MSE | MAE | epsilon |" in report
+    assert "| model | R2 | MSE | MAE | loss | epsilon |" in report
+    assert "| constant prediction (no model) | -0.0100 | 1.0000 | 0.5000 | 1.0000 | - |" in report
     assert "AUROC" not in report and "accuracy" not in report
     assert "![r2.png](r2.png)" in report
     assert (tmp_path / "r2.png").read_bytes().startswith(b"\x89PNG")
@@ -90,6 +92,26 @@ def test_a_lower_is_better_headline_reads_as_better_when_it_fell() -> None:
     assert "and 0.5000 MSE better than the worst site" in verdict
     assert "Central training under DP scored 0.0500 MSE worse than without DP" in verdict
     assert "the federated model 0.0500 MSE worse than central DP" in verdict
+
+
+def test_the_verdict_weighs_the_federated_loss_against_no_model() -> None:
+    """Lower than the constant's loss: by how much; higher: worse than no model; a
+    summary from before the constant row: no sentence and no row."""
+    summary = regression_summary(REGRESSION)
+    assert summary.baselines is not None
+    assert baseline_verdict(summary).endswith(
+        "The federated model's loss, 0.2000, is 0.8000 lower than the constant prediction's "
+        "(1.0000)."
+    )
+    beaten = replace(summary, baselines={**summary.baselines, "constant": scores(0.0, 0.15)})
+    assert baseline_verdict(beaten).endswith(
+        "is 0.0500 higher than the constant prediction's (0.1500): judged by its loss, it is "
+        "worse than no model."
+    )
+    before = {key: value for key, value in summary.baselines.items() if key != "constant"}
+    old = replace(summary, baselines=before)
+    assert "constant" not in baseline_verdict(old)
+    assert all(not row[0].startswith("constant") for row in baseline_rows(old))
 
 
 def test_tables_name_clients_by_their_sites_where_the_data_names_them() -> None:

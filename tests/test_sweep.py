@@ -108,7 +108,8 @@ def _summary(federated: dict[str, float]) -> RunSummary:
         final=federated, initial=None, per_round=[], clients=[],
         config={"validation_fraction": 0.2},
         baselines={"central_dp": {"auroc": 0.8, "loss": 0.5},
-                   "local_mean": {"auroc": 0.7, "loss": 0.6}},
+                   "local_mean": {"auroc": 0.7, "loss": 0.6},
+                   "constant": {"auroc": 0.5, "loss": 0.2}},
     )  # fmt: skip
 
 
@@ -144,7 +145,7 @@ def test_metric_loss_chooses_the_lowest_loss_where_auroc_would_choose_otherwise(
 def test_the_report_keeps_the_test_log_loss_beside_a_ranking_metric(tmp_path: Path) -> None:
     """lr 2 and lr 0.5 tie on lending-club's AUROC; only the log-loss tells them apart."""
     from simulations.sweep_report import write_sweep_report
-    from simulations.sweep_results import arm_results
+    from simulations.sweep_results import SweepOutcome, arm_results, constant_loss
 
     definition = replace(DEFINITION, epsilons=(1.0,))
     directory = SweepDirectory(tmp_path, definition)
@@ -156,21 +157,29 @@ def test_the_report_keeps_the_test_log_loss_beside_a_ranking_metric(tmp_path: Pa
     ]  # fmt: skip
     assert [row["test_loss_federated"] for row in rows] == ["", "0.25", "0.27"]
     assert rows[1]["test_loss_central_dp"] == "0.5" and rows[1]["test_loss_site_alone"] == "0.6"
+    assert [row["test_loss_constant"] for row in rows] == ["", "0.2", "0.2"]
     chosen = choose(validation_scores(rows, definition))
     results = {result.arm: result for result in arm_results(rows, definition, chosen)}
     assert results["federated"].mean_loss == pytest.approx(0.26)  # stage 2's, not stage 1's
     assert results["site_alone"].mean_loss == pytest.approx(0.6)
-    write_sweep_report(tmp_path, definition, list(results.values()), "auroc", "fedmodel sweep")
+    outcome = SweepOutcome(list(results.values()), "auroc", constant_loss(rows))
+    write_sweep_report(tmp_path, definition, outcome, "fedmodel sweep")
     with (tmp_path / "best.csv").open() as file:
         best = {row["arm"]: row for row in csv.DictReader(file)}
     assert best["federated"]["test_loss_mean"] == "0.2600"
     report = (tmp_path / "sweep.md").read_text()
     assert "| test log-loss (mean) |" in report and "| 0.2600 |" in report
+    assert (
+        "scores a test log-loss of 0.2000: a log-loss above that is worse than no model" in report
+    )
 
     before = [{k: v for k, v in row.items() if not k.startswith("test_loss")} for row in rows]
     old = arm_results(before, definition, chosen)  # a sweep.csv from before the column
     assert [result.mean_loss for result in old] == [None, None, None]
     assert [result.mean for result in old] == [pytest.approx(0.62), 0.8, 0.7]
+    assert constant_loss(before) is None
+    write_sweep_report(tmp_path, definition, SweepOutcome(old, "auroc", None), "fedmodel sweep")
+    assert "no model" not in (tmp_path / "sweep.md").read_text()
 
 
 def test_the_plot_of_a_loss_keeps_its_axis_at_zero_or_above(
@@ -180,7 +189,7 @@ def test_the_plot_of_a_loss_keeps_its_axis_at_zero_or_above(
     from matplotlib.figure import Figure
 
     from simulations import sweep_report
-    from simulations.sweep_results import ArmResult
+    from simulations.sweep_results import ArmResult, SweepOutcome
 
     figures: list[Figure] = []
     monkeypatch.setattr(sweep_report, "save", lambda figure, path: figures.append(figure))
@@ -189,7 +198,8 @@ def test_the_plot_of_a_loss_keeps_its_axis_at_zero_or_above(
         ArmResult(1.0, "federated", config, 0.31, (0.27, 0.27, 0.24)),
         ArmResult(1.0, "site_alone", config, 6.0, (1.76, 2.86, 4.69)),
     ]
-    sweep_report.write_sweep_report(tmp_path, DEFINITION, results, "loss", "fedmodel sweep")
+    outcome = SweepOutcome(results, "loss", None)
+    sweep_report.write_sweep_report(tmp_path, DEFINITION, outcome, "fedmodel sweep")
     low, high = figures[0].axes[0].get_ylim()
     assert low == 0.0 and high > 4.69
     assert results[1].mean is not None and results[1].half_width is not None
@@ -282,8 +292,12 @@ def test_a_tiny_sweep_chooses_on_validation_measures_over_seeds_and_resumes(
     # the baselines ignore the aggregator: their tie goes to the federated choice
     assert sorted((row["aggregator"], row["seed"]) for row in second) == [(best, "0"), (best, "1")]
     assert all(row["test_federated"] and not row["validation_federated"] for row in second)
-    assert all(row["test_loss_federated"] for row in second)
+    assert all(row["test_loss_federated"] and row["test_loss_constant"] for row in second)
     assert not any(row["test_loss_federated"] for row in first)
+    constant = sum(float(row["test_loss_constant"]) for row in second) / 2
+    assert 0 < constant <= 0.6932  # a base rate's log-loss on a stratified test set: <= ln 2
+    printed = " ".join(ran.stdout.split())
+    assert f"base rate for every row) scores test log-loss {constant:.4f}." in printed
     with (directory / "best.csv").open() as file:
         chosen = {row["arm"]: row for row in csv.DictReader(file)}
     assert set(chosen) == {"federated", "central_dp", "site_alone"}

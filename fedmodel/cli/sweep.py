@@ -159,6 +159,11 @@ def sweep_command(
             "-" if result.mean_loss is None else f"{result.mean_loss:.4f}",
         )
     console.print(table)
+    if outcome.constant_loss is not None:
+        console.print(
+            f"No model (the training rows' base rate for every row) scores test log-loss "
+            f"{outcome.constant_loss:.4f}."
+        )
     console.print(
         f"Report: {directory.path / 'sweep.md'}  Plot: {directory.path / 'privacy_utility.png'}"
         f"  All runs: {directory.path / 'sweep.csv'}"
