@@ -86,8 +86,8 @@ def constant_prediction(task: Task, train: Dataset, test: Dataset) -> dict[str, 
 
     Fitted numerically with the task's own loss, so a user's task gets its own reference.
     """
-    shape = predict(task.model(), Subset(train, [0]))[0].shape[1:]
-    _, targets = predict(ConstantModel(torch.zeros(shape)), train)
+    shape = predict(task.model(), Subset(train, [0]))[0].shape[1:]  # one row's output
+    _, targets = predict(ConstantModel(torch.zeros(shape)), train)  # any dataset's targets
     output = torch.zeros(shape, requires_grad=True)
     optimizer = torch.optim.LBFGS([output], max_iter=100, line_search_fn="strong_wolfe")
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ARMS = ("federated", "central_dp", "site_alone")
+CONSTANT_LOSS_COLUMN = "test_loss_constant"  # sweep.csv: no model's test loss (stage 2)
 
 Config = tuple[tuple[str, str], ...]
 """One grid point: (option name, value as typed) for each grid key, in the grid's order."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from scipy import stats
 
-from simulations.sweep_plan import ARMS, Config, Row, SweepDefinition
+from simulations.sweep_plan import ARMS, CONSTANT_LOSS_COLUMN, Config, Row, SweepDefinition
 
 ARM_LABELS = {"federated": "federated", "central_dp": "central DP", "site_alone": "site alone"}
 
@@ -162,7 +162,7 @@ def constant_loss(rows: Sequence[Row]) -> float | None:
     """The constant prediction's test log-loss (no model), averaged over stage 2's runs;
     None for a sweep from before the column."""
     return _average(
-        _present(row.get("test_loss_constant") or "" for row in rows if row["stage"] == "2")
+        _present(row.get(CONSTANT_LOSS_COLUMN) or "" for row in rows if row["stage"] == "2")
     )
 
 

@@ -29,10 +29,15 @@ from fedmodel.runtime.processes import (
     stop_group,
     tool_environment,
 )
-from simulations.sweep_plan import ARMS, PlannedRun, Row, SweepDefinition
+from simulations.sweep_plan import (
+    ARMS,
+    CONSTANT_LOSS_COLUMN,
+    PlannedRun,
+    Row,
+    SweepDefinition,
+)
 
 SWEEP_FILE, CSV_FILE, RUNS_DIR = "sweep.json", "sweep.csv", "runs"
-CONSTANT_LOSS_COLUMN = "test_loss_constant"
 STOP_TIMEOUT_S = 30.0
 
 

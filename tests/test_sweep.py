@@ -297,7 +297,7 @@ def test_a_tiny_sweep_chooses_on_validation_measures_over_seeds_and_resumes(
     constant = sum(float(row["test_loss_constant"]) for row in second) / 2
     assert 0 < constant <= 0.6932  # a base rate's log-loss on a stratified test set: <= ln 2
     printed = " ".join(ran.stdout.split())
-    assert f"base rate for every row) scores test log-loss {constant:.4f}." in printed
+    assert f"the training rows' base rate) scores test log-loss {constant:.4f}." in printed
     with (directory / "best.csv").open() as file:
         chosen = {row["arm"]: row for row in csv.DictReader(file)}
     assert set(chosen) == {"federated", "central_dp", "site_alone"}

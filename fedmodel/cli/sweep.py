@@ -161,8 +161,8 @@ def sweep_command(
     console.print(table)
     if outcome.constant_loss is not None:
         console.print(
-            f"No model (the training rows' base rate for every row) scores test log-loss "
-            f"{outcome.constant_loss:.4f}."
+            "No model (one constant for every row: for a yes/no outcome, the training rows' "
+            f"base rate) scores test log-loss {outcome.constant_loss:.4f}."
         )
     console.print(
         f"Report: {directory.path / 'sweep.md'}  Plot: {directory.path / 'privacy_utility.png'}"
